@@ -1,0 +1,102 @@
+r"""The chip-constraint math, as pure functions on tensors.
+
+For one weight read as its connectivity matrix ``M`` (see :class:`~nwave_param.layout.Layout`):
+
+* magnitude :math:`= \sum_w \mathrm{relu}(|w| - \text{limit})^{p}`, :math:`p \in \{1, 2\}`;
+* topology :math:`= \sum_{b, j} \min(P_{bj}, Q_{bj})` with
+  :math:`P_{bj} = \sum_{i \in b} \mathrm{relu}(M_{ij})` and
+  :math:`Q_{bj} = \sum_{i \in b} \mathrm{relu}(-M_{ij})` over the rows ``i`` of block ``b``:
+  the L1 distance from block column ``(b, j)`` to the nearest sign-aligned one.
+
+Sums are taken in float32 (float64 for float64 weights), so half-precision weights accumulate
+without overflow.  The penalties of :mod:`nwave_param.registry` divide these sums by the number
+of tracked elements.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from .layout import Layout
+
+__all__ = ["Penalties", "accumulation_dtype", "block_sums", "magnitude_sum", "penalties", "topology_sum"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _accumulate(weight: Tensor) -> Tensor:
+    return weight.to(accumulation_dtype(weight.dtype))
+
+
+def magnitude_sum(weight: Tensor, limit: float, power: int = 2) -> Tensor:
+    r""":math:`\sum \mathrm{relu}(|w| - \text{limit})^{p}` over every element of ``weight``.
+
+    Example::
+
+        >>> magnitude_sum(torch.tensor([[0.5, -1.0], [1.2, 0.9]]), limit=0.9)
+        tensor(0.1000)
+    """
+    excess = (_accumulate(weight).abs() - limit).relu()
+    return (excess.square() if power == 2 else excess).sum()
+
+
+def block_sums(weight: Tensor, layout: Layout, group_size: int) -> tuple[Tensor, Tensor]:
+    """``(P, Q)``: positive and negative L1 mass of every block column, each ``(blocks, columns)``.
+
+    Blocks are listed run by run; a weight with no rows gives ``(0, columns)`` tensors.
+    """
+    m = layout.matrix(_accumulate(weight))
+    positive, negative = [], []
+    for start, count, length in layout.runs(m.shape[0], group_size):
+        blocks = m[start : start + count * length].reshape(count, length, -1)
+        positive.append(blocks.relu().sum(1))
+        negative.append((-blocks).relu().sum(1))
+    if not positive:
+        empty = m.new_zeros(0, m.shape[1])
+        return empty, empty
+    return torch.cat(positive), torch.cat(negative)
+
+
+def topology_sum(weight: Tensor, layout: Layout, group_size: int) -> Tensor:
+    r""":math:`\sum_{b,j} \min(P_{bj}, Q_{bj})`: the L1 mass to remove to make every block
+    column of ``weight`` sign-aligned.
+
+    Example (one block holding 3 neurons, 2 inputs)::
+
+        >>> topology_sum(torch.tensor([[0.5, -1.0], [-0.2, 0.3], [1.2, 0.1]]), Layout(), 5)
+        tensor(0.6000)
+    """
+    positive, negative = block_sums(weight, layout, group_size)
+    return torch.minimum(positive, negative).sum()
+
+
+class Penalties(NamedTuple):
+    """The two penalty terms, unscaled, each divided by the number of tracked elements."""
+
+    magnitude: Tensor
+    topology: Tensor
+
+
+def penalties(
+    weights: Sequence[Tensor], layouts: Sequence[Layout], limit: float, power: int, group_size: int
+) -> Penalties:
+    """Magnitude and topology sums over ``weights``, each divided by their total element count.
+
+    The result is float32 (float64 if any weight is float64); with no elements it is zero.
+    """
+    dtype = functools.reduce(torch.promote_types, (accumulation_dtype(w.dtype) for w in weights), torch.float32)
+    device = weights[0].device if weights else None
+    count = sum(w.numel() for w in weights)
+    if count == 0:
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return Penalties(zero, zero.clone())
+    magnitude = torch.stack([magnitude_sum(w, limit, power).to(dtype) for w in weights]).sum()
+    topology = torch.stack([topology_sum(w, lay, group_size).to(dtype) for w, lay in zip(weights, layouts)]).sum()
+    return Penalties(magnitude / count, topology / count)

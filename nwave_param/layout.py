@@ -1,0 +1,120 @@
+"""How a weight tensor is read as the chip's connectivity matrix.
+
+A :class:`Layout` turns a weight into a matrix ``M`` (rows = output neurons, columns =
+presynaptic inputs) and says where the rows are cut: at population borders (the gates of an
+LSTM/GRU), at convolution-group borders, and into blocks of ``group_size`` inside each
+population.  Columns of ``M`` are *local*: for a grouped convolution the dense-equivalent
+matrix is zero wherever an (output, input) channel pair is not connected, and a zero never
+conflicts with either sign, so cutting the rows at group borders and keeping each group's own
+columns gives exactly the dense matrix's block columns without materializing its zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["Layout", "layout_of"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The reading of one weight.
+
+    Args:
+        gates: number of stacked populations in the rows (4 for LSTM ``weight_ih``/``weight_hh``,
+            3 for GRU, else 1).
+        groups: convolution groups; rows of different groups share no column.
+        transposed: the weight is a ``ConvTranspose`` weight ``(in, out/groups, *kernel)``.
+    """
+
+    gates: int = 1
+    groups: int = 1
+    transposed: bool = False
+
+    def rows(self, shape: torch.Size) -> int:
+        """Number of output neurons of a weight of this ``shape``."""
+        return shape[1] * self.groups if self.transposed else shape[0]
+
+    def check(self, shape: torch.Size, name: str) -> None:
+        """Raise ValueError if a weight of ``shape`` cannot be read with this layout."""
+        if len(shape) < 2:
+            raise ValueError(f"{name}: a tracked weight needs 2 or more dims, got shape {tuple(shape)}")
+        split = shape[0] if self.transposed else self.rows(shape)
+        for count, what in ((self.gates, "gates"), (self.groups, "groups")):
+            if split % count:
+                raise ValueError(
+                    f"{name}: shape {tuple(shape)} does not split into {count} {what} "
+                    f"along dim 0; the layout does not match this weight"
+                )
+
+    def matrix(self, weight: Tensor) -> Tensor:
+        """``M`` with local columns: ``(rows, columns of one group)``; a view where possible."""
+        if not self.transposed:
+            return weight.reshape(weight.shape[0], -1)
+        g = self.groups
+        inputs, outputs_per_group = weight.shape[:2]
+        blocks = weight.reshape(g, inputs // g, outputs_per_group, -1).transpose(1, 2)
+        return blocks.reshape(g * outputs_per_group, -1)
+
+    def unmatrix(self, m: Tensor, shape: torch.Size) -> Tensor:
+        """Inverse of :meth:`matrix`: the weight of ``shape`` whose matrix is ``m``."""
+        if not self.transposed:
+            return m.reshape(shape)
+        g = self.groups
+        inputs, outputs_per_group = shape[:2]
+        blocks = m.reshape(g, outputs_per_group, inputs // g, -1).transpose(1, 2)
+        return blocks.reshape(shape)
+
+    def runs(self, rows: int, group_size: int) -> tuple[tuple[int, int, int], ...]:
+        """The row blocks as runs ``(start, count, length)`` of equal-length consecutive blocks.
+
+        Blocks are ``group_size`` rows inside each population (the last one may be shorter),
+        cut again at convolution-group borders.  Runs let a whole stretch of blocks be summed
+        with one ``view(count, length, columns)``.
+        """
+        return _runs(rows, self.gates, self.groups, group_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _runs(rows: int, gates: int, groups: int, group_size: int) -> tuple[tuple[int, int, int], ...]:
+    if rows == 0:
+        return ()
+    cuts = {rows}
+    population = rows // gates
+    for start in range(0, rows, population):
+        cuts.update(range(start, start + population, group_size))
+    cuts.update(range(0, rows, rows // groups))
+    bounds = sorted(cuts)
+    runs: list[list[int]] = []
+    for start, stop in zip(bounds, bounds[1:]):
+        length = stop - start
+        if runs and runs[-1][2] == length:
+            runs[-1][1] += 1
+        else:
+            runs.append([start, 1, length])
+    return tuple(tuple(run) for run in runs)
+
+
+_GATES = {"LSTM": 4, "GRU": 3}
+
+
+def layout_of(module: nn.Module, tensor_name: str) -> Layout:
+    """The layout of ``module.<tensor_name>``, from the module's type (parametrized or not)."""
+    cls = parametrize.type_before_parametrizations(module)
+    if issubclass(cls, nn.modules.conv._ConvTransposeNd):
+        return Layout(groups=module.groups, transposed=True)
+    if issubclass(cls, nn.modules.conv._ConvNd):
+        return Layout(groups=module.groups)
+    gated = tensor_name.startswith(("weight_ih", "weight_hh"))
+    if gated and issubclass(cls, nn.RNNBase):
+        return Layout(gates=_GATES.get(module.mode, 1))
+    if gated and issubclass(cls, nn.LSTMCell):
+        return Layout(gates=4)
+    if gated and issubclass(cls, nn.GRUCell):
+        return Layout(gates=3)
+    return Layout()

@@ -1,0 +1,353 @@
+"""Registering the chip constraint on a model, and the Registry that aggregates it.
+
+Lifecycle, modelled on ``torch.ao.pruning``'s sparsifier::
+
+    reg = register(model)                    # prepare: one ChipConstraint per tracked weight
+    loss = task_loss + reg.penalty()         # train: the penalties steer toward the chip
+    reg.remove()                             # the model exactly as it was before registration
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from . import functional
+from .functional import Penalties
+from .layout import Layout, layout_of
+from .parametrization import ChipConstraint
+from .spec import ChipSpec
+
+__all__ = ["AlreadyRegisteredError", "Registry", "register", "registry_of", "trackable_weights"]
+
+# Weights of these modules are scales or lookup tables, not synapses.
+_UNTRACKED_MODULES = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
+)
+
+
+class AlreadyRegisteredError(ValueError, RuntimeError):
+    """The model already carries nwave_param constraints."""
+
+
+class Tracked(NamedTuple):
+    """One tracked weight: ``getattr(module, tensor_name)`` under the dotted ``name``."""
+
+    name: str
+    module: nn.Module
+    tensor_name: str
+
+
+class _Entry(NamedTuple):
+    module: nn.Module
+    tensor_name: str
+    constraint: ChipConstraint
+
+
+def _is_weight_name(local: str) -> bool:
+    return local == "weight" or local.startswith("weight_") or local.endswith(("_weight", "_weights"))
+
+
+def trackable_weights(model: nn.Module) -> list[Tracked]:
+    """The weights nwave_param tracks in ``model``, in ``named_parameters()`` order.
+
+    A weight is a parameter of 2 or more dims whose local name is ``weight``, starts with
+    ``weight_`` or ends with ``_weight``/``_weights``, outside normalization layers and
+    embeddings.  A tied parameter is listed once; a weight that carries parametrizations is
+    listed by its effective name (``fc.weight``, not ``fc.parametrizations.weight.original``).
+    """
+    found: dict[str, Tracked] = {}
+    for dotted, _ in model.named_parameters():
+        path, _, local = dotted.rpartition(".")
+        head, _, tail = path.rpartition(".")
+        owner_path, _, marker = head.rpartition(".")
+        if marker == "parametrizations" and local.startswith("original"):
+            path, local = owner_path, tail  # an original of a parametrized tensor
+        name = f"{path}.{local}" if path else local
+        if name in found or not _is_weight_name(local):
+            continue
+        module = model.get_submodule(path)
+        value = getattr(module, local)
+        if isinstance(module, _UNTRACKED_MODULES) or (not nn.parameter.is_lazy(value) and value.dim() < 2):
+            continue
+        found[name] = Tracked(name, module, local)
+    return list(found.values())
+
+
+def _check_weight(item: Tracked) -> Layout:
+    """The weight's layout; raises if nwave_param cannot track it."""
+    value = getattr(item.module, item.tensor_name)
+    if nn.parameter.is_lazy(value):
+        raise ValueError(f"{item.name} is not initialized yet (a lazy module): run one forward pass first")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{item.name} has dtype {value.dtype}; nwave_param tracks floating-point weights only")
+    if value.is_meta:
+        raise ValueError(f"{item.name} is on the meta device: materialize the model before registering")
+    layout = layout_of(item.module, item.tensor_name)
+    layout.check(value.shape, item.name)
+    return layout
+
+
+def _patterns(exclude: str | Iterable[str]) -> tuple[str, ...]:
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"exclude takes glob patterns (str), got {pattern!r}")
+    return patterns
+
+
+def _scale(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _power(power: int) -> int:
+    if isinstance(power, bool) or power not in (1, 2):
+        raise ValueError(f"power must be 1 or 2, got {power!r}")
+    return int(power)
+
+
+def _select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, Layout]]:
+    """The weights to track and their layouts, every check done before anything changes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    candidates = trackable_weights(model)
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__} has no trackable weight (a parameter of 2+ dims named "
+            "'weight', 'weight_*', '*_weight' or '*_weights', outside norms and embeddings)"
+        )
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(item.name, pattern) for item in candidates):
+            warnings.warn(f"exclude pattern {pattern!r} matches no trackable weight", stacklevel=3)
+    chosen = [c for c in candidates if not any(fnmatch.fnmatchcase(c.name, p) for p in exclude)]
+    if not chosen:
+        names = ", ".join(c.name for c in candidates)
+        raise ValueError(f"exclude={list(exclude)} excludes every trackable weight ({names})")
+    layouts = [_check_weight(item) for item in chosen]
+    devices = {str(getattr(item.module, item.tensor_name).device) for item in chosen}
+    if len(devices) > 1:
+        raise ValueError(f"tracked weights live on several devices {sorted(devices)}: move the model to one device")
+    return list(zip(chosen, layouts))
+
+
+def _constraints(model: nn.Module) -> Iterator[_Entry]:
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, chain in module.parametrizations.items():
+                for link in chain:
+                    if isinstance(link, ChipConstraint):
+                        yield _Entry(module, tensor_name, link)
+
+
+def _load_plain_keys(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook: a plain checkpoint key ``fc.weight`` fills ``fc.parametrizations.weight.original``."""
+    for tensor_name, chain in module.parametrizations.items():
+        if len(chain) == 1 and isinstance(chain[0], ChipConstraint):
+            plain, original = prefix + tensor_name, f"{prefix}parametrizations.{tensor_name}.original"
+            if plain in state_dict and original not in state_dict:
+                state_dict[original] = state_dict.pop(plain)
+
+
+def _remove_hook(module: nn.Module) -> None:
+    hooks = module._load_state_dict_pre_hooks
+    for key in [k for k, h in hooks.items() if getattr(h, "hook", None) is _load_plain_keys]:
+        del hooks[key]
+
+
+def _restore_order(module: nn.Module, order: tuple[str, ...]) -> None:
+    """Re-insert ``module._parameters`` in its pre-registration order (parametrize appends)."""
+    params = module._parameters
+    for key in [k for k in order if k in params] + [k for k in params if k not in order]:
+        params[key] = params.pop(key)
+
+
+def register(
+    model: nn.Module,
+    spec: ChipSpec | None = None,
+    *,
+    alpha: float = 1.0,
+    lam: float = 1.0,
+    power: int = 2,
+    exclude: str | Iterable[str] = (),
+) -> Registry:
+    r"""Track every weight of ``model`` against the chip's constraints.
+
+    Registers a :class:`~nwave_param.ChipConstraint` (an identity parametrization, last in any
+    existing chain) on each trackable weight (see :func:`trackable_weights`), except those whose
+    dotted name matches a glob in ``exclude``.  The model computes exactly what it did before;
+    add :meth:`Registry.penalty` (:math:`\alpha \cdot` magnitude :math:`+ \lambda \cdot`
+    topology) to the loss.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 10), nn.ReLU(), nn.Linear(10, 2))
+        >>> reg = register(model, exclude="2.*")
+        >>> reg.names
+        ['0.weight']
+        >>> loss = model(torch.randn(4, 8)).sum() + reg.penalty()
+
+    Raises:
+        ValueError: no trackable weight, ``exclude`` leaves none, a bad ``alpha``/``lam``/``power``,
+            a weight on the meta device, several devices, or a shape its layer type cannot have.
+        TypeError: a tracked weight that is not floating point; ``spec`` not a ChipSpec.
+        AlreadyRegisteredError: the model already carries nwave_param constraints
+            (use :func:`registry_of`, or :meth:`Registry.remove` first).
+    """
+    spec = ChipSpec() if spec is None else spec
+    if not isinstance(spec, ChipSpec):
+        raise TypeError(f"spec must be a ChipSpec or None, got {type(spec).__name__}")
+    alpha, lam, power = _scale("alpha", alpha), _scale("lam", lam), _power(power)
+    if isinstance(model, nn.Module):
+        present = sorted({entry.constraint.name for entry in _constraints(model)})
+        if present:
+            raise AlreadyRegisteredError(
+                f"the model already carries nwave_param constraints on {', '.join(present)}: "
+                "use nwp.registry_of(model), or call .remove() on it before registering again"
+            )
+    selected = _select(model, _patterns(exclude))
+    orders = {id(item.module): tuple(item.module._parameters) for item, _ in selected}
+
+    entries: list[_Entry] = []
+    try:
+        for index, (item, layout) in enumerate(selected):
+            constraint = ChipConstraint(
+                item.name, index, layout, spec, alpha, lam, power, orders[id(item.module)]
+            )
+            parametrize.register_parametrization(item.module, item.tensor_name, constraint)
+            if not any(entry.module is item.module for entry in entries):
+                item.module.register_load_state_dict_pre_hook(_load_plain_keys)
+            entries.append(_Entry(item.module, item.tensor_name, constraint))
+    except BaseException:
+        if entries:
+            Registry(entries).remove()
+        raise
+    return Registry(entries)
+
+
+def registry_of(model: nn.Module) -> Registry:
+    """The :class:`Registry` of ``model``, rebuilt from its constraints alone.
+
+    Works on a ``copy.deepcopy`` of a registered model, in each DDP process
+    (``registry_of(ddp.module)``) and after ``load_state_dict``.
+
+    Raises:
+        LookupError: ``model`` carries no nwave_param constraint.
+    """
+    entries = list(_constraints(model))
+    if not entries:
+        raise LookupError(f"{type(model).__name__} carries no nwave_param constraint: call nwp.register(model)")
+    return Registry(entries)
+
+
+class Registry:
+    """The tracked weights of one model: penalties, caching and removal.
+
+    A view over the model's :class:`~nwave_param.ChipConstraint` objects; build one with
+    :func:`register` or :func:`registry_of`, not directly.
+    """
+
+    def __init__(self, entries: Iterable[_Entry]) -> None:
+        self._entries = tuple(sorted(entries, key=lambda e: e.constraint.index))
+        first = self._entries[0].constraint
+        config = (first.spec, first.alpha, first.lam, first.power)
+        for entry in self._entries:
+            c = entry.constraint
+            if (c.spec, c.alpha, c.lam, c.power) != config:
+                raise ValueError(
+                    f"{c.name} and {first.name} were registered with different settings: "
+                    "a model holds one registration; remove one of them"
+                )
+        self.spec: ChipSpec = first.spec
+        self.alpha: float = first.alpha
+        self.lam: float = first.lam
+        self.power: int = first.power
+        self._layouts = [e.constraint.layout for e in self._entries]
+        self._removed = False
+
+    @property
+    def names(self) -> list[str]:
+        """Dotted names of the tracked weights, as ``model.named_parameters()`` gave them before registration."""
+        return [entry.constraint.name for entry in self._entries]
+
+    def weights(self) -> list[Tensor]:
+        """The tracked weights' effective values, differentiable (the Parameters themselves where possible)."""
+        self._check_live()
+        values = []
+        for module, tensor_name, _ in self._entries:
+            chain = module.parametrizations[tensor_name]
+            values.append(chain.original if len(chain) == 1 else getattr(module, tensor_name))
+        return values
+
+    def penalties(self) -> Penalties:
+        """``Penalties(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
+        spec = self.spec
+        return functional.penalties(self.weights(), self._layouts, spec.limit, self.power, spec.group_size)
+
+    def penalty(self) -> Tensor:
+        r""":math:`\alpha \cdot` magnitude :math:`+ \lambda \cdot` topology: a 0-dim differentiable tensor to add to the loss."""
+        magnitude, topology = self.penalties()
+        return self.alpha * magnitude + self.lam * topology
+
+    def cached(self):
+        """Context manager: each parametrized weight is evaluated once, however often a time loop reads it.
+
+        Wrap the forward of a recurrent net: ``with reg.cached(): out = model(x)``.
+        """
+        return parametrize.cached()
+
+    def remove(self) -> None:
+        """Remove every constraint: module classes, parameters, state_dict keys and their order as before registration.
+
+        Raises:
+            RuntimeError: already removed, or a constraint was removed by hand (nothing is changed;
+                ``registry_of(model).remove()`` removes the remaining ones).
+        """
+        self._check_live()
+        for module, tensor_name, constraint in self._entries:
+            chain = module.parametrizations[tensor_name]
+            if len(chain) == 1:
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+            else:
+                del chain[next(i for i, link in enumerate(chain) if link is constraint)]
+        owners = {id(e.module): e for e in self._entries}.values()
+        for module, _, constraint in owners:
+            _remove_hook(module)
+            _restore_order(module, constraint.parameter_order)
+        self._removed = True
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise RuntimeError("this registry was removed; register the model again to track it")
+        gone = [
+            e.constraint.name
+            for e in self._entries
+            if not parametrize.is_parametrized(e.module, e.tensor_name)
+            or not any(link is e.constraint for link in e.module.parametrizations[e.tensor_name])
+        ]
+        if gone:
+            raise RuntimeError(
+                f"the constraint on {', '.join(gone)} was removed outside this registry; "
+                "use nwp.registry_of(model) for the ones that remain"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"Registry({len(self._entries)} weights, {self.spec}, alpha={self.alpha}, "
+            f"lam={self.lam}, power={self.power})"
+        )

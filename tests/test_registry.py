@@ -1,0 +1,344 @@
+"""The registry's lifecycle: register -> train -> remove, state dicts, rebuilding, and bad input."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize, parametrizations
+
+import nwave_param as nwp
+from nwave_param.loss import topology_loss, weight_magnitude_loss
+
+
+def snapshot(model):
+    """Keys in order, values cloned, and every module's class."""
+    state = [(k, v.detach().clone()) for k, v in model.state_dict().items()]
+    return state, [type(m) for m in model.modules()]
+
+
+def assert_same_snapshot(before, after):
+    (state_a, classes_a), (state_b, classes_b) = before, after
+    assert [k for k, _ in state_a] == [k for k, _ in state_b]
+    for (key, a), (_, b) in zip(state_a, state_b):
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+    assert classes_a == classes_b
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 7)
+        self.norm = nn.LayerNorm(7)
+        self.lstm = nn.LSTM(7, 6, num_layers=2, proj_size=3)
+        self.emb = nn.Embedding(4, 6)
+        self.readout = nn.Linear(3, 2)
+
+    def forward(self, x):
+        out, _ = self.lstm(self.norm(self.fc(x)))
+        return self.readout(out)
+
+
+# --- prepare -------------------------------------------------------------------------------
+
+
+def test_register_tracks_weights_in_named_parameters_order():
+    model = Net()
+    reg = nwp.register(model)
+    expected = [
+        n for n, p in Net().named_parameters() if p.dim() >= 2 and not n.startswith(("emb", "norm"))
+    ]
+    assert reg.names == expected
+    assert reg.names[:2] == ["fc.weight", "lstm.weight_ih_l0"]
+    assert "lstm.weight_hr_l1" in reg.names
+
+
+def test_register_keeps_outputs_and_parameters_identical():
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(5, 3, 6)
+    before = model(x)
+    params = {id(p) for p in model.parameters()}
+    nwp.register(model)
+    assert torch.equal(model(x), before)
+    assert {id(p) for p in model.parameters()} == params  # optimizers need no update
+    assert model.fc.weight is model.fc.parametrizations.weight.original
+
+
+def test_in_place_init_reaches_registered_weight():
+    model = nn.Linear(4, 5)
+    nwp.register(model)
+    nn.init.constant_(model.weight, 0.25)
+    assert torch.all(model.parametrizations.weight.original == 0.25)
+
+
+def test_exclude_globs():
+    model = Net()
+    reg = nwp.register(model, exclude=["readout.*", "lstm.*_l1"])
+    assert "readout.weight" not in reg.names and "lstm.weight_hh_l1" not in reg.names
+    assert "lstm.weight_hh_l0" in reg.names
+    assert not parametrize.is_parametrized(model.readout)
+
+
+def test_exclude_pattern_matching_nothing_warns_and_everything_raises():
+    with pytest.warns(UserWarning, match="'nothing.*'"):
+        nwp.register(nn.Linear(3, 3), exclude="nothing.*")
+    model = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="excludes every"):
+        nwp.register(model, exclude="*")
+    assert not parametrize.is_parametrized(model)
+
+
+def test_tied_weight_is_tracked_once():
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    model[1].weight = model[0].weight
+    reg = nwp.register(model)
+    assert reg.names == ["0.weight"]
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    assert torch.allclose(reg.penalties().magnitude, torch.tensor(0.1**2))
+
+
+def test_weight_with_existing_parametrization_is_tracked_by_effective_value():
+    model = nn.Sequential(nn.Linear(3, 4))
+    parametrizations.weight_norm(model[0])
+    before = model[0].weight.detach().clone()
+    reg = nwp.register(model)
+    assert reg.names == ["0.weight"]
+    chain = model[0].parametrizations.weight
+    assert isinstance(chain[-1], nwp.ChipConstraint) and len(chain) == 2
+    expected = (before.abs() - 0.9).relu().square().sum() / before.numel()
+    torch.testing.assert_close(reg.penalties().magnitude, expected)
+    keys = list(model.state_dict())
+    reg.remove()
+    assert list(model.state_dict()) == keys and len(model[0].parametrizations.weight) == 1
+
+
+# --- train ---------------------------------------------------------------------------------
+
+
+def test_penalty_is_scaled_sum_and_trains_toward_the_chip():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 10), nn.Tanh(), nn.Linear(10, 10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)
+    reg = nwp.register(model, alpha=2.0, lam=0.5, power=1)
+    p = reg.penalties()
+    torch.testing.assert_close(reg.penalty(), 2.0 * p.magnitude + 0.5 * p.topology)
+    optimizer = torch.optim.SGD(model.parameters(), lr=20.0)
+    start = reg.penalty().item()
+    for _ in range(100):
+        optimizer.zero_grad()
+        reg.penalty().backward()
+        optimizer.step()
+    assert reg.penalty().item() < 0.2 * start
+
+
+def test_functional_forms_equal_registry_exactly():
+    torch.manual_seed(1)
+    model = Net()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    plain_magnitude, plain_topology = weight_magnitude_loss(model), topology_loss(model, 0.3)
+    reg = nwp.register(model, exclude="readout.*")
+    assert torch.equal(weight_magnitude_loss(model), reg.penalties().magnitude)
+    assert torch.equal(topology_loss(model, 0.3), 0.3 * reg.penalties().topology)
+    reg.remove()
+    reg = nwp.register(model)
+    assert torch.equal(plain_magnitude, reg.penalties().magnitude)
+    assert torch.equal(plain_topology, 0.3 * reg.penalties().topology)
+
+
+def test_cached_evaluates_each_weight_once():
+    calls = []
+
+    class Counting(nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            return x
+
+    model = nn.Linear(3, 3)
+    parametrize.register_parametrization(model, "weight", Counting())
+    reg = nwp.register(model)
+    calls.clear()
+    with reg.cached():
+        for _ in range(10):
+            model(torch.randn(2, 3))
+    assert len(calls) == 1
+
+
+def test_penalty_of_half_precision_weights_accumulates_in_float32():
+    model = nn.Linear(64, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.mul_(100)
+    p = nwp.register(model).penalties()
+    assert p.magnitude.dtype == torch.float32 and torch.isfinite(p.magnitude)
+
+
+# --- state dicts and rebuilding ------------------------------------------------------------
+
+
+def test_registered_state_dict_loads_into_fresh_registered_model():
+    source = Net()
+    nwp.register(source)
+    target = Net()
+    nwp.register(target)
+    target.load_state_dict(source.state_dict())
+    for a, b in zip(source.state_dict().values(), target.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_plain_checkpoint_loads_into_registered_model():
+    source = Net()
+    target = Net()
+    nwp.register(target)
+    result = target.load_state_dict(source.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(target.fc.weight, source.fc.weight)
+    assert torch.equal(target.lstm.weight_hr_l1, source.lstm.weight_hr_l1)
+
+
+def test_load_state_dict_strictness_is_pytorchs():
+    model = nn.Linear(3, 3)
+    nwp.register(model)
+    state = nn.Linear(3, 3).state_dict()
+    del state["bias"]
+    state["extra"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="bias"):
+        model.load_state_dict(state)
+    result = model.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["bias"] and result.unexpected_keys == ["extra"]
+
+
+def test_registry_of_rebuilds_after_deepcopy():
+    model = Net()
+    reg = nwp.register(model, nwp.ChipSpec(limit=0.5, group_size=3), alpha=0.1, lam=2.0, power=1)
+    clone = copy.deepcopy(model)
+    rebuilt = nwp.registry_of(clone)
+    assert rebuilt.names == reg.names
+    assert (rebuilt.spec, rebuilt.alpha, rebuilt.lam, rebuilt.power) == (reg.spec, 0.1, 2.0, 1)
+    assert torch.equal(rebuilt.penalty(), reg.penalty())
+    rebuilt.remove()
+    assert nwp.registry_of(model).names == reg.names  # the original is untouched
+    plain = Net()
+    assert clone.load_state_dict(plain.state_dict())  # hooks were removed with the constraints
+    assert list(clone.state_dict()) == list(plain.state_dict())
+
+
+def test_registry_of_plain_model_raises_lookup_error():
+    with pytest.raises(LookupError, match="register"):
+        nwp.registry_of(nn.Linear(2, 2))
+
+
+# --- remove --------------------------------------------------------------------------------
+
+
+def test_remove_restores_model_bit_for_bit():
+    torch.manual_seed(0)
+    model = Net()
+    before = snapshot(model)
+    hooks = dict(model.fc._load_state_dict_pre_hooks)
+    reg = nwp.register(model)
+    reg.remove()
+    assert_same_snapshot(before, snapshot(model))
+    assert dict(model.fc._load_state_dict_pre_hooks) == hooks
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_remove_twice_and_after_manual_removal_raise_without_change():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    reg = nwp.register(model)
+    parametrize.remove_parametrizations(model[0], "weight", leave_parametrized=False)
+    with pytest.raises(RuntimeError, match="0.weight"):
+        reg.remove()
+    assert parametrize.is_parametrized(model[1])
+    nwp.registry_of(model).remove()
+    assert not parametrize.is_parametrized(model[1])
+    with pytest.raises(RuntimeError, match="removed"):
+        reg.remove()
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [0, -1.0, float("inf"), float("nan"), "0.9", True])
+def test_chipspec_rejects_bad_limit(limit):
+    with pytest.raises(ValueError, match="limit"):
+        nwp.ChipSpec(limit=limit)
+
+
+@pytest.mark.parametrize("size", [0, -5, 2.5, True, "5"])
+def test_chipspec_rejects_bad_group_size(size):
+    with pytest.raises(ValueError, match="group_size"):
+        nwp.ChipSpec(group_size=size)
+
+
+def test_chipspec_is_frozen_with_chip_defaults():
+    spec = nwp.ChipSpec()
+    assert (spec.limit, spec.group_size) == (0.9, 5)
+    with pytest.raises(AttributeError):
+        spec.limit = 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"power": 3}, "power"), ({"alpha": -1.0}, "alpha"), ({"lam": float("nan")}, "lam")],
+)
+def test_register_rejects_bad_settings(kwargs, match):
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=match):
+        nwp.register(model, **kwargs)
+    assert not parametrize.is_parametrized(model)
+
+
+def test_model_without_trackable_weights_raises():
+    with pytest.raises(ValueError, match="no trackable weight"):
+        nwp.register(nn.Sequential(nn.LayerNorm(4), nn.Embedding(3, 4), nn.ReLU()))
+
+
+def test_registering_twice_names_weights_and_points_to_registry_of():
+    model = nn.Sequential(nn.Linear(2, 2))
+    nwp.register(model)
+    with pytest.raises(nwp.AlreadyRegisteredError, match=r"0\.weight.*registry_of"):
+        nwp.register(model)
+
+
+def test_non_floating_weight_raises_type_error_naming_it():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].weight = nn.Parameter(torch.ones(2, 2, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(TypeError, match=r"1\.weight"):
+        nwp.register(model)
+    assert not parametrize.is_parametrized(model[0])
+
+
+def test_meta_and_lazy_weights_raise():
+    with torch.device("meta"):
+        meta = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="meta"):
+        nwp.register(meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lazy modules warn that they are experimental
+        lazy = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(ValueError, match="forward pass"):
+        nwp.register(lazy)
+
+
+def test_empty_weights_give_zero_penalties():
+    model = nn.Linear(0, 4)
+    p = nwp.register(model).penalties()
+    assert p.magnitude.item() == 0 and p.topology.item() == 0
+
+
+def test_requires_grad_false_weight_is_tracked_without_gradient():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[0].weight.requires_grad_(False)
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+        model[1].weight.fill_(2.0)
+    reg = nwp.register(model)
+    assert reg.names == ["0.weight", "1.weight"]
+    reg.penalty().backward()
+    assert model[0].weight.grad is None and model[1].weight.grad is not None
