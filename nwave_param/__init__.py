@@ -10,6 +10,7 @@
 from .functional import Penalties
 from .layout import Layout
 from .parametrization import ChipConstraint
+from .report import LayerReport, Report
 from .registry import AlreadyRegisteredError, Registry, register, registry_of, trackable_weights
 from .spec import ChipSpec
 
@@ -17,9 +18,11 @@ __all__ = [
     "AlreadyRegisteredError",
     "ChipConstraint",
     "ChipSpec",
+    "LayerReport",
     "Layout",
     "Penalties",
     "Registry",
+    "Report",
     "register",
     "registry_of",
     "trackable_weights",

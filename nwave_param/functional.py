@@ -23,7 +23,17 @@ from torch import Tensor
 
 from .layout import Layout
 
-__all__ = ["Penalties", "accumulation_dtype", "block_sums", "magnitude_sum", "penalties", "topology_sum"]
+__all__ = [
+    "Penalties",
+    "accumulation_dtype",
+    "block_sums",
+    "limit_in",
+    "magnitude_sum",
+    "mixed_blocks",
+    "penalties",
+    "project",
+    "topology_sum",
+]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,3 +110,49 @@ def penalties(
     magnitude = torch.stack([magnitude_sum(w, limit, power).to(dtype) for w in weights]).sum()
     topology = torch.stack([topology_sum(w, lay, group_size).to(dtype) for w, lay in zip(weights, layouts)]).sum()
     return Penalties(magnitude / count, topology / count)
+
+
+def limit_in(dtype: torch.dtype, limit: float) -> float:
+    """The largest value of ``dtype`` that is <= ``limit``: comparing or clamping against it in
+    ``dtype`` is exact (``0.9`` itself is not representable in float32 or bfloat16)."""
+    bound = torch.tensor(limit, dtype=dtype)
+    if bound.item() > limit:
+        bound = torch.nextafter(bound, torch.zeros_like(bound))
+    return bound.item()
+
+
+def mixed_blocks(weight: Tensor, layout: Layout, group_size: int) -> Tensor:
+    """Boolean ``(blocks, columns)``: the block column holds a strictly positive and a strictly
+    negative entry."""
+    m = layout.matrix(weight)
+    mixed = [
+        (blocks > 0).any(1) & (blocks < 0).any(1)
+        for blocks in (
+            m[start : start + count * length].reshape(count, length, -1)
+            for start, count, length in layout.runs(m.shape[0], group_size)
+        )
+    ]
+    return torch.cat(mixed) if mixed else torch.zeros(0, m.shape[1], dtype=torch.bool)
+
+
+def project(weight: Tensor, layout: Layout, limit: float, group_size: int) -> Tensor:
+    """The L1-nearest weight the chip can hold, as a new tensor of the same shape and dtype.
+
+    Clamp every entry into ``[-limit, limit]``; then in each block column zero the entries of
+    the sign with the smaller L1 mass (after clamping; a tie keeps the positive side).  For one
+    block column, keeping the positive side costs ``Q`` more than clamping does and keeping the
+    negative side costs ``P`` more, so zeroing the whole minority side *is* the nearest
+    sign-aligned point.  Entries already in range and aligned (``-0.0`` included) are kept bit
+    for bit, so projecting twice changes nothing.
+    """
+    bound = limit_in(weight.dtype, limit)
+    m = layout.matrix(weight.clamp(-bound, bound)).contiguous()
+    for start, count, length in layout.runs(m.shape[0], group_size):
+        blocks = m[start : start + count * length].view(count, length, -1)
+        acc = accumulation_dtype(weight.dtype)
+        positive = blocks.clamp(min=0).sum(1, dtype=acc)
+        negative = blocks.clamp(max=0).sum(1, dtype=acc).neg()
+        keep_positive = (positive >= negative).unsqueeze(1)
+        minority = torch.where(keep_positive, blocks < 0, blocks > 0)
+        blocks.masked_fill_(minority, 0)
+    return layout.unmatrix(m, weight.shape)

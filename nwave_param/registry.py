@@ -24,6 +24,7 @@ from . import functional
 from .functional import Penalties
 from .layout import Layout, layout_of
 from .parametrization import ChipConstraint
+from .report import Report, build_report
 from .spec import ChipSpec
 
 __all__ = ["AlreadyRegisteredError", "Registry", "register", "registry_of", "trackable_weights"]
@@ -303,6 +304,42 @@ class Registry:
         r""":math:`\alpha \cdot` magnitude :math:`+ \lambda \cdot` topology: a 0-dim differentiable tensor to add to the loss."""
         magnitude, topology = self.penalties()
         return self.alpha * magnitude + self.lam * topology
+
+    def report(self) -> Report:
+        """A :class:`~nwave_param.report.Report`: one row per tracked weight; the rows sum to :meth:`penalties`."""
+        return build_report(self.names, self.weights(), self._layouts, self.spec, self.power)
+
+    def is_mappable(self) -> bool:
+        """True exactly when every tracked weight is finite, ``max |w| <= limit`` and no block column is mixed."""
+        return self.report().is_mappable
+
+    @torch.no_grad()
+    def project_(self) -> Registry:
+        """Move the weights, in place, to the L1-nearest point the chip can hold; returns ``self``.
+
+        Clamps every weight into ``[-limit, limit]``, then in each block column zeroes the sign
+        with the smaller L1 mass (a tie keeps the positive side); see
+        :func:`nwave_param.functional.project`.  Idempotent; a mappable weight is left bit-identical.
+        Parameters are updated in place, so optimizers keep working.
+
+        Raises:
+            ValueError: a weight holds NaN or infinite values (named; nothing is changed).
+        """
+        weights = self.weights()
+        broken = [name for name, w in zip(self.names, weights) if not bool(torch.isfinite(w).all())]
+        if broken:
+            raise ValueError(
+                f"cannot project non-finite weights {', '.join(broken)}: nothing was changed; "
+                "fix or re-initialize them first"
+            )
+        spec = self.spec
+        for (module, tensor_name, _), weight, layout in zip(self._entries, weights, self._layouts):
+            projected = functional.project(weight, layout, spec.limit, spec.group_size)
+            if len(module.parametrizations[tensor_name]) == 1:
+                weight.copy_(projected)
+            else:
+                setattr(module, tensor_name, projected)  # through the chain's right_inverse
+        return self
 
     def cached(self):
         """Context manager: each parametrized weight is evaluated once, however often a time loop reads it.

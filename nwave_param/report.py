@@ -1,0 +1,142 @@
+"""What stands between a model and the chip, weight by weight."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from . import functional
+from .layout import Layout
+from .spec import ChipSpec
+
+__all__ = ["LayerReport", "Report", "build_report"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One tracked weight.
+
+    ``groups`` counts the block columns of its dense-equivalent matrix and ``mixed_groups`` those
+    holding both a strictly positive and a strictly negative entry.  ``magnitude`` and
+    ``topology`` are its contributions to the registry's penalties (already divided by the
+    total element count ``N``), so the rows sum to ``reg.penalties()``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    max_abs: float
+    out_of_range: int
+    nonfinite: int
+    groups: int
+    mixed_groups: int
+    magnitude: float
+    topology: float
+
+    @property
+    def is_mappable(self) -> bool:
+        return self.nonfinite == 0 and self.out_of_range == 0 and self.mixed_groups == 0
+
+
+_COLUMNS = ("name", "shape", "numel", "max_abs", "out_of_range", "nonfinite", "groups", "mixed_groups", "magnitude", "topology")
+_SUMMED = ("numel", "out_of_range", "nonfinite", "groups", "mixed_groups", "magnitude", "topology")
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class Report:
+    """Per-weight rows, totals and the verdict.
+
+    ``str(report)`` is an aligned table with a totals line; ``report.to_dict()`` is JSON-ready
+    (non-finite floats become ``None``: the ``nonfinite`` counts say why).
+    """
+
+    def __init__(self, rows: Sequence[LayerReport], spec: ChipSpec, power: int) -> None:
+        self.rows = list(rows)
+        self.spec = spec
+        self.power = power
+
+    @property
+    def is_mappable(self) -> bool:
+        """Every weight finite, within ``[-limit, limit]``, with no mixed block column."""
+        return all(row.is_mappable for row in self.rows)
+
+    @property
+    def totals(self) -> dict[str, float | int]:
+        totals = {key: sum(getattr(row, key) for row in self.rows) for key in _SUMMED}
+        totals["max_abs"] = max((row.max_abs for row in self.rows), default=0.0)
+        return totals
+
+    def to_dict(self) -> dict:
+        rows = []
+        for row in self.rows:
+            entry = asdict(row)
+            entry["shape"] = list(row.shape)
+            for key in ("max_abs", "magnitude", "topology"):
+                entry[key] = _json_float(entry[key])
+            rows.append(entry)
+        totals = {k: (_json_float(v) if isinstance(v, float) else v) for k, v in self.totals.items()}
+        return {
+            "mappable": self.is_mappable,
+            "spec": {"limit": self.spec.limit, "group_size": self.spec.group_size, "power": self.power},
+            "weights": rows,
+            "totals": totals,
+        }
+
+    def __str__(self) -> str:
+        def cells(values: dict) -> list[str]:
+            return [
+                f"{values[key]:.4g}" if isinstance(values[key], float) else str(values[key])
+                for key in _COLUMNS
+            ]
+
+        body = [cells({**asdict(row), "shape": "x".join(map(str, row.shape))}) for row in self.rows]
+        total = cells({**self.totals, "name": "total", "shape": ""})
+        table = [list(_COLUMNS), *body, total]
+        widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+
+        def render(line: list[str]) -> str:
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+
+        rule = "-" * len(render(table[0]))
+        verdict = "mappable" if self.is_mappable else "NOT mappable"
+        header = f"limit {self.spec.limit}, blocks of {self.spec.group_size}: {verdict}"
+        return "\n".join([header, render(table[0]), rule, *map(render, body), rule, render(total)])
+
+    def __repr__(self) -> str:
+        return f"Report({len(self.rows)} weights, mappable={self.is_mappable})"
+
+
+@torch.no_grad()
+def _row(name: str, weight: Tensor, layout: Layout, spec: ChipSpec, power: int, count: int) -> LayerReport:
+    magnitudes = weight.abs()
+    m = layout.matrix(weight)
+    blocks_per_population = -(-(m.shape[0] // layout.gates) // spec.group_size)
+    dense_columns = m.shape[1] * layout.groups
+    return LayerReport(
+        name=name,
+        shape=tuple(weight.shape),
+        numel=weight.numel(),
+        max_abs=magnitudes.max().item() if weight.numel() else 0.0,
+        out_of_range=int((magnitudes > functional.limit_in(weight.dtype, spec.limit)).sum()),
+        nonfinite=int((~torch.isfinite(weight)).sum()),
+        groups=layout.gates * blocks_per_population * dense_columns,
+        mixed_groups=int(functional.mixed_blocks(weight, layout, spec.group_size).sum()),
+        magnitude=(functional.magnitude_sum(weight, spec.limit, power) / max(count, 1)).item(),
+        topology=(functional.topology_sum(weight, layout, spec.group_size) / max(count, 1)).item(),
+    )
+
+
+def build_report(
+    names: Sequence[str], weights: Sequence[Tensor], layouts: Sequence[Layout], spec: ChipSpec, power: int
+) -> Report:
+    """The :class:`Report` of ``weights`` (``N`` is their total element count)."""
+    count = sum(w.numel() for w in weights)
+    rows = [_row(n, w, lay, spec, power, count) for n, w, lay in zip(names, weights, layouts)]
+    return Report(rows, spec, power)
