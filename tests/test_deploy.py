@@ -1,0 +1,208 @@
+"""Report, is_mappable and project_, against plain dense-matrix formulas written here."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import nwave_param as nwp
+
+
+def dense_populations(module, weight):
+    """The weight's dense-equivalent connectivity matrices, one per population, built entry by entry."""
+    if isinstance(module, nn.LSTMCell):
+        return list(weight.chunk(4, 0))
+    if isinstance(module, nn.modules.conv._ConvNd):
+        groups, kernel = module.groups, math.prod(module.kernel_size)
+        dense = torch.zeros(module.out_channels, module.in_channels * kernel, dtype=weight.dtype)
+        out_per_group = module.out_channels // groups
+        in_per_group = module.in_channels // groups
+        for o in range(module.out_channels):
+            g = o // out_per_group
+            for c in range(g * in_per_group, (g + 1) * in_per_group):
+                if module.transposed:  # weight (in, out/groups, *k)
+                    entry = weight[c, o - g * out_per_group]
+                else:  # weight (out, in/groups, *k)
+                    entry = weight[o, c - g * in_per_group]
+                dense[o, c * kernel : (c + 1) * kernel] = entry.flatten()
+        return [dense]
+    return [weight.reshape(weight.shape[0], -1)]
+
+
+def block_columns(module, weight, group_size):
+    """Every block column as a 1-d tensor."""
+    columns = []
+    for population in dense_populations(module, weight):
+        for start in range(0, population.shape[0], group_size):
+            block = population[start : start + group_size]
+            columns.extend(block[:, j] for j in range(block.shape[1]))
+    return columns
+
+
+def make_module(kind, a, b, seed, scale):
+    torch.manual_seed(seed)
+    if kind == "linear":
+        module = nn.Linear(a, b)
+    elif kind == "lstm_cell":
+        module = nn.LSTMCell(a, b)
+    elif kind == "grouped_conv":
+        module = nn.Conv1d(2 * a, 3 * b, 2, groups=min(a, b) if a % min(a, b) == 0 == b % min(a, b) else 1)
+    else:
+        module = nn.ConvTranspose1d(2 * a, 2 * b, 3, groups=2)
+    module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(scale)
+    return module
+
+
+modules = st.builds(
+    make_module,
+    st.sampled_from(["linear", "lstm_cell", "grouped_conv", "transposed_conv"]),
+    st.integers(1, 7),
+    st.integers(1, 8),
+    st.integers(0, 2**16),
+    st.floats(0.5, 30.0),
+)
+specs = st.builds(nwp.ChipSpec, limit=st.floats(0.05, 2.0), group_size=st.integers(1, 7))
+
+
+@settings(max_examples=60, deadline=None)
+@given(modules, specs)
+def test_project_reaches_the_nearest_mappable_point(module, spec):
+    reg = nwp.register(module, spec)
+    before = [w.detach().clone() for w in reg.weights()]
+    assert reg.project_() is reg
+    after = [w.detach().clone() for w in reg.weights()]
+
+    assert reg.is_mappable() and reg.report().is_mappable
+    magnitude, topology = reg.penalties()
+    assert magnitude.item() == 0 and topology.item() == 0
+
+    limit = spec.limit
+    for old, new in zip(before, after):
+        for w, x in zip(block_columns(module, old, spec.group_size), block_columns(module, new, spec.group_size)):
+            assert x.abs().max() <= limit
+            assert not ((x > 0).any() and (x < 0).any())
+            positive, negative = w.clamp(0, limit), w.clamp(-limit, 0)
+            best = min((positive - w).abs().sum(), (negative - w).abs().sum())
+            assert (x - w).abs().sum() <= best + 1e-12  # no sign-aligned point in the box is closer
+            kept_positive = w.clamp(0, limit).sum() >= -w.clamp(-limit, 0).sum()
+            assert torch.equal(x, positive if kept_positive else negative)
+
+    reg.project_()
+    assert all(torch.equal(a, b) for a, b in zip(reg.weights(), after))  # idempotent, bit for bit
+
+
+@settings(max_examples=60, deadline=None)
+@given(modules, specs)
+def test_report_counts_and_rows_sum_to_penalties(module, spec):
+    reg = nwp.register(module, spec)
+    report = reg.report()
+    assert [row.name for row in report.rows] == reg.names
+    for row, weight in zip(report.rows, reg.weights()):
+        weight = weight.detach()
+        columns = block_columns(module, weight, spec.group_size)
+        assert row.shape == tuple(weight.shape) and row.numel == weight.numel()
+        assert row.max_abs == weight.abs().max().item()
+        assert row.out_of_range == int((weight.abs() > spec.limit).sum())
+        assert row.nonfinite == 0
+        assert row.groups == len(columns)
+        assert row.mixed_groups == sum(bool((c > 0).any() and (c < 0).any()) for c in columns)
+        assert row.is_mappable == (row.out_of_range == 0 and row.mixed_groups == 0)
+    p = reg.penalties()
+    assert sum(r.magnitude for r in report.rows) == pytest.approx(p.magnitude.item(), rel=1e-12, abs=1e-15)
+    assert sum(r.topology for r in report.rows) == pytest.approx(p.topology.item(), rel=1e-12, abs=1e-15)
+    assert reg.is_mappable() == all(row.is_mappable for row in report.rows)
+
+
+def test_report_rows_sum_over_several_weights_and_render():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 11), nn.GRU(11, 7), nn.Linear(7, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6)
+    reg = nwp.register(model)
+    report = reg.report()
+    p = reg.penalties()
+    assert sum(r.magnitude for r in report.rows) == pytest.approx(p.magnitude.item(), rel=1e-5)
+    assert sum(r.topology for r in report.rows) == pytest.approx(p.topology.item(), rel=1e-5)
+    text = str(report)
+    lines = text.splitlines()
+    assert "NOT mappable" in lines[0] and lines[-1].startswith("total")
+    assert all(name in text for name in reg.names)
+    assert len({len(line) for line in lines[1:]}) == 1  # aligned: every column right-justified to one width
+    data = report.to_dict()
+    assert data["mappable"] is False and [w["name"] for w in data["weights"]] == reg.names
+    assert data["totals"]["numel"] == sum(p.numel() for p in reg.weights())
+
+
+def test_worked_example_projection_and_tie_keeps_positive():
+    model = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -1.0], [-0.2, 0.3], [1.2, 0.1]]))
+    reg = nwp.register(model)
+    report = reg.report()
+    assert (report.rows[0].out_of_range, report.rows[0].mixed_groups, report.rows[0].groups) == (2, 2, 2)
+    reg.project_()
+    # column 0 clamps to [0.5, -0.2, 0.9]: P=1.4 > Q=0.2, the negative goes;
+    # column 1 clamps to [-0.9, 0.3, 0.1]: Q=0.9 > P=0.4, the positives go.
+    expected = torch.tensor([[0.5, -0.9], [0.0, 0.0], [0.9, 0.0]])
+    assert torch.equal(model.weight, expected.to(model.weight.dtype).clamp(-0.9, 0.9))
+
+    tie = nn.Linear(1, 2, bias=False).double()
+    with torch.no_grad():
+        tie.weight.copy_(torch.tensor([[0.25], [-0.25]]))
+    nwp.register(tie).project_()
+    assert tie.weight.flatten().tolist() == [0.25, 0.0]
+
+
+def test_mappable_weight_is_left_bit_identical_including_negative_zero():
+    model = nn.Linear(3, 4, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.9, -0.0, -0.3], [0.1, -0.0, -0.9], [0.0, -0.2, -0.1], [0.5, 0.0, 0.0]]))
+    before = model.weight.detach().clone()
+    reg = nwp.register(model)
+    assert reg.is_mappable()
+    reg.project_()
+    assert torch.equal(model.weight.view(torch.int32), before.view(torch.int32))
+
+
+def test_limit_is_exact_in_low_precision():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = nn.Linear(1, 3, bias=False).to(dtype)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[0.9], [1.0], [0.95]]))
+        reg = nwp.register(model)
+        reg.project_()
+        assert (model.weight.double().abs() <= 0.9).all(), dtype
+        assert reg.is_mappable() and reg.penalties().magnitude.item() == 0
+
+
+def test_nonfinite_weights_are_counted_and_refused():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+        model[1].weight[1, 1] = float("inf")
+    reg = nwp.register(model)
+    before = [w.detach().clone() for w in reg.weights()]
+    assert reg.report().rows[1].nonfinite == 2 and not reg.is_mappable()
+    assert math.isnan(reg.penalties().magnitude.item())  # propagated, not silently zero
+    with pytest.raises(ValueError, match=r"1\.weight"):
+        reg.project_()
+    for old, new in zip(before, reg.weights()):
+        assert torch.equal(old.nan_to_num(), new.nan_to_num()) and torch.equal(old.isnan(), new.isnan())
+    assert reg.report().to_dict()["weights"][1]["magnitude"] is None
+
+
+def test_project_keeps_parameter_identity_for_optimizers():
+    model = nn.Linear(4, 6)
+    with torch.no_grad():
+        model.weight.mul_(10)
+    reg = nwp.register(model)
+    param = model.weight
+    reg.project_()
+    assert model.weight is param and model.parametrizations.weight.original is param
