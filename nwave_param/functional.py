@@ -27,6 +27,7 @@ __all__ = [
     "Penalties",
     "accumulation_dtype",
     "block_sums",
+    "block_view",
     "limit_in",
     "magnitude_sum",
     "mixed_blocks",
@@ -43,6 +44,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _accumulate(weight: Tensor) -> Tensor:
     return weight.to(accumulation_dtype(weight.dtype))
+
+
+def block_view(m: Tensor, run: tuple[int, int, int]) -> Tensor:
+    """Rows ``start .. start + count*length`` of ``m`` (``(..., rows, columns)``) as
+    ``(..., count, length, columns)``: ``count`` blocks of ``length`` rows."""
+    start, count, length = run
+    return m[..., start : start + count * length, :].reshape(*m.shape[:-2], count, length, m.shape[-1])
 
 
 def magnitude_sum(weight: Tensor, limit: float, power: int = 2) -> Tensor:
@@ -64,8 +72,8 @@ def block_sums(weight: Tensor, layout: Layout, group_size: int) -> tuple[Tensor,
     """
     m = layout.matrix(_accumulate(weight))
     positive, negative = [], []
-    for start, count, length in layout.runs(m.shape[0], group_size):
-        blocks = m[start : start + count * length].reshape(count, length, -1)
+    for run in layout.runs(m.shape[0], group_size):
+        blocks = block_view(m, run)
         positive.append(blocks.relu().sum(1))
         negative.append((-blocks).relu().sum(1))
     if not positive:
@@ -94,21 +102,51 @@ class Penalties(NamedTuple):
     topology: Tensor
 
 
+Runs = tuple[tuple[int, int, int], ...]
+
+
+def penalty_sums(
+    weights: Sequence[Tensor], layouts: Sequence[Layout], runs: Sequence[Runs], limit: float, power: int
+) -> tuple[Tensor, Tensor]:
+    """Magnitude and topology sums over all ``weights`` (``runs[k] = layouts[k].runs(...)``).
+
+    Both terms reduce over the same block views, so a compiler fuses them into one pass over
+    each weight; the graph is the direct formula, so autograd's subgradients are the formula's.
+    """
+    magnitudes, topologies = [], []
+    for weight, layout, weight_runs in zip(weights, layouts, runs):
+        m = layout.matrix(weight.to(accumulation_dtype(weight.dtype)))
+        for run in weight_runs:
+            blocks = block_view(m, run)
+            excess = (blocks.abs() - limit).relu()
+            magnitudes.append((excess.square() if power == 2 else excess).sum(1).sum())
+            topologies.append(torch.minimum(blocks.relu().sum(1), (-blocks).relu().sum(1)).sum())
+    dtype = functools.reduce(torch.promote_types, (accumulation_dtype(w.dtype) for w in weights), torch.float32)
+    if not magnitudes:
+        zero = torch.zeros((), dtype=dtype, device=weights[0].device if weights else None)
+        return zero, zero.clone()
+    return (
+        torch.stack([x.to(dtype) for x in magnitudes]).sum(),
+        torch.stack([x.to(dtype) for x in topologies]).sum(),
+    )
+
+
 def penalties(
-    weights: Sequence[Tensor], layouts: Sequence[Layout], limit: float, power: int, group_size: int
+    weights: Sequence[Tensor],
+    layouts: Sequence[Layout],
+    limit: float,
+    power: int,
+    group_size: int,
+    sums=penalty_sums,
 ) -> Penalties:
     """Magnitude and topology sums over ``weights``, each divided by their total element count.
 
     The result is float32 (float64 if any weight is float64); with no elements it is zero.
+    ``sums`` computes the sums: :func:`penalty_sums` or a compiled version of it.
     """
-    dtype = functools.reduce(torch.promote_types, (accumulation_dtype(w.dtype) for w in weights), torch.float32)
-    device = weights[0].device if weights else None
-    count = sum(w.numel() for w in weights)
-    if count == 0:
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return Penalties(zero, zero.clone())
-    magnitude = torch.stack([magnitude_sum(w, limit, power).to(dtype) for w in weights]).sum()
-    topology = torch.stack([topology_sum(w, lay, group_size).to(dtype) for w, lay in zip(weights, layouts)]).sum()
+    runs = [layout.runs(layout.rows(w.shape), group_size) for w, layout in zip(weights, layouts)]
+    magnitude, topology = sums(weights, layouts, runs, limit, power)
+    count = max(sum(w.numel() for w in weights), 1)
     return Penalties(magnitude / count, topology / count)
 
 
@@ -127,10 +165,7 @@ def mixed_blocks(weight: Tensor, layout: Layout, group_size: int) -> Tensor:
     m = layout.matrix(weight)
     mixed = [
         (blocks > 0).any(1) & (blocks < 0).any(1)
-        for blocks in (
-            m[start : start + count * length].reshape(count, length, -1)
-            for start, count, length in layout.runs(m.shape[0], group_size)
-        )
+        for blocks in (block_view(m, run) for run in layout.runs(m.shape[0], group_size))
     ]
     return torch.cat(mixed) if mixed else torch.zeros(0, m.shape[1], dtype=torch.bool)
 
@@ -147,8 +182,8 @@ def project(weight: Tensor, layout: Layout, limit: float, group_size: int) -> Te
     """
     bound = limit_in(weight.dtype, limit)
     m = layout.matrix(weight.clamp(-bound, bound)).contiguous()
-    for start, count, length in layout.runs(m.shape[0], group_size):
-        blocks = m[start : start + count * length].view(count, length, -1)
+    for run in layout.runs(m.shape[0], group_size):
+        blocks = block_view(m, run)
         acc = accumulation_dtype(weight.dtype)
         positive = blocks.clamp(min=0).sum(1, dtype=acc)
         negative = blocks.clamp(max=0).sum(1, dtype=acc).neg()

@@ -12,6 +12,7 @@ columns gives exactly the dense matrix's block columns without materializing its
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,12 +55,13 @@ class Layout:
 
     def matrix(self, weight: Tensor) -> Tensor:
         """``M`` with local columns: ``(rows, columns of one group)``; a view where possible."""
+        kernel = math.prod(weight.shape[2:])  # explicit sizes: reshape(0, -1) is ambiguous
         if not self.transposed:
-            return weight.reshape(weight.shape[0], -1)
+            return weight.reshape(weight.shape[0], weight.shape[1] * kernel)
         g = self.groups
         inputs, outputs_per_group = weight.shape[:2]
-        blocks = weight.reshape(g, inputs // g, outputs_per_group, -1).transpose(1, 2)
-        return blocks.reshape(g * outputs_per_group, -1)
+        blocks = weight.reshape(g, inputs // g, outputs_per_group, kernel).transpose(1, 2)
+        return blocks.reshape(g * outputs_per_group, inputs // g * kernel)
 
     def unmatrix(self, m: Tensor, shape: torch.Size) -> Tensor:
         """Inverse of :meth:`matrix`: the weight of ``shape`` whose matrix is ``m``."""
@@ -67,7 +69,7 @@ class Layout:
             return m.reshape(shape)
         g = self.groups
         inputs, outputs_per_group = shape[:2]
-        blocks = m.reshape(g, outputs_per_group, inputs // g, -1).transpose(1, 2)
+        blocks = m.reshape(g, outputs_per_group, inputs // g, math.prod(shape[2:])).transpose(1, 2)
         return blocks.reshape(shape)
 
     def runs(self, rows: int, group_size: int) -> tuple[tuple[int, int, int], ...]:

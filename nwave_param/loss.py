@@ -14,14 +14,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import functional
-from .registry import _power, _scale, _select, registry_of
+from .functional import Penalties
+from .registry import _power, _scale, _select, compute_penalties, registry_of
 from .spec import ChipSpec
 
 __all__ = ["topology_loss", "weight_magnitude_loss"]
 
 
-def _penalties(model: nn.Module, spec: ChipSpec, power: int) -> functional.Penalties:
+def _penalties(model: nn.Module, spec: ChipSpec, power: int) -> Penalties:
     try:
         reg = registry_of(model)
     except LookupError:
@@ -30,7 +30,7 @@ def _penalties(model: nn.Module, spec: ChipSpec, power: int) -> functional.Penal
         layouts = [layout for _, layout in selected]
     else:
         weights, layouts = reg.weights(), reg._layouts
-    return functional.penalties(weights, layouts, spec.limit, power, spec.group_size)
+    return compute_penalties(weights, layouts, spec, power)
 
 
 def weight_magnitude_loss(model: nn.Module, limit: float = 0.9, power: int = 2) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import functional
+from . import functional, kernels
 from .functional import Penalties
 from .layout import Layout, layout_of
 from .parametrization import ChipConstraint
@@ -145,6 +145,13 @@ def _select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, L
     if len(devices) > 1:
         raise ValueError(f"tracked weights live on several devices {sorted(devices)}: move the model to one device")
     return list(zip(chosen, layouts))
+
+
+def compute_penalties(weights: list[Tensor], layouts: list[Layout], spec: ChipSpec, power: int) -> Penalties:
+    """The penalties of ``weights``: the fast kernels, or the plain formula inside ``torch.compile``
+    (which fuses it itself and cannot trace the kernels' data-dependent shortcuts)."""
+    sums = functional.penalty_sums if torch.compiler.is_compiling() else kernels.penalty_sums
+    return functional.penalties(weights, layouts, spec.limit, power, spec.group_size, sums=sums)
 
 
 def _constraints(model: nn.Module) -> Iterator[_Entry]:
@@ -297,8 +304,7 @@ class Registry:
 
     def penalties(self) -> Penalties:
         """``Penalties(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
-        spec = self.spec
-        return functional.penalties(self.weights(), self._layouts, spec.limit, self.power, spec.group_size)
+        return compute_penalties(self.weights(), self._layouts, self.spec, self.power)
 
     def penalty(self) -> Tensor:
         r""":math:`\alpha \cdot` magnitude :math:`+ \lambda \cdot` topology: a 0-dim differentiable tensor to add to the loss."""

@@ -1,0 +1,128 @@
+r"""The penalties' fast path: one autograd node for all weights, few passes over each.
+
+:func:`nwave_param.functional.penalty_sums` *defines* the sums, op by op.  Autograd through it
+costs a dozen kernels and full-size temporaries per weight; this computes the same sums with a
+hand-written backward that is autograd's own subgradient of the definition:
+
+* topology: :math:`\partial \min(P, Q) / \partial M_{ij}` is ``[M>0]`` where ``P < Q``,
+  ``-[M<0]`` where ``Q < P`` and ``sign(M)/2`` on a tie, i.e. ``clamp(sign(M), lo, hi)`` with
+  ``(lo, hi)`` = ``(0, 1)``, ``(-1, 0)`` or ``(-1/2, 1/2)`` per block column;
+* magnitude: :math:`p\,\mathrm{relu}(|w| - L)^{p-1}\mathrm{sign}(w)` is ``2 * softshrink(w, L)``
+  (p = 2) or ``sign(softshrink(w, L))`` (p = 1), and exactly zero when ``max |w| <= L``, which
+  is checked first so that a model inside the range pays nothing for it.
+
+Small weights of one shape and layout are stacked, so 100 small layers cost a handful of kernels
+rather than hundreds; large ones are processed one by one to keep the memory at the floor's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+from .functional import Runs, accumulation_dtype, block_view
+from .layout import Layout
+
+__all__ = ["penalty_sums"]
+
+# Weights up to this many elements are stacked with their equals (a copy, cheap at this size).
+_STACK_NUMEL = 1 << 16
+
+
+class _Group(NamedTuple):
+    indices: tuple[int, ...]
+    layout: Layout
+    runs: Runs
+
+
+def _groups(weights: Sequence[Tensor], layouts: Sequence[Layout], runs: Sequence[Runs]) -> list[_Group]:
+    groups: dict[object, list[int]] = {}
+    for i, (weight, layout) in enumerate(zip(weights, layouts)):
+        alone = weight.numel() > _STACK_NUMEL or weight.numel() == 0
+        key = i if alone else (weight.shape, weight.dtype, weight.device, layout)
+        groups.setdefault(key, []).append(i)
+    return [_Group(tuple(ix), layouts[ix[0]], runs[ix[0]]) for ix in groups.values()]
+
+
+def _matrices(group: _Group, weights: Sequence[Tensor]) -> Tensor:
+    """``(members, rows, columns)``: a view for one weight, a stacked copy for several."""
+    members = [group.layout.matrix(weights[i]) for i in group.indices]
+    return members[0].unsqueeze(0) if len(members) == 1 else torch.stack(members)
+
+
+def _over_limit(x: Tensor, limit: float) -> bool:
+    """Whether some ``relu(|w| - limit)`` is not exactly zero (NaN counts as over)."""
+    low, high = torch.aminmax(x)
+    bound = torch.tensor(limit, dtype=accumulation_dtype(x.dtype)).item()
+    return not (max(-low.item(), high.item()) <= bound)
+
+
+class _PenaltySums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, groups, limit, power, dtype, *weights):
+        magnitude = torch.zeros((), dtype=dtype, device=weights[0].device)
+        topology = torch.zeros((), dtype=dtype, device=weights[0].device)
+        ctx.choices, ctx.over = [], []
+        for group in groups:
+            x = _matrices(group, weights)
+            acc = accumulation_dtype(x.dtype)
+            over = x.numel() > 0 and _over_limit(x, limit)
+            if over:
+                excess = F.softshrink(x.to(acc), limit).abs_()
+                magnitude += (excess.square_() if power == 2 else excess).sum(dtype=dtype)
+            choices = []
+            for run in group.runs:
+                blocks = block_view(x, run)
+                positive = blocks.clamp(min=0).sum(2, dtype=acc)
+                negative = blocks.clamp(max=0).sum(2, dtype=acc).neg_()
+                topology += torch.minimum(positive, negative).sum(dtype=dtype)
+                choices.append(torch.sign(negative - positive).unsqueeze(2))  # +1: positives are the minority
+            ctx.choices.append(choices)
+            ctx.over.append(over)
+        ctx.groups, ctx.limit, ctx.power = groups, limit, power
+        ctx.save_for_backward(*weights)
+        return magnitude, topology
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_magnitude, grad_topology):
+        weights = ctx.saved_tensors
+        needed = ctx.needs_input_grad[4:]
+        grads: list[Tensor | None] = [None] * len(weights)
+        for group, choices, over in zip(ctx.groups, ctx.choices, ctx.over):
+            if not any(needed[i] for i in group.indices):
+                continue
+            x = _matrices(group, weights)
+            grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+            for run, choice in zip(group.runs, choices):
+                g = block_view(grad, run)
+                torch.sign(block_view(x, run), out=g)
+                g.clamp_(choice.sub(1).mul_(0.5).to(g.dtype), choice.add(1).mul_(0.5).to(g.dtype))
+            grad.mul_(grad_topology.to(grad.dtype))
+            if over:
+                excess = F.softshrink(x, ctx.limit)
+                if ctx.power == 2:
+                    grad.add_(excess, alpha=2 * grad_magnitude.item())
+                else:
+                    grad.add_(excess.sign_(), alpha=grad_magnitude.item())
+            for member, i in enumerate(group.indices):
+                grads[i] = group.layout.unmatrix(grad[member], weights[i].shape)
+        return (None, None, None, None, *grads)
+
+
+def penalty_sums(
+    weights: Sequence[Tensor], layouts: Sequence[Layout], runs: Sequence[Runs], limit: float, power: int
+) -> tuple[Tensor, Tensor]:
+    """Drop-in for :func:`nwave_param.functional.penalty_sums`: same values, same gradients."""
+    dtype = torch.float32
+    for weight in weights:
+        dtype = torch.promote_types(dtype, accumulation_dtype(weight.dtype))
+    if not weights:
+        zero = torch.zeros((), dtype=dtype)
+        return zero, zero.clone()
+    return _PenaltySums.apply(_groups(weights, layouts, runs), limit, power, dtype, *weights)
