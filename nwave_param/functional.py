@@ -32,7 +32,9 @@ __all__ = [
     "magnitude_sum",
     "mixed_blocks",
     "penalties",
+    "penalty",
     "project",
+    "reference_engine",
     "topology_sum",
 ]
 
@@ -131,23 +133,60 @@ def penalty_sums(
     )
 
 
+def reference_engine(
+    weights: Sequence[Tensor],
+    layouts: Sequence[Layout],
+    runs: Sequence[Runs],
+    limit: float,
+    power: int,
+    count: int,
+    scales: tuple[float, float] | None = None,
+) -> Penalties | Tensor:
+    """The penalties from :func:`penalty_sums`, divided by ``count``; with ``scales = (alpha, lam)``
+    the one tensor ``alpha * magnitude + lam * topology``.
+
+    An *engine*: :mod:`nwave_param.kernels` provides a faster one with the same contract.
+    """
+    magnitude, topology = penalty_sums(weights, layouts, runs, limit, power)
+    result = Penalties(magnitude / count, topology / count)
+    if scales is None:
+        return result
+    return scales[0] * result.magnitude + scales[1] * result.topology
+
+
+def _evaluate(weights, layouts, limit, power, group_size, scales, engine):
+    runs = [layout.runs(layout.rows(w.shape), group_size) for w, layout in zip(weights, layouts)]
+    count = max(sum(w.numel() for w in weights), 1)
+    return engine(weights, layouts, runs, limit, power, count, scales)
+
+
 def penalties(
     weights: Sequence[Tensor],
     layouts: Sequence[Layout],
     limit: float,
     power: int,
     group_size: int,
-    sums=penalty_sums,
+    engine=reference_engine,
 ) -> Penalties:
-    """Magnitude and topology sums over ``weights``, each divided by their total element count.
+    """Magnitude and topology sums over ``weights``, each divided by their total element count ``N``.
 
     The result is float32 (float64 if any weight is float64); with no elements it is zero.
-    ``sums`` computes the sums: :func:`penalty_sums` or a compiled version of it.
     """
-    runs = [layout.runs(layout.rows(w.shape), group_size) for w, layout in zip(weights, layouts)]
-    magnitude, topology = sums(weights, layouts, runs, limit, power)
-    count = max(sum(w.numel() for w in weights), 1)
-    return Penalties(magnitude / count, topology / count)
+    return _evaluate(weights, layouts, limit, power, group_size, None, engine)
+
+
+def penalty(
+    weights: Sequence[Tensor],
+    layouts: Sequence[Layout],
+    limit: float,
+    power: int,
+    group_size: int,
+    alpha: float,
+    lam: float,
+    engine=reference_engine,
+) -> Tensor:
+    """``alpha * magnitude + lam * topology`` of :func:`penalties`, as one tensor."""
+    return _evaluate(weights, layouts, limit, power, group_size, (alpha, lam), engine)
 
 
 def limit_in(dtype: torch.dtype, limit: float) -> float:

@@ -17,6 +17,8 @@ rather than hundreds; large ones are processed one by one to keep the memory at 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -25,10 +27,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from .functional import Runs, accumulation_dtype, block_view
+from . import native
+from .functional import Penalties, Runs, accumulation_dtype, block_view
 from .layout import Layout
 
-__all__ = ["penalty_sums"]
+__all__ = ["engine"]
 
 # Weights up to this many elements are stacked with their equals (a copy, cheap at this size).
 _STACK_NUMEL = 1 << 16
@@ -115,10 +118,92 @@ class _PenaltySums(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-def penalty_sums(
-    weights: Sequence[Tensor], layouts: Sequence[Layout], runs: Sequence[Runs], limit: float, power: int
-) -> tuple[Tensor, Tensor]:
-    """Drop-in for :func:`nwave_param.functional.penalty_sums`: same values, same gradients."""
+_NO_SCRATCH = "nwave_param: the C kernel could not allocate its scratch space"
+
+
+class _Shape(NamedTuple):
+    """What the C kernels need to know of one weight, computed once per layout and shape."""
+
+    columns: int
+    choices: int  # block columns
+    runs: ctypes.Array
+    nruns: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _shape(layout: Layout, shape: torch.Size, runs: Runs) -> _Shape:
+    columns = layout.matrix(torch.empty(shape, device="meta")).shape[1]
+    flat = [n for run in runs for n in run]
+    blocks = sum(count for _, count, _ in runs)
+    return _Shape(columns, blocks * columns, (ctypes.c_int64 * (len(flat) or 1))(*flat), len(runs))
+
+
+def _contiguous_matrix(weight: Tensor, layout: Layout) -> Tensor:
+    if weight.dim() == 2 and not layout.transposed and weight.is_contiguous():
+        return weight  # the common case costs no reshape
+    return layout.matrix(weight).contiguous()
+
+
+class _NativePenalties(torch.autograd.Function):
+    """The penalties through the C kernels: one read per weight forward, one read and one write backward.
+
+    Returns ``(magnitude / count, topology / count)``, or with ``scales = (alpha, lam)`` the
+    single ``alpha * magnitude / count + lam * topology / count``: one autograd node in all.
+    """
+
+    @staticmethod
+    def forward(ctx, lib, layouts, shapes, limit, power, dtype, count, scales, *weights):
+        magnitude = topology = 0.0
+        sums = (ctypes.c_double * 2)()
+        choices = torch.empty(sum(shape.choices for shape in shapes), dtype=torch.int8)
+        address = choices.data_ptr()
+        for weight, layout, shape in zip(weights, layouts, shapes):
+            kernel = lib.nwp_forward_f32 if weight.dtype == torch.float32 else lib.nwp_forward_f64
+            m = _contiguous_matrix(weight, layout)
+            if kernel(m.data_ptr(), shape.columns, shape.runs, shape.nruns, limit, power, address, sums):
+                raise MemoryError(_NO_SCRATCH)
+            magnitude += sums[0]
+            topology += sums[1]
+            address += shape.choices
+        ctx.lib, ctx.layouts, ctx.shapes, ctx.limit, ctx.power = lib, layouts, shapes, limit, power
+        ctx.count, ctx.scales = count, scales
+        ctx.save_for_backward(choices, *weights)
+        magnitude, topology = magnitude / count, topology / count
+        if scales is None:
+            return torch.tensor(magnitude, dtype=dtype), torch.tensor(topology, dtype=dtype)
+        return torch.tensor(scales[0] * magnitude + scales[1] * topology, dtype=dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        choices, *weights = ctx.saved_tensors
+        if ctx.scales is None:
+            gm, gt = (g.item() / ctx.count for g in grad_outputs)
+        else:
+            g = grad_outputs[0].item() / ctx.count
+            gm, gt = g * ctx.scales[0], g * ctx.scales[1]
+        grads: list[Tensor | None] = []
+        address = choices.data_ptr()
+        for weight, layout, shape, needed in zip(weights, ctx.layouts, ctx.shapes, ctx.needs_input_grad[8:]):
+            if needed:
+                kernel = ctx.lib.nwp_backward_f32 if weight.dtype == torch.float32 else ctx.lib.nwp_backward_f64
+                m = _contiguous_matrix(weight, layout)
+                grad = torch.empty_like(m, memory_format=torch.contiguous_format)
+                if kernel(m.data_ptr(), grad.data_ptr(), shape.columns, shape.runs, shape.nruns, address, ctx.limit, ctx.power, gm, gt):
+                    raise MemoryError(_NO_SCRATCH)
+                grads.append(grad if m is weight else layout.unmatrix(grad, weight.shape))
+            else:
+                grads.append(None)
+            address += shape.choices
+        return (None,) * 8 + tuple(grads)
+
+
+def _native_ok(weight: Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64) and weight.numel() > 0
+
+
+def _torch_sums(weights, layouts, runs, limit, power) -> tuple[Tensor, Tensor]:
+    """:func:`nwave_param.functional.penalty_sums` through :class:`_PenaltySums`."""
     dtype = torch.float32
     for weight in weights:
         dtype = torch.promote_types(dtype, accumulation_dtype(weight.dtype))
@@ -126,3 +211,28 @@ def penalty_sums(
         zero = torch.zeros((), dtype=dtype)
         return zero, zero.clone()
     return _PenaltySums.apply(_groups(weights, layouts, runs), limit, power, dtype, *weights)
+
+
+def engine(
+    weights: Sequence[Tensor],
+    layouts: Sequence[Layout],
+    runs: Sequence[Runs],
+    limit: float,
+    power: int,
+    count: int,
+    scales: tuple[float, float] | None = None,
+) -> Penalties | Tensor:
+    """Drop-in for :func:`nwave_param.functional.reference_engine`: same values, same gradients.
+
+    CPU float32/float64 weights go through the C kernels when they could be built (one autograd
+    node in all); the rest (half precision, other devices, no compiler) through torch ops.
+    """
+    lib = native.library()
+    if lib is not None and weights and all(_native_ok(w) for w in weights):
+        dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+        shapes = tuple(_shape(layout, w.shape, r) for w, layout, r in zip(weights, layouts, runs))
+        result = _NativePenalties.apply(lib, layouts, shapes, limit, power, dtype, count, scales, *weights)
+        return result if scales is not None else Penalties(*result)
+    magnitude, topology = _torch_sums(weights, layouts, runs, limit, power)
+    result = Penalties(magnitude / count, topology / count)
+    return result if scales is None else scales[0] * result.magnitude + scales[1] * result.topology

@@ -147,11 +147,14 @@ def _select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, L
     return list(zip(chosen, layouts))
 
 
+def _engine():
+    """The fast kernels, or the plain formula inside ``torch.compile`` (which fuses it itself)."""
+    return functional.reference_engine if torch.compiler.is_compiling() else kernels.engine
+
+
 def compute_penalties(weights: list[Tensor], layouts: list[Layout], spec: ChipSpec, power: int) -> Penalties:
-    """The penalties of ``weights``: the fast kernels, or the plain formula inside ``torch.compile``
-    (which fuses it itself and cannot trace the kernels' data-dependent shortcuts)."""
-    sums = functional.penalty_sums if torch.compiler.is_compiling() else kernels.penalty_sums
-    return functional.penalties(weights, layouts, spec.limit, power, spec.group_size, sums=sums)
+    """The penalties of ``weights``, as the registry and the functional forms compute them."""
+    return functional.penalties(weights, layouts, spec.limit, power, spec.group_size, engine=_engine())
 
 
 def _constraints(model: nn.Module) -> Iterator[_Entry]:
@@ -286,6 +289,7 @@ class Registry:
         self.lam: float = first.lam
         self.power: int = first.power
         self._layouts = [e.constraint.layout for e in self._entries]
+        self._chains = [e.module.parametrizations[e.tensor_name] for e in self._entries]
         self._removed = False
 
     @property
@@ -295,12 +299,13 @@ class Registry:
 
     def weights(self) -> list[Tensor]:
         """The tracked weights' effective values, differentiable (the Parameters themselves where possible)."""
-        self._check_live()
-        values = []
-        for module, tensor_name, _ in self._entries:
-            chain = module.parametrizations[tensor_name]
-            values.append(chain.original if len(chain) == 1 else getattr(module, tensor_name))
-        return values
+        if self._removed:
+            raise RuntimeError("this registry was removed; register the model again to track it")
+        # On the hot path of every training step: read the chains directly, no module lookups.
+        return [
+            chain._parameters["original"] if len(chain) == 1 else getattr(entry.module, entry.tensor_name)
+            for chain, entry in zip(self._chains, self._entries)
+        ]
 
     def penalties(self) -> Penalties:
         """``Penalties(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
@@ -308,8 +313,10 @@ class Registry:
 
     def penalty(self) -> Tensor:
         r""":math:`\alpha \cdot` magnitude :math:`+ \lambda \cdot` topology: a 0-dim differentiable tensor to add to the loss."""
-        magnitude, topology = self.penalties()
-        return self.alpha * magnitude + self.lam * topology
+        spec = self.spec
+        return functional.penalty(
+            self.weights(), self._layouts, spec.limit, self.power, spec.group_size, self.alpha, self.lam, engine=_engine()
+        )
 
     def report(self) -> Report:
         """A :class:`~nwave_param.report.Report`: one row per tracked weight; the rows sum to :meth:`penalties`."""
@@ -331,6 +338,7 @@ class Registry:
         Raises:
             ValueError: a weight holds NaN or infinite values (named; nothing is changed).
         """
+        self._check_live()
         weights = self.weights()
         broken = [name for name, w in zip(self.names, weights) if not bool(torch.isfinite(w).all())]
         if broken:
@@ -375,8 +383,7 @@ class Registry:
         self._removed = True
 
     def _check_live(self) -> None:
-        if self._removed:
-            raise RuntimeError("this registry was removed; register the model again to track it")
+        self.weights()  # raises once removed
         gone = [
             e.constraint.name
             for e in self._entries

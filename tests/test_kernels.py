@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nwave_param import functional, kernels
@@ -17,17 +17,32 @@ def shaped(layout, a, b):
     return (2 * a, rows // layout.groups, 2) if layout.transposed else (rows, a * layout.groups, 2)
 
 
-def both(weights, layouts, limit, power, group_size):
-    """(values, gradients) of the definition and of the kernels, for loss = 1.5*magnitude + 0.7*topology."""
+def both(weights, layouts, limit, power, group_size, scales=None):
+    """(values, gradients) of the reference engine and of the kernels' engine.
+
+    With ``scales=None`` the loss is 1.5 * magnitude + 0.7 * topology of the two penalties;
+    else the engines' own combined penalty."""
     results = []
-    for sums in (functional.penalty_sums, kernels.penalty_sums):
+    for engine in (functional.reference_engine, kernels.engine):
         leaves = [w.detach().clone().requires_grad_(w.requires_grad) for w in weights]
         runs = [lay.runs(lay.rows(w.shape), group_size) for w, lay in zip(leaves, layouts)]
-        magnitude, topology = sums(leaves, layouts, runs, limit, power)
+        count = max(sum(w.numel() for w in leaves), 1)
+        out = engine(leaves, layouts, runs, limit, power, count, scales)
+        values = tuple(out) if scales is None else (out,)
         if any(w.requires_grad for w in leaves):
-            (1.5 * magnitude + 0.7 * topology).backward()
-        results.append(((magnitude, topology), [w.grad for w in leaves]))
+            (1.5 * out.magnitude + 0.7 * out.topology if scales is None else out).backward()
+        results.append((values, [w.grad for w in leaves]))
     return results
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Run a test through the C kernels and through the torch-op fallback."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels.native, "library", lambda: None)
+    elif kernels.native.library() is None:
+        pytest.skip("no C compiler here: the C kernels cannot be built")
+    return request.param
 
 
 def assert_same(results, dtype):
@@ -43,7 +58,7 @@ def assert_same(results, dtype):
             torch.testing.assert_close(a, b, equal_nan=True, **tolerance)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     layout=st.sampled_from(LAYOUTS),
     a=st.integers(1, 3),
@@ -55,8 +70,9 @@ def assert_same(results, dtype):
     group_size=st.integers(1, 7),
     dtype=st.sampled_from([torch.float64, torch.float32]),
     seed=st.integers(0, 2**16),
+    scales=st.sampled_from([None, (1.5, 0.7), (0.0, 2.0)]),
 )
-def test_kernels_match_definition(layout, a, b, copies, scale, zeros, power, group_size, dtype, seed):
+def test_kernels_match_definition(path, layout, a, b, copies, scale, zeros, power, group_size, dtype, seed, scales):
     generator = torch.Generator().manual_seed(seed)
     shape = shaped(layout, a, b)
     weights = []
@@ -65,7 +81,7 @@ def test_kernels_match_definition(layout, a, b, copies, scale, zeros, power, gro
         if zeros:
             w[torch.rand(shape, generator=generator) < 0.3] = 0.0
         weights.append(w.requires_grad_())
-    assert_same(both(weights, [layout] * copies, 0.9, power, group_size), dtype)
+    assert_same(both(weights, [layout] * copies, 0.9, power, group_size, scales), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -77,14 +93,14 @@ def test_half_precision_matches_definition(dtype):
     assert_same(results, dtype)
 
 
-def test_large_weights_are_processed_alone_and_match():
+def test_large_weights_are_processed_alone_and_match(path):
     torch.manual_seed(0)
     weights = [torch.randn(301, 300, requires_grad=True) for _ in range(2)]  # above the stacking size
     assert weights[0].numel() > kernels._STACK_NUMEL
     assert_same(both(weights, [Layout()] * 2, 0.9, 2, 5), torch.float32)
 
 
-def test_mixed_requires_grad_and_empty():
+def test_mixed_requires_grad_and_empty(path):
     torch.manual_seed(0)
     weights = [torch.randn(6, 4, requires_grad=True), torch.randn(6, 4), torch.zeros(0, 4, requires_grad=True)]
     results = both(weights, [Layout()] * 3, 0.9, 2, 5)
@@ -93,7 +109,7 @@ def test_mixed_requires_grad_and_empty():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_weights_propagate(bad):
+def test_nonfinite_weights_propagate(path, bad):
     weight = torch.randn(6, 4)
     weight[0, 0] = bad
     (magnitude, topology), _ = both([weight.requires_grad_()], [Layout()], 0.9, 2, 5)[1]
@@ -101,7 +117,7 @@ def test_nonfinite_weights_propagate(bad):
     assert torch.isnan(topology) == (bad != bad)
 
 
-def test_ties_and_zeros_follow_autograd_of_the_definition():
+def test_ties_and_zeros_follow_autograd_of_the_definition(path):
     # column 0 ties (P = Q = 0.5); column 1 holds zeros beside both signs; column 2 is all zero.
     weight = torch.tensor(
         [[0.5, 0.0, 0.0], [-0.25, 0.3, 0.0], [-0.25, -0.3, 0.0], [0.0, 0.1, 0.0]], dtype=torch.float64, requires_grad=True
