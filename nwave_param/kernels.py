@@ -170,8 +170,8 @@ class _NativePenalties(torch.autograd.Function):
         ctx.save_for_backward(choices, *weights)
         magnitude, topology = magnitude / count, topology / count
         if scales is None:
-            return torch.tensor(magnitude, dtype=dtype), torch.tensor(topology, dtype=dtype)
-        return torch.tensor(scales[0] * magnitude + scales[1] * topology, dtype=dtype)
+            return torch.scalar_tensor(magnitude, dtype=dtype), torch.scalar_tensor(topology, dtype=dtype)
+        return torch.scalar_tensor(scales[0] * magnitude + scales[1] * topology, dtype=dtype)
 
     @staticmethod
     @once_differentiable
@@ -199,7 +199,7 @@ class _NativePenalties(torch.autograd.Function):
 
 
 def _native_ok(weight: Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64) and weight.numel() > 0
+    return weight.is_cpu and weight.dtype in (torch.float32, torch.float64) and weight.numel() > 0
 
 
 def _torch_sums(weights, layouts, runs, limit, power) -> tuple[Tensor, Tensor]:
