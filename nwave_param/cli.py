@@ -286,6 +286,20 @@ def run_project(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        from . import demo
+    except ImportError as error:
+        raise CliError(str(error)) from None
+    epochs = args.epochs if args.epochs is not None else (3 if args.quick else 100)
+    if epochs < 1:
+        raise CliError(f"--epochs must be >= 1, got {epochs}")
+    try:
+        return demo.main(epochs, args.json, args.plot)
+    except ImportError as error:
+        raise CliError(str(error)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nwave-param", description="Check and fit models for the Neuronova chip.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -305,6 +319,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="GLOB", help="weights that run off-chip, by dotted name")
         sub.add_argument("--model", metavar="MODULE:FACTORY", help="build the model to read exact layouts (ConvTranspose, groups)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo = add("demo", "train a spiking network on handwritten digits with and without the penalties", run_demo)
+    demo.add_argument("--quick", action="store_true", help="a few epochs (a smoke run)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 100, --quick 3)")
+    demo.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
+    demo.add_argument("--plot", metavar="PATH", help="write a PNG: weight histograms and per-layer violations")
     return parser
 
 
