@@ -89,6 +89,19 @@ def trackable_weights(model: nn.Module) -> list[Tracked]:
     return list(found.values())
 
 
+def _warn_unreachable(model: nn.Module) -> None:
+    """Warn about weight-like plain tensor attributes: parametrize cannot reach them."""
+    for path, module in model.named_modules():
+        for local, value in vars(module).items():
+            if isinstance(value, Tensor) and _is_weight_name(local) and value.dim() >= 2:
+                name = f"{path}.{local}" if path else local
+                warnings.warn(
+                    f"{name} is a plain tensor attribute, not a Parameter: nwave_param cannot track it; "
+                    "make it an nn.Parameter (or a buffer, if it never trains) to have it checked",
+                    stacklevel=4,
+                )
+
+
 def _check_weight(item: Tracked) -> Layout:
     """The weight's layout; raises if nwave_param cannot track it."""
     value = getattr(item.module, item.tensor_name)
@@ -133,6 +146,7 @@ def _select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, L
             f"{type(model).__name__} has no trackable weight (a parameter of 2+ dims named "
             "'weight', 'weight_*', '*_weight' or '*_weights', outside norms and embeddings)"
         )
+    _warn_unreachable(model)
     for pattern in exclude:
         if not any(fnmatch.fnmatchcase(item.name, pattern) for item in candidates):
             warnings.warn(f"exclude pattern {pattern!r} matches no trackable weight", stacklevel=3)
