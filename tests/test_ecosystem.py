@@ -212,3 +212,41 @@ def test_ddp_two_processes_match_single_process_training(tmp_path):
     for a, b, single in zip(rank0, rank1, reg.weights()):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, single.detach(), rtol=1e-5, atol=1e-6)
+
+
+# --- PyTorch Lightning (the README recipe) ---------------------------------------------------
+
+
+def test_lightning_recipe_trains_and_logs_the_report():
+    L = pytest.importorskip("lightning", reason="Lightning not installed (pip install lightning)")
+
+    class Module(L.LightningModule):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.reg = nwp.register(net)
+            self.logged = []
+
+        def training_step(self, batch, _):
+            x, y = batch
+            with self.reg.cached():
+                loss = nn.functional.cross_entropy(self.net(x), y)
+            return loss + 50 * self.reg.penalty()
+
+        def on_train_epoch_end(self):
+            totals = self.reg.report().totals
+            self.logged.append(totals["mixed_groups"])
+            self.log_dict({"mixed_groups": float(totals["mixed_groups"]), "out_of_range": float(totals["out_of_range"])})
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,)))
+    module = Module(scaled(nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)), 5.0))
+    trainer = L.Trainer(
+        max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+    assert len(module.logged) == 8 and module.logged[-1] < module.logged[0]
+    assert "mixed_groups" in trainer.callback_metrics

@@ -342,3 +342,12 @@ def test_requires_grad_false_weight_is_tracked_without_gradient():
     assert reg.names == ["0.weight", "1.weight"]
     reg.penalty().backward()
     assert model[0].weight.grad is None and model[1].weight.grad is not None
+
+
+def test_quantized_weight_raises_type_error_naming_it():
+    model = nn.Sequential(nn.Linear(2, 2))
+    packed = torch.quantize_per_tensor(torch.randn(3, 3), scale=0.1, zero_point=0, dtype=torch.qint8)
+    model.register_parameter("q_weight", nn.Parameter(packed, requires_grad=False))
+    with pytest.raises(TypeError, match="q_weight"):
+        nwp.register(model)
+    assert not parametrize.is_parametrized(model[0])
