@@ -35,6 +35,7 @@ __all__ = [
     "penalty",
     "project",
     "reference_engine",
+    "result_dtype",
     "topology_sum",
 ]
 
@@ -42,6 +43,11 @@ __all__ = [
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def result_dtype(weights: Sequence[Tensor]) -> torch.dtype:
+    """The penalties' dtype: float64 if any weight is float64, else float32."""
+    return functools.reduce(torch.promote_types, (accumulation_dtype(w.dtype) for w in weights), torch.float32)
 
 
 def _accumulate(weight: Tensor) -> Tensor:
@@ -123,7 +129,7 @@ def penalty_sums(
             excess = (blocks.abs() - limit).relu()
             magnitudes.append((excess.square() if power == 2 else excess).sum(1).sum())
             topologies.append(torch.minimum(blocks.relu().sum(1), (-blocks).relu().sum(1)).sum())
-    dtype = functools.reduce(torch.promote_types, (accumulation_dtype(w.dtype) for w in weights), torch.float32)
+    dtype = result_dtype(weights)
     if not magnitudes:
         zero = torch.zeros((), dtype=dtype, device=weights[0].device if weights else None)
         return zero, zero.clone()
@@ -141,13 +147,14 @@ def reference_engine(
     power: int,
     count: int,
     scales: tuple[float, float] | None = None,
+    sums=penalty_sums,
 ) -> Penalties | Tensor:
-    """The penalties from :func:`penalty_sums`, divided by ``count``; with ``scales = (alpha, lam)``
-    the one tensor ``alpha * magnitude + lam * topology``.
+    """The penalties from ``sums`` (:func:`penalty_sums`), divided by ``count``; with
+    ``scales = (alpha, lam)`` the one tensor ``alpha * magnitude + lam * topology``.
 
     An *engine*: :mod:`nwave_param.kernels` provides a faster one with the same contract.
     """
-    magnitude, topology = penalty_sums(weights, layouts, runs, limit, power)
+    magnitude, topology = sums(weights, layouts, runs, limit, power)
     result = Penalties(magnitude / count, topology / count)
     if scales is None:
         return result

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from . import native
-from .functional import Penalties, Runs, accumulation_dtype, block_view
+from .functional import Penalties, Runs, accumulation_dtype, block_view, reference_engine, result_dtype
 from .layout import Layout
 
 __all__ = ["engine"]
@@ -204,9 +204,7 @@ def _native_ok(weight: Tensor) -> bool:
 
 def _torch_sums(weights, layouts, runs, limit, power) -> tuple[Tensor, Tensor]:
     """:func:`nwave_param.functional.penalty_sums` through :class:`_PenaltySums`."""
-    dtype = torch.float32
-    for weight in weights:
-        dtype = torch.promote_types(dtype, accumulation_dtype(weight.dtype))
+    dtype = result_dtype(weights)
     if not weights:
         zero = torch.zeros((), dtype=dtype)
         return zero, zero.clone()
@@ -229,10 +227,8 @@ def engine(
     """
     lib = native.library()
     if lib is not None and weights and all(_native_ok(w) for w in weights):
-        dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+        dtype = result_dtype(weights)
         shapes = tuple(_shape(layout, w.shape, r) for w, layout, r in zip(weights, layouts, runs))
         result = _NativePenalties.apply(lib, layouts, shapes, limit, power, dtype, count, scales, *weights)
         return result if scales is not None else Penalties(*result)
-    magnitude, topology = _torch_sums(weights, layouts, runs, limit, power)
-    result = Penalties(magnitude / count, topology / count)
-    return result if scales is None else scales[0] * result.magnitude + scales[1] * result.topology
+    return reference_engine(weights, layouts, runs, limit, power, count, scales, sums=_torch_sums)
