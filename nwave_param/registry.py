@@ -154,11 +154,11 @@ def _select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, L
     if not chosen:
         names = ", ".join(c.name for c in candidates)
         raise ValueError(f"exclude={list(exclude)} excludes every trackable weight ({names})")
-    layouts = [_check_weight(item) for item in chosen]
-    devices = {str(getattr(item.module, item.tensor_name).device) for item in chosen}
+    values = [getattr(item.module, item.tensor_name) for item in chosen]
+    devices = {str(value.device) for value in values if not nn.parameter.is_lazy(value)}
     if len(devices) > 1:
         raise ValueError(f"tracked weights live on several devices {sorted(devices)}: move the model to one device")
-    return list(zip(chosen, layouts))
+    return [(item, _check_weight(item)) for item in chosen]
 
 
 def _engine():

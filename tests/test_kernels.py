@@ -1,5 +1,9 @@
 """The fast kernels against the definition they replace: same sums, same gradients."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -123,3 +127,20 @@ def test_ties_and_zeros_follow_autograd_of_the_definition(path):
         [[0.5, 0.0, 0.0], [-0.25, 0.3, 0.0], [-0.25, -0.3, 0.0], [0.0, 0.1, 0.0]], dtype=torch.float64, requires_grad=True
     )
     assert_same(both([weight], [Layout()], 0.9, 2, 5), torch.float64)
+
+
+def test_without_a_compiler_the_torch_path_runs_with_a_warning(tmp_path):
+    """A fresh process with no usable C compiler and an empty cache still computes the penalties."""
+    script = (
+        "import warnings, torch, nwave_param as nwp\n"
+        "model = torch.nn.Linear(7, 6)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    value = nwp.register(model).penalty()\n"
+        "value.backward()\n"
+        "assert any('C kernels unavailable' in str(w.message) for w in caught), caught\n"
+        "assert model.weight.grad is not None and torch.isfinite(value)\n"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "NWAVE_PARAM_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

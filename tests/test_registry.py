@@ -326,6 +326,15 @@ def test_meta_and_lazy_weights_raise():
         nwp.register(lazy)
 
 
+def test_weights_on_several_devices_raise():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with torch.device("meta"):
+        model[1] = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="several devices"):
+        nwp.register(model)
+    assert not parametrize.is_parametrized(model[0])
+
+
 def test_empty_weights_give_zero_penalties():
     model = nn.Linear(0, 4)
     p = nwp.register(model).penalties()
