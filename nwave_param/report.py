@@ -62,6 +62,15 @@ class Report:
         self.spec = spec
         self.power = power
 
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __getitem__(self, index: int) -> LayerReport:
+        return self.rows[index]
+
     @property
     def is_mappable(self) -> bool:
         """Every weight finite, within ``[-limit, limit]``, with no mixed block column."""
@@ -85,7 +94,7 @@ class Report:
         return {
             "mappable": self.is_mappable,
             "spec": {"limit": self.spec.limit, "group_size": self.spec.group_size, "power": self.power},
-            "weights": rows,
+            "rows": rows,
             "totals": totals,
         }
 

@@ -57,8 +57,8 @@ def test_check_json_matches_registry_report(plain, capsys):
     assert code == 1 and data["mappable"] is False
     model = make_model()
     expected = nwp.register(model).report()
-    assert [w["name"] for w in data["weights"]] == [r.name for r in expected.rows]
-    for row, reference in zip(data["weights"], expected.rows):
+    assert [w["name"] for w in data["rows"]] == [r.name for r in expected.rows]
+    for row, reference in zip(data["rows"], expected.rows):
         assert row["mixed_groups"] == reference.mixed_groups and row["out_of_range"] == reference.out_of_range
         assert row["groups"] == reference.groups
         assert row["topology"] == pytest.approx(reference.topology)
@@ -91,7 +91,7 @@ def test_lightning_style_and_registered_checkpoints(tmp_path, capsys):
     code, out, _ = run(capsys, "check", path, "--json")
     data = json.loads(out)
     assert code == 1
-    assert [w["name"] for w in data["weights"]] == reg.names
+    assert [w["name"] for w in data["rows"]] == reg.names
     out_path = tmp_path / "out.ckpt"
     assert run(capsys, "project", path, "-o", out_path)[0] == 0
     written = torch.load(out_path, weights_only=True)
@@ -116,8 +116,8 @@ def test_model_factory_gives_exact_layouts(tmp_path, capsys, monkeypatch):
     code, out, _ = run(capsys, "check", path, "--model", "factory_mod:build", "--json")
     data = json.loads(out)
     expected = nwp.register(make_grouped_transposed()).report()
-    assert [r["mixed_groups"] for r in data["weights"]] == [r.mixed_groups for r in expected.rows]
-    assert [r["groups"] for r in data["weights"]] == [r.groups for r in expected.rows]
+    assert [r["mixed_groups"] for r in data["rows"]] == [r.mixed_groups for r in expected.rows]
+    assert [r["groups"] for r in data["rows"]] == [r.groups for r in expected.rows]
     assert data["notes"] == []
     out_path = tmp_path / "conv_projected.pt"
     assert run(capsys, "project", path, "-o", out_path, "--model", "factory_mod:build")[0] == 0
@@ -127,7 +127,7 @@ def test_model_factory_gives_exact_layouts(tmp_path, capsys, monkeypatch):
 def test_options_limit_group_size_exclude(plain, capsys):
     data = json.loads(run(capsys, "check", plain, "--json", "--limit", "100", "--group-size", "1", "--exclude", "1.*")[1])
     assert data["mappable"] is True and data["spec"]["limit"] == 100.0
-    assert [w["name"] for w in data["weights"]] == ["0.weight", "2.weight"]
+    assert [w["name"] for w in data["rows"]] == ["0.weight", "2.weight"]
 
 
 def _error(capsys, *argv):
@@ -178,7 +178,7 @@ def test_project_refuses_nonfinite_and_writes_nothing(tmp_path, capsys):
     assert "0.weight" in _error(capsys, "project", path, "-o", out_path)
     assert not out_path.exists()
     code, out, _ = run(capsys, "check", path, "--json")
-    assert code == 1 and json.loads(out)["weights"][0]["nonfinite"] == 1
+    assert code == 1 and json.loads(out)["rows"][0]["nonfinite"] == 1
 
 
 def _read_only_directory(tmp_path):

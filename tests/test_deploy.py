@@ -135,8 +135,9 @@ def test_report_rows_sum_over_several_weights_and_render():
     assert "NOT mappable" in lines[0] and lines[-1].startswith("total")
     assert all(name in text for name in reg.names)
     assert len({len(line) for line in lines[1:]}) == 1  # aligned: every column right-justified to one width
+    assert len(report) == len(reg.names) and list(report) == report.rows and report[0] is report.rows[0]
     data = report.to_dict()
-    assert data["mappable"] is False and [w["name"] for w in data["weights"]] == reg.names
+    assert data["mappable"] is False and [w["name"] for w in data["rows"]] == reg.names
     assert data["totals"]["numel"] == sum(p.numel() for p in reg.weights())
 
 
@@ -195,7 +196,7 @@ def test_nonfinite_weights_are_counted_and_refused():
         reg.project_()
     for old, new in zip(before, reg.weights()):
         assert torch.equal(old.nan_to_num(), new.nan_to_num()) and torch.equal(old.isnan(), new.isnan())
-    assert reg.report().to_dict()["weights"][1]["magnitude"] is None
+    assert reg.report().to_dict()["rows"][1]["magnitude"] is None
 
 
 def test_project_keeps_parameter_identity_for_optimizers():
