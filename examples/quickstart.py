@@ -31,7 +31,7 @@ def main():
     with torch.no_grad():
         model.recurrent.weight.mul_(8)  # start far from the chip, as a pretrained net may
 
-    reg = nwp.register(model, alpha=100.0, lam=10.0)  # penalty scales: see README
+    reg = nwp.register(model, alpha=100.0, lam=10.0)  # the penalties are means over weights: scale them up
     print(f"tracking {reg.names}")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(301):

@@ -1,18 +1,22 @@
 r"""The penalties' fast path: one autograd node for all weights, few passes over each.
 
 :func:`nwave_param.functional.penalty_sums` *defines* the sums, op by op.  Autograd through it
-costs a dozen kernels and full-size temporaries per weight; this computes the same sums with a
-hand-written backward that is autograd's own subgradient of the definition:
+costs a dozen kernels and full-size temporaries per weight; :func:`engine` computes the same
+numbers with a hand-written backward that is autograd's own subgradient of the definition:
 
 * topology: :math:`\partial \min(P, Q) / \partial M_{ij}` is ``[M>0]`` where ``P < Q``,
   ``-[M<0]`` where ``Q < P`` and ``sign(M)/2`` on a tie, i.e. ``clamp(sign(M), lo, hi)`` with
   ``(lo, hi)`` = ``(0, 1)``, ``(-1, 0)`` or ``(-1/2, 1/2)`` per block column;
 * magnitude: :math:`p\,\mathrm{relu}(|w| - L)^{p-1}\mathrm{sign}(w)` is ``2 * softshrink(w, L)``
-  (p = 2) or ``sign(softshrink(w, L))`` (p = 1), and exactly zero when ``max |w| <= L``, which
-  is checked first so that a model inside the range pays nothing for it.
+  (p = 2) or ``sign(softshrink(w, L))`` (p = 1), exactly zero when ``max |w| <= L``.
 
-Small weights of one shape and layout are stacked, so 100 small layers cost a handful of kernels
-rather than hundreds; large ones are processed one by one to keep the memory at the floor's.
+Two implementations of that backward:
+
+* :class:`_NativePenalties`, the C kernels of ``_kernels.c`` (see :mod:`nwave_param.native`):
+  CPU float32/float64, one read per weight forward, one read and one write backward;
+* :class:`_PenaltySums`, torch ops, for everything else (bf16/fp16, other devices, no C
+  compiler).  Small weights of one shape and layout are stacked, so 100 small layers cost a
+  handful of kernels; the magnitude is skipped when every weight is in range.
 """
 
 from __future__ import annotations
