@@ -34,21 +34,23 @@
         out[j] = (int8_t)((p < q) - (q < p));                                                     \
     }
 
-#define DEFINE_KERNELS(T, SUFFIX, FABS)                                                           \
-    int nwp_forward_##SUFFIX(const T *m, int64_t cols, const int64_t *runs, int64_t nruns,       \
-                             double limit, int64_t power, int8_t *choice, double *sums) {        \
+#define DEFINE_FORWARD(T, NAME, FABS, ATTRIBUTE)                                                  \
+    ATTRIBUTE static int NAME(const T *restrict m, int64_t cols, const int64_t *runs,             \
+                             int64_t nruns, double limit, int64_t power, int8_t *restrict choice, \
+                             double *sums) {                                                      \
         const T bound = (T)limit;                                                                 \
         const int squared = power == 2;                                                           \
         /* per-column accumulators: the column loop carries no reduction, so it vectorizes */    \
         T *scratch = calloc(3 * (cols ? cols : 1), sizeof(T));                                    \
         if (!scratch) return 1;                                                                   \
-        T *magnitudes = scratch, *topologies = scratch + cols, *nans = scratch + 2 * cols;        \
+        T *restrict magnitudes = scratch, *restrict topologies = scratch + cols;                  \
+        T *restrict nans = scratch + 2 * cols;                                                    \
         int64_t block = 0;                                                                        \
         for (int64_t r = 0; r < nruns; r++) {                                                     \
             const int64_t start = runs[3 * r], count = runs[3 * r + 1], length = runs[3 * r + 2]; \
             for (int64_t b = 0; b < count; b++, block++) {                                        \
-                const T *base = m + (start + b * length) * cols;                                  \
-                int8_t *out = choice + block * cols;                                              \
+                const T *restrict base = m + (start + b * length) * cols;                         \
+                int8_t *restrict out = choice + block * cols;                                     \
                 switch (length) { /* a constant row count lets the column loop vectorize */      \
                     case 1: FORWARD_BLOCK(T, FABS, 1); break;                                     \
                     case 2: FORWARD_BLOCK(T, FABS, 2); break;                                     \
@@ -73,8 +75,25 @@
         sums[1] = nan_count ? NAN : topology;                                                     \
         return 0;                                                                                 \
     }                                                                                             \
+
+/* Narrow matrices (fewer than 64 columns) miss the widest vector loop: give them 256-bit vectors. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define NARROW_VECTORS __attribute__((target("prefer-vector-width=256")))
+#else
+#define NARROW_VECTORS
+#endif
+
+#define DEFINE_KERNELS(T, SUFFIX, FABS)                                                           \
+    DEFINE_FORWARD(T, forward_wide_##SUFFIX, FABS, )                                              \
+    DEFINE_FORWARD(T, forward_narrow_##SUFFIX, FABS, NARROW_VECTORS)                              \
+    int nwp_forward_##SUFFIX(const T *m, int64_t cols, const int64_t *runs, int64_t nruns,       \
+                             double limit, int64_t power, int8_t *choice, double *sums) {        \
+        return (cols < 64 ? forward_narrow_##SUFFIX : forward_wide_##SUFFIX)(                     \
+            m, cols, runs, nruns, limit, power, choice, sums);                                    \
+    }                                                                                             \
                                                                                                   \
-    int nwp_backward_##SUFFIX(const T *m, T *grad, int64_t cols, const int64_t *runs,             \
+    int nwp_backward_##SUFFIX(const T *restrict m, T *restrict grad, int64_t cols,                \
+                              const int64_t *runs,                                                \
                               int64_t nruns, const int8_t *choice, double limit, int64_t power,   \
                               double grad_magnitude, double grad_topology) {                      \
         const T bound = (T)limit, gm = (T)grad_magnitude, gt = (T)grad_topology;                  \
@@ -83,7 +102,7 @@
         /* d min(P,Q) / dM = clamp(sign(M), lo, hi): (0,1) if P<Q, (-1,0) if Q<P, (-1/2,1/2) tie */ \
         T *scratch = malloc(sizeof(T) * 2 * (cols ? cols : 1));                                   \
         if (!scratch) return 1;                                                                   \
-        T *low = scratch, *high = scratch + cols;                                                 \
+        T *restrict low = scratch, *restrict high = scratch + cols;                               \
         int64_t block = 0;                                                                        \
         for (int64_t r = 0; r < nruns; r++) {                                                     \
             const int64_t start = runs[3 * r], count = runs[3 * r + 1], length = runs[3 * r + 2]; \

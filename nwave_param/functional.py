@@ -15,7 +15,6 @@ of tracked elements.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Sequence
 
 import torch
@@ -47,7 +46,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def result_dtype(weights: Sequence[Tensor]) -> torch.dtype:
     """The penalties' dtype: float64 if any weight is float64, else float32."""
-    return functools.reduce(torch.promote_types, (accumulation_dtype(w.dtype) for w in weights), torch.float32)
+    return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
 
 
 def _accumulate(weight: Tensor) -> Tensor:

@@ -230,9 +230,8 @@ def engine(
     node in all); the rest (half precision, other devices, no compiler) through torch ops.
     """
     lib = native.library()
-    if lib is not None and weights and all(_native_ok(w) for w in weights):
-        dtype = result_dtype(weights)
-        shapes = tuple(_shape(layout, w.shape, r) for w, layout, r in zip(weights, layouts, runs))
-        result = _NativePenalties.apply(lib, layouts, shapes, limit, power, dtype, count, scales, *weights)
+    if lib is not None and weights and all(map(_native_ok, weights)):
+        shapes = tuple(map(_shape, layouts, [w.shape for w in weights], runs))
+        result = _NativePenalties.apply(lib, layouts, shapes, limit, power, result_dtype(weights), count, scales, *weights)
         return result if scales is not None else Penalties(*result)
     return reference_engine(weights, layouts, runs, limit, power, count, scales, sums=_torch_sums)
