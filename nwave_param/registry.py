@@ -9,6 +9,7 @@ Lifecycle, modelled on ``torch.ao.pruning``'s sparsifier::
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import numbers
@@ -202,6 +203,36 @@ def _restore_order(module: nn.Module, order: tuple[str, ...]) -> None:
         params[key] = params.pop(key)
 
 
+_DIRECT = "_nwave_param_direct_"
+
+
+def _direct_getter(tensor_name: str):
+    key = _DIRECT + tensor_name
+
+    def get(module: nn.Module) -> Tensor:
+        return module.__dict__[key]
+
+    get.nwave_param_direct = True
+    return get
+
+
+def _read_directly(entry: _Entry, chain: nn.Module):
+    """Inside ``Registry.cached()``: let ``module.<tensor_name>`` return the Parameter itself.
+
+    Parametrize injects a property into the module's own class; while the context lasts that
+    property is replaced by a getter reading the module's ``__dict__`` (deepcopy-safe: a copy
+    reads its own).  Returns what to restore, or None where this does not apply (other
+    parametrizations in the chain, or an enclosing context already did it).
+    """
+    cls, tensor_name = type(entry.module), entry.tensor_name
+    injected = cls.__dict__.get(tensor_name)
+    if len(chain) != 1 or not isinstance(injected, property) or getattr(injected.fget, "nwave_param_direct", False):
+        return None
+    entry.module.__dict__[_DIRECT + tensor_name] = chain._parameters["original"]
+    setattr(cls, tensor_name, property(_direct_getter(tensor_name), injected.fset))
+    return entry.module, tensor_name, injected
+
+
 def register(
     model: nn.Module,
     spec: ChipSpec | None = None,
@@ -369,12 +400,23 @@ class Registry:
                 setattr(module, tensor_name, projected)  # through the chain's right_inverse
         return self
 
-    def cached(self):
-        """Context manager: each parametrized weight is evaluated once, however often a time loop reads it.
+    @contextlib.contextmanager
+    def cached(self) -> Iterator[None]:
+        """Context manager: each weight is evaluated once, however often a time loop reads it.
 
-        Wrap the forward of a recurrent net: ``with reg.cached(): out = model(x)``.
+        Wrap the forward of a recurrent net: ``with reg.cached(): out = model(x)``.  Inside,
+        ``parametrize.cached()`` holds for every parametrized tensor, and a weight whose only
+        parametrization is nwave_param's is read straight from the module: a time loop reads it
+        as fast as an unregistered Parameter.
         """
-        return parametrize.cached()
+        with parametrize.cached():
+            swapped = [swap for entry, chain in zip(self._entries, self._chains) if (swap := _read_directly(entry, chain))]
+            try:
+                yield
+            finally:
+                for module, tensor_name, injected in swapped:
+                    setattr(type(module), tensor_name, injected)
+                    del module.__dict__[_DIRECT + tensor_name]
 
     def remove(self) -> None:
         """Remove every constraint: module classes, parameters, state_dict keys and their order as before registration.

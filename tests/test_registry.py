@@ -360,3 +360,26 @@ def test_quantized_weight_raises_type_error_naming_it():
     with pytest.raises(TypeError, match="q_weight"):
         nwp.register(model)
     assert not parametrize.is_parametrized(model[0])
+
+
+def test_cached_reads_the_parameter_directly_and_restores_everything():
+    torch.manual_seed(0)
+    model = Net()
+    reg = nwp.register(model)
+    injected = type(model.fc).__dict__["weight"]
+    keys = set(vars(model.fc))
+    x = torch.randn(5, 3, 6)
+    expected = model(x)
+    with reg.cached():
+        assert model.fc.weight is model.fc.parametrizations.weight.original
+        with nwp.registry_of(model).cached():  # nested, through another registry object
+            assert torch.equal(model(x), expected)
+        clone = copy.deepcopy(model)  # a copy made inside reads its own weights
+        assert clone.fc.weight is clone.fc.parametrizations.weight.original
+        assert clone.fc.weight is not model.fc.weight
+    assert type(model.fc).__dict__["weight"] is injected and set(vars(model.fc)) == keys
+    with pytest.raises(ZeroDivisionError), reg.cached():
+        1 / 0
+    assert type(model.fc).__dict__["weight"] is injected and set(vars(model.fc)) == keys
+    reg.remove()
+    assert list(model.state_dict()) == list(Net().state_dict())
