@@ -56,6 +56,7 @@ class Weight:
     key: str | None  # None: stored through other parametrizations (only with --model)
     value: Tensor
     layout: Layout
+    aliases: tuple[str, ...] = ()  # other keys of the same (tied) parameter
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -130,6 +131,9 @@ def infer_weights(state_dict: Mapping[str, Tensor], exclude: Sequence[str], note
         notes.append(
             f"skipped {', '.join(sorted(chained))}: stored through other parametrizations; pass --model to read them"
         )
+    unmatched = [p for p in exclude if not any(fnmatch.fnmatchcase(name, p) for name in effective)]
+    if unmatched:
+        notes.append(f"--exclude {' '.join(unmatched)} matched no weight")
     values = {name: value for name, (_, value) in effective.items()}
     tracked, plain_convs = [], []
     for name, (key, value) in effective.items():
@@ -176,12 +180,16 @@ def model_weights(factory_path: str, state_dict: Mapping[str, Tensor], spec: Chi
         model.load_state_dict(state_dict)
     except (RuntimeError, ValueError, TypeError) as error:
         raise CliError(f"--model {factory_path}: {str(error).strip().splitlines()[0]}") from None
+    held = model.state_dict(keep_vars=True)
     weights = []
     for name, value, layout in zip(reg.names, reg.weights(), reg._layouts):
         path, _, local = name.rpartition(".")
         registered = ".".join(filter(None, (path, f"parametrizations.{local}.original")))
         key = next((k for k in (name, registered) if k in state_dict), None)
-        weights.append(Weight(name, key, value.detach(), layout))
+        aliases = tuple(k for k, t in held.items() if t is value and k != key and k in state_dict)
+        # the model gives the layout; the values stay the checkpoint's own, in its own dtype
+        stored = state_dict[key] if key is not None else value.detach()
+        weights.append(Weight(name, key, stored, layout, aliases))
     return weights
 
 
@@ -193,9 +201,6 @@ def _weights(args: argparse.Namespace, checkpoint: Checkpoint, spec: ChipSpec, n
             weights = infer_weights(checkpoint.state_dict, args.exclude, notes)
         except ValueError as error:
             raise CliError(f"{args.checkpoint}: {error}") from None
-        unmatched = [p for p in args.exclude if not any(fnmatch.fnmatchcase(w, p) for w in checkpoint.state_dict)]
-        if unmatched:
-            notes.append(f"--exclude {' '.join(unmatched)} matched no key")
     if not weights:
         raise CliError(
             f"{args.checkpoint}: no trackable weight among its {len(checkpoint.state_dict)} keys "
@@ -255,9 +260,9 @@ def _summary(label: str, report: Report) -> str:
 
 def run_project(args: argparse.Namespace) -> int:
     spec = _spec(args)
+    checkpoint = load_checkpoint(args.checkpoint)
     if os.path.exists(args.output) and os.path.samefile(args.output, args.checkpoint):
         raise CliError(f"refusing to overwrite the input {args.checkpoint}: choose another -o")
-    checkpoint = load_checkpoint(args.checkpoint)
     notes: list[str] = []
     weights = _weights(args, checkpoint, spec, notes)
     for weight in weights:
@@ -267,12 +272,13 @@ def run_project(args: argparse.Namespace) -> int:
             raise CliError(f"{weight.name} is stored through other parametrizations; project the model in Python")
     before = _report(weights, spec)
     projected = [
-        Weight(w.name, w.key, functional.project(w.value, w.layout, spec.limit, spec.group_size), w.layout)
+        Weight(w.name, w.key, functional.project(w.value, w.layout, spec.limit, spec.group_size), w.layout, w.aliases)
         for w in weights
     ]
     state_dict = copy.copy(checkpoint.state_dict)  # keeps the key order and every other tensor
     for weight in projected:
-        state_dict[weight.key] = weight.value
+        for key in (weight.key, *weight.aliases):
+            state_dict[key] = weight.value
     container = state_dict
     if checkpoint.under is not None:
         container = copy.copy(checkpoint.container)

@@ -56,5 +56,9 @@ class ChipConstraint(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         return weight
 
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        """Identity too, so assigning ``module.weight = value`` passes through the rest of the chain."""
+        return weight
+
     def extra_repr(self) -> str:
         return f"{self.name!r}, limit={self.spec.limit}, group_size={self.spec.group_size}, {self.layout}"

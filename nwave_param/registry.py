@@ -206,11 +206,13 @@ def _restore_order(module: nn.Module, order: tuple[str, ...]) -> None:
 _DIRECT = "_nwave_param_direct_"
 
 
-def _direct_getter(tensor_name: str):
+def _direct_getter(tensor_name: str, injected: property):
     key = _DIRECT + tensor_name
 
     def get(module: nn.Module) -> Tensor:
-        return module.__dict__[key]
+        weight = module.__dict__.get(key)
+        # a deepcopy made before the context shares the class but not the entry: parametrize's way
+        return injected.fget(module) if weight is None else weight
 
     get.nwave_param_direct = True
     return get
@@ -220,8 +222,8 @@ def _read_directly(entry: _Entry, chain: nn.Module):
     """Inside ``Registry.cached()``: let ``module.<tensor_name>`` return the Parameter itself.
 
     Parametrize injects a property into the module's own class; while the context lasts that
-    property is replaced by a getter reading the module's ``__dict__`` (deepcopy-safe: a copy
-    reads its own).  Returns what to restore, or None where this does not apply (other
+    property is replaced by a getter reading the module's ``__dict__`` (a deepcopy shares the
+    class: a copy made inside reads its own entry, one made before falls back to parametrize).  Returns what to restore, or None where this does not apply (other
     parametrizations in the chain, or an enclosing context already did it).
     """
     cls, tensor_name = type(entry.module), entry.tensor_name
@@ -229,8 +231,22 @@ def _read_directly(entry: _Entry, chain: nn.Module):
     if len(chain) != 1 or not isinstance(injected, property) or getattr(injected.fget, "nwave_param_direct", False):
         return None
     entry.module.__dict__[_DIRECT + tensor_name] = chain._parameters["original"]
-    setattr(cls, tensor_name, property(_direct_getter(tensor_name), injected.fset))
+    setattr(cls, tensor_name, property(_direct_getter(tensor_name, injected), injected.fset))
     return entry.module, tensor_name, injected
+
+
+def _write_through_chain(module: nn.Module, tensor_name: str, value: Tensor, layout: Layout, spec: ChipSpec) -> None:
+    """Assign a projected value through the chain's right_inverse.  The chain's forward may round
+    it an ulp past the limit (weight_norm's g * v / |v|): project again a few ulps inside."""
+    bound, tiny = spec.limit, torch.finfo(value.dtype).eps * spec.limit
+    for attempt in range(8):
+        setattr(module, tensor_name, value)
+        effective = getattr(module, tensor_name)
+        inside = bool(effective.abs().max() <= functional.limit_in(effective.dtype, spec.limit)) if effective.numel() else True
+        if inside and not bool(functional.mixed_blocks(effective, layout, spec.group_size).any()):
+            return
+        bound -= tiny * 2**attempt
+        value = functional.project(effective, layout, bound, spec.group_size)
 
 
 def register(
@@ -391,13 +407,23 @@ class Registry:
                 f"cannot project non-finite weights {', '.join(broken)}: nothing was changed; "
                 "fix or re-initialize them first"
             )
+        one_way = [
+            entry.constraint.name
+            for entry, chain in zip(self._entries, self._chains)
+            if not all(hasattr(link, "right_inverse") for link in chain)
+        ]
+        if one_way:
+            raise ValueError(
+                f"cannot project {', '.join(one_way)}: a parametrization in its chain has no right_inverse, "
+                "so the projected value cannot be written back; nothing was changed"
+            )
         spec = self.spec
-        for (module, tensor_name, _), weight, layout in zip(self._entries, weights, self._layouts):
-            projected = functional.project(weight, layout, spec.limit, spec.group_size)
+        projected = [functional.project(w, lay, spec.limit, spec.group_size) for w, lay in zip(weights, self._layouts)]
+        for (module, tensor_name, _), weight, value, layout in zip(self._entries, weights, projected, self._layouts):
             if len(module.parametrizations[tensor_name]) == 1:
-                weight.copy_(projected)
+                weight.copy_(value)
             else:
-                setattr(module, tensor_name, projected)  # through the chain's right_inverse
+                _write_through_chain(module, tensor_name, value, layout, spec)
         return self
 
     @contextlib.contextmanager

@@ -206,3 +206,42 @@ def test_console_entry_points(plain):
         [sys.executable, "-m", "nwave_param", "check", str(plain), "--json"], capture_output=True, text=True
     )
     assert result.returncode == 1 and json.loads(result.stdout)["mappable"] is False
+
+
+def test_model_factory_keeps_checkpoint_dtype_and_projects_tied_aliases(tmp_path, capsys, monkeypatch):
+    (tmp_path / "tied_mod.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False))\n"
+        "    model[1].weight = model[0].weight\n"
+        "    return model\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    weight = torch.tensor([[0.9000000001, -0.2, 0.1], [0.5, 0.3, -0.4], [-1.5, 0.2, 0.2]], dtype=torch.float64)
+    path, out_path = tmp_path / "tied.pt", tmp_path / "tied_out.pt"
+    torch.save({"0.weight": weight, "1.weight": weight}, path)
+    # float64 values above the limit by 1e-10 stay out of range: the model's float32 is not used
+    assert run(capsys, "check", path, "--model", "tied_mod:build")[0] == 1
+    assert run(capsys, "project", path, "-o", out_path, "--model", "tied_mod:build")[0] == 0
+    written = torch.load(out_path, weights_only=True)
+    assert written["0.weight"].dtype == torch.float64 and torch.equal(written["0.weight"], written["1.weight"])
+    assert run(capsys, "check", out_path, "--model", "tied_mod:build")[0] == 0
+
+
+def test_missing_input_with_existing_output_is_a_clean_error(tmp_path, capsys):
+    existing = tmp_path / "out.pt"
+    existing.write_bytes(b"keep me")
+    assert "no such file" in _error(capsys, "project", tmp_path / "missing.pt", "-o", existing)
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_exclude_note_matches_weight_names_of_registered_checkpoints(tmp_path, capsys):
+    model = make_model()
+    nwp.register(model)
+    path = tmp_path / "registered.pt"
+    torch.save(model.state_dict(), path)
+    out = run(capsys, "check", path, "--exclude", "0.weight", "--json")[1]
+    data = json.loads(out)
+    assert "0.weight" not in [w["name"] for w in data["rows"]]
+    assert not any("matched no" in note for note in data["notes"])
+    assert any("nothing.*" in note for note in json.loads(run(capsys, "check", path, "--exclude", "nothing.*", "--json")[1])["notes"])

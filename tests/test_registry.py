@@ -383,3 +383,38 @@ def test_cached_reads_the_parameter_directly_and_restores_everything():
     assert type(model.fc).__dict__["weight"] is injected and set(vars(model.fc)) == keys
     reg.remove()
     assert list(model.state_dict()) == list(Net().state_dict())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_project_through_weight_norm_and_refusal_for_one_way_chains(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 12))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5)
+    parametrizations.weight_norm(model[1])
+    reg = nwp.register(model)
+    reg.project_()
+    assert reg.is_mappable()  # weight_norm's forward rounds; the projection makes up for it
+    assert reg.penalties().magnitude.item() == 0 and reg.penalties().topology.item() == 0
+
+    class OneWay(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    other = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    parametrize.register_parametrization(other[1], "weight", OneWay())
+    reg = nwp.register(other)
+    before = [w.detach().clone() for w in reg.weights()]
+    with pytest.raises(ValueError, match=r"1\.weight.*right_inverse"):
+        reg.project_()
+    assert all(torch.equal(a, b) for a, b in zip(before, reg.weights()))
+
+
+def test_cached_with_a_copy_made_before_the_context():
+    model = nn.Sequential(nn.Linear(3, 4))
+    reg = nwp.register(model)
+    shadow = copy.deepcopy(model)  # shares the parametrized class
+    x = torch.randn(2, 3)
+    with reg.cached():
+        assert torch.equal(shadow(x), model(x))
