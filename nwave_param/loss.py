@@ -11,7 +11,7 @@ On an unregistered model they track the weights :func:`~nwave_param.register` wo
 
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401  (the examples in the docstrings use it)
 from torch import Tensor, nn
 
 from .functional import Penalties
