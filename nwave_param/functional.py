@@ -196,10 +196,16 @@ def penalty(
 
 
 def limit_in(dtype: torch.dtype, limit: float) -> float:
-    """The largest value of ``dtype`` that is <= ``limit``: comparing or clamping against it in
-    ``dtype`` is exact (``0.9`` itself is not representable in float32 or bfloat16)."""
-    bound = torch.tensor(limit, dtype=dtype)
-    if bound.item() > limit:
+    """The largest value of ``dtype`` within the limit, as the penalties see the limit.
+
+    The penalties compute ``|w| - limit`` in the accumulation dtype, where ``limit`` rounds to
+    the nearest float32 (float64 for float64 weights), as torch does when it compares a tensor
+    with a Python number.  Counting, checking and clamping against this bound agrees with them:
+    a weight is in range exactly when its magnitude penalty is zero.
+    """
+    held = torch.tensor(limit, dtype=accumulation_dtype(dtype)).item()
+    bound = torch.tensor(held, dtype=dtype)
+    if bound.item() > held:
         bound = torch.nextafter(bound, torch.zeros_like(bound))
     return bound.item()
 

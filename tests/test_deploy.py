@@ -207,3 +207,20 @@ def test_project_keeps_parameter_identity_for_optimizers():
     param = model.weight
     reg.project_()
     assert model.weight is param and model.parametrizations.weight.original is param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_range_exactly_when_the_magnitude_penalty_is_zero(dtype):
+    # float32(0.3) lies above 0.3: torch, the penalties and the report all read the limit as float32
+    spec = nwp.ChipSpec(limit=0.3)
+    model = nn.Linear(1, 4, bias=False).to(dtype)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.3], [-0.3], [0.2], [0.5]]))
+    reg = nwp.register(model, spec)
+    reg.project_()
+    weight = model.weight.detach()
+    assert bool((weight.abs() <= 0.3).all())  # torch's own comparison agrees
+    assert reg.penalties().magnitude.item() == 0 and reg.is_mappable()
+    with torch.no_grad():
+        model.weight[3] = torch.nextafter(model.weight[0], torch.tensor(1.0, dtype=dtype))
+    assert (reg.penalties().magnitude.item() > 0) == (reg.report().rows[0].out_of_range > 0)
