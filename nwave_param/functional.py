@@ -122,7 +122,7 @@ def penalty_sums(
     """
     magnitudes, topologies = [], []
     for weight, layout, weight_runs in zip(weights, layouts, runs):
-        m = layout.matrix(weight.to(accumulation_dtype(weight.dtype)))
+        m = layout.matrix(_accumulate(weight))
         for run in weight_runs:
             blocks = block_view(m, run)
             excess = (blocks.abs() - limit).relu()

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from . import native
-from .functional import Penalties, Runs, accumulation_dtype, block_view, reference_engine, result_dtype
+from .functional import Penalties, Runs, accumulation_dtype, block_view, limit_in, reference_engine, result_dtype
 from .layout import Layout
 
 __all__ = ["engine"]
@@ -65,8 +65,7 @@ def _matrices(group: _Group, weights: Sequence[Tensor]) -> Tensor:
 def _over_limit(x: Tensor, limit: float) -> bool:
     """Whether some ``relu(|w| - limit)`` is not exactly zero (NaN counts as over)."""
     low, high = torch.aminmax(x)
-    bound = torch.tensor(limit, dtype=accumulation_dtype(x.dtype)).item()
-    return not (max(-low.item(), high.item()) <= bound)
+    return not (max(-low.item(), high.item()) <= limit_in(x.dtype, limit))
 
 
 class _PenaltySums(torch.autograd.Function):
