@@ -5,16 +5,21 @@
     import nwave_param as nwp
     reg = nwp.register(model)                 # track every weight; the model computes as before
     loss = task_loss + reg.penalty()          # steer toward |w| <= 0.9 and sign-aligned blocks of 5
+    reg.harden(h)                             # compute with what the chip holds, h from 0 to 1
 """
 
+from .discovery import trackable_weights
 from .functional import Penalties
 from .layout import Layout
-from .parametrization import ChipConstraint
+from .parametrization import ChipConstraint, Settings
+from .registry import AlreadyRegisteredError, Registry, register, registry_of
 from .report import LayerReport, Report
-from .registry import AlreadyRegisteredError, Registry, register, registry_of, trackable_weights
-from .spec import ChipSpec
+from .spec import H1V1, H1V2, ChipSpec
+from .state import plain_state_dict
 
 __all__ = [
+    "H1V1",
+    "H1V2",
     "AlreadyRegisteredError",
     "ChipConstraint",
     "ChipSpec",
@@ -23,8 +28,10 @@ __all__ = [
     "Penalties",
     "Registry",
     "Report",
+    "Settings",
+    "plain_state_dict",
     "register",
     "registry_of",
     "trackable_weights",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

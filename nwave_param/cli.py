@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from . import functional
 from .layout import Layout
-from .registry import _is_weight_name, register
+from .discovery import is_weight_name as _is_weight_name
+from .registry import register
 from .report import Report, build_report
 from .spec import ChipSpec
 
@@ -253,7 +254,7 @@ def _summary(label: str, report: Report) -> str:
     totals = report.totals
     return (
         f"{label}: max |w| {totals['max_abs']:.4g}, {totals['out_of_range']} of {totals['numel']} weights "
-        f"out of range, {totals['mixed_groups']} of {totals['groups']} block columns mixed, "
+        f"out of range, {totals['mixed_block_columns']} of {totals['block_columns']} block columns mixed, "
         f"{'mappable' if report.is_mappable else 'NOT mappable'}"
     )
 
@@ -272,7 +273,7 @@ def run_project(args: argparse.Namespace) -> int:
             raise CliError(f"{weight.name} is stored through other parametrizations; project the model in Python")
     before = _report(weights, spec)
     projected = [
-        Weight(w.name, w.key, functional.project(w.value, w.layout, spec.limit, spec.group_size), w.layout, w.aliases)
+        Weight(w.name, w.key, functional.chip(w.value, w.layout, spec), w.layout, w.aliases)
         for w in weights
     ]
     state_dict = copy.copy(checkpoint.state_dict)  # keeps the key order and every other tensor

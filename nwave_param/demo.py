@@ -131,7 +131,7 @@ def evaluate(model: nn.Module, reg: Registry, data) -> Outcome:
         projected_accuracy=accuracy(model, reg, x_test, y_test),
         mappable_before=before.is_mappable,
         out_of_range_fraction=totals["out_of_range"] / totals["numel"],
-        mixed_group_fraction=totals["mixed_groups"] / totals["groups"],
+        mixed_group_fraction=totals["mixed_block_columns"] / totals["block_columns"],
         report_before=before,
         report_after=reg.report(),
         weights_before=weights_before,
@@ -187,9 +187,9 @@ def plot(outcomes: dict[str, Outcome], path: str, limit: float) -> None:
     positions = torch.arange(len(names)).float()
     for offset, (name, color) in zip((-0.2, 0.2), (("baseline", "tab:blue"), ("constrained", "tab:green"))):
         outcome = outcomes[name]
-        before = [r.mixed_groups / max(r.groups, 1) for r in outcome.report_before.rows]
+        before = [r.mixed_block_columns / max(r.block_columns, 1) for r in outcome.report_before.rows]
         ax.bar(positions + offset, before, width=0.38, color=color, label=f"{name} as trained")
-        after = sum(r.mixed_groups for r in outcome.report_after.rows)
+        after = sum(r.mixed_block_columns for r in outcome.report_after.rows)
         ax.plot([], [], " ", label=f"{name} after projection: {after} mixed")
     ax.set_xticks(positions.tolist(), names, rotation=15)
     ax.set_ylim(0, 1)

@@ -1,41 +1,57 @@
 r"""The chip-constraint math, as pure functions on tensors.
 
-For one weight read as its connectivity matrix ``M`` (see :class:`~nwave_param.layout.Layout`):
+A weight is read as its connectivity matrix ``M`` (:class:`~nwave_param.layout.Layout`: rows =
+output neurons, columns = inputs), whose rows are cut into blocks of ``spec.group_size``.  For
+the rows ``i`` of block ``b`` and column ``j``:
 
 * magnitude :math:`= \sum_w \mathrm{relu}(|w| - \text{limit})^{p}`, :math:`p \in \{1, 2\}`;
-* topology :math:`= \sum_{b, j} \min(P_{bj}, Q_{bj})` with
-  :math:`P_{bj} = \sum_{i \in b} \mathrm{relu}(M_{ij})` and
-  :math:`Q_{bj} = \sum_{i \in b} \mathrm{relu}(-M_{ij})` over the rows ``i`` of block ``b``:
-  the L1 distance from block column ``(b, j)`` to the nearest sign-aligned one.
+* topology :math:`= \sum_{b, j} \min(P_{bj}, Q_{bj})`, :math:`P_{bj} = \sum_{i \in b} \mathrm{relu}(M_{ij})`,
+  :math:`Q_{bj} = \sum_{i \in b} \mathrm{relu}(-M_{ij})`: the L1 distance from block column
+  ``(b, j)`` to the nearest sign-aligned one;
+* the chip holds :func:`chip` ``(w)``: the L1-nearest point that is in range, sign-aligned and
+  (with ``spec.bits``) on the grid.
 
 Sums are taken in float32 (float64 for float64 weights), so half-precision weights accumulate
-without overflow.  The penalties of :mod:`nwave_param.registry` divide these sums by the number
-of tracked elements.
+safely, and the limit is read as that dtype holds it, as torch does when it compares a tensor
+with a Python number.
+
+:func:`penalty_sums` computes the penalties for training as one autograd node.  Its gradient is
+autograd's own subgradient of the formulas (ties and exact zeros included), written out so that
+few kernels run:
+
+* small weights of one population (up to ``2**16`` elements each) are copied into one padded
+  pack by a single kernel, so a model of many small layers costs a dozen kernels, not a dozen
+  per layer; the pack's gradient is computed with its forward, and backward is one multiply;
+* large weights are processed in chunks of whole blocks that stay in the CPU cache while the
+  formula's operations run on them.
+
+Inside ``torch.compile`` and ``torch.func`` transforms the formulas are traced as written
+(:func:`_definition_sums`), and a double backward differentiates them too.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import threading
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from .layout import Layout
+from .spec import ChipSpec
 
 __all__ = [
     "Penalties",
     "accumulation_dtype",
-    "block_sums",
-    "block_view",
-    "limit_in",
-    "magnitude_sum",
+    "bound",
+    "chip",
+    "harden",
     "mixed_blocks",
-    "penalties",
-    "penalty",
-    "project",
-    "reference_engine",
-    "result_dtype",
-    "topology_sum",
+    "off_grid",
+    "penalty_sums",
+    "weight_sums",
 ]
 
 
@@ -44,62 +60,28 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def result_dtype(weights: Sequence[Tensor]) -> torch.dtype:
-    """The penalties' dtype: float64 if any weight is float64, else float32."""
+def _result_dtype(weights: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
 
 
-def _accumulate(weight: Tensor) -> Tensor:
-    return weight.to(accumulation_dtype(weight.dtype))
+@functools.lru_cache(maxsize=256)
+def bound(dtype: torch.dtype, limit: float) -> float:
+    """The largest value of ``dtype`` within ``limit``, as the penalties read the limit.
 
-
-def block_view(m: Tensor, run: tuple[int, int, int]) -> Tensor:
-    """Rows ``start .. start + count*length`` of ``m`` (``(..., rows, columns)``) as
-    ``(..., count, length, columns)``: ``count`` blocks of ``length`` rows."""
-    start, count, length = run
-    return m[..., start : start + count * length, :].reshape(*m.shape[:-2], count, length, m.shape[-1])
-
-
-def magnitude_sum(weight: Tensor, limit: float, power: int = 2) -> Tensor:
-    r""":math:`\sum \mathrm{relu}(|w| - \text{limit})^{p}` over every element of ``weight``.
+    The penalties compare ``|w|`` with ``limit`` rounded to the accumulation dtype (float32, or
+    float64 for float64 weights).  Counting, checking and clamping against this bound agrees
+    with them: a weight is in range exactly when its magnitude penalty is zero.
 
     Example::
 
-        >>> magnitude_sum(torch.tensor([[0.5, -1.0], [1.2, 0.9]]), limit=0.9)
-        tensor(0.1000)
+        >>> bound(torch.bfloat16, 0.9)   # bfloat16 holds 0.8984375 and 0.90234375 around 0.9
+        0.8984375
     """
-    excess = (_accumulate(weight).abs() - limit).relu()
-    return (excess.square() if power == 2 else excess).sum()
-
-
-def block_sums(weight: Tensor, layout: Layout, group_size: int) -> tuple[Tensor, Tensor]:
-    """``(P, Q)``: positive and negative L1 mass of every block column, each ``(blocks, columns)``.
-
-    Blocks are listed run by run; a weight with no rows gives ``(0, columns)`` tensors.
-    """
-    m = layout.matrix(_accumulate(weight))
-    positive, negative = [], []
-    for run in layout.runs(m.shape[0], group_size):
-        blocks = block_view(m, run)
-        positive.append(blocks.relu().sum(1))
-        negative.append((-blocks).relu().sum(1))
-    if not positive:
-        empty = m.new_zeros(0, m.shape[1])
-        return empty, empty
-    return torch.cat(positive), torch.cat(negative)
-
-
-def topology_sum(weight: Tensor, layout: Layout, group_size: int) -> Tensor:
-    r""":math:`\sum_{b,j} \min(P_{bj}, Q_{bj})`: the L1 mass to remove to make every block
-    column of ``weight`` sign-aligned.
-
-    Example (one block holding 3 neurons, 2 inputs)::
-
-        >>> topology_sum(torch.tensor([[0.5, -1.0], [-0.2, 0.3], [1.2, 0.1]]), Layout(), 5)
-        tensor(0.6000)
-    """
-    positive, negative = block_sums(weight, layout, group_size)
-    return torch.minimum(positive, negative).sum()
+    held = torch.tensor(limit, dtype=accumulation_dtype(dtype)).item()
+    value = torch.tensor(held, dtype=dtype)
+    if value.item() > held:
+        value = torch.nextafter(value, torch.zeros_like(value))
+    return value.item()
 
 
 class Penalties(NamedTuple):
@@ -109,136 +91,478 @@ class Penalties(NamedTuple):
     topology: Tensor
 
 
-Runs = tuple[tuple[int, int, int], ...]
+def block_view(m: Tensor, run: tuple[int, int, int]) -> Tensor:
+    """Rows ``start .. start + count*length`` of ``m`` (``(rows, columns)``) as
+    ``(count, length, columns)``: ``count`` blocks of ``length`` rows."""
+    start, count, length = run
+    return m[start : start + count * length].view(count, length, m.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# The penalties
+# --------------------------------------------------------------------------------------------
+
+
+def _definition_sums(weights: Sequence[Tensor], layouts: Sequence[Layout], spec: ChipSpec, power: int):
+    """The formulas, op by op: what ``torch.compile`` traces and fuses, and what double backward
+    differentiates.  Autograd's gradient of this is the gradient the fast path writes out."""
+    dtype = _result_dtype(weights)
+    magnitude = topology = torch.zeros((), dtype=dtype, device=weights[0].device)
+    for weight, layout in zip(weights, layouts):
+        m = layout.matrix(weight.to(accumulation_dtype(weight.dtype)))
+        magnitude = magnitude + torch.relu(m.abs() - spec.limit).pow(power).sum().to(dtype)
+        for run in layout.runs(layout.rows(weight.shape), spec.group_size):
+            blocks = block_view(m, run)
+            topology = topology + torch.minimum(blocks.relu().sum(-2), (-blocks).relu().sum(-2)).sum().to(dtype)
+    return magnitude, topology
+
+
+# The fast path computes the same sums on block views ``(offset, blocks, length, columns)`` of a
+# flat tensor: a ``(blocks, length, columns)`` stretch whose block columns run along dim 1.  Zero
+# padding adds nothing to any sum.
+
+View = tuple[int, int, int, int]
+
+
+def _blocks(flat: Tensor, view: View) -> Tensor:
+    offset, blocks, length, columns = view
+    return flat[offset : offset + blocks * length * columns].view(blocks, length, columns)
+
+
+_scratch = threading.local()
+
+
+def _workspace(slot: str, like: Tensor, numel: int) -> Tensor:
+    """A reused 1-D scratch tensor: the hot path's temporaries allocate no memory after the first
+    call (fresh large allocations cost page faults, often more than the arithmetic)."""
+    spaces = _scratch.__dict__.setdefault("spaces", {})
+    key = (slot, like.dtype, like.device)
+    space = spaces.get(key)
+    if space is None or space.numel() < numel:
+        space = spaces[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return space[:numel]
+
+
+def _sums(flat: Tensor, views: Sequence[View], limit: float, power: int):
+    """``(magnitude, topology, P - Q, excess)`` of the views of ``flat``; ``excess`` (``w -
+    clamp(w)``, in a workspace) is valid until the next call."""
+    n = flat.numel()
+    parts = _workspace("parts", flat, 2 * n).view(2, n)
+    torch.clamp(flat, min=0, out=parts[0])
+    torch.clamp(flat, max=0, out=parts[1])
+    sums = flat.new_empty(2, sum(b * c for _, b, _, c in views))
+    start = 0
+    for offset, blocks, length, columns in views:
+        size = blocks * length * columns
+        stretch = parts[:, offset : offset + size].view(2, blocks, length, columns)
+        torch.sum(stretch, 2, out=sums[:, start : start + blocks * columns].view(2, blocks, columns))
+        start += blocks * columns
+    positive, negative = sums[0], sums[1].neg_()
+    excess = _excess(flat, limit)
+    magnitude = torch.dot(excess, excess) if power == 2 else excess.abs().sum()
+    return magnitude, torch.minimum(positive, negative).sum(), positive - negative, excess
+
+
+def _topology_direction(flat: Tensor, views: Sequence[View], difference: Tensor, scale: float, out: Tensor) -> Tensor:
+    r"""``scale`` times the gradient of the topology sum, written into ``out``.
+
+    :math:`\partial \min(P, Q) / \partial M` is ``[M > 0]`` where ``P < Q``, ``-[M < 0]`` where
+    ``Q < P`` and ``sign(M) / 2`` on a tie: ``clamp(sign(M), high - 1, high)`` with ``high = (1 -
+    sign(P - Q)) / 2`` per block column; exact zeros get 0, as relu'(0) = 0.  ``sign(M)`` is
+    ``+-1``, so for ``0 <= scale <= 1`` scaling the bounds scales the result.
+    """
+    folded = 0 <= scale <= 1
+    bound = scale if folded else 1.0
+    high = torch.rsub(torch.sign(difference), 0.5 * bound, alpha=0.5 * bound)
+    low = high - bound
+    torch.sign(flat, out=out)
+    start = 0
+    for view in views:
+        _, blocks, _, columns = view
+        block_columns = slice(start, start + blocks * columns)
+        _blocks(out, view).clamp_(low[block_columns].view(blocks, 1, columns), high[block_columns].view(blocks, 1, columns))
+        start += blocks * columns
+    return out if folded else out.mul_(scale)
+
+
+def _magnitude_direction(excess: Tensor, power: int, scale: float, out: Tensor) -> Tensor:
+    """``scale`` times the gradient of the magnitude sum: ``2 (w - clamp(w))`` (p = 2) or
+    ``sign(w - clamp(w))`` (p = 1), exactly 0 where ``|w| <= limit``; added into ``out``."""
+    return out.add_(excess, alpha=2 * scale) if power == 2 else out.add_(excess.sign(), alpha=scale)
+
+
+_SMALL = 1 << 16  # weights up to this many elements are packed together,
+_PACKED = 1 << 22  # up to this many in all (a pack keeps its gradient direction until backward)
+_CHUNK = 1 << 18  # elements per chunk of a large weight: the chunk stays in the CPU cache
+
+
+class _Group(NamedTuple):
+    """Packed stretches of one shape ``(rows, columns)``, ``rows + pad`` rows apart in the pack.
+
+    A member is ``(weight, first row)`` of the weight's matrix: a whole small weight, or the rows
+    after the last whole block of a large one."""
+
+    members: tuple[tuple[int, int], ...]
+    rows: int
+    columns: int
+    pad: int  # zero rows after each member, up to a whole number of blocks
+
+
+class _Pack(NamedTuple):
+    """Small stretches of plain weights (one population, not transposed) in one flat tensor,
+    grouped by shape and sorted by column count: each column count is one block view."""
+
+    groups: tuple[_Group, ...]
+    views: tuple[View, ...]
+    numel: int
+
+
+class _Direct(NamedTuple):
+    """A large (or not plain) weight, in chunks of whole blocks of its matrix."""
+
+    index: int
+    views: tuple[View, ...]
+    tail: int  # the first row held by a pack (the matrix's row count when none is)
+
+
+class _Plan(NamedTuple):
+    packs: tuple[_Pack, ...]  # one per accumulation dtype
+    direct: tuple[_Direct, ...]
+
+
+def _chunks(rows: int, columns: int, runs) -> tuple[View, ...]:
+    views = []
+    for start, count, length in runs:
+        step = max(1, _CHUNK // (length * columns))
+        for first in range(0, count, step):
+            views.append(((start + first * length) * columns, min(step, count - first), length, columns))
+    return tuple(views)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layouts: tuple[Layout, ...], group_size: int) -> _Plan:
+    """Which stretches are packed and how; computed once per model architecture."""
+    small: dict[torch.dtype, dict[tuple[int, int], list[tuple[int, int]]]] = {}
+    direct, packed = [], 0
+    for i, (shape, dtype, layout) in enumerate(zip(shapes, dtypes, layouts)):
+        numel = math.prod(shape)
+        if numel == 0:
+            continue
+        rows = layout.rows(shape)
+        columns = numel // rows
+        plain = layout == Layout()
+        if plain and numel <= _SMALL and packed + numel <= _PACKED:
+            small.setdefault(accumulation_dtype(dtype), {}).setdefault((rows, columns), []).append((i, 0))
+            packed += numel
+            continue
+        runs = layout.runs(rows, group_size)
+        tail = rows
+        if plain and rows % group_size:  # the short last block goes to a pack: no chunk of one block
+            tail = rows - rows % group_size
+            small.setdefault(accumulation_dtype(dtype), {}).setdefault((rows - tail, columns), []).append((i, tail))
+            runs = runs[:-1]
+        direct.append(_Direct(i, _chunks(rows, columns, runs), tail))
+    packs = []
+    for by_shape in small.values():
+        groups, views, offset = [], [], 0
+        for (rows, columns), members in sorted(by_shape.items(), key=lambda item: item[0][::-1]):
+            blocks = -(-rows // group_size)
+            groups.append(_Group(tuple(members), rows, columns, blocks * group_size - rows))
+            blocks *= len(members)
+            previous = views[-1] if views else None
+            if previous and previous[3] == columns:
+                views[-1] = (previous[0], previous[1] + blocks, group_size, columns)
+            else:
+                views.append((offset, blocks, group_size, columns))
+            offset += blocks * group_size * columns
+        packs.append(_Pack(tuple(groups), tuple(views), offset))
+    return _Plan(tuple(packs), tuple(direct))
+
+
+def _members(flat: Tensor, pack: _Pack) -> list[Tensor]:
+    """The ``(rows, columns)`` views of every member in ``flat``, in pack order."""
+    members, offset = [], 0
+    for group in pack.groups:
+        size = len(group.members) * (group.rows + group.pad) * group.columns
+        region = flat[offset : offset + size].view(len(group.members), group.rows + group.pad, group.columns)
+        members += region[:, : group.rows].unbind(0)
+        offset += size
+    return members
+
+
+def _stretch(weight: Tensor, first: int, group: _Group) -> Tensor:
+    return weight.reshape(-1, group.columns)[first : first + group.rows]
+
+
+def _pack(weights: Sequence[Tensor], pack: _Pack) -> Tensor:
+    """The pack's flat tensor: a reused buffer whose padding stays zero, filled by one copy kernel."""
+    first = weights[pack.groups[0].members[0][0]]
+    key = (pack, accumulation_dtype(first.dtype), first.device)
+    buffers = _scratch.__dict__.setdefault("packs", {})
+    if key not in buffers:
+        flat = torch.zeros(pack.numel, dtype=key[1], device=key[2])
+        buffers[key] = (flat, _members(flat, pack))
+    flat, targets = buffers[key]
+    torch._foreach_copy_(targets, [_stretch(weights[i], row, group) for group in pack.groups for i, row in group.members])
+    return flat
+
+
+def _excess(flat: Tensor, limit: float) -> Tensor:
+    """``w - clamp(w, -limit, limit) = sign(w) relu(|w| - limit)``, exactly; in a workspace."""
+    excess = _workspace("excess", flat, flat.numel())
+    return torch.sub(flat, torch.clamp(flat, -limit, limit, out=excess), out=excess)
+
+
+class _PenaltySums(torch.autograd.Function):
+    """The penalties of all weights as one autograd node.
+
+    Returns ``(magnitude sum, topology sum)``, or with ``scales = (alpha, lam)`` the single
+    ``alpha * magnitude + lam * topology``.  A pack computes its gradient direction in the
+    forward (its backward is a multiply); large weights recompute theirs chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, layouts, spec: ChipSpec, power: int, dtype: torch.dtype, scales, *weights):
+        alpha, lam = scales or (1.0, 1.0)
+        magnitudes, topologies, directions, differences = [], [], [], []
+        for pack in plan.packs:
+            flat = _pack(weights, pack)
+            magnitude, topology, difference, excess = _sums(flat, pack.views, spec.limit, power)
+            magnitudes.append(magnitude)
+            topologies.append(topology)
+            if scales is None:  # both directions, unscaled
+                topology_direction = _topology_direction(flat, pack.views, difference, 1.0, torch.empty_like(flat))
+                directions += [topology_direction, _magnitude_direction(excess, power, 1.0, torch.zeros_like(flat))]
+            else:  # one direction: lam * topology's + alpha * magnitude's
+                direction = _topology_direction(flat, pack.views, difference, lam, torch.empty_like(flat))
+                directions.append(_magnitude_direction(excess, power, alpha, direction))
+        for item in plan.direct:
+            flat = layouts[item.index].matrix(weights[item.index]).contiguous().view(-1)
+            for view in item.views:
+                chunk = _blocks(flat, view).view(-1).to(accumulation_dtype(flat.dtype))
+                magnitude, topology, difference, _ = _sums(chunk, ((0, *view[1:]),), spec.limit, power)
+                magnitudes.append(magnitude)
+                topologies.append(topology)
+                differences.append(difference)
+        if len(magnitudes) == 1:
+            magnitude, topology = magnitudes[0].to(dtype), topologies[0].to(dtype)
+        else:
+            magnitude, topology = torch.stack(magnitudes).sum().to(dtype), torch.stack(topologies).sum().to(dtype)
+        ctx.plan, ctx.layouts, ctx.spec, ctx.power, ctx.scales = plan, layouts, spec, power, scales
+        ctx.save_for_backward(*weights, *directions, *differences)
+        if scales is None:
+            return magnitude, topology
+        return torch.add(topology * lam, magnitude, alpha=alpha)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        count = len(ctx.layouts)
+        weights, saved = ctx.saved_tensors[:count], iter(ctx.saved_tensors[count:])
+        scales, spec, power = ctx.scales, ctx.spec, ctx.power
+        if scales is None:
+            grad_magnitude, grad_topology = grads
+        else:
+            grad_magnitude, grad_topology = grads[0] * scales[0], grads[0] * scales[1]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the formulas themselves
+            return (None,) * 6 + _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology)
+        needed = ctx.needs_input_grad[6:]
+        result: list[Tensor | None] = [None] * count
+        tails = {}
+        for pack in ctx.plan.packs:
+            if scales is None:
+                flat = torch.mul(next(saved), grad_topology).addcmul_(next(saved), grad_magnitude)
+            else:
+                flat = torch.mul(next(saved), grads[0])
+            flat = flat.to(weights[pack.groups[0].members[0][0]].dtype)
+            members = [member for group in pack.groups for member in group.members]
+            for (i, row), grad in zip(members, _members(flat, pack)):
+                if row:
+                    tails[i] = grad
+                elif needed[i]:
+                    result[i] = grad.view(weights[i].shape)
+        alpha, lam = scales or (1.0, 1.0)
+        for item in ctx.plan.direct:
+            i, layout = item.index, ctx.layouts[item.index]
+            m = layout.matrix(weights[i]).contiguous()
+            grad = torch.empty_like(m)
+            for view in item.views:
+                chunk = _blocks(m.view(-1), view).view(-1).to(accumulation_dtype(m.dtype))
+                target = _blocks(grad.view(-1), view).view(-1)
+                in_place = target.dtype == chunk.dtype  # write straight into the gradient
+                direction = target if in_place else _workspace("direction", chunk, chunk.numel())
+                excess = _excess(chunk, spec.limit)
+                if scales is None:
+                    _topology_direction(chunk, ((0, *view[1:]),), next(saved), 1.0, direction).mul_(grad_topology)
+                    direction.addcmul_(excess, grad_magnitude, value=2) if power == 2 else direction.addcmul_(excess.sign_(), grad_magnitude)
+                else:
+                    _topology_direction(chunk, ((0, *view[1:]),), next(saved), lam, direction)
+                    _magnitude_direction(excess, power, alpha, direction).mul_(grads[0])
+                if not in_place:
+                    target.copy_(direction)
+            if i in tails:
+                grad[item.tail :].copy_(tails[i])
+            result[i] = layout.unmatrix(grad, weights[i].shape) if needed[i] else None
+        return (None,) * 6 + tuple(result)
+
+
+def _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology) -> tuple[Tensor | None, ...]:
+    with torch.enable_grad():
+        leaves = [w.detach().requires_grad_() if w.requires_grad else w for w in weights]
+        magnitude, topology = _definition_sums(leaves, ctx.layouts, ctx.spec, ctx.power)
+        wanted = [i for i, w in enumerate(weights) if w.requires_grad and ctx.needs_input_grad[6 + i]]
+        grads = torch.autograd.grad(
+            (magnitude, topology), [leaves[i] for i in wanted], (grad_magnitude, grad_topology), create_graph=True, allow_unused=True
+        )
+    result: list[Tensor | None] = [None] * len(weights)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return tuple(result)
 
 
 def penalty_sums(
-    weights: Sequence[Tensor], layouts: Sequence[Layout], runs: Sequence[Runs], limit: float, power: int
-) -> tuple[Tensor, Tensor]:
-    """Magnitude and topology sums over all ``weights`` (``runs[k] = layouts[k].runs(...)``).
-
-    Both terms reduce over the same block views, so a compiler fuses them into one pass over
-    each weight; the graph is the direct formula, so autograd's subgradients are the formula's.
-    """
-    magnitudes, topologies = [], []
-    for weight, layout, weight_runs in zip(weights, layouts, runs):
-        m = layout.matrix(_accumulate(weight))
-        for run in weight_runs:
-            blocks = block_view(m, run)
-            excess = (blocks.abs() - limit).relu()
-            magnitudes.append((excess.square() if power == 2 else excess).sum(1).sum())
-            topologies.append(torch.minimum(blocks.relu().sum(1), (-blocks).relu().sum(1)).sum())
-    dtype = result_dtype(weights)
-    if not magnitudes:
+    weights: Sequence[Tensor], layouts: Sequence[Layout], spec: ChipSpec, power: int, scales: tuple[float, float] | None = None
+) -> tuple[Tensor, Tensor] | Tensor:
+    """``(magnitude sum, topology sum)`` over ``weights``, differentiable; float32 (float64 if any
+    weight is float64), zero for no elements.  With ``scales = (alpha, lam)``, the one tensor
+    ``alpha * magnitude + lam * topology``: one autograd node, so a training step pays no more."""
+    dtype = _result_dtype(weights)
+    if not weights or not any(w.numel() for w in weights):
         zero = torch.zeros((), dtype=dtype, device=weights[0].device if weights else None)
-        return zero, zero.clone()
-    return (
-        torch.stack([x.to(dtype) for x in magnitudes]).sum(),
-        torch.stack([x.to(dtype) for x in topologies]).sum(),
-    )
+        return (zero, zero.clone()) if scales is None else zero
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        magnitude, topology = _definition_sums(weights, layouts, spec, power)  # the compiler fuses it
+        return (magnitude, topology) if scales is None else scales[0] * magnitude + scales[1] * topology
+    plan = _plan(tuple(w.shape for w in weights), tuple(w.dtype for w in weights), tuple(layouts), spec.group_size)
+    return _PenaltySums.apply(plan, tuple(layouts), spec, power, dtype, scales, *weights)
 
 
-def reference_engine(
-    weights: Sequence[Tensor],
-    layouts: Sequence[Layout],
-    runs: Sequence[Runs],
-    limit: float,
-    power: int,
-    count: int,
-    scales: tuple[float, float] | None = None,
-    sums=penalty_sums,
-) -> Penalties | Tensor:
-    """The penalties from ``sums`` (:func:`penalty_sums`), divided by ``count``; with
-    ``scales = (alpha, lam)`` the one tensor ``alpha * magnitude + lam * topology``.
+@torch.no_grad()
+def weight_sums(weight: Tensor, layout: Layout, spec: ChipSpec, power: int) -> tuple[Tensor, Tensor]:
+    """``(magnitude sum, topology sum)`` of one weight, as :func:`penalty_sums` adds them up.
 
-    An *engine*: :mod:`nwave_param.kernels` provides a faster one with the same contract.
+    Example (the worked example: columns P = 1.7, Q = 0.2 and P = 0.4, Q = 1.0)::
+
+        >>> w = torch.tensor([[0.5, -1.0], [-0.2, 0.3], [1.2, 0.1]], dtype=torch.float64)
+        >>> weight_sums(w, Layout(), ChipSpec(limit=0.9), power=2)
+        (tensor(0.1000, dtype=torch.float64), tensor(0.6000, dtype=torch.float64))
     """
-    magnitude, topology = sums(weights, layouts, runs, limit, power)
-    result = Penalties(magnitude / count, topology / count)
-    if scales is None:
-        return result
-    return scales[0] * result.magnitude + scales[1] * result.topology
+    return penalty_sums([weight], [layout], spec, power)
 
 
-def _evaluate(weights, layouts, limit, power, group_size, scales, engine):
-    runs = [layout.runs(layout.rows(w.shape), group_size) for w, layout in zip(weights, layouts)]
-    count = max(sum(w.numel() for w in weights), 1)
-    return engine(weights, layouts, runs, limit, power, count, scales)
+# --------------------------------------------------------------------------------------------
+# What the chip holds
+# --------------------------------------------------------------------------------------------
 
 
-def penalties(
-    weights: Sequence[Tensor],
-    layouts: Sequence[Layout],
-    limit: float,
-    power: int,
-    group_size: int,
-    engine=reference_engine,
-) -> Penalties:
-    """Magnitude and topology sums over ``weights``, each divided by their total element count ``N``.
-
-    The result is float32 (float64 if any weight is float64); with no elements it is zero.
-    """
-    return _evaluate(weights, layouts, limit, power, group_size, None, engine)
-
-
-def penalty(
-    weights: Sequence[Tensor],
-    layouts: Sequence[Layout],
-    limit: float,
-    power: int,
-    group_size: int,
-    alpha: float,
-    lam: float,
-    engine=reference_engine,
-) -> Tensor:
-    """``alpha * magnitude + lam * topology`` of :func:`penalties`, as one tensor."""
-    return _evaluate(weights, layouts, limit, power, group_size, (alpha, lam), engine)
-
-
-def limit_in(dtype: torch.dtype, limit: float) -> float:
-    """The largest value of ``dtype`` within the limit, as the penalties see the limit.
-
-    The penalties compute ``|w| - limit`` in the accumulation dtype, where ``limit`` rounds to
-    the nearest float32 (float64 for float64 weights), as torch does when it compares a tensor
-    with a Python number.  Counting, checking and clamping against this bound agrees with them:
-    a weight is in range exactly when its magnitude penalty is zero.
-    """
-    held = torch.tensor(limit, dtype=accumulation_dtype(dtype)).item()
-    bound = torch.tensor(held, dtype=dtype)
-    if bound.item() > held:
-        bound = torch.nextafter(bound, torch.zeros_like(bound))
-    return bound.item()
-
-
-def mixed_blocks(weight: Tensor, layout: Layout, group_size: int) -> Tensor:
+def mixed_blocks(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
     """Boolean ``(blocks, columns)``: the block column holds a strictly positive and a strictly
     negative entry."""
     m = layout.matrix(weight)
     mixed = [
-        (blocks > 0).any(1) & (blocks < 0).any(1)
-        for blocks in (block_view(m, run) for run in layout.runs(m.shape[0], group_size))
+        ((blocks > 0).any(-2) & (blocks < 0).any(-2))
+        for blocks in (block_view(m, run) for run in layout.runs(layout.rows(weight.shape), spec.group_size))
     ]
-    return torch.cat(mixed) if mixed else torch.zeros(0, m.shape[1], dtype=torch.bool)
+    return torch.cat(mixed) if mixed else torch.zeros(0, m.shape[-1], dtype=torch.bool, device=weight.device)
 
 
-def project(weight: Tensor, layout: Layout, limit: float, group_size: int) -> Tensor:
-    """The L1-nearest weight the chip can hold, as a new tensor of the same shape and dtype.
+@functools.lru_cache(maxsize=64)
+def _levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The grid's ``2 * spec.levels + 1`` values in ``dtype``, ascending; the top one is :func:`bound`."""
+    k = torch.arange(-spec.levels, spec.levels + 1, dtype=torch.float64)
+    values = (k * (spec.limit / spec.levels)).to(dtype)
+    top = bound(dtype, spec.limit)
+    values[0], values[-1] = -top, top
+    return values.to(device)
 
-    Clamp every entry into ``[-limit, limit]``; then in each block column zero the entries of
-    the sign with the smaller L1 mass (after clamping; a tie keeps the positive side).  For one
-    block column, keeping the positive side costs ``Q`` more than clamping does and keeping the
-    negative side costs ``P`` more, so zeroing the whole minority side *is* the nearest
-    sign-aligned point.  Entries already in range and aligned (``-0.0`` included) are kept bit
-    for bit, so projecting twice changes nothing.
+
+def _round_to_grid(x: Tensor, spec: ChipSpec) -> Tensor:
+    """The nearest level to each entry of ``x`` (already in range), ties as ``torch.round``."""
+    acc = accumulation_dtype(x.dtype)
+    k = torch.round(x.to(acc) / (spec.limit / spec.levels)).nan_to_num_(0).clamp_(-spec.levels, spec.levels)
+    held = _levels(spec, x.dtype, x.device)[k.long() + spec.levels]
+    return torch.where(x.isnan(), x, held)  # NaN stays visible
+
+
+def off_grid(weight: Tensor, spec: ChipSpec) -> Tensor:
+    """Boolean, like ``weight``: the entry is not a grid level (all False without ``spec.bits``).
+
+    Compared exactly, in the weight's dtype: an entry is on the grid when rounding it to the
+    grid returns it bit for bit."""
+    if spec.bits is None:
+        return torch.zeros_like(weight, dtype=torch.bool)
+    top = bound(weight.dtype, spec.limit)
+    return _round_to_grid(weight.clamp(-top, top), spec) != weight
+
+
+@torch.no_grad()
+def chip(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
+    r"""What the chip holds for ``weight``: the L1-nearest mappable point, as a new tensor.
+
+    Each block column keeps one sign.  Keeping sign ``s`` costs, over its entries of sign ``s``,
+    the distance to what the chip can hold of them (``clamp`` into the range, then, with
+    ``spec.bits``, the nearest grid level), plus the L1 mass of the other sign's entries, which
+    become 0.  The cheaper sign is kept (a tie keeps the positive side).  Without ``bits`` the
+    comparison is exactly: keep the positive side when :math:`P \ge Q` after clamping.
+    Entries already feasible (``-0.0`` included) are kept bit for bit, so ``chip`` is idempotent.
+
+    Example (the worked example: column 0 keeps its positives, column 1 its negatives)::
+
+        >>> chip(torch.tensor([[0.5, -1.0], [-0.2, 0.3], [1.2, 0.1]]), Layout(), ChipSpec(limit=0.9))
+        tensor([[ 0.5000, -0.9000],
+                [ 0.0000,  0.0000],
+                [ 0.9000,  0.0000]])
     """
-    bound = limit_in(weight.dtype, limit)
-    m = layout.matrix(weight.clamp(-bound, bound)).contiguous()
-    for run in layout.runs(m.shape[0], group_size):
-        blocks = block_view(m, run)
-        acc = accumulation_dtype(weight.dtype)
-        positive = blocks.clamp(min=0).sum(1, dtype=acc)
-        negative = blocks.clamp(max=0).sum(1, dtype=acc).neg()
-        keep_positive = (positive >= negative).unsqueeze(1)
-        minority = torch.where(keep_positive, blocks < 0, blocks > 0)
-        blocks.masked_fill_(minority, 0)
+    top = bound(weight.dtype, spec.limit)
+    held = weight.clamp(-top, top)
+    acc = accumulation_dtype(weight.dtype)
+    if spec.bits is None:
+        gain = held.to(acc).abs()  # what keeping an entry's sign preserves of |w|: P and Q after clamping
+    else:
+        held = _round_to_grid(held, spec)
+        kept, magnitude = held.to(acc).abs(), weight.to(acc).abs()
+        gain = kept - 2 * (kept - magnitude).clamp(min=0)  # |w| - |w - q(w)|
+    m, gains = layout.matrix(held).contiguous(), layout.matrix(gain)
+    for run in layout.runs(layout.rows(weight.shape), spec.group_size):
+        blocks, block_gains = block_view(m, run), block_view(gains, run)
+        keep_positive = (
+            torch.where(blocks > 0, block_gains, 0).sum(-2) >= torch.where(blocks < 0, block_gains, 0).sum(-2)
+        ).unsqueeze(-2)
+        blocks.masked_fill_(torch.where(keep_positive, blocks < 0, blocks > 0), 0)
     return layout.unmatrix(m, weight.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Hardening: computing with what the chip holds, training the latent weight
+# --------------------------------------------------------------------------------------------
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns ``value``; passes the gradient to ``weight`` unchanged."""
+
+    @staticmethod
+    def forward(weight: Tensor, value: Tensor) -> Tensor:
+        return value
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def harden(weight: Tensor, layout: Layout, spec: ChipSpec, hardness: float, noise: Tensor | None = None) -> Tensor:
+    r""":math:`w + h\,(\mathrm{chip}(w) - w)`, plus ``h * noise``, with a straight-through gradient.
+
+    At ``h = 1`` the value is ``chip(w) + noise`` exactly, bit for bit; at ``h = 0`` (no noise)
+    it is ``weight`` itself.  The gradient that reaches ``weight`` is the incoming one, unchanged.
+    """
+    if hardness == 0 and noise is None:
+        return weight
+    with torch.no_grad():
+        target = chip(weight, layout, spec)
+        value = target if hardness == 1 else weight + hardness * (target - weight)
+        if noise is not None:
+            value = value + (noise if hardness == 1 else hardness * noise)
+    return _StraightThrough.apply(weight, value)

@@ -72,6 +72,20 @@ class Layout:
         blocks = m.reshape(g, outputs_per_group, inputs // g, math.prod(shape[2:])).transpose(1, 2)
         return blocks.reshape(shape)
 
+    def to_dict(self) -> dict[str, int | bool]:
+        """JSON-ready form, as a checkpoint stores it."""
+        return {"gates": self.gates, "groups": self.groups, "transposed": self.transposed}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Layout:
+        """Inverse of :meth:`to_dict`; raises ValueError on anything else."""
+        if not isinstance(data, dict) or set(data) != {"gates", "groups", "transposed"}:
+            raise ValueError(f"not a layout: {data!r}")
+        gates, groups, transposed = data["gates"], data["groups"], data["transposed"]
+        if not all(type(n) is int and n >= 1 for n in (gates, groups)) or type(transposed) is not bool:
+            raise ValueError(f"not a layout: {data!r}")
+        return cls(gates, groups, transposed)
+
     def runs(self, rows: int, group_size: int) -> tuple[tuple[int, int, int], ...]:
         """The row blocks as runs ``(start, count, length)`` of equal-length consecutive blocks.
 

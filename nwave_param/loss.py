@@ -1,36 +1,47 @@
 """Functional forms of the penalties, as the chip vendor's SDK names them; no registration needed.
 
-On a registered model they read the registry's tracked weights (so ``exclude`` holds) and
-return its numbers exactly::
+They compute with exactly the arguments given.  On a registered model they read its tracked
+weights (so ``exclude`` holds) and, whenever the arguments match its spec, return the
+registry's numbers exactly::
 
-    weight_magnitude_loss(model) == reg.penalties().magnitude
-    topology_loss(model, lam) == lam * reg.penalties().topology
+    weight_magnitude_loss(model, reg.spec.limit, reg.power) == reg.penalties().magnitude
+    topology_loss(model, lam, reg.spec.group_size) == lam * reg.penalties().topology
 
 On an unregistered model they track the weights :func:`~nwave_param.register` would.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch  # noqa: F401  (the examples in the docstrings use it)
 from torch import Tensor, nn
 
-from .functional import Penalties
-from .registry import _power, _scale, _select, compute_penalties, registry_of
+from . import functional
+from .discovery import patterns, select
+from .parametrization import Settings
+from .registry import registry_of
 from .spec import ChipSpec
 
 __all__ = ["topology_loss", "weight_magnitude_loss"]
 
 
-def _penalties(model: nn.Module, spec: ChipSpec, power: int) -> Penalties:
+def _sums(model: nn.Module, limit: float | None, group_size: int | None, power: int) -> tuple[Tensor, Tensor, int]:
+    """Both sums over the tracked weights and their count; the spec is the registry's (or the
+    default) with the given ``limit`` / ``group_size``."""
     try:
         reg = registry_of(model)
     except LookupError:
-        selected = _select(model, ())
+        selected = select(model, patterns(()))
         weights = [getattr(item.module, item.tensor_name) for item, _ in selected]
         layouts = [layout for _, layout in selected]
+        spec = ChipSpec()
     else:
-        weights, layouts = reg.weights(), reg._layouts
-    return compute_penalties(weights, layouts, spec, power)
+        weights, layouts, spec = reg.weights(), reg._layouts, reg.spec
+    changes = {key: value for key, value in (("limit", limit), ("group_size", group_size)) if value is not None}
+    spec = dataclasses.replace(spec, **changes)
+    magnitude, topology = functional.penalty_sums(weights, layouts, spec, power)
+    return magnitude, topology, max(sum(w.numel() for w in weights), 1)
 
 
 def weight_magnitude_loss(model: nn.Module, limit: float = 0.9, power: int = 2) -> Tensor:
@@ -44,7 +55,9 @@ def weight_magnitude_loss(model: nn.Module, limit: float = 0.9, power: int = 2) 
         >>> round(weight_magnitude_loss(model, limit=0.9).item(), 6)   # ((1.0-0.9)^2 + (1.2-0.9)^2) / 6
         0.016667
     """
-    return _penalties(model, ChipSpec(limit=limit), _power(power)).magnitude
+    power = Settings(ChipSpec(limit), power=power).power  # validates both
+    magnitude, _, count = _sums(model, limit, None, power)
+    return magnitude / count
 
 
 def topology_loss(model: nn.Module, lam: float = 1.0, group_size: int = 5) -> Tensor:
@@ -59,4 +72,10 @@ def topology_loss(model: nn.Module, lam: float = 1.0, group_size: int = 5) -> Te
         >>> round(topology_loss(model, lam=1.0).item(), 6)   # (0.2 + 0.4) / 6
         0.1
     """
-    return _scale("lam", lam) * _penalties(model, ChipSpec(group_size=group_size), 2).topology
+    lam = Settings(ChipSpec(group_size=group_size), lam=lam).lam  # validates both
+    try:
+        power = registry_of(model).power
+    except LookupError:
+        power = 2
+    _, topology, count = _sums(model, None, group_size, power)
+    return lam * (topology / count)

@@ -20,10 +20,12 @@ __all__ = ["LayerReport", "Report", "build_report"]
 class LayerReport:
     """One tracked weight.
 
-    ``groups`` counts the block columns of its dense-equivalent matrix and ``mixed_groups`` those
-    holding both a strictly positive and a strictly negative entry.  ``magnitude`` and
-    ``topology`` are its contributions to the registry's penalties (already divided by the
-    total element count ``N``), so the rows sum to ``reg.penalties()``.
+    ``block_columns`` counts the block columns of its dense-equivalent connectivity matrix
+    (a block of ``group_size`` output neurons times one input) and ``mixed_block_columns`` those
+    holding both a strictly positive and a strictly negative entry.  ``off_grid`` counts entries
+    that are not grid levels (0 without ``spec.bits``).  ``magnitude`` and ``topology`` are its
+    contributions to the registry's penalties (already divided by the total element count ``N``),
+    so the rows sum to ``reg.penalties()``.
     """
 
     name: str
@@ -32,18 +34,18 @@ class LayerReport:
     max_abs: float
     out_of_range: int
     nonfinite: int
-    groups: int
-    mixed_groups: int
+    block_columns: int
+    mixed_block_columns: int
+    off_grid: int
     magnitude: float
     topology: float
 
     @property
     def is_mappable(self) -> bool:
-        return self.nonfinite == 0 and self.out_of_range == 0 and self.mixed_groups == 0
+        return self.nonfinite == 0 and self.out_of_range == 0 and self.mixed_block_columns == 0 and self.off_grid == 0
 
 
-_COLUMNS = ("name", "shape", "numel", "max_abs", "out_of_range", "nonfinite", "groups", "mixed_groups", "magnitude", "topology")
-_SUMMED = ("numel", "out_of_range", "nonfinite", "groups", "mixed_groups", "magnitude", "topology")
+_SUMMED = ("numel", "out_of_range", "nonfinite", "block_columns", "mixed_block_columns", "off_grid", "magnitude", "topology")
 
 
 def _json_float(value: float) -> float | None:
@@ -51,7 +53,7 @@ def _json_float(value: float) -> float | None:
 
 
 class Report:
-    """Per-weight rows, totals and the verdict.
+    """Per-weight rows, totals and the verdict; a sequence of its rows.
 
     ``str(report)`` is an aligned table with a totals line; ``report.to_dict()`` is JSON-ready
     (non-finite floats become ``None``: the ``nonfinite`` counts say why).
@@ -73,7 +75,7 @@ class Report:
 
     @property
     def is_mappable(self) -> bool:
-        """Every weight finite, within ``[-limit, limit]``, with no mixed block column."""
+        """Every weight finite, within ``[-limit, limit]``, with no mixed block column and on the grid."""
         return all(row.is_mappable for row in self.rows)
 
     @property
@@ -91,31 +93,36 @@ class Report:
                 entry[key] = _json_float(entry[key])
             rows.append(entry)
         totals = {k: (_json_float(v) if isinstance(v, float) else v) for k, v in self.totals.items()}
+        spec = self.spec
         return {
             "mappable": self.is_mappable,
-            "spec": {"limit": self.spec.limit, "group_size": self.spec.group_size, "power": self.power},
+            "spec": {"limit": spec.limit, "group_size": spec.group_size, "bits": spec.bits, "mismatch": spec.mismatch, "power": self.power},
             "rows": rows,
             "totals": totals,
         }
 
+    def _columns(self) -> list[str]:
+        columns = ["name", "shape", "numel", "max_abs", "out_of_range", "nonfinite", "block_columns", "mixed_block_columns"]
+        return columns + (["off_grid"] if self.spec.bits is not None else []) + ["magnitude", "topology"]
+
     def __str__(self) -> str:
+        columns = self._columns()
+
         def cells(values: dict) -> list[str]:
-            return [
-                f"{values[key]:.4g}" if isinstance(values[key], float) else str(values[key])
-                for key in _COLUMNS
-            ]
+            return [f"{values[key]:.4g}" if isinstance(values[key], float) else str(values[key]) for key in columns]
 
         body = [cells({**asdict(row), "shape": "x".join(map(str, row.shape))}) for row in self.rows]
         total = cells({**self.totals, "name": "total", "shape": ""})
-        table = [list(_COLUMNS), *body, total]
-        widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+        table = [columns, *body, total]
+        widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
 
         def render(line: list[str]) -> str:
             return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
 
         rule = "-" * len(render(table[0]))
         verdict = "mappable" if self.is_mappable else "NOT mappable"
-        header = f"limit {self.spec.limit}, blocks of {self.spec.group_size}: {verdict}"
+        grid = f", {self.spec.bits}-bit grid" if self.spec.bits is not None else ""
+        header = f"limit {self.spec.limit}, blocks of {self.spec.group_size}{grid}: {verdict}"
         return "\n".join([header, render(table[0]), rule, *map(render, body), rule, render(total)])
 
     def __repr__(self) -> str:
@@ -125,20 +132,22 @@ class Report:
 @torch.no_grad()
 def _row(name: str, weight: Tensor, layout: Layout, spec: ChipSpec, power: int, count: int) -> LayerReport:
     magnitudes = weight.abs()
-    m = layout.matrix(weight)
-    blocks_per_population = -(-(m.shape[0] // layout.gates) // spec.group_size)
-    dense_columns = m.shape[1] * layout.groups
+    rows = layout.rows(weight.shape)
+    blocks_per_population = -(-(rows // layout.gates) // spec.group_size)
+    dense_columns = (weight.numel() // max(rows, 1)) * layout.groups
+    magnitude, topology = functional.weight_sums(weight, layout, spec, power)
     return LayerReport(
         name=name,
         shape=tuple(weight.shape),
         numel=weight.numel(),
         max_abs=magnitudes.max().item() if weight.numel() else 0.0,
-        out_of_range=int((magnitudes > functional.limit_in(weight.dtype, spec.limit)).sum()),
+        out_of_range=int((magnitudes > functional.bound(weight.dtype, spec.limit)).sum()),
         nonfinite=int((~torch.isfinite(weight)).sum()),
-        groups=layout.gates * blocks_per_population * dense_columns,
-        mixed_groups=int(functional.mixed_blocks(weight, layout, spec.group_size).sum()),
-        magnitude=(functional.magnitude_sum(weight, spec.limit, power) / max(count, 1)).item(),
-        topology=(functional.topology_sum(weight, layout, spec.group_size) / max(count, 1)).item(),
+        block_columns=layout.gates * blocks_per_population * dense_columns,
+        mixed_block_columns=int(functional.mixed_blocks(weight, layout, spec).sum()),
+        off_grid=int(functional.off_grid(weight, spec).sum()),
+        magnitude=(magnitude / max(count, 1)).item(),
+        topology=(topology / max(count, 1)).item(),
     )
 
 

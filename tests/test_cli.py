@@ -59,8 +59,8 @@ def test_check_json_matches_registry_report(plain, capsys):
     expected = nwp.register(model).report()
     assert [w["name"] for w in data["rows"]] == [r.name for r in expected.rows]
     for row, reference in zip(data["rows"], expected.rows):
-        assert row["mixed_groups"] == reference.mixed_groups and row["out_of_range"] == reference.out_of_range
-        assert row["groups"] == reference.groups
+        assert row["mixed_block_columns"] == reference.mixed_block_columns and row["out_of_range"] == reference.out_of_range
+        assert row["block_columns"] == reference.block_columns
         assert row["topology"] == pytest.approx(reference.topology)
 
 
@@ -77,9 +77,8 @@ def test_project_writes_mappable_checkpoint_and_keeps_everything_else(plain, tmp
     model = make_model()
     reg = nwp.register(model)
     reg.project_()
-    for key, value in model.state_dict().items():
-        plain_key = key.replace("parametrizations.", "").replace(".original", "")
-        assert torch.equal(projected[plain_key], value), key
+    for key, value in nwp.plain_state_dict(model).items():
+        assert torch.equal(projected[key], value), key
     assert run(capsys, "check", out_path)[0] == 0
 
 
@@ -116,8 +115,8 @@ def test_model_factory_gives_exact_layouts(tmp_path, capsys, monkeypatch):
     code, out, _ = run(capsys, "check", path, "--model", "factory_mod:build", "--json")
     data = json.loads(out)
     expected = nwp.register(make_grouped_transposed()).report()
-    assert [r["mixed_groups"] for r in data["rows"]] == [r.mixed_groups for r in expected.rows]
-    assert [r["groups"] for r in data["rows"]] == [r.groups for r in expected.rows]
+    assert [r["mixed_block_columns"] for r in data["rows"]] == [r.mixed_block_columns for r in expected.rows]
+    assert [r["block_columns"] for r in data["rows"]] == [r.block_columns for r in expected.rows]
     assert data["notes"] == []
     out_path = tmp_path / "conv_projected.pt"
     assert run(capsys, "project", path, "-o", out_path, "--model", "factory_mod:build")[0] == 0

@@ -110,9 +110,9 @@ def test_report_counts_and_rows_sum_to_penalties(module, spec):
         assert row.max_abs == weight.abs().max().item()
         assert row.out_of_range == int((weight.abs() > spec.limit).sum())
         assert row.nonfinite == 0
-        assert row.groups == len(columns)
-        assert row.mixed_groups == sum(bool((c > 0).any() and (c < 0).any()) for c in columns)
-        assert row.is_mappable == (row.out_of_range == 0 and row.mixed_groups == 0)
+        assert row.block_columns == len(columns)
+        assert row.mixed_block_columns == sum(bool((c > 0).any() and (c < 0).any()) for c in columns)
+        assert row.is_mappable == (row.out_of_range == 0 and row.mixed_block_columns == 0)
     p = reg.penalties()
     assert sum(r.magnitude for r in report.rows) == pytest.approx(p.magnitude.item(), rel=1e-12, abs=1e-15)
     assert sum(r.topology for r in report.rows) == pytest.approx(p.topology.item(), rel=1e-12, abs=1e-15)
@@ -147,7 +147,7 @@ def test_worked_example_projection_and_tie_keeps_positive():
         model.weight.copy_(torch.tensor([[0.5, -1.0], [-0.2, 0.3], [1.2, 0.1]]))
     reg = nwp.register(model)
     report = reg.report()
-    assert (report.rows[0].out_of_range, report.rows[0].mixed_groups, report.rows[0].groups) == (2, 2, 2)
+    assert (report.rows[0].out_of_range, report.rows[0].mixed_block_columns, report.rows[0].block_columns) == (2, 2, 2)
     reg.project_()
     # column 0 clamps to [0.5, -0.2, 0.9]: P=1.4 > Q=0.2, the negative goes;
     # column 1 clamps to [-0.9, 0.3, 0.1]: Q=0.9 > P=0.4, the positives go.

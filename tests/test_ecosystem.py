@@ -102,7 +102,7 @@ def test_half_precision_penalties_accumulate_in_float32(dtype):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-6)
     report_low, report_exact = nwp.registry_of(low).report(), nwp.registry_of(exact).report()
     for a, b in zip(report_low.rows, report_exact.rows):
-        assert (a.out_of_range, a.mixed_groups, a.max_abs) == (b.out_of_range, b.mixed_groups, b.max_abs)
+        assert (a.out_of_range, a.mixed_block_columns, a.max_abs) == (b.out_of_range, b.mixed_block_columns, b.max_abs)
     nwp.registry_of(low).penalty().backward()
     assert all(p.grad.dtype == dtype for p in nwp.registry_of(low).weights())
 
@@ -235,8 +235,8 @@ def test_lightning_recipe_trains_and_logs_the_report():
 
         def on_train_epoch_end(self):
             totals = self.reg.report().totals
-            self.logged.append(totals["mixed_groups"])
-            self.log_dict({"mixed_groups": float(totals["mixed_groups"]), "out_of_range": float(totals["out_of_range"])})
+            self.logged.append(totals["mixed_block_columns"])
+            self.log_dict({"mixed_block_columns": float(totals["mixed_block_columns"]), "out_of_range": float(totals["out_of_range"])})
 
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-2)
@@ -249,4 +249,4 @@ def test_lightning_recipe_trains_and_logs_the_report():
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
     assert len(module.logged) == 8 and module.logged[-1] < module.logged[0]
-    assert "mixed_groups" in trainer.callback_metrics
+    assert "mixed_block_columns" in trainer.callback_metrics

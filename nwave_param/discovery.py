@@ -1,0 +1,164 @@
+"""Which weights of a model nwave_param tracks, and their names.
+
+A weight is a parameter of 2 or more dims whose local name is ``weight``, starts with
+``weight_`` or ends with ``_weight``/``_weights``, outside normalization layers and embeddings.
+Names are dotted paths relative to the model they are read from, as ``named_parameters()``
+gave them before registration (``fc.weight``, never ``fc.parametrizations.weight.original``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .layout import Layout, layout_of
+from .parametrization import ChipConstraint
+
+__all__ = ["Tracked", "constraints", "is_weight_name", "select", "trackable_weights"]
+
+# Weights of these modules are scales or lookup tables, not synapses.
+_UNTRACKED_MODULES = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
+)
+
+
+class Tracked(NamedTuple):
+    """One weight: ``getattr(module, tensor_name)``, named ``name`` in the model."""
+
+    name: str
+    module: nn.Module
+    tensor_name: str
+
+
+class Constrained(NamedTuple):
+    """A weight carrying a :class:`ChipConstraint`."""
+
+    name: str
+    module: nn.Module
+    tensor_name: str
+    constraint: ChipConstraint
+
+
+def is_weight_name(local: str) -> bool:
+    return local == "weight" or local.startswith("weight_") or local.endswith(("_weight", "_weights"))
+
+
+def _dotted(path: str, local: str) -> str:
+    return f"{path}.{local}" if path else local
+
+
+def trackable_weights(model: nn.Module) -> list[Tracked]:
+    """The weights nwave_param would track in ``model``, in ``named_parameters()`` order.
+
+    A tied parameter is listed once; a weight that carries parametrizations is listed by its
+    effective name.
+
+    Example::
+
+        >>> [t.name for t in trackable_weights(nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3)))]
+        ['0.weight']
+    """
+    found: dict[str, Tracked] = {}
+    for dotted, _ in model.named_parameters():
+        path, _, local = dotted.rpartition(".")
+        head, _, tail = path.rpartition(".")
+        owner_path, _, marker = head.rpartition(".")
+        if marker == "parametrizations" and local.startswith("original"):
+            path, local = owner_path, tail  # an original of a parametrized tensor
+        name = _dotted(path, local)
+        if name in found or not is_weight_name(local):
+            continue
+        module = model.get_submodule(path)
+        value = getattr(module, local)
+        if isinstance(module, _UNTRACKED_MODULES) or (not nn.parameter.is_lazy(value) and value.dim() < 2):
+            continue
+        found[name] = Tracked(name, module, local)
+    return list(found.values())
+
+
+def constraints(model: nn.Module) -> Iterator[Constrained]:
+    """Every weight of ``model`` carrying a :class:`ChipConstraint`, named relative to ``model``,
+    in the order ``named_parameters()`` gave them before registration."""
+    for path, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        found = [
+            (tensor_name, link)
+            for tensor_name, chain in module.parametrizations.items()
+            for link in chain
+            if isinstance(link, ChipConstraint)
+        ]
+        order = {name: i for i, name in enumerate(found[0][1].parameter_order)} if found else {}
+        for tensor_name, link in sorted(found, key=lambda item: order.get(item[0], len(order))):
+            yield Constrained(_dotted(path, tensor_name), module, tensor_name, link)
+
+
+def _warn_unreachable(model: nn.Module) -> None:
+    """Warn about weight-like plain tensor attributes: parametrize cannot reach them."""
+    for path, module in model.named_modules():
+        for local, value in vars(module).items():
+            if isinstance(value, Tensor) and is_weight_name(local) and value.dim() >= 2:
+                warnings.warn(
+                    f"{_dotted(path, local)} is a plain tensor attribute, not a Parameter: nwave_param cannot "
+                    "track it; make it an nn.Parameter (or a buffer, if it never trains) to have it checked",
+                    stacklevel=4,
+                )
+
+
+def _layout(item: Tracked) -> Layout:
+    """The weight's layout; raises if nwave_param cannot track it."""
+    value = getattr(item.module, item.tensor_name)
+    if nn.parameter.is_lazy(value):
+        raise ValueError(f"{item.name} is not initialized yet (a lazy module): run one forward pass first")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{item.name} has dtype {value.dtype}; nwave_param tracks floating-point weights only")
+    if value.is_meta:
+        raise ValueError(f"{item.name} is on the meta device: materialize the model before registering")
+    layout = layout_of(item.module, item.tensor_name)
+    layout.check(value.shape, item.name)
+    return layout
+
+
+def patterns(exclude: str | Iterable[str]) -> tuple[str, ...]:
+    """``exclude`` as a tuple of glob patterns; TypeError for anything but strings."""
+    found = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    for pattern in found:
+        if not isinstance(pattern, str):
+            raise TypeError(f"exclude takes glob patterns (str), got {pattern!r}")
+    return found
+
+
+def select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, Layout]]:
+    """The weights to track and their layouts, every check done before anything changes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    candidates = trackable_weights(model)
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__} has no trackable weight (a parameter of 2+ dims named "
+            "'weight', 'weight_*', '*_weight' or '*_weights', outside norms and embeddings)"
+        )
+    _warn_unreachable(model)
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(item.name, pattern) for item in candidates):
+            warnings.warn(f"exclude pattern {pattern!r} matches no trackable weight", stacklevel=3)
+    chosen = [c for c in candidates if not any(fnmatch.fnmatchcase(c.name, p) for p in exclude)]
+    if not chosen:
+        names = ", ".join(c.name for c in candidates)
+        raise ValueError(f"exclude={list(exclude)} excludes every trackable weight ({names})")
+    values = [getattr(item.module, item.tensor_name) for item in chosen]
+    devices = {str(value.device) for value in values if not nn.parameter.is_lazy(value)}
+    if len(devices) > 1:
+        raise ValueError(f"tracked weights live on several devices {sorted(devices)}: move the model to one device")
+    return [(item, _layout(item)) for item in chosen]
