@@ -257,7 +257,7 @@ def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layou
             continue
         runs = layout.runs(rows, group_size)
         tail = rows
-        if plain and rows % group_size:  # the short last block goes to a pack: no chunk of one block
+        if plain and rows % group_size and rows > group_size:  # the short last block goes to a pack
             tail = rows - rows % group_size
             small.setdefault(accumulation_dtype(dtype), {}).setdefault((rows - tail, columns), []).append((i, tail))
             runs = runs[:-1]
@@ -407,11 +407,10 @@ class _PenaltySums(torch.autograd.Function):
 
 def _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology) -> tuple[Tensor | None, ...]:
     with torch.enable_grad():
-        leaves = [w.detach().requires_grad_() if w.requires_grad else w for w in weights]
-        magnitude, topology = _definition_sums(leaves, ctx.layouts, ctx.spec, ctx.power)
+        magnitude, topology = _definition_sums(weights, ctx.layouts, ctx.spec, ctx.power)
         wanted = [i for i, w in enumerate(weights) if w.requires_grad and ctx.needs_input_grad[6 + i]]
         grads = torch.autograd.grad(
-            (magnitude, topology), [leaves[i] for i in wanted], (grad_magnitude, grad_topology), create_graph=True, allow_unused=True
+            (magnitude, topology), [weights[i] for i in wanted], (grad_magnitude, grad_topology), create_graph=True, allow_unused=True
         )
     result: list[Tensor | None] = [None] * len(weights)
     for i, grad in zip(wanted, grads):

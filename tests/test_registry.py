@@ -420,3 +420,141 @@ def test_cached_with_a_copy_made_before_the_context():
     x = torch.randn(2, 3)
     with reg.cached():
         assert torch.equal(shadow(x), model(x))
+
+
+# --- one source of truth -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["spec", "alpha", "lam", "power", "hardness", "names"])
+def test_settings_are_read_only_and_say_how_to_change_them(name):
+    reg = nwp.register(nn.Linear(3, 3))
+    before = (reg.spec, reg.alpha, reg.lam, reg.power, reg.hardness)
+    with pytest.raises(AttributeError, match=f"{name} is read-only: .*(register|penalty|harden|model)"):
+        setattr(reg, name, 10)
+    assert (reg.spec, reg.alpha, reg.lam, reg.power, reg.hardness) == before
+
+
+def test_registries_of_one_model_share_the_settings():
+    model = nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 2))
+    reg = nwp.register(model, nwp.ChipSpec(limit=0.5, group_size=2), alpha=2.0, lam=3.0, power=1)
+    other = nwp.registry_of(model)
+    other.harden(0.25)
+    assert reg.hardness == 0.25 and reg.settings is other.settings
+    assert (other.spec, other.alpha, other.lam, other.power) == (nwp.ChipSpec(0.5, 2), 2.0, 3.0, 1)
+    torch.testing.assert_close(other.penalty(), reg.penalty())
+
+
+def test_penalty_overrides_alpha_and_lam_for_one_call():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 7)
+    with torch.no_grad():
+        model.weight.mul_(5)
+    reg = nwp.register(model, alpha=1.0, lam=1.0)
+    p = reg.penalties()
+    torch.testing.assert_close(reg.penalty(alpha=3.0), 3.0 * p.magnitude + p.topology)
+    torch.testing.assert_close(reg.penalty(lam=0.5), p.magnitude + 0.5 * p.topology)
+    torch.testing.assert_close(reg.penalty(alpha=0.0, lam=2.0), 2.0 * p.topology)
+    assert (reg.alpha, reg.lam) == (1.0, 1.0)
+    for bad in (-1.0, float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="alpha"):
+            reg.penalty(alpha=bad)
+
+
+def test_names_are_relative_to_the_model_the_registry_is_read_from():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    reg = nwp.register(model)
+    wrapper = nn.Sequential(nn.Identity(), model)
+    assert reg.names == ["0.weight", "1.weight"]
+    assert nwp.registry_of(wrapper).names == ["1.0.weight", "1.1.weight"]
+    assert nwp.registry_of(model[1]).names == ["weight"]
+
+
+def test_registry_of_a_parent_of_separately_registered_parts():
+    parent = nn.ModuleDict({"encoder": nn.Linear(3, 5), "decoder": nn.Linear(5, 3)})
+    nwp.register(parent["encoder"])
+    nwp.register(parent["decoder"])
+    reg = nwp.registry_of(parent)
+    assert reg.names == ["encoder.weight", "decoder.weight"]
+    reg.harden(0.5)
+    assert nwp.registry_of(parent["encoder"]).hardness == nwp.registry_of(parent["decoder"]).hardness == 0.5
+
+    mixed = nn.ModuleDict({"encoder": nn.Linear(3, 5), "decoder": nn.Linear(5, 3)})
+    nwp.register(mixed["encoder"])
+    nwp.register(mixed["decoder"], alpha=2.0)
+    with pytest.raises(ValueError, match=r"encoder\.weight and decoder\.weight .*different settings"):
+        nwp.registry_of(mixed)
+
+
+def test_functional_forms_compute_with_the_arguments_given():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    spec = nwp.ChipSpec(limit=0.5, group_size=2)
+    reg = nwp.register(model, spec, power=1)
+    p = reg.penalties()
+    assert torch.equal(weight_magnitude_loss(model, limit=0.5, power=1), p.magnitude)
+    assert torch.equal(topology_loss(model, lam=0.3, group_size=2), 0.3 * p.topology)
+    # other arguments, other numbers: the defaults are not the registry's
+    weights = [m.weight.detach() for m in model]
+    count = sum(w.numel() for w in weights)
+    magnitude = sum((w.abs() - 0.9).relu().square().sum() for w in weights) / count
+    torch.testing.assert_close(weight_magnitude_loss(model), magnitude)
+    topology = sum(
+        torch.minimum(w[i : i + 5].relu().sum(0), (-w[i : i + 5]).relu().sum(0)).sum()
+        for w in weights
+        for i in range(0, w.shape[0], 5)
+    ) / count
+    torch.testing.assert_close(topology_loss(model), topology)
+
+
+# --- nothing lost ----------------------------------------------------------------------------
+
+
+def _originals(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_project_through_weight_norm_refuses_an_all_zero_row_and_restores_everything():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(2, 10))
+    parametrizations.weight_norm(model[1])
+    with torch.no_grad():
+        rows = torch.tensor([[0.5, 0.5]] * 4 + [[-0.5, -0.5]])  # per block: 4 positive rows, 1 negative
+        model[1].parametrizations.weight.original1.copy_(rows.repeat(2, 1))
+        model[0].weight.mul_(9)
+    reg = nwp.register(model)
+    before = _originals(model)
+    with pytest.raises(ValueError, match=r"1\.weight.*NaN"):
+        reg.project_()  # the projection zeroes rows 4 and 9 whole: weight_norm computes 0/0
+    assert all(torch.equal(a, b) for a, b in zip(before, _originals(model)))  # 0.weight too: all or nothing
+
+
+def test_project_through_orthogonal_refuses_and_restores_everything():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    parametrizations.orthogonal(model[1])
+    reg = nwp.register(model, nwp.ChipSpec(limit=0.5, group_size=3))
+    before = _originals(model)
+    with pytest.raises(ValueError, match=r"1\.weight.*cannot hold"):
+        reg.project_()
+    assert all(torch.equal(a, b) for a, b in zip(before, _originals(model)))
+
+
+def test_remove_inside_cached_works_and_torch_classes_stay_untouched():
+    linear_attributes = dict(vars(nn.Linear))
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    reg = nwp.register(model)
+    x = torch.randn(2, 3)
+    expected = model(x)
+    with reg.cached():
+        model(x)
+        reg.remove()
+        assert torch.equal(model(x), expected)
+    assert torch.equal(model(x), expected)
+    assert dict(vars(nn.Linear)) == linear_attributes
+    assert type(model[0]) is nn.Linear
+    other = nn.Linear(2, 2)
+    parametrizations.weight_norm(other)  # torch's own parametrizations still register on a Linear
+    nwp.register(nn.Linear(2, 2)).penalty()

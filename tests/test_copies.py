@@ -1,0 +1,125 @@
+"""A deepcopy of a registered model is independent of its original, whatever either goes through.
+
+PyTorch's parametrize gives a copy the class of its original, and keys ``parametrize.cached()``
+by the module a property was made for; nwave_param gives each parametrized module a class of its
+own, so removing, hardening or projecting one never touches the other.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+import nwave_param as nwp
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"fc": nn.Linear(4, 7), "lstm": nn.LSTM(7, 6), "head": nn.Linear(6, 3)})
+    parametrizations.weight_norm(model["head"])  # a chain: nwave_param's constraint sits after weight_norm
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    return model
+
+
+def run(model, x):
+    out, _ = model["lstm"](torch.tanh(model["fc"](x)))
+    return model["head"](out)
+
+
+def snapshot(model, x):
+    return (
+        [(k, v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()],
+        [type(m) for m in model.modules()],
+        run(model, x).detach(),
+        nwp.registry_of(model).hardness if any(isinstance(m, nwp.ChipConstraint) for m in model.modules()) else None,
+    )
+
+
+def same(a, b):
+    (state_a, classes_a, out_a, h_a), (state_b, classes_b, out_b, h_b) = a, b
+    assert [k for k, _ in state_a] == [k for k, _ in state_b]
+    for (key, x), (_, y) in zip(state_a, state_b):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, key
+    assert classes_a == classes_b and torch.equal(out_a, out_b) and h_a == h_b
+
+
+def train_step(model):
+    reg = nwp.registry_of(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(5, 2, 4)
+    with reg.cached():
+        loss = run(model, x).square().mean() + reg.penalty()
+    loss.backward()
+    optimizer.step()
+
+
+STEPS = {
+    "remove": lambda m: nwp.registry_of(m).remove(),
+    "harden": lambda m: nwp.registry_of(m).harden(0.6),
+    "project": lambda m: nwp.registry_of(m).project_(),
+    "train": train_step,
+    "load plain checkpoint": lambda m: m.load_state_dict(nwp.plain_state_dict(make_registered())),
+    "remove and register again": lambda m: (nwp.registry_of(m).remove(), nwp.register(m, nwp.H1V2)),
+}
+
+
+def make_registered():
+    model = make_model()
+    nwp.register(model)
+    return model
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("changed", ["copy", "original"])
+def test_a_step_on_one_leaves_the_other_untouched(step, changed):
+    original = make_registered()
+    nwp.registry_of(original).harden(0.3)
+    clone = copy.deepcopy(original)
+    x = torch.randn(5, 2, 4)
+    acted, watched = (clone, original) if changed == "copy" else (original, clone)
+    before = snapshot(watched, x)
+    STEPS[step](acted)
+    same(before, snapshot(watched, x))
+    # the watched one still goes through its whole lifecycle
+    reg = nwp.registry_of(watched)
+    assert reg.hardness == 0.3
+    reg.penalty().backward()
+    reg.project_()
+    assert reg.is_mappable()
+    reg.remove()
+    assert not any(isinstance(m, nwp.ChipConstraint) for m in watched.modules())
+    assert (type(watched["fc"]), type(watched["lstm"])) == (nn.Linear, nn.LSTM)
+    assert parametrize.is_parametrized(watched["head"], "weight")  # weight_norm stays
+    assert run(watched, x).shape == (5, 2, 3)
+
+
+def test_copies_in_one_cached_context_read_their_own_weights():
+    original = make_registered()
+    clone = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(-1)
+    x = torch.randn(5, 2, 4)
+    expected_original, expected_clone = run(original, x), run(clone, x)
+    with nwp.registry_of(original).cached(), nwp.registry_of(clone).cached():
+        assert torch.equal(run(clone, x), expected_clone)
+        assert torch.equal(run(original, x), expected_original)
+        inner = copy.deepcopy(original)  # made inside the context
+        with torch.no_grad():
+            inner["fc"].parametrizations.weight.original.zero_()
+        assert not torch.equal(run(inner, x), expected_original)
+        assert torch.equal(run(original, x), expected_original)
+
+
+def test_a_copy_keeps_settings_and_hardness_as_its_own():
+    original = make_model()
+    nwp.register(original, nwp.ChipSpec(limit=0.5, group_size=3), alpha=2.0, lam=0.5, power=1).harden(0.4)
+    clone = copy.deepcopy(original)
+    reg = nwp.registry_of(clone)
+    assert (reg.spec, reg.alpha, reg.lam, reg.power, reg.hardness) == (nwp.ChipSpec(0.5, 3), 2.0, 0.5, 1, 0.4)
+    reg.harden(1.0)
+    assert nwp.registry_of(original).hardness == 0.4
