@@ -129,66 +129,84 @@ def _blocks(flat: Tensor, view: View) -> Tensor:
     return flat[offset : offset + blocks * length * columns].view(blocks, length, columns)
 
 
-_scratch = threading.local()
+class _Scratch:
+    """Reused tensors, and their block views made once, for one set of views over ``numel``
+    elements: the hot path allocates nothing but what it returns or keeps for backward
+    (fresh large allocations cost page faults, and each view costs Python time)."""
+
+    def __init__(self, views: Sequence[View], numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        columns = sum(blocks * width for _, blocks, _, width in views)
+        self.parts = torch.empty(2, numel, dtype=dtype, device=device)  # relu(w), min(w, 0)
+        self.excess = torch.empty(numel, dtype=dtype, device=device)  # w - clamp(w)
+        self.direction = torch.empty(numel, dtype=dtype, device=device)
+        self.sums = torch.empty(2, columns, dtype=dtype, device=device)  # P, -Q per block column
+        self.bounds = torch.empty(2, columns, dtype=dtype, device=device)  # the direction's clamp
+        self.part_blocks, self.sum_blocks, self.direction_blocks, self.bound_blocks = [], [], [], []
+        start = 0
+        for offset, blocks, length, width in views:
+            size = blocks * length * width
+            self.part_blocks.append(self.parts[:, offset : offset + size].view(2, blocks, length, width))
+            self.sum_blocks.append(self.sums[:, start : start + blocks * width].view(2, blocks, width))
+            self.direction_blocks.append(self.direction[offset : offset + size].view(blocks, length, width))
+            self.bound_blocks.append(self.bounds[:, start : start + blocks * width].view(2, blocks, 1, width))
+            start += blocks * width
 
 
-def _workspace(slot: str, like: Tensor, numel: int) -> Tensor:
-    """A reused 1-D scratch tensor: the hot path's temporaries allocate no memory after the first
-    call (fresh large allocations cost page faults, often more than the arithmetic)."""
-    spaces = _scratch.__dict__.setdefault("spaces", {})
-    key = (slot, like.dtype, like.device)
-    space = spaces.get(key)
-    if space is None or space.numel() < numel:
-        space = spaces[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return space[:numel]
+_local = threading.local()
 
 
-def _sums(flat: Tensor, views: Sequence[View], limit: float, power: int):
-    """``(magnitude, topology, P - Q, excess)`` of the views of ``flat``; ``excess`` (``w -
-    clamp(w)``, in a workspace) is valid until the next call."""
-    n = flat.numel()
-    parts = _workspace("parts", flat, 2 * n).view(2, n)
-    torch.clamp(flat, min=0, out=parts[0])
-    torch.clamp(flat, max=0, out=parts[1])
-    sums = flat.new_empty(2, sum(b * c for _, b, _, c in views))
-    start = 0
-    for offset, blocks, length, columns in views:
-        size = blocks * length * columns
-        stretch = parts[:, offset : offset + size].view(2, blocks, length, columns)
-        torch.sum(stretch, 2, out=sums[:, start : start + blocks * columns].view(2, blocks, columns))
-        start += blocks * columns
-    positive, negative = sums[0], sums[1].neg_()
-    excess = _excess(flat, limit)
+def _scratch(key: object, views: Sequence[View], numel: int, like: Tensor) -> _Scratch:
+    """The calling thread's scratch for ``key``, made on first use (and again on a new device)."""
+    scratches = _local.__dict__.setdefault("scratches", {})
+    key = (key, like.dtype, like.device)
+    scratch = scratches.get(key)
+    if scratch is None:
+        scratch = scratches[key] = _Scratch(views, numel, like.dtype, like.device)
+    return scratch
+
+
+def _sums(flat: Tensor, scratch: _Scratch, limit: float, power: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(magnitude, topology, P - Q per block column)``; leaves ``w - clamp(w)`` in ``scratch.excess``."""
+    torch.clamp(flat, min=0, out=scratch.parts[0])
+    torch.clamp(flat, max=0, out=scratch.parts[1])
+    for blocks, out in zip(scratch.part_blocks, scratch.sum_blocks):
+        torch.sum(blocks, 2, out=out)
+    positive, negative = scratch.sums[0], scratch.sums[1].neg_()
+    excess = _excess(flat, scratch, limit)
     magnitude = torch.dot(excess, excess) if power == 2 else excess.abs().sum()
-    return magnitude, torch.minimum(positive, negative).sum(), positive - negative, excess
+    return magnitude, torch.minimum(positive, negative).sum(), positive - negative
 
 
-def _topology_direction(flat: Tensor, views: Sequence[View], difference: Tensor, scale: float, out: Tensor) -> Tensor:
-    r"""``scale`` times the gradient of the topology sum, written into ``out``.
+def _directions(flat: Tensor, scratch: _Scratch, difference: Tensor, power: int, lam: float, alpha: float) -> Tensor:
+    r"""``lam`` times the gradient of the topology sum plus ``alpha`` times the magnitude's, in
+    ``scratch.direction``; ``scratch.excess`` must hold ``w - clamp(w)`` (as :func:`_sums` leaves it).
 
     :math:`\partial \min(P, Q) / \partial M` is ``[M > 0]`` where ``P < Q``, ``-[M < 0]`` where
     ``Q < P`` and ``sign(M) / 2`` on a tie: ``clamp(sign(M), high - 1, high)`` with ``high = (1 -
     sign(P - Q)) / 2`` per block column; exact zeros get 0, as relu'(0) = 0.  ``sign(M)`` is
-    ``+-1``, so for ``0 <= scale <= 1`` scaling the bounds scales the result.
+    ``+-1``, so for ``0 <= lam <= 1`` scaling the bounds scales the result.  The magnitude's is
+    ``2 (w - clamp(w))`` (p = 2) or ``sign(w - clamp(w))`` (p = 1), exactly 0 where ``|w| <= limit``.
     """
-    folded = 0 <= scale <= 1
-    bound = scale if folded else 1.0
-    high = torch.rsub(torch.sign(difference), 0.5 * bound, alpha=0.5 * bound)
-    low = high - bound
-    torch.sign(flat, out=out)
-    start = 0
-    for view in views:
-        _, blocks, _, columns = view
-        block_columns = slice(start, start + blocks * columns)
-        _blocks(out, view).clamp_(low[block_columns].view(blocks, 1, columns), high[block_columns].view(blocks, 1, columns))
-        start += blocks * columns
-    return out if folded else out.mul_(scale)
+    folded = 0 <= lam <= 1
+    scale = lam if folded else 1.0
+    high = torch.rsub(torch.sign(difference), 0.5 * scale, alpha=0.5 * scale)
+    torch.sub(high, scale, out=scratch.bounds[0])
+    scratch.bounds[1].copy_(high)
+    direction = torch.sign(flat, out=scratch.direction)
+    for blocks, bounds in zip(scratch.direction_blocks, scratch.bound_blocks):
+        blocks.clamp_(bounds[0], bounds[1])
+    if not folded:
+        direction.mul_(lam)
+    if alpha and power == 2:
+        direction.add_(scratch.excess, alpha=2 * alpha)
+    elif alpha:
+        direction.add_(scratch.excess.sign(), alpha=alpha)
+    return direction
 
 
-def _magnitude_direction(excess: Tensor, power: int, scale: float, out: Tensor) -> Tensor:
-    """``scale`` times the gradient of the magnitude sum: ``2 (w - clamp(w))`` (p = 2) or
-    ``sign(w - clamp(w))`` (p = 1), exactly 0 where ``|w| <= limit``; added into ``out``."""
-    return out.add_(excess, alpha=2 * scale) if power == 2 else out.add_(excess.sign(), alpha=scale)
+def _excess(flat: Tensor, scratch: _Scratch, limit: float) -> Tensor:
+    """``w - clamp(w, -limit, limit) = sign(w) relu(|w| - limit)``, exactly, into ``scratch.excess``."""
+    return torch.sub(flat, torch.clamp(flat, -limit, limit, out=scratch.excess), out=scratch.excess)
 
 
 _SMALL = 1 << 16  # weights up to this many elements are packed together,
@@ -208,13 +226,47 @@ class _Group(NamedTuple):
     pad: int  # zero rows after each member, up to a whole number of blocks
 
 
-class _Pack(NamedTuple):
+class _Pack:
     """Small stretches of plain weights (one population, not transposed) in one flat tensor,
-    grouped by shape and sorted by column count: each column count is one block view."""
+    grouped by shape and sorted by column count: each column count is one block view.
 
-    groups: tuple[_Group, ...]
-    views: tuple[View, ...]
-    numel: int
+    Compared by identity (plans are cached); it keeps a per-thread flat tensor, whose padding
+    stays zero, and scratch."""
+
+    def __init__(self, groups: tuple[_Group, ...], views: tuple[View, ...], numel: int) -> None:
+        self.groups, self.views, self.numel = groups, views, numel
+        self.members = tuple(member for group in groups for member in group.members)
+        self.local = threading.local()
+
+    def regions(self, flat: Tensor) -> list[Tensor]:
+        """The ``(rows, columns)`` view of every member in a pack-shaped ``flat``, in order."""
+        regions, offset = [], 0
+        for group in self.groups:
+            count, stride = len(group.members), (group.rows + group.pad) * group.columns
+            if count == 1:
+                regions.append(flat.as_strided((group.rows, group.columns), (group.columns, 1), offset))
+            else:
+                regions += flat.as_strided((count, group.rows, group.columns), (stride, group.columns, 1), offset).unbind(0)
+            offset += count * stride
+        return regions
+
+    def fill(self, weights: Sequence[Tensor]) -> tuple[Tensor, _Scratch]:
+        """The pack filled from ``weights`` by one copy kernel, and its scratch."""
+        first = weights[self.members[0][0]]
+        buffers = getattr(self.local, "buffers", None)
+        if buffers is None or buffers[0].device != first.device:
+            flat = torch.zeros(self.numel, dtype=accumulation_dtype(first.dtype), device=first.device)
+            buffers = self.local.buffers = (flat, self.regions(flat), _Scratch(self.views, self.numel, flat.dtype, flat.device))
+        flat, targets, scratch = buffers
+        sources = [_stretch(weights[i], row, group) for group in self.groups for i, row in group.members]
+        torch._foreach_copy_(targets, sources)
+        return flat, scratch
+
+
+def _stretch(weight: Tensor, first: int, group: _Group) -> Tensor:
+    if first == 0 and weight.dim() == 2 and weight.shape[0] == group.rows:
+        return weight
+    return weight.reshape(-1, group.columns)[first : first + group.rows]
 
 
 class _Direct(NamedTuple):
@@ -230,7 +282,7 @@ class _Plan(NamedTuple):
     direct: tuple[_Direct, ...]
 
 
-def _chunks(rows: int, columns: int, runs) -> tuple[View, ...]:
+def _chunks(columns: int, runs) -> tuple[View, ...]:
     views = []
     for start, count, length in runs:
         step = max(1, _CHUNK // (length * columns))
@@ -261,7 +313,7 @@ def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layou
             tail = rows - rows % group_size
             small.setdefault(accumulation_dtype(dtype), {}).setdefault((rows - tail, columns), []).append((i, tail))
             runs = runs[:-1]
-        direct.append(_Direct(i, _chunks(rows, columns, runs), tail))
+        direct.append(_Direct(i, _chunks(columns, runs), tail))
     packs = []
     for by_shape in small.values():
         groups, views, offset = [], [], 0
@@ -279,38 +331,11 @@ def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layou
     return _Plan(tuple(packs), tuple(direct))
 
 
-def _members(flat: Tensor, pack: _Pack) -> list[Tensor]:
-    """The ``(rows, columns)`` views of every member in ``flat``, in pack order."""
-    members, offset = [], 0
-    for group in pack.groups:
-        size = len(group.members) * (group.rows + group.pad) * group.columns
-        region = flat[offset : offset + size].view(len(group.members), group.rows + group.pad, group.columns)
-        members += region[:, : group.rows].unbind(0)
-        offset += size
-    return members
-
-
-def _stretch(weight: Tensor, first: int, group: _Group) -> Tensor:
-    return weight.reshape(-1, group.columns)[first : first + group.rows]
-
-
-def _pack(weights: Sequence[Tensor], pack: _Pack) -> Tensor:
-    """The pack's flat tensor: a reused buffer whose padding stays zero, filled by one copy kernel."""
-    first = weights[pack.groups[0].members[0][0]]
-    key = (pack, accumulation_dtype(first.dtype), first.device)
-    buffers = _scratch.__dict__.setdefault("packs", {})
-    if key not in buffers:
-        flat = torch.zeros(pack.numel, dtype=key[1], device=key[2])
-        buffers[key] = (flat, _members(flat, pack))
-    flat, targets = buffers[key]
-    torch._foreach_copy_(targets, [_stretch(weights[i], row, group) for group in pack.groups for i, row in group.members])
-    return flat
-
-
-def _excess(flat: Tensor, limit: float) -> Tensor:
-    """``w - clamp(w, -limit, limit) = sign(w) relu(|w| - limit)``, exactly; in a workspace."""
-    excess = _workspace("excess", flat, flat.numel())
-    return torch.sub(flat, torch.clamp(flat, -limit, limit, out=excess), out=excess)
+def _chunk(m: Tensor, view: View) -> tuple[Tensor, _Scratch]:
+    """A chunk of a large weight's matrix as a flat tensor of the accumulation dtype, and scratch."""
+    chunk = _blocks(m.view(-1), view).view(-1).to(accumulation_dtype(m.dtype))
+    views = ((0, *view[1:]),)
+    return chunk, _scratch(views, views, chunk.numel(), chunk)
 
 
 class _PenaltySums(torch.autograd.Function):
@@ -322,34 +347,34 @@ class _PenaltySums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: _Plan, layouts, spec: ChipSpec, power: int, dtype: torch.dtype, scales, *weights):
+    def forward(ctx, plan: _Plan, layouts, spec: ChipSpec, power: int, dtype: torch.dtype, scales, gradient: bool, *weights):
         alpha, lam = scales or (1.0, 1.0)
-        magnitudes, topologies, directions, differences = [], [], [], []
+        magnitudes, topologies, saved = [], [], []
         for pack in plan.packs:
-            flat = _pack(weights, pack)
-            magnitude, topology, difference, excess = _sums(flat, pack.views, spec.limit, power)
+            flat, scratch = pack.fill(weights)
+            magnitude, topology, difference = _sums(flat, scratch, spec.limit, power)
             magnitudes.append(magnitude)
             topologies.append(topology)
-            if scales is None:  # both directions, unscaled
-                topology_direction = _topology_direction(flat, pack.views, difference, 1.0, torch.empty_like(flat))
-                directions += [topology_direction, _magnitude_direction(excess, power, 1.0, torch.zeros_like(flat))]
+            if not gradient:
+                continue
+            if scales is None:  # the two directions apart, unscaled
+                saved.append(_directions(flat, scratch, difference, power, 1.0, 0.0).clone())
+                saved.append(_directions(flat, scratch, difference, power, 0.0, 1.0).clone())
             else:  # one direction: lam * topology's + alpha * magnitude's
-                direction = _topology_direction(flat, pack.views, difference, lam, torch.empty_like(flat))
-                directions.append(_magnitude_direction(excess, power, alpha, direction))
+                saved.append(_directions(flat, scratch, difference, power, lam, alpha).clone())
         for item in plan.direct:
-            flat = layouts[item.index].matrix(weights[item.index]).contiguous().view(-1)
+            m = layouts[item.index].matrix(weights[item.index]).contiguous()
             for view in item.views:
-                chunk = _blocks(flat, view).view(-1).to(accumulation_dtype(flat.dtype))
-                magnitude, topology, difference, _ = _sums(chunk, ((0, *view[1:]),), spec.limit, power)
+                magnitude, topology, difference = _sums(*_chunk(m, view), spec.limit, power)
                 magnitudes.append(magnitude)
                 topologies.append(topology)
-                differences.append(difference)
+                saved.append(difference)
         if len(magnitudes) == 1:
             magnitude, topology = magnitudes[0].to(dtype), topologies[0].to(dtype)
         else:
             magnitude, topology = torch.stack(magnitudes).sum().to(dtype), torch.stack(topologies).sum().to(dtype)
         ctx.plan, ctx.layouts, ctx.spec, ctx.power, ctx.scales = plan, layouts, spec, power, scales
-        ctx.save_for_backward(*weights, *directions, *differences)
+        ctx.save_for_backward(*weights, *saved)
         if scales is None:
             return magnitude, topology
         return torch.add(topology * lam, magnitude, alpha=alpha)
@@ -364,8 +389,8 @@ class _PenaltySums(torch.autograd.Function):
         else:
             grad_magnitude, grad_topology = grads[0] * scales[0], grads[0] * scales[1]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formulas themselves
-            return (None,) * 6 + _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology)
-        needed = ctx.needs_input_grad[6:]
+            return (None,) * 7 + _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology)
+        needed = ctx.needs_input_grad[7:]
         result: list[Tensor | None] = [None] * count
         tails = {}
         for pack in ctx.plan.packs:
@@ -373,9 +398,8 @@ class _PenaltySums(torch.autograd.Function):
                 flat = torch.mul(next(saved), grad_topology).addcmul_(next(saved), grad_magnitude)
             else:
                 flat = torch.mul(next(saved), grads[0])
-            flat = flat.to(weights[pack.groups[0].members[0][0]].dtype)
-            members = [member for group in pack.groups for member in group.members]
-            for (i, row), grad in zip(members, _members(flat, pack)):
+            flat = flat.to(weights[pack.members[0][0]].dtype)
+            for (i, row), grad in zip(pack.members, pack.regions(flat)):
                 if row:
                     tails[i] = grad
                 elif needed[i]:
@@ -386,29 +410,24 @@ class _PenaltySums(torch.autograd.Function):
             m = layout.matrix(weights[i]).contiguous()
             grad = torch.empty_like(m)
             for view in item.views:
-                chunk = _blocks(m.view(-1), view).view(-1).to(accumulation_dtype(m.dtype))
-                target = _blocks(grad.view(-1), view).view(-1)
-                in_place = target.dtype == chunk.dtype  # write straight into the gradient
-                direction = target if in_place else _workspace("direction", chunk, chunk.numel())
-                excess = _excess(chunk, spec.limit)
-                if scales is None:
-                    _topology_direction(chunk, ((0, *view[1:]),), next(saved), 1.0, direction).mul_(grad_topology)
-                    direction.addcmul_(excess, grad_magnitude, value=2) if power == 2 else direction.addcmul_(excess.sign_(), grad_magnitude)
+                chunk, scratch = _chunk(m, view)
+                difference, target = next(saved), _blocks(grad.view(-1), view).view(-1)
+                _excess(chunk, scratch, spec.limit)
+                if scales is None:  # the two directions apart: the scratch holds one at a time
+                    target.copy_(_directions(chunk, scratch, difference, power, 1.0, 0.0)).mul_(grad_topology)
+                    target.addcmul_(_directions(chunk, scratch, difference, power, 0.0, 1.0), grad_magnitude)
                 else:
-                    _topology_direction(chunk, ((0, *view[1:]),), next(saved), lam, direction)
-                    _magnitude_direction(excess, power, alpha, direction).mul_(grads[0])
-                if not in_place:
-                    target.copy_(direction)
+                    target.copy_(_directions(chunk, scratch, difference, power, lam, alpha).mul_(grads[0]))
             if i in tails:
                 grad[item.tail :].copy_(tails[i])
             result[i] = layout.unmatrix(grad, weights[i].shape) if needed[i] else None
-        return (None,) * 6 + tuple(result)
+        return (None,) * 7 + tuple(result)
 
 
 def _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology) -> tuple[Tensor | None, ...]:
     with torch.enable_grad():
         magnitude, topology = _definition_sums(weights, ctx.layouts, ctx.spec, ctx.power)
-        wanted = [i for i, w in enumerate(weights) if w.requires_grad and ctx.needs_input_grad[6 + i]]
+        wanted = [i for i, w in enumerate(weights) if w.requires_grad and ctx.needs_input_grad[7 + i]]
         grads = torch.autograd.grad(
             (magnitude, topology), [weights[i] for i in wanted], (grad_magnitude, grad_topology), create_graph=True, allow_unused=True
         )
@@ -432,7 +451,8 @@ def penalty_sums(
         magnitude, topology = _definition_sums(weights, layouts, spec, power)  # the compiler fuses it
         return (magnitude, topology) if scales is None else scales[0] * magnitude + scales[1] * topology
     plan = _plan(tuple(w.shape for w in weights), tuple(w.dtype for w in weights), tuple(layouts), spec.group_size)
-    return _PenaltySums.apply(plan, tuple(layouts), spec, power, dtype, scales, *weights)
+    gradient = torch.is_grad_enabled() and any(w.requires_grad for w in weights)  # else skip the directions
+    return _PenaltySums.apply(plan, tuple(layouts), spec, power, dtype, scales, gradient, *weights)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The benchmark harness runs end to end (a smoke run: nothing here asserts a time)."""
+"""The benchmark harness runs end to end and writes the JSON it promises (nothing here asserts a time)."""
 
 import json
 import subprocess
@@ -8,23 +8,19 @@ from pathlib import Path
 HARNESS = Path(__file__).parents[1] / "benchmarks" / "run.py"
 
 
-def test_quick_run_writes_every_figure(tmp_path):
+def test_quick_run_writes_the_json_structure(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(HARNESS), "--quick", "--json", str(out)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(HARNESS), "--quick", "--json", str(out)], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    assert [row["model"] for row in data["penalty"]] == [
-        "100 x Linear(64, 64)",
-        "recurrent 40-256-10",
-        "6 x Linear(512, 512)",
-        "4 x Linear(2048, 2048)",
-    ]
+    assert set(data) == {"machine", "penalty", "training", "first_call", "lifecycle"}
+    assert {"cpu", "simd", "cores", "threads", "torch", "load"} <= set(data["machine"])
+    assert [row["model"] for row in data["penalty"]] == ["recurrent 40-256-10"]
     for row in data["penalty"]:
-        assert row["penalty_vs_floor"] > 0 and row["naive_vs_penalty"] > 0
-    assert [row["batch"] for row in data["training_overhead"]] == [32, 1]
-    assert data["first_call"]["first_call_s"] > 0
-    assert data["memory"]["penalty_extra_mb"] > 0 and data["memory"]["floor_extra_mb"] > 0
-    assert set(data["lifecycle"]) == {"report_vs_floor", "project_vs_floor"}
-    assert "penalty_vs_floor" in result.stdout and "training-step overhead" in result.stdout
+        assert {"floor_ms", "penalty_ms", "penalty_vs_floor", "naive_vs_penalty"} <= set(row)
+    assert {"plain_step_ms", "penalty_overhead", "overhead_vs_unregistered"} <= set(data["training"])
+    assert {"import_s", "first_call_s"} <= set(data["first_call"])
+    assert set(data["lifecycle"]) == {"model", "report_vs_floor", "project_vs_floor"}
+    assert data["machine"]["cpu"] in result.stdout and "penalty_vs_floor" in result.stdout
