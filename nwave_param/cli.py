@@ -1,18 +1,29 @@
-"""The ``nwave-param`` command line: check and project checkpoints.
+"""The ``nwave-param`` command line: check and project checkpoints, run the demo.
 
 ::
 
-    nwave-param check CHECKPOINT [--limit 0.9] [--group-size 5] [--exclude GLOB ...] [--model MODULE:FACTORY] [--json]
-    nwave-param project CHECKPOINT -o OUT [same options]
+    nwave-param check CHECKPOINT [options]             # the report; exit 0 mappable, 1 not mappable
+    nwave-param project CHECKPOINT -o OUT [options]    # write the L1-nearest mappable checkpoint
+    nwave-param demo [--quick] [--epochs N] [--json[=PATH]] [--plot PATH]
 
-Exit status: 0 mappable (check) or written (project); 1 not mappable; 2 bad usage, an
-unreadable file or a checkpoint that cannot be projected, with a one-line error.
+Every error is one line on stderr and exit status 2; exit 1 means only "not mappable" (check).
+``--json`` prints JSON on stdout instead of the text; ``--json=PATH`` prints the text and also
+writes the JSON to PATH.  The path is attached with ``=``, as GNU tools take an optional
+argument, so ``check --json model.pt`` never takes the checkpoint for the JSON file.
+
+Where a weight's layout comes from, most trusted first: ``--model`` (the model's own); the
+description a registered model saves beside each weight (no flag needed); the names and shapes of
+2-D and RNN-family weights.  Anything else is guessed ("assumed"): a convolution-shaped tensor may
+be grouped or transposed, a 2-D ``*embed*`` tensor may be an embedding.  ``project`` never changes
+a guessed weight unless ``--assume-plain`` says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import fnmatch
 import importlib
 import json
@@ -20,20 +31,31 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from . import functional
+from . import __version__, functional
+from . import checkpoint as files
+from .checkpoint import Checkpoint, CheckpointError
+from .discovery import is_weight_name
 from .layout import Layout
-from .discovery import is_weight_name as _is_weight_name
+from .parametrization import read_description
 from .registry import register
 from .report import Report, build_report
-from .spec import ChipSpec
+from .spec import H1V1, H1V2, ChipSpec
+from .state import _KEY, original_key, plain_state_dict
 
 __all__ = ["main"]
+
+CHIPS = {"h1v1": H1V1, "h1v2": H1V2}
+SPEC_OPTIONS = {"limit": "--limit", "group_size": "--group-size", "bits": "--bits"}  # ChipSpec field -> option
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what functional.chip computes in
+DEFAULT_MAX_BYTES = "4G"
+EMBEDDING = "*embed*"
 
 
 class CliError(Exception):
@@ -41,53 +63,168 @@ class CliError(Exception):
 
 
 @dataclass
-class Checkpoint:
-    """A loaded checkpoint: the object on disk and the state_dict inside it (``under`` its key)."""
-
-    container: object
-    state_dict: Mapping[str, Tensor]
-    under: str | None
-
-
-@dataclass
 class Weight:
-    """A tracked weight of a checkpoint: its name, the key holding it, its value and layout."""
+    """A tracked weight: its name, the state_dict keys holding it, its value and layout.
+
+    ``keys`` lists every key of a tied weight (the first one is read, all are written); it is
+    empty for a weight stored through other parametrizations (readable only with --model).
+    ``exact`` is False where the layout is guessed.
+    """
 
     name: str
-    key: str | None  # None: stored through other parametrizations (only with --model)
+    keys: tuple[str, ...]
     value: Tensor
     layout: Layout
-    aliases: tuple[str, ...] = ()  # other keys of the same (tied) parameter
+    exact: bool
 
 
-def _is_state_dict(obj: object) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and all(isinstance(k, str) for k in obj)
-        and any(isinstance(v, Tensor) for v in obj.values())
-    )
+@dataclass(frozen=True)
+class Described:
+    """A weight's description in the checkpoint: the key of its latent value (None when other
+    parametrizations come before nwave_param's), its layout and spec."""
+
+    key: str | None
+    layout: Layout
+    spec: ChipSpec
 
 
-def load_checkpoint(path: str) -> Checkpoint:
-    """Load ``path`` with ``weights_only=True`` and find its state_dict."""
-    if not os.path.isfile(path):
-        raise CliError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types for a bad file
-        if "Weights only load failed" in str(error):
-            raise CliError(
-                f"{path} holds pickled Python objects (a full model?), which could run code when loaded; "
-                "save model.state_dict() instead"
-            ) from None
-        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CliError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and _is_state_dict(obj.get(key)):
-            return Checkpoint(obj, obj[key], key)
-    if _is_state_dict(obj):
-        return Checkpoint(obj, obj, None)
-    raise CliError(f"{path} holds no state_dict (expected one, or a dict with it under 'state_dict' or 'model')")
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _note_unmatched(patterns: Sequence[str], names: Sequence[str], notes: list[str]) -> None:
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        notes.append(f"--exclude {' '.join(unmatched)} matched no weight")
+
+
+def _check_readable(name: str, value: Tensor) -> None:
+    """Refuse what functional.chip cannot compute with, naming the way out."""
+    if value.layout != torch.strided:
+        raise CliError(
+            f"{name} is a sparse tensor ({value.layout}): nwave_param reads dense weights; "
+            f"save it dense (tensor.to_dense()) or pass --exclude {name}"
+        )
+    if value.dtype not in DTYPES:
+        raise CliError(
+            f"{name} has dtype {value.dtype}: nwave_param checks float16, bfloat16, float32 and float64 "
+            f"weights; convert it, or pass --exclude {name}"
+        )
+
+
+def _same_view(value: Tensor) -> tuple:
+    """Equal for keys holding the very same tensor (a tied weight); unique otherwise."""
+    where = files.storage_of(value)
+    if where is None:
+        return (id(value),)
+    return (where, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+
+
+# --- the spec ----------------------------------------------------------------------------------
+
+
+def _check_spec_options(args: argparse.Namespace) -> None:
+    for field, option in SPEC_OPTIONS.items():
+        value = getattr(args, field)
+        if value is not None:
+            try:
+                ChipSpec(**{field: value})
+            except ValueError as error:
+                raise CliError(f"{option} {value}: {str(error).removeprefix('ChipSpec: ')}") from None
+
+
+def _essentials(spec: ChipSpec) -> tuple:
+    return spec.limit, spec.group_size, spec.bits  # mismatch changes no check and no projection
+
+
+def resolve_spec(args: argparse.Namespace, saved: Sequence[ChipSpec], notes: list[str]) -> ChipSpec:
+    """The options' spec, on top of ``--chip`` or else the checkpoint's own (H1v1 without one)."""
+    given = {field: getattr(args, field) for field in SPEC_OPTIONS if getattr(args, field) is not None}
+    distinct = sorted(set(saved), key=repr)
+    if args.chip:
+        base = CHIPS[args.chip]
+    elif len(distinct) == 1:
+        base = distinct[0]
+    elif distinct and not given:
+        raise CliError(
+            f"{args.checkpoint}: its weights were registered with different specs ({'; '.join(map(repr, distinct))}): "
+            "choose one with --chip, --limit, --group-size or --bits"
+        )
+    else:
+        base = ChipSpec()
+    spec = dataclasses.replace(base, **given)
+    differing = [s for s in distinct if _essentials(s) != _essentials(spec)]
+    if differing:
+        notes.append(
+            f"the checkpoint was saved with {', '.join(map(repr, differing))}; using {spec!r}, as the options ask "
+            "(the descriptions in the file are kept)"
+        )
+    return spec
+
+
+# --- which weights, and their layouts ----------------------------------------------------------
+
+
+def read_descriptions(state_dict: Mapping[str, object]) -> dict[str, Described]:
+    """The weights a registered model described in its state_dict, by name."""
+    found = {}
+    for key, value in state_dict.items():
+        match = _KEY.match(key)
+        description = read_description(value) if match else None
+        if description is None:
+            continue
+        position, _, leaf = match["rest"].partition(".")
+        if not (position.isdigit() and leaf == "_extra_state"):
+            continue
+        latent = original_key(match["path"], match["tensor"]) if position == "0" else None
+        found[match["path"] + match["tensor"]] = Described(latent, *description)
+    return found
+
+
+def described_weights(checkpoint: Checkpoint, descriptions: Mapping[str, Described], exclude: Sequence[str], notes: list[str]) -> list[Weight]:
+    """The weights the file describes, with their exact layouts (the registration's choice of weights)."""
+    state_dict = checkpoint.state_dict
+    _note_unmatched(exclude, list(descriptions), notes)
+    weights: list[Weight] = []
+    chained, missing, seen = [], [], {}
+    for name, described in descriptions.items():
+        if _matches(name, exclude):
+            continue
+        if described.key is None:
+            chained.append(name)
+            continue
+        value = state_dict.get(described.key)
+        if not isinstance(value, Tensor):
+            missing.append(name)
+            continue
+        view = _same_view(value)
+        if view in seen:  # a tied weight: tracked once, by its first name, as register() does
+            seen[view].keys += (described.key,)
+            continue
+        _check_readable(name, value)
+        try:
+            described.layout.check(value.shape, name)
+        except ValueError as error:
+            raise CliError(f"{checkpoint.path}: {error}") from None
+        seen[view] = Weight(name, (described.key,), value, described.layout, True)
+        weights.append(seen[view])
+    if chained:
+        notes.append(f"skipped {', '.join(chained)}: stored through other parametrizations; pass --model to read them")
+    if missing:
+        notes.append(f"described, but their tensors are missing from the file: {', '.join(missing)}")
+    untracked = [
+        key for key, value in state_dict.items()
+        if isinstance(value, Tensor) and value.dim() >= 2 and is_weight_name(key.rpartition(".")[2])
+        and _same_view(value) not in seen
+    ]
+    if untracked:
+        notes.append(f"not tracked by the registration the file was saved from (as in Python): {', '.join(untracked)}")
+    return weights
 
 
 _REGISTERED = re.compile(r"^(?:(?P<path>.*)\.)?parametrizations\.(?P<tensor>[^.]+)\.(?P<original>original\d*)$")
@@ -106,54 +243,74 @@ def _gates(name: str, weights: Mapping[str, Tensor]) -> int:
     hidden = hr.shape[1] if hr is not None and hr.dim() == 2 else hh.shape[1]
     gates, rest = divmod(hh.shape[0], hidden) if hidden else (0, 1)
     if rest or gates not in (1, 3, 4):
-        raise CliError(
-            f"{name}: {prefix}weight_hh{suffix} of shape {tuple(hh.shape)} fits no RNN, GRU or LSTM layout"
-        )
+        raise CliError(f"{name}: {prefix}weight_hh{suffix} of shape {tuple(hh.shape)} fits no RNN, GRU or LSTM layout")
     return gates
 
 
-def infer_weights(state_dict: Mapping[str, Tensor], exclude: Sequence[str], notes: list[str]) -> list[Weight]:
-    """The tracked weights of a bare state_dict, layouts inferred from names and shapes."""
-    effective: dict[str, tuple[str, Tensor]] = {}
+def _by_weight_name(state_dict: Mapping[str, object], notes: list[str]) -> dict[str, str]:
+    """Weight name -> key of its tensor; registered keys (``*.parametrizations.*.original``) by their weight's name."""
+    found: dict[str, str] = {}
     chained = set()
     for key, value in state_dict.items():
         if not isinstance(value, Tensor):
             continue
         match = _REGISTERED.match(key)
         if match is None:
-            effective.setdefault(key, (key, value))
+            found.setdefault(key, key)
             continue
         name = ".".join(filter(None, (match["path"], match["tensor"])))
         if match["original"] == "original":
-            effective[name] = (key, value)
+            found[name] = key
         else:
             chained.add(name)
     if chained:
-        notes.append(
-            f"skipped {', '.join(sorted(chained))}: stored through other parametrizations; pass --model to read them"
-        )
-    unmatched = [p for p in exclude if not any(fnmatch.fnmatchcase(name, p) for name in effective)]
-    if unmatched:
-        notes.append(f"--exclude {' '.join(unmatched)} matched no weight")
-    values = {name: value for name, (_, value) in effective.items()}
-    tracked, plain_convs = [], []
-    for name, (key, value) in effective.items():
-        local = name.rpartition(".")[2]
-        if not (_is_weight_name(local) and value.dim() >= 2 and value.dtype.is_floating_point):
+        notes.append(f"skipped {', '.join(sorted(chained))}: stored through other parametrizations; pass --model to read them")
+    return found
+
+
+def inferred_weights(checkpoint: Checkpoint, exclude: Sequence[str], assume_plain: bool, notes: list[str]) -> list[Weight]:
+    """The tracked weights of a file that does not describe them, layouts from names and shapes.
+
+    Certain: 2-D weights (a Linear's) and RNN-family weights (gates from the ``weight_hh``
+    shapes).  Guessed: convolution-shaped tensors (read as plain convolutions) and, only with
+    ``assume_plain``, 2-D ``*embed*`` tensors (read as Linear weights; excluded otherwise).
+    """
+    state_dict = checkpoint.state_dict
+    keys = _by_weight_name(state_dict, notes)
+    values = {name: state_dict[key] for name, key in keys.items()}
+    candidates = [n for n, v in values.items() if is_weight_name(n.rpartition(".")[2]) and v.dim() >= 2]
+    _note_unmatched(exclude, candidates, notes)
+    weights: list[Weight] = []
+    embeddings, seen = [], {}
+    for name in candidates:
+        value, key = values[name], keys[name]
+        view = _same_view(value)
+        if view in seen:  # a tied weight: its first name decides, as register() lists it once
+            if seen[view] is not None:
+                seen[view].keys += (key,)
             continue
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+        seen[view] = None
+        if _matches(name, exclude):
             continue
-        layout = Layout(gates=_gates(name, values)) if _RNN.match(local) else Layout()
-        if value.dim() > 2:
-            plain_convs.append(name)
-        layout.check(value.shape, name)
-        tracked.append(Weight(name, key, value, layout))
-    if plain_convs:
+        embedding = value.dim() == 2 and fnmatch.fnmatchcase(name.lower(), EMBEDDING)
+        if embedding and not assume_plain:
+            embeddings.append(name)
+            continue
+        _check_readable(name, value)
+        gated = _RNN.match(name.rpartition(".")[2])
+        layout = Layout(gates=_gates(name, values)) if gated else Layout()
+        try:
+            layout.check(value.shape, name)
+        except ValueError as error:
+            raise CliError(f"{checkpoint.path}: {error}") from None
+        seen[view] = Weight(name, (key,), value, layout, exact=value.dim() == 2 and not embedding)
+        weights.append(seen[view])
+    if embeddings:
         notes.append(
-            f"read as plain convolutions (dim 0 = output channel, groups=1): {', '.join(plain_convs)}; "
-            "ConvTranspose and grouped convolutions look the same in a state_dict, pass --model for them"
+            f"excluded as embeddings (nwave_param never tracks nn.Embedding): {', '.join(embeddings)}; "
+            "pass --assume-plain to read them as Linear weights"
         )
-    return tracked
+    return weights
 
 
 def _build_model(factory_path: str) -> nn.Module:
@@ -173,81 +330,165 @@ def _build_model(factory_path: str) -> nn.Module:
     return model
 
 
-def model_weights(factory_path: str, state_dict: Mapping[str, Tensor], spec: ChipSpec, exclude: Sequence[str]) -> list[Weight]:
-    """The tracked weights with the exact layouts of the model ``factory_path`` builds."""
-    model = _build_model(factory_path)
-    try:
-        reg = register(model, spec, exclude=exclude)
-        model.load_state_dict(state_dict)
-    except (RuntimeError, ValueError, TypeError) as error:
-        raise CliError(f"--model {factory_path}: {str(error).strip().splitlines()[0]}") from None
+def model_weights(args: argparse.Namespace, checkpoint: Checkpoint, spec: ChipSpec, descriptions: Mapping[str, Described], notes: list[str]) -> list[Weight]:
+    """The tracked weights with the exact layouts of the model ``--model`` builds; the values stay
+    the checkpoint's own, in its own dtype."""
+    model = _build_model(args.model)
+    state_dict = checkpoint.state_dict
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            reg = register(model, spec, exclude=args.exclude)
+            try:  # plain keys: the file's own spec may differ from the one asked for
+                loadable = plain_state_dict(state_dict)
+            except ValueError:
+                loadable = state_dict
+            model.load_state_dict(loadable)
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise CliError(f"--model {args.model}: {_first_line(error)}") from None
+    notes.extend(str(warning.message) for warning in caught)
     held = model.state_dict(keep_vars=True)
     weights = []
     for name, value, layout in zip(reg.names, reg.weights(), reg._layouts):
+        described = descriptions.get(name)
+        if described is not None and described.layout != layout:
+            raise CliError(
+                f"{name}: --model {args.model} reads it with {layout}, but {checkpoint.path} describes {described.layout}: "
+                "is it the model the checkpoint was saved from?"
+            )
         path, _, local = name.rpartition(".")
-        registered = ".".join(filter(None, (path, f"parametrizations.{local}.original")))
+        registered = original_key(f"{path}." if path else "", local)
         key = next((k for k in (name, registered) if k in state_dict), None)
         aliases = tuple(k for k, t in held.items() if t is value and k != key and k in state_dict)
-        # the model gives the layout; the values stay the checkpoint's own, in its own dtype
         stored = state_dict[key] if key is not None else value.detach()
-        weights.append(Weight(name, key, stored, layout, aliases))
+        _check_readable(name, stored)
+        weights.append(Weight(name, (key, *aliases) if key is not None else (), stored, layout, True))
     return weights
 
 
-def _weights(args: argparse.Namespace, checkpoint: Checkpoint, spec: ChipSpec, notes: list[str]) -> list[Weight]:
+def gather(args: argparse.Namespace) -> tuple[Checkpoint, ChipSpec, list[Weight], list[str]]:
+    """Load the checkpoint; choose the spec, the weights and their layouts; collect notes."""
+    _check_spec_options(args)
+    checkpoint = files.load(args.checkpoint, args.max_bytes)
+    notes: list[str] = []
+    descriptions = read_descriptions(checkpoint.state_dict)
+    spec = resolve_spec(args, [d.spec for d in descriptions.values()], notes)
     if args.model:
-        weights = model_weights(args.model, checkpoint.state_dict, spec, args.exclude)
+        weights = model_weights(args, checkpoint, spec, descriptions, notes)
+    elif descriptions:
+        weights = described_weights(checkpoint, descriptions, args.exclude, notes)
     else:
-        try:
-            weights = infer_weights(checkpoint.state_dict, args.exclude, notes)
-        except ValueError as error:
-            raise CliError(f"{args.checkpoint}: {error}") from None
+        weights = inferred_weights(checkpoint, args.exclude, args.assume_plain, notes)
     if not weights:
         raise CliError(
             f"{args.checkpoint}: no trackable weight among its {len(checkpoint.state_dict)} keys "
-            "(parameters of 2+ dims named 'weight', 'weight_*', '*_weight' or '*_weights')"
+            "(tensors of 2+ dims named 'weight', 'weight_*', '*_weight' or '*_weights')"
         )
-    return weights
+    assumed = [w.name for w in weights if not w.exact]
+    if assumed:
+        notes.append(
+            f"(assumed) layouts are guessed for {', '.join(assumed)}: a convolution read as plain (dim 0 = output "
+            "channel, 1 group, not transposed), a 2-D tensor as a Linear weight; pass --model MODULE:FACTORY, or "
+            "save the checkpoint from a registered model, for exact layouts"
+        )
+    return checkpoint, spec, weights, notes
 
 
-def _report(weights: Sequence[Weight], spec: ChipSpec) -> Report:
-    return build_report([w.name for w in weights], [w.value for w in weights], [w.layout for w in weights], spec, 2)
+# --- output ------------------------------------------------------------------------------------
 
 
-def _spec(args: argparse.Namespace) -> ChipSpec:
-    try:
-        return ChipSpec(limit=args.limit, group_size=args.group_size)
-    except ValueError as error:
-        raise CliError(str(error)) from None
+def _report(weights: Sequence[Weight], values: Sequence[Tensor], spec: ChipSpec) -> Report:
+    return build_report([w.name for w in weights], list(values), [w.layout for w in weights], spec, 2)
+
+
+def _marked(report: Report, weights: Sequence[Weight]) -> Report:
+    """The report with "(assumed)" after the name of each weight whose layout is guessed."""
+    rows = [row if w.exact else dataclasses.replace(row, name=f"{row.name} (assumed)") for row, w in zip(report.rows, weights)]
+    return Report(rows, report.spec, report.power)
+
+
+def _reading(weight: Weight) -> dict:
+    return {"layout": "exact" if weight.exact else "assumed", **weight.layout.to_dict()}
+
+
+def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
+    """JSON on stdout (``--json``), or the text and, with ``--json=PATH``, the JSON in PATH too."""
+    rendered = json.dumps(data, indent=2)
+    if args.json == "-":
+        print(rendered)
+        return
+    if args.json is not None:
+        files.write_text(args.json, rendered + "\n")
+    print(text)
+
+
+def _with_notes(text: str, notes: Sequence[str]) -> str:
+    return "\n".join([text, *(f"note: {note}" for note in notes)])
+
+
+def _check_destinations(args: argparse.Namespace, destinations: Sequence[tuple[str, str]]) -> None:
+    """Before any loading: a destination is never the input nor a directory, and its directory exists."""
+    for option, path in destinations:
+        if os.path.isdir(path):
+            raise CliError(f"{option} {path} is a directory")
+        directory = os.path.dirname(os.path.realpath(path))
+        if not os.path.isdir(directory):
+            raise CliError(f"cannot write {path}: no directory {directory}")
+        if os.path.exists(path) and os.path.exists(args.checkpoint) and os.path.samefile(path, args.checkpoint):
+            raise CliError(f"refusing to overwrite the input {args.checkpoint}: choose another {option}")
+    targets = [os.path.realpath(path) for _, path in destinations]
+    if len(set(targets)) < len(targets):
+        raise CliError(f"{' and '.join(option for option, _ in destinations)} name the same file")
+
+
+def _json_destinations(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [("--json", args.json)] if args.json not in (None, "-") else []
 
 
 def run_check(args: argparse.Namespace) -> int:
-    spec = _spec(args)
-    notes: list[str] = []
-    report = _report(_weights(args, load_checkpoint(args.checkpoint), spec, notes), spec)
-    if args.json:
-        print(json.dumps({**report.to_dict(), "notes": notes}, indent=2))
-    else:
-        print(report)
-        for note in notes:
-            print(f"note: {note}")
+    _check_destinations(args, _json_destinations(args))
+    checkpoint, spec, weights, notes = gather(args)
+    report = _report(weights, [w.value for w in weights], spec)
+    data = {"checkpoint": args.checkpoint, **report.to_dict(), "notes": notes}
+    for row, weight in zip(data["rows"], weights):
+        row.update(_reading(weight))
+    _emit(args, data, _with_notes(str(_marked(report, weights)), notes))
     return 0 if report.is_mappable else 1
 
 
-def _save(obj: object, output: str) -> None:
-    """Write atomically: a crash never leaves a half-written OUT."""
-    directory = os.path.dirname(os.path.abspath(output))
-    try:
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".nwave-param-", suffix=".tmp")
-    except OSError as error:
-        raise CliError(f"cannot write {output}: {error.strerror or error}") from None
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-        os.replace(temporary, output)
-    except OSError as error:
-        os.unlink(temporary)
-        raise CliError(f"cannot write {output}: {error.strerror or error}") from None
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    if a is b:
+        return True
+    if a.dtype != b.dtype or a.shape != b.shape or a.layout != torch.strided or b.layout != torch.strided:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _change(weight: Weight, new: Tensor) -> dict:
+    """What projection did to one weight: elements changed, L1 and max change."""
+    old = weight.value
+    difference = (new.to(torch.float64) - old.to(torch.float64)).abs()
+    return {
+        "name": weight.name,
+        **_reading(weight),
+        "shape": list(old.shape),
+        "numel": old.numel(),
+        "changed": int((new != old).sum()),
+        "l1_change": float(difference.sum()),
+        "max_change": float(difference.max()) if old.numel() else 0.0,
+    }
+
+
+def _change_table(changes: Sequence[dict]) -> str:
+    columns = ("name", "layout", "changed", "numel", "l1_change", "max_change")
+    lines = [columns] + [
+        tuple(f"{c[k]:.4g}" if isinstance(c[k], float) else str(c[k]) for k in columns) for c in changes
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
+        for line in lines
+    )
 
 
 def _summary(label: str, report: Report) -> str:
@@ -259,37 +500,87 @@ def _summary(label: str, report: Report) -> str:
     )
 
 
-def run_project(args: argparse.Namespace) -> int:
-    spec = _spec(args)
-    checkpoint = load_checkpoint(args.checkpoint)
-    if os.path.exists(args.output) and os.path.samefile(args.output, args.checkpoint):
-        raise CliError(f"refusing to overwrite the input {args.checkpoint}: choose another -o")
-    notes: list[str] = []
-    weights = _weights(args, checkpoint, spec, notes)
-    for weight in weights:
-        if not bool(torch.isfinite(weight.value).all()):
-            raise CliError(f"{weight.name} holds NaN or infinite values: nothing was written")
-        if weight.key is None:
-            raise CliError(f"{weight.name} is stored through other parametrizations; project the model in Python")
-    before = _report(weights, spec)
-    projected = [
-        Weight(w.name, w.key, functional.chip(w.value, w.layout, spec), w.layout, w.aliases)
-        for w in weights
+def _refuse_unprojectable(weights: Sequence[Weight]) -> None:
+    problems = [f"{w.name} holds NaN or infinite values" for w in weights if not bool(torch.isfinite(w.value).all())]
+    problems += [f"{w.name} is stored through other parametrizations (project the model in Python)" for w in weights if not w.keys]
+    if problems:
+        raise CliError(f"cannot project: {'; '.join(problems)}; nothing was written")
+
+
+def _refuse_guessed(weights: Sequence[Weight], projected: Sequence[Tensor]) -> None:
+    guessed = [
+        f"{w.name} ({int((p != w.value).sum())} of {w.value.numel()} values)"
+        for w, p in zip(weights, projected)
+        if not w.exact and not torch.equal(p, w.value)
     ]
-    state_dict = copy.copy(checkpoint.state_dict)  # keeps the key order and every other tensor
-    for weight in projected:
-        for key in (weight.key, *weight.aliases):
-            state_dict[key] = weight.value
-    container = state_dict
-    if checkpoint.under is not None:
-        container = copy.copy(checkpoint.container)
-        container[checkpoint.under] = state_dict
-    _save(container, args.output)
-    print(_summary("before", before))
-    print(_summary("after ", _report(projected, spec)))
-    for note in notes:
-        print(f"note: {note}")
-    print(f"wrote {args.output}")
+    if guessed:
+        raise CliError(
+            f"refusing to change weights whose layout is guessed: {', '.join(guessed)} (a convolution may be grouped "
+            "or transposed, a 2-D *embed* tensor an embedding); pass --model MODULE:FACTORY for exact layouts, or "
+            "--assume-plain to project them as plain; nothing was written"
+        )
+
+
+def _plain(container: object, checkpoint: Checkpoint) -> object:
+    """``container`` with its state_dict in the keys a plain model loads (the rest untouched)."""
+    state_dict = container if checkpoint.under is None else container[checkpoint.under]
+    try:
+        plain = plain_state_dict(state_dict)
+    except ValueError as error:
+        raise CliError(f"--plain: {_first_line(error)}") from None
+    if hasattr(state_dict, "_metadata"):  # module versions: load_state_dict reads them
+        plain._metadata = state_dict._metadata
+    if checkpoint.under is None:
+        return plain
+    result = copy.copy(container)
+    result[checkpoint.under] = plain
+    return result
+
+
+def run_project(args: argparse.Namespace) -> int:
+    _check_destinations(args, [("-o", args.output), *_json_destinations(args)])
+    if files.is_safetensors(args.output):
+        files._safetensors()  # before any work: is the package there?
+    checkpoint, spec, weights, notes = gather(args)
+    _refuse_unprojectable(weights)
+    projected = [functional.chip(w.value, w.layout, spec) for w in weights]
+    if not args.assume_plain:
+        _refuse_guessed(weights, projected)
+    state_dict = checkpoint.state_dict
+    targets = [(state_dict[key], p) for w, p in zip(weights, projected) for key in w.keys]
+    container, counterpart = files.with_values(checkpoint.container, targets)
+    # memory shared in the input is shared in the output: each key must read its own projection
+    clashing = [key for w, p in zip(weights, projected) for key in w.keys if not torch.equal(counterpart(state_dict[key]), p)]
+    if clashing:
+        raise CliError(
+            f"{', '.join(clashing)} share memory with another weight read with a different layout, and their "
+            "projections disagree; pass --model MODULE:FACTORY, or --exclude one of them; nothing was written"
+        )
+    tracked = {key for w in weights for key in w.keys}
+    following = [
+        key for key, value in state_dict.items()
+        if key not in tracked and isinstance(value, Tensor) and not _same_bits(counterpart(value), value)
+    ]
+    if following:
+        notes.append(f"changed with the weights they share memory with: {', '.join(following)}")
+    new_values = [counterpart(state_dict[w.keys[0]]) for w in weights]
+    if args.plain:
+        container = _plain(container, checkpoint)
+    notes += files.save(checkpoint, container, args.output)
+    before, after = _report(weights, [w.value for w in weights], spec), _report(weights, new_values, spec)
+    changes = [_change(w, new) for w, new in zip(weights, new_values)]
+    data = {
+        "checkpoint": args.checkpoint,
+        "output": args.output,
+        "plain": args.plain,
+        "spec": after.to_dict()["spec"],
+        "before": {"mappable": before.is_mappable, "totals": before.to_dict()["totals"]},
+        "after": {"mappable": after.is_mappable, "totals": after.to_dict()["totals"]},
+        "weights": changes,
+        "notes": notes,
+    }
+    text = [_summary("before", before), _summary("after ", after), _change_table(changes)]
+    _emit(args, data, _with_notes("\n".join(text), notes) + f"\nwrote {args.output}")
     return 0
 
 
@@ -301,46 +592,126 @@ def run_demo(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (3 if args.quick else 100)
     if epochs < 1:
         raise CliError(f"--epochs must be >= 1, got {epochs}")
+    # --bits and --mismatch: pass them on from here once demo.main takes them
     try:
-        return demo.main(epochs, args.json, args.plot)
+        if args.json != "-":
+            return demo.main(epochs, args.json, args.plot)
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "demo.json")
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
+                code = demo.main(epochs, path, args.plot)
+            with open(path) as stream:
+                print(stream.read().rstrip("\n"))
+            return code
     except ImportError as error:
         raise CliError(str(error)) from None
 
 
+# --- the parser --------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A usage error is one line too (the usage itself is one --help away)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _size(text: str) -> int:
+    try:
+        size = files.parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
+    return size
+
+
+def _add_checkpoint_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "checkpoint", metavar="CHECKPOINT",
+        help="a state_dict saved with torch.save (or a dict holding one under 'state_dict' or 'model'), or a *.safetensors file",
+    )
+    sub.add_argument("--chip", type=str.lower, choices=sorted(CHIPS), help="the chip's preset spec (default: the checkpoint's own, else h1v1)")
+    sub.add_argument("--limit", type=float, help=f"largest |w| the chip holds (default: the checkpoint's, else {H1V1.limit})")
+    sub.add_argument("--group-size", type=int, help=f"output neurons per block (default: the checkpoint's, else {H1V1.group_size})")
+    sub.add_argument("--bits", type=int, help="weights on the symmetric grid of this many bits (default: the checkpoint's, else none)")
+    sub.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave out weights whose dotted name matches (repeatable)")
+    sub.add_argument("--model", metavar="MODULE:FACTORY", help="build the model to read exact layouts (grouped or transposed convolutions)")
+    sub.add_argument(
+        "--assume-plain", action="store_true",
+        help="read weights whose layout is guessed as plain: convolutions as ungrouped and not transposed, "
+        "2-D *embed* tensors as Linear weights (otherwise excluded); project refuses to change them without it",
+    )
+    sub.add_argument(
+        "--max-bytes", type=_size, default=_size(DEFAULT_MAX_BYTES), metavar="SIZE",
+        help=f"refuse, before loading, a checkpoint whose tensors take more memory (e.g. 500M, 16G; default {DEFAULT_MAX_BYTES})",
+    )
+    _add_json(sub, "print the result as JSON instead of the text; --json=PATH prints the text and writes the JSON to PATH")
+
+
+def _add_json(sub: argparse.ArgumentParser, help: str) -> None:
+    sub.add_argument("--json", nargs="?", const="-", metavar="PATH", help=help)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nwave-param", description="Check and fit models for the Neuronova chip.")
+    parser = _Parser(prog="nwave-param", description="Check and fit models for the Neuronova chip.", allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str, run) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+        sub = commands.add_parser(name, help=help, description=help, allow_abbrev=False)
         sub.set_defaults(run=run)
         return sub
 
     check = add("check", "print the per-weight report of a checkpoint; exit 0 when mappable, 1 when not", run_check)
+    _add_checkpoint_options(check)
     project = add("project", "write the L1-nearest mappable checkpoint", run_project)
-    project.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write (never the input)")
-    for sub in (check, project):
-        sub.add_argument("checkpoint", metavar="CHECKPOINT", help="a state_dict saved with torch.save, or a dict holding one under 'state_dict' or 'model'")
-        sub.add_argument("--limit", type=float, default=ChipSpec.limit, help="largest |w| the chip holds (default %(default)s)")
-        sub.add_argument("--group-size", type=int, default=ChipSpec.group_size, help="output neurons per block (default %(default)s)")
-        sub.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="GLOB", help="weights that run off-chip, by dotted name")
-        sub.add_argument("--model", metavar="MODULE:FACTORY", help="build the model to read exact layouts (ConvTranspose, groups)")
-    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_checkpoint_options(project)
+    project.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write (never the input); *.safetensors writes safetensors")
+    project.add_argument("--plain", action="store_true", help="write the keys a plain model (without nwave_param) loads with strict=True")
     demo = add("demo", "train a spiking network on handwritten digits with and without the penalties", run_demo)
     demo.add_argument("--quick", action="store_true", help="a few epochs (a smoke run)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 100, --quick 3)")
-    demo.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
     demo.add_argument("--plot", metavar="PATH", help="write a PNG: weight histograms and per-layer violations")
+    # (--bits and --mismatch for the demo's spec go here)
+    _add_json(demo, "print the numbers as JSON instead of the table (which goes to stderr); --json=PATH (or --json PATH) writes them to PATH")
     return parser
 
 
+def _attach_json_paths(argv: list[str]) -> list[str]:
+    """In check and project, a bare ``--json`` never takes the next word as its path: only
+    ``--json=PATH`` carries one (otherwise ``check --json model.pt`` would lose its checkpoint).
+    ``demo`` takes no file, so ``--json PATH`` keeps working there."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in ("check", "project"):
+        return argv
+    end = argv.index("--") if "--" in argv else len(argv)
+    return ["--json=-" if a == "--json" else a for a in argv[:end]] + argv[end:]
+
+
+def _fail(message: str) -> int:
+    print(f"nwave-param: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(_attach_json_paths(argv))
+    if unknown:
+        after_json = {word for flag, word in zip(argv, argv[1:]) if flag == "--json"}
+        hint = "; attach a path to --json with '=': --json=PATH" if after_json & set(unknown) else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         return args.run(args)
-    except CliError as error:
-        print(f"nwave-param: error: {error}", file=sys.stderr)
-        return 2
+    except (CliError, CheckpointError) as error:
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    except MemoryError:
+        return _fail("out of memory; a smaller --max-bytes refuses such checkpoints before loading them")
+    except Exception as error:  # every error is one line: even one nobody foresaw
+        return _fail(f"unexpected {type(error).__name__}: {_first_line(error)} (please report it with the command line)")
 
 
 if __name__ == "__main__":

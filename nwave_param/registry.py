@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 from . import functional, state
 from .discovery import Constrained, constraints, patterns, select
 from .functional import Penalties
+from .layout import Layout, layout_of
 from .parametrization import ChipConstraint, Settings, attach, check_hardness, check_scale, detach
 from .report import Report, build_report
 from .spec import ChipSpec
@@ -74,18 +75,39 @@ def register(
                 "use nwp.registry_of(model), or call .remove() on it before registering again"
             )
     selected = select(model, patterns(exclude))
-    orders = {id(item.module): tuple(item.module._parameters) for item, _ in selected}
+    holders = _holders(model, selected)
+    orders = {id(module): tuple(module._parameters) for module, _, _ in holders}
     attached: list[Constrained] = []
     try:
-        for item, layout in selected:
-            constraint = ChipConstraint(layout, settings, orders[id(item.module)])
-            attach(item.module, item.tensor_name, constraint)
-            state.add_load_hook(item.module)
-            attached.append(Constrained(item.name, item.module, item.tensor_name, constraint))
+        for module, tensor_name, layout in holders:
+            constraint = ChipConstraint(layout, settings, orders[id(module)])
+            attach(module, tensor_name, constraint)
+            state.add_load_hook(module)
+            attached.append(Constrained(tensor_name, module, tensor_name, constraint))
     except BaseException:
         _remove(attached)
         raise
     return Registry(model)
+
+
+def _holders(model: nn.Module, selected) -> list[tuple[nn.Module, str, Layout]]:
+    """``(module, tensor_name, layout)`` for each selected weight and every other module holding
+    the same Parameter: a tied weight gets a constraint in each holder, so that every module
+    computes with the hardened value (the registry counts it once)."""
+    params = {id(p): p for item, _ in selected if (p := item.module._parameters.get(item.tensor_name)) is not None}
+    tied: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for tensor_name, value in module._parameters.items():
+            if value is not None and id(value) in params:
+                tied.setdefault(id(value), []).append((module, tensor_name))
+    holders = []
+    for item, layout in selected:
+        param = item.module._parameters.get(item.tensor_name)
+        if param is None:  # already parametrized: the chain is the weight's only holder
+            holders.append((item.module, item.tensor_name, layout))
+        else:
+            holders += [(m, n, layout if m is item.module else layout_of(m, n)) for m, n in tied[id(param)]]
+    return holders
 
 
 def registry_of(model: nn.Module) -> Registry:
@@ -142,7 +164,16 @@ class Registry:
                     f"({first.constraint.settings} and {entry.constraint.settings}): one registry needs one "
                     "configuration; remove one registration and register again"
                 )
-        object.__setattr__(self, "_entries", tuple(entries))
+        object.__setattr__(self, "_entries", tuple(entries))  # every constraint: harden, remove
+        latents: set[int] = set()
+        tracked = []  # each latent weight once: a tied Parameter is held by several constraints
+        for entry in entries:
+            chain = _chain(entry)
+            key = id(chain.original) if len(chain) == 1 else id(entry.constraint)
+            if key not in latents:
+                latents.add(key)
+                tracked.append(entry)
+        object.__setattr__(self, "_tracked", tuple(tracked))
         object.__setattr__(self, "_removed", False)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -179,12 +210,13 @@ class Registry:
 
     @property
     def names(self) -> list[str]:
-        """Dotted names of the tracked weights, relative to the model this registry was built from."""
-        return [entry.name for entry in self._entries]
+        """Dotted names of the tracked weights, relative to the model this registry was built from
+        (a tied weight once, by its first name)."""
+        return [entry.name for entry in self._tracked]
 
     @property
     def _layouts(self):
-        return [entry.constraint.layout for entry in self._entries]
+        return [entry.constraint.layout for entry in self._tracked]
 
     def harden(self, hardness: float) -> Registry:
         r"""Compute with :math:`w + h\,(\mathrm{chip}(w) - w)` from now on; returns ``self``.
@@ -209,7 +241,7 @@ class Registry:
         """The latent weights, differentiable: the Parameters themselves where nwave_param's
         constraint is the only parametrization, else what the earlier ones make of them."""
         self._check_removed()
-        return [_latent(entry) for entry in self._entries]
+        return [_latent(entry) for entry in self._tracked]
 
     def penalties(self) -> Penalties:
         """``Penalties(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
@@ -268,27 +300,27 @@ class Registry:
         weights = self.weights()
         problems = [
             f"{entry.name} holds NaN or infinite values"
-            for entry, weight in zip(self._entries, weights)
+            for entry, weight in zip(self._tracked, weights)
             if not bool(torch.isfinite(weight).all())
         ] + [
             f"{entry.name} sits behind {type(link).__name__}, which has no right_inverse to write the projected value back"
-            for entry in self._entries
+            for entry in self._tracked
             for link in _before(entry)
             if not hasattr(link, "right_inverse")
         ]
         if problems:
             raise ValueError(f"cannot project: {'; '.join(problems)}; nothing was changed")
         spec = self.spec
-        targets = [functional.chip(w, entry.constraint.layout, spec) for w, entry in zip(weights, self._entries)]
-        backups = [[t.clone() for t in _originals(entry)] for entry in self._entries]
+        targets = [functional.chip(w, entry.constraint.layout, spec) for w, entry in zip(weights, self._tracked)]
+        backups = [[t.clone() for t in _originals(entry)] for entry in self._tracked]
         try:
-            for entry, weight, target in zip(self._entries, weights, targets):
+            for entry, weight, target in zip(self._tracked, weights, targets):
                 if _before(entry):
                     _write_through_chain(entry, target, spec)
                 else:
                     weight.copy_(target)
         except BaseException:
-            for entry, saved in zip(self._entries, backups):
+            for entry, saved in zip(self._tracked, backups):
                 for original, value in zip(_originals(entry), saved):
                     original.copy_(value)
             raise
@@ -328,7 +360,7 @@ class Registry:
     def __repr__(self) -> str:
         s = self.settings
         return (
-            f"Registry({len(self._entries)} weights, {s.spec}, alpha={s.alpha}, lam={s.lam}, "
+            f"Registry({len(self._tracked)} weights, {s.spec}, alpha={s.alpha}, lam={s.lam}, "
             f"power={s.power}, hardness={s.hardness})"
         )
 

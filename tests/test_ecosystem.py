@@ -1,7 +1,6 @@
 """nwave_param inside the tools users train with: spiking libraries, mixed precision, torch.compile."""
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -139,17 +138,6 @@ def test_compiled_registered_model_trains_like_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_penalty_inside_a_compiled_function_uses_the_traceable_formula():
-    torch.manual_seed(0)
-    model = scaled(nn.Linear(12, 11), 3.0)
-    reg = nwp.register(model)
-    expected = reg.penalty()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        value = torch.compile(lambda: reg.penalty())()
-    torch.testing.assert_close(value, expected)
-
-
 # --- DistributedDataParallel -----------------------------------------------------------------
 
 
@@ -183,7 +171,7 @@ def _ddp_worker(rank, world, port, out):
         model = _ddp_model()
         nwp.register(model)  # register, then wrap
         ddp = DistributedDataParallel(model)
-        reg = nwp.registry_of(ddp.module)
+        reg = nwp.registry_of(ddp.module).harden(0.7)  # every rank hardens alike
         xs, ys = _batches(world)
         _train(ddp, reg, xs[:, rank::world], ys[:, rank::world])
         torch.save([w.detach() for w in reg.weights()], f"{out}.{rank}")
@@ -191,7 +179,7 @@ def _ddp_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_single_process_training(tmp_path):
+def test_ddp_two_hardened_processes_match_single_process_training(tmp_path):
     import socket
 
     import torch.distributed as dist
@@ -206,7 +194,7 @@ def test_ddp_two_processes_match_single_process_training(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     model = _ddp_model()
-    reg = nwp.register(model)
+    reg = nwp.register(model).harden(0.7)
     xs, ys = _batches(2)
     _train(model, reg, xs, ys)
     for a, b, single in zip(rank0, rank1, reg.weights()):

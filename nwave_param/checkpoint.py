@@ -1,0 +1,388 @@
+"""Checkpoint files for the command line: PyTorch and safetensors, read safely, written atomically.
+
+* Reading: ``torch.load(..., weights_only=True, map_location="cpu")`` (a checkpoint never runs
+  code) or the ``safetensors`` package for ``*.safetensors``, after a memory guard that reads
+  the size of the tensors from the file's directory (zip entries) without loading them.
+* Writing: a temporary file beside the output, renamed over it once complete, with the mode a
+  plain ``open()`` would give; on any failure, Ctrl-C included, nothing is left behind.
+* Storage sharing: :func:`with_values` gives a container new values for some tensors while every
+  tie and view of the input survives (torch.save keeps what shares storage in memory).
+* nwave_param's descriptions (the ``..._extra_state`` entries a registered model saves beside a
+  weight: its layout and spec) travel in a safetensors file's metadata, each as a JSON string
+  under its own key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import pickle
+import re
+import stat
+import tempfile
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import torch
+from torch import Tensor, nn
+
+from .parametrization import read_description
+from .state import _KEY
+
+__all__ = ["Checkpoint", "CheckpointError", "load", "parse_size", "save", "with_values", "write_text"]
+
+INSTALL_SAFETENSORS = "pip install 'nwave-param[safetensors]'"
+# A pre-1.6 (non-zip) torch.save file starts with its pickled magic number.
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+_DESCRIPTION_KEY = re.compile(r"^\d+\._extra_state$")  # the tail of _KEY's "rest" for a description
+
+
+class CheckpointError(Exception):
+    """A one-line error for the user (the command line exits with status 2)."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the object on disk and the state_dict inside it (``under`` its key).
+
+    For a safetensors file, ``container`` is the state_dict, nwave_param's descriptions included
+    (taken from the metadata), and ``metadata`` holds the rest of the metadata.
+    """
+
+    path: str
+    container: object
+    state_dict: Mapping[str, object]
+    under: str | None
+    metadata: dict[str, str] | None = None
+
+
+def is_safetensors(path: str) -> bool:
+    return path.lower().endswith(".safetensors")
+
+
+def parse_size(text: str) -> int:
+    """``"4G"`` -> 4 * 2**30: a whole or decimal number of bytes, optionally K, M, G or T (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"expected a size such as 500M or 4G, got {text!r}")
+    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
+
+
+def human_size(count: int) -> str:
+    if count < 1024:
+        return f"{count} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        count /= 1024
+        if count < 1024 or unit == "TiB":
+            break
+    return f"{count:.1f} {unit}"
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise CheckpointError(f"safetensors files need the safetensors package: {INSTALL_SAFETENSORS}") from None
+    return safetensors
+
+
+def _open_regular_file(path: str) -> bytes:
+    """The first 16 bytes of ``path``, after checking that it is a readable regular file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a regular file")
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(16)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _guard(path: str, needed: int, max_bytes: int) -> None:
+    if needed > max_bytes:
+        raise CheckpointError(
+            f"{path}: loading it takes {human_size(needed)}, more than --max-bytes {human_size(max_bytes)}; "
+            "pass a larger --max-bytes (e.g. --max-bytes 16G) if this machine has the memory"
+        )
+
+
+def _torch_size(path: str, head: bytes) -> int:
+    """Bytes that loading ``path`` allocates at most, read without loading it."""
+    if zipfile.is_zipfile(path):
+        # the uncompressed sizes: a compressed entry must not hide a large tensor
+        with zipfile.ZipFile(path) as archive:
+            return sum(entry.file_size for entry in archive.infolist())
+    if head.startswith(_LEGACY_MAGIC):
+        return os.path.getsize(path)  # the legacy format is not compressed
+    if head.startswith(b"PK"):
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (a damaged or truncated zip archive)")
+    if head[8:10] == b'{"':
+        raise CheckpointError(f"{path} looks like a safetensors file: name it *.safetensors")
+    raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+
+
+def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
+    _guard(path, _torch_size(path, head), max_bytes)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a bad file
+        if "Unsupported global" in str(error):
+            raise CheckpointError(
+                f"{path} holds pickled Python objects (a full model?), which could run code when loaded; "
+                "save model.state_dict() instead"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(error)})") from None
+
+
+def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
+    safetensors = _safetensors()
+    _guard(path, os.path.getsize(path), max_bytes)  # not compressed: the file bounds its tensors
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # SafetensorError and the like: a bad header or body
+        raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint ({_first_line(error)})") from None
+    return tensors, metadata
+
+
+def _is_description_key(key: str) -> bool:
+    match = _KEY.match(key)
+    return match is not None and _DESCRIPTION_KEY.match(match["rest"]) is not None
+
+
+def _descriptions_from_metadata(metadata: dict[str, str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Split ``metadata`` into nwave_param's descriptions (decoded) and the rest."""
+    found, rest = {}, {}
+    for key, text in metadata.items():
+        try:
+            value = json.loads(text) if _is_description_key(key) else None
+        except ValueError:
+            value = None
+        if read_description(value) is not None:
+            found[key] = value
+        else:
+            rest[key] = text
+    return found, rest
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and all(isinstance(k, str) for k in obj)
+        and any(isinstance(v, Tensor) for v in obj.values())
+    )
+
+
+def load(path: str, max_bytes: int) -> Checkpoint:
+    """Load ``path`` (``*.safetensors`` with safetensors, anything else with torch) and find its state_dict."""
+    head = _open_regular_file(path)
+    if is_safetensors(path):
+        tensors, metadata = _load_safetensors(path, max_bytes)
+        descriptions, rest = _descriptions_from_metadata(metadata)
+        state_dict = OrderedDict({**tensors, **descriptions})
+        return Checkpoint(path, state_dict, state_dict, None, rest)
+    obj = _load_torch(path, head, max_bytes)
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and _is_state_dict(obj.get(key)):
+            return Checkpoint(path, obj, obj[key], key)
+    if _is_state_dict(obj):
+        return Checkpoint(path, obj, obj, None)
+    raise CheckpointError(f"{path} holds no state_dict (expected one, or a dict with it under 'state_dict' or 'model')")
+
+
+# --- storage sharing ---------------------------------------------------------------------------
+
+
+def storage_of(tensor: Tensor) -> tuple | None:
+    """What identifies the memory ``tensor`` lives in; None for memory nothing else can share."""
+    if tensor.layout != torch.strided:
+        return None
+    storage = tensor.untyped_storage()
+    return (storage.device, storage.data_ptr()) if storage.nbytes() else None
+
+
+def _map_tensors(obj: object, change: Callable[[Tensor], Tensor]) -> object:
+    """``obj`` with each tensor replaced by ``change(tensor)``; containers are copied only where
+    something changed (``copy.copy`` keeps a state_dict's order and its ``_metadata``)."""
+    if isinstance(obj, Tensor):
+        return change(obj)
+    if isinstance(obj, Mapping):
+        changed = {k: new for k, v in obj.items() if (new := _map_tensors(v, change)) is not v}
+        if not changed:
+            return obj
+        result = copy.copy(obj)
+        result.update(changed)
+        return result
+    if isinstance(obj, (list, tuple)):
+        items = [_map_tensors(v, change) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    return obj
+
+
+def with_values(container: object, targets: list[tuple[Tensor, Tensor]]) -> tuple[object, Callable[[Tensor], Tensor]]:
+    """A copy of ``container`` in which each ``old`` tensor of ``targets`` holds ``new``.
+
+    Every tensor that shares memory with an ``old`` one is rebuilt over one copy of that memory,
+    with its own offset, shape and strides: tied keys stay tied, a view stays a view, and both
+    read the new values.  Tensors sharing nothing with a target are kept, the same objects.
+    Returns the new container and the map from a tensor of the input to its counterpart.
+    """
+    copies = {}
+    for old, _ in targets:
+        where = storage_of(old)
+        if where is not None and where not in copies:
+            copies[where] = old.untyped_storage().clone()
+    rebuilt: dict[int, Tensor] = {}
+
+    def counterpart(tensor: Tensor) -> Tensor:
+        where = storage_of(tensor)
+        if where not in copies:
+            return tensor
+        if id(tensor) not in rebuilt:
+            view = torch.empty(0, dtype=tensor.dtype).set_(
+                copies[where], tensor.storage_offset(), tensor.shape, tensor.stride()
+            )
+            if isinstance(tensor, nn.Parameter):
+                view = nn.Parameter(view, requires_grad=tensor.requires_grad)
+            rebuilt[id(tensor)] = view
+        return rebuilt[id(tensor)]
+
+    result = _map_tensors(container, counterpart)
+    with torch.no_grad():
+        for old, new in targets:
+            counterpart(old).copy_(new)
+    return result, counterpart
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(target: str) -> int:
+    """What a plain ``open(target, "w")`` gives: the mode of the file it replaces, or 0o666 minus the umask."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash, a full disk or Ctrl-C leaves ``path`` as it was and no temporary file behind.
+    A symbolic link is written through, as ``open()`` would.
+    """
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        raise CheckpointError(f"cannot write {path}: it is a directory")
+    mode = _mode_for(target)
+    try:
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".nwave-param-", suffix=".tmp")
+    except OSError as error:
+        raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            os.fchmod(stream.fileno(), mode)
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(error, KeyboardInterrupt):
+            raise CheckpointError(f"interrupted while writing {path}: nothing was written") from None
+        if isinstance(error, (OSError, RuntimeError)):  # torch's writer reports some I/O errors as RuntimeError
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+            raise CheckpointError(f"cannot write {path}: {reason}; nothing was written") from None
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    write_atomically(path, lambda stream: stream.write(text.encode()))
+
+
+def _safetensors_content(checkpoint: Checkpoint, container: object, path: str) -> tuple[dict, dict[str, str], list[str]]:
+    """The tensors and metadata of a safetensors file holding ``container``, and notes."""
+    state_dict = container
+    if checkpoint.under is not None:
+        others = [repr(k) for k in container if k != checkpoint.under]
+        if others:
+            raise CheckpointError(
+                f"cannot write {path}: a safetensors file holds only tensors, and {checkpoint.path} also holds "
+                f"{', '.join(others)} beside its state_dict; write a .pt file instead"
+            )
+        state_dict = container[checkpoint.under]
+    metadata = dict(checkpoint.metadata) if checkpoint.metadata is not None else {"format": "pt"}
+    tensors, refused = {}, []
+    for key, value in state_dict.items():
+        if isinstance(value, Tensor) and value.layout == torch.strided:
+            tensors[key] = value
+        elif _is_description_key(key) and read_description(value) is not None:
+            metadata[key] = json.dumps(value)
+        else:
+            refused.append(key)
+    if refused:
+        raise CheckpointError(
+            f"cannot write {path}: a safetensors file holds only dense tensors, not {', '.join(refused)}; "
+            "write a .pt file instead"
+        )
+    tensors, notes = _unshared(tensors)
+    return tensors, metadata, notes
+
+
+def _unshared(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """safetensors cannot share memory: ties and views become equal, separate, contiguous copies."""
+    groups: dict[tuple, list[str]] = {}
+    for key, tensor in tensors.items():
+        groups.setdefault(storage_of(tensor) or (id(tensor),), []).append(key)
+    result, copied = {}, []
+    for keys in groups.values():
+        for i, key in enumerate(keys):
+            tensor = tensors[key]
+            result[key] = tensor.clone(memory_format=torch.contiguous_format) if i else tensor.contiguous()
+        if len(keys) > 1:
+            copied.append(", ".join(keys))
+    notes = [f"written as separate, equal copies (safetensors cannot share memory): {group}" for group in copied]
+    return result, notes
+
+
+def save(checkpoint: Checkpoint, container: object, path: str) -> list[str]:
+    """Write ``container`` (``checkpoint``'s, changed) to ``path``, as safetensors for ``*.safetensors``.
+
+    Returns notes about what the format could not keep as it was.
+    """
+    if not is_safetensors(path):
+        write_atomically(path, lambda stream: torch.save(container, stream))
+        lost = [key for key in checkpoint.metadata or () if key != "format"]  # "format": "pt" says what a .pt is
+        return [f"safetensors metadata a .pt file has no place for, not kept: {', '.join(lost)}"] if lost else []
+    safetensors = _safetensors()
+    tensors, metadata, notes = _safetensors_content(checkpoint, container, path)
+    try:
+        data = safetensors.torch.save(tensors, metadata=metadata)
+    except Exception as error:  # a dtype safetensors cannot hold, and the like
+        raise CheckpointError(f"cannot write {path}: {_first_line(error)}") from None
+    write_atomically(path, lambda stream: stream.write(data))
+    return notes
