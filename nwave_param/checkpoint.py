@@ -2,7 +2,8 @@
 
 * Reading: ``torch.load(..., weights_only=True, map_location="cpu")`` (a checkpoint never runs
   code) or the ``safetensors`` package for ``*.safetensors``, after a memory guard that reads
-  the size of the tensors from the file's directory (zip entries) without loading them.
+  what loading will take without loading: the uncompressed sizes of a zip archive's entries, or
+  the size of a file that is not compressed.
 * Writing: a temporary file beside the output, renamed over it once complete, with the mode a
   plain ``open()`` would give; on any failure, Ctrl-C included, nothing is left behind.
 * Storage sharing: :func:`with_values` gives a container new values for some tensors while every
@@ -22,6 +23,7 @@ import pickle
 import re
 import stat
 import tempfile
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -32,14 +34,26 @@ import torch
 from torch import Tensor, nn
 
 from .parametrization import read_description
-from .state import _KEY
+from .state import KEY_PATTERN
 
-__all__ = ["Checkpoint", "CheckpointError", "load", "parse_size", "save", "with_values", "write_text"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "is_safetensors",
+    "load",
+    "parse_size",
+    "require_safetensors",
+    "save",
+    "storage_of",
+    "with_values",
+    "write_atomically",
+    "write_text",
+]
 
 INSTALL_SAFETENSORS = "pip install 'nwave-param[safetensors]'"
 # A pre-1.6 (non-zip) torch.save file starts with its pickled magic number.
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
-_DESCRIPTION_KEY = re.compile(r"^\d+\._extra_state$")  # the tail of _KEY's "rest" for a description
+_DESCRIPTION_KEY = re.compile(r"^\d+\._extra_state$")  # the tail of KEY_PATTERN's "rest" for a description
 
 
 class CheckpointError(Exception):
@@ -86,7 +100,7 @@ def human_size(count: int) -> str:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def _safetensors():
+def require_safetensors():
     try:
         import safetensors.torch
     except ImportError:
@@ -140,7 +154,9 @@ def _first_line(error: BaseException) -> str:
 def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
     _guard(path, _torch_size(path, head), max_bytes)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's deprecation notices about what a file holds: not the user's to fix
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a bad file
         if "Unsupported global" in str(error):
             raise CheckpointError(
@@ -151,7 +167,7 @@ def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
 
 
 def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
-    safetensors = _safetensors()
+    safetensors = require_safetensors()
     _guard(path, os.path.getsize(path), max_bytes)  # not compressed: the file bounds its tensors
     try:
         with safetensors.safe_open(path, framework="pt", device="cpu") as handle:
@@ -163,7 +179,7 @@ def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
 
 
 def _is_description_key(key: str) -> bool:
-    match = _KEY.match(key)
+    match = KEY_PATTERN.match(key)
     return match is not None and _DESCRIPTION_KEY.match(match["rest"]) is not None
 
 
@@ -214,7 +230,10 @@ def storage_of(tensor: Tensor) -> tuple | None:
     """What identifies the memory ``tensor`` lives in; None for memory nothing else can share."""
     if tensor.layout != torch.strided:
         return None
-    storage = tensor.untyped_storage()
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a tensor without plain storage shares none
+        return None
     return (storage.device, storage.data_ptr()) if storage.nbytes() else None
 
 
@@ -303,8 +322,8 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     except OSError as error:
         raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
     try:
+        os.fchmod(handle, mode)
         with os.fdopen(handle, "wb") as stream:
-            os.fchmod(stream.fileno(), mode)
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -314,10 +333,19 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
             os.unlink(temporary)
         if isinstance(error, KeyboardInterrupt):
             raise CheckpointError(f"interrupted while writing {path}: nothing was written") from None
-        if isinstance(error, (OSError, RuntimeError)):  # torch's writer reports some I/O errors as RuntimeError
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
-            raise CheckpointError(f"cannot write {path}: {reason}; nothing was written") from None
+        if isinstance(error, (OSError, RuntimeError)):
+            raise CheckpointError(f"cannot write {path}: {_write_failure(error)}; nothing was written") from None
         raise
+
+
+def _write_failure(error: BaseException) -> str:
+    """The OSError behind a failed write: torch's writer wraps one from the stream in a RuntimeError."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return _first_line(error)
 
 
 def write_text(path: str, text: str) -> None:
@@ -378,7 +406,7 @@ def save(checkpoint: Checkpoint, container: object, path: str) -> list[str]:
         write_atomically(path, lambda stream: torch.save(container, stream))
         lost = [key for key in checkpoint.metadata or () if key != "format"]  # "format": "pt" says what a .pt is
         return [f"safetensors metadata a .pt file has no place for, not kept: {', '.join(lost)}"] if lost else []
-    safetensors = _safetensors()
+    safetensors = require_safetensors()
     tensors, metadata, notes = _safetensors_content(checkpoint, container, path)
     try:
         data = safetensors.torch.save(tensors, metadata=metadata)

@@ -47,7 +47,7 @@ from .parametrization import read_description
 from .registry import register
 from .report import Report, build_report
 from .spec import H1V1, H1V2, ChipSpec
-from .state import _KEY, original_key, plain_state_dict
+from .state import KEY_PATTERN, original_key, plain_state_dict
 
 __all__ = ["main"]
 
@@ -91,6 +91,11 @@ class Described:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _one_line(error: BaseException) -> str:
+    """All of a multi-line message (load_state_dict's names the keys on later lines), on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -174,7 +179,7 @@ def read_descriptions(state_dict: Mapping[str, object]) -> dict[str, Described]:
     """The weights a registered model described in its state_dict, by name."""
     found = {}
     for key, value in state_dict.items():
-        match = _KEY.match(key)
+        match = KEY_PATTERN.match(key)
         description = read_description(value) if match else None
         if description is None:
             continue
@@ -186,7 +191,9 @@ def read_descriptions(state_dict: Mapping[str, object]) -> dict[str, Described]:
     return found
 
 
-def described_weights(checkpoint: Checkpoint, descriptions: Mapping[str, Described], exclude: Sequence[str], notes: list[str]) -> list[Weight]:
+def described_weights(
+    checkpoint: Checkpoint, descriptions: Mapping[str, Described], exclude: Sequence[str], notes: list[str]
+) -> list[Weight]:
     """The weights the file describes, with their exact layouts (the registration's choice of weights)."""
     state_dict = checkpoint.state_dict
     _note_unmatched(exclude, list(descriptions), notes)
@@ -264,7 +271,8 @@ def _by_weight_name(state_dict: Mapping[str, object], notes: list[str]) -> dict[
         else:
             chained.add(name)
     if chained:
-        notes.append(f"skipped {', '.join(sorted(chained))}: stored through other parametrizations; pass --model to read them")
+        names = ", ".join(sorted(chained))
+        notes.append(f"skipped {names}: stored through other parametrizations; pass --model to read them")
     return found
 
 
@@ -330,7 +338,9 @@ def _build_model(factory_path: str) -> nn.Module:
     return model
 
 
-def model_weights(args: argparse.Namespace, checkpoint: Checkpoint, spec: ChipSpec, descriptions: Mapping[str, Described], notes: list[str]) -> list[Weight]:
+def model_weights(
+    args: argparse.Namespace, checkpoint: Checkpoint, spec: ChipSpec, descriptions: Mapping[str, Described], notes: list[str]
+) -> list[Weight]:
     """The tracked weights with the exact layouts of the model ``--model`` builds; the values stay
     the checkpoint's own, in its own dtype."""
     model = _build_model(args.model)
@@ -345,11 +355,13 @@ def model_weights(args: argparse.Namespace, checkpoint: Checkpoint, spec: ChipSp
                 loadable = state_dict
             model.load_state_dict(loadable)
         except (RuntimeError, ValueError, TypeError) as error:
-            raise CliError(f"--model {args.model}: {_first_line(error)}") from None
+            raise CliError(f"--model {args.model}: {_one_line(error)}") from None
     notes.extend(str(warning.message) for warning in caught)
     held = model.state_dict(keep_vars=True)
+    with contextlib.suppress(ValueError):  # the file may hold the plain keys of a tied weight
+        held = {**held, **plain_state_dict(held)}
     weights = []
-    for name, value, layout in zip(reg.names, reg.weights(), reg._layouts):
+    for name, value, layout in zip(reg.names, reg.weights(), reg.layouts):
         described = descriptions.get(name)
         if described is not None and described.layout != layout:
             raise CliError(
@@ -359,7 +371,7 @@ def model_weights(args: argparse.Namespace, checkpoint: Checkpoint, spec: ChipSp
         path, _, local = name.rpartition(".")
         registered = original_key(f"{path}." if path else "", local)
         key = next((k for k in (name, registered) if k in state_dict), None)
-        aliases = tuple(k for k, t in held.items() if t is value and k != key and k in state_dict)
+        aliases = tuple(k for k, t in held.items() if t is value and k != key and k in state_dict)  # tied keys
         stored = state_dict[key] if key is not None else value.detach()
         _check_readable(name, stored)
         weights.append(Weight(name, (key, *aliases) if key is not None else (), stored, layout, True))
@@ -403,7 +415,9 @@ def _report(weights: Sequence[Weight], values: Sequence[Tensor], spec: ChipSpec)
 
 def _marked(report: Report, weights: Sequence[Weight]) -> Report:
     """The report with "(assumed)" after the name of each weight whose layout is guessed."""
-    rows = [row if w.exact else dataclasses.replace(row, name=f"{row.name} (assumed)") for row, w in zip(report.rows, weights)]
+    rows = [
+        row if w.exact else dataclasses.replace(row, name=f"{row.name} (assumed)") for row, w in zip(report.rows, weights)
+    ]
     return Report(rows, report.spec, report.power)
 
 
@@ -502,7 +516,9 @@ def _summary(label: str, report: Report) -> str:
 
 def _refuse_unprojectable(weights: Sequence[Weight]) -> None:
     problems = [f"{w.name} holds NaN or infinite values" for w in weights if not bool(torch.isfinite(w.value).all())]
-    problems += [f"{w.name} is stored through other parametrizations (project the model in Python)" for w in weights if not w.keys]
+    problems += [
+        f"{w.name} is stored through other parametrizations (project the model in Python)" for w in weights if not w.keys
+    ]
     if problems:
         raise CliError(f"cannot project: {'; '.join(problems)}; nothing was written")
 
@@ -537,24 +553,23 @@ def _plain(container: object, checkpoint: Checkpoint) -> object:
     return result
 
 
-def run_project(args: argparse.Namespace) -> int:
-    _check_destinations(args, [("-o", args.output), *_json_destinations(args)])
-    if files.is_safetensors(args.output):
-        files._safetensors()  # before any work: is the package there?
-    checkpoint, spec, weights, notes = gather(args)
-    _refuse_unprojectable(weights)
-    projected = [functional.chip(w.value, w.layout, spec) for w in weights]
-    if not args.assume_plain:
-        _refuse_guessed(weights, projected)
+def _with_projection(
+    checkpoint: Checkpoint, weights: Sequence[Weight], projected: Sequence[Tensor], notes: list[str]
+) -> tuple[object, list[Tensor]]:
+    """The container holding the projected values, and each weight's new tensor there.
+
+    Memory shared in the input stays shared (tied keys, views), so each key must read back its
+    own projection: weights sharing memory whose projections disagree are refused.
+    """
     state_dict = checkpoint.state_dict
     targets = [(state_dict[key], p) for w, p in zip(weights, projected) for key in w.keys]
     container, counterpart = files.with_values(checkpoint.container, targets)
-    # memory shared in the input is shared in the output: each key must read its own projection
-    clashing = [key for w, p in zip(weights, projected) for key in w.keys if not torch.equal(counterpart(state_dict[key]), p)]
+    clashing = {files.storage_of(old) for old, p in targets if not torch.equal(counterpart(old), p)}
     if clashing:
+        involved = [w.name for w in weights if files.storage_of(w.value) in clashing]
         raise CliError(
-            f"{', '.join(clashing)} share memory with another weight read with a different layout, and their "
-            "projections disagree; pass --model MODULE:FACTORY, or --exclude one of them; nothing was written"
+            f"{', '.join(involved)} share memory, and their projections disagree (each read with its own layout); "
+            "pass --model MODULE:FACTORY, or --exclude all but one of them; nothing was written"
         )
     tracked = {key for w in weights for key in w.keys}
     following = [
@@ -563,7 +578,19 @@ def run_project(args: argparse.Namespace) -> int:
     ]
     if following:
         notes.append(f"changed with the weights they share memory with: {', '.join(following)}")
-    new_values = [counterpart(state_dict[w.keys[0]]) for w in weights]
+    return container, [counterpart(state_dict[w.keys[0]]) for w in weights]
+
+
+def run_project(args: argparse.Namespace) -> int:
+    _check_destinations(args, [("-o", args.output), *_json_destinations(args)])
+    if files.is_safetensors(args.output):
+        files.require_safetensors()  # before any work: is the package there?
+    checkpoint, spec, weights, notes = gather(args)
+    _refuse_unprojectable(weights)
+    projected = [functional.chip(w.value, w.layout, spec) for w in weights]
+    if not args.assume_plain:
+        _refuse_guessed(weights, projected)
+    container, new_values = _with_projection(checkpoint, weights, projected, notes)
     if args.plain:
         container = _plain(container, checkpoint)
     notes += files.save(checkpoint, container, args.output)
@@ -579,8 +606,8 @@ def run_project(args: argparse.Namespace) -> int:
         "weights": changes,
         "notes": notes,
     }
-    text = [_summary("before", before), _summary("after ", after), _change_table(changes)]
-    _emit(args, data, _with_notes("\n".join(text), notes) + f"\nwrote {args.output}")
+    text = "\n".join([_summary("before", before), _summary("after ", after), _change_table(changes)])
+    _emit(args, data, _with_notes(text, notes) + f"\nwrote {args.output}")
     return 0
 
 
@@ -629,14 +656,22 @@ def _size(text: str) -> int:
 def _add_checkpoint_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "checkpoint", metavar="CHECKPOINT",
-        help="a state_dict saved with torch.save (or a dict holding one under 'state_dict' or 'model'), or a *.safetensors file",
+        help="a state_dict saved with torch.save (or a dict holding one under 'state_dict' or 'model'), "
+        "or a *.safetensors file",
     )
-    sub.add_argument("--chip", type=str.lower, choices=sorted(CHIPS), help="the chip's preset spec (default: the checkpoint's own, else h1v1)")
-    sub.add_argument("--limit", type=float, help=f"largest |w| the chip holds (default: the checkpoint's, else {H1V1.limit})")
-    sub.add_argument("--group-size", type=int, help=f"output neurons per block (default: the checkpoint's, else {H1V1.group_size})")
-    sub.add_argument("--bits", type=int, help="weights on the symmetric grid of this many bits (default: the checkpoint's, else none)")
-    sub.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave out weights whose dotted name matches (repeatable)")
-    sub.add_argument("--model", metavar="MODULE:FACTORY", help="build the model to read exact layouts (grouped or transposed convolutions)")
+    sub.add_argument(
+        "--chip", type=str.lower, choices=sorted(CHIPS), help="the chip's preset spec (default: the checkpoint's own, else h1v1)"
+    )
+    own = "default: the checkpoint's, else"
+    sub.add_argument("--limit", type=float, help=f"largest |w| the chip holds ({own} {H1V1.limit})")
+    sub.add_argument("--group-size", type=int, help=f"output neurons per block ({own} {H1V1.group_size})")
+    sub.add_argument("--bits", type=int, help=f"weights on the symmetric grid of this many bits ({own} none)")
+    sub.add_argument(
+        "--exclude", action="append", default=[], metavar="GLOB", help="leave out weights whose dotted name matches (repeatable)"
+    )
+    sub.add_argument(
+        "--model", metavar="MODULE:FACTORY", help="build the model to read exact layouts (grouped or transposed convolutions)"
+    )
     sub.add_argument(
         "--assume-plain", action="store_true",
         help="read weights whose layout is guessed as plain: convolutions as ungrouped and not transposed, "
@@ -644,7 +679,7 @@ def _add_checkpoint_options(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument(
         "--max-bytes", type=_size, default=_size(DEFAULT_MAX_BYTES), metavar="SIZE",
-        help=f"refuse, before loading, a checkpoint whose tensors take more memory (e.g. 500M, 16G; default {DEFAULT_MAX_BYTES})",
+        help=f"refuse, before loading, a checkpoint that takes more memory (e.g. 500M, 16G; default {DEFAULT_MAX_BYTES})",
     )
     _add_json(sub, "print the result as JSON instead of the text; --json=PATH prints the text and writes the JSON to PATH")
 
@@ -667,14 +702,22 @@ def _parser() -> argparse.ArgumentParser:
     _add_checkpoint_options(check)
     project = add("project", "write the L1-nearest mappable checkpoint", run_project)
     _add_checkpoint_options(project)
-    project.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write (never the input); *.safetensors writes safetensors")
-    project.add_argument("--plain", action="store_true", help="write the keys a plain model (without nwave_param) loads with strict=True")
+    project.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="where to write (never the input); *.safetensors writes safetensors"
+    )
+    project.add_argument(
+        "--plain", action="store_true", help="write the keys a plain model (without nwave_param) loads with strict=True"
+    )
     demo = add("demo", "train a spiking network on handwritten digits with and without the penalties", run_demo)
     demo.add_argument("--quick", action="store_true", help="a few epochs (a smoke run)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 100, --quick 3)")
     demo.add_argument("--plot", metavar="PATH", help="write a PNG: weight histograms and per-layer violations")
     # (--bits and --mismatch for the demo's spec go here)
-    _add_json(demo, "print the numbers as JSON instead of the table (which goes to stderr); --json=PATH (or --json PATH) writes them to PATH")
+    _add_json(
+        demo,
+        "print the numbers as JSON instead of the table (which goes to stderr); "
+        "--json=PATH (or --json PATH) writes them to PATH",
+    )
     return parser
 
 

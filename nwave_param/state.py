@@ -29,7 +29,7 @@ def extra_state_key(prefix: str, tensor_name: str, position: int) -> str:
 
 
 # <path>.parametrizations.<tensor>.<rest>: rest is original, original<k>, or <position>.<state>
-_KEY = re.compile(r"^(?P<path>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.(?P<rest>.+)$")
+KEY_PATTERN = re.compile(r"^(?P<path>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.(?P<rest>.+)$")
 
 
 def _chip_links(module: nn.Module):
@@ -111,7 +111,7 @@ def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[st
     ours: dict[tuple[str, str], int] = {}  # (path, tensor) -> position of nwave_param's constraint
     others: dict[tuple[str, str], set[int]] = {}  # positions holding other state
     for key, value in state.items():
-        match = _KEY.match(key)
+        match = KEY_PATTERN.match(key)
         if match is None:
             continue
         where, rest = (match["path"], match["tensor"]), match["rest"]
@@ -131,7 +131,7 @@ def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[st
         )
     plain: OrderedDict[str, Tensor] = OrderedDict()
     for key, value in state.items():
-        match = _KEY.match(key)
+        match = KEY_PATTERN.match(key)
         where = (match["path"], match["tensor"]) if match else None
         if where in ours:
             position = ours[where]
