@@ -1,12 +1,21 @@
-"""Quick start: a recurrent net trained with the chip penalties in the loss (synthetic data).
+"""Quick start: train a recurrent net on the chip, then deploy it with nothing lost (synthetic data).
 
 Run: python examples/quickstart.py
+
+The recipe: register with the default strengths, ramp the hardness from 0 to 1 over the first
+half of training and hold it at 1 for the second half, then project, check and save.  The same
+network trained without constraints is printed beside it.
 """
+
+import os
+import tempfile
 
 import torch
 from torch import nn
 
 import nwave_param as nwp
+
+STEPS = 300
 
 
 class RecurrentNet(nn.Module):
@@ -18,38 +27,66 @@ class RecurrentNet(nn.Module):
 
     def forward(self, x):  # x: (time, batch, inputs)
         h = torch.zeros(x.shape[1], self.recurrent.in_features)
-        for x_t in x:  # reads self.recurrent.weight at every step: wrap in reg.cached()
+        for x_t in x:  # reads self.recurrent.weight at every step: wrap the forward in reg.cached()
             h = torch.tanh(self.encode(x_t) + self.recurrent(h))
         return self.readout(h)
 
 
-def main():
-    torch.manual_seed(0)
-    x = torch.randn(12, 256, 8)
-    y = (x.sum(0)[:, :3]).argmax(1)  # which of the first 3 inputs carried most signal
-    model = RecurrentNet()
-    with torch.no_grad():
-        model.recurrent.weight.mul_(8)  # start far from the chip, as a pretrained net may
+def task(seed):
+    """Which of the first 3 inputs carried the most signal over 12 time steps."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 2048, 8, generator=generator)
+    return x, x.sum(0)[:, :3].argmax(1)
 
-    reg = nwp.register(model, alpha=100.0, lam=10.0)  # the penalties are means over weights: scale them up
-    print(f"tracking {reg.names}")
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def train(model, x, y, reg=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(301):
-        with reg.cached():
-            task = nn.functional.cross_entropy(model(x), y)
-        loss = task + reg.penalty()
+    for step in range(STEPS):
+        if reg is not None:
+            reg.harden(min(1.0, step / (STEPS / 2)))  # the rule: ramp over the first half, then hold at 1
+        with reg.cached() if reg is not None else torch.enable_grad():
+            loss = nn.functional.cross_entropy(model(x), y)
+        if reg is not None:
+            loss = loss + reg.penalty()  # default strengths: they steer the latent weights toward the chip
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 100 == 0:
-            p = reg.penalties()
-            accuracy = (model(x).argmax(1) == y).float().mean().item()
-            print(
-                f"step {step:3d}  task {task.item():.3f}  accuracy {accuracy:.2f}  "
-                f"magnitude {p.magnitude.item():.2e}  topology {p.topology.item():.2e}"
-            )
-    reg.remove()  # the plain model again, ready to save
-    print(f"max |w| after training: {max(w.abs().max().item() for w in (model.encode.weight, model.recurrent.weight))}")
+
+
+def main():
+    torch.manual_seed(0)
+    (x, y), (x_test, y_test) = task(1), task(2)
+    start = RecurrentNet()
+
+    unconstrained = RecurrentNet()
+    unconstrained.load_state_dict(start.state_dict())
+    train(unconstrained, x, y)
+
+    model = RecurrentNet()
+    model.load_state_dict(start.state_dict())
+    reg = nwp.register(model)  # nwp.H1V1 (limit 0.9, blocks of 5); nwp.H1V2 for the H1v2 chip
+    train(model, x, y, reg)
+    trained = accuracy(model, x_test, y_test)  # computed with what the chip holds (hardness 1)
+
+    print(reg.report())  # the latent weights: not yet what the chip holds
+    reg.project_()  # now they are: the network computed with these values already
+    assert reg.is_mappable()
+    deployed = accuracy(model, x_test, y_test)
+    assert deployed == trained
+
+    path = os.path.join(tempfile.mkdtemp(), "model.pt")
+    torch.save(nwp.plain_state_dict(model), path)  # keys a plain RecurrentNet loads
+    plain = RecurrentNet()
+    plain.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    assert accuracy(plain, x_test, y_test) == deployed
+
+    print(f"\ntest accuracy: unconstrained {100 * accuracy(unconstrained, x_test, y_test):.1f}%, "
+          f"on the chip {100 * deployed:.1f}% (as trained {100 * trained:.1f}%), saved {path}")
 
 
 if __name__ == "__main__":

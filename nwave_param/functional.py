@@ -486,10 +486,15 @@ def mixed_blocks(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The grid's ``2 * spec.levels + 1`` values in ``dtype``, ascending; the top one is :func:`bound`."""
-    k = torch.arange(-spec.levels, spec.levels + 1, dtype=torch.float64)
-    values = (k * (spec.limit / spec.levels)).to(dtype)
+    """The grid's ``2 * spec.levels + 1`` values as ``dtype`` holds them, ascending.
+
+    Level ``k`` is ``k * step`` (``step = limit / levels``) rounded to ``dtype``, and no level lies
+    beyond :func:`bound`, the largest value of ``dtype`` within the limit: the top level is the
+    bound, and in a low precision a level next to it that rounds past it is held as the bound too,
+    so that a projected weight is always in range."""
     top = bound(dtype, spec.limit)
+    step = spec.limit / spec.levels
+    values = (torch.arange(-spec.levels, spec.levels + 1, dtype=torch.float64) * step).to(dtype).clamp_(-top, top)
     values[0], values[-1] = -top, top
     return values.to(device)
 
@@ -499,7 +504,7 @@ def _round_to_grid(x: Tensor, spec: ChipSpec) -> Tensor:
     acc = accumulation_dtype(x.dtype)
     k = torch.round(x.to(acc) / (spec.limit / spec.levels)).nan_to_num_(0).clamp_(-spec.levels, spec.levels)
     held = _levels(spec, x.dtype, x.device)[k.long() + spec.levels]
-    return torch.where(x.isnan(), x, held)  # NaN stays visible
+    return torch.where((held == x) | x.isnan(), x, held)  # a level keeps its bits (-0.0), NaN stays visible
 
 
 def off_grid(weight: Tensor, spec: ChipSpec) -> Tensor:

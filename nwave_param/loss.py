@@ -37,7 +37,7 @@ def _sums(model: nn.Module, limit: float | None, group_size: int | None, power: 
         layouts = [layout for _, layout in selected]
         spec = ChipSpec()
     else:
-        weights, layouts, spec = reg.weights(), reg._layouts, reg.spec
+        weights, layouts, spec = reg.weights(), reg.layouts, reg.spec
     changes = {key: value for key, value in (("limit", limit), ("group_size", group_size)) if value is not None}
     spec = dataclasses.replace(spec, **changes)
     magnitude, topology = functional.penalty_sums(weights, layouts, spec, power)

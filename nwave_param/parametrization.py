@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -34,6 +35,10 @@ from .layout import Layout
 from .spec import ChipSpec
 
 __all__ = ["ChipConstraint", "Settings", "describe", "read_description"]
+
+# The constraints inside Registry.on_chip, each with its mismatch sample (None without mismatch).
+# Keyed weakly by the constraint itself: a copy made inside the context is not on a chip.
+ON_CHIP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def check_scale(name: str, value: object) -> float:
@@ -126,8 +131,14 @@ class ChipConstraint(nn.Module):
         self.parameter_order = parameter_order
 
     def forward(self, weight: Tensor) -> Tensor:
-        settings = self.settings
-        return functional.harden(weight, self.layout, settings.spec, settings.hardness)
+        spec, hardness = self.settings.spec, self.settings.hardness
+        instance = ON_CHIP.get(self, False)
+        if instance is not False:  # Registry.on_chip: what one chip holds, whatever the hardness and mode
+            return functional.harden(weight, self.layout, spec, 1.0, instance)
+        noise = None
+        if spec.mismatch and hardness and self.training:  # a fresh mismatch sample per forward pass
+            noise = torch.randn_like(weight).mul_(spec.mismatch)
+        return functional.harden(weight, self.layout, spec, hardness, noise)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         """Identity, so assigning ``module.weight = value`` stores ``value`` as the latent weight."""

@@ -11,8 +11,9 @@ Lifecycle, modelled on ``torch.ao.pruning``'s sparsifier::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 
 import torch
@@ -23,7 +24,7 @@ from . import functional, state
 from .discovery import Constrained, constraints, patterns, select
 from .functional import Penalties
 from .layout import Layout, layout_of
-from .parametrization import ChipConstraint, Settings, attach, check_hardness, check_scale, detach
+from .parametrization import ON_CHIP, ChipConstraint, Settings, attach, check_hardness, check_scale, detach
 from .report import Report, build_report
 from .spec import ChipSpec
 
@@ -140,6 +141,7 @@ _READ_ONLY = {
     "power": "register again with the new power",
     "hardness": "call reg.harden(h)",
     "names": "it is read from the model",
+    "layouts": "it is read from the model",
 }
 
 
@@ -215,7 +217,8 @@ class Registry:
         return [entry.name for entry in self._tracked]
 
     @property
-    def _layouts(self):
+    def layouts(self) -> list[Layout]:
+        """How each tracked weight reads as a connectivity matrix, in :attr:`names` order."""
         return [entry.constraint.layout for entry in self._tracked]
 
     def harden(self, hardness: float) -> Registry:
@@ -246,7 +249,7 @@ class Registry:
     def penalties(self) -> Penalties:
         """``Penalties(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
         weights = self.weights()
-        magnitude, topology = functional.penalty_sums(weights, self._layouts, self.spec, self.power)
+        magnitude, topology = functional.penalty_sums(weights, self.layouts, self.spec, self.power)
         count = max(sum(w.numel() for w in weights), 1)
         return Penalties(magnitude / count, topology / count)
 
@@ -259,7 +262,51 @@ class Registry:
         lam = settings.lam if lam is None else check_scale("lam", lam)
         weights = self.weights()
         count = max(sum(w.numel() for w in weights), 1)
-        return functional.penalty_sums(weights, self._layouts, settings.spec, settings.power, scales=(alpha / count, lam / count))
+        return functional.penalty_sums(weights, self.layouts, settings.spec, settings.power, scales=(alpha / count, lam / count))
+
+    @contextlib.contextmanager
+    def on_chip(self, seed: int | None = None) -> Iterator[None]:
+        """Context manager: every tracked weight computes as one chip instance holds it.
+
+        Inside, whatever the hardness and the mode, ``module.weight`` is
+        :func:`~nwave_param.functional.chip` of the latent weight exactly, plus, when
+        ``spec.mismatch`` is set, one mismatch sample (Gaussian, standard deviation
+        ``spec.mismatch``) drawn from a generator seeded with ``seed`` and kept for the whole
+        context: one seed, one chip; another seed, another chip (``None``: a random one).  On
+        exit everything is as before, bit for bit.  Averaging a metric over seeds estimates what
+        a fleet of chips would give::
+
+            accuracies = []
+            for seed in range(10):
+                with reg.on_chip(seed), reg.cached():
+                    accuracies.append(evaluate(model))
+
+        Enter it outside :meth:`cached` (values cached before it started would be kept).
+        """
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self._check_live()
+        spec = self.spec
+        instances: dict[ChipConstraint, Tensor | None] = {}
+        generator = None
+        for entry in self._entries:
+            latent = _latent(entry)
+            noise = None
+            if spec.mismatch:
+                if generator is None:
+                    generator = torch.Generator(device=latent.device)
+                    generator.manual_seed(seed) if seed is not None else generator.seed()
+                noise = torch.randn(latent.shape, generator=generator, dtype=latent.dtype, device=latent.device)
+                noise.mul_(spec.mismatch)
+            instances[entry.constraint] = noise
+        outer = {c: ON_CHIP[c] for c in instances if c in ON_CHIP}
+        ON_CHIP.update(instances)
+        try:
+            yield
+        finally:
+            for constraint in instances:
+                ON_CHIP.pop(constraint, None)
+            ON_CHIP.update(outer)
 
     def cached(self) -> AbstractContextManager[None]:
         """Context manager: each weight is computed once, however often a time loop reads it.
@@ -274,7 +321,7 @@ class Registry:
     def report(self) -> Report:
         """A :class:`~nwave_param.Report` of the latent weights: one row per weight; the rows sum
         to :meth:`penalties`."""
-        return build_report(self.names, [w.detach() for w in self.weights()], self._layouts, self.spec, self.power)
+        return build_report(self.names, [w.detach() for w in self.weights()], self.layouts, self.spec, self.power)
 
     def is_mappable(self) -> bool:
         """True exactly when every latent weight is finite, within ``[-limit, limit]`` (the limit

@@ -1,5 +1,9 @@
-"""The demo's quick run: the JSON's shape and ranges (the accuracy targets are checked by hand,
-at full length, in the closing note of the demo issue; a test must not depend on them)."""
+"""The demo's quick run: the JSON's shape and ranges, the table, the picture and the progress lines.
+
+The accuracy targets are checked at full length in the closing note of the demo issue: a test
+must not depend on them.  What holds at any length is checked here: a hardened run computes with
+what the chip holds, so projecting it changes no prediction.
+"""
 
 import json
 
@@ -11,22 +15,26 @@ pytest.importorskip("matplotlib", reason="the demo extra is not installed (pip i
 
 from nwave_param.cli import main  # noqa: E402
 
-KEYS = {"float_accuracy", "projected_accuracy", "mappable_before", "out_of_range_fraction", "mixed_group_fraction"}
+KEYS = {"float_accuracy", "projected_accuracy", "mappable_before", "mappable_after", "out_of_range_fraction", "mixed_block_column_fraction"}
 
 
-def test_quick_demo_writes_json_and_plot(tmp_path, capsys):
+def test_quick_demo_writes_json_table_plot_and_progress(tmp_path, capsys):
     out, picture = tmp_path / "demo.json", tmp_path / "demo.png"
     assert main(["demo", "--quick", "--json", str(out), "--plot", str(picture)]) == 0
     data = json.loads(out.read_text())
-    assert set(data) == {"baseline", "constrained"}
+    assert list(data) == ["baseline", "constrained", "hardened"]
     for run in data.values():
         assert set(run) == KEYS
-        assert isinstance(run["mappable_before"], bool)
-        for key in KEYS - {"mappable_before"}:
+        assert isinstance(run["mappable_before"], bool) and run["mappable_after"] is True
+        for key in KEYS - {"mappable_before", "mappable_after"}:
             assert 0.0 <= run[key] <= 1.0, key
+    assert data["hardened"]["projected_accuracy"] == data["hardened"]["float_accuracy"]
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    printed = capsys.readouterr().out
-    assert "test accuracy after projection" in printed and "lif.recurrent.weight" in printed
+    printed = capsys.readouterr()
+    assert "test accuracy on the chip (projected)" in printed.out and "hardened" in printed.out
+    assert "lif.recurrent.weight" in printed.out
+    progress = [line for line in printed.err.splitlines() if "epochs in" in line]  # not a terminal: one line a run
+    assert [line.split(":")[0] for line in progress] == ["baseline", "constrained", "hardened"]
 
 
 def test_demo_rejects_bad_epochs(capsys):

@@ -65,7 +65,7 @@ def test_endpoints_and_the_segment_between(kind, data, vcfg, limit, group_size, 
 @given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes, h=hardnesses, seed=st.integers(0, 2**16))
 def test_gradient_passes_straight_through(kind, data, vcfg, limit, group_size, h, seed):
     model, tracked = setup(data, kind, vcfg, limit)
-    reg = nwp.register(model, nwp.ChipSpec(limit=limit, group_size=group_size)).harden(h)
+    nwp.register(model, nwp.ChipSpec(limit=limit, group_size=group_size)).harden(h)
     generator = torch.Generator().manual_seed(seed)
     factors = [torch.randn(weight(m, l).shape, generator=generator, dtype=torch.float64) for _, m, l in tracked]
     sum((c * weight(m, l)).sum() for c, (_, m, l) in zip(factors, tracked)).backward()

@@ -1,0 +1,230 @@
+"""Reduced precision and device mismatch: the grid projection, off-grid counts, mismatch noise, on_chip.
+
+The grid with ``bits`` holds ``k * limit / (2**(bits-1) - 1)`` for ``|k| <= 2**(bits-1) - 1``, the
+top level being the largest value of the weight's dtype within the limit.  Each block column goes
+to the L1-nearest feasible point: brute force below compares the cost of keeping either sign.
+"""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import nwave_param as nwp
+from nwave_param import functional
+from nwave_param.layout import Layout
+
+
+def levels(spec, dtype):
+    """The grid as plain numbers: k * step in float64, rounded to dtype, none beyond the dtype's
+    largest value within the limit (the top level is that value)."""
+    top = 2 ** (spec.bits - 1) - 1
+    step = spec.limit / top
+    values = torch.tensor([k * step for k in range(-top, top + 1)], dtype=torch.float64).to(dtype)
+    held = torch.tensor(spec.limit, dtype=torch.float64 if dtype == torch.float64 else torch.float32).item()
+    largest = torch.tensor(held, dtype=dtype)
+    if largest.item() > held:
+        largest = torch.nextafter(largest, torch.zeros_like(largest))
+    return torch.maximum(torch.minimum(values, largest), -largest).index_put_((torch.tensor([0, -1]),), torch.stack([-largest, largest]))
+
+
+def nearest_level(x, spec, grid):
+    """The level nearest to x (in range): k = x / step rounded half to even, as torch.round does."""
+    top = 2 ** (spec.bits - 1) - 1
+    k = max(-top, min(top, round(x / (spec.limit / top))))  # Python's round: half to even
+    return grid[k + top]
+
+
+def brute_force_column(column, spec, dtype):
+    """The L1-nearest in-range, sign-aligned, on-grid column: for each kept sign, its cost."""
+    grid = levels(spec, dtype)
+    top = grid[-1].item()
+    best = None
+    for sign in (1.0, -1.0):  # positive first: a tie keeps the positive side
+        values, cost = [], 0.0
+        for x in column.tolist():
+            if x * sign > 0:
+                q = nearest_level(max(-top, min(top, x)), spec, grid).item()
+                values.append(q)
+                cost += abs(x - q)
+            else:
+                values.append(0.0 if x != 0 else x)
+                cost += abs(x)
+        if best is None or cost < best[0]:
+            best = (cost, values)
+    return torch.tensor(best[1], dtype=dtype)
+
+
+specs = st.builds(nwp.ChipSpec, limit=st.floats(0.1, 2.0), group_size=st.integers(1, 5), bits=st.integers(2, 6))
+
+
+@settings(max_examples=80)
+@given(spec=specs, rows=st.integers(1, 9), columns=st.integers(1, 4), seed=st.integers(0, 2**16), scale=st.floats(0.1, 3.0))
+def test_grid_projection_is_the_l1_nearest_feasible_point(spec, rows, columns, seed, scale):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=generator, dtype=torch.float64) * scale
+    projected = functional.chip(weight, Layout(), spec)
+    grid = set(levels(spec, torch.float64).tolist())
+    for start in range(0, rows, spec.group_size):
+        for j in range(columns):
+            column, got = weight[start : start + spec.group_size, j], projected[start : start + spec.group_size, j]
+            assert all(v in grid for v in got.tolist())  # on the grid, hence in range
+            assert not ((got > 0).any() and (got < 0).any())  # sign-aligned
+            expected = brute_force_column(column, spec, torch.float64)
+            cost, best = (got - column).abs().sum(), (expected - column).abs().sum()
+            assert cost <= best + 1e-12 * (1 + best)  # no feasible point is L1-closer
+    assert torch.equal(functional.chip(projected, Layout(), spec), projected)  # idempotent, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 3, 5, 8, 12, 16])
+@pytest.mark.parametrize("limit", [0.9, 1.66, 0.3])
+def test_every_grid_level_is_kept_and_counted_on_the_grid(dtype, bits, limit):
+    spec = nwp.ChipSpec(limit=limit, bits=bits)
+    grid = levels(spec, dtype).view(-1, 1)
+    assert torch.equal(functional.chip(grid, Layout(), nwp.ChipSpec(limit=limit, group_size=1, bits=bits)), grid)
+    assert not functional.off_grid(grid, spec).any()
+    assert bool((grid.float().abs() <= torch.tensor(limit, dtype=torch.float32)).all())  # the top level is in range
+
+
+def test_without_bits_the_projection_is_the_clamp_and_sign_rule():
+    torch.manual_seed(0)
+    weight = torch.randn(13, 7) * 2
+    spec = nwp.ChipSpec(limit=0.9)
+    projected = functional.chip(weight, Layout(), spec)
+    for start in range(0, 13, 5):
+        block = weight[start : start + 5].clamp(-0.9, 0.9)
+        keep_positive = block.clamp(min=0).sum(0) >= -block.clamp(max=0).sum(0)
+        expected = torch.where(keep_positive, block.clamp(min=0), block.clamp(max=0))
+        assert torch.equal(projected[start : start + 5], expected)
+    assert not functional.off_grid(projected, spec).any()
+
+
+def test_feasible_weights_stay_bit_identical_and_report_counts_off_grid():
+    spec = nwp.ChipSpec(limit=0.9, bits=3)  # levels 0, +-0.3, +-0.6, +-0.9
+    model = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.3, -0.6, 0.0], [0.6, -0.3, -0.0]]))
+    before = model.weight.detach().clone()
+    reg = nwp.register(model, spec)
+    assert reg.is_mappable() and reg.report().totals["off_grid"] == 0
+    reg.project_()
+    assert torch.equal(model.weight.view(torch.int32), before.view(torch.int32))
+    with torch.no_grad():
+        model.weight[0, 0] = 0.31  # in range, sign-aligned, off the grid
+        model.weight[1, 2] = 0.1
+    report = reg.report()
+    assert report.rows[0].off_grid == 2 and report.totals["off_grid"] == 2 and not reg.is_mappable()
+    assert "off_grid" in str(report) and report.to_dict()["rows"][0]["off_grid"] == 2
+    reg.project_()
+    assert reg.is_mappable() and model.weight[0, 0].item() == pytest.approx(0.3) and model.weight[1, 2].item() == 0.0
+
+
+# --- mismatch ----------------------------------------------------------------------------------
+
+
+def mismatched(sigma=0.05, h=1.0):
+    model = nn.Linear(200, 100)
+    with torch.no_grad():
+        model.weight.mul_(0.1)
+    reg = nwp.register(model, nwp.ChipSpec(mismatch=sigma)).harden(h)
+    return model, reg
+
+
+def test_training_noise_has_the_stated_scale_and_is_fresh_per_pass():
+    torch.manual_seed(0)
+    model, reg = mismatched(sigma=0.05, h=0.5)
+    target = functional.chip(reg.weights()[0].detach(), Layout(), reg.spec)
+    latent = reg.weights()[0].detach()
+    expected = latent + 0.5 * (target - latent)
+    first = (model.weight - expected).detach()
+    second = (model.weight - expected).detach()
+    # 20000 draws: the sample std lies within 2% of h * sigma far beyond 5 standard errors
+    assert abs(first.std().item() - 0.5 * 0.05) < 0.02 * 0.5 * 0.05
+    assert abs(first.mean().item()) < 5 * 0.5 * 0.05 / 20000**0.5
+    assert not torch.equal(first, second)  # fresh per forward pass
+    with reg.cached():
+        assert torch.equal(model.weight, model.weight)  # one draw per pass inside cached()
+
+
+def test_no_noise_in_eval_mode_or_at_hardness_zero():
+    model, reg = mismatched(h=1.0)
+    model.eval()
+    assert torch.equal(model.weight, model.weight)
+    assert torch.equal(model.weight, functional.chip(reg.weights()[0].detach(), Layout(), reg.spec))
+    model.train()
+    reg.harden(0.0)
+    assert model.weight is reg.weights()[0]
+
+
+def test_noise_passes_the_gradient_straight_through():
+    model, reg = mismatched(h=0.7)
+    factor = torch.randn(100, 200)
+    (factor * model.weight).sum().backward()
+    assert torch.equal(reg.weights()[0].grad, factor)
+
+
+@pytest.mark.parametrize("h", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_on_chip_is_one_chip_per_seed_and_restores_everything(h, mode):
+    torch.manual_seed(0)
+    model, reg = mismatched(sigma=0.02, h=h)
+    getattr(model, mode)()
+    x = torch.randn(8, 200)
+    latent = reg.weights()[0].detach().clone()
+    chip = functional.chip(latent, Layout(), reg.spec)
+    with reg.on_chip(seed=7):
+        first, again = model.weight.detach().clone(), model.weight.detach().clone()
+        out = model(x)
+    with reg.on_chip(seed=7):
+        repeated = model.weight.detach().clone()
+    with reg.on_chip(seed=8):
+        other = model.weight.detach().clone()
+    assert torch.equal(first, again) and torch.equal(first, repeated) and not torch.equal(first, other)
+    assert abs((first - chip).std().item() - 0.02) < 0.002
+    assert torch.equal(out, nn.functional.linear(x, first, model.bias))
+    assert torch.equal(reg.weights()[0], latent) and reg.hardness == h and model.training == (mode == "train")
+    if h == 0.0:
+        assert model.weight is reg.weights()[0]
+
+
+def test_on_chip_without_mismatch_is_the_projection_and_nests():
+    model = nn.Linear(6, 5)
+    with torch.no_grad():
+        model.weight.mul_(5)
+    reg = nwp.register(model, nwp.ChipSpec(bits=4))
+    chip = functional.chip(reg.weights()[0].detach(), Layout(), reg.spec)
+    with reg.on_chip():
+        assert torch.equal(model.weight, chip)
+        with reg.on_chip(seed=1), reg.cached():
+            assert torch.equal(model.weight, chip)
+        assert torch.equal(model.weight, chip)
+    assert model.weight is reg.weights()[0]
+    clone = None
+    with reg.on_chip():
+        clone = copy.deepcopy(model)
+    assert clone.weight is nwp.registry_of(clone).weights()[0]  # a copy made inside is not on a chip
+    with pytest.raises(TypeError, match="seed"):
+        with reg.on_chip(seed="7"):
+            pass
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"bits": 1}, "bits"), ({"bits": 17}, "bits"), ({"bits": 4.0}, "bits"), ({"bits": True}, "bits"),
+     ({"mismatch": -0.1}, "mismatch"), ({"mismatch": float("nan")}, "mismatch"), ({"mismatch": "0.1"}, "mismatch")],
+)
+def test_chipspec_validates_bits_and_mismatch(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nwp.ChipSpec(**kwargs)
+
+
+def test_chip_presets_and_repr():
+    assert (nwp.H1V1.limit, nwp.H1V1.group_size, nwp.H1V1.bits, nwp.H1V1.mismatch) == (0.9, 5, None, 0.0)
+    assert (nwp.H1V2.limit, nwp.H1V2.group_size, nwp.H1V2.bits, nwp.H1V2.mismatch) == (1.66, 5, None, 0.0)
+    assert nwp.ChipSpec() == nwp.H1V1 and repr(nwp.H1V1) == "ChipSpec(limit=0.9, group_size=5)"
+    spec = nwp.ChipSpec(limit=1.66, bits=5, mismatch=0.02)
+    assert eval(repr(spec), {"ChipSpec": nwp.ChipSpec}) == spec
