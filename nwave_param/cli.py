@@ -619,14 +619,17 @@ def run_demo(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (3 if args.quick else 100)
     if epochs < 1:
         raise CliError(f"--epochs must be >= 1, got {epochs}")
-    # --bits and --mismatch: pass them on from here once demo.main takes them
+    try:
+        spec = ChipSpec(bits=args.bits, mismatch=args.mismatch)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     try:
         if args.json != "-":
-            return demo.main(epochs, args.json, args.plot)
+            return demo.main(epochs, args.json, args.plot, spec)
         with tempfile.TemporaryDirectory() as directory:
             path = os.path.join(directory, "demo.json")
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
-                code = demo.main(epochs, path, args.plot)
+                code = demo.main(epochs, path, args.plot, spec)
             with open(path) as stream:
                 print(stream.read().rstrip("\n"))
             return code
@@ -712,7 +715,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a few epochs (a smoke run)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 100, --quick 3)")
     demo.add_argument("--plot", metavar="PATH", help="write a PNG: weight histograms and per-layer violations")
-    # (--bits and --mismatch for the demo's spec go here)
+    demo.add_argument("--bits", type=int, default=None, metavar="B", help="train and evaluate on a B-bit weight grid")
+    demo.add_argument("--mismatch", type=float, default=0.0, metavar="S", help="device mismatch: std of the noise on each weight (default 0)")
     _add_json(
         demo,
         "print the numbers as JSON instead of the table (which goes to stderr); "

@@ -2,18 +2,26 @@
 
 A small recurrent spiking network (snnTorch ``RLeaky``, all-to-all recurrence, surrogate gradient)
 learns scikit-learn's handwritten digits (each 8x8 image read as 8 time steps of 8 inputs), three
-times from one initialization:
+times from one initialization.  Its readout is built for the chip: ``READOUT_NEURONS`` (5) output
+neurons per class, summed into the class's logit.  They form exactly one block of the chip, so
+the sign each hidden neuron sends to a block is the sign it sends to one class; with one output
+neuron per class, a block would force five classes to share it.  The three runs:
 
 * **baseline**: the task loss alone;
 * **constrained**: ``task + scale * reg.penalty()``, ``scale`` rising linearly from 0 to
   ``PENALTY_SCALE`` over the first half of the epochs and held there: the network first learns
   the task, then is steered toward the chip while it can still repair what that costs;
-* **hardened**: the same penalties, and the hardness rising linearly from 0 to 1 over the first
-  half of the training steps and held at 1: during the second half the network computes with
-  exactly what the chip holds (the gradient passes straight through to the latent weights), so
-  it learns to work with those weights, and projecting them after training changes nothing.
+* **hardened**: the constrained run's penalties, and the hardness held at 0 while the network
+  learns the task, rising linearly to 1 and held at 1 for the rest (``HARDEN``: 30% to 90% of
+  the training steps; with a grid or mismatch, 20% to 70%, since learning to live with rounding
+  and noise takes longer).  At hardness 1 the network computes with exactly what the chip holds
+  (the gradient passes straight through to the latent weights), so it learns to work with those
+  weights, and projecting them after training changes nothing.
 
-Each run is then projected onto the chip with ``reg.project_()`` and evaluated again.
+Each run is then projected onto the chip with ``reg.project_()`` and evaluated again.  With a
+spec that has ``bits`` or ``mismatch`` (``nwave-param demo --bits 5 --mismatch 0.02``), all three
+runs are registered under it (the hardened run trains against the grid and the mismatch), and
+each is also evaluated on ``CHIPS`` chip instances (``reg.on_chip(seed)``): the mean and the worst.
 
 The networks are tiny: one intra-op thread computes them as fast as two, and does not slow to a
 crawl when other processes share the CPU (spinning worker threads would), so the demo sets one
@@ -37,9 +45,13 @@ from torch import nn
 
 from .registry import Registry, register
 from .report import Report
+from .spec import ChipSpec
 
 PENALTY_SCALE = 20.0
+HARDEN = {"plain": (0.3, 0.9), "grid or mismatch": (0.2, 0.7)}  # where the hardness rises, in training steps
+CHIPS = 10
 HIDDEN = 128
+READOUT_NEURONS = 5  # per class: one block of the chip
 INPUT_GAIN = 4.0  # pixel intensities in [0, 1] drive the neurons past threshold
 SEED = 0
 RUNS = ("baseline", "constrained", "hardened")
@@ -58,23 +70,25 @@ def _requirements():
 
 
 class SpikingNet(nn.Module):
-    """Input Linear -> leaky integrate-and-fire layer with all-to-all recurrence -> readout."""
+    """Input Linear -> leaky integrate-and-fire layer with all-to-all recurrence -> readout of
+    ``READOUT_NEURONS`` neurons per class, summed per class."""
 
     def __init__(self, inputs: int = 8, hidden: int = HIDDEN, classes: int = 10) -> None:
         super().__init__()
         snntorch, surrogate, *_ = _requirements()
+        self.classes = classes
         self.encode = nn.Linear(inputs, hidden)
         self.lif = snntorch.RLeaky(
             beta=0.9, learn_beta=True, linear_features=hidden, spike_grad=surrogate.fast_sigmoid(slope=25)
         )
-        self.readout = nn.Linear(hidden, classes)
+        self.readout = nn.Linear(hidden, classes * READOUT_NEURONS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, inputs)
         spk, mem = self.lif.init_rleaky()
         logits = 0
         for x_t in x:
             spk, mem = self.lif(self.encode(INPUT_GAIN * x_t), spk, mem)
-            logits = logits + self.readout(spk)
+            logits = logits + self.readout(spk).view(-1, self.classes, READOUT_NEURONS).sum(-1)
         return logits / x.shape[0]
 
 
@@ -104,20 +118,20 @@ def train(model: nn.Module, reg: Registry, data, epochs: int, run: str) -> None:
     x_train, y_train, *_ = data
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(SEED)
-    batches = -(-x_train.shape[1] // 64)
-    ramp = max(1, epochs * batches // 2)  # steps over which scale and hardness rise
+    steps = epochs * -(-x_train.shape[1] // 64)
+    start, end = HARDEN["grid or mismatch" if reg.spec.bits is not None or reg.spec.mismatch else "plain"]
     step = 0
     bar = progress(range(epochs), desc=run, leave=False, disable=None)  # a bar on a terminal only
     model.train()
     for _ in bar:
         for batch in torch.randperm(x_train.shape[1], generator=generator).split(64):
-            rise = min(1.0, step / ramp)
+            done = step / steps
             if run == "hardened":
-                reg.harden(rise)
+                reg.harden(min(1.0, max(0.0, (done - start) / (end - start))))
             with reg.cached():
                 loss = nn.functional.cross_entropy(model(x_train[:, batch]), y_train[batch])
             if run != "baseline":
-                loss = loss + PENALTY_SCALE * rise * reg.penalty()
+                loss = loss + PENALTY_SCALE * min(1.0, 2 * done) * reg.penalty()  # rising over the first half
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -136,11 +150,16 @@ class Outcome:
     report_before: Report
     report_after: Report
     weights_before: list[torch.Tensor]
+    chip_accuracies: list[float]  # on CHIPS chip instances, with a spec that has bits or mismatch
 
     KEYS = ("float_accuracy", "projected_accuracy", "mappable_before", "mappable_after", "out_of_range_fraction", "mixed_block_column_fraction")
 
     def to_dict(self) -> dict:
-        return {key: getattr(self, key) for key in self.KEYS}
+        result = {key: getattr(self, key) for key in self.KEYS}
+        if self.chip_accuracies:
+            result["chip_accuracy_mean"] = sum(self.chip_accuracies) / len(self.chip_accuracies)
+            result["chip_accuracy_worst"] = min(self.chip_accuracies)
+        return result
 
 
 def evaluate(model: nn.Module, reg: Registry, data) -> Outcome:
@@ -151,6 +170,11 @@ def evaluate(model: nn.Module, reg: Registry, data) -> Outcome:
     reg.project_()
     after = reg.report()
     totals = before.totals
+    chips = []
+    if reg.spec.bits is not None or reg.spec.mismatch:
+        for seed in range(CHIPS):
+            with reg.on_chip(seed):
+                chips.append(accuracy(model, reg, x_test, y_test))
     return Outcome(
         float_accuracy=float_accuracy,
         projected_accuracy=accuracy(model, reg, x_test, y_test),
@@ -161,6 +185,7 @@ def evaluate(model: nn.Module, reg: Registry, data) -> Outcome:
         report_before=before,
         report_after=after,
         weights_before=weights_before,
+        chip_accuracies=chips,
     )
 
 
@@ -174,7 +199,7 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def run(epochs: int) -> dict[str, Outcome]:
+def run(epochs: int, spec: ChipSpec | None = None) -> dict[str, Outcome]:
     torch.manual_seed(SEED)
     data = digits()
     initial = SpikingNet()
@@ -183,7 +208,7 @@ def run(epochs: int) -> dict[str, Outcome]:
         for name in RUNS:
             start = time.perf_counter()
             model = copy.deepcopy(initial)
-            reg = register(model)
+            reg = register(model, spec)
             train(model, reg, data, epochs, name)
             outcomes[name] = evaluate(model, reg, data)
             if not sys.stderr.isatty():  # tqdm's bar shows progress on a terminal; elsewhere a line a run
@@ -206,6 +231,11 @@ def table(outcomes: dict[str, Outcome]) -> str:
         ("latent mixed block columns", lambda o: f"{100 * o.mixed_block_column_fraction:.1f}%"),
         ("mappable after projection", lambda o: "yes" if o.mappable_after else "no"),
     ]
+    if any(o.chip_accuracies for o in outcomes.values()):
+        rows[2:2] = [
+            (f"test accuracy on {CHIPS} chips, mean", lambda o: f"{100 * o.to_dict()['chip_accuracy_mean']:.1f}%"),
+            (f"test accuracy on {CHIPS} chips, worst", lambda o: f"{100 * o.to_dict()['chip_accuracy_worst']:.1f}%"),
+        ]
     width = max(len(label) for label, _ in rows)
     lines = [f"{'':{width}}" + "".join(f"  {name:>11}" for name in outcomes)]
     for label, cell in rows:
@@ -268,7 +298,7 @@ def plot(outcomes: dict[str, Outcome], path: str, limit: float) -> None:
         for x in (-limit, limit):
             ax.axvline(x, color="tab:red", linestyle="--", linewidth=1)
         ax.set_yscale("log")
-        ax.set_title(f"{name}: latent weights as trained (red: +-{limit})")
+        ax.set_title(f"{name}: latent weights as trained (red: ±{limit})")
         ax.set_xlabel("weight")
         ax.set_ylabel("count (log)")
     figure.tight_layout()
@@ -276,8 +306,8 @@ def plot(outcomes: dict[str, Outcome], path: str, limit: float) -> None:
     plt.close(figure)
 
 
-def main(epochs: int, json_path: str | None, plot_path: str | None) -> int:
-    outcomes = run(epochs)
+def main(epochs: int, json_path: str | None, plot_path: str | None, spec: ChipSpec | None = None) -> int:
+    outcomes = run(epochs, spec)
     print(table(outcomes))
     print("\nhardened run, latent weights as trained:")
     print(outcomes["hardened"].report_before)
