@@ -13,7 +13,7 @@ neuron per class, a block would force five classes to share it.  The three runs:
   the task, then is steered toward the chip while it can still repair what that costs;
 * **hardened**: the constrained run's penalties, and the hardness held at 0 while the network
   learns the task, rising linearly to 1 and held at 1 for the rest (``HARDEN``: 30% to 90% of
-  the training steps; with a grid or mismatch, 20% to 70%, since learning to live with rounding
+  the training steps; with a grid or mismatch, 20% to 60%, since learning to live with rounding
   and noise takes longer).  At hardness 1 the network computes with exactly what the chip holds
   (the gradient passes straight through to the latent weights), so it learns to work with those
   weights, and projecting them after training changes nothing.
@@ -48,7 +48,7 @@ from .report import Report
 from .spec import ChipSpec
 
 PENALTY_SCALE = 20.0
-HARDEN = {"plain": (0.3, 0.9), "grid or mismatch": (0.2, 0.7)}  # where the hardness rises, in training steps
+HARDEN = {"plain": (0.3, 0.9), "grid or mismatch": (0.2, 0.6)}  # where the hardness rises, in training steps
 CHIPS = 10
 HIDDEN = 128
 READOUT_NEURONS = 5  # per class: one block of the chip
