@@ -146,9 +146,14 @@ def _torch_size(path: str, head: bytes) -> int:
     raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """An error's message as one line: its first (the command line prints errors on one line)."""
     text = str(error).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _first_sentence(error: BaseException) -> str:
+    return first_line(error).split(". ")[0]
 
 
 def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
@@ -163,7 +168,7 @@ def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
                 f"{path} holds pickled Python objects (a full model?), which could run code when loaded; "
                 "save model.state_dict() instead"
             ) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_line(error)})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_sentence(error)})") from None
 
 
 def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
@@ -174,7 +179,7 @@ def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # SafetensorError and the like: a bad header or body
-        raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint ({_first_line(error)})") from None
+        raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint ({_first_sentence(error)})") from None
     return tensors, metadata
 
 
@@ -345,7 +350,7 @@ def _write_failure(error: BaseException) -> str:
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
         cause = cause.__cause__ or cause.__context__
-    return _first_line(error)
+    return _first_sentence(error)
 
 
 def write_text(path: str, text: str) -> None:
@@ -411,6 +416,6 @@ def save(checkpoint: Checkpoint, container: object, path: str) -> list[str]:
     try:
         data = safetensors.torch.save(tensors, metadata=metadata)
     except Exception as error:  # a dtype safetensors cannot hold, and the like
-        raise CheckpointError(f"cannot write {path}: {_first_line(error)}") from None
+        raise CheckpointError(f"cannot write {path}: {_first_sentence(error)}") from None
     write_atomically(path, lambda stream: stream.write(data))
     return notes

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from . import __version__, functional
 from . import checkpoint as files
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, first_line
 from .discovery import is_weight_name
 from .layout import Layout
 from .parametrization import read_description
@@ -86,11 +86,6 @@ class Described:
     key: str | None
     layout: Layout
     spec: ChipSpec
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _one_line(error: BaseException) -> str:
@@ -543,7 +538,7 @@ def _plain(container: object, checkpoint: Checkpoint) -> object:
     try:
         plain = plain_state_dict(state_dict)
     except ValueError as error:
-        raise CliError(f"--plain: {_first_line(error)}") from None
+        raise CliError(f"--plain: {first_line(error)}") from None
     if hasattr(state_dict, "_metadata"):  # module versions: load_state_dict reads them
         plain._metadata = state_dict._metadata
     if checkpoint.under is None:
@@ -758,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         return _fail("out of memory; a smaller --max-bytes refuses such checkpoints before loading them")
     except Exception as error:  # every error is one line: even one nobody foresaw
-        return _fail(f"unexpected {type(error).__name__}: {_first_line(error)} (please report it with the command line)")
+        return _fail(f"unexpected {type(error).__name__}: {first_line(error)} (please report it with the command line)")
 
 
 if __name__ == "__main__":

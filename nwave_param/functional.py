@@ -31,6 +31,7 @@ Inside ``torch.compile`` and ``torch.func`` transforms the formulas are traced a
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import threading
@@ -64,6 +65,7 @@ def _result_dtype(weights: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
 
 
+@torch.compiler.assume_constant_result  # inside torch.compile: a constant, not a traced .item()
 @functools.lru_cache(maxsize=256)
 def bound(dtype: torch.dtype, limit: float) -> float:
     """The largest value of ``dtype`` within ``limit``, as the penalties read the limit.
@@ -134,6 +136,7 @@ class _Scratch:
     elements: the hot path allocates nothing but what it returns or keeps for backward
     (fresh large allocations cost page faults, and each view costs Python time)."""
 
+    @torch.inference_mode(False)  # made under inference mode, they would refuse later in-place updates
     def __init__(self, views: Sequence[View], numel: int, dtype: torch.dtype, device: torch.device) -> None:
         columns = sum(blocks * width for _, blocks, _, width in views)
         self.parts = torch.empty(2, numel, dtype=dtype, device=device)  # relu(w), min(w, 0)
@@ -153,15 +156,20 @@ class _Scratch:
 
 
 _local = threading.local()
+_SCRATCHES = 8  # per thread, the most recently used chunk shapes
 
 
-def _scratch(key: object, views: Sequence[View], numel: int, like: Tensor) -> _Scratch:
-    """The calling thread's scratch for ``key``, made on first use (and again on a new device)."""
-    scratches = _local.__dict__.setdefault("scratches", {})
-    key = (key, like.dtype, like.device)
-    scratch = scratches.get(key)
-    if scratch is None:
-        scratch = scratches[key] = _Scratch(views, numel, like.dtype, like.device)
+def _scratch(views: Sequence[View], numel: int, like: Tensor) -> _Scratch:
+    """The calling thread's scratch for ``views`` over ``numel`` elements like ``like``.
+
+    A few are kept per thread, the most recently used first, so that a model's chunks of one or
+    two shapes reuse theirs while a process going through many shapes holds a bounded amount."""
+    scratches = _local.__dict__.setdefault("scratches", collections.OrderedDict())
+    key = (tuple(views), like.dtype, like.device)
+    scratch = scratches.pop(key, None) or _Scratch(views, numel, like.dtype, like.device)
+    scratches[key] = scratch
+    while len(scratches) > _SCRATCHES:
+        scratches.popitem(last=False)
     return scratch
 
 
@@ -210,7 +218,7 @@ def _excess(flat: Tensor, scratch: _Scratch, limit: float) -> Tensor:
 
 
 _SMALL = 1 << 16  # weights up to this many elements are packed together,
-_PACKED = 1 << 22  # up to this many in all (a pack keeps its gradient direction until backward)
+_PACKED = 1 << 20  # up to this many in all (a pack keeps buffers per thread, and its direction until backward)
 _CHUNK = 1 << 18  # elements per chunk of a large weight: the chunk stays in the CPU cache
 
 
@@ -255,8 +263,10 @@ class _Pack:
         first = weights[self.members[0][0]]
         buffers = getattr(self.local, "buffers", None)
         if buffers is None or buffers[0].device != first.device:
-            flat = torch.zeros(self.numel, dtype=accumulation_dtype(first.dtype), device=first.device)
-            buffers = self.local.buffers = (flat, self.regions(flat), _Scratch(self.views, self.numel, flat.dtype, flat.device))
+            with torch.inference_mode(False):
+                flat = torch.zeros(self.numel, dtype=accumulation_dtype(first.dtype), device=first.device)
+                buffers = (flat, self.regions(flat), _Scratch(self.views, self.numel, flat.dtype, flat.device))
+            self.local.buffers = buffers
         flat, targets, scratch = buffers
         sources = [_stretch(weights[i], row, group) for group in self.groups for i, row in group.members]
         torch._foreach_copy_(targets, sources)
@@ -291,7 +301,7 @@ def _chunks(columns: int, runs) -> tuple[View, ...]:
     return tuple(views)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layouts: tuple[Layout, ...], group_size: int) -> _Plan:
     """Which stretches are packed and how; computed once per model architecture."""
     small: dict[torch.dtype, dict[tuple[int, int], list[tuple[int, int]]]] = {}
@@ -335,7 +345,7 @@ def _chunk(m: Tensor, view: View) -> tuple[Tensor, _Scratch]:
     """A chunk of a large weight's matrix as a flat tensor of the accumulation dtype, and scratch."""
     chunk = _blocks(m.view(-1), view).view(-1).to(accumulation_dtype(m.dtype))
     views = ((0, *view[1:]),)
-    return chunk, _scratch(views, views, chunk.numel(), chunk)
+    return chunk, _scratch(views, chunk.numel(), chunk)
 
 
 class _PenaltySums(torch.autograd.Function):
@@ -398,8 +408,8 @@ class _PenaltySums(torch.autograd.Function):
                 flat = torch.mul(next(saved), grad_topology).addcmul_(next(saved), grad_magnitude)
             else:
                 flat = torch.mul(next(saved), grads[0])
-            flat = flat.to(weights[pack.members[0][0]].dtype)
             for (i, row), grad in zip(pack.members, pack.regions(flat)):
+                grad = grad.to(weights[i].dtype)  # a pack holds every dtype that accumulates in float32
                 if row:
                     tails[i] = grad
                 elif needed[i]:
@@ -407,6 +417,10 @@ class _PenaltySums(torch.autograd.Function):
         alpha, lam = scales or (1.0, 1.0)
         for item in ctx.plan.direct:
             i, layout = item.index, ctx.layouts[item.index]
+            if not needed[i]:
+                for _ in item.views:
+                    next(saved)
+                continue
             m = layout.matrix(weights[i]).contiguous()
             grad = torch.empty_like(m)
             for view in item.views:
@@ -420,7 +434,7 @@ class _PenaltySums(torch.autograd.Function):
                     target.copy_(_directions(chunk, scratch, difference, power, lam, alpha).mul_(grads[0]))
             if i in tails:
                 grad[item.tail :].copy_(tails[i])
-            result[i] = layout.unmatrix(grad, weights[i].shape) if needed[i] else None
+            result[i] = layout.unmatrix(grad, weights[i].shape)
         return (None,) * 7 + tuple(result)
 
 
@@ -485,6 +499,7 @@ def mixed_blocks(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
 def _levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The grid's ``2 * spec.levels + 1`` values as ``dtype`` holds them, ascending.
 
@@ -500,10 +515,26 @@ def _levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _round_to_grid(x: Tensor, spec: ChipSpec) -> Tensor:
-    """The nearest level to each entry of ``x`` (already in range), ties as ``torch.round``."""
+    """The held level nearest to each entry of ``x`` (already in range); of two equally near
+    levels, the one with the even ``k``, as ``torch.round`` rounds halves.
+
+    ``round(x / step)`` finds the level in exact arithmetic; the levels a low precision holds sit
+    up to half an ulp off ``k * step``, so the two neighbours are compared too."""
     acc = accumulation_dtype(x.dtype)
-    k = torch.round(x.to(acc) / (spec.limit / spec.levels)).nan_to_num_(0).clamp_(-spec.levels, spec.levels)
-    held = _levels(spec, x.dtype, x.device)[k.long() + spec.levels]
+    levels, last = _levels(spec, x.dtype, x.device), 2 * spec.levels
+    value = x.to(acc)
+    k = torch.round(value / (spec.limit / spec.levels)).nan_to_num_(0).long().add_(spec.levels)
+    best = k.clamp(0, last)
+    nearest = (levels[best].to(acc) - value).abs()
+    for shift in (-1, 1):
+        other = (k + shift).clamp_(0, last)
+        distance = (levels[other].to(acc) - value).abs()
+        # index parity is k's parity shifted by levels: equal distances go to the even k
+        even = (other - spec.levels) % 2 == 0
+        better = (distance < nearest) | ((distance == nearest) & even & (other != best))
+        best = torch.where(better, other, best)
+        nearest = torch.minimum(distance, nearest)
+    held = levels[best]
     return torch.where((held == x) | x.isnan(), x, held)  # a level keeps its bits (-0.0), NaN stays visible
 
 

@@ -20,6 +20,7 @@ weights.  A module carrying a :class:`ChipConstraint` therefore gets a class of 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 import weakref
@@ -34,11 +35,7 @@ from . import functional
 from .layout import Layout
 from .spec import ChipSpec
 
-__all__ = ["ChipConstraint", "Settings", "describe", "read_description"]
-
-# The constraints inside Registry.on_chip, each with its mismatch sample (None without mismatch).
-# Keyed weakly by the constraint itself: a copy made inside the context is not on a chip.
-ON_CHIP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+__all__ = ["ChipConstraint", "Settings", "describe", "read_description", "same_description"]
 
 
 def check_scale(name: str, value: object) -> float:
@@ -103,6 +100,13 @@ def read_description(state: object) -> tuple[Layout, ChipSpec] | None:
         return None
 
 
+def same_description(saved: tuple[Layout, ChipSpec] | None, layout: Layout, spec: ChipSpec) -> bool:
+    """Whether a saved description holds for ``layout`` and ``spec``.  The mismatch is left out:
+    it says how the chip varies, not what a weight is (a model trained with mismatch may be
+    evaluated without it)."""
+    return saved is not None and saved[0] == layout and dataclasses.replace(saved[1], mismatch=0.0) == dataclasses.replace(spec, mismatch=0.0)
+
+
 class ChipConstraint(nn.Module):
     r"""The chip constraint of one weight: :math:`w \mapsto w + h\,(\mathrm{chip}(w) - w)`.
 
@@ -129,12 +133,20 @@ class ChipConstraint(nn.Module):
         self.layout = layout
         self.settings = settings
         self.parameter_order = parameter_order
+        # Registry.on_chip: one chip instance, its mismatch sample (or None); plain attributes,
+        # which torch.compile guards, and which a copy does not take (see __getstate__)
+        self.on_chip = False
+        self.chip_mismatch: Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(on_chip=False, chip_mismatch=None)  # a copy made inside on_chip is not on a chip
+        return state
 
     def forward(self, weight: Tensor) -> Tensor:
         spec, hardness = self.settings.spec, self.settings.hardness
-        instance = ON_CHIP.get(self, False)
-        if instance is not False:  # Registry.on_chip: what one chip holds, whatever the hardness and mode
-            return functional.harden(weight, self.layout, spec, 1.0, instance)
+        if self.on_chip:  # what one chip holds, whatever the hardness and mode
+            return functional.harden(weight, self.layout, spec, 1.0, self.chip_mismatch)
         noise = None
         if spec.mismatch and hardness and self.training:  # a fresh mismatch sample per forward pass
             noise = torch.randn_like(weight).mul_(spec.mismatch)
@@ -149,7 +161,7 @@ class ChipConstraint(nn.Module):
         return describe(self.layout, self.settings.spec)
 
     def set_extra_state(self, state: object) -> None:
-        if read_description(state) != (self.layout, self.settings.spec):
+        if not same_description(read_description(state), self.layout, self.settings.spec):
             raise ValueError(f"a checkpoint's description {state!r} does not match this constraint ({self.extra_repr()})")
 
     def extra_repr(self) -> str:

@@ -24,7 +24,7 @@ from . import functional, state
 from .discovery import Constrained, constraints, patterns, select
 from .functional import Penalties
 from .layout import Layout, layout_of
-from .parametrization import ON_CHIP, ChipConstraint, Settings, attach, check_hardness, check_scale, detach
+from .parametrization import ChipConstraint, Settings, attach, check_hardness, check_scale, detach
 from .report import Report, build_report
 from .spec import ChipSpec
 
@@ -170,8 +170,7 @@ class Registry:
         latents: set[int] = set()
         tracked = []  # each latent weight once: a tied Parameter is held by several constraints
         for entry in entries:
-            chain = _chain(entry)
-            key = id(chain.original) if len(chain) == 1 else id(entry.constraint)
+            key = id(_chain(entry).original) if not _before(entry) else id(entry.constraint)
             if key not in latents:
                 latents.add(key)
                 tracked.append(entry)
@@ -281,32 +280,32 @@ class Registry:
                 with reg.on_chip(seed), reg.cached():
                     accuracies.append(evaluate(model))
 
-        Enter it outside :meth:`cached` (values cached before it started would be kept).
+        Enter it outside :meth:`cached` (values cached before it started would be kept).  It
+        holds for the model, in every thread; a tied weight's holders get a sample each (on the
+        chip they are separate synapses).
         """
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         self._check_live()
         spec = self.spec
-        instances: dict[ChipConstraint, Tensor | None] = {}
-        generator = None
-        for entry in self._entries:
-            latent = _latent(entry)
-            noise = None
-            if spec.mismatch:
-                if generator is None:
-                    generator = torch.Generator(device=latent.device)
-                    generator.manual_seed(seed) if seed is not None else generator.seed()
-                noise = torch.randn(latent.shape, generator=generator, dtype=latent.dtype, device=latent.device)
-                noise.mul_(spec.mismatch)
-            instances[entry.constraint] = noise
-        outer = {c: ON_CHIP[c] for c in instances if c in ON_CHIP}
-        ON_CHIP.update(instances)
+        generator = torch.Generator()  # on the CPU: one seed is one chip on any device
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        instances = []
+        with torch.no_grad():
+            for entry in self._entries:  # a tied weight's holders are separate synapses on the chip
+                latent = _latent(entry)
+                noise = None
+                if spec.mismatch:
+                    noise = torch.randn(latent.shape, generator=generator).mul_(spec.mismatch).to(latent)
+                instances.append((entry.constraint, noise))
+        outer = [(c, c.on_chip, c.chip_mismatch) for c, _ in instances]
+        for constraint, noise in instances:
+            constraint.on_chip, constraint.chip_mismatch = True, noise
         try:
             yield
         finally:
-            for constraint in instances:
-                ON_CHIP.pop(constraint, None)
-            ON_CHIP.update(outer)
+            for constraint, on_chip, mismatch in outer:
+                constraint.on_chip, constraint.chip_mismatch = on_chip, mismatch
 
     def cached(self) -> AbstractContextManager[None]:
         """Context manager: each weight is computed once, however often a time loop reads it.
@@ -432,12 +431,11 @@ def _originals(entry: Constrained) -> list[Tensor]:
 
 def _latent(entry: Constrained) -> Tensor:
     """What the chain computes up to nwave_param's constraint."""
-    chain = _chain(entry)
-    if len(chain) == 1:
-        return chain.original
-    links = iter(_before(entry))
-    value = next(links)(*_originals(entry))
-    for link in links:
+    before = _before(entry)
+    if not before:
+        return _chain(entry).original  # nwave_param's constraint comes first: the Parameter itself
+    value = before[0](*_originals(entry))
+    for link in before[1:]:
         value = link(value)
     return value
 
@@ -462,7 +460,12 @@ def _write_through_chain(entry: Constrained, target: Tensor, spec: ChipSpec) -> 
         if build_report([entry.name], [held], [layout], spec, 2).is_mappable:
             return
         if spec.bits is not None:
-            break
+            raise ValueError(
+                f"{entry.name}: {_names(entry)} moves the projected values off the {spec.bits}-bit grid "
+                "(its forward rounds them); every weight was restored. Fold that parametrization into "
+                "the weight first: torch.nn.utils.parametrize.remove_parametrizations(module, name, "
+                "leave_parametrized=True) after reg.remove(), then register again"
+            )
         limit -= torch.finfo(held.dtype).eps * spec.limit * 2**attempt
         target = functional.chip(held, layout, dataclasses.replace(spec, limit=limit))
     raise ValueError(

@@ -13,9 +13,10 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .discovery import constraints
-from .parametrization import ChipConstraint, describe, read_description
+from .parametrization import ChipConstraint, describe, read_description, same_description
 
 __all__ = ["plain_state_dict"]
 
@@ -34,6 +35,8 @@ KEY_PATTERN = re.compile(r"^(?P<path>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]
 
 def _chip_links(module: nn.Module):
     """``(tensor_name, position, constraint)`` of the chains of ``module`` holding a ChipConstraint."""
+    if not parametrize.is_parametrized(module):  # every parametrization removed by hand
+        return
     for tensor_name, chain in module.parametrizations.items():
         for position, link in enumerate(chain):
             if isinstance(link, ChipConstraint):
@@ -57,7 +60,7 @@ def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *_) -> None
         mine = (constraint.layout, constraint.settings.spec)
         if key not in state_dict:
             state_dict[key] = describe(*mine)
-        elif read_description(state_dict[key]) != mine:
+        elif not same_description(read_description(state_dict[key]), *mine):
             saved = read_description(state_dict[key])
             what = f"layout {saved[0]} and {saved[1]}" if saved else f"an unreadable description {state_dict[key]!r}"
             raise ValueError(

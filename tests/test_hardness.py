@@ -1,7 +1,8 @@
 """Hardness: the network computes with w + h (chip(w) - w), with a straight-through gradient.
 
 At h = 0 a weight is the latent Parameter itself; at h = 1 it is, bit for bit, what
-``reg.project_()`` writes; in between it moves on the segment, and its violations never grow.
+``reg.project_()`` writes (with or without a grid); in between it moves on the segment, and
+without a grid its violations never grow.
 """
 
 import copy
@@ -38,10 +39,10 @@ def weight(module, local):
 
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=8)
-@given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes, h=hardnesses)
-def test_endpoints_and_the_segment_between(kind, data, vcfg, limit, group_size, h):
+@given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes, h=hardnesses, grid=st.sampled_from([None, 3, 5]))
+def test_endpoints_and_the_segment_between(kind, data, vcfg, limit, group_size, h, grid):
     model, tracked = setup(data, kind, vcfg, limit)
-    spec = nwp.ChipSpec(limit=limit, group_size=group_size)
+    spec = nwp.ChipSpec(limit=limit, group_size=group_size, bits=grid)
     reg = nwp.register(model, spec)
     for _, module, local in tracked:  # h = 0: the Parameter itself, the same object
         assert weight(module, local) is module.parametrizations[local].original
@@ -77,6 +78,7 @@ def test_gradient_passes_straight_through(kind, data, vcfg, limit, group_size, h
 @settings(max_examples=6)
 @given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes, power=powers, hs=st.lists(hardnesses, min_size=2, max_size=4))
 def test_violations_never_grow_with_hardness(kind, data, vcfg, limit, group_size, power, hs):
+    # without a grid: with one, a kept entry rounded up to a level makes its side heavier
     model, tracked = setup(data, kind, vcfg, limit)
     reg = nwp.register(model, nwp.ChipSpec(limit=limit, group_size=group_size))
     previous = None

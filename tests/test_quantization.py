@@ -31,11 +31,13 @@ def levels(spec, dtype):
     return torch.maximum(torch.minimum(values, largest), -largest).index_put_((torch.tensor([0, -1]),), torch.stack([-largest, largest]))
 
 
-def nearest_level(x, spec, grid):
-    """The level nearest to x (in range): k = x / step rounded half to even, as torch.round does."""
-    top = 2 ** (spec.bits - 1) - 1
-    k = max(-top, min(top, round(x / (spec.limit / top))))  # Python's round: half to even
-    return grid[k + top]
+def nearest_level(x, grid):
+    """The held level nearest to x (in range); of two equally near, the one with the even k."""
+    values = grid.double().tolist()
+    distances = [abs(v - x) for v in values]
+    nearest = min(distances)
+    middle = len(values) // 2  # index of k = 0
+    return min((i for i, d in enumerate(distances) if d == nearest), key=lambda i: ((i - middle) % 2, i))
 
 
 def brute_force_column(column, spec, dtype):
@@ -45,9 +47,9 @@ def brute_force_column(column, spec, dtype):
     best = None
     for sign in (1.0, -1.0):  # positive first: a tie keeps the positive side
         values, cost = [], 0.0
-        for x in column.tolist():
+        for x in column.double().tolist():
             if x * sign > 0:
-                q = nearest_level(max(-top, min(top, x)), spec, grid).item()
+                q = grid[nearest_level(max(-top, min(top, x)), grid)].item()
                 values.append(q)
                 cost += abs(x - q)
             else:
@@ -61,21 +63,29 @@ def brute_force_column(column, spec, dtype):
 specs = st.builds(nwp.ChipSpec, limit=st.floats(0.1, 2.0), group_size=st.integers(1, 5), bits=st.integers(2, 6))
 
 
-@settings(max_examples=80)
-@given(spec=specs, rows=st.integers(1, 9), columns=st.integers(1, 4), seed=st.integers(0, 2**16), scale=st.floats(0.1, 3.0))
-def test_grid_projection_is_the_l1_nearest_feasible_point(spec, rows, columns, seed, scale):
+@settings(max_examples=120)
+@given(
+    spec=specs,
+    rows=st.integers(1, 9),
+    columns=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    scale=st.floats(0.1, 3.0),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_grid_projection_is_the_l1_nearest_feasible_point(spec, rows, columns, seed, scale, dtype):
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(rows, columns, generator=generator, dtype=torch.float64) * scale
+    weight = (torch.randn(rows, columns, generator=generator, dtype=torch.float64) * scale).to(dtype)
     projected = functional.chip(weight, Layout(), spec)
-    grid = set(levels(spec, torch.float64).tolist())
+    assert projected.dtype == dtype
+    grid = set(levels(spec, dtype).tolist())
     for start in range(0, rows, spec.group_size):
         for j in range(columns):
             column, got = weight[start : start + spec.group_size, j], projected[start : start + spec.group_size, j]
             assert all(v in grid for v in got.tolist())  # on the grid, hence in range
             assert not ((got > 0).any() and (got < 0).any())  # sign-aligned
-            expected = brute_force_column(column, spec, torch.float64)
-            cost, best = (got - column).abs().sum(), (expected - column).abs().sum()
-            assert cost <= best + 1e-12 * (1 + best)  # no feasible point is L1-closer
+            expected = brute_force_column(column, spec, dtype)
+            cost, best = (got.double() - column.double()).abs().sum(), (expected.double() - column.double()).abs().sum()
+            assert cost <= best + 1e-12 * (1 + best)  # no feasible point is L1-closer, in the dtype's own levels
     assert torch.equal(functional.chip(projected, Layout(), spec), projected)  # idempotent, bit for bit
 
 
@@ -88,6 +98,19 @@ def test_every_grid_level_is_kept_and_counted_on_the_grid(dtype, bits, limit):
     assert torch.equal(functional.chip(grid, Layout(), nwp.ChipSpec(limit=limit, group_size=1, bits=bits)), grid)
     assert not functional.off_grid(grid, spec).any()
     assert bool((grid.float().abs() <= torch.tensor(limit, dtype=torch.float32)).all())  # the top level is in range
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits, limit", [(3, 0.3), (5, 1.66), (5, 0.9), (12, 0.9), (16, 1.0)])
+def test_each_value_goes_to_the_nearest_level_its_dtype_holds(dtype, bits, limit):
+    spec = nwp.ChipSpec(limit=limit, group_size=1, bits=bits)
+    grid = levels(spec, dtype).double()
+    generator = torch.Generator().manual_seed(bits)
+    x = ((torch.rand(20000, generator=generator, dtype=torch.float64) * 2 - 1) * grid[-1]).to(dtype)
+    got = functional.chip(x.view(-1, 1), Layout(), spec).view(-1).double()  # one entry per block column
+    above = torch.searchsorted(grid, x.double()).clamp(1, len(grid) - 1)  # the held levels around x
+    nearest = torch.minimum((grid[above] - x.double()).abs(), (grid[above - 1] - x.double()).abs())
+    assert torch.equal((got - x.double()).abs(), nearest)
 
 
 def test_without_bits_the_projection_is_the_clamp_and_sign_rule():
