@@ -139,6 +139,7 @@ class _Scratch:
     @torch.inference_mode(False)  # made under inference mode, they would refuse later in-place updates
     def __init__(self, views: Sequence[View], numel: int, dtype: torch.dtype, device: torch.device) -> None:
         columns = sum(blocks * width for _, blocks, _, width in views)
+        self.views = tuple(views)
         self.parts = torch.empty(2, numel, dtype=dtype, device=device)  # relu(w), min(w, 0)
         self.excess = torch.empty(numel, dtype=dtype, device=device)  # w - clamp(w)
         self.direction = torch.empty(numel, dtype=dtype, device=device)
@@ -185,9 +186,12 @@ def _sums(flat: Tensor, scratch: _Scratch, limit: float, power: int) -> tuple[Te
     return magnitude, torch.minimum(positive, negative).sum(), positive - negative
 
 
-def _directions(flat: Tensor, scratch: _Scratch, difference: Tensor, power: int, lam: float, alpha: float) -> Tensor:
+def _directions(
+    flat: Tensor, scratch: _Scratch, difference: Tensor, power: int, lam: float, alpha: float, out: Tensor | None = None
+) -> Tensor:
     r"""``lam`` times the gradient of the topology sum plus ``alpha`` times the magnitude's, in
-    ``scratch.direction``; ``scratch.excess`` must hold ``w - clamp(w)`` (as :func:`_sums` leaves it).
+    ``out`` (default ``scratch.direction``); ``scratch.excess`` must hold ``w - clamp(w)`` (as
+    :func:`_sums` leaves it).
 
     :math:`\partial \min(P, Q) / \partial M` is ``[M > 0]`` where ``P < Q``, ``-[M < 0]`` where
     ``Q < P`` and ``sign(M) / 2`` on a tie: ``clamp(sign(M), high - 1, high)`` with ``high = (1 -
@@ -200,9 +204,10 @@ def _directions(flat: Tensor, scratch: _Scratch, difference: Tensor, power: int,
     high = torch.rsub(torch.sign(difference), 0.5 * scale, alpha=0.5 * scale)
     torch.sub(high, scale, out=scratch.bounds[0])
     scratch.bounds[1].copy_(high)
-    direction = torch.sign(flat, out=scratch.direction)
-    for blocks, bounds in zip(scratch.direction_blocks, scratch.bound_blocks):
-        blocks.clamp_(bounds[0], bounds[1])
+    direction = torch.sign(flat, out=scratch.direction if out is None else out)
+    blocks = scratch.direction_blocks if out is None else [_blocks(out, view) for view in scratch.views]
+    for block, bounds in zip(blocks, scratch.bound_blocks):
+        block.clamp_(bounds[0], bounds[1])
     if not folded:
         direction.mul_(lam)
     if alpha and power == 2:
@@ -427,11 +432,16 @@ class _PenaltySums(torch.autograd.Function):
                 chunk, scratch = _chunk(m, view)
                 difference, target = next(saved), _blocks(grad.view(-1), view).view(-1)
                 _excess(chunk, scratch, spec.limit)
-                if scales is None:  # the two directions apart: the scratch holds one at a time
-                    target.copy_(_directions(chunk, scratch, difference, power, 1.0, 0.0)).mul_(grad_topology)
-                    target.addcmul_(_directions(chunk, scratch, difference, power, 0.0, 1.0), grad_magnitude)
+                out = target if target.dtype == chunk.dtype else None  # straight into the gradient
+                if scales is None:
+                    topology = _directions(chunk, scratch, difference, power, 1.0, 0.0, out).mul_(grad_topology)
+                    if out is None:
+                        topology = target.copy_(topology)
+                    topology.addcmul_(_directions(chunk, scratch, difference, power, 0.0, 1.0), grad_magnitude)
                 else:
-                    target.copy_(_directions(chunk, scratch, difference, power, lam, alpha).mul_(grads[0]))
+                    direction = _directions(chunk, scratch, difference, power, lam, alpha, out).mul_(grads[0])
+                    if out is None:
+                        target.copy_(direction)
             if i in tails:
                 grad[item.tail :].copy_(tails[i])
             result[i] = layout.unmatrix(grad, weights[i].shape)
