@@ -160,13 +160,15 @@ def _train(model, reg, xs, ys):
 
 
 def _ddp_worker(rank, world, port, out):
+    import datetime
     import os
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a lost peer fails the test within a minute instead of hanging for gloo's default 30
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         model = _ddp_model()
         nwp.register(model)  # register, then wrap
