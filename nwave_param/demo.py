@@ -18,6 +18,11 @@ neuron per class, a block would force five classes to share it.  The three runs:
   (the gradient passes straight through to the latent weights), so it learns to work with those
   weights, and projecting them after training changes nothing.
 
+With a grid or mismatch, all three runs also decay the learning rate linearly to 0 once the
+hardness has reached 1 (``HARDEN``'s end; the default demo keeps it constant): on the grid a
+constant step keeps moving latent weights across rounding boundaries, so the network the chip
+would hold keeps changing; a decaying step lets it settle.
+
 Each run is then projected onto the chip with ``reg.project_()`` and evaluated again.  With a
 spec that has ``bits`` or ``mismatch`` (``nwave-param demo --bits 5 --mismatch 0.02``), all three
 runs are registered under it (the hardened run trains against the grid and the mismatch), and
@@ -119,7 +124,10 @@ def train(model: nn.Module, reg: Registry, data, epochs: int, run: str) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(SEED)
     steps = epochs * -(-x_train.shape[1] // 64)
-    start, end = HARDEN["grid or mismatch" if reg.spec.bits is not None or reg.spec.mismatch else "plain"]
+    on_grid = reg.spec.bits is not None or bool(reg.spec.mismatch)
+    start, end = HARDEN["grid or mismatch" if on_grid else "plain"]
+    if on_grid:  # constant until the hardness reaches 1, then linearly to 0: see the module docstring
+        settle = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (steps - step) / ((1 - end) * steps)))
     step = 0
     bar = progress(range(epochs), desc=run, leave=False, disable=None)  # a bar on a terminal only
     model.train()
@@ -135,6 +143,8 @@ def train(model: nn.Module, reg: Registry, data, epochs: int, run: str) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if on_grid:
+                settle.step()
             step += 1
         bar.set_postfix(loss=f"{loss.item():.3f}")
 

@@ -40,3 +40,43 @@ def test_quick_demo_writes_json_table_plot_and_progress(tmp_path, capsys):
 def test_demo_rejects_bad_epochs(capsys):
     assert main(["demo", "--epochs", "0"]) == 2
     assert "--epochs" in capsys.readouterr().err
+
+
+def test_quick_demo_on_a_grid_with_mismatch_reports_a_fleet_of_chips(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--quick", "--bits", "5", "--mismatch", "0.02", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for run in data.values():
+        assert set(run) == KEYS | {"chip_accuracy_mean", "chip_accuracy_worst"}
+        assert 0.0 <= run["chip_accuracy_worst"] <= run["chip_accuracy_mean"] <= 1.0
+    assert data["hardened"]["projected_accuracy"] == data["hardened"]["float_accuracy"]
+    assert "test accuracy on 10 chips, worst" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", [None, "grid"])
+def test_learning_rate_settles_only_when_training_against_a_grid(monkeypatch, spec):
+    import torch
+
+    from nwave_param import ChipSpec, register
+    from nwave_param import demo
+
+    rates = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    torch.manual_seed(0)
+    model = demo.SpikingNet()
+    reg = register(model, ChipSpec(bits=5) if spec else None)
+    demo.train(model, reg, demo.digits(), 2, "baseline")
+    steps = len(rates)
+    end = demo.HARDEN["grid or mismatch"][1]
+    if spec is None:
+        assert rates == [3e-3] * steps
+    else:  # constant until the hardness reaches 1, then linearly towards 0
+        expected = [3e-3 * min(1.0, (steps - k) / ((1 - end) * steps)) for k in range(steps)]
+        assert rates == pytest.approx(expected, rel=1e-12)
+        assert rates[0] == 3e-3 and rates[-1] < 3e-3 / 10
