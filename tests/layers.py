@@ -1,4 +1,4 @@
-"""Layers of every kind the registry supports, with seeded values: shared by the property tests."""
+"""Layers of every kind the registry supports, with seeded values, and ``scaled``: shared by the tests."""
 
 from __future__ import annotations
 
@@ -9,6 +9,14 @@ from torch import nn
 DTYPE = torch.float64
 
 HIDDEN = st.sampled_from([1, 2, 3, 4, 6, 7, 8, 9, 11])  # never divisible by 5
+
+
+def scaled(model: nn.Module, factor: float) -> nn.Module:
+    """``model`` with every parameter multiplied by ``factor`` (in place): weights past the limit."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(factor)
+    return model
 
 
 class Custom(nn.Module):

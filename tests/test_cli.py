@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
+from layers import scaled
+
 import nwave_param as nwp
 from nwave_param import checkpoint as files
 from nwave_param.cli import main
@@ -83,20 +85,18 @@ def load(path):
     return torch.load(path, weights_only=True)
 
 
-def scaled(model, factor, seed):
+def reset_scaled(model, factor, seed):
+    """``model`` reinitialised from ``seed``, then scaled by ``factor``."""
     torch.manual_seed(seed)
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(factor)
-    return model
+    return scaled(model, factor)
 
 
 def make_model():
     model = nn.Sequential(nn.Linear(4, 7), nn.LSTM(7, 6, num_layers=2, proj_size=3), nn.Linear(3, 6))
-    return scaled(model, 5, 0)
+    return reset_scaled(model, 5, 0)
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def mixed(tmp_path, monkeypatch):
 
 def mappable_mixed(mixed):
     """Mixed, projected in Python (exact layouts): mappable, its embedding far out of range."""
-    model = scaled(mixed.build(), 4, 0)
+    model = reset_scaled(mixed.build(), 4, 0)
     reg = nwp.register(model)
     reg.project_()
     return model, reg
@@ -187,7 +187,7 @@ def test_model_gives_exact_layouts_and_changes_nothing_on_a_mappable_model(mixed
 
 
 def test_registered_checkpoint_gives_exact_layouts_without_model(mixed, capsys):
-    model = scaled(mixed.build(), 4, 1)
+    model = reset_scaled(mixed.build(), 4, 1)
     reg = nwp.register(model)
     torch.save(model.state_dict(), "registered.pt")
     code, out, _ = run(capsys, "check", "registered.pt", "--json")
@@ -212,7 +212,7 @@ def test_registered_checkpoint_gives_exact_layouts_without_model(mixed, capsys):
 
 
 def test_plain_output_loads_into_the_plain_model_strictly(mixed, capsys):
-    model = scaled(mixed.build(), 4, 2)
+    model = reset_scaled(mixed.build(), 4, 2)
     reg = nwp.register(model)
     torch.save(model.state_dict(), "registered.pt")
     assert run(capsys, "project", "registered.pt", "--plain", "-o", "deploy.pt")[0] == 0
@@ -224,7 +224,7 @@ def test_plain_output_loads_into_the_plain_model_strictly(mixed, capsys):
 
 
 def test_plain_converts_only_the_state_dict_of_a_lightning_container(mixed, capsys):
-    model = scaled(mixed.build(), 4, 3)
+    model = reset_scaled(mixed.build(), 4, 3)
     nwp.register(model)
     torch.save({"state_dict": model.state_dict(), "epoch": 7, "optimizer_states": [{"lr": 0.1}]}, "run.ckpt")
     assert run(capsys, "project", "run.ckpt", "--plain", "-o", "deploy.ckpt")[0] == 0
@@ -415,7 +415,7 @@ def test_property_project_changes_only_tracked_weights_to_their_projection(
     tmp_path_factory, kinds, seed, factor, spec, registered, assume_plain
 ):
     directory = tmp_path_factory.mktemp("property")
-    model = scaled(nn.ModuleDict({f"{kind}{i}": LAYERS[kind]() for i, kind in enumerate(kinds)}), factor, seed)
+    model = reset_scaled(nn.ModuleDict({f"{kind}{i}": LAYERS[kind]() for i, kind in enumerate(kinds)}), factor, seed)
     layouts = {}  # what Python tracks, and how it reads each weight
     if nwp.trackable_weights(model):
         truth = nwp.register(model, spec)
@@ -466,7 +466,7 @@ def test_property_project_changes_only_tracked_weights_to_their_projection(
 
 
 def _registered_safetensors_source(mixed):
-    model = scaled(mixed.build(), 4, 4)
+    model = reset_scaled(mixed.build(), 4, 4)
     model.head.double()
     reg = nwp.register(model, nwp.H1V2)
     return model, reg

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from layers import scaled
+
 import nwave_param as nwp
 
 
@@ -121,10 +123,7 @@ def test_report_counts_and_rows_sum_to_penalties(module, spec):
 
 def test_report_rows_sum_over_several_weights_and_render():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 11), nn.GRU(11, 7), nn.Linear(7, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(6)
+    model = scaled(nn.Sequential(nn.Linear(6, 11), nn.GRU(11, 7), nn.Linear(7, 3)), 6)
     reg = nwp.register(model)
     report = reg.report()
     p = reg.penalties()

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from layers import scaled
+
 import nwave_param as nwp
 
 
@@ -17,13 +19,6 @@ def train_penalty_only(model, reg, steps=15, lr=50.0):
         reg.penalty().backward()
         optimizer.step()
     return start, reg.penalties()
-
-
-def scaled(model, factor=8.0):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(factor)
-    return model
 
 
 # --- snnTorch --------------------------------------------------------------------------------
@@ -38,7 +33,7 @@ def test_snntorch_rsynaptic_and_slstm_are_tracked_and_trained():
             "lstm": snn.SLSTM(input_size=4, hidden_size=7),
         }
     )
-    reg = nwp.register(scaled(model))
+    reg = nwp.register(scaled(model, 8.0))
     assert reg.names == ["syn.recurrent.weight", "lstm.lstm_cell.weight_ih", "lstm.lstm_cell.weight_hh"]
     assert [c.layout.gates for c in (model.lstm.lstm_cell.parametrizations.weight_ih[0],)] == [4]
     start, end = train_penalty_only(model, reg)
@@ -65,7 +60,7 @@ def test_norse_recurrent_lif_weights_are_tracked_with_identical_outputs():
     with reg.cached():
         out_registered, _ = registered(x)
     assert torch.equal(out_plain, out_registered)
-    start, end = train_penalty_only(scaled(registered), reg)
+    start, end = train_penalty_only(scaled(registered, 8.0), reg)
     assert end.magnitude < start.magnitude and end.topology < start.topology
     reg.remove()
     assert list(registered.state_dict()) == list(plain.state_dict())

@@ -12,6 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from layers import scaled
+
 import nwave_param as nwp
 from nwave_param import functional
 from nwave_param.layout import Layout
@@ -174,10 +176,7 @@ def test_torch_func_grad_and_vmap():
 
 def test_registry_penalty_under_torch_compile_fullgraph():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 11), torch.nn.Linear(11, 7))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3)
+    model = scaled(torch.nn.Sequential(torch.nn.Linear(12, 11), torch.nn.Linear(11, 7)), 3)
     reg = nwp.register(model)
     expected = reg.penalty()
     compiled = torch.compile(lambda: reg.penalty(), fullgraph=True)  # a graph break would raise

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from layers import KINDS, fill, group_sizes, limits, make_model, model_cfgs, powers, values_cfgs
+from layers import KINDS, fill, group_sizes, limits, make_model, model_cfgs, powers, scaled, values_cfgs
 from reference import ref_sums, ref_tracked
 
 import nwave_param as nwp
@@ -94,10 +94,7 @@ def test_violations_never_grow_with_hardness(kind, data, vcfg, limit, group_size
 
 def test_project_at_full_hardness_changes_no_output():
     torch.manual_seed(0)
-    model = nn.ModuleDict({"conv": nn.Conv1d(4, 6, 3, groups=2), "lstm": nn.LSTM(6, 7), "head": nn.Linear(7, 3)})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4)
+    model = scaled(nn.ModuleDict({"conv": nn.Conv1d(4, 6, 3, groups=2), "lstm": nn.LSTM(6, 7), "head": nn.Linear(7, 3)}), 4)
 
     def run(x):
         out, _ = model["lstm"](model["conv"](x).permute(2, 0, 1))
@@ -228,10 +225,7 @@ def test_half_precision(dtype):
 
 def test_compiled_hardened_model_computes_as_eager():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4)
+    model = scaled(nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)), 4)
     reg = nwp.register(model)
     compiled = torch.compile(model)
     x = torch.randn(16, 6)

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from torch import nn
 
+from layers import scaled
+
 import nwave_param as nwp
 from nwave_param.loss import topology_loss, weight_magnitude_loss
 
@@ -17,11 +19,7 @@ LIMIT, GROUP = 0.9, 5
 
 def make_model():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3)
-    return model
+    return scaled(nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)), 3)
 
 
 def plain_penalty(model):

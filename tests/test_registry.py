@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, parametrizations
 
+from layers import scaled
+
 import nwave_param as nwp
 from nwave_param.loss import topology_loss, weight_magnitude_loss
 
@@ -121,10 +123,7 @@ def test_weight_with_existing_parametrization_is_tracked_by_effective_value():
 
 def test_penalty_is_scaled_sum_and_trains_toward_the_chip():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 10), nn.Tanh(), nn.Linear(10, 10))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8)
+    model = scaled(nn.Sequential(nn.Linear(8, 10), nn.Tanh(), nn.Linear(10, 10)), 8)
     reg = nwp.register(model, alpha=2.0, lam=0.5, power=1)
     p = reg.penalties()
     torch.testing.assert_close(reg.penalty(), 2.0 * p.magnitude + 0.5 * p.topology)
@@ -139,10 +138,7 @@ def test_penalty_is_scaled_sum_and_trains_toward_the_chip():
 
 def test_functional_forms_equal_registry_exactly():
     torch.manual_seed(1)
-    model = Net()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3)
+    model = scaled(Net(), 3)
     plain_magnitude, plain_topology = weight_magnitude_loss(model), topology_loss(model, 0.3)
     reg = nwp.register(model, exclude="readout.*")
     assert torch.equal(weight_magnitude_loss(model), reg.penalties().magnitude)
@@ -390,10 +386,7 @@ def test_cached_reads_the_parameter_directly_and_restores_everything():
 @pytest.mark.parametrize("seed", range(5))
 def test_project_through_weight_norm_and_refusal_for_one_way_chains(seed):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 12))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(5)
+    model = scaled(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 12)), 5)
     parametrizations.weight_norm(model[1])
     reg = nwp.register(model)
     reg.project_()
@@ -487,10 +480,7 @@ def test_registry_of_a_parent_of_separately_registered_parts():
 
 def test_functional_forms_compute_with_the_arguments_given():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3)
+    model = scaled(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)), 3)
     spec = nwp.ChipSpec(limit=0.5, group_size=2)
     reg = nwp.register(model, spec, power=1)
     p = reg.penalties()

@@ -9,22 +9,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
+from layers import scaled
+
 import nwave_param as nwp
 from nwave_param import functional
 from nwave_param.layout import Layout
 
 
-def scaled(model, factor=4.0):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(factor)
-    return model
-
-
 @pytest.mark.parametrize("spec", [nwp.H1V1, nwp.ChipSpec(bits=4), nwp.ChipSpec(mismatch=0.05)])
 def test_a_compiled_model_computes_on_the_chip_inside_on_chip(spec):
     torch.manual_seed(0)
-    model = scaled(nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)))
+    model = scaled(nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)), 4.0)
     reg = nwp.register(model, spec).harden(0.5)
     model.eval()
     compiled = torch.compile(model)
@@ -39,7 +34,7 @@ def test_a_compiled_model_computes_on_the_chip_inside_on_chip(spec):
 
 def test_a_hardened_model_compiles_in_one_graph():
     torch.manual_seed(0)
-    model = scaled(nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)))
+    model = scaled(nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)), 4.0)
     reg = nwp.register(model, nwp.ChipSpec(bits=5)).harden(0.5)
     x = torch.randn(4, 6)
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))  # no graph break
@@ -49,7 +44,7 @@ def test_a_hardened_model_compiles_in_one_graph():
 
 def test_a_first_call_under_inference_mode_leaves_training_working():
     torch.manual_seed(0)
-    model = scaled(nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 300), nn.Linear(300, 400)))  # packed and chunked
+    model = scaled(nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 300), nn.Linear(300, 400)), 4.0)  # packed and chunked
     reg = nwp.register(model)
     with torch.inference_mode():
         value = reg.penalty()
@@ -64,7 +59,7 @@ def test_a_first_call_under_inference_mode_leaves_training_working():
 
 def test_mixed_dtypes_get_gradients_in_their_own_dtype_and_precision():
     torch.manual_seed(0)
-    model = scaled(nn.Sequential(nn.Linear(8, 16).to(torch.bfloat16), nn.Linear(16, 4)))
+    model = scaled(nn.Sequential(nn.Linear(8, 16).to(torch.bfloat16), nn.Linear(16, 4)), 4.0)
     reg = nwp.register(model)
     reg.penalty().backward()
     fp32 = reg.weights()[1]
@@ -86,7 +81,7 @@ class Scale(nn.Module):
 
 def test_a_parametrization_registered_after_nwave_params():
     torch.manual_seed(0)
-    model = scaled(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)))
+    model = scaled(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)), 4.0)
     reg = nwp.register(model)
     parametrize.register_parametrization(model[1], "weight", Scale())
     latent = model[1].parametrizations.weight.original
@@ -122,7 +117,7 @@ def test_scratch_stays_bounded_over_many_shapes(monkeypatch):
 
 def test_threads_compute_what_one_thread_does():
     torch.manual_seed(0)
-    models = [scaled(nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 300), nn.Linear(300, 301))) for _ in range(2)]
+    models = [scaled(nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 300), nn.Linear(300, 301)), 4.0) for _ in range(2)]
     registries = [nwp.register(m) for m in models]
     expected = []
     for reg in registries:
@@ -170,7 +165,7 @@ def test_a_checkpoint_trained_with_mismatch_loads_for_evaluation_without_it():
 
 def test_on_chip_draws_the_same_chip_for_a_seed_whatever_the_dtype():
     torch.manual_seed(0)
-    model = scaled(nn.Linear(6, 8))
+    model = scaled(nn.Linear(6, 8), 4.0)
     reg = nwp.register(model, nwp.ChipSpec(mismatch=0.05))
     with reg.on_chip(3):
         first = model.weight.detach().clone()
