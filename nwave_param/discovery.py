@@ -9,15 +9,16 @@ gave them before registration (``fc.weight``, never ``fc.parametrizations.weight
 from __future__ import annotations
 
 import fnmatch
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from .layout import Layout, layout_of
 from .parametrization import ChipConstraint
+from .state import KEY_PATTERN, chip_links
 
 __all__ = ["Tracked", "constraints", "is_weight_name", "select", "trackable_weights"]
 
@@ -72,10 +73,9 @@ def trackable_weights(model: nn.Module) -> list[Tracked]:
     found: dict[str, Tracked] = {}
     for dotted, _ in model.named_parameters():
         path, _, local = dotted.rpartition(".")
-        head, _, tail = path.rpartition(".")
-        owner_path, _, marker = head.rpartition(".")
-        if marker == "parametrizations" and local.startswith("original"):
-            path, local = owner_path, tail  # an original of a parametrized tensor
+        match = KEY_PATTERN.match(dotted)
+        if match and re.fullmatch(r"original\d*", match["rest"]):  # an original of a parametrized tensor
+            path, local = match["path"].removesuffix("."), match["tensor"]
         name = _dotted(path, local)
         if name in found or not is_weight_name(local):
             continue
@@ -91,14 +91,7 @@ def constraints(model: nn.Module) -> Iterator[Constrained]:
     """Every weight of ``model`` carrying a :class:`ChipConstraint`, named relative to ``model``,
     in the order ``named_parameters()`` gave them before registration."""
     for path, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        found = [
-            (tensor_name, link)
-            for tensor_name, chain in module.parametrizations.items()
-            for link in chain
-            if isinstance(link, ChipConstraint)
-        ]
+        found = [(tensor_name, link) for tensor_name, _, link in chip_links(module)]
         order = {name: i for i, name in enumerate(found[0][1].parameter_order)} if found else {}
         for tensor_name, link in sorted(found, key=lambda item: order.get(item[0], len(order))):
             yield Constrained(_dotted(path, tensor_name), module, tensor_name, link)

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .discovery import constraints
 from .parametrization import ChipConstraint, describe, read_description, same_description
 
 __all__ = ["plain_state_dict"]
@@ -33,7 +32,7 @@ def extra_state_key(prefix: str, tensor_name: str, position: int) -> str:
 KEY_PATTERN = re.compile(r"^(?P<path>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.(?P<rest>.+)$")
 
 
-def _chip_links(module: nn.Module):
+def chip_links(module: nn.Module):
     """``(tensor_name, position, constraint)`` of the chains of ``module`` holding a ChipConstraint."""
     if not parametrize.is_parametrized(module):  # every parametrization removed by hand
         return
@@ -52,7 +51,7 @@ def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *_) -> None
       checkpoints described themselves);
     * a saved layout or spec that differs from the constraint's raises ValueError naming the weight.
     """
-    for tensor_name, position, constraint in _chip_links(module):
+    for tensor_name, position, constraint in chip_links(module):
         plain, original = prefix + tensor_name, original_key(prefix, tensor_name)
         if len(module.parametrizations[tensor_name]) == 1 and plain in state_dict and original not in state_dict:
             state_dict[original] = state_dict.pop(plain)
@@ -126,7 +125,12 @@ def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[st
                 others.setdefault(where, set()).add(int(position))
     late = sorted(f"{p}{t}" for (p, t), i in ours.items() if any(j > i for j in others.get((p, t), ())))
     if isinstance(source, nn.Module):  # the chains themselves: exact, stateless links included
-        late = [c.name for c in constraints(source) if c.module.parametrizations[c.tensor_name][-1] is not c.constraint]
+        late = [
+            f"{path}.{tensor_name}" if path else tensor_name
+            for path, module in source.named_modules()
+            for tensor_name, _, constraint in chip_links(module)
+            if module.parametrizations[tensor_name][-1] is not constraint
+        ]
     if late:
         raise ValueError(
             f"{', '.join(late)}: a parametrization registered after nwave_param's sits in the chain; its keys "
