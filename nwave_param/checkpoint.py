@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .parametrization import read_description
-from .state import KEY_PATTERN
+from .state import parse_link_key
 
 __all__ = [
     "Checkpoint",
@@ -53,7 +53,6 @@ __all__ = [
 INSTALL_SAFETENSORS = "pip install 'nwave-param[safetensors]'"
 # A pre-1.6 (non-zip) torch.save file starts with its pickled magic number.
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
-_DESCRIPTION_KEY = re.compile(r"^\d+\._extra_state$")  # the tail of KEY_PATTERN's "rest" for a description
 
 
 class CheckpointError(Exception):
@@ -184,8 +183,8 @@ def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
 
 
 def _is_description_key(key: str) -> bool:
-    match = KEY_PATTERN.match(key)
-    return match is not None and _DESCRIPTION_KEY.match(match["rest"]) is not None
+    link = parse_link_key(key)
+    return link is not None and link[3] == "_extra_state"
 
 
 def _descriptions_from_metadata(metadata: dict[str, str]) -> tuple[dict[str, dict], dict[str, str]]:

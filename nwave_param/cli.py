@@ -47,7 +47,7 @@ from .parametrization import read_description
 from .registry import register
 from .report import Report, build_report
 from .spec import H1V1, H1V2, ChipSpec
-from .state import KEY_PATTERN, original_key, plain_state_dict
+from .state import original_key, parse_link_key, plain_state_dict
 
 __all__ = ["main"]
 
@@ -174,15 +174,13 @@ def read_descriptions(state_dict: Mapping[str, object]) -> dict[str, Described]:
     """The weights a registered model described in its state_dict, by name."""
     found = {}
     for key, value in state_dict.items():
-        match = KEY_PATTERN.match(key)
-        description = read_description(value) if match else None
+        link = parse_link_key(key)
+        description = read_description(value) if link and link[3] == "_extra_state" else None
         if description is None:
             continue
-        position, _, leaf = match["rest"].partition(".")
-        if not (position.isdigit() and leaf == "_extra_state"):
-            continue
-        latent = original_key(match["path"], match["tensor"]) if position == "0" else None
-        found[match["path"] + match["tensor"]] = Described(latent, *description)
+        path, tensor_name, position, _ = link
+        latent = original_key(path, tensor_name) if position == 0 else None
+        found[path + tensor_name] = Described(latent, *description)
     return found
 
 

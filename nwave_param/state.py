@@ -32,6 +32,17 @@ def extra_state_key(prefix: str, tensor_name: str, position: int) -> str:
 KEY_PATTERN = re.compile(r"^(?P<path>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.(?P<rest>.+)$")
 
 
+def parse_link_key(key: str) -> tuple[str, str, int, str] | None:
+    """``(path, tensor_name, position, leaf)`` for a key of the link at ``position`` in a chain
+    (``<path>parametrizations.<tensor>.<position>.<leaf>``), None for any other key.  A constraint
+    saves its description under the leaf ``_extra_state``."""
+    match = KEY_PATTERN.match(key)
+    if match is None:
+        return None
+    position, _, leaf = match["rest"].partition(".")
+    return (match["path"], match["tensor"], int(position), leaf) if position.isdecimal() else None
+
+
 def chip_links(module: nn.Module):
     """``(tensor_name, position, constraint)`` of the chains of ``module`` holding a ChipConstraint."""
     if not parametrize.is_parametrized(module):  # every parametrization removed by hand
@@ -113,16 +124,14 @@ def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[st
     ours: dict[tuple[str, str], int] = {}  # (path, tensor) -> position of nwave_param's constraint
     others: dict[tuple[str, str], set[int]] = {}  # positions holding other state
     for key, value in state.items():
-        match = KEY_PATTERN.match(key)
-        if match is None:
+        link = parse_link_key(key)
+        if link is None:
             continue
-        where, rest = (match["path"], match["tensor"]), match["rest"]
-        position, _, leaf = rest.partition(".")
-        if position.isdigit():
-            if leaf == "_extra_state" and read_description(value) is not None:
-                ours[where] = int(position)
-            else:
-                others.setdefault(where, set()).add(int(position))
+        path, tensor_name, position, leaf = link
+        if leaf == "_extra_state" and read_description(value) is not None:
+            ours[path, tensor_name] = position
+        else:
+            others.setdefault((path, tensor_name), set()).add(position)
     late = sorted(f"{p}{t}" for (p, t), i in ours.items() if any(j > i for j in others.get((p, t), ())))
     if isinstance(source, nn.Module):  # the chains themselves: exact, stateless links included
         late = [
