@@ -47,7 +47,7 @@ from .parametrization import read_description
 from .registry import register
 from .report import Report, build_report
 from .spec import H1V1, H1V2, ChipSpec
-from .state import original_key, parse_link_key, plain_state_dict
+from .state import original_key, parse_link_key, parse_original_key, plain_state_dict
 
 __all__ = ["main"]
 
@@ -227,7 +227,6 @@ def described_weights(
     return weights
 
 
-_REGISTERED = re.compile(r"^(?:(?P<path>.*)\.)?parametrizations\.(?P<tensor>[^.]+)\.(?P<original>original\d*)$")
 _RNN = re.compile(r"^weight_(?:ih|hh)(?P<suffix>_l\d+(?:_reverse)?)?$")
 
 
@@ -254,12 +253,13 @@ def _by_weight_name(state_dict: Mapping[str, object], notes: list[str]) -> dict[
     for key, value in state_dict.items():
         if not isinstance(value, Tensor):
             continue
-        match = _REGISTERED.match(key)
-        if match is None:
+        original = parse_original_key(key)
+        if original is None:
             found.setdefault(key, key)
             continue
-        name = ".".join(filter(None, (match["path"], match["tensor"])))
-        if match["original"] == "original":
+        path, tensor_name, stored = original
+        name = path + tensor_name
+        if stored == "original":
             found[name] = key
         else:
             chained.add(name)

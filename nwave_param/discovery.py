@@ -9,7 +9,6 @@ gave them before registration (``fc.weight``, never ``fc.parametrizations.weight
 from __future__ import annotations
 
 import fnmatch
-import re
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from .layout import Layout, layout_of
 from .parametrization import ChipConstraint
-from .state import KEY_PATTERN, chip_links
+from .state import chip_links, parse_original_key
 
 __all__ = ["Tracked", "constraints", "is_weight_name", "select", "trackable_weights"]
 
@@ -73,9 +72,9 @@ def trackable_weights(model: nn.Module) -> list[Tracked]:
     found: dict[str, Tracked] = {}
     for dotted, _ in model.named_parameters():
         path, _, local = dotted.rpartition(".")
-        match = KEY_PATTERN.match(dotted)
-        if match and re.fullmatch(r"original\d*", match["rest"]):  # an original of a parametrized tensor
-            path, local = match["path"].removesuffix("."), match["tensor"]
+        original = parse_original_key(dotted)
+        if original is not None:  # an original of a parametrized tensor
+            path, local = original[0].removesuffix("."), original[1]
         name = _dotted(path, local)
         if name in found or not is_weight_name(local):
             continue

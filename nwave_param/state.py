@@ -32,6 +32,15 @@ def extra_state_key(prefix: str, tensor_name: str, position: int) -> str:
 KEY_PATTERN = re.compile(r"^(?P<path>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.(?P<rest>.+)$")
 
 
+def parse_original_key(key: str) -> tuple[str, str, str] | None:
+    """``(path, tensor_name, original)`` for the key of a chain's stored tensor (``original``, or
+    ``original<k>`` when its first link takes several), None for any other key."""
+    match = KEY_PATTERN.match(key)
+    if match is None or not re.fullmatch(r"original\d*", match["rest"]):
+        return None
+    return match["path"], match["tensor"], match["rest"]
+
+
 def parse_link_key(key: str) -> tuple[str, str, int, str] | None:
     """``(path, tensor_name, position, leaf)`` for a key of the link at ``position`` in a chain
     (``<path>parametrizations.<tensor>.<position>.<leaf>``), None for any other key.  A constraint
