@@ -45,7 +45,7 @@ from .discovery import is_weight_name
 from .layout import Layout
 from .parametrization import read_description
 from .registry import register
-from .report import Report, build_report
+from .report import Report, aligned, build_report
 from .spec import H1V1, H1V2, ChipSpec
 from .state import original_key, parse_link_key, parse_original_key, plain_state_dict
 
@@ -491,11 +491,7 @@ def _change_table(changes: Sequence[dict]) -> str:
     lines = [columns] + [
         tuple(f"{c[k]:.4g}" if isinstance(c[k], float) else str(c[k]) for k in columns) for c in changes
     ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
-        for line in lines
-    )
+    return "\n".join(aligned(lines))
 
 
 def _summary(label: str, report: Report) -> str:

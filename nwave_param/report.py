@@ -48,6 +48,12 @@ class LayerReport:
 _SUMMED = ("numel", "out_of_range", "nonfinite", "block_columns", "mixed_block_columns", "off_grid", "magnitude", "topology")
 
 
+def aligned(lines: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as text columns: the first two (names) left-aligned, the others right-aligned."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip() for line in lines]
+
+
 def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -113,17 +119,12 @@ class Report:
 
         body = [cells({**asdict(row), "shape": "x".join(map(str, row.shape))}) for row in self.rows]
         total = cells({**self.totals, "name": "total", "shape": ""})
-        table = [columns, *body, total]
-        widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-
-        def render(line: list[str]) -> str:
-            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
-
-        rule = "-" * len(render(table[0]))
+        head, *lines, last = aligned([columns, *body, total])
+        rule = "-" * len(head)
         verdict = "mappable" if self.is_mappable else "NOT mappable"
         grid = f", {self.spec.bits}-bit grid" if self.spec.bits is not None else ""
         header = f"limit {self.spec.limit}, blocks of {self.spec.group_size}{grid}: {verdict}"
-        return "\n".join([header, render(table[0]), rule, *map(render, body), rule, render(total)])
+        return "\n".join([header, head, rule, *lines, rule, last])
 
     def __repr__(self) -> str:
         return f"Report({len(self.rows)} weights, mappable={self.is_mappable})"
