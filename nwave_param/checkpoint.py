@@ -33,7 +33,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor, nn
 
-from .parametrization import read_description
+from .description import decode
 from .state import parse_link_key
 
 __all__ = [
@@ -195,7 +195,7 @@ def _descriptions_from_metadata(metadata: dict[str, str]) -> tuple[dict[str, dic
             value = json.loads(text) if _is_description_key(key) else None
         except ValueError:
             value = None
-        if read_description(value) is not None:
+        if decode(value) is not None:
             found[key] = value
         else:
             rest[key] = text
@@ -372,7 +372,7 @@ def _safetensors_content(checkpoint: Checkpoint, container: object, path: str) -
     for key, value in state_dict.items():
         if isinstance(value, Tensor) and value.layout == torch.strided:
             tensors[key] = value
-        elif _is_description_key(key) and read_description(value) is not None:
+        elif _is_description_key(key) and decode(value) is not None:
             metadata[key] = json.dumps(value)
         else:
             refused.append(key)

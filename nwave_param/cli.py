@@ -43,7 +43,7 @@ from . import checkpoint as files
 from .checkpoint import Checkpoint, CheckpointError, first_line
 from .discovery import is_weight_name
 from .layout import Layout
-from .parametrization import read_description
+from .description import decode
 from .registry import register
 from .report import Report, aligned, build_report
 from .spec import H1V1, H1V2, ChipSpec
@@ -175,12 +175,12 @@ def read_descriptions(state_dict: Mapping[str, object]) -> dict[str, Described]:
     found = {}
     for key, value in state_dict.items():
         link = parse_link_key(key)
-        description = read_description(value) if link and link[3] == "_extra_state" else None
-        if description is None:
+        saved = decode(value) if link and link[3] == "_extra_state" else None
+        if saved is None:
             continue
         path, tensor_name, position, _ = link
         latent = original_key(path, tensor_name) if position == 0 else None
-        found[path + tensor_name] = Described(latent, *description)
+        found[path + tensor_name] = Described(latent, saved.layout, saved.spec)
     return found
 
 

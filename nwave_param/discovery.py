@@ -19,7 +19,7 @@ from .layout import Layout, layout_of
 from .parametrization import ChipConstraint
 from .state import chip_links, parse_original_key
 
-__all__ = ["Tracked", "constraints", "is_weight_name", "select", "trackable_weights"]
+__all__ = ["Tracked", "constraints", "is_weight_name", "select", "tied_holders", "trackable_weights"]
 
 # Weights of these modules are scales or lookup tables, not synapses.
 _UNTRACKED_MODULES = (
@@ -154,3 +154,35 @@ def select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, La
     if len(devices) > 1:
         raise ValueError(f"tracked weights live on several devices {sorted(devices)}: move the model to one device")
     return [(item, _layout(item)) for item in chosen]
+
+
+def tied_holders(model: nn.Module, selected: list[tuple[Tracked, Layout]]) -> list[tuple[nn.Module, str, Layout]]:
+    """``(module, tensor_name, layout)`` for each selected weight and every other module holding
+    the same Parameter: a tied weight gets a constraint in each holder, so that every module
+    computes with the hardened value (the registry counts it once).
+
+    Raises:
+        ValueError: the holders of one Parameter read it with different layouts (a Linear and a
+            GRUCell): one value cannot be what the chip holds for both; both holders named.
+    """
+    params = {id(p): p for item, _ in selected if (p := item.module._parameters.get(item.tensor_name)) is not None}
+    tied: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, module in model.named_modules():
+        for tensor_name, value in module._parameters.items():
+            if value is not None and id(value) in params:
+                tied.setdefault(id(value), []).append((_dotted(path, tensor_name), module, tensor_name))
+    holders = []
+    for item, layout in selected:
+        param = item.module._parameters.get(item.tensor_name)
+        if param is None:  # already parametrized: the chain is the weight's only holder
+            holders.append((item.module, item.tensor_name, layout))
+            continue
+        for name, module, tensor_name in tied[id(param)]:
+            theirs = layout if module is item.module else layout_of(module, tensor_name)
+            if theirs != layout:
+                raise ValueError(
+                    f"{item.name} and {name} hold one Parameter but read it with different layouts ({layout} and "
+                    f"{theirs}): the chip holds a different value for each; untie them, or exclude {item.name!r}"
+                )
+            holders.append((module, tensor_name, layout))
+    return holders

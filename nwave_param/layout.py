@@ -37,6 +37,10 @@ class Layout:
     groups: int = 1
     transposed: bool = False
 
+    def __post_init__(self) -> None:
+        if not all(type(n) is int and n >= 1 for n in (self.gates, self.groups)) or type(self.transposed) is not bool:
+            raise ValueError(f"not a layout: {self!r} (gates and groups are ints >= 1, transposed a bool)")
+
     def rows(self, shape: torch.Size) -> int:
         """Number of output neurons of a weight of this ``shape``."""
         return shape[1] * self.groups if self.transposed else shape[0]
@@ -81,10 +85,7 @@ class Layout:
         """Inverse of :meth:`to_dict`; raises ValueError on anything else."""
         if not isinstance(data, dict) or set(data) != {"gates", "groups", "transposed"}:
             raise ValueError(f"not a layout: {data!r}")
-        gates, groups, transposed = data["gates"], data["groups"], data["transposed"]
-        if not all(type(n) is int and n >= 1 for n in (gates, groups)) or type(transposed) is not bool:
-            raise ValueError(f"not a layout: {data!r}")
-        return cls(gates, groups, transposed)
+        return cls(data["gates"], data["groups"], data["transposed"])
 
     def runs(self, rows: int, group_size: int) -> tuple[tuple[int, int, int], ...]:
         """The row blocks as runs ``(start, count, length)`` of equal-length consecutive blocks.

@@ -20,22 +20,21 @@ weights.  A module carrying a :class:`ChipConstraint` therefore gets a class of 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import numbers
+import threading
 import weakref
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import functional
+from . import description, functional
 from .layout import Layout
 from .spec import ChipSpec
 
-__all__ = ["ChipConstraint", "Settings", "describe", "read_description", "same_description"]
+__all__ = ["ChipConstraint", "Registration", "Settings"]
 
 
 def check_scale(name: str, value: object) -> float:
@@ -55,11 +54,7 @@ def check_hardness(value: object) -> float:
 
 @dataclass(frozen=True)
 class Settings:
-    """One registration's configuration, shared by all of its constraints.
-
-    Frozen: a change (:meth:`Registry.harden <nwave_param.Registry.harden>`) replaces the object
-    on every constraint at once, so the constraints never disagree.
-    """
+    """One registration's configuration: frozen, so a change is a new object (see :class:`Registration`)."""
 
     spec: ChipSpec
     alpha: float = 1.0
@@ -78,33 +73,31 @@ class Settings:
         object.__setattr__(self, "hardness", check_hardness(self.hardness))
 
 
-FORMAT = "nwave_param/1"  # marks nwave_param's extra state; bumped if its content changes
+class Registration:
+    """What the constraints of one :func:`~nwave_param.register` call share.
 
+    ``settings`` is replaced whole, by one assignment, so a reader in another thread sees every
+    constraint with the old settings or every one with the new, never a mix.  ``on_chip`` is
+    whether a :meth:`Registry.on_chip <nwave_param.Registry.on_chip>` context holds the model; the
+    lock makes entering one a single step.  A copy of the model gets a registration of its own.
+    """
 
-def describe(layout: Layout, spec: ChipSpec) -> dict:
-    """The extra state of a constraint: JSON-ready, loadable with ``weights_only=True``."""
-    return {
-        "format": FORMAT,
-        "layout": layout.to_dict(),
-        "spec": {"limit": spec.limit, "group_size": spec.group_size, "bits": spec.bits, "mismatch": spec.mismatch},
-    }
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.on_chip = False
+        self.lock = threading.Lock()
 
+    def __deepcopy__(self, memo: dict) -> Registration:
+        return Registration(self.settings)  # a copy is never on a chip (see ChipConstraint.__getstate__)
 
-def read_description(state: object) -> tuple[Layout, ChipSpec] | None:
-    """``(layout, spec)`` from a value :func:`describe` wrote, None for anything else."""
-    if not isinstance(state, Mapping) or state.get("format") != FORMAT:
-        return None
-    try:
-        return Layout.from_dict(dict(state["layout"])), ChipSpec(**dict(state["spec"]))
-    except (KeyError, TypeError, ValueError):
-        return None
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings}
 
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["settings"])
 
-def same_description(saved: tuple[Layout, ChipSpec] | None, layout: Layout, spec: ChipSpec) -> bool:
-    """Whether a saved description holds for ``layout`` and ``spec``.  The mismatch is left out:
-    it says how the chip varies, not what a weight is (a model trained with mismatch may be
-    evaluated without it)."""
-    return saved is not None and saved[0] == layout and dataclasses.replace(saved[1], mismatch=0.0) == dataclasses.replace(spec, mismatch=0.0)
+    def __repr__(self) -> str:
+        return f"Registration({self.settings})"
 
 
 class ChipConstraint(nn.Module):
@@ -115,23 +108,25 @@ class ChipConstraint(nn.Module):
     At hardness 0 the forward returns its input, the same tensor object: the model computes
     bit-identical outputs, in-place init reaches the weight and no memory is added.
 
-    It holds what its forward needs (the layout and the shared :class:`Settings`) and the owning
+    It holds what its forward needs (the layout and its :class:`Registration`) and the owning
     module's parameter order, so that removal restores the state_dict key order.  It adds no
-    parameters or buffers; the hardness is not saved in the state_dict.
+    parameters or buffers; its extra state, saved in the state_dict, is its
+    :mod:`~nwave_param.description` (layout, spec and hardness) as a small tensor.
 
-    Example::
+    Register it with :func:`nwave_param.register`, which also gives the module a class of its
+    own and the hooks that load checkpoints::
 
-        >>> from torch.nn.utils import parametrize
+        >>> import nwave_param as nwp
         >>> fc = nn.Linear(2, 3, bias=False)
-        >>> _ = parametrize.register_parametrization(fc, "weight", ChipConstraint(Layout(), Settings(ChipSpec())))
-        >>> fc.weight is fc.parametrizations.weight.original
-        True
+        >>> reg = nwp.register(fc)
+        >>> fc.parametrizations.weight[0]
+        ChipConstraint(ChipSpec(limit=0.9, group_size=5), Layout(gates=1, groups=1, transposed=False), hardness=0.0)
     """
 
-    def __init__(self, layout: Layout, settings: Settings, parameter_order: tuple[str, ...] = ()) -> None:
+    def __init__(self, layout: Layout, registration: Registration, parameter_order: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.layout = layout
-        self.settings = settings
+        self.registration = registration
         self.parameter_order = parameter_order
         # Registry.on_chip: one chip instance, its mismatch sample (or None); plain attributes,
         # which torch.compile guards, and which a copy does not take (see __getstate__)
@@ -143,8 +138,13 @@ class ChipConstraint(nn.Module):
         state.update(on_chip=False, chip_mismatch=None)  # a copy made inside on_chip is not on a chip
         return state
 
+    @property
+    def settings(self) -> Settings:
+        return self.registration.settings
+
     def forward(self, weight: Tensor) -> Tensor:
-        spec, hardness = self.settings.spec, self.settings.hardness
+        settings = self.registration.settings  # read once: a concurrent harden() swaps it whole
+        spec, hardness = settings.spec, settings.hardness
         if self.on_chip:  # what one chip holds, whatever the hardness and mode
             return functional.harden(weight, self.layout, spec, 1.0, self.chip_mismatch)
         noise = None
@@ -156,13 +156,17 @@ class ChipConstraint(nn.Module):
         """Identity, so assigning ``module.weight = value`` stores ``value`` as the latent weight."""
         return weight
 
-    def get_extra_state(self) -> dict:
-        """The layout and the spec, saved in the state_dict so that a checkpoint describes itself."""
-        return describe(self.layout, self.settings.spec)
+    def get_extra_state(self) -> Tensor:
+        """The description saved in the state_dict: the layout, the spec and the hardness."""
+        settings = self.registration.settings
+        return description.encode(self.layout, settings.spec, settings.hardness)
 
     def set_extra_state(self, state: object) -> None:
-        if not same_description(read_description(state), self.layout, self.settings.spec):
-            raise ValueError(f"a checkpoint's description {state!r} does not match this constraint ({self.extra_repr()})")
+        """Check a checkpoint's description against this constraint (the model's load hook has
+        already checked every one and restored the hardness, before any tensor was copied)."""
+        saved = description.decode(state)
+        if saved is None or not saved.fits(self.layout, self.settings.spec):
+            raise ValueError(f"a checkpoint's description {saved or 'that cannot be read'} does not fit this constraint ({self.extra_repr()})")
 
     def extra_repr(self) -> str:
         return f"{self.settings.spec}, {self.layout}, hardness={self.settings.hardness}"
@@ -252,3 +256,30 @@ def detach(module: nn.Module, tensor_name: str, constraint: ChipConstraint) -> N
     else:
         del chain[next(i for i, link in enumerate(chain) if link is constraint)]
     restore_class(module)
+
+
+# --- the chain a constraint sits in ----------------------------------------------------------
+
+
+def links_before(module: nn.Module, tensor_name: str, constraint: ChipConstraint) -> list[nn.Module]:
+    """The parametrizations before ``constraint`` in the chain of ``module.<tensor_name>``."""
+    chain = list(module.parametrizations[tensor_name])
+    return chain[: next(i for i, link in enumerate(chain) if link is constraint)]
+
+
+def originals(module: nn.Module, tensor_name: str) -> list[Tensor]:
+    """The tensors the chain of ``module.<tensor_name>`` stores (``original``, or ``original0..k``)."""
+    chain = module.parametrizations[tensor_name]
+    return [chain.original] if chain.is_tensor else [getattr(chain, f"original{i}") for i in range(chain.ntensors)]
+
+
+def latent(module: nn.Module, tensor_name: str, constraint: ChipConstraint) -> Tensor:
+    """The latent weight: what the chain computes up to ``constraint`` (the stored Parameter
+    itself when the constraint comes first)."""
+    before = links_before(module, tensor_name, constraint)
+    if not before:
+        return module.parametrizations[tensor_name].original
+    value = before[0](*originals(module, tensor_name))
+    for link in before[1:]:
+        value = link(value)
+    return value

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import functional, state
-from .discovery import Constrained, constraints, patterns, select
+from .discovery import Constrained, constraints, patterns, select, tied_holders
 from .functional import Penalties
 from .layout import Layout, layout_of
-from .parametrization import ChipConstraint, Settings, attach, check_hardness, check_scale, detach
+from .parametrization import ChipConstraint, Registration, Settings, attach, check_hardness, check_scale, detach, latent, links_before, originals
 from .report import Report, build_report
 from .spec import ChipSpec
 
@@ -67,7 +67,7 @@ def register(
         AlreadyRegisteredError: the model already carries nwave_param constraints
             (use :func:`registry_of`, or :meth:`Registry.remove` first).
     """
-    settings = Settings(ChipSpec() if spec is None else spec, alpha, lam, power)
+    registration = Registration(Settings(ChipSpec() if spec is None else spec, alpha, lam, power))
     if isinstance(model, nn.Module):
         present = [c.name for c in constraints(model)]
         if present:
@@ -76,39 +76,20 @@ def register(
                 "use nwp.registry_of(model), or call .remove() on it before registering again"
             )
     selected = select(model, patterns(exclude))
-    holders = _holders(model, selected)
+    holders = tied_holders(model, selected)
     orders = {id(module): tuple(module._parameters) for module, _, _ in holders}
     attached: list[Constrained] = []
     try:
         for module, tensor_name, layout in holders:
-            constraint = ChipConstraint(layout, settings, orders[id(module)])
+            constraint = ChipConstraint(layout, registration, orders[id(module)])
             attach(module, tensor_name, constraint)
             state.add_load_hook(module)
             attached.append(Constrained(tensor_name, module, tensor_name, constraint))
+        state.add_load_hook(model)  # checks a checkpoint's every description before the first tensor is copied
     except BaseException:
-        _remove(attached)
+        _remove(attached, model)
         raise
     return Registry(model)
-
-
-def _holders(model: nn.Module, selected) -> list[tuple[nn.Module, str, Layout]]:
-    """``(module, tensor_name, layout)`` for each selected weight and every other module holding
-    the same Parameter: a tied weight gets a constraint in each holder, so that every module
-    computes with the hardened value (the registry counts it once)."""
-    params = {id(p): p for item, _ in selected if (p := item.module._parameters.get(item.tensor_name)) is not None}
-    tied: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for tensor_name, value in module._parameters.items():
-            if value is not None and id(value) in params:
-                tied.setdefault(id(value), []).append((module, tensor_name))
-    holders = []
-    for item, layout in selected:
-        param = item.module._parameters.get(item.tensor_name)
-        if param is None:  # already parametrized: the chain is the weight's only holder
-            holders.append((item.module, item.tensor_name, layout))
-        else:
-            holders += [(m, n, layout if m is item.module else layout_of(m, n)) for m, n in tied[id(param)]]
-    return holders
 
 
 def registry_of(model: nn.Module) -> Registry:
@@ -125,13 +106,15 @@ def registry_of(model: nn.Module) -> Registry:
     return Registry(model)
 
 
-def _remove(entries: Iterable[Constrained]) -> None:
+def _remove(entries: Iterable[Constrained], model: nn.Module) -> None:
     entries = list(entries)
     for entry in entries:
         detach(entry.module, entry.tensor_name, entry.constraint)
     for module, order in {id(e.module): (e.module, e.constraint.parameter_order) for e in entries}.values():
-        state.remove_load_hook(module)
         state.restore_order(module, order)
+    for module in model.modules():  # the hooks of modules left with no constraint beneath them
+        if next(constraints(module), None) is None:
+            state.remove_load_hook(module)
 
 
 _READ_ONLY = {
@@ -148,10 +131,10 @@ _READ_ONLY = {
 class Registry:
     """The tracked weights of one model: penalties, hardening, reports, projection and removal.
 
-    A view over the model's :class:`~nwave_param.ChipConstraint` objects, which share one frozen
-    :class:`~nwave_param.parametrization.Settings`: build one with :func:`register` or
-    :func:`registry_of`, and as many as you like, they all read and change the same settings.
-    ``spec``, ``alpha``, ``lam``, ``power`` and ``hardness`` are read-only.
+    A view over the model's :class:`~nwave_param.ChipConstraint` objects, which share one
+    :class:`~nwave_param.parametrization.Registration` and its frozen settings: build one with
+    :func:`register` or :func:`registry_of`, and as many as you like, they all read and change
+    the same settings.  ``spec``, ``alpha``, ``lam``, ``power`` and ``hardness`` are read-only.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -166,11 +149,14 @@ class Registry:
                     f"({first.constraint.settings} and {entry.constraint.settings}): one registry needs one "
                     "configuration; remove one registration and register again"
                 )
+        object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_entries", tuple(entries))  # every constraint: harden, remove
+        registrations = {id(e.constraint.registration): e.constraint.registration for e in entries}
+        object.__setattr__(self, "_registrations", tuple(registrations.values()))  # several for separately registered parts
         latents: set[int] = set()
         tracked = []  # each latent weight once: a tied Parameter is held by several constraints
         for entry in entries:
-            key = id(_chain(entry).original) if not _before(entry) else id(entry.constraint)
+            key = id(originals(entry.module, entry.tensor_name)[0]) if not _before(entry) else id(entry.constraint)
             if key not in latents:
                 latents.add(key)
                 tracked.append(entry)
@@ -186,7 +172,7 @@ class Registry:
     @property
     def settings(self) -> Settings:
         """The frozen configuration all constraints share."""
-        return self._entries[0].constraint.settings
+        return self._registrations[0].settings
 
     @property
     def spec(self) -> ChipSpec:
@@ -226,15 +212,17 @@ class Registry:
         ``hardness`` :math:`h \in [0, 1]`: 0 is the latent weights themselves, 1 what the chip
         holds, bit for bit.  The gradient passes straight through to the latent weights, which
         the penalties, :meth:`report`, :meth:`is_mappable` and :meth:`project_` keep judging.
-        Not saved in the state_dict, like a learning-rate schedule: a resumed run calls it again.
+        Saved in each weight's description: a checkpoint loaded into a model registered alike
+        computes as the saved model did.  One assignment per registration, so a reader in
+        another thread sees every weight at the old hardness or every one at the new.
 
         Raises:
             TypeError, ValueError: ``hardness`` is not a real number in [0, 1] (nothing changes).
         """
         settings = dataclasses.replace(self.settings, hardness=check_hardness(hardness))
         self._check_live()
-        for entry in self._entries:
-            entry.constraint.settings = settings
+        for registration in self._registrations:
+            registration.settings = settings
         return self
 
     # --- training ---------------------------------------------------------------------------
@@ -282,7 +270,9 @@ class Registry:
 
         Enter it outside :meth:`cached` (values cached before it started would be kept).  It
         holds for the model, in every thread; a tied weight's holders get a sample each (on the
-        chip they are separate synapses).
+        chip they are separate synapses).  One at a time: the model holds one chip, so entering
+        a second while one is open (in any thread, or nested) raises RuntimeError and changes
+        nothing.
         """
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -298,14 +288,23 @@ class Registry:
                 if spec.mismatch:
                     noise = torch.randn(latent.shape, generator=generator).mul_(spec.mismatch).to(latent)
                 instances.append((entry.constraint, noise))
-        outer = [(c, c.on_chip, c.chip_mismatch) for c, _ in instances]
-        for constraint, noise in instances:
-            constraint.on_chip, constraint.chip_mismatch = True, noise
-        try:
-            yield
-        finally:
-            for constraint, on_chip, mismatch in outer:
-                constraint.on_chip, constraint.chip_mismatch = on_chip, mismatch
+        with contextlib.ExitStack() as held:
+            for registration in self._registrations:
+                with registration.lock:
+                    if registration.on_chip:
+                        raise RuntimeError(
+                            "the model is already on a chip (an on_chip context is open, in this thread or another): "
+                            "the model holds one chip at a time; close that context first"
+                        )
+                    registration.on_chip = True
+                held.callback(setattr, registration, "on_chip", False)
+            for constraint, noise in instances:
+                constraint.on_chip, constraint.chip_mismatch = True, noise
+            try:
+                yield
+            finally:
+                for constraint, _ in instances:
+                    constraint.on_chip, constraint.chip_mismatch = False, None
 
     def cached(self) -> AbstractContextManager[None]:
         """Context manager: each weight is computed once, however often a time loop reads it.
@@ -336,7 +335,8 @@ class Registry:
         side) and, with ``spec.bits``, on the grid.  Idempotent; a mappable weight is left
         bit-identical; Parameters are updated in place, so optimizers keep working.  A weight
         under other parametrizations is written back through their ``right_inverse`` and read
-        again.  All or nothing: on any error every weight is restored bit for bit.
+        again.  All or nothing: on any error every tensor of every chain (the stored weights and
+        the other parametrizations' buffers, such as orthogonal's ``base``) is restored bit for bit.
 
         Raises:
             ValueError: a weight holds NaN or infinite values, its chain has a parametrization
@@ -358,7 +358,7 @@ class Registry:
             raise ValueError(f"cannot project: {'; '.join(problems)}; nothing was changed")
         spec = self.spec
         targets = [functional.chip(w, entry.constraint.layout, spec) for w, entry in zip(weights, self._tracked)]
-        backups = [[t.clone() for t in _originals(entry)] for entry in self._tracked]
+        backup = _snapshot(entry.module.parametrizations[entry.tensor_name] for entry in self._tracked)
         try:
             for entry, weight, target in zip(self._tracked, weights, targets):
                 if _before(entry):
@@ -366,9 +366,7 @@ class Registry:
                 else:
                     weight.copy_(target)
         except BaseException:
-            for entry, saved in zip(self._tracked, backups):
-                for original, value in zip(_originals(entry), saved):
-                    original.copy_(value)
+            _restore(backup)
             raise
         return self
 
@@ -382,7 +380,7 @@ class Registry:
                 ``registry_of(model).remove()`` removes the remaining ones).
         """
         self._check_live()
-        _remove(self._entries)
+        _remove(self._entries, self._model)
         object.__setattr__(self, "_removed", True)
 
     def _check_removed(self) -> None:
@@ -414,30 +412,32 @@ class Registry:
 # --- chains ----------------------------------------------------------------------------------
 
 
-def _chain(entry: Constrained) -> nn.ModuleList:
-    return entry.module.parametrizations[entry.tensor_name]
+def _snapshot(chains: Iterable[nn.Module]) -> list[tuple[dict, str, Tensor, Tensor]]:
+    """Every parameter and buffer of ``chains`` (theirs and their links'), where it sits, and a copy."""
+    return [
+        (slots, name, tensor, tensor.detach().clone())
+        for chain in chains
+        for owner in chain.modules()
+        for slots in (owner._parameters, owner._buffers)
+        for name, tensor in slots.items()
+        if tensor is not None
+    ]
+
+
+@torch.no_grad()
+def _restore(snapshot: list[tuple[dict, str, Tensor, Tensor]]) -> None:
+    """Put back what :func:`_snapshot` saw: the same tensor objects, holding the same values."""
+    for slots, name, tensor, saved in snapshot:
+        slots[name] = tensor
+        tensor.copy_(saved)
 
 
 def _before(entry: Constrained) -> list[nn.Module]:
-    """The parametrizations before nwave_param's in the weight's chain."""
-    chain = _chain(entry)
-    return list(chain)[: next(i for i, link in enumerate(chain) if link is entry.constraint)]
-
-
-def _originals(entry: Constrained) -> list[Tensor]:
-    chain = _chain(entry)
-    return [chain.original] if chain.is_tensor else [getattr(chain, f"original{i}") for i in range(chain.ntensors)]
+    return links_before(entry.module, entry.tensor_name, entry.constraint)
 
 
 def _latent(entry: Constrained) -> Tensor:
-    """What the chain computes up to nwave_param's constraint."""
-    before = _before(entry)
-    if not before:
-        return _chain(entry).original  # nwave_param's constraint comes first: the Parameter itself
-    value = before[0](*_originals(entry))
-    for link in before[1:]:
-        value = link(value)
-    return value
+    return latent(entry.module, entry.tensor_name, entry.constraint)
 
 
 def _write_through_chain(entry: Constrained, target: Tensor, spec: ChipSpec) -> None:

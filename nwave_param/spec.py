@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -19,9 +20,14 @@ class ChipSpec:
     * with ``bits`` set, weights are programmed on the symmetric grid
       :math:`k \cdot \text{limit} / (2^{\text{bits}-1} - 1)`, :math:`|k| \le 2^{\text{bits}-1} - 1`;
     * each programmed weight varies by fabrication mismatch, modelled as additive Gaussian noise
-      of standard deviation ``mismatch``.
+      of standard deviation ``mismatch``;
+    * the network fits the chip's ``cores`` (the neurons of each core): recurrent connections
+      exist only within one core, and the front end's ``inputs`` channels each feed one neuron of
+      the first layer (see :func:`nwave_param.place`).
 
-    The defaults are the H1v1 chip's (:data:`H1V1`).
+    The defaults are the H1v1 chip's (:data:`H1V1`).  The capacities are from the vendor's SDK
+    documentation, "Chip overview" (H1v1: 4 cores of 64 neurons; H1v2: cores of 50, 50 and 100;
+    both: 16 front-end channels, each mapped one-to-one to a neuron of the first layer).
 
     Example::
 
@@ -29,6 +35,8 @@ class ChipSpec:
         ChipSpec(limit=0.9, group_size=5)
         >>> ChipSpec(limit=1.66, bits=5, mismatch=0.02)
         ChipSpec(limit=1.66, group_size=5, bits=5, mismatch=0.02)
+        >>> H1V2
+        ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100))
         >>> ChipSpec(limit=0.0)
         Traceback (most recent call last):
         ...
@@ -39,9 +47,12 @@ class ChipSpec:
     group_size: int = 5
     bits: int | None = None
     mismatch: float = 0.0
+    cores: tuple[int, ...] = (64, 64, 64, 64)
+    inputs: int = 16
 
     def __post_init__(self) -> None:
         limit, size, bits, mismatch = self.limit, self.group_size, self.bits, self.mismatch
+        cores, inputs = self.cores, self.inputs
         if not _is_real(limit) or not (math.isfinite(limit) and limit > 0):
             raise ValueError(f"ChipSpec: limit must be a finite number > 0, got {limit!r}")
         if not _is_int(size) or size < 1:
@@ -50,20 +61,36 @@ class ChipSpec:
             raise ValueError(f"ChipSpec: bits must be an int in [2, 16] or None, got {bits!r}")
         if not _is_real(mismatch) or not (math.isfinite(mismatch) and mismatch >= 0):
             raise ValueError(f"ChipSpec: mismatch must be a finite number >= 0, got {mismatch!r}")
+        if not isinstance(cores, (tuple, list)) or not cores or not all(_is_int(n) and n >= 1 for n in cores):
+            raise ValueError(f"ChipSpec: cores must be a non-empty tuple of positive ints, got {cores!r}")
+        if not _is_int(inputs) or inputs < 1:
+            raise ValueError(f"ChipSpec: inputs must be a positive int, got {inputs!r}")
         object.__setattr__(self, "limit", float(limit))
         object.__setattr__(self, "group_size", int(size))
         object.__setattr__(self, "bits", None if bits is None else int(bits))
         object.__setattr__(self, "mismatch", float(mismatch))
+        object.__setattr__(self, "cores", tuple(int(n) for n in cores))
+        object.__setattr__(self, "inputs", int(inputs))
 
     @property
     def levels(self) -> int | None:
         """``2**(bits-1) - 1``: the largest ``|k|`` of the grid, or None without ``bits``."""
         return None if self.bits is None else 2 ** (self.bits - 1) - 1
 
+    @property
+    def essentials(self) -> tuple[float, int, int | None]:
+        """``(limit, group_size, bits)``: what decides the values the chip holds of a weight.
+
+        The mismatch says how chips vary, and the cores and inputs what network fits: none of
+        them changes a weight's projection, so a checkpoint is read alike under any of them."""
+        return self.limit, self.group_size, self.bits
+
     def __repr__(self) -> str:
-        # the fields added after the first release appear only when set, so that old reprs still hold
+        # the fields added after the first release appear only when not their defaults, so that old reprs still hold
         extra = "".join(
-            f", {name}={value!r}" for name, value in (("bits", self.bits), ("mismatch", self.mismatch)) if value
+            f", {field.name}={getattr(self, field.name)!r}"
+            for field in dataclasses.fields(self)[2:]
+            if getattr(self, field.name) != field.default
         )
         return f"ChipSpec(limit={self.limit!r}, group_size={self.group_size!r}{extra})"
 
@@ -76,8 +103,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-H1V1 = ChipSpec(limit=0.9, group_size=5)
-"""The H1v1 chip: weights in [-0.9, 0.9], blocks of 5 output neurons (the default spec)."""
+H1V1 = ChipSpec(limit=0.9, group_size=5, cores=(64, 64, 64, 64), inputs=16)
+"""The H1v1 chip (the default spec): weights in [-0.9, 0.9], blocks of 5 output neurons, 4 cores of
+64 neurons, 16 front-end channels ("Chip overview", H1v1; planned for deprecation by the vendor)."""
 
-H1V2 = ChipSpec(limit=1.66, group_size=5)
-"""The H1v2 chip: weights in [-1.66, 1.66], blocks of 5 output neurons."""
+H1V2 = ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100), inputs=16)
+"""The H1v2 chip (the evaluation kit's): weights in [-1.66, 1.66], blocks of 5 output neurons,
+cores of 50, 50 and 100 neurons, 16 front-end channels ("Chip overview", H1v2)."""

@@ -1,21 +1,27 @@
-"""State-dict plumbing: the keys a registration adds, loading plain checkpoints, and the way back.
+"""State-dict plumbing: the keys a registration adds, loading checkpoints, and the way back.
 
 A registered weight ``fc.weight`` is saved as PyTorch's parametrize saves it,
 ``fc.parametrizations.weight.original``, and its :class:`ChipConstraint` (at position ``i`` of
-the chain) adds ``fc.parametrizations.weight.<i>._extra_state``: the layout and the spec, so
-that a checkpoint describes itself (the command line reads them).  The hardness is not saved.
+the chain) adds ``fc.parametrizations.weight.<i>._extra_state``: its
+:mod:`~nwave_param.description` (layout, spec and hardness, a small tensor), so that a
+checkpoint describes itself.  Loading one checks every description before any tensor is copied,
+and restores the hardness; a plain checkpoint (``fc.weight``) loads too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .parametrization import ChipConstraint, describe, read_description, same_description
+from . import description, functional
+from .parametrization import ChipConstraint, latent
 
 __all__ = ["plain_state_dict"]
 
@@ -62,31 +68,65 @@ def chip_links(module: nn.Module):
                 yield tensor_name, position, link
 
 
-def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
-    """Fill in what a plain checkpoint lacks; refuse a description that contradicts the model.
+def _links_under(module: nn.Module, prefix: str) -> Iterator[tuple[str, str, int, ChipConstraint]]:
+    """``(key prefix, module, tensor_name, position, constraint)`` of every ChipConstraint in ``module``'s
+    tree, as its state_dict keys (under ``prefix``) name them."""
+    for path, sub in module.named_modules(prefix=prefix.removesuffix("."), remove_duplicate=False):
+        for tensor_name, position, constraint in chip_links(sub):
+            yield f"{path}." if path else "", sub, tensor_name, position, constraint
 
+
+def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Check every description under ``module`` before any of its tensors is copied, then fill in
+    what a plain checkpoint lacks and restore the checkpoint's hardness.
+
+    * a saved layout or spec that does not fit its constraint raises ValueError naming the weight,
+      and nothing changes;
     * ``fc.weight`` goes to ``fc.parametrizations.weight.original`` where the constraint is the
       weight's only parametrization;
-    * a missing extra state is this constraint's own (a plain checkpoint, or one saved before
-      checkpoints described themselves);
-    * a saved layout or spec that differs from the constraint's raises ValueError naming the weight.
+    * a missing description is the constraint's own (a plain checkpoint);
+    * a registration whose hardness differs from the checkpoint's takes the checkpoint's, with a
+      warning naming both: the model then computes what the saved model computed.
+
+    Registered on the model given to :func:`~nwave_param.register` and on every module carrying a
+    constraint, so that it runs before the first tracked tensor is copied, wherever loading starts.
     """
-    for tensor_name, position, constraint in chip_links(module):
-        plain, original = prefix + tensor_name, original_key(prefix, tensor_name)
-        if len(module.parametrizations[tensor_name]) == 1 and plain in state_dict and original not in state_dict:
-            state_dict[original] = state_dict.pop(plain)
-        key = extra_state_key(prefix, tensor_name, position)
-        mine = (constraint.layout, constraint.settings.spec)
+    links = list(_links_under(module, prefix))
+    problems, hardness = [], {}
+    for path, _, tensor_name, position, constraint in links:
+        key = extra_state_key(path, tensor_name, position)
         if key not in state_dict:
-            state_dict[key] = describe(*mine)
-        elif not same_description(read_description(state_dict[key]), *mine):
-            saved = read_description(state_dict[key])
-            what = f"layout {saved[0]} and {saved[1]}" if saved else f"an unreadable description {state_dict[key]!r}"
-            raise ValueError(
-                f"{prefix}{tensor_name}: the checkpoint was saved with {what}, but this model is registered "
-                f"with layout {mine[0]} and {mine[1]}: register it with the checkpoint's spec, or load "
-                "nwp.plain_state_dict(checkpoint) into the plain model"
+            continue
+        saved = description.decode(state_dict[key])
+        mine = (constraint.layout, constraint.settings.spec)
+        if saved is None or not saved.fits(*mine):
+            what = f"layout {saved.layout} and {saved.spec}" if saved else "a description that cannot be read"
+            problems.append(f"{path}{tensor_name}: the checkpoint was saved with {what}, but this model is registered with layout {mine[0]} and {mine[1]}")
+        elif saved.hardness is not None:
+            named = hardness.setdefault(id(constraint.registration), (constraint.registration, saved.hardness, f"{path}{tensor_name}"))
+            if named[1] != saved.hardness:
+                problems.append(f"{named[2]} and {path}{tensor_name} were saved at hardness {named[1]} and {saved.hardness}, but this model registered them together")
+    if problems:
+        raise ValueError(
+            f"{'; '.join(problems)}: register the model as the checkpoint was, or load nwp.plain_state_dict(checkpoint) "
+            "into the plain model; nothing was loaded"
+        )
+    for registration, saved, name in hardness.values():
+        if registration.settings.hardness != saved:
+            warnings.warn(
+                f"{name}: the checkpoint was saved at hardness {saved}, and the model was registered at "
+                f"{registration.settings.hardness}; loading sets {saved}, so the model computes as the saved one did",
+                UserWarning,
+                stacklevel=4,
             )
+            registration.settings = dataclasses.replace(registration.settings, hardness=saved)
+    for path, holder, tensor_name, position, constraint in links:
+        plain, original = path + tensor_name, original_key(path, tensor_name)
+        if len(holder.parametrizations[tensor_name]) == 1 and plain in state_dict and original not in state_dict:
+            state_dict[original] = state_dict.pop(plain)
+        key = extra_state_key(path, tensor_name, position)
+        if key not in state_dict:
+            state_dict[key] = constraint.get_extra_state()
 
 
 def add_load_hook(module: nn.Module) -> None:
@@ -108,61 +148,109 @@ def restore_order(module: nn.Module, order: tuple[str, ...]) -> None:
 
 
 def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
-    """The keys a plain model (without nwave_param) loads with ``strict=True``.
+    """The state_dict a plain model (without nwave_param) loads with ``strict=True``, holding what
+    the registered model computes with.
 
-    ``source`` is a registered model or a state_dict saved from one.  Where nwave_param's
-    constraint is a weight's only parametrization, ``fc.parametrizations.weight.original``
-    becomes ``fc.weight``; every nwave_param description (``..._extra_state``) is dropped; all
-    other entries are kept as they are, in order, the same tensors.
+    ``source`` is a registered model or a state_dict saved from one.  Each tracked weight holds
+    its effective value in eval mode, as its description's hardness makes it: the latent weight
+    at hardness 0, exactly what the chip holds at hardness 1 (``functional.harden``, with no
+    mismatch noise), so a plain model loading it computes what the registered one computes, bit
+    for bit.  Where nwave_param's constraint is a weight's only parametrization,
+    ``fc.parametrizations.weight.original`` becomes ``fc.weight``; every nwave_param description
+    (``..._extra_state``) is dropped; all other entries are kept as they are, in order, the same
+    tensors.  A weight tied between several keys stays one tensor.
 
     Example::
 
         >>> import nwave_param as nwp
         >>> model = nn.Linear(2, 3)
-        >>> reg = nwp.register(model)
-        >>> list(nwp.plain_state_dict(model))
-        ['bias', 'weight']
+        >>> with torch.no_grad():
+        ...     _ = model.weight.mul_(10)
+        >>> reg = nwp.register(model).harden(1.0)
+        >>> plain = nwp.plain_state_dict(model)
+        >>> list(plain), torch.equal(plain["weight"], model.weight)
+        (['bias', 'weight'], True)
 
     Raises:
         ValueError: a weight whose chain holds a parametrization registered after nwave_param's
-            (its keys in the plain model would differ), named.
+            (its keys in the plain model would differ), or whose chain's own keys cannot hold its
+            effective value (a hardened weight behind weight_norm: ``reg.project_()`` first), named.
     """
     state = source.state_dict() if isinstance(source, nn.Module) else source
     if not isinstance(state, Mapping):
         raise TypeError(f"expected a registered model or a state_dict, got {type(source).__name__}")
-    ours: dict[tuple[str, str], int] = {}  # (path, tensor) -> position of nwave_param's constraint
+    ours: dict[tuple[str, str], tuple[int, description.Description]] = {}  # (path, tensor) -> nwave_param's link
     others: dict[tuple[str, str], set[int]] = {}  # positions holding other state
     for key, value in state.items():
         link = parse_link_key(key)
         if link is None:
             continue
         path, tensor_name, position, leaf = link
-        if leaf == "_extra_state" and read_description(value) is not None:
-            ours[path, tensor_name] = position
+        saved = description.decode(value) if leaf == "_extra_state" else None
+        if saved is not None:
+            ours[path, tensor_name] = (position, saved)
         else:
             others.setdefault((path, tensor_name), set()).add(position)
-    late = sorted(f"{p}{t}" for (p, t), i in ours.items() if any(j > i for j in others.get((p, t), ())))
     if isinstance(source, nn.Module):  # the chains themselves: exact, stateless links included
-        late = [
-            f"{path}.{tensor_name}" if path else tensor_name
-            for path, module in source.named_modules()
-            for tensor_name, _, constraint in chip_links(module)
-            if module.parametrizations[tensor_name][-1] is not constraint
-        ]
+        late = [_dotted(path, name) for path, holder, name, constraint in _module_links(source) if holder.parametrizations[name][-1] is not constraint]
+        chained = [_dotted(path, name) for path, holder, name, constraint in _module_links(source) if not _holds_effective(holder, name, constraint)]
+    else:
+        late = sorted(f"{p}{t}" for (p, t), (i, _) in ours.items() if any(j > i for j in others.get((p, t), ())))
+        chained = sorted(f"{p}{t}" for (p, t), (i, saved) in ours.items() if saved.hardness and (i or (p, t) in others))
     if late:
         raise ValueError(
             f"{', '.join(late)}: a parametrization registered after nwave_param's sits in the chain; its keys "
             "in a plain model are not known: remove it in Python first"
         )
+    if chained:
+        raise ValueError(
+            f"{', '.join(chained)}: the model computes with the hardened value, which the keys of its other "
+            "parametrizations cannot hold; call reg.project_() first (then they hold it), and pass the model itself"
+        )
     plain: OrderedDict[str, Tensor] = OrderedDict()
+    effective: dict[tuple, Tensor] = {}  # one value per tied tensor
     for key, value in state.items():
         match = KEY_PATTERN.match(key)
         where = (match["path"], match["tensor"]) if match else None
         if where in ours:
-            position = ours[where]
+            position, saved = ours[where]
             if match["rest"] == f"{position}._extra_state":
                 continue
             if position == 0 and match["rest"] == "original" and where not in others:
                 key = match["path"] + match["tensor"]
+                if saved.hardness:
+                    identity = (_view_of(value), saved.layout, saved.spec.essentials, saved.hardness)
+                    if identity not in effective:
+                        with torch.no_grad():
+                            effective[identity] = functional.harden(value, saved.layout, saved.spec, saved.hardness).detach()
+                    value = effective[identity]
         plain[key] = value
     return plain
+
+
+def _dotted(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _module_links(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, ChipConstraint]]:
+    for path, holder in model.named_modules():
+        for tensor_name, _, constraint in chip_links(holder):
+            yield path, holder, tensor_name, constraint
+
+
+def _holds_effective(holder: nn.Module, tensor_name: str, constraint: ChipConstraint) -> bool:
+    """Whether the chain's stored tensors hold what the weight computes with: always where the
+    constraint is the only link (its key is rewritten), else when hardening changes nothing."""
+    if holder.parametrizations[tensor_name][0] is constraint or not constraint.settings.hardness:
+        return True
+    settings = constraint.settings
+    with torch.no_grad():
+        value = latent(holder, tensor_name, constraint)
+        return torch.equal(functional.harden(value, constraint.layout, settings.spec, settings.hardness), value)
+
+
+def _view_of(tensor: Tensor) -> tuple:
+    """Equal for tensors that are the same view of the same memory (a weight tied between keys)."""
+    if tensor.layout != torch.strided or tensor.device.type == "meta":
+        return (id(tensor),)
+    return (tensor.untyped_storage().data_ptr(), tensor.device, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)

@@ -6,6 +6,7 @@ without a grid its violations never grow.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -143,19 +144,25 @@ def test_bad_hardness_is_refused_and_nothing_changes(bad):
     assert reg.settings is settings_before and reg.hardness == 0.25
 
 
-def test_hardness_survives_copies_and_registry_of_but_is_not_saved():
-    model = nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 2))
+def test_hardness_survives_copies_and_registry_of_and_is_restored_from_a_checkpoint():
+    model = scaled(nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 2)), 4)
     reg = nwp.register(model)
     keys = list(model.state_dict())
-    values = [v.clone() for v in model.state_dict().values() if isinstance(v, torch.Tensor)]
+    weights = [model[i].parametrizations.weight.original.detach().clone() for i in range(2)]
     reg.harden(0.75)
-    assert list(model.state_dict()) == keys
-    assert all(torch.equal(a, b) for a, b in zip(values, (v for v in model.state_dict().values() if isinstance(v, torch.Tensor))))
+    assert list(model.state_dict()) == keys  # the hardness travels in the descriptions, under the same keys
+    assert all(torch.equal(model.state_dict()[f"{i}.parametrizations.weight.original"], weights[i]) for i in range(2))
     assert nwp.registry_of(model).hardness == 0.75 and nwp.registry_of(copy.deepcopy(model)).hardness == 0.75
     fresh = nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 2))
     resumed = nwp.register(fresh)
-    fresh.load_state_dict(model.state_dict())
-    assert resumed.hardness == 0.0  # a resumed run calls harden again, like a learning-rate schedule
+    with pytest.warns(UserWarning, match=r"saved at hardness 0\.75.*registered at 0\.0") as caught:
+        fresh.load_state_dict(model.state_dict())
+    assert len(caught) == 1 and resumed.hardness == 0.75
+    x = torch.randn(4, 3)
+    assert torch.equal(fresh(x), model(x))  # the checkpoint computes what its model computed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # alike: no warning
+        fresh.load_state_dict(model.state_dict())
 
 
 def test_remove_gives_back_the_latent_weights():

@@ -214,7 +214,7 @@ def test_on_chip_is_one_chip_per_seed_and_restores_everything(h, mode):
         assert model.weight is reg.weights()[0]
 
 
-def test_on_chip_without_mismatch_is_the_projection_and_nests():
+def test_on_chip_without_mismatch_is_the_projection_and_refuses_a_second_chip():
     model = nn.Linear(6, 5)
     with torch.no_grad():
         model.weight.mul_(5)
@@ -222,10 +222,14 @@ def test_on_chip_without_mismatch_is_the_projection_and_nests():
     chip = functional.chip(reg.weights()[0].detach(), Layout(), reg.spec)
     with reg.on_chip():
         assert torch.equal(model.weight, chip)
-        with reg.on_chip(seed=1), reg.cached():
-            assert torch.equal(model.weight, chip)
-        assert torch.equal(model.weight, chip)
+        with pytest.raises(RuntimeError, match="already on a chip"):
+            with nwp.registry_of(model).on_chip(seed=1):
+                pass
+        with reg.cached():
+            assert torch.equal(model.weight, chip)  # the refusal left the open chip as it was
     assert model.weight is reg.weights()[0]
+    with reg.on_chip(seed=1):  # and closed it cleanly: a new one opens
+        assert torch.equal(model.weight, chip)
     clone = None
     with reg.on_chip():
         clone = copy.deepcopy(model)
