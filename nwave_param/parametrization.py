@@ -183,9 +183,20 @@ def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
     cls = type(self)
     replica = cls.__new__(cls)
     memo[id(self)] = replica
-    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    replica.__dict__ = copy.deepcopy({key: _without_graph(value) for key, value in self.__dict__.items()}, memo)
     own_class(replica)
     return replica
+
+
+def _without_graph(value: object) -> object:
+    """``value`` with computed tensors detached: a graph cannot be copied.  torch's RNNs cache the
+    weights their last forward read in ``_flat_weights``; with a hardened weight, those are
+    computed from the latent ones (the copy recomputes its own on its first forward)."""
+    if isinstance(value, Tensor) and value.grad_fn is not None:
+        return value.detach()
+    if type(value) in (list, tuple) and any(isinstance(v, Tensor) and v.grad_fn is not None for v in value):
+        return type(value)(_without_graph(v) for v in value)
+    return value
 
 
 def _getstate(self: nn.Module):

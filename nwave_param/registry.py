@@ -412,24 +412,26 @@ class Registry:
 # --- chains ----------------------------------------------------------------------------------
 
 
-def _snapshot(chains: Iterable[nn.Module]) -> list[tuple[dict, str, Tensor, Tensor]]:
-    """Every parameter and buffer of ``chains`` (theirs and their links'), where it sits, and a copy."""
+def _snapshot(chains: Iterable[nn.Module]) -> list[tuple[dict, dict, dict]]:
+    """Every parameter and buffer slot of ``chains`` (theirs and their links'), and a copy of each
+    tensor: a link's ``right_inverse`` may write its buffers in place or replace them
+    (orthogonal's ``base``)."""
     return [
-        (slots, name, tensor, tensor.detach().clone())
+        (slots, dict(slots), {name: tensor.detach().clone() for name, tensor in slots.items() if tensor is not None})
         for chain in chains
         for owner in chain.modules()
         for slots in (owner._parameters, owner._buffers)
-        for name, tensor in slots.items()
-        if tensor is not None
     ]
 
 
 @torch.no_grad()
-def _restore(snapshot: list[tuple[dict, str, Tensor, Tensor]]) -> None:
-    """Put back what :func:`_snapshot` saw: the same tensor objects, holding the same values."""
-    for slots, name, tensor, saved in snapshot:
-        slots[name] = tensor
-        tensor.copy_(saved)
+def _restore(snapshot: list[tuple[dict, dict, dict]]) -> None:
+    """Put back what :func:`_snapshot` saw: the same tensor objects in the same slots, holding the same values."""
+    for slots, held, values in snapshot:
+        slots.clear()
+        slots.update(held)
+        for name, value in values.items():
+            held[name].copy_(value)
 
 
 def _before(entry: Constrained) -> list[nn.Module]:

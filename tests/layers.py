@@ -144,3 +144,39 @@ def fill(model, vcfg, limit):
             v = torch.where(u < vcfg["special"] / 2, torch.zeros((), dtype=DTYPE), v)
             v = torch.where((u >= vcfg["special"] / 2) & (u < vcfg["special"]), s * limit, v)
             p.copy_(v)
+
+
+def outputs(model, seed=0):
+    """The model's outputs on a seeded input, for every kind :func:`make_model` builds (for
+    ``mixed``, each submodule that has a forward; ``Custom`` has none, so its weights stand in)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, dtype=DTYPE)
+
+    def run(m):
+        if isinstance(m, nn.Linear):
+            return [m(randn(2, m.in_features))]
+        if isinstance(m, nn.Bilinear):
+            return [m(randn(2, m.in1_features), randn(2, m.in2_features))]
+        if isinstance(m, (nn.modules.conv._ConvNd)):
+            return [m(randn(1, m.in_channels, *(4 for _ in m.kernel_size)))]
+        if isinstance(m, nn.RNNBase):
+            out, state = m(randn(3, 2, m.input_size))
+            return [out, *(state if isinstance(state, tuple) else (state,))]
+        if isinstance(m, nn.modules.rnn.RNNCellBase):
+            out = m(randn(2, m.input_size))
+            return list(out) if isinstance(out, tuple) else [out]
+        if isinstance(m, Custom):
+            return [m.weight, m.proj_weight, m.weight_extra, m.mix_weights]
+        return []
+
+    with torch.no_grad():
+        if isinstance(model, nn.Sequential):
+            return [out for m in model for out in run(m)]
+        return run(model)
+
+
+def same_bits(a, b):
+    """Equal bit for bit: -0.0 differs from 0.0, a NaN equals the same NaN."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

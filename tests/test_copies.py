@@ -8,6 +8,7 @@ own, so removing, hardening or projecting one never touches the other.
 import copy
 
 import pytest
+from torch.optim.swa_utils import AveragedModel
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
@@ -123,3 +124,68 @@ def test_a_copy_keeps_settings_and_hardness_as_its_own():
     assert (reg.spec, reg.alpha, reg.lam, reg.power, reg.hardness) == (nwp.ChipSpec(0.5, 3), 2.0, 0.5, 1, 0.4)
     reg.harden(1.0)
     assert nwp.registry_of(original).hardness == 0.4
+
+
+# --- copies of hardened recurrent layers, after a forward with gradients ---------------------
+
+
+def _detach_snntorch_state(layer):
+    """snnTorch's neurons keep their last state, with its graph, in buffers (``mem``, ``syn``)
+    and attributes (SLSTM's ``spk``), which no deepcopy takes, with or without nwave_param:
+    detached, as ``snntorch.utils.reset`` or ``reset_mem()`` does for most of them."""
+    for slots in (layer._buffers, vars(layer)):
+        for name, value in list(slots.items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                slots[name] = value.detach()
+
+
+def _recurrent_layers():
+    snn = pytest.importorskip("snntorch", reason="snnTorch not installed (pip install snntorch)")
+
+    def steps(layer, states, call):
+        for _ in range(3):
+            states = call(layer, states)
+        return states[-1]
+
+    yield "LSTM", lambda: nn.LSTM(3, 6, num_layers=2, proj_size=2), lambda m: m(torch.randn(4, 2, 3))[0]
+    yield "GRU", lambda: nn.GRU(3, 6, bidirectional=True), lambda m: m(torch.randn(4, 2, 3))[0]
+    yield "RNN", lambda: nn.RNN(3, 6), lambda m: m(torch.randn(4, 2, 3))[0]
+    yield "LSTMCell", lambda: nn.LSTMCell(3, 6), lambda m: m(torch.randn(2, 3))[0]
+    yield "GRUCell", lambda: nn.GRUCell(3, 6), lambda m: m(torch.randn(2, 3))
+    yield "snntorch RLeaky", lambda: snn.RLeaky(beta=0.9, linear_features=6), lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 6), *s))
+    yield "snntorch RSynaptic", lambda: snn.RSynaptic(alpha=0.8, beta=0.9, linear_features=6), lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 6), *s))
+    yield "snntorch SLSTM", lambda: snn.SLSTM(3, 6), lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 3), *s[-2:]))
+    try:
+        import norse.torch as norse
+    except ImportError:
+        return
+    yield "norse LIFRecurrent", lambda: norse.LIFRecurrent(3, 6), lambda m: m(torch.randn(4, 2, 3))[0]
+    yield "norse LIFRecurrentCell", lambda: norse.LIFRecurrentCell(3, 6), lambda m: m(torch.randn(2, 3))[0]
+
+
+RECURRENT = list(_recurrent_layers())
+
+
+@pytest.mark.parametrize("hardness", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("name, make, forward", RECURRENT, ids=[r[0] for r in RECURRENT])
+def test_copies_of_a_hardened_recurrent_layer_after_a_forward_with_gradients(name, make, forward, hardness, tmp_path):
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(4)
+    nwp.register(layer).harden(hardness)
+    forward(layer).sum().backward()
+    if name.startswith("snntorch"):
+        _detach_snntorch_state(layer)
+    clone, average = copy.deepcopy(layer), AveragedModel(layer)
+    torch.save(copy.deepcopy(layer).state_dict(), tmp_path / "copy.pt")
+    assert nwp.registry_of(clone).hardness == hardness == nwp.registry_of(average.module).hardness
+    for copied in (clone, average.module):
+        for (key, a), (_, b) in zip(layer.state_dict().items(), copied.state_dict().items(), strict=True):
+            assert torch.equal(a, b), key
+        torch.manual_seed(1)
+        expected = forward(layer)
+        torch.manual_seed(1)
+        assert torch.equal(forward(copied), expected)  # the copy computes alike, gradients included
+        forward(copied).sum().backward()

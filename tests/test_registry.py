@@ -502,36 +502,6 @@ def test_functional_forms_compute_with_the_arguments_given():
 # --- nothing lost ----------------------------------------------------------------------------
 
 
-def _originals(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def test_project_through_weight_norm_refuses_an_all_zero_row_and_restores_everything():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(2, 10))
-    parametrizations.weight_norm(model[1])
-    with torch.no_grad():
-        rows = torch.tensor([[0.5, 0.5]] * 4 + [[-0.5, -0.5]])  # per block: 4 positive rows, 1 negative
-        model[1].parametrizations.weight.original1.copy_(rows.repeat(2, 1))
-        model[0].weight.mul_(9)
-    reg = nwp.register(model)
-    before = _originals(model)
-    with pytest.raises(ValueError, match=r"1\.weight.*NaN"):
-        reg.project_()  # the projection zeroes rows 4 and 9 whole: weight_norm computes 0/0
-    assert all(torch.equal(a, b) for a, b in zip(before, _originals(model)))  # 0.weight too: all or nothing
-
-
-def test_project_through_orthogonal_refuses_and_restores_everything():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
-    parametrizations.orthogonal(model[1])
-    reg = nwp.register(model, nwp.ChipSpec(limit=0.5, group_size=3))
-    before = _originals(model)
-    with pytest.raises(ValueError, match=r"1\.weight.*cannot hold"):
-        reg.project_()
-    assert all(torch.equal(a, b) for a, b in zip(before, _originals(model)))
-
-
 def test_remove_inside_cached_works_and_torch_classes_stay_untouched():
     linear_attributes = dict(vars(nn.Linear))
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))

@@ -1,0 +1,214 @@
+"""A refusal changes nothing: every tensor of the state_dict (buffers included), every
+``module.weight``, every module's class, the outputs and the hardness are as they were."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+from layers import same_bits, scaled
+
+import nwave_param as nwp
+from nwave_param import description
+from nwave_param.layout import Layout
+from nwave_param.parametrization import Registration
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 7)
+        self.norm = nn.BatchNorm1d(7)  # buffers too
+        self.lstm = nn.LSTM(7, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # x: (time, batch, 4)
+        hidden = self.norm(self.fc(x).transpose(1, 2)).transpose(1, 2)
+        out, _ = self.lstm(torch.tanh(hidden))
+        return self.head(out)
+
+
+X = torch.randn(5, 2, 4, generator=torch.Generator().manual_seed(1))
+
+
+def everything(model):
+    """The whole state_dict, each parametrized tensor as the module computes it, the classes,
+    the outputs and the hardness."""
+    computed = [
+        getattr(module, name).detach().clone()
+        for module in model.modules()
+        if parametrize.is_parametrized(module)
+        for name in module.parametrizations
+    ]
+    with torch.no_grad():
+        out = model.eval()(X)
+    return (
+        [(k, v.clone()) for k, v in model.state_dict().items()],
+        computed,
+        [type(m) for m in model.modules()],
+        out,
+        nwp.registry_of(model).hardness,
+    )
+
+
+def assert_unchanged(before, after):
+    (state_a, computed_a, classes_a, out_a, h_a), (state_b, computed_b, classes_b, out_b, h_b) = before, after
+    assert [k for k, _ in state_a] == [k for k, _ in state_b]
+    for (key, a), (_, b) in zip(state_a, state_b):
+        assert same_bits(a, b), key
+    assert len(computed_a) == len(computed_b) and all(same_bits(a, b) for a, b in zip(computed_a, computed_b))
+    assert classes_a == classes_b and same_bits(out_a, out_b) and h_a == h_b
+
+
+def registered(hardness=0.25, seed=0):
+    torch.manual_seed(seed)
+    model = scaled(Net(), 3)
+    nwp.register(model).harden(hardness)
+    with torch.no_grad():
+        model.train()(X)  # the BatchNorm's running statistics move away from their initial values
+    return model
+
+
+# --- load_state_dict ---------------------------------------------------------------------------
+
+DESCRIPTIONS = ["fc.parametrizations.weight.0._extra_state", "lstm.parametrizations.weight_hh_l0.0._extra_state", "head.parametrizations.weight.0._extra_state"]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("bad", DESCRIPTIONS)
+def test_a_refused_load_changes_nothing(strict, bad):
+    model, checkpoint = registered(), registered(hardness=0.75, seed=1).state_dict()
+    layout = Layout(gates=4) if "lstm" in bad else Layout()
+    checkpoint[bad] = description.encode(layout, nwp.ChipSpec(limit=0.5), 0.75)
+    before = everything(model)
+    name = bad.replace(".parametrizations", "").removesuffix(".0._extra_state")
+    with pytest.raises(ValueError, match=rf"{name}.*limit=0\.5.*nothing was loaded"):
+        model.load_state_dict(checkpoint, strict=strict)
+    assert_unchanged(before, everything(model))
+
+
+def test_a_refused_load_of_an_unreadable_description_changes_nothing():
+    model, checkpoint = registered(), registered(hardness=0.75, seed=1).state_dict()
+    checkpoint[DESCRIPTIONS[-1]] = checkpoint[DESCRIPTIONS[-1]].half()  # 16-bit words do not survive half precision
+    before = everything(model)
+    with pytest.raises(ValueError, match=r"head\.weight.*cannot be read"):
+        model.load_state_dict(checkpoint)
+    assert_unchanged(before, everything(model))
+
+
+def test_a_checkpoint_whose_weights_disagree_on_the_hardness_is_refused():
+    model, checkpoint = registered(), registered(hardness=0.75, seed=1).state_dict()
+    checkpoint[DESCRIPTIONS[-1]] = description.encode(Layout(), nwp.ChipSpec(), 0.5)
+    before = everything(model)
+    with pytest.raises(ValueError, match=r"fc\.weight and head\.weight were saved at hardness 0\.75 and 0\.5"):
+        model.load_state_dict(checkpoint)
+    assert_unchanged(before, everything(model))
+
+
+def test_loading_into_a_submodule_checks_and_restores_alike():
+    model, source = registered(), registered(hardness=0.75, seed=1)
+    with pytest.warns(UserWarning, match="hardness 0.75"):
+        model.head.load_state_dict(source.head.state_dict())
+    assert nwp.registry_of(model).hardness == 0.75 and torch.equal(model.head.weight, source.head.weight)
+    bad = source.head.state_dict()
+    bad["parametrizations.weight.0._extra_state"] = description.encode(Layout(), nwp.ChipSpec(group_size=3), 0.75)
+    before = everything(model)
+    with pytest.raises(ValueError, match="group_size=3"):
+        model.head.load_state_dict(bad)
+    assert_unchanged(before, everything(model))
+
+
+# --- project_ ----------------------------------------------------------------------------------
+
+
+def test_a_refused_projection_through_orthogonal_restores_its_buffers_the_weights_and_the_outputs():
+    torch.manual_seed(0)
+    model = Net()
+    model.head = nn.Linear(6, 6)
+    parametrizations.orthogonal(model.head)
+    model.head.parametrizations.weight[0].base.mul_(1)  # a buffer orthogonal's right_inverse replaces
+    scaled(model.fc, 3)
+    reg = nwp.register(model, nwp.ChipSpec(limit=0.5, group_size=3)).harden(0.5)
+    assert "head.parametrizations.weight.0.base" in model.state_dict()
+    before = everything(model)
+    with pytest.raises(ValueError, match=r"head\.weight.*cannot hold.*restored"):
+        reg.project_()
+    assert_unchanged(before, everything(model))
+
+
+def test_a_refused_projection_through_weight_norm_restores_everything():
+    torch.manual_seed(0)
+    model = Net()
+    parametrizations.weight_norm(model.head)
+    with torch.no_grad():  # per block of 5 rows: 4 positive, 1 negative; the projection zeroes a whole row
+        model.head.parametrizations.weight.original1.copy_(torch.tensor([[0.5] * 6] * 2 + [[-0.5] * 6]))
+    scaled(model.fc, 9)
+    reg = nwp.register(model, nwp.ChipSpec(group_size=3)).harden(0.5)
+    before = everything(model)
+    with pytest.raises(ValueError, match=r"head\.weight.*NaN"):
+        reg.project_()
+    assert_unchanged(before, everything(model))
+
+
+# --- register ----------------------------------------------------------------------------------
+
+
+def test_a_parameter_tied_between_layouts_is_refused_at_register_naming_both_holders():
+    model = nn.ModuleDict({"linear": nn.Linear(4, 9), "cell": nn.GRUCell(4, 3)})
+    model["cell"].weight_ih = model["linear"].weight  # (9, 4): a Linear's rows, and a GRUCell's 3 gates
+    state = [(k, v.clone()) for k, v in model.state_dict().items()]
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"linear\.weight and cell\.weight_ih hold one Parameter.*gates=3"):
+        nwp.register(model)
+    assert [type(m) for m in model.modules()] == classes and not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert all(k == j and same_bits(a, b) for (k, a), (j, b) in zip(state, model.state_dict().items(), strict=True))
+    assert not any(m._load_state_dict_pre_hooks for m in model.modules())
+
+
+# --- on_chip and harden, seen from several threads ---------------------------------------------
+
+
+def test_an_on_chip_context_opened_in_another_thread_is_refused_and_the_first_restores_the_model():
+    model = registered(hardness=0.0)
+    reg = nwp.registry_of(model)
+    latent = [w.detach().clone() for w in reg.weights()]
+    entered, leave, errors = threading.Event(), threading.Event(), []
+
+    def first():
+        with reg.on_chip(seed=0):
+            entered.set()
+            leave.wait()
+
+    thread = threading.Thread(target=first, daemon=True)
+    thread.start()
+    try:
+        assert entered.wait(timeout=60)
+        on_chip = model.head.weight.detach().clone()
+        try:
+            with nwp.registry_of(model).on_chip(seed=1):
+                errors.append("entered")
+        except RuntimeError as error:
+            errors.append(str(error))
+        assert torch.equal(model.head.weight, on_chip)  # the refusal left the open chip as it was
+    finally:
+        leave.set()
+        thread.join(timeout=60)
+    assert len(errors) == 1 and "already on a chip" in errors[0]
+    assert model.head.weight is reg.weights()[-1]  # closed: the latent weights, the very Parameters
+    assert all(torch.equal(a, b) for a, b in zip(latent, reg.weights()))
+    with reg.on_chip(seed=1):  # and a new chip opens
+        pass
+
+
+def test_harden_is_one_reference_swap_shared_by_every_constraint(monkeypatch):
+    model = registered()
+    constraints = [m for m in model.modules() if isinstance(m, nwp.ChipConstraint)]
+    assert len(constraints) == 4 and len({id(c.registration) for c in constraints}) == 1
+    assignments = []
+    original = Registration.__setattr__
+    monkeypatch.setattr(Registration, "__setattr__", lambda self, name, value: (assignments.append(name), original(self, name, value)))
+    nwp.registry_of(model).harden(0.5)
+    assert assignments == ["settings"]  # one assignment: a reader never sees the constraints disagree
+    assert len({id(c.settings) for c in constraints}) == 1 and constraints[0].settings.hardness == 0.5
