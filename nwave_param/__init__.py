@@ -12,6 +12,7 @@ from .discovery import trackable_weights
 from .functional import Penalties
 from .layout import Layout
 from .parametrization import ChipConstraint, Settings
+from .placement import Placement, Population, place
 from .registry import AlreadyRegisteredError, Registry, register, registry_of
 from .report import LayerReport, Report
 from .spec import H1V1, H1V2, ChipSpec
@@ -26,9 +27,12 @@ __all__ = [
     "LayerReport",
     "Layout",
     "Penalties",
+    "Placement",
+    "Population",
     "Registry",
     "Report",
     "Settings",
+    "place",
     "plain_state_dict",
     "register",
     "registry_of",

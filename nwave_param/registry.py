@@ -358,7 +358,7 @@ class Registry:
             raise ValueError(f"cannot project: {'; '.join(problems)}; nothing was changed")
         spec = self.spec
         targets = [functional.chip(w, entry.constraint.layout, spec) for w, entry in zip(weights, self._tracked)]
-        backup = _snapshot(entry.module.parametrizations[entry.tensor_name] for entry in self._tracked)
+        backup = state.snapshot(entry.module.parametrizations[entry.tensor_name] for entry in self._tracked)
         try:
             for entry, weight, target in zip(self._tracked, weights, targets):
                 if _before(entry):
@@ -366,7 +366,7 @@ class Registry:
                 else:
                     weight.copy_(target)
         except BaseException:
-            _restore(backup)
+            state.restore(backup)
             raise
         return self
 
@@ -410,28 +410,6 @@ class Registry:
 
 
 # --- chains ----------------------------------------------------------------------------------
-
-
-def _snapshot(chains: Iterable[nn.Module]) -> list[tuple[dict, dict, dict]]:
-    """Every parameter and buffer slot of ``chains`` (theirs and their links'), and a copy of each
-    tensor: a link's ``right_inverse`` may write its buffers in place or replace them
-    (orthogonal's ``base``)."""
-    return [
-        (slots, dict(slots), {name: tensor.detach().clone() for name, tensor in slots.items() if tensor is not None})
-        for chain in chains
-        for owner in chain.modules()
-        for slots in (owner._parameters, owner._buffers)
-    ]
-
-
-@torch.no_grad()
-def _restore(snapshot: list[tuple[dict, dict, dict]]) -> None:
-    """Put back what :func:`_snapshot` saw: the same tensor objects in the same slots, holding the same values."""
-    for slots, held, values in snapshot:
-        slots.clear()
-        slots.update(held)
-        for name, value in values.items():
-            held[name].copy_(value)
 
 
 def _before(entry: Constrained) -> list[nn.Module]:

@@ -48,10 +48,12 @@ class LayerReport:
 _SUMMED = ("numel", "out_of_range", "nonfinite", "block_columns", "mixed_block_columns", "off_grid", "magnitude", "topology")
 
 
-def aligned(lines: Sequence[Sequence[str]]) -> list[str]:
-    """Rows of cells as text columns: the first two (names) left-aligned, the others right-aligned."""
+def aligned(lines: Sequence[Sequence[str]], align: str | None = None) -> list[str]:
+    """Rows of cells as text columns, each left- or right-aligned as ``align`` says (``"l"`` or
+    ``"r"`` per column; by default the first two, names, left and the others, numbers, right)."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip() for line in lines]
+    align = align or "ll" + "r" * (len(widths) - 2)
+    return ["  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(line, widths, align)).rstrip() for line in lines]
 
 
 def _json_float(value: float) -> float | None:
@@ -99,10 +101,9 @@ class Report:
                 entry[key] = _json_float(entry[key])
             rows.append(entry)
         totals = {k: (_json_float(v) if isinstance(v, float) else v) for k, v in self.totals.items()}
-        spec = self.spec
         return {
             "mappable": self.is_mappable,
-            "spec": {"limit": spec.limit, "group_size": spec.group_size, "bits": spec.bits, "mismatch": spec.mismatch, "power": self.power},
+            "spec": {**self.spec.to_dict(), "power": self.power},
             "rows": rows,
             "totals": totals,
         }

@@ -85,6 +85,10 @@ class ChipSpec:
         them changes a weight's projection, so a checkpoint is read alike under any of them."""
         return self.limit, self.group_size, self.bits
 
+    def to_dict(self) -> dict:
+        """JSON-ready: every field, ``cores`` as a list."""
+        return {**dataclasses.asdict(self), "cores": list(self.cores)}
+
     def __repr__(self) -> str:
         # the fields added after the first release appear only when not their defaults, so that old reprs still hold
         extra = "".join(

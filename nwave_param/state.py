@@ -14,7 +14,7 @@ import dataclasses
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from . import description, functional
 from .parametrization import ChipConstraint, latent
 
-__all__ = ["plain_state_dict"]
+__all__ = ["plain_state_dict", "restore", "snapshot"]
 
 
 def original_key(prefix: str, tensor_name: str) -> str:
@@ -138,6 +138,38 @@ def remove_load_hook(module: nn.Module) -> None:
     hooks = module._load_state_dict_pre_hooks
     for key in [k for k, h in hooks.items() if getattr(h, "hook", None) is _load_pre_hook]:
         del hooks[key]
+
+
+Snapshot = list[tuple[dict, dict, dict]]
+
+
+def snapshot(modules: Iterable[nn.Module], attributes: bool = False) -> Snapshot:
+    """Every parameter and buffer slot of ``modules`` and their submodules, and a copy of each
+    tensor, for :func:`restore`; with ``attributes``, the modules' plain attributes too (each
+    module's ``__dict__``: its training flag, and tensors a forward stored there).
+
+    Code that runs may write a tensor in place or replace it (orthogonal's ``right_inverse``
+    replaces its ``base``; snnTorch's neurons keep their last state in buffers)."""
+    slots = [
+        slot
+        for module in modules
+        for owner in module.modules()
+        for slot in ((owner._parameters, owner._buffers, vars(owner)) if attributes else (owner._parameters, owner._buffers))
+    ]
+    return [
+        (slot, dict(slot), {name: value.detach().clone() for name, value in slot.items() if isinstance(value, Tensor)})
+        for slot in slots
+    ]
+
+
+@torch.no_grad()
+def restore(saved: Snapshot) -> None:
+    """Put back what :func:`snapshot` saw: the same objects in the same slots, holding the same values."""
+    for slot, held, values in saved:
+        slot.clear()
+        slot.update(held)
+        for name, value in values.items():
+            held[name].copy_(value)
 
 
 def restore_order(module: nn.Module, order: tuple[str, ...]) -> None:
