@@ -9,32 +9,21 @@ the rows ``i`` of block ``b`` and column ``j``:
   :math:`Q_{bj} = \sum_{i \in b} \mathrm{relu}(-M_{ij})`: the L1 distance from block column
   ``(b, j)`` to the nearest sign-aligned one;
 * the chip holds :func:`chip` ``(w)``: the L1-nearest point that is in range, sign-aligned and
-  (with ``spec.bits``) on the grid.
+  (with ``spec.bits``) on the grid;
+* hardening computes with :func:`harden` ``(w) = w + h (chip(w) - w)``, straight through.
 
 Sums are taken in float32 (float64 for float64 weights), so half-precision weights accumulate
 safely, and the limit is read as that dtype holds it, as torch does when it compares a tensor
 with a Python number.
 
-:func:`penalty_sums` computes the penalties for training as one autograd node.  Its gradient is
-autograd's own subgradient of the formulas (ties and exact zeros included), written out so that
-few kernels run:
-
-* small weights of one population (up to ``2**16`` elements each) are copied into one padded
-  pack by a single kernel, so a model of many small layers costs a dozen kernels, not a dozen
-  per layer; the pack's gradient is computed with its forward, and backward is one multiply;
-* large weights are processed in chunks of whole blocks that stay in the CPU cache while the
-  formula's operations run on them.
-
-Inside ``torch.compile`` and ``torch.func`` transforms the formulas are traced as written
-(:func:`_definition_sums`), and a double backward differentiates them too.
+These are the definitions.  The engine (``nwave_param._engine``) computes the same numbers for
+many weights at once in few kernels, and the tests hold it to these functions, bit for bit.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
-import threading
 from typing import NamedTuple, Sequence
 
 import torch
@@ -46,12 +35,14 @@ from .spec import ChipSpec
 __all__ = [
     "Penalties",
     "accumulation_dtype",
+    "block_view",
     "bound",
     "chip",
     "harden",
     "mixed_blocks",
     "off_grid",
     "penalty_sums",
+    "result_dtype",
     "weight_sums",
 ]
 
@@ -61,7 +52,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _result_dtype(weights: Sequence[Tensor]) -> torch.dtype:
+def result_dtype(weights: Sequence[Tensor]) -> torch.dtype:
+    """float64 if any weight is float64, else float32: the dtype of the penalties."""
     return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
 
 
@@ -105,11 +97,15 @@ def block_view(m: Tensor, run: tuple[int, int, int]) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _definition_sums(weights: Sequence[Tensor], layouts: Sequence[Layout], spec: ChipSpec, power: int):
-    """The formulas, op by op: what ``torch.compile`` traces and fuses, and what double backward
-    differentiates.  Autograd's gradient of this is the gradient the fast path writes out."""
-    dtype = _result_dtype(weights)
-    magnitude = topology = torch.zeros((), dtype=dtype, device=weights[0].device)
+def penalty_sums(weights: Sequence[Tensor], layouts: Sequence[Layout], spec: ChipSpec, power: int) -> tuple[Tensor, Tensor]:
+    """``(magnitude sum, topology sum)`` over ``weights``: the formulas, op by op, differentiable.
+
+    Sums are float32 (float64 if any weight is float64).  This is the definition: what
+    ``torch.compile`` traces and fuses, and what double backward differentiates; the engine
+    (``nwave_param._engine``) computes the same sums in few kernels, and autograd's gradient of
+    this is the gradient it writes out."""
+    dtype = result_dtype(weights)
+    magnitude = topology = torch.zeros((), dtype=dtype, device=weights[0].device if weights else None)
     for weight, layout in zip(weights, layouts):
         m = layout.matrix(weight.to(accumulation_dtype(weight.dtype)))
         magnitude = magnitude + torch.relu(m.abs() - spec.limit).pow(power).sum().to(dtype)
@@ -117,366 +113,6 @@ def _definition_sums(weights: Sequence[Tensor], layouts: Sequence[Layout], spec:
             blocks = block_view(m, run)
             topology = topology + torch.minimum(blocks.relu().sum(-2), (-blocks).relu().sum(-2)).sum().to(dtype)
     return magnitude, topology
-
-
-# The fast path computes the same sums on block views ``(offset, blocks, length, columns)`` of a
-# flat tensor: a ``(blocks, length, columns)`` stretch whose block columns run along dim 1.  Zero
-# padding adds nothing to any sum.
-
-View = tuple[int, int, int, int]
-
-
-def _blocks(flat: Tensor, view: View) -> Tensor:
-    offset, blocks, length, columns = view
-    return flat[offset : offset + blocks * length * columns].view(blocks, length, columns)
-
-
-class _Scratch:
-    """Reused tensors, and their block views made once, for one set of views over ``numel``
-    elements: the hot path allocates nothing but what it returns or keeps for backward
-    (fresh large allocations cost page faults, and each view costs Python time)."""
-
-    @torch.inference_mode(False)  # made under inference mode, they would refuse later in-place updates
-    def __init__(self, views: Sequence[View], numel: int, dtype: torch.dtype, device: torch.device) -> None:
-        columns = sum(blocks * width for _, blocks, _, width in views)
-        self.views = tuple(views)
-        self.parts = torch.empty(2, numel, dtype=dtype, device=device)  # relu(w), min(w, 0)
-        self.excess = torch.empty(numel, dtype=dtype, device=device)  # w - clamp(w)
-        self.direction = torch.empty(numel, dtype=dtype, device=device)
-        self.sums = torch.empty(2, columns, dtype=dtype, device=device)  # P, -Q per block column
-        self.bounds = torch.empty(2, columns, dtype=dtype, device=device)  # the direction's clamp
-        self.part_blocks, self.sum_blocks, self.direction_blocks, self.bound_blocks = [], [], [], []
-        start = 0
-        for offset, blocks, length, width in views:
-            size = blocks * length * width
-            self.part_blocks.append(self.parts[:, offset : offset + size].view(2, blocks, length, width))
-            self.sum_blocks.append(self.sums[:, start : start + blocks * width].view(2, blocks, width))
-            self.direction_blocks.append(self.direction[offset : offset + size].view(blocks, length, width))
-            self.bound_blocks.append(self.bounds[:, start : start + blocks * width].view(2, blocks, 1, width))
-            start += blocks * width
-
-
-_local = threading.local()
-_SCRATCHES = 8  # per thread, the most recently used chunk shapes
-
-
-def _scratch(views: Sequence[View], numel: int, like: Tensor) -> _Scratch:
-    """The calling thread's scratch for ``views`` over ``numel`` elements like ``like``.
-
-    A few are kept per thread, the most recently used first, so that a model's chunks of one or
-    two shapes reuse theirs while a process going through many shapes holds a bounded amount."""
-    scratches = _local.__dict__.setdefault("scratches", collections.OrderedDict())
-    key = (tuple(views), like.dtype, like.device)
-    scratch = scratches.pop(key, None) or _Scratch(views, numel, like.dtype, like.device)
-    scratches[key] = scratch
-    while len(scratches) > _SCRATCHES:
-        scratches.popitem(last=False)
-    return scratch
-
-
-def _sums(flat: Tensor, scratch: _Scratch, limit: float, power: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(magnitude, topology, P - Q per block column)``; leaves ``w - clamp(w)`` in ``scratch.excess``."""
-    torch.clamp(flat, min=0, out=scratch.parts[0])
-    torch.clamp(flat, max=0, out=scratch.parts[1])
-    for blocks, out in zip(scratch.part_blocks, scratch.sum_blocks):
-        torch.sum(blocks, 2, out=out)
-    positive, negative = scratch.sums[0], scratch.sums[1].neg_()
-    excess = _excess(flat, scratch, limit)
-    magnitude = torch.dot(excess, excess) if power == 2 else excess.abs().sum()
-    return magnitude, torch.minimum(positive, negative).sum(), positive - negative
-
-
-def _directions(
-    flat: Tensor, scratch: _Scratch, difference: Tensor, power: int, lam: float, alpha: float, out: Tensor | None = None
-) -> Tensor:
-    r"""``lam`` times the gradient of the topology sum plus ``alpha`` times the magnitude's, in
-    ``out`` (default ``scratch.direction``); ``scratch.excess`` must hold ``w - clamp(w)`` (as
-    :func:`_sums` leaves it).
-
-    :math:`\partial \min(P, Q) / \partial M` is ``[M > 0]`` where ``P < Q``, ``-[M < 0]`` where
-    ``Q < P`` and ``sign(M) / 2`` on a tie: ``clamp(sign(M), high - 1, high)`` with ``high = (1 -
-    sign(P - Q)) / 2`` per block column; exact zeros get 0, as relu'(0) = 0.  ``sign(M)`` is
-    ``+-1``, so for ``0 <= lam <= 1`` scaling the bounds scales the result.  The magnitude's is
-    ``2 (w - clamp(w))`` (p = 2) or ``sign(w - clamp(w))`` (p = 1), exactly 0 where ``|w| <= limit``.
-    """
-    folded = 0 <= lam <= 1
-    scale = lam if folded else 1.0
-    high = torch.rsub(torch.sign(difference), 0.5 * scale, alpha=0.5 * scale)
-    torch.sub(high, scale, out=scratch.bounds[0])
-    scratch.bounds[1].copy_(high)
-    direction = torch.sign(flat, out=scratch.direction if out is None else out)
-    blocks = scratch.direction_blocks if out is None else [_blocks(out, view) for view in scratch.views]
-    for block, bounds in zip(blocks, scratch.bound_blocks):
-        block.clamp_(bounds[0], bounds[1])
-    if not folded:
-        direction.mul_(lam)
-    if alpha and power == 2:
-        direction.add_(scratch.excess, alpha=2 * alpha)
-    elif alpha:
-        direction.add_(scratch.excess.sign(), alpha=alpha)
-    return direction
-
-
-def _excess(flat: Tensor, scratch: _Scratch, limit: float) -> Tensor:
-    """``w - clamp(w, -limit, limit) = sign(w) relu(|w| - limit)``, exactly, into ``scratch.excess``."""
-    return torch.sub(flat, torch.clamp(flat, -limit, limit, out=scratch.excess), out=scratch.excess)
-
-
-_SMALL = 1 << 16  # weights up to this many elements are packed together,
-_PACKED = 1 << 20  # up to this many in all (a pack keeps buffers per thread, and its direction until backward)
-_CHUNK = 1 << 18  # elements per chunk of a large weight: the chunk stays in the CPU cache
-
-
-class _Group(NamedTuple):
-    """Packed stretches of one shape ``(rows, columns)``, ``rows + pad`` rows apart in the pack.
-
-    A member is ``(weight, first row)`` of the weight's matrix: a whole small weight, or the rows
-    after the last whole block of a large one."""
-
-    members: tuple[tuple[int, int], ...]
-    rows: int
-    columns: int
-    pad: int  # zero rows after each member, up to a whole number of blocks
-
-
-class _Pack:
-    """Small stretches of plain weights (one population, not transposed) in one flat tensor,
-    grouped by shape and sorted by column count: each column count is one block view.
-
-    Compared by identity (plans are cached); it keeps a per-thread flat tensor, whose padding
-    stays zero, and scratch."""
-
-    def __init__(self, groups: tuple[_Group, ...], views: tuple[View, ...], numel: int) -> None:
-        self.groups, self.views, self.numel = groups, views, numel
-        self.members = tuple(member for group in groups for member in group.members)
-        self.local = threading.local()
-
-    def regions(self, flat: Tensor) -> list[Tensor]:
-        """The ``(rows, columns)`` view of every member in a pack-shaped ``flat``, in order."""
-        regions, offset = [], 0
-        for group in self.groups:
-            count, stride = len(group.members), (group.rows + group.pad) * group.columns
-            if count == 1:
-                regions.append(flat.as_strided((group.rows, group.columns), (group.columns, 1), offset))
-            else:
-                regions += flat.as_strided((count, group.rows, group.columns), (stride, group.columns, 1), offset).unbind(0)
-            offset += count * stride
-        return regions
-
-    def fill(self, weights: Sequence[Tensor]) -> tuple[Tensor, _Scratch]:
-        """The pack filled from ``weights`` by one copy kernel, and its scratch."""
-        first = weights[self.members[0][0]]
-        buffers = getattr(self.local, "buffers", None)
-        if buffers is None or buffers[0].device != first.device:
-            with torch.inference_mode(False):
-                flat = torch.zeros(self.numel, dtype=accumulation_dtype(first.dtype), device=first.device)
-                buffers = (flat, self.regions(flat), _Scratch(self.views, self.numel, flat.dtype, flat.device))
-            self.local.buffers = buffers
-        flat, targets, scratch = buffers
-        sources = [_stretch(weights[i], row, group) for group in self.groups for i, row in group.members]
-        torch._foreach_copy_(targets, sources)
-        return flat, scratch
-
-
-def _stretch(weight: Tensor, first: int, group: _Group) -> Tensor:
-    if first == 0 and weight.dim() == 2 and weight.shape[0] == group.rows:
-        return weight
-    return weight.reshape(-1, group.columns)[first : first + group.rows]
-
-
-class _Direct(NamedTuple):
-    """A large (or not plain) weight, in chunks of whole blocks of its matrix."""
-
-    index: int
-    views: tuple[View, ...]
-    tail: int  # the first row held by a pack (the matrix's row count when none is)
-
-
-class _Plan(NamedTuple):
-    packs: tuple[_Pack, ...]  # one per accumulation dtype
-    direct: tuple[_Direct, ...]
-
-
-def _chunks(columns: int, runs) -> tuple[View, ...]:
-    views = []
-    for start, count, length in runs:
-        step = max(1, _CHUNK // (length * columns))
-        for first in range(0, count, step):
-            views.append(((start + first * length) * columns, min(step, count - first), length, columns))
-    return tuple(views)
-
-
-@functools.lru_cache(maxsize=16)
-def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layouts: tuple[Layout, ...], group_size: int) -> _Plan:
-    """Which stretches are packed and how; computed once per model architecture."""
-    small: dict[torch.dtype, dict[tuple[int, int], list[tuple[int, int]]]] = {}
-    direct, packed = [], 0
-    for i, (shape, dtype, layout) in enumerate(zip(shapes, dtypes, layouts)):
-        numel = math.prod(shape)
-        if numel == 0:
-            continue
-        rows = layout.rows(shape)
-        columns = numel // rows
-        plain = layout == Layout()
-        if plain and numel <= _SMALL and packed + numel <= _PACKED:
-            small.setdefault(accumulation_dtype(dtype), {}).setdefault((rows, columns), []).append((i, 0))
-            packed += numel
-            continue
-        runs = layout.runs(rows, group_size)
-        tail = rows
-        if plain and rows % group_size and rows > group_size:  # the short last block goes to a pack
-            tail = rows - rows % group_size
-            small.setdefault(accumulation_dtype(dtype), {}).setdefault((rows - tail, columns), []).append((i, tail))
-            runs = runs[:-1]
-        direct.append(_Direct(i, _chunks(columns, runs), tail))
-    packs = []
-    for by_shape in small.values():
-        groups, views, offset = [], [], 0
-        for (rows, columns), members in sorted(by_shape.items(), key=lambda item: item[0][::-1]):
-            blocks = -(-rows // group_size)
-            groups.append(_Group(tuple(members), rows, columns, blocks * group_size - rows))
-            blocks *= len(members)
-            previous = views[-1] if views else None
-            if previous and previous[3] == columns:
-                views[-1] = (previous[0], previous[1] + blocks, group_size, columns)
-            else:
-                views.append((offset, blocks, group_size, columns))
-            offset += blocks * group_size * columns
-        packs.append(_Pack(tuple(groups), tuple(views), offset))
-    return _Plan(tuple(packs), tuple(direct))
-
-
-def _chunk(m: Tensor, view: View) -> tuple[Tensor, _Scratch]:
-    """A chunk of a large weight's matrix as a flat tensor of the accumulation dtype, and scratch."""
-    chunk = _blocks(m.view(-1), view).view(-1).to(accumulation_dtype(m.dtype))
-    views = ((0, *view[1:]),)
-    return chunk, _scratch(views, chunk.numel(), chunk)
-
-
-class _PenaltySums(torch.autograd.Function):
-    """The penalties of all weights as one autograd node.
-
-    Returns ``(magnitude sum, topology sum)``, or with ``scales = (alpha, lam)`` the single
-    ``alpha * magnitude + lam * topology``.  A pack computes its gradient direction in the
-    forward (its backward is a multiply); large weights recompute theirs chunk by chunk.
-    """
-
-    @staticmethod
-    def forward(ctx, plan: _Plan, layouts, spec: ChipSpec, power: int, dtype: torch.dtype, scales, gradient: bool, *weights):
-        alpha, lam = scales or (1.0, 1.0)
-        magnitudes, topologies, saved = [], [], []
-        for pack in plan.packs:
-            flat, scratch = pack.fill(weights)
-            magnitude, topology, difference = _sums(flat, scratch, spec.limit, power)
-            magnitudes.append(magnitude)
-            topologies.append(topology)
-            if not gradient:
-                continue
-            if scales is None:  # the two directions apart, unscaled
-                saved.append(_directions(flat, scratch, difference, power, 1.0, 0.0).clone())
-                saved.append(_directions(flat, scratch, difference, power, 0.0, 1.0).clone())
-            else:  # one direction: lam * topology's + alpha * magnitude's
-                saved.append(_directions(flat, scratch, difference, power, lam, alpha).clone())
-        for item in plan.direct:
-            m = layouts[item.index].matrix(weights[item.index]).contiguous()
-            for view in item.views:
-                magnitude, topology, difference = _sums(*_chunk(m, view), spec.limit, power)
-                magnitudes.append(magnitude)
-                topologies.append(topology)
-                saved.append(difference)
-        if len(magnitudes) == 1:
-            magnitude, topology = magnitudes[0].to(dtype), topologies[0].to(dtype)
-        else:
-            magnitude, topology = torch.stack(magnitudes).sum().to(dtype), torch.stack(topologies).sum().to(dtype)
-        ctx.plan, ctx.layouts, ctx.spec, ctx.power, ctx.scales = plan, layouts, spec, power, scales
-        ctx.save_for_backward(*weights, *saved)
-        if scales is None:
-            return magnitude, topology
-        return torch.add(topology * lam, magnitude, alpha=alpha)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        count = len(ctx.layouts)
-        weights, saved = ctx.saved_tensors[:count], iter(ctx.saved_tensors[count:])
-        scales, spec, power = ctx.scales, ctx.spec, ctx.power
-        if scales is None:
-            grad_magnitude, grad_topology = grads
-        else:
-            grad_magnitude, grad_topology = grads[0] * scales[0], grads[0] * scales[1]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the formulas themselves
-            return (None,) * 7 + _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology)
-        needed = ctx.needs_input_grad[7:]
-        result: list[Tensor | None] = [None] * count
-        tails = {}
-        for pack in ctx.plan.packs:
-            if scales is None:
-                flat = torch.mul(next(saved), grad_topology).addcmul_(next(saved), grad_magnitude)
-            else:
-                flat = torch.mul(next(saved), grads[0])
-            for (i, row), grad in zip(pack.members, pack.regions(flat)):
-                grad = grad.to(weights[i].dtype)  # a pack holds every dtype that accumulates in float32
-                if row:
-                    tails[i] = grad
-                elif needed[i]:
-                    result[i] = grad.view(weights[i].shape)
-        alpha, lam = scales or (1.0, 1.0)
-        for item in ctx.plan.direct:
-            i, layout = item.index, ctx.layouts[item.index]
-            if not needed[i]:
-                for _ in item.views:
-                    next(saved)
-                continue
-            m = layout.matrix(weights[i]).contiguous()
-            grad = torch.empty_like(m)
-            for view in item.views:
-                chunk, scratch = _chunk(m, view)
-                difference, target = next(saved), _blocks(grad.view(-1), view).view(-1)
-                _excess(chunk, scratch, spec.limit)
-                out = target if target.dtype == chunk.dtype else None  # straight into the gradient
-                if scales is None:
-                    topology = _directions(chunk, scratch, difference, power, 1.0, 0.0, out).mul_(grad_topology)
-                    if out is None:
-                        topology = target.copy_(topology)
-                    topology.addcmul_(_directions(chunk, scratch, difference, power, 0.0, 1.0), grad_magnitude)
-                else:
-                    direction = _directions(chunk, scratch, difference, power, lam, alpha, out).mul_(grads[0])
-                    if out is None:
-                        target.copy_(direction)
-            if i in tails:
-                grad[item.tail :].copy_(tails[i])
-            result[i] = layout.unmatrix(grad, weights[i].shape)
-        return (None,) * 7 + tuple(result)
-
-
-def _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology) -> tuple[Tensor | None, ...]:
-    with torch.enable_grad():
-        magnitude, topology = _definition_sums(weights, ctx.layouts, ctx.spec, ctx.power)
-        wanted = [i for i, w in enumerate(weights) if w.requires_grad and ctx.needs_input_grad[7 + i]]
-        grads = torch.autograd.grad(
-            (magnitude, topology), [weights[i] for i in wanted], (grad_magnitude, grad_topology), create_graph=True, allow_unused=True
-        )
-    result: list[Tensor | None] = [None] * len(weights)
-    for i, grad in zip(wanted, grads):
-        result[i] = grad
-    return tuple(result)
-
-
-def penalty_sums(
-    weights: Sequence[Tensor], layouts: Sequence[Layout], spec: ChipSpec, power: int, scales: tuple[float, float] | None = None
-) -> tuple[Tensor, Tensor] | Tensor:
-    """``(magnitude sum, topology sum)`` over ``weights``, differentiable; float32 (float64 if any
-    weight is float64), zero for no elements.  With ``scales = (alpha, lam)``, the one tensor
-    ``alpha * magnitude + lam * topology``: one autograd node, so a training step pays no more."""
-    dtype = _result_dtype(weights)
-    if not weights or not any(w.numel() for w in weights):
-        zero = torch.zeros((), dtype=dtype, device=weights[0].device if weights else None)
-        return (zero, zero.clone()) if scales is None else zero
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        magnitude, topology = _definition_sums(weights, layouts, spec, power)  # the compiler fuses it
-        return (magnitude, topology) if scales is None else scales[0] * magnitude + scales[1] * topology
-    plan = _plan(tuple(w.shape for w in weights), tuple(w.dtype for w in weights), tuple(layouts), spec.group_size)
-    gradient = torch.is_grad_enabled() and any(w.requires_grad for w in weights)  # else skip the directions
-    return _PenaltySums.apply(plan, tuple(layouts), spec, power, dtype, scales, gradient, *weights)
 
 
 @torch.no_grad()
@@ -524,28 +160,41 @@ def _levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
     return values.to(device)
 
 
-def _round_to_grid(x: Tensor, spec: ChipSpec) -> Tensor:
-    """The held level nearest to each entry of ``x`` (already in range); of two equally near
-    levels, the one with the even ``k``, as ``torch.round`` rounds halves.
+@functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
+def grid(spec: ChipSpec, dtype: torch.dtype, compute: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(levels, boundaries)``, in ``compute``: what :func:`round_to_grid` looks ``dtype`` values up in.
 
-    ``round(x / step)`` finds the level in exact arithmetic; the levels a low precision holds sit
-    up to half an ulp off ``k * step``, so the two neighbours are compared too."""
-    acc = accumulation_dtype(x.dtype)
-    levels, last = _levels(spec, x.dtype, x.device), 2 * spec.levels
-    value = x.to(acc)
-    k = torch.round(value / (spec.limit / spec.levels)).nan_to_num_(0).long().add_(spec.levels)
-    best = k.clamp(0, last)
-    nearest = (levels[best].to(acc) - value).abs()
-    for shift in (-1, 1):
-        other = (k + shift).clamp_(0, last)
-        distance = (levels[other].to(acc) - value).abs()
-        # index parity is k's parity shifted by levels: equal distances go to the even k
-        even = (other - spec.levels) % 2 == 0
-        better = (distance < nearest) | ((distance == nearest) & even & (other != best))
-        best = torch.where(better, other, best)
-        nearest = torch.minimum(distance, nearest)
-    held = levels[best]
-    return torch.where((held == x) | x.isnan(), x, held)  # a level keeps its bits (-0.0), NaN stays visible
+    ``levels`` are the distinct values of :func:`_levels`, ascending, then NaN; ``boundaries``
+    separate them so that ``torch.bucketize(x, boundaries)`` is the index of the level nearest to
+    ``x``: each is the largest ``compute`` value at or below the exact midpoint between two
+    neighbouring levels, one value lower where a tie goes to the upper level (the even ``k``); the
+    last is ``+inf``, so that NaN finds NaN.  Ties happen only between levels at least two ulps
+    apart, which are the roundings of single ``k``."""
+    held = _levels(spec, dtype, torch.device("cpu")).double()
+    last = torch.ones_like(held, dtype=torch.bool)
+    last[:-1] = held[1:] != held[:-1]
+    values, ks = held[last], torch.arange(-spec.levels, spec.levels + 1)[last]  # k: the last level holding each value
+    # the exact midpoint of two neighbours, as s + error (halving is exact; TwoSum gives the sum's rounding error)
+    a, b = values[:-1] / 2, values[1:] / 2
+    s = a + b
+    error = (a - (s - (s - a))) + (b - (s - a))
+    bounds = s.to(compute)
+    down = torch.tensor(-math.inf, dtype=compute)
+    bounds = torch.where(bounds.double() - s > error, torch.nextafter(bounds, down), bounds)  # now at or below it
+    tie_goes_up = (bounds.double() - s == error) & (ks[:-1] % 2 == 1)  # of two equally near levels, the even k
+    bounds = torch.where(tie_goes_up, torch.nextafter(bounds, down), bounds)
+    levels = torch.cat([values.to(compute), torch.tensor([math.nan], dtype=compute)])
+    return levels.to(device), torch.cat([bounds, torch.tensor([math.inf], dtype=compute)]).to(device)
+
+
+def round_to_grid(x: Tensor, spec: ChipSpec, dtype: torch.dtype | None = None) -> Tensor:
+    """The level nearest to each entry of ``x`` (already in range), the levels as ``dtype``
+    (default ``x.dtype``) holds them; of two equally near levels, the one with the even ``k``, as
+    ``torch.round`` rounds halves.  A level keeps its own bits (``-0.0``); NaN stays NaN."""
+    levels, boundaries = grid(spec, dtype or x.dtype, x.dtype, x.device)
+    held = levels[torch.bucketize(x, boundaries)]
+    return torch.where(held == x, x, held)
 
 
 def off_grid(weight: Tensor, spec: ChipSpec) -> Tensor:
@@ -556,7 +205,7 @@ def off_grid(weight: Tensor, spec: ChipSpec) -> Tensor:
     if spec.bits is None:
         return torch.zeros_like(weight, dtype=torch.bool)
     top = bound(weight.dtype, spec.limit)
-    return _round_to_grid(weight.clamp(-top, top), spec) != weight
+    return round_to_grid(weight.clamp(-top, top), spec) != weight
 
 
 @torch.no_grad()
@@ -583,7 +232,7 @@ def chip(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
     if spec.bits is None:
         gain = held.to(acc).abs()  # what keeping an entry's sign preserves of |w|: P and Q after clamping
     else:
-        held = _round_to_grid(held, spec)
+        held = round_to_grid(held, spec)
         kept, magnitude = held.to(acc).abs(), weight.to(acc).abs()
         gain = kept - 2 * (kept - magnitude).clamp(min=0)  # |w| - |w - q(w)|
     m, gains = layout.matrix(held).contiguous(), layout.matrix(gain)

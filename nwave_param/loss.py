@@ -17,7 +17,7 @@ import dataclasses
 import torch  # noqa: F401  (the examples in the docstrings use it)
 from torch import Tensor, nn
 
-from . import functional
+from . import _engine
 from .discovery import patterns, select
 from .parametrization import Settings
 from .registry import registry_of
@@ -40,7 +40,7 @@ def _sums(model: nn.Module, limit: float | None, group_size: int | None, power: 
         weights, layouts, spec = reg.weights(), reg.layouts, reg.spec
     changes = {key: value for key, value in (("limit", limit), ("group_size", group_size)) if value is not None}
     spec = dataclasses.replace(spec, **changes)
-    magnitude, topology = functional.penalty_sums(weights, layouts, spec, power)
+    magnitude, topology = _engine.penalty_sums(weights, layouts, spec, power)
     return magnitude, topology, max(sum(w.numel() for w in weights), 1)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import functional, state
+from . import _engine, functional, state
 from .discovery import Constrained, constraints, patterns, select, tied_holders
 from .functional import Penalties
 from .layout import Layout, layout_of
@@ -236,7 +236,7 @@ class Registry:
     def penalties(self) -> Penalties:
         """``Penalties(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
         weights = self.weights()
-        magnitude, topology = functional.penalty_sums(weights, self.layouts, self.spec, self.power)
+        magnitude, topology = _engine.penalty_sums(weights, self.layouts, self.spec, self.power)
         count = max(sum(w.numel() for w in weights), 1)
         return Penalties(magnitude / count, topology / count)
 
@@ -249,7 +249,7 @@ class Registry:
         lam = settings.lam if lam is None else check_scale("lam", lam)
         weights = self.weights()
         count = max(sum(w.numel() for w in weights), 1)
-        return functional.penalty_sums(weights, self.layouts, settings.spec, settings.power, scales=(alpha / count, lam / count))
+        return _engine.penalty_sums(weights, self.layouts, settings.spec, settings.power, scales=(alpha / count, lam / count))
 
     @contextlib.contextmanager
     def on_chip(self, seed: int | None = None) -> Iterator[None]:

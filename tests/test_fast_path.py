@@ -1,6 +1,6 @@
 """The penalties' fast path against the formulas it implements, on every route a weight takes.
 
-``functional._definition_sums`` is the formula op by op (and what ``torch.compile`` traces); the
+``functional.penalty_sums`` is the formula op by op (and what ``torch.compile`` traces); the
 fast path packs small plain weights, chunks large ones and sends the short last block of a large
 weight to a pack.  The thresholds are lowered here so that small test weights take every route.
 """
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from layers import scaled
 
 import nwave_param as nwp
-from nwave_param import functional
+from nwave_param import _engine, functional
 from nwave_param.layout import Layout
 
 LAYOUTS = [Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transposed=True)]
@@ -25,12 +25,12 @@ LAYOUTS = [Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transpo
 def route(request, monkeypatch):
     """packed: every weight in one pack; chunked: every weight direct, in chunks of a few blocks."""
     if request.param != "packed":
-        monkeypatch.setattr(functional, "_SMALL", 0)
+        monkeypatch.setattr(_engine, "_SMALL", 0)
     if request.param == "chunked-small":
-        monkeypatch.setattr(functional, "_CHUNK", 8)
-    functional._plan.cache_clear()
+        monkeypatch.setattr(_engine, "_CHUNK", 8)
+    _engine._plan.cache_clear()
     yield request.param
-    functional._plan.cache_clear()
+    _engine._plan.cache_clear()
 
 
 def shaped(layout, a, b):
@@ -42,7 +42,7 @@ def shaped(layout, a, b):
 def reference(weights, layouts, spec, power, scales):
     """Value and gradients by autograd through the formulas."""
     leaves = [w.detach().clone().requires_grad_(w.requires_grad) for w in weights]
-    magnitude, topology = functional._definition_sums(leaves, layouts, spec, power)
+    magnitude, topology = functional.penalty_sums(leaves, layouts, spec, power)
     out = (1.5 * magnitude + 0.7 * topology) if scales is None else scales[0] * magnitude + scales[1] * topology
     if any(w.requires_grad for w in leaves):
         out.backward()
@@ -51,7 +51,7 @@ def reference(weights, layouts, spec, power, scales):
 
 def fast(weights, layouts, spec, power, scales):
     leaves = [w.detach().clone().requires_grad_(w.requires_grad) for w in weights]
-    result = functional.penalty_sums(leaves, layouts, spec, power, scales=scales)
+    result = _engine.penalty_sums(leaves, layouts, spec, power, scales=scales)
     out = 1.5 * result[0] + 0.7 * result[1] if scales is None else result
     if any(w.requires_grad for w in leaves):
         out.backward()
@@ -122,7 +122,7 @@ def test_ties_and_exact_zeros_follow_autograd_of_the_definition(route):
 def test_nonfinite_weights_propagate(route, bad):
     weight = torch.randn(6, 4)
     weight[0, 0] = bad
-    magnitude, topology = functional.penalty_sums([weight], [Layout()], nwp.ChipSpec(), 2)
+    magnitude, topology = _engine.penalty_sums([weight], [Layout()], nwp.ChipSpec(), 2)
     assert not torch.isfinite(magnitude)  # never a silent zero
     assert torch.isnan(topology) == math.isnan(bad)  # min(P, Q) stays finite beside an infinite P
 
@@ -138,8 +138,8 @@ def test_frozen_and_empty_weights(route):
 def test_tall_weights_sum_accurately():
     torch.manual_seed(0)
     weight = torch.randn(2_000_000, 1) * 3  # float32, chunked; P, Q and the excess all nonzero
-    exact = functional._definition_sums([weight.double()], [Layout()], nwp.ChipSpec(), 2)
-    got = functional.penalty_sums([weight], [Layout()], nwp.ChipSpec(), 2)
+    exact = functional.penalty_sums([weight.double()], [Layout()], nwp.ChipSpec(), 2)
+    got = _engine.penalty_sums([weight], [Layout()], nwp.ChipSpec(), 2)
     for value, truth in zip(got, exact):
         assert abs(value.double().item() - truth.item()) <= 1e-6 * abs(truth.item())
 
@@ -148,10 +148,10 @@ def test_double_backward_differentiates_the_formulas():
     torch.manual_seed(0)
     weight = (torch.randn(7, 4, dtype=torch.float64) * 2).requires_grad_()
     spec = nwp.ChipSpec(limit=0.5)
-    penalty = functional.penalty_sums([weight], [Layout()], spec, 2, scales=(1.0, 1.0))
+    penalty = _engine.penalty_sums([weight], [Layout()], spec, 2, scales=(1.0, 1.0))
     (grad,) = torch.autograd.grad(penalty, weight, create_graph=True)
     (second,) = torch.autograd.grad(grad.square().sum(), weight)
-    magnitude, topology = functional._definition_sums([weight], [Layout()], spec, 2)
+    magnitude, topology = functional.penalty_sums([weight], [Layout()], spec, 2)
     (grad_ref,) = torch.autograd.grad(magnitude + topology, weight, create_graph=True)
     (second_ref,) = torch.autograd.grad(grad_ref.square().sum(), weight)
     torch.testing.assert_close(grad, grad_ref)
@@ -165,7 +165,7 @@ def test_torch_func_grad_and_vmap():
     spec = nwp.ChipSpec(limit=0.5)
 
     def penalty(w):
-        return functional.penalty_sums([w], [Layout()], spec, 2, scales=(1.0, 1.0))
+        return _engine.penalty_sums([w], [Layout()], spec, 2, scales=(1.0, 1.0))
 
     leaf = weight.clone().requires_grad_()
     penalty(leaf).backward()

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrizations, parametrize
 from layers import scaled
 
 import nwave_param as nwp
-from nwave_param import functional
+from nwave_param import _engine, functional
 from nwave_param.layout import Layout
 
 
@@ -65,7 +65,7 @@ def test_mixed_dtypes_get_gradients_in_their_own_dtype_and_precision():
     fp32 = reg.weights()[1]
     assert reg.weights()[0].grad.dtype == torch.bfloat16 and fp32.grad.dtype == torch.float32
     leaf = fp32.detach().clone().requires_grad_()
-    magnitude, topology = functional._definition_sums([reg.weights()[0].detach(), leaf], reg.layouts, reg.spec, 2)
+    magnitude, topology = functional.penalty_sums([reg.weights()[0].detach(), leaf], reg.layouts, reg.spec, 2)
     count = sum(w.numel() for w in reg.weights())
     ((magnitude + topology) / count).backward()
     torch.testing.assert_close(fp32.grad, leaf.grad)  # full float32 precision, not rounded to bf16
@@ -105,14 +105,14 @@ def test_load_state_dict_after_a_constraint_was_removed_by_hand():
 
 
 def test_scratch_stays_bounded_over_many_shapes(monkeypatch):
-    monkeypatch.setattr(functional, "_SMALL", 0)  # every weight chunked
-    functional._plan.cache_clear()
+    monkeypatch.setattr(_engine, "_SMALL", 0)  # every weight chunked
+    _engine._plan.cache_clear()
     try:
         for rows in range(10, 50):
-            functional.penalty_sums([torch.randn(rows, 7)], [Layout()], nwp.H1V1, 2)
-        assert len(functional._local.scratches) <= functional._SCRATCHES
+            _engine.penalty_sums([torch.randn(rows, 7)], [Layout()], nwp.H1V1, 2)
+        assert len(_engine._local.scratches) <= _engine._SCRATCHES
     finally:
-        functional._plan.cache_clear()
+        _engine._plan.cache_clear()
 
 
 def test_threads_compute_what_one_thread_does():
