@@ -255,3 +255,18 @@ def test_chip_presets_and_repr():
     assert nwp.ChipSpec() == nwp.H1V1 and repr(nwp.H1V1) == "ChipSpec(limit=0.9, group_size=5)"
     spec = nwp.ChipSpec(limit=1.66, bits=5, mismatch=0.02)
     assert eval(repr(spec), {"ChipSpec": nwp.ChipSpec}) == spec
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits, limit", [(2, 0.9), (3, 0.3), (4, 1.66), (6, 0.9), (8, 1.0)])
+def test_a_value_halfway_between_two_levels_goes_to_the_even_k(dtype, bits, limit):
+    spec = nwp.ChipSpec(limit=limit, group_size=1, bits=bits)
+    grid = levels(spec, dtype)
+    halfway = ((grid[1:].double() + grid[:-1].double()) / 2).to(dtype)
+    exact = halfway.double() == (grid[1:].double() + grid[:-1].double()) / 2  # halfway points the dtype holds
+    down, up = torch.full_like(halfway, -9), torch.full_like(halfway, 9)
+    x = torch.cat([halfway[exact], torch.nextafter(halfway, down), torch.nextafter(halfway, up)])
+    assert exact.sum() >= len(grid) // 4  # the ties are really there
+    got = functional.round_to_grid(x, spec)
+    expected = torch.stack([grid[nearest_level(v, grid)] for v in x.double().tolist()])
+    assert torch.equal(got, expected)
