@@ -1,48 +1,242 @@
-"""The engine: the penalties of many weights in few kernels.
+"""The engine: the penalties and the hardened values of many weights at once, in few kernels.
 
 What it computes is defined in :mod:`nwave_param.functional`; this module only arranges the
-work, and the tests hold it to those definitions.  Its gradient is autograd's own subgradient of
-the formulas (ties and exact zeros included), written out so that few kernels run:
+work, and the tests hold it to those definitions, bit for bit.
 
-* small weights of one population (up to ``2**16`` elements each) are copied into one padded
-  pack by a single kernel, so a model of many small layers costs a dozen kernels, not a dozen
-  per layer; the pack's gradient is computed with its forward, and backward is one multiply;
-* large weights are processed in chunks of whole blocks that stay in the CPU cache while the
-  formula's operations run on them.
+* A **plan**, made once per architecture, says how: each weight's connectivity matrix is cut into
+  *members*, one per population (an LSTM gate, a convolution group), each a strided view of the
+  weight; small weights' members go into *packs*, large ones are processed in place.
+* A **pack** holds the members of several weights of one dtype in one flat tensor, filled by a
+  single copy kernel: members of one column count together, each padded with zero rows to whole
+  blocks, so that one ``(blocks, group_size, columns)`` view per column count covers every block
+  and a dozen kernels serve a hundred layers.  Zero padding adds nothing to any sum.
+* Plans are device-aware.  On the CPU, a large weight (over ``2**16`` elements) is processed in
+  place, in chunks of whole blocks that stay in the cache (the penalty) or whole (hardening).  On
+  any other device every weight is packed, so the number of kernels per call does not grow with
+  a weight's size: launches, not bytes, cost there.
 
-Inside ``torch.compile`` and ``torch.func`` transforms the definitions are traced as written,
-and a double backward differentiates them too.
+The penalty's gradient is autograd's own subgradient of the formulas (ties and exact zeros
+included), written out: a pack computes its gradient direction in the forward, and its backward
+is one multiply.  Inside ``torch.compile`` and ``torch.func`` transforms the definitions are
+traced as written, and a double backward differentiates them too.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 import threading
-from typing import NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .functional import accumulation_dtype, result_dtype
 from . import functional
+from .functional import accumulation_dtype, bound, result_dtype
 from .layout import Layout
 from .spec import ChipSpec
 
-__all__ = ["penalty_sums"]
+__all__ = ["harden_all", "penalty_sums", "planned_as"]
 
+_SMALL = 1 << 16  # on the CPU, weights up to this many elements are packed,
+_PACKED = 1 << 20  # up to this many in all (a pack keeps buffers per thread, and its direction until backward)
+_CHUNK = 1 << 18  # elements per chunk of a large weight: the chunk stays in the CPU cache
 
-# The fast path computes the same sums on block views ``(offset, blocks, length, columns)`` of a
-# flat tensor: a ``(blocks, length, columns)`` stretch whose block columns run along dim 1.  Zero
-# padding adds nothing to any sum.
-
-View = tuple[int, int, int, int]
+View = tuple[int, int, int, int]  # (offset, blocks, length, columns): blocks of rows of a flat tensor
 
 
 def _blocks(flat: Tensor, view: View) -> Tensor:
     offset, blocks, length, columns = view
     return flat[offset : offset + blocks * length * columns].view(blocks, length, columns)
+
+
+# --------------------------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------------------------
+
+
+class Member(NamedTuple):
+    """Rows of one weight's connectivity matrix: ``weight.as_strided(shape, stride, offset)``,
+    whose first dim is the rows and whose other dims flatten to the columns."""
+
+    index: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    rows: int
+    columns: int
+
+
+def members(index: int, shape: tuple[int, ...], layout: Layout, group_size: int, first_row: int = 0) -> list[Member]:
+    """A contiguous weight of ``shape`` read with ``layout``, from row ``first_row`` on, as members:
+    stretches of whole blocks (:meth:`Layout.runs`), each closed by at most one short block, which
+    the pack's padding completes.  A transposed layout's rows are strided views, one conv group at
+    a time (its rows are the group's output channels, its columns the group's inputs x kernel)."""
+    rows = layout.rows(shape)
+    stretches: list[list[int]] = []  # [first row, rows, open]: open while every block so far was whole
+    for start, count, length in layout.runs(rows, group_size):
+        for block in range(start, start + count * length, length):
+            if block < first_row:
+                continue
+            if stretches and stretches[-1][2] and stretches[-1][0] + stretches[-1][1] == block and not _crosses_group(layout, rows, block):
+                stretches[-1][1] += length
+            else:
+                stretches.append([block, length, True])
+            stretches[-1][2] = length == group_size
+    kernel = math.prod(shape[2:])
+    if layout.transposed:  # (in, out/groups, *kernel): M[(g, o), (i, k)] = W[g * in_g + i, o, k]
+        inputs, outputs = shape[:2]
+        per_group = inputs // layout.groups
+        return [
+            Member(
+                index, (count, per_group, kernel), (kernel, outputs * kernel, 1),
+                (first // outputs) * per_group * outputs * kernel + (first % outputs) * kernel, count, per_group * kernel,
+            )
+            for first, count, _ in stretches
+        ]
+    columns = math.prod(shape[1:])
+    stride = tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
+    return [Member(index, (count, *shape[1:]), stride, first * columns, count, columns) for first, count, _ in stretches]
+
+
+def _crosses_group(layout: Layout, rows: int, row: int) -> bool:
+    """Whether a transposed layout's stretch would go on past a conv group's last row at ``row``:
+    a member is one strided view, inside one group."""
+    return layout.transposed and row % (rows // layout.groups) == 0
+
+
+class Pack:
+    """Members of weights of one dtype in one flat tensor (see the module docstring).
+
+    Compared by identity (plans are cached); it keeps, per thread, the flat tensor (whose padding
+    stays zero), the views of its members, and scratch."""
+
+    def __init__(self, members: Sequence[Member], group_size: int) -> None:
+        self.members = tuple(sorted(members, key=lambda m: m.columns))  # one block view per column count
+        self.places, views, offset = [], [], 0
+        for member in self.members:
+            blocks = -(-member.rows // group_size)
+            self.places.append(offset)
+            if views and views[-1][3] == member.columns:
+                views[-1] = (views[-1][0], views[-1][1] + blocks, group_size, member.columns)
+            else:
+                views.append((offset, blocks, group_size, member.columns))
+            offset += blocks * group_size * member.columns
+        self.views, self.numel = tuple(views), offset
+        count = collections.Counter(m.index for m in self.members)
+        self.whole = {m.index for m in self.members if count[m.index] == 1 and m.offset == 0 and _is_contiguous(m)}  # its region is the weight
+        self.local = threading.local()
+
+    def regions(self, flat: Tensor) -> list[Tensor]:
+        """Each member's values in a pack-shaped ``flat``, in the member's shape."""
+        return [flat[place : place + m.rows * m.columns].view(m.shape) for m, place in zip(self.members, self.places)]
+
+    def buffers(self, like: Tensor) -> tuple[Tensor, list[Tensor], _Scratch]:
+        """This thread's flat tensor for weights like ``like``, its member regions, and scratch."""
+        buffers = getattr(self.local, "buffers", None)
+        if buffers is None or buffers[0].device != like.device:
+            with torch.inference_mode(False):  # made under inference mode, they would refuse later in-place updates
+                flat = torch.zeros(self.numel, dtype=accumulation_dtype(like.dtype), device=like.device)
+                buffers = (flat, self.regions(flat), _Scratch(self.views, self.numel, flat.dtype, flat.device))
+            self.local.buffers = buffers
+        return buffers
+
+    def fill(self, weights: Sequence[Tensor]) -> tuple[Tensor, _Scratch]:
+        """The pack filled from ``weights`` by one copy kernel, and its scratch."""
+        flat, targets, scratch = self.buffers(weights[self.members[0].index])
+        torch._foreach_copy_(targets, [source(weights[m.index], m) for m in self.members])
+        return flat, scratch
+
+
+def _is_contiguous(member: Member) -> bool:
+    return member.stride == tuple(math.prod(member.shape[d + 1 :]) for d in range(len(member.shape)))
+
+
+def source(weight: Tensor, member: Member) -> Tensor:
+    """The member's view of ``weight`` (the weight itself where it is one)."""
+    if member.offset == 0 and member.shape == tuple(weight.shape) and member.stride == weight.stride():
+        return weight
+    return weight.as_strided(member.shape, member.stride, weight.storage_offset() + member.offset)
+
+
+class Direct(NamedTuple):
+    """A large weight on the CPU: its whole blocks in chunks (a short last block, if any, is packed)."""
+
+    index: int
+    views: tuple[View, ...]
+    tail: int  # the first row held by a pack (the matrix's row count when none is)
+
+
+class Plan(NamedTuple):
+    packs: tuple[Pack, ...]  # one per weight dtype
+    direct: tuple[Direct, ...]
+
+
+def _chunks(columns: int, runs) -> tuple[View, ...]:
+    views = []
+    for start, count, length in runs:
+        step = max(1, _CHUNK // (length * columns))
+        for first in range(0, count, step):
+            views.append(((start + first * length) * columns, min(step, count - first), length, columns))
+    return tuple(views)
+
+
+_planned_as = threading.local()
+
+
+@contextlib.contextmanager
+def planned_as(device_type: str) -> Iterator[None]:
+    """Plan as if the weights lived on ``device_type`` (for tests and op counts: this machine has
+    no GPU, and the number of kernels a GPU would launch is what the plan decides)."""
+    before = getattr(_planned_as, "device_type", None)
+    _planned_as.device_type = device_type
+    try:
+        yield
+    finally:
+        _planned_as.device_type = before
+
+
+def plan_for(weights: Sequence[Tensor], layouts: Sequence[Layout], group_size: int) -> Plan:
+    device_type = getattr(_planned_as, "device_type", None) or weights[0].device.type
+    return _plan(tuple(w.shape for w in weights), tuple(w.dtype for w in weights), tuple(layouts), group_size, device_type)
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layouts: tuple[Layout, ...], group_size: int, device_type: str) -> Plan:
+    """Which members are packed and which weights are processed in place; once per architecture."""
+    packed: dict[torch.dtype, list[Member]] = {}
+    direct, total = [], 0
+    for i, (shape, dtype, layout) in enumerate(zip(shapes, dtypes, layouts)):
+        numel = math.prod(shape)
+        if numel == 0:
+            continue
+        if device_type != "cpu" or (numel <= _SMALL and total + numel <= _PACKED):
+            packed.setdefault(dtype, []).extend(members(i, tuple(shape), layout, group_size))
+            total += numel
+            continue
+        rows = layout.rows(shape)
+        runs, tail = layout.runs(rows, group_size), rows
+        if layout == Layout() and rows % group_size and rows > group_size:  # the short last block goes to a pack
+            tail = rows - rows % group_size
+            packed.setdefault(dtype, []).extend(members(i, tuple(shape), layout, group_size, first_row=tail))
+            runs = runs[:-1]
+        direct.append(Direct(i, _chunks(numel // rows, runs), tail))
+    return Plan(tuple(Pack(m, group_size) for m in packed.values()), tuple(direct))
+
+
+def _chunk(m: Tensor, view: View) -> tuple[Tensor, _Scratch]:
+    """A chunk of a large weight's matrix as a flat tensor of the accumulation dtype, and scratch."""
+    chunk = _blocks(m.view(-1), view).view(-1).to(accumulation_dtype(m.dtype))
+    views = ((0, *view[1:]),)
+    return chunk, _scratch(views, chunk.numel(), chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# Scratch and the penalty's kernels
+# --------------------------------------------------------------------------------------------
 
 
 class _Scratch:
@@ -101,9 +295,9 @@ def _sums(flat: Tensor, scratch: _Scratch, limit: float, power: int) -> tuple[Te
 
 
 def _directions(
-    flat: Tensor, scratch: _Scratch, difference: Tensor, power: int, lam: float, alpha: float, out: Tensor | None = None
+    flat: Tensor, scratch: _Scratch, difference: Tensor, power: int, alpha: float, lam: float, out: Tensor | None = None
 ) -> Tensor:
-    r"""``lam`` times the gradient of the topology sum plus ``alpha`` times the magnitude's, in
+    r"""``alpha`` times the gradient of the magnitude sum plus ``lam`` times the topology's, in
     ``out`` (default ``scratch.direction``); ``scratch.excess`` must hold ``w - clamp(w)`` (as
     :func:`_sums` leaves it).
 
@@ -136,135 +330,9 @@ def _excess(flat: Tensor, scratch: _Scratch, limit: float) -> Tensor:
     return torch.sub(flat, torch.clamp(flat, -limit, limit, out=scratch.excess), out=scratch.excess)
 
 
-_SMALL = 1 << 16  # weights up to this many elements are packed together,
-_PACKED = 1 << 20  # up to this many in all (a pack keeps buffers per thread, and its direction until backward)
-_CHUNK = 1 << 18  # elements per chunk of a large weight: the chunk stays in the CPU cache
-
-
-class _Group(NamedTuple):
-    """Packed stretches of one shape ``(rows, columns)``, ``rows + pad`` rows apart in the pack.
-
-    A member is ``(weight, first row)`` of the weight's matrix: a whole small weight, or the rows
-    after the last whole block of a large one."""
-
-    members: tuple[tuple[int, int], ...]
-    rows: int
-    columns: int
-    pad: int  # zero rows after each member, up to a whole number of blocks
-
-
-class _Pack:
-    """Small stretches of plain weights (one population, not transposed) in one flat tensor,
-    grouped by shape and sorted by column count: each column count is one block view.
-
-    Compared by identity (plans are cached); it keeps a per-thread flat tensor, whose padding
-    stays zero, and scratch."""
-
-    def __init__(self, groups: tuple[_Group, ...], views: tuple[View, ...], numel: int) -> None:
-        self.groups, self.views, self.numel = groups, views, numel
-        self.members = tuple(member for group in groups for member in group.members)
-        self.local = threading.local()
-
-    def regions(self, flat: Tensor) -> list[Tensor]:
-        """The ``(rows, columns)`` view of every member in a pack-shaped ``flat``, in order."""
-        regions, offset = [], 0
-        for group in self.groups:
-            count, stride = len(group.members), (group.rows + group.pad) * group.columns
-            if count == 1:
-                regions.append(flat.as_strided((group.rows, group.columns), (group.columns, 1), offset))
-            else:
-                regions += flat.as_strided((count, group.rows, group.columns), (stride, group.columns, 1), offset).unbind(0)
-            offset += count * stride
-        return regions
-
-    def fill(self, weights: Sequence[Tensor]) -> tuple[Tensor, _Scratch]:
-        """The pack filled from ``weights`` by one copy kernel, and its scratch."""
-        first = weights[self.members[0][0]]
-        buffers = getattr(self.local, "buffers", None)
-        if buffers is None or buffers[0].device != first.device:
-            with torch.inference_mode(False):
-                flat = torch.zeros(self.numel, dtype=accumulation_dtype(first.dtype), device=first.device)
-                buffers = (flat, self.regions(flat), _Scratch(self.views, self.numel, flat.dtype, flat.device))
-            self.local.buffers = buffers
-        flat, targets, scratch = buffers
-        sources = [_stretch(weights[i], row, group) for group in self.groups for i, row in group.members]
-        torch._foreach_copy_(targets, sources)
-        return flat, scratch
-
-
-def _stretch(weight: Tensor, first: int, group: _Group) -> Tensor:
-    if first == 0 and weight.dim() == 2 and weight.shape[0] == group.rows:
-        return weight
-    return weight.reshape(-1, group.columns)[first : first + group.rows]
-
-
-class _Direct(NamedTuple):
-    """A large (or not plain) weight, in chunks of whole blocks of its matrix."""
-
-    index: int
-    views: tuple[View, ...]
-    tail: int  # the first row held by a pack (the matrix's row count when none is)
-
-
-class _Plan(NamedTuple):
-    packs: tuple[_Pack, ...]  # one per accumulation dtype
-    direct: tuple[_Direct, ...]
-
-
-def _chunks(columns: int, runs) -> tuple[View, ...]:
-    views = []
-    for start, count, length in runs:
-        step = max(1, _CHUNK // (length * columns))
-        for first in range(0, count, step):
-            views.append(((start + first * length) * columns, min(step, count - first), length, columns))
-    return tuple(views)
-
-
-@functools.lru_cache(maxsize=16)
-def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layouts: tuple[Layout, ...], group_size: int) -> _Plan:
-    """Which stretches are packed and how; computed once per model architecture."""
-    small: dict[torch.dtype, dict[tuple[int, int], list[tuple[int, int]]]] = {}
-    direct, packed = [], 0
-    for i, (shape, dtype, layout) in enumerate(zip(shapes, dtypes, layouts)):
-        numel = math.prod(shape)
-        if numel == 0:
-            continue
-        rows = layout.rows(shape)
-        columns = numel // rows
-        plain = layout == Layout()
-        if plain and numel <= _SMALL and packed + numel <= _PACKED:
-            small.setdefault(accumulation_dtype(dtype), {}).setdefault((rows, columns), []).append((i, 0))
-            packed += numel
-            continue
-        runs = layout.runs(rows, group_size)
-        tail = rows
-        if plain and rows % group_size and rows > group_size:  # the short last block goes to a pack
-            tail = rows - rows % group_size
-            small.setdefault(accumulation_dtype(dtype), {}).setdefault((rows - tail, columns), []).append((i, tail))
-            runs = runs[:-1]
-        direct.append(_Direct(i, _chunks(columns, runs), tail))
-    packs = []
-    for by_shape in small.values():
-        groups, views, offset = [], [], 0
-        for (rows, columns), members in sorted(by_shape.items(), key=lambda item: item[0][::-1]):
-            blocks = -(-rows // group_size)
-            groups.append(_Group(tuple(members), rows, columns, blocks * group_size - rows))
-            blocks *= len(members)
-            previous = views[-1] if views else None
-            if previous and previous[3] == columns:
-                views[-1] = (previous[0], previous[1] + blocks, group_size, columns)
-            else:
-                views.append((offset, blocks, group_size, columns))
-            offset += blocks * group_size * columns
-        packs.append(_Pack(tuple(groups), tuple(views), offset))
-    return _Plan(tuple(packs), tuple(direct))
-
-
-def _chunk(m: Tensor, view: View) -> tuple[Tensor, _Scratch]:
-    """A chunk of a large weight's matrix as a flat tensor of the accumulation dtype, and scratch."""
-    chunk = _blocks(m.view(-1), view).view(-1).to(accumulation_dtype(m.dtype))
-    views = ((0, *view[1:]),)
-    return chunk, _scratch(views, chunk.numel(), chunk)
+# --------------------------------------------------------------------------------------------
+# The penalties
+# --------------------------------------------------------------------------------------------
 
 
 class _PenaltySums(torch.autograd.Function):
@@ -276,7 +344,7 @@ class _PenaltySums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: _Plan, layouts, spec: ChipSpec, power: int, dtype: torch.dtype, scales, gradient: bool, *weights):
+    def forward(ctx, plan: Plan, layouts, spec: ChipSpec, power: int, dtype: torch.dtype, scales, gradient: bool, *weights):
         alpha, lam = scales or (1.0, 1.0)
         magnitudes, topologies, saved = [], [], []
         for pack in plan.packs:
@@ -289,8 +357,8 @@ class _PenaltySums(torch.autograd.Function):
             if scales is None:  # the two directions apart, unscaled
                 saved.append(_directions(flat, scratch, difference, power, 1.0, 0.0).clone())
                 saved.append(_directions(flat, scratch, difference, power, 0.0, 1.0).clone())
-            else:  # one direction: lam * topology's + alpha * magnitude's
-                saved.append(_directions(flat, scratch, difference, power, lam, alpha).clone())
+            else:  # one direction: alpha * magnitude's + lam * topology's
+                saved.append(_directions(flat, scratch, difference, power, alpha, lam).clone())
         for item in plan.direct:
             m = layouts[item.index].matrix(weights[item.index]).contiguous()
             for view in item.views:
@@ -312,28 +380,30 @@ class _PenaltySums(torch.autograd.Function):
     def backward(ctx, *grads):
         count = len(ctx.layouts)
         weights, saved = ctx.saved_tensors[:count], iter(ctx.saved_tensors[count:])
-        scales, spec, power = ctx.scales, ctx.spec, ctx.power
-        if scales is None:
-            grad_magnitude, grad_topology = grads
-        else:
-            grad_magnitude, grad_topology = grads[0] * scales[0], grads[0] * scales[1]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formulas themselves
-            return (None,) * 7 + _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology)
-        needed = ctx.needs_input_grad[7:]
+            return (None,) * _PenaltySums.SETTINGS + _differentiable_gradient(ctx, weights, *_scaled(ctx.scales, grads))
+        needed = ctx.needs_input_grad[_PenaltySums.SETTINGS :]
         result: list[Tensor | None] = [None] * count
-        tails = {}
+        parts: dict[int, list[tuple[Member, Tensor]]] = {}  # members of weights that are not one region
         for pack in ctx.plan.packs:
-            if scales is None:
-                flat = torch.mul(next(saved), grad_topology).addcmul_(next(saved), grad_magnitude)
+            if ctx.scales is None:
+                grad_magnitude, grad_topology = grads
+                flat = torch.mul(next(saved), grad_magnitude).addcmul_(next(saved), grad_topology)
             else:
                 flat = torch.mul(next(saved), grads[0])
-            for (i, row), grad in zip(pack.members, pack.regions(flat)):
-                grad = grad.to(weights[i].dtype)  # a pack holds every dtype that accumulates in float32
-                if row:
-                    tails[i] = grad
-                elif needed[i]:
-                    result[i] = grad.view(weights[i].shape)
-        alpha, lam = scales or (1.0, 1.0)
+            for member, grad in zip(pack.members, pack.regions(flat)):
+                i = member.index
+                if not needed[i]:
+                    continue
+                if i in pack.whole and i not in parts:
+                    result[i] = grad.to(weights[i].dtype).view(weights[i].shape)
+                else:
+                    parts.setdefault(i, []).append((member, grad))
+        direct = {item.index: item for item in ctx.plan.direct}
+        for i, pieces in parts.items():
+            if i not in direct:  # a weight of several members: its gradient assembled from them
+                result[i] = _assembled(weights[i], pieces)
+        alpha, lam = ctx.scales or (1.0, 1.0)
         for item in ctx.plan.direct:
             i, layout = item.index, ctx.layouts[item.index]
             if not needed[i]:
@@ -345,27 +415,45 @@ class _PenaltySums(torch.autograd.Function):
             for view in item.views:
                 chunk, scratch = _chunk(m, view)
                 difference, target = next(saved), _blocks(grad.view(-1), view).view(-1)
-                _excess(chunk, scratch, spec.limit)
+                _excess(chunk, scratch, ctx.spec.limit)
                 out = target if target.dtype == chunk.dtype else None  # straight into the gradient
-                if scales is None:
-                    topology = _directions(chunk, scratch, difference, power, 1.0, 0.0, out).mul_(grad_topology)
+                if ctx.scales is None:
+                    grad_magnitude, grad_topology = grads
+                    topology = _directions(chunk, scratch, difference, ctx.power, 0.0, 1.0, out).mul_(grad_topology)
                     if out is None:
                         topology = target.copy_(topology)
-                    topology.addcmul_(_directions(chunk, scratch, difference, power, 0.0, 1.0), grad_magnitude)
+                    topology.addcmul_(_directions(chunk, scratch, difference, ctx.power, 1.0, 0.0), grad_magnitude)
                 else:
-                    direction = _directions(chunk, scratch, difference, power, lam, alpha, out).mul_(grads[0])
+                    direction = _directions(chunk, scratch, difference, ctx.power, alpha, lam, out).mul_(grads[0])
                     if out is None:
                         target.copy_(direction)
-            if i in tails:
-                grad[item.tail :].copy_(tails[i])
+            for member, tail in parts.get(i, ()):  # the short last block came from a pack
+                grad[item.tail :].copy_(tail.reshape(-1, grad.shape[1]))
             result[i] = layout.unmatrix(grad, weights[i].shape)
-        return (None,) * 7 + tuple(result)
+        return (None,) * _PenaltySums.SETTINGS + tuple(result)
+
+    SETTINGS = 7  # forward's arguments before the weights: plan, layouts, spec, power, dtype, scales, gradient
+
+
+def _scaled(scales, grads) -> tuple[Tensor, Tensor]:
+    """``(grad_magnitude, grad_topology)`` from the backward's incoming gradients."""
+    if scales is None:
+        return grads
+    alpha, lam = scales
+    return grads[0] * alpha, grads[0] * lam
+
+
+def _assembled(weight: Tensor, pieces: list[tuple[Member, Tensor]]) -> Tensor:
+    """A gradient shaped like ``weight`` from its members' gradients (one copy kernel)."""
+    grad = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    torch._foreach_copy_([source(grad, member) for member, _ in pieces], [g for _, g in pieces])
+    return grad
 
 
 def _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology) -> tuple[Tensor | None, ...]:
     with torch.enable_grad():
         magnitude, topology = functional.penalty_sums(weights, ctx.layouts, ctx.spec, ctx.power)
-        wanted = [i for i, w in enumerate(weights) if w.requires_grad and ctx.needs_input_grad[7 + i]]
+        wanted = [i for i, w in enumerate(weights) if w.requires_grad and ctx.needs_input_grad[_PenaltySums.SETTINGS + i]]
         grads = torch.autograd.grad(
             (magnitude, topology), [weights[i] for i in wanted], (grad_magnitude, grad_topology), create_graph=True, allow_unused=True
         )
@@ -388,8 +476,113 @@ def penalty_sums(
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         magnitude, topology = functional.penalty_sums(weights, layouts, spec, power)  # the compiler fuses it
         return (magnitude, topology) if scales is None else scales[0] * magnitude + scales[1] * topology
-    plan = _plan(tuple(w.shape for w in weights), tuple(w.dtype for w in weights), tuple(layouts), spec.group_size)
+    weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
+    plan = plan_for(weights, layouts, spec.group_size)
     gradient = torch.is_grad_enabled() and any(w.requires_grad for w in weights)  # else skip the directions
     return _PenaltySums.apply(plan, tuple(layouts), spec, power, dtype, scales, gradient, *weights)
 
 
+# --------------------------------------------------------------------------------------------
+# Hardening
+# --------------------------------------------------------------------------------------------
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns the values (the second half of the inputs); passes each one's gradient to its
+    weight (the first half) unchanged: one node for all the weights of a pass."""
+
+    @staticmethod
+    def forward(*tensors: Tensor) -> tuple[Tensor, ...]:
+        return tensors[len(tensors) // 2 :]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (*grads, *(None,) * len(grads))
+
+
+def _chip_pack(flat: Tensor, views: Sequence[View], dtype: torch.dtype, spec: ChipSpec) -> Tensor:
+    """:func:`functional.chip` of every member of a pack at once (``dtype``: its weights'), op for
+    op as the definition computes it, so that the result is the same, bit for bit."""
+    top = bound(dtype, spec.limit)
+    held = torch.clamp(flat, -top, top)
+    if spec.bits is None:
+        positive, negative = torch.clamp(held, min=0), torch.clamp(held, max=0)  # |held| on its side, 0 on the other
+        gains = (positive, negative.neg())
+    else:
+        held = functional.round_to_grid(held, spec, dtype)
+        kept = held.abs()
+        gain = kept - 2 * (kept - flat.abs()).clamp(min=0)  # |w| - |w - q(w)|
+        gains = (torch.where(held > 0, gain, 0), torch.where(held < 0, gain, 0))
+        positive, negative = torch.clamp(held, min=0), torch.clamp(held, max=0)
+    result = torch.empty_like(flat)
+    for view in views:
+        keep_positive = _blocks(gains[0], view).sum(-2) >= _blocks(gains[1], view).sum(-2)
+        torch.where(keep_positive.unsqueeze(-2), _blocks(positive, view), _blocks(negative, view), out=_blocks(result, view))
+    return result
+
+
+def harden_all(
+    weights: Sequence[Tensor], layouts: Sequence[Layout], spec: ChipSpec, hardness: float, noise: float | Sequence[Tensor | None] = 0.0
+) -> list[Tensor]:
+    """:func:`functional.harden` of every weight, computed together: ``w + h (chip(w) - w)``
+    plus ``h`` times the noise, with a straight-through gradient per weight.
+
+    ``noise`` is the mismatch: a standard deviation (fresh Gaussian noise drawn once for all the
+    weights), or one tensor per weight (``None``: none).  Equal, bit for bit, to the definition
+    given the same noise."""
+    if hardness == 0 and (isinstance(noise, float) or all(n is None for n in noise)):
+        return list(weights)  # the latent weights themselves, as the definition returns them (no noise is drawn at 0)
+    plan = plan_for(weights, layouts, spec.group_size)
+    values: list[Tensor | None] = [None] * len(weights)
+    whole = {item.index for item in plan.direct}  # large weights on the CPU: hardened whole, below (not their packed tails)
+    for pack in plan.packs:
+        dtype = weights[pack.members[0].index].dtype
+        with torch.no_grad():
+            flat, _ = pack.fill(weights)
+            value = _in(dtype, _chip_pack(flat, pack.views, dtype, spec))  # in the weights' dtype, as the definition computes
+            if hardness != 1:
+                latent = _in(dtype, flat)
+                value = latent + hardness * (value - latent)
+            if isinstance(noise, float) and noise:
+                drawn = _gaussian(value, noise)
+                value = value + (drawn if hardness == 1 else hardness * drawn)
+        pieces: dict[int, list[tuple[Member, Tensor]]] = {}
+        for member, region in zip(pack.members, pack.regions(value)):
+            if member.index in whole:
+                continue
+            if member.index in pack.whole:
+                values[member.index] = region
+            else:
+                pieces.setdefault(member.index, []).append((member, region))
+        for i, parts in pieces.items():
+            values[i] = _assembled(weights[i], parts)
+    held = [i for i, value in enumerate(values) if value is not None]
+    if not isinstance(noise, float):  # one given sample per weight (Registry.on_chip)
+        given = [i for i in held if noise[i] is not None]
+        if given:
+            with torch.no_grad():
+                torch._foreach_add_([values[i] for i in given], [noise[i] if hardness == 1 else hardness * noise[i] for i in given])
+    result: list[Tensor | None] = [None] * len(weights)
+    if held:
+        hardened = _StraightThrough.apply(*(weights[i] for i in held), *(values[i] for i in held))
+        for i, value in zip(held, hardened):
+            result[i] = value
+    for i, weight in enumerate(weights):
+        if result[i] is None:  # a large weight on the CPU, or an empty one: the definition, as it stands
+            drawn = noise[i] if not isinstance(noise, float) else (_gaussian(weight, noise) if noise else None)
+            result[i] = functional.harden(weight, layouts[i], spec, hardness, drawn)
+    return result  # type: ignore[return-value]
+
+
+def _gaussian(like: Tensor, std: float) -> Tensor:
+    """Mismatch noise shaped like ``like``: what ``ChipConstraint`` draws for one weight, drawn
+    here once for a whole pack."""
+    return torch.randn_like(like).mul_(std)
+
+
+def _in(dtype: torch.dtype, tensor: Tensor) -> Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)

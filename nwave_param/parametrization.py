@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import description, functional
+from . import _engine, description, functional
 from .layout import Layout
 from .spec import ChipSpec
 
-__all__ = ["ChipConstraint", "Registration", "Settings"]
+__all__ = ["ChipConstraint", "Pass", "Registration", "Settings"]
 
 
 def check_scale(name: str, value: object) -> float:
@@ -79,12 +79,15 @@ class Registration:
     ``settings`` is replaced whole, by one assignment, so a reader in another thread sees every
     constraint with the old settings or every one with the new, never a mix.  ``on_chip`` is
     whether a :meth:`Registry.on_chip <nwave_param.Registry.on_chip>` context holds the model; the
-    lock makes entering one a single step.  A copy of the model gets a registration of its own.
+    lock makes entering one a single step.  ``current_pass`` is the :class:`Pass` of an open
+    :meth:`Registry.cached <nwave_param.Registry.cached>`.  A copy of the model gets a
+    registration of its own.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.on_chip = False
+        self.current_pass: Pass | None = None  # set by Registry.cached()
         self.lock = threading.Lock()
 
     def __deepcopy__(self, memo: dict) -> Registration:
@@ -143,6 +146,11 @@ class ChipConstraint(nn.Module):
         return self.registration.settings
 
     def forward(self, weight: Tensor) -> Tensor:
+        current = None if torch.compiler.is_compiling() else self.registration.current_pass
+        if current is not None:  # inside Registry.cached(): every weight hardened together, once
+            value = current.value(self, weight)
+            if value is not None:
+                return value
         settings = self.registration.settings  # read once: a concurrent harden() swaps it whole
         spec, hardness = settings.spec, settings.hardness
         if self.on_chip:  # what one chip holds, whatever the hardness and mode
@@ -170,6 +178,46 @@ class ChipConstraint(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.settings.spec}, {self.layout}, hardness={self.settings.hardness}"
+
+
+class Pass:
+    """One pass inside :meth:`Registry.cached <nwave_param.Registry.cached>`: the hardened values
+    of all of a registration's weights, computed together at the first read (see
+    :func:`nwave_param._engine.harden_all`), then handed out one per constraint.
+
+    It serves the weights whose only parametrization is nwave_param's, read from their stored
+    Parameter; any other read computes alone, as outside the pass."""
+
+    def __init__(self, registration: Registration, holders: list[tuple[nn.Module, str, ChipConstraint]]) -> None:
+        self.registration = registration
+        self.holders = holders
+        self.values: dict[int, tuple[Tensor, Tensor]] | None = None  # id(constraint) -> (its weight, its value)
+
+    def value(self, constraint: ChipConstraint, weight: Tensor) -> Tensor | None:
+        if self.values is None:
+            self.values = self._compute()
+        weight_and_value = self.values.get(id(constraint))
+        return weight_and_value[1] if weight_and_value is not None and weight_and_value[0] is weight else None
+
+    def _compute(self) -> dict[int, tuple[Tensor, Tensor]]:
+        settings = self.registration.settings
+        spec, hardness = settings.spec, settings.hardness
+        groups: dict[tuple[bool, bool], list[tuple[ChipConstraint, Tensor]]] = {}
+        for module, tensor_name, constraint in self.holders:
+            training = bool(spec.mismatch and hardness and constraint.training)
+            groups.setdefault((constraint.on_chip, training), []).append((constraint, module.parametrizations[tensor_name].original))
+        values = {}
+        for (on_chip, training), members in groups.items():
+            weights = [weight for _, weight in members]
+            layouts = [constraint.layout for constraint, _ in members]
+            if on_chip:  # what one chip holds, whatever the hardness and mode
+                hardened = _engine.harden_all(weights, layouts, spec, 1.0, [c.chip_mismatch for c, _ in members])
+            elif hardness or training:
+                hardened = _engine.harden_all(weights, layouts, spec, hardness, spec.mismatch if training else 0.0)
+            else:
+                hardened = weights  # hardness 0: the latent weights themselves
+            values.update((id(constraint), (weight, value)) for (constraint, weight), value in zip(members, hardened))
+        return values
 
 
 # --- a class of its own for every module that carries a constraint ---------------------------

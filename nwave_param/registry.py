@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +23,7 @@ from . import _engine, functional, state
 from .discovery import Constrained, constraints, patterns, select, tied_holders
 from .functional import Penalties
 from .layout import Layout, layout_of
-from .parametrization import ChipConstraint, Registration, Settings, attach, check_hardness, check_scale, detach, latent, links_before, originals
+from .parametrization import ChipConstraint, Pass, Registration, Settings, attach, check_hardness, check_scale, detach, latent, links_before, originals
 from .report import Report, build_report
 from .spec import ChipSpec
 
@@ -306,13 +305,28 @@ class Registry:
                 for constraint, _ in instances:
                     constraint.on_chip, constraint.chip_mismatch = False, None
 
-    def cached(self) -> AbstractContextManager[None]:
-        """Context manager: each weight is computed once, however often a time loop reads it.
+    @contextlib.contextmanager
+    def cached(self) -> Iterator[None]:
+        """Context manager: one pass.  Every weight is computed once, however often a time loop
+        reads it, and all of them together, in a few kernels, at the first read.
 
-        Wrap the forward of a recurrent net: ``with reg.cached(): out = model(x)``.  It is
-        ``torch.nn.utils.parametrize.cached()``: a hardened weight is computed once per pass.
+        Wrap the forward of a recurrent net, and the penalty: ``with reg.cached(): loss =
+        task(model(x)) + reg.penalty()``.  It is ``torch.nn.utils.parametrize.cached()``, with
+        the hardened weights computed at once (:func:`nwave_param._engine.harden_all`): the values
+        are those each weight's forward computes alone, bit for bit.
         """
-        return parametrize.cached()
+        opened = []
+        with parametrize.cached():
+            try:
+                for registration in self._registrations:
+                    if registration.current_pass is None:  # an outer cached() keeps its pass
+                        holders = [(e.module, e.tensor_name, e.constraint) for e in self._entries if e.constraint.registration is registration and len(_chain_of(e)) == 1]
+                        registration.current_pass = Pass(registration, holders)
+                        opened.append(registration)
+                yield
+            finally:
+                for registration in opened:
+                    registration.current_pass = None
 
     # --- deployment -------------------------------------------------------------------------
 
@@ -410,6 +424,10 @@ class Registry:
 
 
 # --- chains ----------------------------------------------------------------------------------
+
+
+def _chain_of(entry: Constrained) -> nn.ModuleList:
+    return entry.module.parametrizations[entry.tensor_name]
 
 
 def _before(entry: Constrained) -> list[nn.Module]:

@@ -172,12 +172,17 @@ def _ddp_worker(rank, world, port, out):
         xs, ys = _batches(world)
         _train(ddp, reg, xs[:, rank::world], ys[:, rank::world])
         torch.save([w.detach() for w in reg.weights()], f"{out}.{rank}")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # skip the interpreter's teardown: with torch 2.13, freeing DDP's reducer there can deadlock
+    # (~ProcessGroupGloo joins a work thread that waits for the GIL the freeing thread holds)
+    os._exit(0)
 
 
 def test_ddp_two_hardened_processes_match_single_process_training(tmp_path):
     import socket
+    import time
 
     import torch.distributed as dist
     import torch.multiprocessing as mp
@@ -188,7 +193,13 @@ def test_ddp_two_hardened_processes_match_single_process_training(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "weights"
-    mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    workers = mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two DDP workers did not finish within 5 minutes")
     rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     model = _ddp_model()
     reg = nwp.register(model).harden(0.7)

@@ -1,8 +1,9 @@
-"""The penalties' fast path against the formulas it implements, on every route a weight takes.
+"""The engine against the definitions it implements, on every route a weight takes.
 
-``functional.penalty_sums`` is the formula op by op (and what ``torch.compile`` traces); the
-fast path packs small plain weights, chunks large ones and sends the short last block of a large
-weight to a pack.  The thresholds are lowered here so that small test weights take every route.
+``functional.penalty_sums`` and ``functional.harden`` are the formulas op by op (and what
+``torch.compile`` traces); the engine packs small weights, chunks large ones on the CPU and sends
+the short last block of a large weight to a pack, and on other devices packs everything.  The
+thresholds are lowered here so that small test weights take every route.
 """
 
 import math
@@ -21,15 +22,18 @@ from nwave_param.layout import Layout
 LAYOUTS = [Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transposed=True)]
 
 
-@pytest.fixture(params=["packed", "chunked", "chunked-small"])
+@pytest.fixture(params=["packed", "chunked", "chunked-small", "other device"])
 def route(request, monkeypatch):
-    """packed: every weight in one pack; chunked: every weight direct, in chunks of a few blocks."""
+    """packed: every weight in one pack; chunked: every weight direct, in chunks of a few blocks
+    (hardened whole, by the definition); other device: planned as on a GPU, where everything is
+    packed however large."""
     if request.param != "packed":
         monkeypatch.setattr(_engine, "_SMALL", 0)
     if request.param == "chunked-small":
         monkeypatch.setattr(_engine, "_CHUNK", 8)
     _engine._plan.cache_clear()
-    yield request.param
+    with _engine.planned_as("cuda" if request.param == "other device" else "cpu"):
+        yield request.param
     _engine._plan.cache_clear()
 
 
@@ -183,3 +187,122 @@ def test_registry_penalty_under_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(), expected)
     grads = torch.autograd.grad(compiled(), reg.weights())
     torch.testing.assert_close(grads, torch.autograd.grad(reg.penalty(), reg.weights()))
+
+
+def bits(t):
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def noise_per_weight(drawn, weights, layouts, spec):
+    """The noise each weight received, from what ``_engine._gaussian`` drew: one tensor per pack
+    (its members' regions), then one per weight hardened alone."""
+    plan = _engine.plan_for(weights, layouts, spec.group_size)
+    alone = {item.index for item in plan.direct}  # a large weight on the CPU draws its own, whole
+    result, drawn = [None] * len(weights), iter(drawn)
+    for pack in plan.packs:
+        flat = next(drawn)
+        for member, region in zip(pack.members, pack.regions(flat)):
+            i = member.index
+            if i in alone:
+                continue
+            result[i] = torch.zeros_like(weights[i]) if result[i] is None else result[i]
+            _engine.source(result[i], member).copy_(region)
+    for i, weight in enumerate(weights):
+        if result[i] is None and weight.numel():
+            result[i] = next(drawn)
+    return result
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.data(),
+    count=st.integers(1, 4),
+    scale=st.sampled_from([0.1, 1.0, 3.0]),
+    zeros=st.booleans(),
+    group_size=st.integers(1, 7),
+    limit=st.floats(0.1, 2.0),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+    hardness=st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0.0, 1.0)),
+    grid=st.sampled_from([None, 3, 5]),
+    noise=st.sampled_from(["none", "given", "drawn"]),
+)
+def test_hardened_values_equal_the_definition_bit_for_bit(route, monkeypatch, data, count, scale, zeros, group_size, limit, dtype, seed, hardness, grid, noise):
+    generator = torch.Generator().manual_seed(seed)
+    layouts, weights = [], []
+    for _ in range(count):
+        layout = data.draw(st.sampled_from(LAYOUTS))
+        shape = shaped(layout, data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4)))
+        weight = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+        if zeros:
+            weight[torch.rand(shape, generator=generator) < 0.3] = 0.0
+            weight[torch.rand(shape, generator=generator) < 0.1] = -0.0
+        weights.append(weight.requires_grad_())
+        layouts.append(layout)
+    spec = nwp.ChipSpec(limit=limit, group_size=group_size, bits=grid)
+    drawn = []
+    gaussian = _engine._gaussian
+    monkeypatch.setattr(_engine, "_gaussian", lambda like, std: drawn.append(gaussian(like, std)) or drawn[-1])
+    given_noise = [(torch.randn(w.shape, generator=generator, dtype=torch.float64) * 0.1).to(dtype) for w in weights]
+    argument = {"none": 0.0, "given": given_noise, "drawn": 0.05}[noise]
+    got = _engine.harden_all(weights, layouts, spec, hardness, argument)
+    noises = {"none": [None] * count, "given": given_noise, "drawn": noise_per_weight(drawn, weights, layouts, spec) if drawn else [None] * count}[noise]
+    expected = [functional.harden(w.detach(), l, spec, hardness, n) for w, l, n in zip(weights, layouts, noises)]
+    for value, want in zip(got, expected):
+        assert value.dtype == want.dtype and value.shape == want.shape and torch.equal(bits(value), bits(want))
+    factors = [torch.randn(w.shape, generator=generator, dtype=torch.float64).to(dtype) for w in weights]
+    sum((c * v).sum() for c, v in zip(factors, got)).backward()
+    assert all(torch.equal(w.grad, c) for w, c in zip(weights, factors))  # straight through, per weight
+
+
+class CountedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops dispatched to torch's kernels (views included): what a GPU launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched(fn):
+    fn()  # plans and buffers are made once, on the first call
+    with CountedOps() as ops:
+        fn()
+    return ops.count
+
+
+@pytest.mark.parametrize("size", [256, 2048])
+def test_off_the_cpu_the_penalty_dispatches_a_fixed_number_of_ops_whatever_the_size(size):
+    model = torch.nn.Sequential(*[torch.nn.Linear(size, size) for _ in range(4)])
+    reg = nwp.register(scaled(model, 3))
+    with _engine.planned_as("cuda"):
+        count = dispatched(lambda: reg.penalty().backward())
+    assert count <= 100, count
+    with _engine.planned_as("cuda"):
+        assert dispatched(lambda: reg.penalty().backward()) == count  # the same for every call
+
+
+@pytest.mark.parametrize("grid", [None, 5])
+def test_off_the_cpu_the_hardened_forward_of_all_weights_dispatches_few_ops(grid):
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(24)])
+    reg = nwp.register(scaled(model, 3), nwp.ChipSpec(bits=grid)).harden(0.5)
+
+    def forward():
+        with reg.cached():
+            return [layer.weight for layer in model]
+
+    with _engine.planned_as("cuda"):
+        count = dispatched(forward)
+    assert count <= 60 + 4 * len(model), count  # a few kernels for all, and a view and a straight-through output per weight
+    small = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(2)])
+    reg_small = nwp.register(small, nwp.ChipSpec(bits=grid)).harden(0.5)
+
+    def forward_small():
+        with reg_small.cached():
+            return [layer.weight for layer in small]
+
+    with _engine.planned_as("cuda"):
+        assert count - dispatched(forward_small) <= 4 * (len(model) - len(small))  # only the per-weight part grows

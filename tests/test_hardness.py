@@ -19,7 +19,7 @@ from layers import KINDS, fill, group_sizes, limits, make_model, model_cfgs, pow
 from reference import ref_sums, ref_tracked
 
 import nwave_param as nwp
-from nwave_param import functional
+from nwave_param import _engine, functional
 
 hardnesses = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0]), st.floats(0.0, 1.0))
 
@@ -176,17 +176,21 @@ def test_remove_gives_back_the_latent_weights():
     assert torch.equal(model.weight, latent)
 
 
-def test_cached_computes_each_hardened_weight_once_per_pass(monkeypatch):
-    model = nn.Linear(5, 5)
+def test_cached_computes_all_hardened_weights_together_once_per_pass(monkeypatch):
+    model = nn.ModuleDict({"encode": nn.Linear(3, 5), "recurrent": nn.Linear(5, 5)})
     reg = nwp.register(model).harden(0.5)
-    calls = []
-    chip = functional.chip
-    monkeypatch.setattr(functional, "chip", lambda *args: calls.append(1) or chip(*args))
+    together, alone = [], []
+    harden_all, harden = _engine.harden_all, functional.harden
+    monkeypatch.setattr(_engine, "harden_all", lambda weights, *args: together.append(len(weights)) or harden_all(weights, *args))
+    monkeypatch.setattr(functional, "harden", lambda *args: alone.append(1) or harden(*args))
     h = torch.zeros(2, 5)
-    with reg.cached():
-        for _ in range(8):
-            h = torch.tanh(model(h))
-    assert len(calls) == 1
+    for _ in range(2):
+        with reg.cached():
+            for _ in range(8):
+                h = torch.tanh(model["encode"](torch.ones(2, 3)) + model["recurrent"](h))
+    assert together == [2, 2] and alone == []  # one engine call per pass for both weights, however often they are read
+    model["recurrent"](h)
+    assert together == [2, 2] and alone == [1]  # outside cached(), a weight computes alone
 
 
 def test_tied_weights_harden_in_every_module_that_holds_them():
@@ -241,3 +245,15 @@ def test_compiled_hardened_model_computes_as_eager():
         torch.testing.assert_close(compiled(x), model(x))
     eager_grads = torch.autograd.grad(model(x).sum(), reg.weights())
     torch.testing.assert_close(torch.autograd.grad(compiled(x).sum(), reg.weights()), eager_grads)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=6)
+@given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes, h=hardnesses, grid=st.sampled_from([None, 4]))
+def test_inside_cached_every_weight_is_what_it_computes_alone(kind, data, vcfg, limit, group_size, h, grid):
+    model, tracked = setup(data, kind, vcfg, limit)
+    nwp.register(model, nwp.ChipSpec(limit=limit, group_size=group_size, bits=grid)).harden(h)
+    alone = [weight(m, l).detach().clone() for _, m, l in tracked]
+    with nwp.registry_of(model).cached():
+        together = [weight(m, l).detach().clone() for _, m, l in tracked]
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(alone, together))
