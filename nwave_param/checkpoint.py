@@ -9,8 +9,12 @@
 * Storage sharing: :func:`with_values` gives a container new values for some tensors while every
   tie and view of the input survives (torch.save keeps what shares storage in memory).
 * nwave_param's descriptions (the ``..._extra_state`` entries a registered model saves beside a
-  weight: its layout and spec) travel in a safetensors file's metadata, each as a JSON string
-  under its own key.
+  weight) are tensors, written as any other; the dict descriptions of version 0.2 travel in a
+  safetensors file's metadata, each as a JSON string under its own key.
+* Messages: :class:`CliError` is the one error the command line reports (one line, exit 2), and
+  :func:`one_line` makes any text fit in one: names, paths and messages read from files or
+  written by user code have their control characters escaped and are cut to a few hundred
+  characters.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from .state import parse_link_key
 
 __all__ = [
     "Checkpoint",
-    "CheckpointError",
+    "CliError",
     "is_safetensors",
     "load",
+    "one_line",
     "parse_size",
     "require_safetensors",
     "save",
@@ -53,10 +58,59 @@ __all__ = [
 INSTALL_SAFETENSORS = "pip install 'nwave-param[safetensors]'"
 # A pre-1.6 (non-zip) torch.save file starts with its pickled magic number.
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+SHOWN = 300  # characters of one name, path or message from outside in a message
 
 
-class CheckpointError(Exception):
-    """A one-line error for the user (the command line exits with status 2)."""
+class CliError(Exception):
+    """A one-line error for the user: the command line prints it and exits with status 2."""
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+# C0 and C1 controls (newlines, the escape of a terminal sequence), the line and paragraph
+# separators, bidirectional overrides, and lone surrogates (no terminal can print them)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def one_line(value: object, limit: int = SHOWN) -> str:
+    """``value`` (a message, an exception, a name or a path) as one printable line.
+
+    Control characters are escaped as Python writes them (a newline as ``\\n``, the start of a
+    terminal escape sequence as ``\\x1b``), and a text longer than ``limit`` characters is cut in
+    the middle, saying how much was cut.
+
+    Example::
+
+        >>> one_line("fc\\n\\x1b[2Jweight")
+        'fc\\\\n\\\\x1b[2Jweight'
+        >>> one_line("x" * 1000, limit=20)
+        'xxxxxxxxxx…(980 characters)…xxxxxxxxxx'
+    """
+    text = str(value)
+    if not text and isinstance(value, BaseException):
+        text = type(value).__name__
+    if len(text) > limit:
+        keep = limit // 2
+        text = f"{text[:keep]}…({len(text) - 2 * keep} characters)…{text[len(text) - keep:]}"
+    return _UNPRINTABLE.sub(lambda match: repr(match[0])[1:-1], text)
+
+
+def _reason(error: BaseException) -> str:
+    """The words of a library's error that say what went wrong: the OSError behind a failed
+    write (torch's writer wraps it in a RuntimeError), the reason torch's weights-only loader
+    gives after its paragraph of advice, or else the first line."""
+    cause, seen = error, set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(error).strip()
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(paragraphs) > 1 and paragraphs[0].startswith("Weights only load failed"):
+        return paragraphs[1]
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclass
@@ -64,7 +118,7 @@ class Checkpoint:
     """A loaded checkpoint: the object on disk and the state_dict inside it (``under`` its key).
 
     For a safetensors file, ``container`` is the state_dict, nwave_param's descriptions included
-    (taken from the metadata), and ``metadata`` holds the rest of the metadata.
+    (those of version 0.2 taken from the metadata), and ``metadata`` holds the rest of the metadata.
     """
 
     path: str
@@ -103,29 +157,29 @@ def require_safetensors():
     try:
         import safetensors.torch
     except ImportError:
-        raise CheckpointError(f"safetensors files need the safetensors package: {INSTALL_SAFETENSORS}") from None
+        raise CliError(f"safetensors files need the safetensors package: {INSTALL_SAFETENSORS}") from None
     return safetensors
 
 
 def _open_regular_file(path: str) -> bytes:
     """The first 16 bytes of ``path``, after checking that it is a readable regular file."""
     if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+        raise CliError(f"{one_line(path)} is a directory, not a checkpoint file")
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file")
+        raise CliError(f"{one_line(path)}: no such file")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is not a regular file")
+        raise CliError(f"{one_line(path)} is not a regular file")
     try:
         with open(path, "rb") as stream:
             return stream.read(16)
     except OSError as error:
-        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+        raise CliError(f"cannot read {one_line(path)}: {_reason(error)}") from None
 
 
 def _guard(path: str, needed: int, max_bytes: int) -> None:
     if needed > max_bytes:
-        raise CheckpointError(
-            f"{path}: loading it takes {human_size(needed)}, more than --max-bytes {human_size(max_bytes)}; "
+        raise CliError(
+            f"{one_line(path)}: loading it takes {human_size(needed)}, more than --max-bytes {human_size(max_bytes)}; "
             "pass a larger --max-bytes (e.g. --max-bytes 16G) if this machine has the memory"
         )
 
@@ -139,20 +193,10 @@ def _torch_size(path: str, head: bytes) -> int:
     if head.startswith(_LEGACY_MAGIC):
         return os.path.getsize(path)  # the legacy format is not compressed
     if head.startswith(b"PK"):
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (a damaged or truncated zip archive)")
+        raise CliError(f"{one_line(path)} is not a readable PyTorch checkpoint (a damaged or truncated zip archive)")
     if head[8:10] == b'{"':
-        raise CheckpointError(f"{path} looks like a safetensors file: name it *.safetensors")
-    raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint")
-
-
-def first_line(error: BaseException) -> str:
-    """An error's message as one line: its first (the command line prints errors on one line)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _first_sentence(error: BaseException) -> str:
-    return first_line(error).split(". ")[0]
+        raise CliError(f"{one_line(path)} looks like a safetensors file: name it *.safetensors")
+    raise CliError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint")
 
 
 def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
@@ -162,12 +206,12 @@ def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a bad file
-        if "Unsupported global" in str(error):
-            raise CheckpointError(
-                f"{path} holds pickled Python objects (a full model?), which could run code when loaded; "
+        if "unsupported global" in str(error).lower():
+            raise CliError(
+                f"{one_line(path)} holds pickled Python objects (a full model?), which could run code when loaded; "
                 "save model.state_dict() instead"
             ) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_sentence(error)})") from None
+        raise CliError(f"{one_line(path)} is not a readable PyTorch checkpoint ({one_line(_reason(error))})") from None
 
 
 def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
@@ -178,7 +222,7 @@ def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # SafetensorError and the like: a bad header or body
-        raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint ({_first_sentence(error)})") from None
+        raise CliError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint ({one_line(_reason(error))})") from None
     return tensors, metadata
 
 
@@ -188,7 +232,7 @@ def _is_description_key(key: str) -> bool:
 
 
 def _descriptions_from_metadata(metadata: dict[str, str]) -> tuple[dict[str, dict], dict[str, str]]:
-    """Split ``metadata`` into nwave_param's descriptions (decoded) and the rest."""
+    """Split ``metadata`` into the dict descriptions version 0.2 kept there (decoded) and the rest."""
     found, rest = {}, {}
     for key, text in metadata.items():
         try:
@@ -224,7 +268,7 @@ def load(path: str, max_bytes: int) -> Checkpoint:
             return Checkpoint(path, obj, obj[key], key)
     if _is_state_dict(obj):
         return Checkpoint(path, obj, obj, None)
-    raise CheckpointError(f"{path} holds no state_dict (expected one, or a dict with it under 'state_dict' or 'model')")
+    raise CliError(f"{one_line(path)} holds no state_dict (expected one, or a dict with it under 'state_dict' or 'model')")
 
 
 # --- storage sharing ---------------------------------------------------------------------------
@@ -319,12 +363,12 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """
     target = os.path.realpath(path)
     if os.path.isdir(target):
-        raise CheckpointError(f"cannot write {path}: it is a directory")
+        raise CliError(f"cannot write {one_line(path)}: it is a directory")
     mode = _mode_for(target)
     try:
         handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".nwave-param-", suffix=".tmp")
     except OSError as error:
-        raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
+        raise CliError(f"cannot write {one_line(path)}: {_reason(error)}") from None
     try:
         os.fchmod(handle, mode)
         with os.fdopen(handle, "wb") as stream:
@@ -336,20 +380,10 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         if isinstance(error, KeyboardInterrupt):
-            raise CheckpointError(f"interrupted while writing {path}: nothing was written") from None
+            raise CliError(f"interrupted while writing {one_line(path)}: nothing was written") from None
         if isinstance(error, (OSError, RuntimeError)):
-            raise CheckpointError(f"cannot write {path}: {_write_failure(error)}; nothing was written") from None
+            raise CliError(f"cannot write {one_line(path)}: {one_line(_reason(error))}; nothing was written") from None
         raise
-
-
-def _write_failure(error: BaseException) -> str:
-    """The OSError behind a failed write: torch's writer wraps one from the stream in a RuntimeError."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
-        cause = cause.__cause__ or cause.__context__
-    return _first_sentence(error)
 
 
 def write_text(path: str, text: str) -> None:
@@ -362,9 +396,9 @@ def _safetensors_content(checkpoint: Checkpoint, container: object, path: str) -
     if checkpoint.under is not None:
         others = [repr(k) for k in container if k != checkpoint.under]
         if others:
-            raise CheckpointError(
-                f"cannot write {path}: a safetensors file holds only tensors, and {checkpoint.path} also holds "
-                f"{', '.join(others)} beside its state_dict; write a .pt file instead"
+            raise CliError(
+                f"cannot write {one_line(path)}: a safetensors file holds only tensors, and {one_line(checkpoint.path)} also holds "
+                f"{one_line(', '.join(others))} beside its state_dict; write a .pt file instead"
             )
         state_dict = container[checkpoint.under]
     metadata = dict(checkpoint.metadata) if checkpoint.metadata is not None else {"format": "pt"}
@@ -377,8 +411,8 @@ def _safetensors_content(checkpoint: Checkpoint, container: object, path: str) -
         else:
             refused.append(key)
     if refused:
-        raise CheckpointError(
-            f"cannot write {path}: a safetensors file holds only dense tensors, not {', '.join(refused)}; "
+        raise CliError(
+            f"cannot write {one_line(path)}: a safetensors file holds only dense tensors, not {one_line(', '.join(refused))}; "
             "write a .pt file instead"
         )
     tensors, notes = _unshared(tensors)
@@ -415,6 +449,8 @@ def save(checkpoint: Checkpoint, container: object, path: str) -> list[str]:
     try:
         data = safetensors.torch.save(tensors, metadata=metadata)
     except Exception as error:  # a dtype safetensors cannot hold, and the like
-        raise CheckpointError(f"cannot write {path}: {_first_sentence(error)}") from None
+        raise CliError(f"cannot write {one_line(path)}: {one_line(_reason(error))}") from None
     write_atomically(path, lambda stream: stream.write(data))
     return notes
+
+

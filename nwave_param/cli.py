@@ -7,9 +7,11 @@
     nwave-param demo [--quick] [--epochs N] [--json[=PATH]] [--plot PATH]
 
 Every error is one line on stderr and exit status 2; exit 1 means only "not mappable" (check).
-``--json`` prints JSON on stdout instead of the text; ``--json=PATH`` prints the text and also
-writes the JSON to PATH.  The path is attached with ``=``, as GNU tools take an optional
-argument, so ``check --json model.pt`` never takes the checkpoint for the JSON file.
+What comes from a file or from user code (names, paths, messages) is escaped and cut to fit that
+line, in the text output too.  ``--json`` prints JSON on stdout instead of the text;
+``--json=PATH`` prints the text and also writes the JSON to PATH.  The path is attached with
+``=``, as GNU tools take an optional argument, so ``check --json model.pt`` never takes the
+checkpoint for the JSON file.
 
 Where a weight's layout comes from, most trusted first: ``--model`` (the model's own); the
 description a registered model saves beside each weight (no flag needed); the names and shapes of
@@ -40,10 +42,10 @@ from torch import Tensor, nn
 
 from . import __version__, functional
 from . import checkpoint as files
-from .checkpoint import Checkpoint, CheckpointError, first_line
+from .checkpoint import Checkpoint, CliError, one_line
+from .description import decode
 from .discovery import is_weight_name
 from .layout import Layout
-from .description import decode
 from .registry import register
 from .report import Report, aligned, build_report
 from .spec import H1V1, H1V2, ChipSpec
@@ -56,10 +58,7 @@ SPEC_OPTIONS = {"limit": "--limit", "group_size": "--group-size", "bits": "--bit
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what functional.chip computes in
 DEFAULT_MAX_BYTES = "4G"
 EMBEDDING = "*embed*"
-
-
-class CliError(Exception):
-    """A one-line error for the user; exit status 2."""
+MESSAGE = 2000  # characters of a whole message or note, its pieces from outside cut already
 
 
 @dataclass
@@ -88,11 +87,6 @@ class Described:
     spec: ChipSpec
 
 
-def _one_line(error: BaseException) -> str:
-    """All of a multi-line message (load_state_dict's names the keys on later lines), on one line."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
@@ -103,18 +97,8 @@ def _note_unmatched(patterns: Sequence[str], names: Sequence[str], notes: list[s
         notes.append(f"--exclude {' '.join(unmatched)} matched no weight")
 
 
-def _check_readable(name: str, value: Tensor) -> None:
-    """Refuse what functional.chip cannot compute with, naming the way out."""
-    if value.layout != torch.strided:
-        raise CliError(
-            f"{name} is a sparse tensor ({value.layout}): nwave_param reads dense weights; "
-            f"save it dense (tensor.to_dense()) or pass --exclude {name}"
-        )
-    if value.dtype not in DTYPES:
-        raise CliError(
-            f"{name} has dtype {value.dtype}: nwave_param checks float16, bfloat16, float32 and float64 "
-            f"weights; convert it, or pass --exclude {name}"
-        )
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(map(one_line, names))
 
 
 def _same_view(value: Tensor) -> tuple:
@@ -123,6 +107,21 @@ def _same_view(value: Tensor) -> tuple:
     if where is None:
         return (id(value),)
     return (where, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+
+
+def _check_readable(name: str, value: Tensor) -> None:
+    """Refuse what functional.chip cannot compute with, naming the way out."""
+    shown = one_line(name)
+    if value.layout != torch.strided:
+        raise CliError(
+            f"{shown} is a sparse tensor ({value.layout}): nwave_param reads dense weights; "
+            f"save it dense (tensor.to_dense()) or pass --exclude {shown}"
+        )
+    if value.dtype not in DTYPES:
+        raise CliError(
+            f"{shown} has dtype {value.dtype}: nwave_param checks float16, bfloat16, float32 and float64 "
+            f"weights; convert it, or pass --exclude {shown}"
+        )
 
 
 # --- the spec ----------------------------------------------------------------------------------
@@ -152,8 +151,8 @@ def resolve_spec(args: argparse.Namespace, saved: Sequence[ChipSpec], notes: lis
         base = distinct[0]
     elif distinct and not given:
         raise CliError(
-            f"{args.checkpoint}: its weights were registered with different specs ({'; '.join(map(repr, distinct))}): "
-            "choose one with --chip, --limit, --group-size or --bits"
+            f"{one_line(args.checkpoint)}: its weights were registered with different specs "
+            f"({'; '.join(one_line(repr(s)) for s in distinct)}): choose one with --chip, --limit, --group-size or --bits"
         )
     else:
         base = ChipSpec()
@@ -161,7 +160,7 @@ def resolve_spec(args: argparse.Namespace, saved: Sequence[ChipSpec], notes: lis
     differing = [s for s in distinct if _essentials(s) != _essentials(spec)]
     if differing:
         notes.append(
-            f"the checkpoint was saved with {', '.join(map(repr, differing))}; using {spec!r}, as the options ask "
+            f"the checkpoint was saved with {', '.join(one_line(repr(s)) for s in differing)}; using {spec!r}, as the options ask "
             "(the descriptions in the file are kept)"
         )
     return spec
@@ -210,7 +209,7 @@ def described_weights(
         try:
             described.layout.check(value.shape, name)
         except ValueError as error:
-            raise CliError(f"{checkpoint.path}: {error}") from None
+            raise CliError(f"{one_line(checkpoint.path)}: {one_line(error)}") from None
         seen[view] = Weight(name, (described.key,), value, described.layout, True)
         weights.append(seen[view])
     if chained:
@@ -237,12 +236,14 @@ def _gates(name: str, weights: Mapping[str, Tensor]) -> int:
     suffix = _RNN.match(local).group("suffix") or ""
     hh = weights.get(f"{prefix}weight_hh{suffix}")
     if hh is None or hh.dim() != 2:
-        raise CliError(f"cannot tell the gates of {name}: no 2-d {prefix}weight_hh{suffix} beside it")
+        raise CliError(f"cannot tell the gates of {one_line(name)}: no 2-d {one_line(prefix)}weight_hh{suffix} beside it")
     hr = weights.get(f"{prefix}weight_hr{suffix}")
     hidden = hr.shape[1] if hr is not None and hr.dim() == 2 else hh.shape[1]
     gates, rest = divmod(hh.shape[0], hidden) if hidden else (0, 1)
     if rest or gates not in (1, 3, 4):
-        raise CliError(f"{name}: {prefix}weight_hh{suffix} of shape {tuple(hh.shape)} fits no RNN, GRU or LSTM layout")
+        raise CliError(
+            f"{one_line(name)}: {one_line(prefix)}weight_hh{suffix} of shape {tuple(hh.shape)} fits no RNN, GRU or LSTM layout"
+        )
     return gates
 
 
@@ -303,7 +304,7 @@ def inferred_weights(checkpoint: Checkpoint, exclude: Sequence[str], assume_plai
         try:
             layout.check(value.shape, name)
         except ValueError as error:
-            raise CliError(f"{checkpoint.path}: {error}") from None
+            raise CliError(f"{one_line(checkpoint.path)}: {one_line(error)}") from None
         seen[view] = Weight(name, (key,), value, layout, exact=value.dim() == 2 and not embedding)
         weights.append(seen[view])
     if embeddings:
@@ -317,17 +318,17 @@ def inferred_weights(checkpoint: Checkpoint, exclude: Sequence[str], assume_plai
 def _build_model(factory_path: str) -> nn.Module:
     module_name, _, attribute = factory_path.partition(":")
     if not module_name or not attribute:
-        raise CliError(f"--model takes MODULE:FACTORY (e.g. mypkg.models:make_net), got {factory_path!r}")
+        raise CliError(f"--model takes MODULE:FACTORY (e.g. mypkg.models:make_net), got {one_line(repr(factory_path))}")
     sys.path.insert(0, os.getcwd())  # a console script does not see the working directory
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
         model = factory()
     except Exception as error:  # the user's code: report it on one line
-        raise CliError(f"--model {factory_path}: {type(error).__name__}: {error}") from None
+        raise CliError(f"--model {one_line(factory_path)}: {type(error).__name__}: {one_line(error)}") from None
     finally:
         sys.path.remove(os.getcwd())
     if not isinstance(model, nn.Module):
-        raise CliError(f"--model {factory_path} returned {type(model).__name__}, not an nn.Module")
+        raise CliError(f"--model {one_line(factory_path)} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -338,6 +339,7 @@ def model_weights(
     the checkpoint's own, in its own dtype."""
     model = _build_model(args.model)
     state_dict = checkpoint.state_dict
+    what = f"--model {one_line(args.model)}"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -348,7 +350,7 @@ def model_weights(
                 loadable = state_dict
             model.load_state_dict(loadable)
         except (RuntimeError, ValueError, TypeError) as error:
-            raise CliError(f"--model {args.model}: {_one_line(error)}") from None
+            raise CliError(f"{what}: {one_line(error)}") from None
     notes.extend(str(warning.message) for warning in caught)
     held = model.state_dict(keep_vars=True)
     with contextlib.suppress(ValueError):  # the file may hold the plain keys of a tied weight
@@ -358,8 +360,8 @@ def model_weights(
         described = descriptions.get(name)
         if described is not None and described.layout != layout:
             raise CliError(
-                f"{name}: --model {args.model} reads it with {layout}, but {checkpoint.path} describes {described.layout}: "
-                "is it the model the checkpoint was saved from?"
+                f"{one_line(name)}: {what} reads it with {layout}, but {one_line(checkpoint.path)} describes "
+                f"{described.layout}: is it the model the checkpoint was saved from?"
             )
         path, _, local = name.rpartition(".")
         registered = original_key(f"{path}." if path else "", local)
@@ -386,7 +388,7 @@ def gather(args: argparse.Namespace) -> tuple[Checkpoint, ChipSpec, list[Weight]
         weights = inferred_weights(checkpoint, args.exclude, args.assume_plain, notes)
     if not weights:
         raise CliError(
-            f"{args.checkpoint}: no trackable weight among its {len(checkpoint.state_dict)} keys "
+            f"{one_line(args.checkpoint)}: no trackable weight among its {len(checkpoint.state_dict)} keys "
             "(tensors of 2+ dims named 'weight', 'weight_*', '*_weight' or '*_weights')"
         )
     assumed = [w.name for w in weights if not w.exact]
@@ -407,9 +409,10 @@ def _report(weights: Sequence[Weight], values: Sequence[Tensor], spec: ChipSpec)
 
 
 def _marked(report: Report, weights: Sequence[Weight]) -> Report:
-    """The report with "(assumed)" after the name of each weight whose layout is guessed."""
+    """The report for the text: each name on one line, with "(assumed)" after it where the layout is guessed."""
     rows = [
-        row if w.exact else dataclasses.replace(row, name=f"{row.name} (assumed)") for row, w in zip(report.rows, weights)
+        dataclasses.replace(row, name=one_line(row.name) + ("" if w.exact else " (assumed)"))
+        for row, w in zip(report.rows, weights)
     ]
     return Report(rows, report.spec, report.power)
 
@@ -430,19 +433,19 @@ def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
 
 
 def _with_notes(text: str, notes: Sequence[str]) -> str:
-    return "\n".join([text, *(f"note: {note}" for note in notes)])
+    return "\n".join([text, *(f"note: {one_line(note, MESSAGE)}" for note in notes)])
 
 
 def _check_destinations(args: argparse.Namespace, destinations: Sequence[tuple[str, str]]) -> None:
     """Before any loading: a destination is never the input nor a directory, and its directory exists."""
     for option, path in destinations:
         if os.path.isdir(path):
-            raise CliError(f"{option} {path} is a directory")
+            raise CliError(f"{option} {one_line(path)} is a directory")
         directory = os.path.dirname(os.path.realpath(path))
         if not os.path.isdir(directory):
-            raise CliError(f"cannot write {path}: no directory {directory}")
+            raise CliError(f"cannot write {one_line(path)}: no directory {one_line(directory)}")
         if os.path.exists(path) and os.path.exists(args.checkpoint) and os.path.samefile(path, args.checkpoint):
-            raise CliError(f"refusing to overwrite the input {args.checkpoint}: choose another {option}")
+            raise CliError(f"refusing to overwrite the input {one_line(args.checkpoint)}: choose another {option}")
     targets = [os.path.realpath(path) for _, path in destinations]
     if len(set(targets)) < len(targets):
         raise CliError(f"{' and '.join(option for option, _ in destinations)} name the same file")
@@ -489,7 +492,7 @@ def _change(weight: Weight, new: Tensor) -> dict:
 def _change_table(changes: Sequence[dict]) -> str:
     columns = ("name", "layout", "changed", "numel", "l1_change", "max_change")
     lines = [columns] + [
-        tuple(f"{c[k]:.4g}" if isinstance(c[k], float) else str(c[k]) for k in columns) for c in changes
+        tuple(f"{c[k]:.4g}" if isinstance(c[k], float) else one_line(c[k]) for k in columns) for c in changes
     ]
     return "\n".join(aligned(lines))
 
@@ -504,9 +507,9 @@ def _summary(label: str, report: Report) -> str:
 
 
 def _refuse_unprojectable(weights: Sequence[Weight]) -> None:
-    problems = [f"{w.name} holds NaN or infinite values" for w in weights if not bool(torch.isfinite(w.value).all())]
+    problems = [f"{one_line(w.name)} holds NaN or infinite values" for w in weights if not bool(torch.isfinite(w.value).all())]
     problems += [
-        f"{w.name} is stored through other parametrizations (project the model in Python)" for w in weights if not w.keys
+        f"{one_line(w.name)} is stored through other parametrizations (project the model in Python)" for w in weights if not w.keys
     ]
     if problems:
         raise CliError(f"cannot project: {'; '.join(problems)}; nothing was written")
@@ -514,7 +517,7 @@ def _refuse_unprojectable(weights: Sequence[Weight]) -> None:
 
 def _refuse_guessed(weights: Sequence[Weight], projected: Sequence[Tensor]) -> None:
     guessed = [
-        f"{w.name} ({int((p != w.value).sum())} of {w.value.numel()} values)"
+        f"{one_line(w.name)} ({int((p != w.value).sum())} of {w.value.numel()} values)"
         for w, p in zip(weights, projected)
         if not w.exact and not torch.equal(p, w.value)
     ]
@@ -532,7 +535,7 @@ def _plain(container: object, checkpoint: Checkpoint) -> object:
     try:
         plain = plain_state_dict(state_dict)
     except ValueError as error:
-        raise CliError(f"--plain: {first_line(error)}") from None
+        raise CliError(f"--plain: {one_line(error, MESSAGE)}") from None
     if hasattr(state_dict, "_metadata"):  # module versions: load_state_dict reads them
         plain._metadata = state_dict._metadata
     if checkpoint.under is None:
@@ -557,7 +560,7 @@ def _with_projection(
     if clashing:
         involved = [w.name for w in weights if files.storage_of(w.value) in clashing]
         raise CliError(
-            f"{', '.join(involved)} share memory, and their projections disagree (each read with its own layout); "
+            f"{_listed(involved)} share memory, and their projections disagree (each read with its own layout); "
             "pass --model MODULE:FACTORY, or --exclude all but one of them; nothing was written"
         )
     tracked = {key for w in weights for key in w.keys}
@@ -596,7 +599,7 @@ def run_project(args: argparse.Namespace) -> int:
         "notes": notes,
     }
     text = "\n".join([_summary("before", before), _summary("after ", after), _change_table(changes)])
-    _emit(args, data, _with_notes(text, notes) + f"\nwrote {args.output}")
+    _emit(args, data, _with_notes(text, notes) + f"\nwrote {one_line(args.output)}")
     return 0
 
 
@@ -632,7 +635,7 @@ def run_demo(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """A usage error is one line too (the usage itself is one --help away)."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message, MESSAGE)} (see {self.prog} --help)\n")
 
 
 def _size(text: str) -> int:
@@ -671,7 +674,8 @@ def _add_checkpoint_options(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument(
         "--max-bytes", type=_size, default=_size(DEFAULT_MAX_BYTES), metavar="SIZE",
-        help=f"refuse, before loading, a checkpoint that takes more memory (e.g. 500M, 16G; default {DEFAULT_MAX_BYTES})",
+        help="refuse a checkpoint whose loading, or computing with its tensors (an expanded tensor counted in full), "
+        f"takes more memory, before it is done (e.g. 500M, 16G; default {DEFAULT_MAX_BYTES})",
     )
     _add_json(sub, "print the result as JSON instead of the text; --json=PATH prints the text and writes the JSON to PATH")
 
@@ -726,7 +730,7 @@ def _attach_json_paths(argv: list[str]) -> list[str]:
 
 
 def _fail(message: str) -> int:
-    print(f"nwave-param: error: {message}", file=sys.stderr)
+    print(f"nwave-param: error: {one_line(message, MESSAGE)}", file=sys.stderr)
     return 2
 
 
@@ -740,14 +744,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         return args.run(args)
-    except (CliError, CheckpointError) as error:
+    except CliError as error:
         return _fail(str(error))
     except KeyboardInterrupt:
         return _fail("interrupted")
     except MemoryError:
         return _fail("out of memory; a smaller --max-bytes refuses such checkpoints before loading them")
     except Exception as error:  # every error is one line: even one nobody foresaw
-        return _fail(f"unexpected {type(error).__name__}: {first_line(error)} (please report it with the command line)")
+        return _fail(f"unexpected {type(error).__name__}: {one_line(error)} (please report it with the command line)")
 
 
 if __name__ == "__main__":

@@ -707,6 +707,8 @@ def test_float8_and_sparse_weights_are_named(tmp_path, capsys):
 def test_usage_errors_are_one_line(plain, capsys):
     assert "CHECKPOINT" in usage_error(capsys, "check")
     assert "-o/--output" in usage_error(capsys, "project", plain)
+    line = usage_error(capsys, "check", plain, "--no-such\n\x1b[2Joption")
+    assert "--no-such\\n\\x1b[2Joption" in line and "\x1b" not in line
 
 
 def test_project_never_overwrites_its_input(plain, tmp_path, capsys):
@@ -736,6 +738,24 @@ def test_project_refuses_nonfinite_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "out.pt").exists()
     code, out, _ = run(capsys, "check", tmp_path / "nan.pt", "--json")
     assert code == 1 and json.loads(out)["rows"][0]["nonfinite"] == 1
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_names_from_the_file_are_escaped_in_the_text_and_exact_in_the_json(tmp_path, capsys):
+    name = "evil\x1b[2J\n.weight"
+    torch.save({name: torch.full((2, 2), 0.5), "an\x1b[31m.embed.weight": torch.ones(3, 2)}, tmp_path / "names.pt")
+    code, out, _ = run(capsys, "check", tmp_path / "names.pt")
+    assert code == 0 and "\x1b" not in out and "evil\\x1b[2J\\n.weight" in out
+    assert "note: excluded as embeddings (nwave_param never tracks nn.Embedding): an\\x1b[31m.embed.weight" in out
+    assert _strict_json(run(capsys, "check", tmp_path / "names.pt", "--json")[1])["rows"][0]["name"] == name
+    code, out, _ = run(capsys, "project", tmp_path / "names.pt", "-o", tmp_path / "out.pt")
+    assert code == 0 and "\x1b" not in out and out.count("evil\\x1b[2J\\n.weight") == 1
 
 
 def test_unwritable_directory_fails_cleanly(plain, tmp_path, capsys):
