@@ -1,9 +1,12 @@
 """Checkpoint files for the command line: PyTorch and safetensors, read safely, written atomically.
 
 * Reading: ``torch.load(..., weights_only=True, map_location="cpu")`` (a checkpoint never runs
-  code) or the ``safetensors`` package for ``*.safetensors``, after a memory guard that reads
-  what loading will take without loading: the uncompressed sizes of a zip archive's entries, or
-  the size of a file that is not compressed.
+  code) or the ``safetensors`` package for ``*.safetensors``, bounded by ``--max-bytes`` twice:
+  before loading, by what loading allocates (the uncompressed sizes of a zip archive's entries,
+  or the size of a legacy file, the format told by the file's leading bytes as torch tells it);
+  after loading and before any computation, by what computing with its tensors materializes
+  (an expanded tensor counts every element it reads as).  A structure nested too deep, or
+  containing itself, is refused before anything walks it recursively.
 * Writing: a temporary file beside the output, renamed over it once complete, with the mode a
   plain ``open()`` would give; on any failure, Ctrl-C included, nothing is left behind.
 * Storage sharing: :func:`with_values` gives a container new values for some tensors while every
@@ -50,14 +53,18 @@ __all__ = [
     "require_safetensors",
     "save",
     "storage_of",
+    "view_of",
     "with_values",
     "write_atomically",
     "write_text",
 ]
 
 INSTALL_SAFETENSORS = "pip install 'nwave-param[safetensors]'"
-# A pre-1.6 (non-zip) torch.save file starts with its pickled magic number.
+# torch.load tells its two formats apart by their first bytes (torch.serialization._is_zipfile):
+# a zip archive's local-header signature, or (before torch 1.6) the pickled magic number.
+_ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+MAX_DEPTH = 100  # containers inside containers; a training checkpoint nests a handful
 SHOWN = 300  # characters of one name, path or message from outside in a message
 
 
@@ -176,31 +183,32 @@ def _open_regular_file(path: str) -> bytes:
         raise CliError(f"cannot read {one_line(path)}: {_reason(error)}") from None
 
 
-def _guard(path: str, needed: int, max_bytes: int) -> None:
+def _refuse_larger(path: str, what: str, needed: int, max_bytes: int, detail: str = "") -> None:
     if needed > max_bytes:
         raise CliError(
-            f"{one_line(path)}: loading it takes {human_size(needed)}, more than --max-bytes {human_size(max_bytes)}; "
+            f"{one_line(path)}: {what} takes {human_size(needed)}{detail}, more than --max-bytes {human_size(max_bytes)}; "
             "pass a larger --max-bytes (e.g. --max-bytes 16G) if this machine has the memory"
         )
 
 
 def _torch_size(path: str, head: bytes) -> int:
-    """Bytes that loading ``path`` allocates at most, read without loading it."""
-    if zipfile.is_zipfile(path):
-        # the uncompressed sizes: a compressed entry must not hide a large tensor
-        with zipfile.ZipFile(path) as archive:
-            return sum(entry.file_size for entry in archive.infolist())
+    """Bytes that loading ``path`` allocates at most, read without loading it, in the format its
+    first bytes name (a legacy file with a zip archive appended is a legacy file, as torch reads it)."""
+    if head.startswith(_ZIP_MAGIC):
+        try:  # the uncompressed sizes: a compressed entry must not hide a large tensor
+            with zipfile.ZipFile(path) as archive:
+                return sum(entry.file_size for entry in archive.infolist())
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            raise CliError(f"{one_line(path)} is not a readable PyTorch checkpoint (a damaged or truncated zip archive)") from None
     if head.startswith(_LEGACY_MAGIC):
         return os.path.getsize(path)  # the legacy format is not compressed
-    if head.startswith(b"PK"):
-        raise CliError(f"{one_line(path)} is not a readable PyTorch checkpoint (a damaged or truncated zip archive)")
     if head[8:10] == b'{"':
         raise CliError(f"{one_line(path)} looks like a safetensors file: name it *.safetensors")
     raise CliError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint")
 
 
 def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
-    _guard(path, _torch_size(path, head), max_bytes)
+    _refuse_larger(path, "loading it", _torch_size(path, head), max_bytes)
     try:
         with warnings.catch_warnings():  # torch's deprecation notices about what a file holds: not the user's to fix
             warnings.simplefilter("ignore")
@@ -216,7 +224,7 @@ def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
 
 def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
     safetensors = require_safetensors()
-    _guard(path, os.path.getsize(path), max_bytes)  # not compressed: the file bounds its tensors
+    _refuse_larger(path, "loading it", os.path.getsize(path), max_bytes)  # not compressed: the file bounds its tensors
     try:
         with safetensors.safe_open(path, framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
@@ -254,6 +262,109 @@ def _is_state_dict(obj: object) -> bool:
     )
 
 
+def _children(obj: object):
+    """The items of a container (what :func:`with_values` walks into), None for anything else."""
+    if isinstance(obj, Mapping):
+        return iter(obj.items())
+    if isinstance(obj, (list, tuple)):
+        return enumerate(obj)
+    return None
+
+
+def _tensors_in(path: str, obj: object) -> dict[str, Tensor]:
+    """Every tensor in ``obj`` by where it sits (``state_dict/fc.weight``), each container read once.
+
+    Refuses a structure nested deeper than :data:`MAX_DEPTH` or containing itself, reading it
+    without recursion, so that whatever walks it afterwards (copying, saving) may recurse.
+    """
+    found: dict[str, Tensor] = {}
+    height: dict[int, int] = {}  # a container read -> the most containers on a path down from it, itself included
+
+    def too_deep(where: str) -> CliError:
+        return CliError(
+            f"{one_line(path)}: containers nested more than {MAX_DEPTH} levels deep (at {one_line(where)}); "
+            "a checkpoint is a state_dict, or a dict holding one"
+        )
+
+    if _children(obj) is None:
+        return found
+    stack = [[obj, "", _children(obj), 0]]  # the path down: container, where, its items left, its tallest child
+    on_path = {id(obj)}
+    while stack:
+        frame = stack[-1]
+        for key, child in frame[2]:
+            where = f"{frame[1]}/{key}" if frame[1] else str(key)
+            children = _children(child)
+            if isinstance(child, Tensor):
+                found.setdefault(where, child)
+            elif children is None:
+                continue
+            elif id(child) in on_path:
+                raise CliError(f"{one_line(path)}: {one_line(where)} is a container it sits in (a structure holding itself, which no checkpoint is)")
+            elif id(child) in height:  # already read through another key: only its height counts
+                if len(stack) + height[id(child)] > MAX_DEPTH:
+                    raise too_deep(where)
+                frame[3] = max(frame[3], height[id(child)])
+            elif len(stack) == MAX_DEPTH:
+                raise too_deep(where)
+            else:
+                stack.append([child, where, children, 0])
+                on_path.add(id(child))
+                break
+        else:  # every item read
+            stack.pop()
+            on_path.discard(id(frame[0]))
+            height[id(frame[0])] = frame[3] + 1
+            if stack:
+                stack[-1][3] = max(stack[-1][3], frame[3] + 1)
+    return found
+
+
+# sparse layouts: the tensors that hold their values
+_SPARSE_PARTS = {
+    torch.sparse_coo: ("_indices", "_values"),
+    torch.sparse_csr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_bsr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_csc: ("ccol_indices", "row_indices", "values"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices", "values"),
+}
+
+
+def _computed_bytes(tensor: Tensor) -> int:
+    """The bytes computing with ``tensor`` materializes: ``numel * element_size`` of a dense
+    tensor however little it stores (an expanded tensor reads one value as many), those of the
+    parts of a sparse one; none for a meta tensor, which holds no values."""
+    if tensor.is_meta:
+        return 0
+    parts = _SPARSE_PARTS.get(tensor.layout)
+    if parts is not None:
+        return sum(_computed_bytes(getattr(tensor, part)()) for part in parts)
+    return tensor.numel() * tensor.element_size()
+
+
+def view_of(tensor: Tensor) -> tuple:
+    """Equal for keys holding the very same tensor (a tied weight); unique otherwise."""
+    where = storage_of(tensor)
+    if where is None:
+        return (id(tensor),)
+    return (where, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+
+
+def _refuse_computing_more(path: str, tensors: Mapping[str, Tensor], max_bytes: int) -> None:
+    """Refuse, before any computation, a checkpoint whose tensors materialize more than ``max_bytes``."""
+    views = {view_of(t): (where, t) for where, t in tensors.items()}
+    sizes = {where: _computed_bytes(t) for where, t in views.values()}
+    needed = sum(sizes.values())
+    if needed <= max_bytes:
+        return
+    largest = max(sizes, key=sizes.get)
+    tensor = dict(views.values())[largest]
+    stored = tensor.untyped_storage().nbytes() if storage_of(tensor) else sizes[largest]
+    expanded = f", stored in {human_size(stored)}" if stored < sizes[largest] else ""
+    detail = f" ({one_line(largest)} of shape {tuple(tensor.shape)}: {human_size(sizes[largest])}{expanded})"
+    _refuse_larger(path, "computing with its tensors", needed, max_bytes, detail)
+
+
 def load(path: str, max_bytes: int) -> Checkpoint:
     """Load ``path`` (``*.safetensors`` with safetensors, anything else with torch) and find its state_dict."""
     head = _open_regular_file(path)
@@ -263,6 +374,7 @@ def load(path: str, max_bytes: int) -> Checkpoint:
         state_dict = OrderedDict({**tensors, **descriptions})
         return Checkpoint(path, state_dict, state_dict, None, rest)
     obj = _load_torch(path, head, max_bytes)
+    _refuse_computing_more(path, _tensors_in(path, obj), max_bytes)
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and _is_state_dict(obj.get(key)):
             return Checkpoint(path, obj, obj[key], key)
@@ -285,22 +397,26 @@ def storage_of(tensor: Tensor) -> tuple | None:
     return (storage.device, storage.data_ptr()) if storage.nbytes() else None
 
 
-def _map_tensors(obj: object, change: Callable[[Tensor], Tensor]) -> object:
+def _map_tensors(obj: object, change: Callable[[Tensor], Tensor], done: dict[int, object]) -> object:
     """``obj`` with each tensor replaced by ``change(tensor)``; containers are copied only where
-    something changed (``copy.copy`` keeps a state_dict's order and its ``_metadata``)."""
+    something changed (``copy.copy`` keeps a state_dict's order and its ``_metadata``), each once,
+    so that a container held under two keys stays one."""
     if isinstance(obj, Tensor):
         return change(obj)
+    if id(obj) in done:
+        return done[id(obj)]
+    result = obj
     if isinstance(obj, Mapping):
-        changed = {k: new for k, v in obj.items() if (new := _map_tensors(v, change)) is not v}
-        if not changed:
-            return obj
-        result = copy.copy(obj)
-        result.update(changed)
-        return result
-    if isinstance(obj, (list, tuple)):
-        items = [_map_tensors(v, change) for v in obj]
-        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
-    return obj
+        changed = {k: new for k, v in obj.items() if (new := _map_tensors(v, change, done)) is not v}
+        if changed:
+            result = copy.copy(obj)
+            result.update(changed)
+    elif isinstance(obj, (list, tuple)):
+        items = [_map_tensors(v, change, done) for v in obj]
+        if not all(a is b for a, b in zip(items, obj)):
+            result = type(obj)(items)
+    done[id(obj)] = result
+    return result
 
 
 def with_values(container: object, targets: list[tuple[Tensor, Tensor]]) -> tuple[object, Callable[[Tensor], Tensor]]:
@@ -331,7 +447,7 @@ def with_values(container: object, targets: list[tuple[Tensor, Tensor]]) -> tupl
             rebuilt[id(tensor)] = view
         return rebuilt[id(tensor)]
 
-    result = _map_tensors(container, counterpart)
+    result = _map_tensors(container, counterpart, {})
     with torch.no_grad():
         for old, new in targets:
             counterpart(old).copy_(new)

@@ -101,14 +101,6 @@ def _listed(names: Sequence[str]) -> str:
     return ", ".join(map(one_line, names))
 
 
-def _same_view(value: Tensor) -> tuple:
-    """Equal for keys holding the very same tensor (a tied weight); unique otherwise."""
-    where = files.storage_of(value)
-    if where is None:
-        return (id(value),)
-    return (where, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
-
-
 def _check_readable(name: str, value: Tensor) -> None:
     """Refuse what functional.chip cannot compute with, naming the way out."""
     shown = one_line(name)
@@ -201,7 +193,7 @@ def described_weights(
         if not isinstance(value, Tensor):
             missing.append(name)
             continue
-        view = _same_view(value)
+        view = files.view_of(value)
         if view in seen:  # a tied weight: tracked once, by its first name, as register() does
             seen[view].keys += (described.key,)
             continue
@@ -219,7 +211,7 @@ def described_weights(
     untracked = [
         key for key, value in state_dict.items()
         if isinstance(value, Tensor) and value.dim() >= 2 and is_weight_name(key.rpartition(".")[2])
-        and _same_view(value) not in seen
+        and files.view_of(value) not in seen
     ]
     if untracked:
         notes.append(f"not tracked by the registration the file was saved from (as in Python): {', '.join(untracked)}")
@@ -286,7 +278,7 @@ def inferred_weights(checkpoint: Checkpoint, exclude: Sequence[str], assume_plai
     embeddings, seen = [], {}
     for name in candidates:
         value, key = values[name], keys[name]
-        view = _same_view(value)
+        view = files.view_of(value)
         if view in seen:  # a tied weight: its first name decides, as register() lists it once
             if seen[view] is not None:
                 seen[view].keys += (key,)

@@ -372,6 +372,16 @@ def test_views_whose_projections_disagree_are_refused(tmp_path, capsys):
     assert "a.weight, b.weight share memory" in line and not (tmp_path / "out.pt").exists()
 
 
+def test_a_container_held_twice_stays_one(tmp_path, capsys):
+    weight = torch.full((5, 3), 2.0)
+    inner = {"fc.weight": weight}
+    torch.save({"state_dict": inner, "averages": [inner, inner]}, tmp_path / "twice.pt")
+    assert run(capsys, "project", tmp_path / "twice.pt", "-o", tmp_path / "out.pt")[0] == 0
+    written = load(tmp_path / "out.pt")
+    assert written["averages"][0] is written["averages"][1] is written["state_dict"]
+    assert torch.equal(written["state_dict"]["fc.weight"], chip(weight, Layout(), nwp.H1V1))
+
+
 def test_a_tensor_sharing_memory_with_a_weight_follows_it(tmp_path, capsys):
     flat = torch.linspace(-2, 2, 60)
     torch.save({"flat": flat, "fc.weight": flat.view(10, 6)}, tmp_path / "flat.pt")
@@ -671,6 +681,16 @@ def test_max_bytes_refuses_before_loading(plain, tmp_path, capsys):
     assert run(capsys, "check", tmp_path / "legacy.pt")[0] == 1
     assert "--max-bytes" in usage_error(capsys, "check", plain, "--max-bytes", "lots")
     assert files.parse_size("1.5k") == 1536 and files.parse_size("4G") == 4 * 2**30 and files.parse_size("10") == 10
+
+
+def test_max_bytes_counts_what_computing_materializes(tmp_path, capsys):
+    weight = torch.full((400, 400), 0.5)  # 625 KiB, under two keys: counted once
+    mask = torch.sparse_coo_tensor(torch.tensor([[0, 999_999], [0, 999_999]]), torch.ones(2), (1_000_000, 1_000_000))
+    torch.save({"a.weight": weight, "b.weight": weight, "mask": mask}, tmp_path / "shared.pt")  # the mask: its parts
+    assert run(capsys, "check", tmp_path / "shared.pt", "--max-bytes", "1M")[0] == 0
+    torch.save({"a.weight": weight, "b.weight": weight.t()}, tmp_path / "two.pt")  # two views: each computed
+    line = error(capsys, "check", tmp_path / "two.pt", "--max-bytes", "1M")
+    assert "computing with its tensors takes 1.2 MiB" in line and "more than --max-bytes 1.0 MiB" in line
 
 
 # --- failures: one line, exit 2, nothing written ---------------------------------------------------

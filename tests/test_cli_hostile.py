@@ -1,10 +1,17 @@
 """The command line against hostile files: each attack ends in one line on stderr and exit 2,
-and leaves no temporary file behind.
+leaves no temporary file behind, and allocates no more than --max-bytes plus a constant.
 
-The attacks are small generated files (and factories), each run in-process.
+The attacks are small generated files (and factories).  Each runs in-process (the line, the exit
+status, the directory); the memory bound is measured once for all of them in one subprocess,
+which imports torch and then forks a child per attack: every child starts from the same resident
+size, and its peak (``ru_maxrss``) is compared with the peak of a child checking a tiny valid
+checkpoint.
 """
 
+import io
+import json
 import os
+import subprocess
 import sys
 import zipfile
 
@@ -19,6 +26,7 @@ from nwave_param.description import encode
 from nwave_param.layout import Layout
 
 MAX_BYTES = "1M"
+SLACK = 64 * 2**20  # what a run may allocate beyond --max-bytes: the report, the interpreter's own
 FACTORIES = """
 from torch import nn
 
@@ -56,6 +64,21 @@ def _build(name, directory):
     """The argv of attack ``name``, its files made in ``directory``; the phrase its error says."""
     at = lambda file: str(directory / file)  # noqa: E731
     limit = ["--max-bytes", MAX_BYTES]
+    if name == "expanded tensor":  # 1.5 kB on disk, 34 MiB computed
+        torch.save({"fc.weight": torch.full((1,), 2.0).expand(3000, 3000)}, at("expanded.pt"))
+        return ["check", at("expanded.pt"), *limit], "computing with its tensors takes 34.3 MiB"
+    if name == "the issue's expanded tensor":  # 1.5 kB on disk, 7.5 GiB computed: run only where memory is bounded
+        torch.save({"fc.weight": torch.full((1,), 2.0).expand(45000, 45000)}, at("expanded_big.pt"))
+        return ["check", at("expanded_big.pt"), *limit], "computing with its tensors takes 7.5 GiB"
+    if name == "legacy file with a zip appended":  # sized as the legacy file it is, not by the zip's entries
+        torch.save({"fc.weight": torch.zeros(4096, 4096)}, at("legacy.pt"), _use_new_zipfile_serialization=False)
+        appended = io.BytesIO()
+        with zipfile.ZipFile(appended, "w") as archive:
+            archive.writestr("tiny", b"x")
+        with open(at("legacy.pt"), "ab") as stream:
+            stream.write(appended.getvalue())
+        assert zipfile.is_zipfile(at("legacy.pt"))
+        return ["check", at("legacy.pt"), *limit], "loading it takes 64.0 MiB"
     if name == "newline and escape sequence in a key":
         torch.save({"fc\n\x1b[2J\x1b[31m.weight": torch.zeros(3, 3, dtype=torch.int32)}, at("keys.pt"))
         return ["check", at("keys.pt"), *limit], "fc\\n\\x1b[2J\\x1b[31m.weight has dtype torch.int32"
@@ -71,6 +94,12 @@ def _build(name, directory):
         return ["check", at("tiny.pt"), "--model", "hostile_factories:raises_huge", *limit], "characters)…"
     if name == "factory returns no module":
         return ["check", at("tiny.pt"), "--model", "hostile_factories:not_a_module", *limit], "returned str, not an nn.Module"
+    if name == "containers nested 5000 deep":
+        _zip_with_pickle(at("deep.pt"), {"fc.weight": torch.ones(5, 3)}, b"X\x04\x00\x00\x00deep" + b"]" * 5000 + b"a" * 4999 + b"s")
+        return ["project", at("deep.pt"), "-o", at("out.pt"), *limit], "nested more than 100 levels deep"
+    if name == "a list holding itself":
+        _zip_with_pickle(at("cycle.pt"), {"fc.weight": torch.ones(5, 3)}, b"X\x04\x00\x00\x00loop]q\xffh\xffas")
+        return ["project", at("cycle.pt"), "-o", at("out.pt"), *limit], "loop/0 is a container it sits in"
     if name == "a global that runs code":
         _zip_with_pickle(at("code.pt"), {"fc.weight": torch.ones(5, 3)}, b"X\x01\x00\x00\x00xcos\nsystem\nX\x04\x00\x00\x00echo\x85Rs")
         return ["check", at("code.pt"), *limit], "holds pickled Python objects"
@@ -89,12 +118,16 @@ def _build(name, directory):
 
 
 ATTACKS = [
+    "expanded tensor",
+    "legacy file with a zip appended",
     "newline and escape sequence in a key",
     "huge key",
     "newline in the input path",
     "factory raises a multi-line message",
     "factory raises a 20 MB message",
     "factory returns no module",
+    "containers nested 5000 deep",
+    "a list holding itself",
     "a global that runs code",
     "an unknown pickle opcode",
     "specs with a huge value",
@@ -127,3 +160,66 @@ def test_attack_ends_in_one_line_exit_2_and_leaves_nothing(attack, hostile_dir, 
     assert len(line) < 2500  # every piece from outside is cut
     assert leftovers(hostile_dir) == [] and set(os.listdir(hostile_dir)) == before
     assert sys.path == path and os.getcwd() == cwd
+
+
+# --- memory: one process, a forked child per attack ----------------------------------------------
+
+
+RUNNER = r"""
+import json, os, resource, sys
+import torch  # before forking: every child starts from the same resident size
+from nwave_param.cli import main
+
+directory, cases = sys.argv[1], json.loads(sys.argv[2])
+results = {}
+for name, argv in cases.items():
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(directory)
+        sys.path.insert(0, directory)
+        with open(os.path.join(directory, "stderr.txt"), "w") as err:
+            os.dup2(err.fileno(), 2)
+        with open(os.devnull, "w") as out:
+            os.dup2(out.fileno(), 1)
+        # a regression must fail the test, not the machine: no more address space than this
+        with open("/proc/self/status") as status:
+            size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (size + 4 * 2**30, resource.RLIM_INFINITY))
+        code = main(argv)
+        sys.stdout.flush(); sys.stderr.flush()
+        with open(os.path.join(directory, "result.json"), "w") as stream:
+            json.dump({"code": code, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, stream)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with open(os.path.join(directory, "result.json")) as stream:
+        results[name] = json.load(stream)
+    with open(os.path.join(directory, "stderr.txt")) as stream:
+        results[name]["stderr"] = stream.read()
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def peaks(tmp_path_factory):
+    """Each attack's exit status, stderr and peak resident size, and a valid run's."""
+    directory = tmp_path_factory.mktemp("hostile_memory")
+    _setting(directory)
+    cases = {"valid": ["check", str(directory / "tiny.pt"), "--max-bytes", MAX_BYTES]}
+    cases.update({name: _build(name, directory)[0] for name in MEASURED})
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(directory), json.dumps(cases)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+MEASURED = [*ATTACKS, "the issue's expanded tensor"]
+
+
+@pytest.mark.parametrize("attack", MEASURED)
+def test_attack_allocates_no_more_than_max_bytes(attack, peaks, tmp_path):
+    valid, run = peaks["valid"], peaks[attack]
+    said = _build(attack, tmp_path)[1] if attack == "the issue's expanded tensor" else ""
+    assert valid["code"] in (0, 1) and valid["stderr"] == ""
+    assert run["code"] == 2 and run["stderr"].count("\n") == 1 and said in run["stderr"], run
+    assert run["maxrss"] - valid["maxrss"] < 2**20 + SLACK, (run["maxrss"] - valid["maxrss"]) / 2**20
