@@ -17,7 +17,8 @@ Where a weight's layout comes from, most trusted first: ``--model`` (the model's
 description a registered model saves beside each weight (no flag needed); the names and shapes of
 2-D and RNN-family weights.  Anything else is guessed ("assumed"): a convolution-shaped tensor may
 be grouped or transposed, a 2-D ``*embed*`` tensor may be an embedding.  ``project`` never changes
-a guessed weight unless ``--assume-plain`` says so.
+a guessed weight unless ``--assume-plain`` says so.  Every layout is checked against its tensor's
+shape before any computation, and a weight whose elements share memory is refused by name.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _listed(names: Sequence[str]) -> str:
 
 
 def _check_readable(name: str, value: Tensor) -> None:
-    """Refuse what functional.chip cannot compute with, naming the way out."""
+    """Refuse what functional.chip cannot compute with, or not one value per element, naming the way out."""
     shown = one_line(name)
     if value.layout != torch.strided:
         raise CliError(
@@ -113,6 +114,59 @@ def _check_readable(name: str, value: Tensor) -> None:
         raise CliError(
             f"{shown} has dtype {value.dtype}: nwave_param checks float16, bfloat16, float32 and float64 "
             f"weights; convert it, or pass --exclude {shown}"
+        )
+    if value.is_meta:
+        raise CliError(
+            f"{shown} is a meta tensor, saved without its values (a model built on the meta device?): "
+            f"save the model once its weights are materialized, or pass --exclude {shown}"
+        )
+    sharing = _memory_sharing(value)
+    if sharing:
+        raise CliError(
+            f"{shown} {sharing}: the chip holds one value per element; save it with .contiguous(), "
+            f"or pass --exclude {shown}"
+        )
+
+
+def _memory_sharing(value: Tensor) -> str | None:
+    """How the elements of ``value`` share memory, said for an error; None when each has its own.
+
+    Each has its own when, taking the dims by increasing stride, every stride reaches past all
+    the elements the smaller ones span: true of every view slicing, transposing and reshaping
+    make; an expanded tensor (stride 0) or an unfolded one breaks it, and an as_strided one may.
+    """
+    shape, strides = tuple(value.shape), value.stride()
+    if value.numel() == 0:
+        return None
+    expanded = [d for d, (size, step) in enumerate(zip(shape, strides)) if step == 0 and size > 1]
+    if expanded:
+        d = expanded[0]
+        return f"is an expanded tensor of shape {shape} (stride 0 along dim {d}: one stored value read {shape[d]} times)"
+    span = 0
+    for step, size in sorted((step, size) for step, size in zip(strides, shape) if size > 1):
+        if step <= span:
+            return f"is stored with strides {strides} for its shape {shape}, under which its elements may share memory (an unfold or as_strided view)"
+        span += step * (size - 1)
+    return None
+
+
+def _check_layout(path: str, name: str, shape: torch.Size, layout: Layout) -> None:
+    """Refuse, naming the weight, a layout that cannot read a tensor of ``shape``, before any
+    computation: the gates split the output rows, the groups split dim 0 (the output rows, or a
+    transposed convolution's input channels)."""
+    problems = []
+    if len(shape) < 2:
+        problems.append("a tracked weight has 2 or more dims")
+    else:
+        rows = layout.rows(shape)
+        if rows % layout.gates:
+            problems.append(f"its {rows} output rows do not split into {layout.gates} gates")
+        if shape[0] % layout.groups:
+            problems.append(f"dim 0 ({shape[0]}) does not split into {layout.groups} groups")
+    if problems:
+        raise CliError(
+            f"{one_line(path)}: {one_line(name)} of shape {tuple(shape)} cannot be read with {layout}: "
+            f"{'; '.join(problems)}; pass --model MODULE:FACTORY for the model's own layouts, or --exclude {one_line(name)}"
         )
 
 
@@ -175,6 +229,15 @@ def read_descriptions(state_dict: Mapping[str, object]) -> dict[str, Described]:
     return found
 
 
+def _refuse_tied_across_layouts(first: Weight, key: str, layout: Layout) -> None:
+    if layout != first.layout:
+        raise CliError(
+            f"{one_line(first.keys[0])} and {one_line(key)} hold one tensor but read it with different layouts "
+            f"({first.layout} and {layout}): the chip holds a different value for each; untie them, "
+            f"or pass --exclude for one of them"
+        )
+
+
 def described_weights(
     checkpoint: Checkpoint, descriptions: Mapping[str, Described], exclude: Sequence[str], notes: list[str]
 ) -> list[Weight]:
@@ -193,15 +256,13 @@ def described_weights(
         if not isinstance(value, Tensor):
             missing.append(name)
             continue
+        _check_readable(name, value)
+        _check_layout(checkpoint.path, name, value.shape, described.layout)
         view = files.view_of(value)
         if view in seen:  # a tied weight: tracked once, by its first name, as register() does
+            _refuse_tied_across_layouts(seen[view], described.key, described.layout)
             seen[view].keys += (described.key,)
             continue
-        _check_readable(name, value)
-        try:
-            described.layout.check(value.shape, name)
-        except ValueError as error:
-            raise CliError(f"{one_line(checkpoint.path)}: {one_line(error)}") from None
         seen[view] = Weight(name, (described.key,), value, described.layout, True)
         weights.append(seen[view])
     if chained:
@@ -278,25 +339,24 @@ def inferred_weights(checkpoint: Checkpoint, exclude: Sequence[str], assume_plai
     embeddings, seen = [], {}
     for name in candidates:
         value, key = values[name], keys[name]
-        view = files.view_of(value)
-        if view in seen:  # a tied weight: its first name decides, as register() lists it once
-            if seen[view] is not None:
-                seen[view].keys += (key,)
-            continue
-        seen[view] = None
         if _matches(name, exclude):
+            seen.setdefault(files.view_of(value), None)  # its ties are excluded with it
             continue
         embedding = value.dim() == 2 and fnmatch.fnmatchcase(name.lower(), EMBEDDING)
         if embedding and not assume_plain:
             embeddings.append(name)
+            seen.setdefault(files.view_of(value), None)
             continue
         _check_readable(name, value)
         gated = _RNN.match(name.rpartition(".")[2])
         layout = Layout(gates=_gates(name, values)) if gated else Layout()
-        try:
-            layout.check(value.shape, name)
-        except ValueError as error:
-            raise CliError(f"{one_line(checkpoint.path)}: {one_line(error)}") from None
+        _check_layout(checkpoint.path, name, value.shape, layout)
+        view = files.view_of(value)
+        if view in seen:  # a tied weight: its first name decides, as register() lists it once
+            if seen[view] is not None:
+                _refuse_tied_across_layouts(seen[view], key, layout)
+                seen[view].keys += (key,)
+            continue
         seen[view] = Weight(name, (key,), value, layout, exact=value.dim() == 2 and not embedding)
         weights.append(seen[view])
     if embeddings:
@@ -336,6 +396,10 @@ def model_weights(
         warnings.simplefilter("always")
         try:
             reg = register(model, spec, exclude=args.exclude)
+            keys = {name: _key_of(name, state_dict) for name in reg.names}
+            for name, key in keys.items():  # before the file's values go anywhere
+                if key is not None:
+                    _check_readable(name, state_dict[key])
             try:  # plain keys: the file's own spec may differ from the one asked for
                 loadable = plain_state_dict(state_dict)
             except ValueError:
@@ -355,14 +419,20 @@ def model_weights(
                 f"{one_line(name)}: {what} reads it with {layout}, but {one_line(checkpoint.path)} describes "
                 f"{described.layout}: is it the model the checkpoint was saved from?"
             )
-        path, _, local = name.rpartition(".")
-        registered = original_key(f"{path}." if path else "", local)
-        key = next((k for k in (name, registered) if k in state_dict), None)
+        key = keys[name]
         aliases = tuple(k for k, t in held.items() if t is value and k != key and k in state_dict)  # tied keys
         stored = state_dict[key] if key is not None else value.detach()
         _check_readable(name, stored)
+        _check_layout(checkpoint.path, name, stored.shape, layout)
         weights.append(Weight(name, (key, *aliases) if key is not None else (), stored, layout, True))
     return weights
+
+
+def _key_of(name: str, state_dict: Mapping[str, object]) -> str | None:
+    """The key holding weight ``name`` in ``state_dict``: its plain or its registered key."""
+    path, _, local = name.rpartition(".")
+    registered = original_key(f"{path}." if path else "", local)
+    return next((k for k in (name, registered) if k in state_dict), None)
 
 
 def gather(args: argparse.Namespace) -> tuple[Checkpoint, ChipSpec, list[Weight], list[str]]:

@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
@@ -776,6 +776,52 @@ def test_names_from_the_file_are_escaped_in_the_text_and_exact_in_the_json(tmp_p
     assert _strict_json(run(capsys, "check", tmp_path / "names.pt", "--json")[1])["rows"][0]["name"] == name
     code, out, _ = run(capsys, "project", tmp_path / "names.pt", "-o", tmp_path / "out.pt")
     assert code == 0 and "\x1b" not in out and out.count("evil\\x1b[2J\\n.weight") == 1
+
+
+def test_a_weight_tied_across_layouts_is_refused_naming_both(tmp_path, capsys, monkeypatch):
+    linear, cell = nn.Linear(4, 6), nn.GRUCell(4, 2)  # weight and weight_ih: both (6, 4)
+    nwp.register(linear)
+    nwp.register(cell)
+    state = {**{f"fc.{k}": v for k, v in linear.state_dict().items()}, **{f"cell.{k}": v for k, v in cell.state_dict().items()}}
+    state["cell.parametrizations.weight_ih.original"] = state["fc.parametrizations.weight.original"]
+    torch.save(state, tmp_path / "tied.pt")
+    for command in (["check"], ["project", "-o", tmp_path / "out.pt"]):
+        line = error(capsys, *command[:1], tmp_path / "tied.pt", *command[1:])
+        assert "fc.parametrizations.weight.original and cell.parametrizations.weight_ih.original" in line
+        assert "different layouts" in line
+    (tmp_path / "tied_layouts.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    model = nn.Module()\n"
+        "    model.fc, model.cell = nn.Linear(4, 6), nn.GRUCell(4, 2)\n"
+        "    model.cell.weight_ih = model.fc.weight\n"
+        "    return model\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(nn.Linear(4, 6).state_dict(), tmp_path / "plain.pt")
+    line = error(capsys, "check", tmp_path / "plain.pt", "--model", "tied_layouts:build")
+    assert "fc.weight and cell.weight_ih hold one Parameter" in line
+
+
+@settings(max_examples=150)
+@example(shape=[4, 1], gates=2, groups=1, transposed=True)  # the issue's: 4 input channels, 1 output row, 2 gates
+@given(
+    shape=st.lists(st.integers(0, 6), min_size=2, max_size=3),
+    gates=st.integers(1, 4),
+    groups=st.integers(1, 3),
+    transposed=st.booleans(),
+)
+def test_property_a_described_layout_is_checked_in_full_before_any_math(tmp_path_factory, shape, gates, groups, transposed):
+    from nwave_param.description import encode
+
+    layout = Layout(gates, groups, transposed)
+    path = tmp_path_factory.mktemp("layout") / "described.pt"
+    torch.save({"fc.parametrizations.weight.original": torch.randn(shape) * 3,
+                "fc.parametrizations.weight.0._extra_state": encode(layout, nwp.H1V1, 0.0)}, path)
+    for argv in (["check", path], ["project", path, "-o", path.with_name("out.pt")]):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+            code = main([str(a) for a in argv])
+        assert code in (0, 1) or ("fc.weight of shape" in err.getvalue() and "cannot be read with" in err.getvalue()), err.getvalue()
 
 
 def test_unwritable_directory_fails_cleanly(plain, tmp_path, capsys):

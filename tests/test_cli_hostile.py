@@ -38,6 +38,9 @@ def raises_huge():
 
 def not_a_module():
     return "a string"
+
+def linear():
+    return nn.Sequential(nn.Linear(2, 3))
 """
 
 
@@ -54,10 +57,13 @@ def _zip_with_pickle(path, state, pickle_tail):
             archive.writestr(entry, data)
 
 
-def _registered(spec=nwp.H1V1):
+def _registered(layout_of_first=None, spec=nwp.H1V1):
     model = nn.Sequential(nn.Linear(1, 4))
     nwp.register(model, spec)
-    return model.state_dict()
+    state = model.state_dict()
+    if layout_of_first is not None:
+        state["0.parametrizations.weight.0._extra_state"] = encode(layout_of_first, spec, 0.0)
+    return state
 
 
 def _build(name, directory):
@@ -94,6 +100,26 @@ def _build(name, directory):
         return ["check", at("tiny.pt"), "--model", "hostile_factories:raises_huge", *limit], "characters)…"
     if name == "factory returns no module":
         return ["check", at("tiny.pt"), "--model", "hostile_factories:not_a_module", *limit], "returned str, not an nn.Module"
+    if name == "described layout that does not fit":
+        torch.save(_registered(Layout(gates=2, transposed=True)), at("layout.pt"))
+        return ["check", at("layout.pt"), *limit], "0.weight of shape (4, 1) cannot be read with Layout(gates=2"
+    if name == "meta weight":
+        torch.save({"fc.weight": torch.empty(3, 3, device="meta")}, at("meta.pt"))
+        return ["check", at("meta.pt"), *limit], "fc.weight is a meta tensor"
+    if name == "meta weight read with --model":
+        torch.save({"0.weight": torch.empty(3, 2, device="meta"), "0.bias": torch.zeros(3)}, at("meta_model.pt"))
+        return ["check", at("meta_model.pt"), "--model", "hostile_factories:linear", *limit], "0.weight is a meta tensor"
+    if name == "expanded weight":
+        torch.save({"fc.weight": torch.ones(4, 1).expand(4, 6)}, at("expanded_weight.pt"))
+        return ["project", at("expanded_weight.pt"), "-o", at("out.pt"), *limit], "fc.weight is an expanded tensor"
+    if name == "overlapping weight":
+        torch.save({"fc.weight": torch.arange(12.0).as_strided((3, 3), (2, 1))}, at("overlap.pt"))
+        return ["project", at("overlap.pt"), "-o", at("out.pt"), *limit], "its elements may share memory"
+    if name == "weight tied across layouts":
+        shared = torch.full((6, 4), 3.0)
+        state = {"fc.weight": shared, "cell.weight_ih": shared, "cell.weight_hh": torch.zeros(6, 2)}
+        torch.save(state, at("tied.pt"))
+        return ["project", at("tied.pt"), "-o", at("out.pt"), *limit], "fc.weight and cell.weight_ih hold one tensor"
     if name == "containers nested 5000 deep":
         _zip_with_pickle(at("deep.pt"), {"fc.weight": torch.ones(5, 3)}, b"X\x04\x00\x00\x00deep" + b"]" * 5000 + b"a" * 4999 + b"s")
         return ["project", at("deep.pt"), "-o", at("out.pt"), *limit], "nested more than 100 levels deep"
@@ -126,6 +152,12 @@ ATTACKS = [
     "factory raises a multi-line message",
     "factory raises a 20 MB message",
     "factory returns no module",
+    "described layout that does not fit",
+    "meta weight",
+    "meta weight read with --model",
+    "expanded weight",
+    "overlapping weight",
+    "weight tied across layouts",
     "containers nested 5000 deep",
     "a list holding itself",
     "a global that runs code",
