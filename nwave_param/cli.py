@@ -19,6 +19,9 @@ description a registered model saves beside each weight (no flag needed); the na
 be grouped or transposed, a 2-D ``*embed*`` tensor may be an embedding.  ``project`` never changes
 a guessed weight unless ``--assume-plain`` says so.  Every layout is checked against its tensor's
 shape before any computation, and a weight whose elements share memory is refused by name.
+
+The ``--model`` factory runs guarded: its prints go to stderr, and the working directory and
+``sys.path`` are restored after it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -367,18 +370,68 @@ def inferred_weights(checkpoint: Checkpoint, exclude: Sequence[str], assume_plai
     return weights
 
 
+# --- the user's model --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """What is printed to stdout, by Python or below it (a C library, a child process), goes to
+    stderr: stdout carries --json alone."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at the level of file descriptors: nothing to protect
+        saved = None
+    if saved is not None:
+        try:
+            os.dup2(2, 1)
+        except OSError:  # no stderr to send it to
+            os.close(saved)
+            saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def _users_code(what: str) -> Iterator[None]:
+    """Run the user's code (``--model``'s module, its factory, its model's hooks) as a guarded call.
+
+    What it prints goes to stderr; the working directory and ``sys.path`` are restored after it;
+    its ``sys.exit`` and its exceptions become a one-line error naming ``what``.
+    """
+    directory, path = os.getcwd(), list(sys.path)
+    try:
+        with _stdout_to_stderr():
+            yield
+    except CliError:
+        raise
+    except SystemExit as exit:
+        raise CliError(f"{what} called sys.exit({one_line(repr(exit.code))}) instead of returning the model") from None
+    except Exception as error:  # the user's code: report it on one line
+        raise CliError(f"{what}: {type(error).__name__}: {one_line(error)}") from None
+    finally:
+        sys.path[:] = path
+        try:
+            os.chdir(directory)
+        except OSError as error:
+            raise CliError(f"{what} left the working directory {one_line(directory)}, which cannot be entered again: {error.strerror}") from None
+
+
 def _build_model(factory_path: str) -> nn.Module:
     module_name, _, attribute = factory_path.partition(":")
     if not module_name or not attribute:
         raise CliError(f"--model takes MODULE:FACTORY (e.g. mypkg.models:make_net), got {one_line(repr(factory_path))}")
-    sys.path.insert(0, os.getcwd())  # a console script does not see the working directory
-    try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-        model = factory()
-    except Exception as error:  # the user's code: report it on one line
-        raise CliError(f"--model {one_line(factory_path)}: {type(error).__name__}: {one_line(error)}") from None
-    finally:
-        sys.path.remove(os.getcwd())
+    sys.path.insert(0, os.getcwd())  # a console script does not see the working directory; _users_code takes it out
+    model = getattr(importlib.import_module(module_name), attribute)()
     if not isinstance(model, nn.Module):
         raise CliError(f"--model {one_line(factory_path)} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -389,24 +442,21 @@ def model_weights(
 ) -> list[Weight]:
     """The tracked weights with the exact layouts of the model ``--model`` builds; the values stay
     the checkpoint's own, in its own dtype."""
-    model = _build_model(args.model)
     state_dict = checkpoint.state_dict
     what = f"--model {one_line(args.model)}"
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _users_code(what):
         warnings.simplefilter("always")
-        try:
-            reg = register(model, spec, exclude=args.exclude)
-            keys = {name: _key_of(name, state_dict) for name in reg.names}
-            for name, key in keys.items():  # before the file's values go anywhere
-                if key is not None:
-                    _check_readable(name, state_dict[key])
-            try:  # plain keys: the file's own spec may differ from the one asked for
-                loadable = plain_state_dict(state_dict)
-            except ValueError:
-                loadable = state_dict
-            model.load_state_dict(loadable)
-        except (RuntimeError, ValueError, TypeError) as error:
-            raise CliError(f"{what}: {one_line(error)}") from None
+        model = _build_model(args.model)
+        reg = register(model, spec, exclude=args.exclude)
+        keys = {name: _key_of(name, state_dict) for name in reg.names}
+        for name, key in keys.items():  # before the file's values go anywhere
+            if key is not None:
+                _check_readable(name, state_dict[key])
+        try:  # plain keys: the file's own spec may differ from the one asked for
+            loadable = plain_state_dict(state_dict)
+        except ValueError:
+            loadable = state_dict
+        model.load_state_dict(loadable)
     notes.extend(str(warning.message) for warning in caught)
     held = model.state_dict(keep_vars=True)
     with contextlib.suppress(ValueError):  # the file may hold the plain keys of a tied weight

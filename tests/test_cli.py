@@ -824,6 +824,29 @@ def test_property_a_described_layout_is_checked_in_full_before_any_math(tmp_path
         assert code in (0, 1) or ("fc.weight of shape" in err.getvalue() and "cannot be read with" in err.getvalue()), err.getvalue()
 
 
+def test_factory_prints_go_to_stderr_and_its_moves_are_undone(tmp_path, capfd, monkeypatch):
+    (tmp_path / "chatty.py").write_text(
+        "import os, sys\n"
+        "from torch import nn\n"
+        "print('import-time print')\n"
+        "def build():\n"
+        "    print('factory print')\n"
+        "    os.system('echo from a child process')\n"
+        "    os.chdir('/')\n"
+        "    sys.path.append('/nowhere')\n"
+        "    return nn.Sequential(nn.Linear(4, 6))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "chatty", raising=False)
+    torch.save(nn.Sequential(nn.Linear(4, 6)).state_dict(), "model.pt")
+    path = list(sys.path)
+    code = main(["check", "model.pt", "--model", "chatty:build", "--json"])
+    out, err = capfd.readouterr()
+    assert code in (0, 1) and _strict_json(out)["rows"][0]["name"] == "0.weight"
+    assert "import-time print" in err and "factory print" in err and "from a child process" in err
+    assert os.getcwd() == str(tmp_path) and sys.path == path
+
+
 def test_unwritable_directory_fails_cleanly(plain, tmp_path, capsys):
     directory = tmp_path / "read-only"
     directory.mkdir()

@@ -28,13 +28,22 @@ from nwave_param.layout import Layout
 MAX_BYTES = "1M"
 SLACK = 64 * 2**20  # what a run may allocate beyond --max-bytes: the report, the interpreter's own
 FACTORIES = """
+import os, sys
 from torch import nn
+
+def exits():
+    sys.exit(0)
 
 def raises():
     raise ValueError("line one\\nline two \\x1b[31mred\\x1b[0m")
 
 def raises_huge():
     raise ValueError("x" * 20_000_000)
+
+def moves_and_raises():
+    os.chdir("/")
+    sys.path.insert(0, "/nowhere")
+    raise RuntimeError("after moving")
 
 def not_a_module():
     return "a string"
@@ -94,10 +103,14 @@ def _build(name, directory):
     if name == "newline in the input path":
         (directory / "bad\npath.pt").write_text("not a checkpoint\n")
         return ["check", at("bad\npath.pt"), *limit], "bad\\npath.pt: not a PyTorch or safetensors checkpoint"
+    if name == "factory calls sys.exit(0)":
+        return ["check", at("tiny.pt"), "--model", "hostile_factories:exits", *limit], "called sys.exit(0)"
     if name == "factory raises a multi-line message":
         return ["check", at("tiny.pt"), "--model", "hostile_factories:raises", *limit], "line one\\nline two \\x1b[31mred"
     if name == "factory raises a 20 MB message":
         return ["check", at("tiny.pt"), "--model", "hostile_factories:raises_huge", *limit], "characters)…"
+    if name == "factory moves and raises":
+        return ["check", at("tiny.pt"), "--model", "hostile_factories:moves_and_raises", *limit], "after moving"
     if name == "factory returns no module":
         return ["check", at("tiny.pt"), "--model", "hostile_factories:not_a_module", *limit], "returned str, not an nn.Module"
     if name == "described layout that does not fit":
@@ -149,8 +162,10 @@ ATTACKS = [
     "newline and escape sequence in a key",
     "huge key",
     "newline in the input path",
+    "factory calls sys.exit(0)",
     "factory raises a multi-line message",
     "factory raises a 20 MB message",
+    "factory moves and raises",
     "factory returns no module",
     "described layout that does not fit",
     "meta weight",
