@@ -1,4 +1,4 @@
-"""Checkpoint files for the command line: PyTorch and safetensors, read safely, written atomically.
+"""Checkpoint files for the command line: PyTorch and safetensors, read safely, written all or none.
 
 * Reading: ``torch.load(..., weights_only=True, map_location="cpu")`` (a checkpoint never runs
   code) or the ``safetensors`` package for ``*.safetensors``, bounded by ``--max-bytes`` twice:
@@ -7,8 +7,9 @@
   after loading and before any computation, by what computing with its tensors materializes
   (an expanded tensor counts every element it reads as).  A structure nested too deep, or
   containing itself, is refused before anything walks it recursively.
-* Writing: a temporary file beside the output, renamed over it once complete, with the mode a
-  plain ``open()`` would give; on any failure, Ctrl-C included, nothing is left behind.
+* Writing: :class:`Outputs`, every file of one command written to a temporary file beside it,
+  then all renamed into place once each is complete, with the mode a plain ``open()`` would
+  give; on any failure, Ctrl-C included, nothing is left behind and no file is replaced.
 * Storage sharing: :func:`with_values` gives a container new values for some tensors while every
   tie and view of the input survives (torch.save keeps what shares storage in memory).
 * nwave_param's descriptions (the ``..._extra_state`` entries a registered model saves beside a
@@ -22,14 +23,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import pickle
 import re
+import secrets
 import stat
-import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -46,6 +46,7 @@ from .state import parse_link_key
 __all__ = [
     "Checkpoint",
     "CliError",
+    "Outputs",
     "is_safetensors",
     "load",
     "one_line",
@@ -55,8 +56,6 @@ __all__ = [
     "storage_of",
     "view_of",
     "with_values",
-    "write_atomically",
-    "write_text",
 ]
 
 INSTALL_SAFETENSORS = "pip install 'nwave-param[safetensors]'"
@@ -471,39 +470,71 @@ def _mode_for(target: str) -> int:
         return 0o666 & ~_umask()
 
 
-def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``.
+class Outputs:
+    """The files one command writes, all or none.
 
-    A crash, a full disk or Ctrl-C leaves ``path`` as it was and no temporary file behind.
-    A symbolic link is written through, as ``open()`` would.
+    :meth:`add` writes each to a temporary file beside it (``.nwave-param-*.tmp``, with the mode
+    a plain ``open()`` would give); :meth:`commit` renames them all into place once every one is
+    complete.  Leaving the ``with`` block any other way (a failed write, a full disk, Ctrl-C)
+    removes every temporary file: no output is replaced, nothing is left behind.  A symbolic
+    link is written through, as ``open()`` would.
     """
-    target = os.path.realpath(path)
-    if os.path.isdir(target):
-        raise CliError(f"cannot write {one_line(path)}: it is a directory")
-    mode = _mode_for(target)
-    try:
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".nwave-param-", suffix=".tmp")
-    except OSError as error:
-        raise CliError(f"cannot write {one_line(path)}: {_reason(error)}") from None
-    try:
-        os.fchmod(handle, mode)
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if isinstance(error, KeyboardInterrupt):
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, str, str]] = []  # (path as given, target, temporary file)
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, *_) -> None:
+        for _, _, temporary in self._pending:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+        self._pending = []
+
+    def add(self, path: str, write: Callable[[BinaryIO], None]) -> None:
+        """Write ``path``'s content, by ``write(stream)``, to its temporary file."""
+        target = os.path.realpath(path)
+        mode = _mode_for(target)
+        # the name is known before the file exists, so that an interruption at any point leaves it known
+        temporary = os.path.join(os.path.dirname(target), f".nwave-param-{secrets.token_hex(8)}.tmp")
+        self._pending.append((path, target, temporary))
+        try:
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.fchmod(handle, mode)
+            except OSError:
+                os.close(handle)
+                raise
+        except OSError as error:
+            raise CliError(f"cannot write {one_line(path)}: {_reason(error)}; nothing was written") from None
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                write(stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+        except KeyboardInterrupt:
             raise CliError(f"interrupted while writing {one_line(path)}: nothing was written") from None
-        if isinstance(error, (OSError, RuntimeError)):
+        except (OSError, RuntimeError) as error:
             raise CliError(f"cannot write {one_line(path)}: {one_line(_reason(error))}; nothing was written") from None
-        raise
 
+    def add_text(self, path: str, text: str) -> None:
+        self.add(path, lambda stream: stream.write(text.encode()))
 
-def write_text(path: str, text: str) -> None:
-    write_atomically(path, lambda stream: stream.write(text.encode()))
+    def commit(self) -> None:
+        """Rename every temporary file over its output (a rename in one directory: complete or not done)."""
+        written = []
+        while self._pending:
+            path, target, temporary = self._pending[0]
+            try:
+                os.replace(temporary, target)
+            except OSError as error:
+                done = f"wrote {', '.join(map(one_line, written))}, but " if written else ""
+                raise CliError(f"{done}cannot write {one_line(path)}: {_reason(error)}; {one_line(path)} was not written") from None
+            self._pending.pop(0)
+            written.append(path)
 
 
 def _safetensors_content(checkpoint: Checkpoint, container: object, path: str) -> tuple[dict, dict[str, str], list[str]]:
@@ -551,13 +582,11 @@ def _unshared(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]
     return result, notes
 
 
-def save(checkpoint: Checkpoint, container: object, path: str) -> list[str]:
-    """Write ``container`` (``checkpoint``'s, changed) to ``path``, as safetensors for ``*.safetensors``.
-
-    Returns notes about what the format could not keep as it was.
-    """
+def save(outputs: Outputs, checkpoint: Checkpoint, container: object, path: str) -> list[str]:
+    """Add ``container`` (``checkpoint``'s, changed) to ``outputs`` as ``path``, as safetensors for
+    ``*.safetensors``.  Returns notes about what the format could not keep as it was."""
     if not is_safetensors(path):
-        write_atomically(path, lambda stream: torch.save(container, stream))
+        outputs.add(path, lambda stream: torch.save(container, stream))
         lost = [key for key in checkpoint.metadata or () if key != "format"]  # "format": "pt" says what a .pt is
         return [f"safetensors metadata a .pt file has no place for, not kept: {', '.join(lost)}"] if lost else []
     safetensors = require_safetensors()
@@ -566,7 +595,7 @@ def save(checkpoint: Checkpoint, container: object, path: str) -> list[str]:
         data = safetensors.torch.save(tensors, metadata=metadata)
     except Exception as error:  # a dtype safetensors cannot hold, and the like
         raise CliError(f"cannot write {one_line(path)}: {one_line(_reason(error))}") from None
-    write_atomically(path, lambda stream: stream.write(data))
+    outputs.add(path, lambda stream: stream.write(data))
     return notes
 
 

@@ -8,7 +8,8 @@
 
 Every error is one line on stderr and exit status 2; exit 1 means only "not mappable" (check).
 What comes from a file or from user code (names, paths, messages) is escaped and cut to fit that
-line, in the text output too.  ``--json`` prints JSON on stdout instead of the text;
+line, in the text output too.  ``--json`` prints strict JSON on stdout instead of the text (a
+number that is not finite is ``null``, and ``"not_finite"`` beside it says what it was);
 ``--json=PATH`` prints the text and also writes the JSON to PATH.  The path is attached with
 ``=``, as GNU tools take an optional argument, so ``check --json model.pt`` never takes the
 checkpoint for the JSON file.
@@ -20,7 +21,9 @@ be grouped or transposed, a 2-D ``*embed*`` tensor may be an embedding.  ``proje
 a guessed weight unless ``--assume-plain`` says so.  Every layout is checked against its tensor's
 shape before any computation, and a weight whose elements share memory is refused by name.
 
-The ``--model`` factory runs guarded: its prints go to stderr, and the working directory and
+The outputs of one command (``-o``, ``--json=PATH``) are written to temporary files and renamed
+into place together once all are complete; SIGINT and SIGTERM before that remove them.  The
+``--model`` factory runs guarded: its prints go to stderr, and the working directory and
 ``sys.path`` are restored after it.
 """
 
@@ -33,10 +36,14 @@ import dataclasses
 import fnmatch
 import importlib
 import json
+import math
 import os
 import re
+import signal
+import stat
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -520,6 +527,16 @@ def _report(weights: Sequence[Weight], values: Sequence[Tensor], spec: ChipSpec)
     return build_report([w.name for w in weights], list(values), [w.layout for w in weights], spec, 2)
 
 
+def _report_data(report: Report) -> dict:
+    """``report.to_dict()`` with its floats as computed, so that :func:`_strict` says what one that is
+    not finite was (``to_dict`` makes it None, without a word)."""
+    data = report.to_dict()
+    for entry, row in zip(data["rows"], report.rows):
+        entry.update({key: getattr(row, key) for key in ("max_abs", "magnitude", "topology")})
+    data["totals"].update({key: value for key, value in report.totals.items() if isinstance(value, float)})
+    return data
+
+
 def _marked(report: Report, weights: Sequence[Weight]) -> Report:
     """The report for the text: each name on one line, with "(assumed)" after it where the layout is guessed."""
     rows = [
@@ -533,31 +550,66 @@ def _reading(weight: Weight) -> dict:
     return {"layout": "exact" if weight.exact else "assumed", **weight.layout.to_dict()}
 
 
-def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
-    """JSON on stdout (``--json``), or the text and, with ``--json=PATH``, the JSON in PATH too."""
-    rendered = json.dumps(data, indent=2)
-    if args.json == "-":
-        print(rendered)
-        return
-    if args.json is not None:
-        files.write_text(args.json, rendered + "\n")
-    print(text)
+def _strict(value: object) -> object:
+    """``value`` for strict JSON: a float that is not finite becomes None, and the object holding
+    it says what it was under ``"not_finite"`` (``{"l1_change": "inf"}``)."""
+    if isinstance(value, Mapping):
+        result, what = {}, {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                result[key], what[key] = None, repr(item)
+            else:
+                result[key] = _strict(item)
+        return {**result, "not_finite": what} if what else result
+    if isinstance(value, (list, tuple)):
+        return [None if isinstance(item, float) and not math.isfinite(item) else _strict(item) for item in value]
+    return value
+
+
+def _finish(args: argparse.Namespace, outputs: files.Outputs, data: dict, text: str) -> None:
+    """Add the JSON file to the outputs (``--json=PATH``), rename every output into place, then
+    print the JSON (``--json``) or the text."""
+    rendered = json.dumps(_strict(data), indent=2, allow_nan=False)
+    if args.json not in (None, "-"):
+        outputs.add_text(args.json, rendered + "\n")
+    _INTERRUPTIONS.defer()  # from here the command completes: what it prints is what is on disk
+    outputs.commit()
+    print(rendered if args.json == "-" else text)
 
 
 def _with_notes(text: str, notes: Sequence[str]) -> str:
     return "\n".join([text, *(f"note: {one_line(note, MESSAGE)}" for note in notes)])
 
 
-def _check_destinations(args: argparse.Namespace, destinations: Sequence[tuple[str, str]]) -> None:
-    """Before any loading: a destination is never the input nor a directory, and its directory exists."""
+_KINDS = {
+    stat.S_ISDIR: "a directory",
+    stat.S_ISFIFO: "a FIFO",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISSOCK: "a socket",
+}
+
+
+def _check_destinations(destinations: Sequence[tuple[str, str]], source: str | None = None) -> None:
+    """Before any work: an output is a regular file or new (never a directory, FIFO, device or
+    socket, which renaming the output into place would replace), its directory exists, and it is
+    never the input."""
     for option, path in destinations:
-        if os.path.isdir(path):
-            raise CliError(f"{option} {one_line(path)} is a directory")
+        shown = one_line(path)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as error:
+            raise CliError(f"cannot write {option} {shown}: {error.strerror}") from None
+        if mode is not None and not stat.S_ISREG(mode):
+            kind = next((kind for test, kind in _KINDS.items() if test(mode)), "not a regular file")
+            raise CliError(f"{option} {shown} is {kind}: nwave-param writes regular files only; choose a file path")
         directory = os.path.dirname(os.path.realpath(path))
         if not os.path.isdir(directory):
-            raise CliError(f"cannot write {one_line(path)}: no directory {one_line(directory)}")
-        if os.path.exists(path) and os.path.exists(args.checkpoint) and os.path.samefile(path, args.checkpoint):
-            raise CliError(f"refusing to overwrite the input {one_line(args.checkpoint)}: choose another {option}")
+            raise CliError(f"cannot write {shown}: no directory {one_line(directory)}")
+        if source is not None and mode is not None and os.path.exists(source) and os.path.samefile(path, source):
+            raise CliError(f"refusing to overwrite the input {one_line(source)}: choose another {option}")
     targets = [os.path.realpath(path) for _, path in destinations]
     if len(set(targets)) < len(targets):
         raise CliError(f"{' and '.join(option for option, _ in destinations)} name the same file")
@@ -568,13 +620,14 @@ def _json_destinations(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    _check_destinations(args, _json_destinations(args))
+    _check_destinations(_json_destinations(args), args.checkpoint)
     checkpoint, spec, weights, notes = gather(args)
     report = _report(weights, [w.value for w in weights], spec)
-    data = {"checkpoint": args.checkpoint, **report.to_dict(), "notes": notes}
+    data = {"checkpoint": args.checkpoint, **_report_data(report), "notes": notes}
     for row, weight in zip(data["rows"], weights):
         row.update(_reading(weight))
-    _emit(args, data, _with_notes(str(_marked(report, weights)), notes))
+    with files.Outputs() as outputs:
+        _finish(args, outputs, data, _with_notes(str(_marked(report, weights)), notes))
     return 0 if report.is_mappable else 1
 
 
@@ -686,7 +739,7 @@ def _with_projection(
 
 
 def run_project(args: argparse.Namespace) -> int:
-    _check_destinations(args, [("-o", args.output), *_json_destinations(args)])
+    _check_destinations([("-o", args.output), *_json_destinations(args)], args.checkpoint)
     if files.is_safetensors(args.output):
         files.require_safetensors()  # before any work: is the package there?
     checkpoint, spec, weights, notes = gather(args)
@@ -697,25 +750,27 @@ def run_project(args: argparse.Namespace) -> int:
     container, new_values = _with_projection(checkpoint, weights, projected, notes)
     if args.plain:
         container = _plain(container, checkpoint)
-    notes += files.save(checkpoint, container, args.output)
-    before, after = _report(weights, [w.value for w in weights], spec), _report(weights, new_values, spec)
-    changes = [_change(w, new) for w, new in zip(weights, new_values)]
-    data = {
-        "checkpoint": args.checkpoint,
-        "output": args.output,
-        "plain": args.plain,
-        "spec": after.to_dict()["spec"],
-        "before": {"mappable": before.is_mappable, "totals": before.to_dict()["totals"]},
-        "after": {"mappable": after.is_mappable, "totals": after.to_dict()["totals"]},
-        "weights": changes,
-        "notes": notes,
-    }
-    text = "\n".join([_summary("before", before), _summary("after ", after), _change_table(changes)])
-    _emit(args, data, _with_notes(text, notes) + f"\nwrote {one_line(args.output)}")
+    with files.Outputs() as outputs:
+        notes += files.save(outputs, checkpoint, container, args.output)
+        before, after = _report(weights, [w.value for w in weights], spec), _report(weights, new_values, spec)
+        changes = [_change(w, new) for w, new in zip(weights, new_values)]
+        data = {
+            "checkpoint": args.checkpoint,
+            "output": args.output,
+            "plain": args.plain,
+            "spec": after.to_dict()["spec"],
+            "before": {"mappable": before.is_mappable, "totals": _report_data(before)["totals"]},
+            "after": {"mappable": after.is_mappable, "totals": _report_data(after)["totals"]},
+            "weights": changes,
+            "notes": notes,
+        }
+        text = "\n".join([_summary("before", before), _summary("after ", after), _change_table(changes)])
+        _finish(args, outputs, data, _with_notes(text, notes) + f"\nwrote {one_line(args.output)}")
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    _check_destinations([(option, path) for option, path in (*_json_destinations(args), ("--plot", args.plot)) if path])
     try:
         from . import demo
     except ImportError as error:
@@ -739,6 +794,53 @@ def run_demo(args: argparse.Namespace) -> int:
             return code
     except ImportError as error:
         raise CliError(str(error)) from None
+
+
+# --- interruptions -----------------------------------------------------------------------------
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM while a command runs."""
+
+
+class _Interruptions:
+    """SIGINT and SIGTERM while a command runs raise :class:`Interrupted`, which removes the
+    outputs' temporary files on its way out, until :meth:`defer`: once the outputs are being
+    renamed into place, the command completes, so that what it prints is what is on disk.
+
+    The signal is remembered: torch's writer turns an exception raised in its stream into a
+    RuntimeError of its own, and the command line still says it was interrupted.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.deferred = False
+
+    def _handle(self, number: int, frame: object) -> None:
+        if not self.deferred:
+            self.received = signal.Signals(number).name
+            raise Interrupted(self.received)
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        self.received, self.deferred = None, False
+        if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+            yield
+            return
+        previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+
+_INTERRUPTIONS = _Interruptions()
 
 
 # --- the parser --------------------------------------------------------------------------------
@@ -855,15 +957,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "; attach a path to --json with '=': --json=PATH" if after_json & set(unknown) else ""
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
-        return args.run(args)
+        with _INTERRUPTIONS.installed():
+            return args.run(args)
     except CliError as error:
-        return _fail(str(error))
+        message = str(error)
     except KeyboardInterrupt:
-        return _fail("interrupted")
+        message = "interrupted"
     except MemoryError:
-        return _fail("out of memory; a smaller --max-bytes refuses such checkpoints before loading them")
+        message = "out of memory; a smaller --max-bytes refuses such checkpoints before loading them"
     except Exception as error:  # every error is one line: even one nobody foresaw
-        return _fail(f"unexpected {type(error).__name__}: {one_line(error)} (please report it with the command line)")
+        message = f"unexpected {type(error).__name__}: {one_line(error)} (please report it with the command line)"
+    if _INTERRUPTIONS.received:  # whatever the signal became on its way out (torch's writer rewraps it)
+        message = f"interrupted by {_INTERRUPTIONS.received}" + ("" if args.command == "demo" else ": nothing was written")
+    return _fail(message)
 
 
 if __name__ == "__main__":

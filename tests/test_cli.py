@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -767,6 +768,43 @@ def _strict_json(text):
     return json.loads(text, parse_constant=refuse)
 
 
+def test_json_is_strict_and_says_what_was_not_finite(tmp_path, capsys):
+    torch.save({"fc.weight": torch.full((5, 4), 1.7e308, dtype=torch.float64)}, tmp_path / "huge.pt")
+    code, out, _ = run(capsys, "project", tmp_path / "huge.pt", "-o", tmp_path / "out.pt", "--json")
+    change = _strict_json(out)["weights"][0]
+    assert code == 0 and change["l1_change"] is None and change["not_finite"] == {"l1_change": "inf"}
+    assert change["max_change"] == pytest.approx(1.7e308)
+    row = _strict_json(run(capsys, "check", tmp_path / "huge.pt", "--json")[1])["rows"][0]
+    assert row["magnitude"] is None and row["not_finite"]["magnitude"] == "inf" and row["nonfinite"] == 0
+    state = {"fc.weight": torch.tensor([[float("nan"), 0.0], [float("-inf"), 0.0]])}
+    torch.save(state, tmp_path / "nan.pt")
+    assert run(capsys, "check", tmp_path / "nan.pt", f"--json={tmp_path / 'report.json'}")[0] == 1
+    data = _strict_json((tmp_path / "report.json").read_text())
+    assert data["rows"][0]["nonfinite"] == 2 and data["rows"][0]["not_finite"]["max_abs"] in ("nan", "inf")
+
+
+def test_outputs_are_written_all_or_none(plain, tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "out.pt"
+    existing.write_bytes(b"keep me")
+    unwritable = "/proc/report.json"  # no file can be made there, even by root
+    line = error(capsys, "project", plain, "-o", existing, f"--json={unwritable}")
+    assert f"cannot write {unwritable}" in line and "nothing was written" in line
+    assert existing.read_bytes() == b"keep me" and leftovers(tmp_path) == []
+    # the renames: if the second fails, the message says what was written and what was not
+    real_replace, calls = os.replace, []
+
+    def replace(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    line = error(capsys, "project", plain, "-o", existing, f"--json={tmp_path / 'changes.json'}")
+    assert f"wrote {existing}, but cannot write {tmp_path / 'changes.json'}" in line
+    assert load(existing) and not (tmp_path / "changes.json").exists() and leftovers(tmp_path) == []
+
+
 def test_names_from_the_file_are_escaped_in_the_text_and_exact_in_the_json(tmp_path, capsys):
     name = "evil\x1b[2J\n.weight"
     torch.save({name: torch.full((2, 2), 0.5), "an\x1b[31m.embed.weight": torch.ones(3, 2)}, tmp_path / "names.pt")
@@ -847,6 +885,19 @@ def test_factory_prints_go_to_stderr_and_its_moves_are_undone(tmp_path, capfd, m
     assert os.getcwd() == str(tmp_path) and sys.path == path
 
 
+def test_demo_paths_are_checked_before_training(capsys, monkeypatch, tmp_path):
+    from nwave_param import demo
+
+    def trains(*_):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(demo, "main", trains)
+    for option in (f"--json={tmp_path / 'missing' / 'x.json'}", "--plot"):
+        argv = ["demo", "--quick", option] + ([str(tmp_path / "missing" / "x.png")] if option == "--plot" else [])
+        assert "no directory" in error(capsys, *argv)
+    assert "is a directory" in error(capsys, "demo", "--quick", "--plot", tmp_path)
+
+
 def test_unwritable_directory_fails_cleanly(plain, tmp_path, capsys):
     directory = tmp_path / "read-only"
     directory.mkdir()
@@ -878,6 +929,21 @@ def test_full_disk_leaves_no_file_behind(plain, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "fdopen", real_fdopen)
     assert "cannot write" in line and "No space left on device" in line and "nothing was written" in line
     assert leftovers(tmp_path) == [] and not (tmp_path / "out.pt").exists()
+
+
+def test_a_signal_once_the_outputs_are_being_renamed_lets_the_command_complete(plain, tmp_path, capsys, monkeypatch):
+    """Renaming has begun: stopping now would leave some outputs new and say nothing was written."""
+    real_replace, before = os.replace, signal.getsignal(signal.SIGTERM)
+
+    def replace(source, target):
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next line
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, out, err = run(capsys, "project", plain, "-o", tmp_path / "out.pt", f"--json={tmp_path / 'changes.json'}")
+    assert code == 0 and err == "" and "wrote" in out
+    assert load(tmp_path / "out.pt") and json.loads((tmp_path / "changes.json").read_text())["weights"]
+    assert signal.getsignal(signal.SIGTERM) is before  # and the handler is the caller's again
 
 
 def test_ctrl_c_while_saving_leaves_the_old_output_and_no_file_behind(plain, tmp_path, capsys, monkeypatch):

@@ -5,14 +5,17 @@ The attacks are small generated files (and factories).  Each runs in-process (th
 status, the directory); the memory bound is measured once for all of them in one subprocess,
 which imports torch and then forks a child per attack: every child starts from the same resident
 size, and its peak (``ru_maxrss``) is compared with the peak of a child checking a tiny valid
-checkpoint.
+checkpoint.  Signals need a real process too: a child stalled inside torch.save is sent SIGINT
+or SIGTERM.
 """
 
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -133,6 +136,12 @@ def _build(name, directory):
         state = {"fc.weight": shared, "cell.weight_ih": shared, "cell.weight_hh": torch.zeros(6, 2)}
         torch.save(state, at("tied.pt"))
         return ["project", at("tied.pt"), "-o", at("out.pt"), *limit], "fc.weight and cell.weight_ih hold one tensor"
+    if name == "FIFO as the output":
+        os.mkfifo(at("fifo"))
+        return ["project", at("tiny.pt"), "-o", at("fifo"), *limit], "is a FIFO"
+    if name == "FIFO as the JSON output":
+        os.mkfifo(at("json-fifo"))
+        return ["project", at("tiny.pt"), "-o", at("out.pt"), f"--json={at('json-fifo')}", *limit], "json-fifo is a FIFO"
     if name == "containers nested 5000 deep":
         _zip_with_pickle(at("deep.pt"), {"fc.weight": torch.ones(5, 3)}, b"X\x04\x00\x00\x00deep" + b"]" * 5000 + b"a" * 4999 + b"s")
         return ["project", at("deep.pt"), "-o", at("out.pt"), *limit], "nested more than 100 levels deep"
@@ -173,6 +182,8 @@ ATTACKS = [
     "expanded weight",
     "overlapping weight",
     "weight tied across layouts",
+    "FIFO as the output",
+    "FIFO as the JSON output",
     "containers nested 5000 deep",
     "a list holding itself",
     "a global that runs code",
@@ -270,3 +281,84 @@ def test_attack_allocates_no_more_than_max_bytes(attack, peaks, tmp_path):
     assert valid["code"] in (0, 1) and valid["stderr"] == ""
     assert run["code"] == 2 and run["stderr"].count("\n") == 1 and said in run["stderr"], run
     assert run["maxrss"] - valid["maxrss"] < 2**20 + SLACK, (run["maxrss"] - valid["maxrss"]) / 2**20
+
+
+# --- a character device: the refusal comes before any work ---------------------------------------
+
+
+def test_a_character_device_is_refused_before_anything_is_written(hostile_dir, capsys, monkeypatch):
+    """Never writing to the real /dev/null: every way to write fails the test if reached."""
+    from nwave_param import checkpoint as files
+
+    def reached(*_, **__):
+        raise AssertionError("reached a write")
+
+    monkeypatch.setattr(files, "load", reached)
+    monkeypatch.setattr(files.Outputs, "add", reached)
+    monkeypatch.setattr(os, "replace", reached)
+    assert "-o /dev/null is a character device" in error(capsys, "project", "tiny.pt", "-o", os.devnull)
+    assert "--json /dev/null is a character device" in error(capsys, "check", "tiny.pt", f"--json={os.devnull}")
+
+
+def test_a_socket_is_refused(hostile_dir, capsys):
+    import socket
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # a socket's path is short
+        path = os.path.join(short, "s")
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(path)
+            assert "is a socket" in error(capsys, "project", "tiny.pt", "-o", path)
+
+
+# --- signals: a real process, stalled inside torch.save --------------------------------------------
+
+
+STALLING = r"""
+import sys, time
+import torch
+from nwave_param.cli import main
+
+real_save = torch.save
+
+class Stalling:
+    '''A stream whose second write waits for a signal: the command is inside torch.save.'''
+
+    def __init__(self, stream):
+        self.stream, self.writes = stream, 0
+
+    def write(self, data):
+        written = self.stream.write(data)
+        self.stream.flush()
+        self.writes += 1
+        if self.writes == 2:
+            time.sleep(600)
+        return written
+
+    def flush(self):
+        self.stream.flush()
+
+torch.save = lambda obj, stream, *args, **kwargs: real_save(obj, Stalling(stream), *args, **kwargs)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_writing_removes_the_temporary_file(number, tmp_path):
+    _setting(tmp_path)
+    (tmp_path / "out.pt").write_bytes(b"keep me")
+    process = subprocess.Popen(
+        [sys.executable, "-c", STALLING, "project", str(tmp_path / "tiny.pt"), "-o", str(tmp_path / "out.pt")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        while not any((tmp_path / name).stat().st_size for name in leftovers(tmp_path)):  # the first write is done
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(number)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 2 and out == "", (out, err)
+    assert err.count("\n") == 1 and f"interrupted by {number.name}: nothing was written" in err, err
+    assert leftovers(tmp_path) == [] and (tmp_path / "out.pt").read_bytes() == b"keep me"
