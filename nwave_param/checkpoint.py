@@ -12,9 +12,9 @@
   give; on any failure, Ctrl-C included, nothing is left behind and no file is replaced.
 * Storage sharing: :func:`with_values` gives a container new values for some tensors while every
   tie and view of the input survives (torch.save keeps what shares storage in memory).
-* nwave_param's descriptions (the ``..._extra_state`` entries a registered model saves beside a
-  weight) are tensors, written as any other; the dict descriptions of version 0.2 travel in a
-  safetensors file's metadata, each as a JSON string under its own key.
+* nwave_param's descriptions (the ``..._extra_state`` tensors a registered model saves beside a
+  weight) are ordinary tensors in a safetensors file; version 0.2 wrote them, as dicts, into the
+  metadata, each as a JSON string under its own key, and such files are still read.
 * Messages: :class:`CliError` is the one error the command line reports (one line, exit 2), and
   :func:`one_line` makes any text fit in one: names, paths and messages read from files or
   written by user code have their control characters escaped and are cut to a few hundred
@@ -537,24 +537,20 @@ class Outputs:
             written.append(path)
 
 
-def _safetensors_content(checkpoint: Checkpoint, container: object, path: str) -> tuple[dict, dict[str, str], list[str]]:
-    """The tensors and metadata of a safetensors file holding ``container``, and notes."""
-    state_dict = container
+def _safetensors_content(checkpoint: Checkpoint, path: str) -> tuple[dict, dict[str, str], list[str]]:
+    """The tensors and metadata of a safetensors file holding ``checkpoint``'s state_dict, and notes."""
     if checkpoint.under is not None:
-        others = [repr(k) for k in container if k != checkpoint.under]
+        others = [repr(k) for k in checkpoint.container if k != checkpoint.under]
         if others:
             raise CliError(
                 f"cannot write {one_line(path)}: a safetensors file holds only tensors, and {one_line(checkpoint.path)} also holds "
                 f"{one_line(', '.join(others))} beside its state_dict; write a .pt file instead"
             )
-        state_dict = container[checkpoint.under]
     metadata = dict(checkpoint.metadata) if checkpoint.metadata is not None else {"format": "pt"}
     tensors, refused = {}, []
-    for key, value in state_dict.items():
+    for key, value in checkpoint.state_dict.items():
         if isinstance(value, Tensor) and value.layout == torch.strided:
             tensors[key] = value
-        elif _is_description_key(key) and decode(value) is not None:
-            metadata[key] = json.dumps(value)
         else:
             refused.append(key)
     if refused:
@@ -582,20 +578,20 @@ def _unshared(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]
     return result, notes
 
 
-def save(outputs: Outputs, checkpoint: Checkpoint, container: object, path: str) -> list[str]:
-    """Add ``container`` (``checkpoint``'s, changed) to ``outputs`` as ``path``, as safetensors for
-    ``*.safetensors``.  Returns notes about what the format could not keep as it was."""
+def save(outputs: Outputs, checkpoint: Checkpoint, path: str) -> list[str]:
+    """Add ``checkpoint.container`` to ``outputs`` as ``path``, as safetensors for ``*.safetensors``.
+
+    Returns notes about what the format could not keep as it was.
+    """
     if not is_safetensors(path):
-        outputs.add(path, lambda stream: torch.save(container, stream))
+        outputs.add(path, lambda stream: torch.save(checkpoint.container, stream))
         lost = [key for key in checkpoint.metadata or () if key != "format"]  # "format": "pt" says what a .pt is
         return [f"safetensors metadata a .pt file has no place for, not kept: {', '.join(lost)}"] if lost else []
     safetensors = require_safetensors()
-    tensors, metadata, notes = _safetensors_content(checkpoint, container, path)
+    tensors, metadata, notes = _safetensors_content(checkpoint, path)
     try:
         data = safetensors.torch.save(tensors, metadata=metadata)
     except Exception as error:  # a dtype safetensors cannot hold, and the like
         raise CliError(f"cannot write {one_line(path)}: {one_line(_reason(error))}") from None
     outputs.add(path, lambda stream: stream.write(data))
     return notes
-
-

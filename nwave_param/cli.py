@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ from torch import Tensor, nn
 from . import __version__, functional
 from . import checkpoint as files
 from .checkpoint import Checkpoint, CliError, one_line
-from .description import decode
+from .description import Description, decode, encode
 from .discovery import is_weight_name
 from .layout import Layout
 from .registry import register
@@ -70,6 +71,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what f
 DEFAULT_MAX_BYTES = "4G"
 EMBEDDING = "*embed*"
 MESSAGE = 2000  # characters of a whole message or note, its pieces from outside cut already
+AVERAGED = "n_averaged"  # the buffer torch.optim.swa_utils.AveragedModel keeps beside its module.*
 
 
 @dataclass
@@ -193,10 +195,6 @@ def _check_spec_options(args: argparse.Namespace) -> None:
                 raise CliError(f"{option} {value}: {str(error).removeprefix('ChipSpec: ')}") from None
 
 
-def _essentials(spec: ChipSpec) -> tuple:
-    return spec.limit, spec.group_size, spec.bits  # mismatch changes no check and no projection
-
-
 def resolve_spec(args: argparse.Namespace, saved: Sequence[ChipSpec], notes: list[str]) -> ChipSpec:
     """The options' spec, on top of ``--chip`` or else the checkpoint's own (H1v1 without one)."""
     given = {field: getattr(args, field) for field in SPEC_OPTIONS if getattr(args, field) is not None}
@@ -213,11 +211,10 @@ def resolve_spec(args: argparse.Namespace, saved: Sequence[ChipSpec], notes: lis
     else:
         base = ChipSpec()
     spec = dataclasses.replace(base, **given)
-    differing = [s for s in distinct if _essentials(s) != _essentials(spec)]
+    differing = [s for s in distinct if s.essentials != spec.essentials]
     if differing:
         notes.append(
-            f"the checkpoint was saved with {', '.join(one_line(repr(s)) for s in differing)}; using {spec!r}, as the options ask "
-            "(the descriptions in the file are kept)"
+            f"the checkpoint was saved with {', '.join(one_line(repr(s)) for s in differing)}; using {spec!r}, as the options ask"
         )
     return spec
 
@@ -225,15 +222,19 @@ def resolve_spec(args: argparse.Namespace, saved: Sequence[ChipSpec], notes: lis
 # --- which weights, and their layouts ----------------------------------------------------------
 
 
-def read_descriptions(state_dict: Mapping[str, object]) -> dict[str, Described]:
-    """The weights a registered model described in its state_dict, by name."""
-    found = {}
+def _descriptions(state_dict: Mapping[str, object]) -> Iterator[tuple[str, tuple[str, str, int, str], Description]]:
+    """``(key, link, description)`` for each of nwave_param's descriptions in ``state_dict``."""
     for key, value in state_dict.items():
         link = parse_link_key(key)
         saved = decode(value) if link and link[3] == "_extra_state" else None
-        if saved is None:
-            continue
-        path, tensor_name, position, _ = link
+        if saved is not None:
+            yield key, link, saved
+
+
+def read_descriptions(state_dict: Mapping[str, object]) -> dict[str, Described]:
+    """The weights a registered model described in its state_dict, by name."""
+    found = {}
+    for _, (path, tensor_name, position, _), saved in _descriptions(state_dict):
         latent = original_key(path, tensor_name) if position == 0 else None
         found[path + tensor_name] = Described(latent, saved.layout, saved.spec)
     return found
@@ -694,20 +695,68 @@ def _refuse_guessed(weights: Sequence[Weight], projected: Sequence[Tensor]) -> N
         )
 
 
-def _plain(container: object, checkpoint: Checkpoint) -> object:
-    """``container`` with its state_dict in the keys a plain model loads (the rest untouched)."""
+def _redescribed(checkpoint: Checkpoint, container: object, spec: ChipSpec) -> Checkpoint:
+    """The output: ``container``, its every description saying ``spec``, which its values are
+    projected for, and keeping its layout and hardness (0 for a version 0.2 description, which
+    has none), so that a model registered with ``spec`` loads it, and ``--plain`` hardens with it."""
     state_dict = container if checkpoint.under is None else container[checkpoint.under]
+    described = {key: encode(saved.layout, spec, saved.hardness or 0.0) for key, _, saved in _descriptions(state_dict)}
+    if described:
+        state_dict = copy.copy(state_dict)  # keeps the order and _metadata
+        state_dict.update(described)
+        if checkpoint.under is None:
+            container = state_dict
+        else:
+            container = copy.copy(container)
+            container[checkpoint.under] = state_dict
+    return dataclasses.replace(checkpoint, container=container, state_dict=state_dict)
+
+
+def _inner_prefix(checkpoint: Checkpoint, weights: Sequence[Weight], plain: Mapping[str, object], notes: list[str]) -> str:
+    """The key prefix of the inner model of a Lightning checkpoint (``net.``) or an AveragedModel
+    (``module.``): the first component common to the tracked weights' names; none in a bare
+    state_dict, which is its model's own."""
+    wrapped = checkpoint.under == "state_dict" or AVERAGED in plain
+    firsts = {w.name.partition(".")[0] if "." in w.name else None for w in weights}
+    if not wrapped or len(firsts) != 1 or None in firsts:
+        return ""
+    prefix = f"{firsts.pop()}."
+    outside = [key for key in plain if not key.startswith(prefix) and key != AVERAGED]
+    if outside:
+        raise CliError(
+            f"--plain: the tracked weights of {one_line(checkpoint.path)} are all under {one_line(prefix)}, but "
+            f"{_listed(outside)} are not: pass --prefix {one_line(prefix)} to write the inner model's keys only, "
+            "or --prefix '' to keep every key"
+        )
+    notes.append(f"--plain: wrote the keys under {prefix} without it, the inner model's (--prefix '' keeps every key)")
+    return prefix
+
+
+def _plain(written: Checkpoint, weights: Sequence[Weight], prefix: str | None, notes: list[str]) -> Checkpoint:
+    """The state_dict the plain inner model loads with ``strict=True``, alone: plain keys, each
+    tracked weight's effective value (its description's hardness), the keys under ``prefix``
+    with it removed (found, if None, by :func:`_inner_prefix`)."""
     try:
-        plain = plain_state_dict(state_dict)
+        plain = plain_state_dict(written.state_dict)
     except ValueError as error:
         raise CliError(f"--plain: {one_line(error, MESSAGE)}") from None
-    if hasattr(state_dict, "_metadata"):  # module versions: load_state_dict reads them
-        plain._metadata = state_dict._metadata
-    if checkpoint.under is None:
-        return plain
-    result = copy.copy(container)
-    result[checkpoint.under] = plain
-    return result
+    if prefix is None:
+        prefix = _inner_prefix(written, weights, plain, notes)
+    elif prefix and not prefix.endswith("."):
+        prefix += "."
+    inner = OrderedDict((key[len(prefix):], value) for key, value in plain.items() if key.startswith(prefix))
+    if not inner:
+        raise CliError(f"--prefix {one_line(prefix)}: no key of {one_line(written.path)} starts with it")
+    dropped = [key for key in plain if not key.startswith(prefix)]
+    if dropped:
+        notes.append(f"--plain: not part of the inner model, not written: {', '.join(dropped)}")
+    versions = getattr(written.state_dict, "_metadata", None)
+    if versions is not None:  # module versions, which load_state_dict reads, by the inner model's names
+        module = prefix.removesuffix(".")  # the inner model itself: "" under its own name
+        inner._metadata = OrderedDict(
+            (name[len(prefix):], value) for name, value in versions.items() if name == module or name.startswith(prefix)
+        )
+    return Checkpoint(written.path, inner, inner, None, written.metadata)
 
 
 def _with_projection(
@@ -740,6 +789,8 @@ def _with_projection(
 
 def run_project(args: argparse.Namespace) -> int:
     _check_destinations([("-o", args.output), *_json_destinations(args)], args.checkpoint)
+    if args.prefix is not None and not args.plain:
+        raise CliError("--prefix says which keys --plain writes: pass --plain too, or leave --prefix out")
     if files.is_safetensors(args.output):
         files.require_safetensors()  # before any work: is the package there?
     checkpoint, spec, weights, notes = gather(args)
@@ -748,10 +799,11 @@ def run_project(args: argparse.Namespace) -> int:
     if not args.assume_plain:
         _refuse_guessed(weights, projected)
     container, new_values = _with_projection(checkpoint, weights, projected, notes)
+    written = _redescribed(checkpoint, container, spec)
     if args.plain:
-        container = _plain(container, checkpoint)
+        written = _plain(written, weights, args.prefix, notes)
     with files.Outputs() as outputs:
-        notes += files.save(outputs, checkpoint, container, args.output)
+        notes += files.save(outputs, written, args.output)
         before, after = _report(weights, [w.value for w in weights], spec), _report(weights, new_values, spec)
         changes = [_change(w, new) for w, new in zip(weights, new_values)]
         data = {
@@ -916,7 +968,14 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, metavar="OUT", help="where to write (never the input); *.safetensors writes safetensors"
     )
     project.add_argument(
-        "--plain", action="store_true", help="write the keys a plain model (without nwave_param) loads with strict=True"
+        "--plain", action="store_true",
+        help="write only the state_dict the plain model (without nwave_param) loads with strict=True: of a Lightning "
+        "checkpoint or an AveragedModel, the inner model's",
+    )
+    project.add_argument(
+        "--prefix", metavar="PREFIX",
+        help="with --plain: write the keys under PREFIX (e.g. net.), without it; --prefix '' keeps every key "
+        "(default: the tracked weights' common first component, in a Lightning checkpoint or an AveragedModel)",
     )
     demo = add("demo", "train a spiking network on handwritten digits with and without the penalties", run_demo)
     demo.add_argument("--quick", action="store_true", help="a few epochs (a smoke run)")

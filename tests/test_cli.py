@@ -224,14 +224,12 @@ def test_plain_output_loads_into_the_plain_model_strictly(mixed, capsys):
         assert torch.equal(plain_model.state_dict()[key], value), key
 
 
-def test_plain_converts_only_the_state_dict_of_a_lightning_container(mixed, capsys):
+def test_plain_writes_only_the_state_dict_of_a_container(mixed, capsys):
     model = reset_scaled(mixed.build(), 4, 3)
     nwp.register(model)
     torch.save({"state_dict": model.state_dict(), "epoch": 7, "optimizer_states": [{"lr": 0.1}]}, "run.ckpt")
     assert run(capsys, "project", "run.ckpt", "--plain", "-o", "deploy.ckpt")[0] == 0
-    written = load("deploy.ckpt")
-    assert written["epoch"] == 7 and written["optimizer_states"] == [{"lr": 0.1}]
-    mixed.build().load_state_dict(written["state_dict"], strict=True)
+    mixed.build().load_state_dict(load("deploy.ckpt"), strict=True)  # its weights under no common prefix: all of it
 
 
 def test_plain_refuses_a_parametrization_after_nwave_params(tmp_path, capsys):
@@ -249,6 +247,94 @@ def test_plain_refuses_a_parametrization_after_nwave_params(tmp_path, capsys):
     torch.save(model.state_dict(), tmp_path / "late.pt")
     line = error(capsys, "project", tmp_path / "late.pt", "--plain", "-o", tmp_path / "out.pt")
     assert line.startswith("nwave-param: error: --plain: 0.weight") and not (tmp_path / "out.pt").exists()
+
+
+def _net():
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+
+
+def test_plain_writes_the_inner_model_of_a_real_lightning_checkpoint(tmp_path, capsys):
+    L = pytest.importorskip("lightning", reason="Lightning not installed (pip install lightning)")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = scaled(_net(), 4.0)
+            self.reg = nwp.register(self.net)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y) + self.reg.penalty()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    module = Module()
+    module.reg.harden(0.5)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    code, out, _ = run(capsys, "project", tmp_path / "run.ckpt", "--plain", "-o", tmp_path / "deploy.pt")
+    assert code == 0 and "under net. without it" in out
+    written = load(tmp_path / "deploy.pt")
+    plain = _net()
+    plain.load_state_dict(written, strict=True)  # exactly the inner model's keys
+    assert sorted(written) == sorted(plain.state_dict())
+    module.reg.project_()
+    x = torch.randn(5, 6)
+    assert torch.equal(plain(x), module.net.eval()(x))  # and what the projected model computes
+
+
+def test_plain_writes_the_inner_model_of_an_averaged_model(tmp_path, capsys):
+    from torch.optim.swa_utils import AveragedModel
+
+    model = scaled(_net(), 4.0)
+    reg = nwp.register(model)
+    average = AveragedModel(model)
+    average.update_parameters(model)
+    torch.save(average.state_dict(), tmp_path / "swa.pt")
+    code, out, _ = run(capsys, "project", tmp_path / "swa.pt", "--plain", "-o", tmp_path / "deploy.pt", "--json")
+    assert code == 0 and any("n_averaged" in note for note in json.loads(out)["notes"])
+    plain = _net()
+    plain.load_state_dict(load(tmp_path / "deploy.pt"), strict=True)
+    reg.project_()
+    x = torch.randn(5, 6)
+    assert torch.equal(plain(x), model(x))
+
+
+def test_prefix_chooses_the_keys_plain_writes(tmp_path, capsys):
+    model = nn.Module()
+    model.net, model.scale = scaled(_net(), 4.0), nn.Parameter(torch.ones(3))  # a key outside net.
+    nwp.register(model.net)
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "run.ckpt")
+    out_path = tmp_path / "deploy.pt"
+    line = error(capsys, "project", tmp_path / "run.ckpt", "--plain", "-o", out_path)
+    assert "all under net." in line and "scale" in line and "--prefix net." in line and "--prefix ''" in line
+    assert not out_path.exists()
+    assert run(capsys, "project", tmp_path / "run.ckpt", "--plain", "--prefix", "net", "-o", out_path)[0] == 0
+    _net().load_state_dict(load(out_path), strict=True)
+    assert run(capsys, "project", tmp_path / "run.ckpt", "--plain", "--prefix", "", "-o", out_path)[0] == 0
+    everything = nn.Module()
+    everything.net, everything.scale = _net(), nn.Parameter(torch.ones(3))
+    everything.load_state_dict(load(out_path), strict=True)
+    assert "no key" in error(capsys, "project", tmp_path / "run.ckpt", "--plain", "--prefix", "head.", "-o", out_path)
+    assert "pass --plain too" in error(capsys, "project", tmp_path / "run.ckpt", "--prefix", "net.", "-o", out_path)
+
+
+def test_a_bare_state_dict_is_its_own_model_and_keeps_its_prefix(tmp_path, capsys):
+    model = nn.Module()
+    model.body = scaled(_net(), 4.0)  # every key under body.: the model's own, not a wrapper's
+    nwp.register(model)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    assert run(capsys, "project", tmp_path / "model.pt", "--plain", "-o", tmp_path / "deploy.pt")[0] == 0
+    plain = nn.Module()
+    plain.body = _net()
+    plain.load_state_dict(load(tmp_path / "deploy.pt"), strict=True)
 
 
 # --- the report and projection, as Python computes them --------------------------------------------
@@ -662,6 +748,50 @@ def test_the_files_spec_is_the_default_and_options_override_it_with_a_note(tmp_p
     data = json.loads(run(capsys, "check", tmp_path / "registered.pt", "--json", "--limit", "0.9")[1])
     assert (data["spec"]["limit"], data["spec"]["group_size"], data["spec"]["bits"]) == (0.9, 3, 5)
     assert any("saved with ChipSpec(limit=1.66, group_size=3, bits=5)" in note for note in data["notes"])
+
+
+@pytest.mark.parametrize(
+    "options, spec",
+    [(["--chip", "h1v2"], nwp.H1V2), (["--bits", "5"], nwp.ChipSpec(bits=5)), (["--limit", "2", "--group-size", "3"], nwp.ChipSpec(limit=2.0, group_size=3))],
+    ids=["chip", "bits", "limit-group-size"],
+)
+def test_project_with_another_spec_writes_descriptions_that_say_it(options, spec, tmp_path, capsys):
+    model = make_model()
+    reg = nwp.register(model)
+    reg.harden(0.5)
+    torch.save(model.state_dict(), tmp_path / "registered.pt")
+    assert run(capsys, "project", tmp_path / "registered.pt", "-o", tmp_path / "out.pt", *options)[0] == 0
+    assert run(capsys, "check", tmp_path / "out.pt")[0] == 0  # read with the spec its values are projected for
+    fresh = make_model()
+    fresh_reg = nwp.register(fresh, spec)
+    with pytest.warns(UserWarning, match="hardness 0.5"):  # the saved hardness is kept
+        fresh.load_state_dict(load(tmp_path / "out.pt"))
+    assert fresh_reg.is_mappable()
+    # --plain computes what that projected model computes: its hardness and spec, as the descriptions say
+    assert run(capsys, "project", tmp_path / "registered.pt", "-o", tmp_path / "plain.pt", "--plain", *options)[0] == 0
+    plain = make_model()
+    plain.load_state_dict(load(tmp_path / "plain.pt"), strict=True)
+    x = torch.randn(3, 4)
+    assert torch.equal(plain.eval()[0](x), fresh.eval()[0](x))
+    assert all(torch.equal(a, b) for a, b in zip(plain[1](plain[0](x))[0], fresh[1](fresh[0](x))[0]))
+
+
+def test_a_version_0_2_description_is_rewritten_as_a_tensor(tmp_path, capsys):
+    from nwave_param.description import decode
+
+    model = make_model()
+    reg = nwp.register(model)
+    state = model.state_dict()
+    for key in [k for k in state if k.endswith("_extra_state")]:
+        saved = decode(state[key])
+        spec = {"limit": saved.spec.limit, "group_size": saved.spec.group_size, "bits": None, "mismatch": 0.0}
+        state[key] = {"format": "nwave_param/1", "layout": saved.layout.to_dict(), "spec": spec}
+    torch.save(state, tmp_path / "old.pt")
+    assert run(capsys, "project", tmp_path / "old.pt", "-o", tmp_path / "out.pt", "--chip", "h1v2")[0] == 0
+    written = load(tmp_path / "out.pt")
+    for key, layout in zip([k for k in state if k.endswith("_extra_state")], reg.layouts):
+        assert decode(written[key]) == (layout, nwp.H1V2, 0.0), key
+    assert run(capsys, "check", tmp_path / "out.pt")[0] == 0
 
 
 def test_max_bytes_refuses_before_loading(plain, tmp_path, capsys):
