@@ -1,28 +1,35 @@
-"""Checkpoint files for the command line: PyTorch and safetensors, read safely, written atomically.
+"""Checkpoint files for the command line: PyTorch and safetensors, read safely, written all or none.
 
 * Reading: ``torch.load(..., weights_only=True, map_location="cpu")`` (a checkpoint never runs
-  code) or the ``safetensors`` package for ``*.safetensors``, after a memory guard that reads
-  what loading will take without loading: the uncompressed sizes of a zip archive's entries, or
-  the size of a file that is not compressed.
-* Writing: a temporary file beside the output, renamed over it once complete, with the mode a
-  plain ``open()`` would give; on any failure, Ctrl-C included, nothing is left behind.
+  code) or the ``safetensors`` package for ``*.safetensors``, bounded by ``--max-bytes`` twice:
+  before loading, by what loading allocates (the uncompressed sizes of a zip archive's entries,
+  or the size of a legacy file, the format told by the file's leading bytes as torch tells it);
+  after loading and before any computation, by what computing with its tensors materializes
+  (an expanded tensor counts every element it reads as).  A structure nested too deep, or
+  containing itself, is refused before anything walks it recursively.
+* Writing: :class:`Outputs`, every file of one command written to a temporary file beside it,
+  then all renamed into place once each is complete, with the mode a plain ``open()`` would
+  give; on any failure, Ctrl-C included, nothing is left behind and no file is replaced.
 * Storage sharing: :func:`with_values` gives a container new values for some tensors while every
   tie and view of the input survives (torch.save keeps what shares storage in memory).
-* nwave_param's descriptions (the ``..._extra_state`` entries a registered model saves beside a
-  weight: its layout and spec) travel in a safetensors file's metadata, each as a JSON string
-  under its own key.
+* nwave_param's descriptions (the ``..._extra_state`` tensors a registered model saves beside a
+  weight) are ordinary tensors in a safetensors file; version 0.2 wrote them, as dicts, into the
+  metadata, each as a JSON string under its own key, and such files are still read.
+* Messages: :class:`CliError` is the one error the command line reports (one line, exit 2), and
+  :func:`one_line` makes any text fit in one: names, paths and messages read from files or
+  written by user code have their control characters escaped and are cut to a few hundred
+  characters.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import pickle
 import re
+import secrets
 import stat
-import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -38,25 +45,78 @@ from .state import parse_link_key
 
 __all__ = [
     "Checkpoint",
-    "CheckpointError",
+    "CliError",
+    "Outputs",
     "is_safetensors",
     "load",
+    "one_line",
     "parse_size",
     "require_safetensors",
     "save",
     "storage_of",
+    "view_of",
     "with_values",
-    "write_atomically",
-    "write_text",
 ]
 
 INSTALL_SAFETENSORS = "pip install 'nwave-param[safetensors]'"
-# A pre-1.6 (non-zip) torch.save file starts with its pickled magic number.
+# torch.load tells its two formats apart by their first bytes (torch.serialization._is_zipfile):
+# a zip archive's local-header signature, or (before torch 1.6) the pickled magic number.
+_ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+MAX_DEPTH = 100  # containers inside containers; a training checkpoint nests a handful
+SHOWN = 300  # characters of one name, path or message from outside in a message
 
 
-class CheckpointError(Exception):
-    """A one-line error for the user (the command line exits with status 2)."""
+class CliError(Exception):
+    """A one-line error for the user: the command line prints it and exits with status 2."""
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+# C0 and C1 controls (newlines, the escape of a terminal sequence), the line and paragraph
+# separators, bidirectional overrides, and lone surrogates (no terminal can print them)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def one_line(value: object, limit: int = SHOWN) -> str:
+    """``value`` (a message, an exception, a name or a path) as one printable line.
+
+    Control characters are escaped as Python writes them (a newline as ``\\n``, the start of a
+    terminal escape sequence as ``\\x1b``), and a text longer than ``limit`` characters is cut in
+    the middle, saying how much was cut.
+
+    Example::
+
+        >>> one_line("fc\\n\\x1b[2Jweight")
+        'fc\\\\n\\\\x1b[2Jweight'
+        >>> one_line("x" * 1000, limit=20)
+        'xxxxxxxxxx…(980 characters)…xxxxxxxxxx'
+    """
+    text = str(value)
+    if not text and isinstance(value, BaseException):
+        text = type(value).__name__
+    if len(text) > limit:
+        keep = limit // 2
+        text = f"{text[:keep]}…({len(text) - 2 * keep} characters)…{text[len(text) - keep:]}"
+    return _UNPRINTABLE.sub(lambda match: repr(match[0])[1:-1], text)
+
+
+def _reason(error: BaseException) -> str:
+    """The words of a library's error that say what went wrong: the OSError behind a failed
+    write (torch's writer wraps it in a RuntimeError), the reason torch's weights-only loader
+    gives after its paragraph of advice, or else the first line."""
+    cause, seen = error, set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(error).strip()
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(paragraphs) > 1 and paragraphs[0].startswith("Weights only load failed"):
+        return paragraphs[1]
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclass
@@ -64,7 +124,7 @@ class Checkpoint:
     """A loaded checkpoint: the object on disk and the state_dict inside it (``under`` its key).
 
     For a safetensors file, ``container`` is the state_dict, nwave_param's descriptions included
-    (taken from the metadata), and ``metadata`` holds the rest of the metadata.
+    (those of version 0.2 taken from the metadata), and ``metadata`` holds the rest of the metadata.
     """
 
     path: str
@@ -103,82 +163,73 @@ def require_safetensors():
     try:
         import safetensors.torch
     except ImportError:
-        raise CheckpointError(f"safetensors files need the safetensors package: {INSTALL_SAFETENSORS}") from None
+        raise CliError(f"safetensors files need the safetensors package: {INSTALL_SAFETENSORS}") from None
     return safetensors
 
 
 def _open_regular_file(path: str) -> bytes:
     """The first 16 bytes of ``path``, after checking that it is a readable regular file."""
     if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+        raise CliError(f"{one_line(path)} is a directory, not a checkpoint file")
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file")
+        raise CliError(f"{one_line(path)}: no such file")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is not a regular file")
+        raise CliError(f"{one_line(path)} is not a regular file")
     try:
         with open(path, "rb") as stream:
             return stream.read(16)
     except OSError as error:
-        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+        raise CliError(f"cannot read {one_line(path)}: {_reason(error)}") from None
 
 
-def _guard(path: str, needed: int, max_bytes: int) -> None:
+def _refuse_larger(path: str, what: str, needed: int, max_bytes: int, detail: str = "") -> None:
     if needed > max_bytes:
-        raise CheckpointError(
-            f"{path}: loading it takes {human_size(needed)}, more than --max-bytes {human_size(max_bytes)}; "
+        raise CliError(
+            f"{one_line(path)}: {what} takes {human_size(needed)}{detail}, more than --max-bytes {human_size(max_bytes)}; "
             "pass a larger --max-bytes (e.g. --max-bytes 16G) if this machine has the memory"
         )
 
 
 def _torch_size(path: str, head: bytes) -> int:
-    """Bytes that loading ``path`` allocates at most, read without loading it."""
-    if zipfile.is_zipfile(path):
-        # the uncompressed sizes: a compressed entry must not hide a large tensor
-        with zipfile.ZipFile(path) as archive:
-            return sum(entry.file_size for entry in archive.infolist())
+    """Bytes that loading ``path`` allocates at most, read without loading it, in the format its
+    first bytes name (a legacy file with a zip archive appended is a legacy file, as torch reads it)."""
+    if head.startswith(_ZIP_MAGIC):
+        try:  # the uncompressed sizes: a compressed entry must not hide a large tensor
+            with zipfile.ZipFile(path) as archive:
+                return sum(entry.file_size for entry in archive.infolist())
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            raise CliError(f"{one_line(path)} is not a readable PyTorch checkpoint (a damaged or truncated zip archive)") from None
     if head.startswith(_LEGACY_MAGIC):
         return os.path.getsize(path)  # the legacy format is not compressed
-    if head.startswith(b"PK"):
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (a damaged or truncated zip archive)")
     if head[8:10] == b'{"':
-        raise CheckpointError(f"{path} looks like a safetensors file: name it *.safetensors")
-    raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint")
-
-
-def first_line(error: BaseException) -> str:
-    """An error's message as one line: its first (the command line prints errors on one line)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _first_sentence(error: BaseException) -> str:
-    return first_line(error).split(". ")[0]
+        raise CliError(f"{one_line(path)} looks like a safetensors file: name it *.safetensors")
+    raise CliError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint")
 
 
 def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
-    _guard(path, _torch_size(path, head), max_bytes)
+    _refuse_larger(path, "loading it", _torch_size(path, head), max_bytes)
     try:
         with warnings.catch_warnings():  # torch's deprecation notices about what a file holds: not the user's to fix
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a bad file
-        if "Unsupported global" in str(error):
-            raise CheckpointError(
-                f"{path} holds pickled Python objects (a full model?), which could run code when loaded; "
+        if "unsupported global" in str(error).lower():
+            raise CliError(
+                f"{one_line(path)} holds pickled Python objects (a full model?), which could run code when loaded; "
                 "save model.state_dict() instead"
             ) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({_first_sentence(error)})") from None
+        raise CliError(f"{one_line(path)} is not a readable PyTorch checkpoint ({one_line(_reason(error))})") from None
 
 
 def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
     safetensors = require_safetensors()
-    _guard(path, os.path.getsize(path), max_bytes)  # not compressed: the file bounds its tensors
+    _refuse_larger(path, "loading it", os.path.getsize(path), max_bytes)  # not compressed: the file bounds its tensors
     try:
         with safetensors.safe_open(path, framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # SafetensorError and the like: a bad header or body
-        raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint ({_first_sentence(error)})") from None
+        raise CliError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint ({one_line(_reason(error))})") from None
     return tensors, metadata
 
 
@@ -188,7 +239,7 @@ def _is_description_key(key: str) -> bool:
 
 
 def _descriptions_from_metadata(metadata: dict[str, str]) -> tuple[dict[str, dict], dict[str, str]]:
-    """Split ``metadata`` into nwave_param's descriptions (decoded) and the rest."""
+    """Split ``metadata`` into the dict descriptions version 0.2 kept there (decoded) and the rest."""
     found, rest = {}, {}
     for key, text in metadata.items():
         try:
@@ -210,6 +261,109 @@ def _is_state_dict(obj: object) -> bool:
     )
 
 
+def _children(obj: object):
+    """The items of a container (what :func:`with_values` walks into), None for anything else."""
+    if isinstance(obj, Mapping):
+        return iter(obj.items())
+    if isinstance(obj, (list, tuple)):
+        return enumerate(obj)
+    return None
+
+
+def _tensors_in(path: str, obj: object) -> dict[str, Tensor]:
+    """Every tensor in ``obj`` by where it sits (``state_dict/fc.weight``), each container read once.
+
+    Refuses a structure nested deeper than :data:`MAX_DEPTH` or containing itself, reading it
+    without recursion, so that whatever walks it afterwards (copying, saving) may recurse.
+    """
+    found: dict[str, Tensor] = {}
+    height: dict[int, int] = {}  # a container read -> the most containers on a path down from it, itself included
+
+    def too_deep(where: str) -> CliError:
+        return CliError(
+            f"{one_line(path)}: containers nested more than {MAX_DEPTH} levels deep (at {one_line(where)}); "
+            "a checkpoint is a state_dict, or a dict holding one"
+        )
+
+    if _children(obj) is None:
+        return found
+    stack = [[obj, "", _children(obj), 0]]  # the path down: container, where, its items left, its tallest child
+    on_path = {id(obj)}
+    while stack:
+        frame = stack[-1]
+        for key, child in frame[2]:
+            where = f"{frame[1]}/{key}" if frame[1] else str(key)
+            children = _children(child)
+            if isinstance(child, Tensor):
+                found.setdefault(where, child)
+            elif children is None:
+                continue
+            elif id(child) in on_path:
+                raise CliError(f"{one_line(path)}: {one_line(where)} is a container it sits in (a structure holding itself, which no checkpoint is)")
+            elif id(child) in height:  # already read through another key: only its height counts
+                if len(stack) + height[id(child)] > MAX_DEPTH:
+                    raise too_deep(where)
+                frame[3] = max(frame[3], height[id(child)])
+            elif len(stack) == MAX_DEPTH:
+                raise too_deep(where)
+            else:
+                stack.append([child, where, children, 0])
+                on_path.add(id(child))
+                break
+        else:  # every item read
+            stack.pop()
+            on_path.discard(id(frame[0]))
+            height[id(frame[0])] = frame[3] + 1
+            if stack:
+                stack[-1][3] = max(stack[-1][3], frame[3] + 1)
+    return found
+
+
+# sparse layouts: the tensors that hold their values
+_SPARSE_PARTS = {
+    torch.sparse_coo: ("_indices", "_values"),
+    torch.sparse_csr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_bsr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_csc: ("ccol_indices", "row_indices", "values"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices", "values"),
+}
+
+
+def _computed_bytes(tensor: Tensor) -> int:
+    """The bytes computing with ``tensor`` materializes: ``numel * element_size`` of a dense
+    tensor however little it stores (an expanded tensor reads one value as many), those of the
+    parts of a sparse one; none for a meta tensor, which holds no values."""
+    if tensor.is_meta:
+        return 0
+    parts = _SPARSE_PARTS.get(tensor.layout)
+    if parts is not None:
+        return sum(_computed_bytes(getattr(tensor, part)()) for part in parts)
+    return tensor.numel() * tensor.element_size()
+
+
+def view_of(tensor: Tensor) -> tuple:
+    """Equal for keys holding the very same tensor (a tied weight); unique otherwise."""
+    where = storage_of(tensor)
+    if where is None:
+        return (id(tensor),)
+    return (where, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+
+
+def _refuse_computing_more(path: str, tensors: Mapping[str, Tensor], max_bytes: int) -> None:
+    """Refuse, before any computation, a checkpoint whose tensors materialize more than ``max_bytes``."""
+    views = {view_of(t): (where, t) for where, t in tensors.items()}
+    sizes = {where: _computed_bytes(t) for where, t in views.values()}
+    needed = sum(sizes.values())
+    if needed <= max_bytes:
+        return
+    largest = max(sizes, key=sizes.get)
+    tensor = dict(views.values())[largest]
+    stored = tensor.untyped_storage().nbytes() if storage_of(tensor) else sizes[largest]
+    expanded = f", stored in {human_size(stored)}" if stored < sizes[largest] else ""
+    detail = f" ({one_line(largest)} of shape {tuple(tensor.shape)}: {human_size(sizes[largest])}{expanded})"
+    _refuse_larger(path, "computing with its tensors", needed, max_bytes, detail)
+
+
 def load(path: str, max_bytes: int) -> Checkpoint:
     """Load ``path`` (``*.safetensors`` with safetensors, anything else with torch) and find its state_dict."""
     head = _open_regular_file(path)
@@ -219,12 +373,13 @@ def load(path: str, max_bytes: int) -> Checkpoint:
         state_dict = OrderedDict({**tensors, **descriptions})
         return Checkpoint(path, state_dict, state_dict, None, rest)
     obj = _load_torch(path, head, max_bytes)
+    _refuse_computing_more(path, _tensors_in(path, obj), max_bytes)
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and _is_state_dict(obj.get(key)):
             return Checkpoint(path, obj, obj[key], key)
     if _is_state_dict(obj):
         return Checkpoint(path, obj, obj, None)
-    raise CheckpointError(f"{path} holds no state_dict (expected one, or a dict with it under 'state_dict' or 'model')")
+    raise CliError(f"{one_line(path)} holds no state_dict (expected one, or a dict with it under 'state_dict' or 'model')")
 
 
 # --- storage sharing ---------------------------------------------------------------------------
@@ -241,22 +396,26 @@ def storage_of(tensor: Tensor) -> tuple | None:
     return (storage.device, storage.data_ptr()) if storage.nbytes() else None
 
 
-def _map_tensors(obj: object, change: Callable[[Tensor], Tensor]) -> object:
+def _map_tensors(obj: object, change: Callable[[Tensor], Tensor], done: dict[int, object]) -> object:
     """``obj`` with each tensor replaced by ``change(tensor)``; containers are copied only where
-    something changed (``copy.copy`` keeps a state_dict's order and its ``_metadata``)."""
+    something changed (``copy.copy`` keeps a state_dict's order and its ``_metadata``), each once,
+    so that a container held under two keys stays one."""
     if isinstance(obj, Tensor):
         return change(obj)
+    if id(obj) in done:
+        return done[id(obj)]
+    result = obj
     if isinstance(obj, Mapping):
-        changed = {k: new for k, v in obj.items() if (new := _map_tensors(v, change)) is not v}
-        if not changed:
-            return obj
-        result = copy.copy(obj)
-        result.update(changed)
-        return result
-    if isinstance(obj, (list, tuple)):
-        items = [_map_tensors(v, change) for v in obj]
-        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
-    return obj
+        changed = {k: new for k, v in obj.items() if (new := _map_tensors(v, change, done)) is not v}
+        if changed:
+            result = copy.copy(obj)
+            result.update(changed)
+    elif isinstance(obj, (list, tuple)):
+        items = [_map_tensors(v, change, done) for v in obj]
+        if not all(a is b for a, b in zip(items, obj)):
+            result = type(obj)(items)
+    done[id(obj)] = result
+    return result
 
 
 def with_values(container: object, targets: list[tuple[Tensor, Tensor]]) -> tuple[object, Callable[[Tensor], Tensor]]:
@@ -287,7 +446,7 @@ def with_values(container: object, targets: list[tuple[Tensor, Tensor]]) -> tupl
             rebuilt[id(tensor)] = view
         return rebuilt[id(tensor)]
 
-    result = _map_tensors(container, counterpart)
+    result = _map_tensors(container, counterpart, {})
     with torch.no_grad():
         for old, new in targets:
             counterpart(old).copy_(new)
@@ -311,74 +470,92 @@ def _mode_for(target: str) -> int:
         return 0o666 & ~_umask()
 
 
-def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``.
+class Outputs:
+    """The files one command writes, all or none.
 
-    A crash, a full disk or Ctrl-C leaves ``path`` as it was and no temporary file behind.
-    A symbolic link is written through, as ``open()`` would.
+    :meth:`add` writes each to a temporary file beside it (``.nwave-param-*.tmp``, with the mode
+    a plain ``open()`` would give); :meth:`commit` renames them all into place once every one is
+    complete.  Leaving the ``with`` block any other way (a failed write, a full disk, Ctrl-C)
+    removes every temporary file: no output is replaced, nothing is left behind.  A symbolic
+    link is written through, as ``open()`` would.
     """
-    target = os.path.realpath(path)
-    if os.path.isdir(target):
-        raise CheckpointError(f"cannot write {path}: it is a directory")
-    mode = _mode_for(target)
-    try:
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".nwave-param-", suffix=".tmp")
-    except OSError as error:
-        raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
-    try:
-        os.fchmod(handle, mode)
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if isinstance(error, KeyboardInterrupt):
-            raise CheckpointError(f"interrupted while writing {path}: nothing was written") from None
-        if isinstance(error, (OSError, RuntimeError)):
-            raise CheckpointError(f"cannot write {path}: {_write_failure(error)}; nothing was written") from None
-        raise
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, str, str]] = []  # (path as given, target, temporary file)
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, *_) -> None:
+        for _, _, temporary in self._pending:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+        self._pending = []
+
+    def add(self, path: str, write: Callable[[BinaryIO], None]) -> None:
+        """Write ``path``'s content, by ``write(stream)``, to its temporary file."""
+        target = os.path.realpath(path)
+        mode = _mode_for(target)
+        # the name is known before the file exists, so that an interruption at any point leaves it known
+        temporary = os.path.join(os.path.dirname(target), f".nwave-param-{secrets.token_hex(8)}.tmp")
+        self._pending.append((path, target, temporary))
+        try:
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.fchmod(handle, mode)
+            except OSError:
+                os.close(handle)
+                raise
+        except OSError as error:
+            raise CliError(f"cannot write {one_line(path)}: {_reason(error)}; nothing was written") from None
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                write(stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+        except KeyboardInterrupt:
+            raise CliError(f"interrupted while writing {one_line(path)}: nothing was written") from None
+        except (OSError, RuntimeError) as error:
+            raise CliError(f"cannot write {one_line(path)}: {one_line(_reason(error))}; nothing was written") from None
+
+    def add_text(self, path: str, text: str) -> None:
+        self.add(path, lambda stream: stream.write(text.encode()))
+
+    def commit(self) -> None:
+        """Rename every temporary file over its output (a rename in one directory: complete or not done)."""
+        written = []
+        while self._pending:
+            path, target, temporary = self._pending[0]
+            try:
+                os.replace(temporary, target)
+            except OSError as error:
+                done = f"wrote {', '.join(map(one_line, written))}, but " if written else ""
+                raise CliError(f"{done}cannot write {one_line(path)}: {_reason(error)}; {one_line(path)} was not written") from None
+            self._pending.pop(0)
+            written.append(path)
 
 
-def _write_failure(error: BaseException) -> str:
-    """The OSError behind a failed write: torch's writer wraps one from the stream in a RuntimeError."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
-        cause = cause.__cause__ or cause.__context__
-    return _first_sentence(error)
-
-
-def write_text(path: str, text: str) -> None:
-    write_atomically(path, lambda stream: stream.write(text.encode()))
-
-
-def _safetensors_content(checkpoint: Checkpoint, container: object, path: str) -> tuple[dict, dict[str, str], list[str]]:
-    """The tensors and metadata of a safetensors file holding ``container``, and notes."""
-    state_dict = container
+def _safetensors_content(checkpoint: Checkpoint, path: str) -> tuple[dict, dict[str, str], list[str]]:
+    """The tensors and metadata of a safetensors file holding ``checkpoint``'s state_dict, and notes."""
     if checkpoint.under is not None:
-        others = [repr(k) for k in container if k != checkpoint.under]
+        others = [repr(k) for k in checkpoint.container if k != checkpoint.under]
         if others:
-            raise CheckpointError(
-                f"cannot write {path}: a safetensors file holds only tensors, and {checkpoint.path} also holds "
-                f"{', '.join(others)} beside its state_dict; write a .pt file instead"
+            raise CliError(
+                f"cannot write {one_line(path)}: a safetensors file holds only tensors, and {one_line(checkpoint.path)} also holds "
+                f"{one_line(', '.join(others))} beside its state_dict; write a .pt file instead"
             )
-        state_dict = container[checkpoint.under]
     metadata = dict(checkpoint.metadata) if checkpoint.metadata is not None else {"format": "pt"}
     tensors, refused = {}, []
-    for key, value in state_dict.items():
+    for key, value in checkpoint.state_dict.items():
         if isinstance(value, Tensor) and value.layout == torch.strided:
             tensors[key] = value
-        elif _is_description_key(key) and decode(value) is not None:
-            metadata[key] = json.dumps(value)
         else:
             refused.append(key)
     if refused:
-        raise CheckpointError(
-            f"cannot write {path}: a safetensors file holds only dense tensors, not {', '.join(refused)}; "
+        raise CliError(
+            f"cannot write {one_line(path)}: a safetensors file holds only dense tensors, not {one_line(', '.join(refused))}; "
             "write a .pt file instead"
         )
     tensors, notes = _unshared(tensors)
@@ -401,20 +578,20 @@ def _unshared(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]
     return result, notes
 
 
-def save(checkpoint: Checkpoint, container: object, path: str) -> list[str]:
-    """Write ``container`` (``checkpoint``'s, changed) to ``path``, as safetensors for ``*.safetensors``.
+def save(outputs: Outputs, checkpoint: Checkpoint, path: str) -> list[str]:
+    """Add ``checkpoint.container`` to ``outputs`` as ``path``, as safetensors for ``*.safetensors``.
 
     Returns notes about what the format could not keep as it was.
     """
     if not is_safetensors(path):
-        write_atomically(path, lambda stream: torch.save(container, stream))
+        outputs.add(path, lambda stream: torch.save(checkpoint.container, stream))
         lost = [key for key in checkpoint.metadata or () if key != "format"]  # "format": "pt" says what a .pt is
         return [f"safetensors metadata a .pt file has no place for, not kept: {', '.join(lost)}"] if lost else []
     safetensors = require_safetensors()
-    tensors, metadata, notes = _safetensors_content(checkpoint, container, path)
+    tensors, metadata, notes = _safetensors_content(checkpoint, path)
     try:
         data = safetensors.torch.save(tensors, metadata=metadata)
     except Exception as error:  # a dtype safetensors cannot hold, and the like
-        raise CheckpointError(f"cannot write {path}: {_first_sentence(error)}") from None
-    write_atomically(path, lambda stream: stream.write(data))
+        raise CliError(f"cannot write {one_line(path)}: {one_line(_reason(error))}") from None
+    outputs.add(path, lambda stream: stream.write(data))
     return notes

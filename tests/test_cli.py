@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import zipfile
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
@@ -223,14 +224,12 @@ def test_plain_output_loads_into_the_plain_model_strictly(mixed, capsys):
         assert torch.equal(plain_model.state_dict()[key], value), key
 
 
-def test_plain_converts_only_the_state_dict_of_a_lightning_container(mixed, capsys):
+def test_plain_writes_only_the_state_dict_of_a_container(mixed, capsys):
     model = reset_scaled(mixed.build(), 4, 3)
     nwp.register(model)
     torch.save({"state_dict": model.state_dict(), "epoch": 7, "optimizer_states": [{"lr": 0.1}]}, "run.ckpt")
     assert run(capsys, "project", "run.ckpt", "--plain", "-o", "deploy.ckpt")[0] == 0
-    written = load("deploy.ckpt")
-    assert written["epoch"] == 7 and written["optimizer_states"] == [{"lr": 0.1}]
-    mixed.build().load_state_dict(written["state_dict"], strict=True)
+    mixed.build().load_state_dict(load("deploy.ckpt"), strict=True)  # its weights under no common prefix: all of it
 
 
 def test_plain_refuses_a_parametrization_after_nwave_params(tmp_path, capsys):
@@ -248,6 +247,94 @@ def test_plain_refuses_a_parametrization_after_nwave_params(tmp_path, capsys):
     torch.save(model.state_dict(), tmp_path / "late.pt")
     line = error(capsys, "project", tmp_path / "late.pt", "--plain", "-o", tmp_path / "out.pt")
     assert line.startswith("nwave-param: error: --plain: 0.weight") and not (tmp_path / "out.pt").exists()
+
+
+def _net():
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+
+
+def test_plain_writes_the_inner_model_of_a_real_lightning_checkpoint(tmp_path, capsys):
+    L = pytest.importorskip("lightning", reason="Lightning not installed (pip install lightning)")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = scaled(_net(), 4.0)
+            self.reg = nwp.register(self.net)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y) + self.reg.penalty()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    module = Module()
+    module.reg.harden(0.5)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    code, out, _ = run(capsys, "project", tmp_path / "run.ckpt", "--plain", "-o", tmp_path / "deploy.pt")
+    assert code == 0 and "under net. without it" in out
+    written = load(tmp_path / "deploy.pt")
+    plain = _net()
+    plain.load_state_dict(written, strict=True)  # exactly the inner model's keys
+    assert sorted(written) == sorted(plain.state_dict())
+    module.reg.project_()
+    x = torch.randn(5, 6)
+    assert torch.equal(plain(x), module.net.eval()(x))  # and what the projected model computes
+
+
+def test_plain_writes_the_inner_model_of_an_averaged_model(tmp_path, capsys):
+    from torch.optim.swa_utils import AveragedModel
+
+    model = scaled(_net(), 4.0)
+    reg = nwp.register(model)
+    average = AveragedModel(model)
+    average.update_parameters(model)
+    torch.save(average.state_dict(), tmp_path / "swa.pt")
+    code, out, _ = run(capsys, "project", tmp_path / "swa.pt", "--plain", "-o", tmp_path / "deploy.pt", "--json")
+    assert code == 0 and any("n_averaged" in note for note in json.loads(out)["notes"])
+    plain = _net()
+    plain.load_state_dict(load(tmp_path / "deploy.pt"), strict=True)
+    reg.project_()
+    x = torch.randn(5, 6)
+    assert torch.equal(plain(x), model(x))
+
+
+def test_prefix_chooses_the_keys_plain_writes(tmp_path, capsys):
+    model = nn.Module()
+    model.net, model.scale = scaled(_net(), 4.0), nn.Parameter(torch.ones(3))  # a key outside net.
+    nwp.register(model.net)
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "run.ckpt")
+    out_path = tmp_path / "deploy.pt"
+    line = error(capsys, "project", tmp_path / "run.ckpt", "--plain", "-o", out_path)
+    assert "all under net." in line and "scale" in line and "--prefix net." in line and "--prefix ''" in line
+    assert not out_path.exists()
+    assert run(capsys, "project", tmp_path / "run.ckpt", "--plain", "--prefix", "net", "-o", out_path)[0] == 0
+    _net().load_state_dict(load(out_path), strict=True)
+    assert run(capsys, "project", tmp_path / "run.ckpt", "--plain", "--prefix", "", "-o", out_path)[0] == 0
+    everything = nn.Module()
+    everything.net, everything.scale = _net(), nn.Parameter(torch.ones(3))
+    everything.load_state_dict(load(out_path), strict=True)
+    assert "no key" in error(capsys, "project", tmp_path / "run.ckpt", "--plain", "--prefix", "head.", "-o", out_path)
+    assert "pass --plain too" in error(capsys, "project", tmp_path / "run.ckpt", "--prefix", "net.", "-o", out_path)
+
+
+def test_a_bare_state_dict_is_its_own_model_and_keeps_its_prefix(tmp_path, capsys):
+    model = nn.Module()
+    model.body = scaled(_net(), 4.0)  # every key under body.: the model's own, not a wrapper's
+    nwp.register(model)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    assert run(capsys, "project", tmp_path / "model.pt", "--plain", "-o", tmp_path / "deploy.pt")[0] == 0
+    plain = nn.Module()
+    plain.body = _net()
+    plain.load_state_dict(load(tmp_path / "deploy.pt"), strict=True)
 
 
 # --- the report and projection, as Python computes them --------------------------------------------
@@ -370,6 +457,16 @@ def test_views_whose_projections_disagree_are_refused(tmp_path, capsys):
     torch.save({"a.weight": base, "b.weight": base[3:]}, tmp_path / "shared.pt")  # b cuts a's block in two
     line = error(capsys, "project", tmp_path / "shared.pt", "-o", tmp_path / "out.pt")
     assert "a.weight, b.weight share memory" in line and not (tmp_path / "out.pt").exists()
+
+
+def test_a_container_held_twice_stays_one(tmp_path, capsys):
+    weight = torch.full((5, 3), 2.0)
+    inner = {"fc.weight": weight}
+    torch.save({"state_dict": inner, "averages": [inner, inner]}, tmp_path / "twice.pt")
+    assert run(capsys, "project", tmp_path / "twice.pt", "-o", tmp_path / "out.pt")[0] == 0
+    written = load(tmp_path / "out.pt")
+    assert written["averages"][0] is written["averages"][1] is written["state_dict"]
+    assert torch.equal(written["state_dict"]["fc.weight"], chip(weight, Layout(), nwp.H1V1))
 
 
 def test_a_tensor_sharing_memory_with_a_weight_follows_it(tmp_path, capsys):
@@ -653,6 +750,50 @@ def test_the_files_spec_is_the_default_and_options_override_it_with_a_note(tmp_p
     assert any("saved with ChipSpec(limit=1.66, group_size=3, bits=5)" in note for note in data["notes"])
 
 
+@pytest.mark.parametrize(
+    "options, spec",
+    [(["--chip", "h1v2"], nwp.H1V2), (["--bits", "5"], nwp.ChipSpec(bits=5)), (["--limit", "2", "--group-size", "3"], nwp.ChipSpec(limit=2.0, group_size=3))],
+    ids=["chip", "bits", "limit-group-size"],
+)
+def test_project_with_another_spec_writes_descriptions_that_say_it(options, spec, tmp_path, capsys):
+    model = make_model()
+    reg = nwp.register(model)
+    reg.harden(0.5)
+    torch.save(model.state_dict(), tmp_path / "registered.pt")
+    assert run(capsys, "project", tmp_path / "registered.pt", "-o", tmp_path / "out.pt", *options)[0] == 0
+    assert run(capsys, "check", tmp_path / "out.pt")[0] == 0  # read with the spec its values are projected for
+    fresh = make_model()
+    fresh_reg = nwp.register(fresh, spec)
+    with pytest.warns(UserWarning, match="hardness 0.5"):  # the saved hardness is kept
+        fresh.load_state_dict(load(tmp_path / "out.pt"))
+    assert fresh_reg.is_mappable()
+    # --plain computes what that projected model computes: its hardness and spec, as the descriptions say
+    assert run(capsys, "project", tmp_path / "registered.pt", "-o", tmp_path / "plain.pt", "--plain", *options)[0] == 0
+    plain = make_model()
+    plain.load_state_dict(load(tmp_path / "plain.pt"), strict=True)
+    x = torch.randn(3, 4)
+    assert torch.equal(plain.eval()[0](x), fresh.eval()[0](x))
+    assert all(torch.equal(a, b) for a, b in zip(plain[1](plain[0](x))[0], fresh[1](fresh[0](x))[0]))
+
+
+def test_a_version_0_2_description_is_rewritten_as_a_tensor(tmp_path, capsys):
+    from nwave_param.description import decode
+
+    model = make_model()
+    reg = nwp.register(model)
+    state = model.state_dict()
+    for key in [k for k in state if k.endswith("_extra_state")]:
+        saved = decode(state[key])
+        spec = {"limit": saved.spec.limit, "group_size": saved.spec.group_size, "bits": None, "mismatch": 0.0}
+        state[key] = {"format": "nwave_param/1", "layout": saved.layout.to_dict(), "spec": spec}
+    torch.save(state, tmp_path / "old.pt")
+    assert run(capsys, "project", tmp_path / "old.pt", "-o", tmp_path / "out.pt", "--chip", "h1v2")[0] == 0
+    written = load(tmp_path / "out.pt")
+    for key, layout in zip([k for k in state if k.endswith("_extra_state")], reg.layouts):
+        assert decode(written[key]) == (layout, nwp.H1V2, 0.0), key
+    assert run(capsys, "check", tmp_path / "out.pt")[0] == 0
+
+
 def test_max_bytes_refuses_before_loading(plain, tmp_path, capsys):
     line = error(capsys, "check", plain, "--max-bytes", "1K")
     assert "more than --max-bytes 1.0 KiB" in line and str(plain) in line
@@ -671,6 +812,16 @@ def test_max_bytes_refuses_before_loading(plain, tmp_path, capsys):
     assert run(capsys, "check", tmp_path / "legacy.pt")[0] == 1
     assert "--max-bytes" in usage_error(capsys, "check", plain, "--max-bytes", "lots")
     assert files.parse_size("1.5k") == 1536 and files.parse_size("4G") == 4 * 2**30 and files.parse_size("10") == 10
+
+
+def test_max_bytes_counts_what_computing_materializes(tmp_path, capsys):
+    weight = torch.full((400, 400), 0.5)  # 625 KiB, under two keys: counted once
+    mask = torch.sparse_coo_tensor(torch.tensor([[0, 999_999], [0, 999_999]]), torch.ones(2), (1_000_000, 1_000_000))
+    torch.save({"a.weight": weight, "b.weight": weight, "mask": mask}, tmp_path / "shared.pt")  # the mask: its parts
+    assert run(capsys, "check", tmp_path / "shared.pt", "--max-bytes", "1M")[0] == 0
+    torch.save({"a.weight": weight, "b.weight": weight.t()}, tmp_path / "two.pt")  # two views: each computed
+    line = error(capsys, "check", tmp_path / "two.pt", "--max-bytes", "1M")
+    assert "computing with its tensors takes 1.2 MiB" in line and "more than --max-bytes 1.0 MiB" in line
 
 
 # --- failures: one line, exit 2, nothing written ---------------------------------------------------
@@ -707,6 +858,8 @@ def test_float8_and_sparse_weights_are_named(tmp_path, capsys):
 def test_usage_errors_are_one_line(plain, capsys):
     assert "CHECKPOINT" in usage_error(capsys, "check")
     assert "-o/--output" in usage_error(capsys, "project", plain)
+    line = usage_error(capsys, "check", plain, "--no-such\n\x1b[2Joption")
+    assert "--no-such\\n\\x1b[2Joption" in line and "\x1b" not in line
 
 
 def test_project_never_overwrites_its_input(plain, tmp_path, capsys):
@@ -736,6 +889,143 @@ def test_project_refuses_nonfinite_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "out.pt").exists()
     code, out, _ = run(capsys, "check", tmp_path / "nan.pt", "--json")
     assert code == 1 and json.loads(out)["rows"][0]["nonfinite"] == 1
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_strict_and_says_what_was_not_finite(tmp_path, capsys):
+    torch.save({"fc.weight": torch.full((5, 4), 1.7e308, dtype=torch.float64)}, tmp_path / "huge.pt")
+    code, out, _ = run(capsys, "project", tmp_path / "huge.pt", "-o", tmp_path / "out.pt", "--json")
+    change = _strict_json(out)["weights"][0]
+    assert code == 0 and change["l1_change"] is None and change["not_finite"] == {"l1_change": "inf"}
+    assert change["max_change"] == pytest.approx(1.7e308)
+    row = _strict_json(run(capsys, "check", tmp_path / "huge.pt", "--json")[1])["rows"][0]
+    assert row["magnitude"] is None and row["not_finite"]["magnitude"] == "inf" and row["nonfinite"] == 0
+    state = {"fc.weight": torch.tensor([[float("nan"), 0.0], [float("-inf"), 0.0]])}
+    torch.save(state, tmp_path / "nan.pt")
+    assert run(capsys, "check", tmp_path / "nan.pt", f"--json={tmp_path / 'report.json'}")[0] == 1
+    data = _strict_json((tmp_path / "report.json").read_text())
+    assert data["rows"][0]["nonfinite"] == 2 and data["rows"][0]["not_finite"]["max_abs"] in ("nan", "inf")
+
+
+def test_outputs_are_written_all_or_none(plain, tmp_path, capsys, monkeypatch):
+    existing = tmp_path / "out.pt"
+    existing.write_bytes(b"keep me")
+    unwritable = "/proc/report.json"  # no file can be made there, even by root
+    line = error(capsys, "project", plain, "-o", existing, f"--json={unwritable}")
+    assert f"cannot write {unwritable}" in line and "nothing was written" in line
+    assert existing.read_bytes() == b"keep me" and leftovers(tmp_path) == []
+    # the renames: if the second fails, the message says what was written and what was not
+    real_replace, calls = os.replace, []
+
+    def replace(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    line = error(capsys, "project", plain, "-o", existing, f"--json={tmp_path / 'changes.json'}")
+    assert f"wrote {existing}, but cannot write {tmp_path / 'changes.json'}" in line
+    assert load(existing) and not (tmp_path / "changes.json").exists() and leftovers(tmp_path) == []
+
+
+def test_names_from_the_file_are_escaped_in_the_text_and_exact_in_the_json(tmp_path, capsys):
+    name = "evil\x1b[2J\n.weight"
+    torch.save({name: torch.full((2, 2), 0.5), "an\x1b[31m.embed.weight": torch.ones(3, 2)}, tmp_path / "names.pt")
+    code, out, _ = run(capsys, "check", tmp_path / "names.pt")
+    assert code == 0 and "\x1b" not in out and "evil\\x1b[2J\\n.weight" in out
+    assert "note: excluded as embeddings (nwave_param never tracks nn.Embedding): an\\x1b[31m.embed.weight" in out
+    assert _strict_json(run(capsys, "check", tmp_path / "names.pt", "--json")[1])["rows"][0]["name"] == name
+    code, out, _ = run(capsys, "project", tmp_path / "names.pt", "-o", tmp_path / "out.pt")
+    assert code == 0 and "\x1b" not in out and out.count("evil\\x1b[2J\\n.weight") == 1
+
+
+def test_a_weight_tied_across_layouts_is_refused_naming_both(tmp_path, capsys, monkeypatch):
+    linear, cell = nn.Linear(4, 6), nn.GRUCell(4, 2)  # weight and weight_ih: both (6, 4)
+    nwp.register(linear)
+    nwp.register(cell)
+    state = {**{f"fc.{k}": v for k, v in linear.state_dict().items()}, **{f"cell.{k}": v for k, v in cell.state_dict().items()}}
+    state["cell.parametrizations.weight_ih.original"] = state["fc.parametrizations.weight.original"]
+    torch.save(state, tmp_path / "tied.pt")
+    for command in (["check"], ["project", "-o", tmp_path / "out.pt"]):
+        line = error(capsys, *command[:1], tmp_path / "tied.pt", *command[1:])
+        assert "fc.parametrizations.weight.original and cell.parametrizations.weight_ih.original" in line
+        assert "different layouts" in line
+    (tmp_path / "tied_layouts.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    model = nn.Module()\n"
+        "    model.fc, model.cell = nn.Linear(4, 6), nn.GRUCell(4, 2)\n"
+        "    model.cell.weight_ih = model.fc.weight\n"
+        "    return model\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(nn.Linear(4, 6).state_dict(), tmp_path / "plain.pt")
+    line = error(capsys, "check", tmp_path / "plain.pt", "--model", "tied_layouts:build")
+    assert "fc.weight and cell.weight_ih hold one Parameter" in line
+
+
+@settings(max_examples=150)
+@example(shape=[4, 1], gates=2, groups=1, transposed=True)  # the issue's: 4 input channels, 1 output row, 2 gates
+@given(
+    shape=st.lists(st.integers(0, 6), min_size=2, max_size=3),
+    gates=st.integers(1, 4),
+    groups=st.integers(1, 3),
+    transposed=st.booleans(),
+)
+def test_property_a_described_layout_is_checked_in_full_before_any_math(tmp_path_factory, shape, gates, groups, transposed):
+    from nwave_param.description import encode
+
+    layout = Layout(gates, groups, transposed)
+    path = tmp_path_factory.mktemp("layout") / "described.pt"
+    torch.save({"fc.parametrizations.weight.original": torch.randn(shape) * 3,
+                "fc.parametrizations.weight.0._extra_state": encode(layout, nwp.H1V1, 0.0)}, path)
+    for argv in (["check", path], ["project", path, "-o", path.with_name("out.pt")]):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+            code = main([str(a) for a in argv])
+        assert code in (0, 1) or ("fc.weight of shape" in err.getvalue() and "cannot be read with" in err.getvalue()), err.getvalue()
+
+
+def test_factory_prints_go_to_stderr_and_its_moves_are_undone(tmp_path, capfd, monkeypatch):
+    (tmp_path / "chatty.py").write_text(
+        "import os, sys\n"
+        "from torch import nn\n"
+        "print('import-time print')\n"
+        "def build():\n"
+        "    print('factory print')\n"
+        "    os.system('echo from a child process')\n"
+        "    os.chdir('/')\n"
+        "    sys.path.append('/nowhere')\n"
+        "    return nn.Sequential(nn.Linear(4, 6))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "chatty", raising=False)
+    torch.save(nn.Sequential(nn.Linear(4, 6)).state_dict(), "model.pt")
+    path = list(sys.path)
+    code = main(["check", "model.pt", "--model", "chatty:build", "--json"])
+    out, err = capfd.readouterr()
+    assert code in (0, 1) and _strict_json(out)["rows"][0]["name"] == "0.weight"
+    assert "import-time print" in err and "factory print" in err and "from a child process" in err
+    assert os.getcwd() == str(tmp_path) and sys.path == path
+
+
+def test_demo_paths_are_checked_before_training(capsys, monkeypatch, tmp_path):
+    from nwave_param import demo
+
+    def trains(*_):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(demo, "main", trains)
+    for option in (f"--json={tmp_path / 'missing' / 'x.json'}", "--plot"):
+        argv = ["demo", "--quick", option] + ([str(tmp_path / "missing" / "x.png")] if option == "--plot" else [])
+        assert "no directory" in error(capsys, *argv)
+    assert "is a directory" in error(capsys, "demo", "--quick", "--plot", tmp_path)
 
 
 def test_unwritable_directory_fails_cleanly(plain, tmp_path, capsys):
@@ -769,6 +1059,21 @@ def test_full_disk_leaves_no_file_behind(plain, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "fdopen", real_fdopen)
     assert "cannot write" in line and "No space left on device" in line and "nothing was written" in line
     assert leftovers(tmp_path) == [] and not (tmp_path / "out.pt").exists()
+
+
+def test_a_signal_once_the_outputs_are_being_renamed_lets_the_command_complete(plain, tmp_path, capsys, monkeypatch):
+    """Renaming has begun: stopping now would leave some outputs new and say nothing was written."""
+    real_replace, before = os.replace, signal.getsignal(signal.SIGTERM)
+
+    def replace(source, target):
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next line
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, out, err = run(capsys, "project", plain, "-o", tmp_path / "out.pt", f"--json={tmp_path / 'changes.json'}")
+    assert code == 0 and err == "" and "wrote" in out
+    assert load(tmp_path / "out.pt") and json.loads((tmp_path / "changes.json").read_text())["weights"]
+    assert signal.getsignal(signal.SIGTERM) is before  # and the handler is the caller's again
 
 
 def test_ctrl_c_while_saving_leaves_the_old_output_and_no_file_behind(plain, tmp_path, capsys, monkeypatch):

@@ -1,0 +1,364 @@
+"""The command line against hostile files: each attack ends in one line on stderr and exit 2,
+leaves no temporary file behind, and allocates no more than --max-bytes plus a constant.
+
+The attacks are small generated files (and factories).  Each runs in-process (the line, the exit
+status, the directory); the memory bound is measured once for all of them in one subprocess,
+which imports torch and then forks a child per attack: every child starts from the same resident
+size, and its peak (``ru_maxrss``) is compared with the peak of a child checking a tiny valid
+checkpoint.  Signals need a real process too: a child stalled inside torch.save is sent SIGINT
+or SIGTERM.
+"""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from test_cli import error, leftovers
+
+import nwave_param as nwp
+from nwave_param.description import encode
+from nwave_param.layout import Layout
+
+MAX_BYTES = "1M"
+SLACK = 64 * 2**20  # what a run may allocate beyond --max-bytes: the report, the interpreter's own
+FACTORIES = """
+import os, sys
+from torch import nn
+
+def exits():
+    sys.exit(0)
+
+def raises():
+    raise ValueError("line one\\nline two \\x1b[31mred\\x1b[0m")
+
+def raises_huge():
+    raise ValueError("x" * 20_000_000)
+
+def moves_and_raises():
+    os.chdir("/")
+    sys.path.insert(0, "/nowhere")
+    raise RuntimeError("after moving")
+
+def not_a_module():
+    return "a string"
+
+def linear():
+    return nn.Sequential(nn.Linear(2, 3))
+"""
+
+
+def _zip_with_pickle(path, state, pickle_tail):
+    """A torch zip checkpoint of ``state`` whose pickle gets ``pickle_tail`` as one more dict item."""
+    torch.save(state, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    name = next(n for n in entries if n.endswith("data.pkl"))
+    assert entries[name].endswith(b"s.")  # the last SETITEM of the top dict, then STOP
+    entries[name] = entries[name][:-1] + pickle_tail + b"."
+    with zipfile.ZipFile(path, "w") as archive:
+        for entry, data in entries.items():
+            archive.writestr(entry, data)
+
+
+def _registered(layout_of_first=None, spec=nwp.H1V1):
+    model = nn.Sequential(nn.Linear(1, 4))
+    nwp.register(model, spec)
+    state = model.state_dict()
+    if layout_of_first is not None:
+        state["0.parametrizations.weight.0._extra_state"] = encode(layout_of_first, spec, 0.0)
+    return state
+
+
+def _build(name, directory):
+    """The argv of attack ``name``, its files made in ``directory``; the phrase its error says."""
+    at = lambda file: str(directory / file)  # noqa: E731
+    limit = ["--max-bytes", MAX_BYTES]
+    if name == "expanded tensor":  # 1.5 kB on disk, 34 MiB computed
+        torch.save({"fc.weight": torch.full((1,), 2.0).expand(3000, 3000)}, at("expanded.pt"))
+        return ["check", at("expanded.pt"), *limit], "computing with its tensors takes 34.3 MiB"
+    if name == "the issue's expanded tensor":  # 1.5 kB on disk, 7.5 GiB computed: run only where memory is bounded
+        torch.save({"fc.weight": torch.full((1,), 2.0).expand(45000, 45000)}, at("expanded_big.pt"))
+        return ["check", at("expanded_big.pt"), *limit], "computing with its tensors takes 7.5 GiB"
+    if name == "legacy file with a zip appended":  # sized as the legacy file it is, not by the zip's entries
+        torch.save({"fc.weight": torch.zeros(4096, 4096)}, at("legacy.pt"), _use_new_zipfile_serialization=False)
+        appended = io.BytesIO()
+        with zipfile.ZipFile(appended, "w") as archive:
+            archive.writestr("tiny", b"x")
+        with open(at("legacy.pt"), "ab") as stream:
+            stream.write(appended.getvalue())
+        assert zipfile.is_zipfile(at("legacy.pt"))
+        return ["check", at("legacy.pt"), *limit], "loading it takes 64.0 MiB"
+    if name == "newline and escape sequence in a key":
+        torch.save({"fc\n\x1b[2J\x1b[31m.weight": torch.zeros(3, 3, dtype=torch.int32)}, at("keys.pt"))
+        return ["check", at("keys.pt"), *limit], "fc\\n\\x1b[2J\\x1b[31m.weight has dtype torch.int32"
+    if name == "huge key":
+        torch.save({"x" * 500_000 + ".weight": torch.zeros(3, 3, dtype=torch.int32)}, at("long.pt"))
+        return ["check", at("long.pt"), *limit], "characters)…"
+    if name == "newline in the input path":
+        (directory / "bad\npath.pt").write_text("not a checkpoint\n")
+        return ["check", at("bad\npath.pt"), *limit], "bad\\npath.pt: not a PyTorch or safetensors checkpoint"
+    if name == "factory calls sys.exit(0)":
+        return ["check", at("tiny.pt"), "--model", "hostile_factories:exits", *limit], "called sys.exit(0)"
+    if name == "factory raises a multi-line message":
+        return ["check", at("tiny.pt"), "--model", "hostile_factories:raises", *limit], "line one\\nline two \\x1b[31mred"
+    if name == "factory raises a 20 MB message":
+        return ["check", at("tiny.pt"), "--model", "hostile_factories:raises_huge", *limit], "characters)…"
+    if name == "factory moves and raises":
+        return ["check", at("tiny.pt"), "--model", "hostile_factories:moves_and_raises", *limit], "after moving"
+    if name == "factory returns no module":
+        return ["check", at("tiny.pt"), "--model", "hostile_factories:not_a_module", *limit], "returned str, not an nn.Module"
+    if name == "described layout that does not fit":
+        torch.save(_registered(Layout(gates=2, transposed=True)), at("layout.pt"))
+        return ["check", at("layout.pt"), *limit], "0.weight of shape (4, 1) cannot be read with Layout(gates=2"
+    if name == "meta weight":
+        torch.save({"fc.weight": torch.empty(3, 3, device="meta")}, at("meta.pt"))
+        return ["check", at("meta.pt"), *limit], "fc.weight is a meta tensor"
+    if name == "meta weight read with --model":
+        torch.save({"0.weight": torch.empty(3, 2, device="meta"), "0.bias": torch.zeros(3)}, at("meta_model.pt"))
+        return ["check", at("meta_model.pt"), "--model", "hostile_factories:linear", *limit], "0.weight is a meta tensor"
+    if name == "expanded weight":
+        torch.save({"fc.weight": torch.ones(4, 1).expand(4, 6)}, at("expanded_weight.pt"))
+        return ["project", at("expanded_weight.pt"), "-o", at("out.pt"), *limit], "fc.weight is an expanded tensor"
+    if name == "overlapping weight":
+        torch.save({"fc.weight": torch.arange(12.0).as_strided((3, 3), (2, 1))}, at("overlap.pt"))
+        return ["project", at("overlap.pt"), "-o", at("out.pt"), *limit], "its elements may share memory"
+    if name == "weight tied across layouts":
+        shared = torch.full((6, 4), 3.0)
+        state = {"fc.weight": shared, "cell.weight_ih": shared, "cell.weight_hh": torch.zeros(6, 2)}
+        torch.save(state, at("tied.pt"))
+        return ["project", at("tied.pt"), "-o", at("out.pt"), *limit], "fc.weight and cell.weight_ih hold one tensor"
+    if name == "FIFO as the output":
+        os.mkfifo(at("fifo"))
+        return ["project", at("tiny.pt"), "-o", at("fifo"), *limit], "is a FIFO"
+    if name == "FIFO as the JSON output":
+        os.mkfifo(at("json-fifo"))
+        return ["project", at("tiny.pt"), "-o", at("out.pt"), f"--json={at('json-fifo')}", *limit], "json-fifo is a FIFO"
+    if name == "containers nested 5000 deep":
+        _zip_with_pickle(at("deep.pt"), {"fc.weight": torch.ones(5, 3)}, b"X\x04\x00\x00\x00deep" + b"]" * 5000 + b"a" * 4999 + b"s")
+        return ["project", at("deep.pt"), "-o", at("out.pt"), *limit], "nested more than 100 levels deep"
+    if name == "a list holding itself":
+        _zip_with_pickle(at("cycle.pt"), {"fc.weight": torch.ones(5, 3)}, b"X\x04\x00\x00\x00loop]q\xffh\xffas")
+        return ["project", at("cycle.pt"), "-o", at("out.pt"), *limit], "loop/0 is a container it sits in"
+    if name == "a global that runs code":
+        _zip_with_pickle(at("code.pt"), {"fc.weight": torch.ones(5, 3)}, b"X\x01\x00\x00\x00xcos\nsystem\nX\x04\x00\x00\x00echo\x85Rs")
+        return ["check", at("code.pt"), *limit], "holds pickled Python objects"
+    if name == "an unknown pickle opcode":
+        _zip_with_pickle(at("opcode.pt"), {"fc.weight": torch.ones(5, 3)}, b"\x95s")
+        return ["check", at("opcode.pt"), *limit], "not a readable PyTorch checkpoint (Unsupported operand 149)"
+    if name == "specs with a huge value":
+        state = _registered()
+        state["0.parametrizations.weight.0._extra_state"] = encode(Layout(), nwp.ChipSpec(cores=(1,) * 20_000), 0.0)
+        model = nn.Sequential(nn.Linear(1, 4), nn.Linear(4, 2))
+        nwp.register(model[1:])
+        state.update({f"1.{k}": v for k, v in model[1].state_dict().items()})
+        torch.save(state, at("specs.pt"))
+        return ["check", at("specs.pt"), *limit], "registered with different specs"
+    raise KeyError(name)
+
+
+ATTACKS = [
+    "expanded tensor",
+    "legacy file with a zip appended",
+    "newline and escape sequence in a key",
+    "huge key",
+    "newline in the input path",
+    "factory calls sys.exit(0)",
+    "factory raises a multi-line message",
+    "factory raises a 20 MB message",
+    "factory moves and raises",
+    "factory returns no module",
+    "described layout that does not fit",
+    "meta weight",
+    "meta weight read with --model",
+    "expanded weight",
+    "overlapping weight",
+    "weight tied across layouts",
+    "FIFO as the output",
+    "FIFO as the JSON output",
+    "containers nested 5000 deep",
+    "a list holding itself",
+    "a global that runs code",
+    "an unknown pickle opcode",
+    "specs with a huge value",
+]
+
+
+def _setting(directory):
+    """The files every attack may use: a tiny valid checkpoint, the factories' module."""
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Linear(2, 3)).state_dict(), directory / "tiny.pt")
+    (directory / "hostile_factories.py").write_text(FACTORIES)
+
+
+@pytest.fixture
+def hostile_dir(tmp_path, monkeypatch):
+    _setting(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # the directory holds what the attack made, no more
+    monkeypatch.delitem(sys.modules, "hostile_factories", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_attack_ends_in_one_line_exit_2_and_leaves_nothing(attack, hostile_dir, capsys):
+    argv, said = _build(attack, hostile_dir)
+    before = set(os.listdir(hostile_dir))
+    path, cwd = list(sys.path), os.getcwd()
+    line = error(capsys, *argv)  # exit 2, nothing on stdout, one line on stderr
+    assert "\x1b" not in line and "unexpected" not in line and said in line, line
+    assert len(line) < 2500  # every piece from outside is cut
+    assert leftovers(hostile_dir) == [] and set(os.listdir(hostile_dir)) == before
+    assert sys.path == path and os.getcwd() == cwd
+
+
+# --- memory: one process, a forked child per attack ----------------------------------------------
+
+
+RUNNER = r"""
+import json, os, resource, sys
+import torch  # before forking: every child starts from the same resident size
+from nwave_param.cli import main
+
+directory, cases = sys.argv[1], json.loads(sys.argv[2])
+results = {}
+for name, argv in cases.items():
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(directory)
+        sys.path.insert(0, directory)
+        with open(os.path.join(directory, "stderr.txt"), "w") as err:
+            os.dup2(err.fileno(), 2)
+        with open(os.devnull, "w") as out:
+            os.dup2(out.fileno(), 1)
+        # a regression must fail the test, not the machine: no more address space than this
+        with open("/proc/self/status") as status:
+            size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (size + 4 * 2**30, resource.RLIM_INFINITY))
+        code = main(argv)
+        sys.stdout.flush(); sys.stderr.flush()
+        with open(os.path.join(directory, "result.json"), "w") as stream:
+            json.dump({"code": code, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, stream)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with open(os.path.join(directory, "result.json")) as stream:
+        results[name] = json.load(stream)
+    with open(os.path.join(directory, "stderr.txt")) as stream:
+        results[name]["stderr"] = stream.read()
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def peaks(tmp_path_factory):
+    """Each attack's exit status, stderr and peak resident size, and a valid run's."""
+    directory = tmp_path_factory.mktemp("hostile_memory")
+    _setting(directory)
+    cases = {"valid": ["check", str(directory / "tiny.pt"), "--max-bytes", MAX_BYTES]}
+    cases.update({name: _build(name, directory)[0] for name in MEASURED})
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(directory), json.dumps(cases)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+MEASURED = [*ATTACKS, "the issue's expanded tensor"]
+
+
+@pytest.mark.parametrize("attack", MEASURED)
+def test_attack_allocates_no_more_than_max_bytes(attack, peaks, tmp_path):
+    valid, run = peaks["valid"], peaks[attack]
+    said = _build(attack, tmp_path)[1] if attack == "the issue's expanded tensor" else ""
+    assert valid["code"] in (0, 1) and valid["stderr"] == ""
+    assert run["code"] == 2 and run["stderr"].count("\n") == 1 and said in run["stderr"], run
+    assert run["maxrss"] - valid["maxrss"] < 2**20 + SLACK, (run["maxrss"] - valid["maxrss"]) / 2**20
+
+
+# --- a character device: the refusal comes before any work ---------------------------------------
+
+
+def test_a_character_device_is_refused_before_anything_is_written(hostile_dir, capsys, monkeypatch):
+    """Never writing to the real /dev/null: every way to write fails the test if reached."""
+    from nwave_param import checkpoint as files
+
+    def reached(*_, **__):
+        raise AssertionError("reached a write")
+
+    monkeypatch.setattr(files, "load", reached)
+    monkeypatch.setattr(files.Outputs, "add", reached)
+    monkeypatch.setattr(os, "replace", reached)
+    assert "-o /dev/null is a character device" in error(capsys, "project", "tiny.pt", "-o", os.devnull)
+    assert "--json /dev/null is a character device" in error(capsys, "check", "tiny.pt", f"--json={os.devnull}")
+
+
+def test_a_socket_is_refused(hostile_dir, capsys):
+    import socket
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # a socket's path is short
+        path = os.path.join(short, "s")
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(path)
+            assert "is a socket" in error(capsys, "project", "tiny.pt", "-o", path)
+
+
+# --- signals: a real process, stalled inside torch.save --------------------------------------------
+
+
+STALLING = r"""
+import sys, time
+import torch
+from nwave_param.cli import main
+
+real_save = torch.save
+
+class Stalling:
+    '''A stream whose second write waits for a signal: the command is inside torch.save.'''
+
+    def __init__(self, stream):
+        self.stream, self.writes = stream, 0
+
+    def write(self, data):
+        written = self.stream.write(data)
+        self.stream.flush()
+        self.writes += 1
+        if self.writes == 2:
+            time.sleep(600)
+        return written
+
+    def flush(self):
+        self.stream.flush()
+
+torch.save = lambda obj, stream, *args, **kwargs: real_save(obj, Stalling(stream), *args, **kwargs)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_writing_removes_the_temporary_file(number, tmp_path):
+    _setting(tmp_path)
+    (tmp_path / "out.pt").write_bytes(b"keep me")
+    process = subprocess.Popen(
+        [sys.executable, "-c", STALLING, "project", str(tmp_path / "tiny.pt"), "-o", str(tmp_path / "out.pt")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        while not any((tmp_path / name).stat().st_size for name in leftovers(tmp_path)):  # the first write is done
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(number)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 2 and out == "", (out, err)
+    assert err.count("\n") == 1 and f"interrupted by {number.name}: nothing was written" in err, err
+    assert leftovers(tmp_path) == [] and (tmp_path / "out.pt").read_bytes() == b"keep me"
