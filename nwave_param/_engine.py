@@ -39,7 +39,7 @@ from .functional import accumulation_dtype, bound, result_dtype
 from .layout import Layout
 from .spec import ChipSpec
 
-__all__ = ["harden_all", "penalty_sums", "planned_as"]
+__all__ = ["Shared", "harden_all", "penalty_sums", "planned_as"]
 
 _SMALL = 1 << 16  # on the CPU, weights up to this many elements are packed,
 _PACKED = 1 << 20  # up to this many in all (a pack keeps buffers per thread, and its direction until backward)
@@ -68,6 +68,12 @@ class Member(NamedTuple):
     offset: int
     rows: int
     columns: int
+    weight: tuple[int, ...]  # the weight's shape
+
+    @property
+    def is_weight(self) -> bool:
+        """Whether the member is its whole weight, as stored (its region then is the weight)."""
+        return self.offset == 0 and self.shape == self.weight and self.stride == _contiguous_stride(self.shape)
 
 
 def members(index: int, shape: tuple[int, ...], layout: Layout, group_size: int, first_row: int = 0) -> list[Member]:
@@ -93,13 +99,13 @@ def members(index: int, shape: tuple[int, ...], layout: Layout, group_size: int,
         return [
             Member(
                 index, (count, per_group, kernel), (kernel, outputs * kernel, 1),
-                (first // outputs) * per_group * outputs * kernel + (first % outputs) * kernel, count, per_group * kernel,
+                (first // outputs) * per_group * outputs * kernel + (first % outputs) * kernel, count, per_group * kernel, shape,
             )
             for first, count, _ in stretches
         ]
     columns = math.prod(shape[1:])
-    stride = tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
-    return [Member(index, (count, *shape[1:]), stride, first * columns, count, columns) for first, count, _ in stretches]
+    stride = _contiguous_stride(shape)
+    return [Member(index, (count, *shape[1:]), stride, first * columns, count, columns, shape) for first, count, _ in stretches]
 
 
 def _crosses_group(layout: Layout, rows: int, row: int) -> bool:
@@ -126,13 +132,15 @@ class Pack:
                 views.append((offset, blocks, group_size, member.columns))
             offset += blocks * group_size * member.columns
         self.views, self.numel = tuple(views), offset
-        count = collections.Counter(m.index for m in self.members)
-        self.whole = {m.index for m in self.members if count[m.index] == 1 and m.offset == 0 and _is_contiguous(m)}  # its region is the weight
+        self.whole = {m.index for m in self.members if m.is_weight}
+        # what each call needs, made once: the members' regions as strided views, and whether a member is its weight
+        self.shapes = [(m.shape, _contiguous_stride(m.shape), place) for m, place in zip(self.members, self.places)]
+        self.is_weight = [m.index in self.whole for m in self.members]
         self.local = threading.local()
 
     def regions(self, flat: Tensor) -> list[Tensor]:
         """Each member's values in a pack-shaped ``flat``, in the member's shape."""
-        return [flat[place : place + m.rows * m.columns].view(m.shape) for m, place in zip(self.members, self.places)]
+        return [flat.as_strided(shape, stride, flat.storage_offset() + place) for shape, stride, place in self.shapes]
 
     def buffers(self, like: Tensor) -> tuple[Tensor, list[Tensor], _Scratch]:
         """This thread's flat tensor for weights like ``like``, its member regions, and scratch."""
@@ -144,20 +152,26 @@ class Pack:
             self.local.buffers = buffers
         return buffers
 
+    def scratch(self, flat: Tensor) -> _Scratch:
+        """This thread's scratch for the pack held in ``flat``."""
+        return self.local.buffers[2]
+
     def fill(self, weights: Sequence[Tensor]) -> tuple[Tensor, _Scratch]:
         """The pack filled from ``weights`` by one copy kernel, and its scratch."""
         flat, targets, scratch = self.buffers(weights[self.members[0].index])
-        torch._foreach_copy_(targets, [source(weights[m.index], m) for m in self.members])
+        sources = [weights[m.index] if whole else source(weights[m.index], m) for m, whole in zip(self.members, self.is_weight)]
+        torch._foreach_copy_(targets, sources)
+        self.local.fills = getattr(self.local, "fills", 0) + 1  # what Shared.holds checks
         return flat, scratch
 
 
-def _is_contiguous(member: Member) -> bool:
-    return member.stride == tuple(math.prod(member.shape[d + 1 :]) for d in range(len(member.shape)))
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
 
 
 def source(weight: Tensor, member: Member) -> Tensor:
-    """The member's view of ``weight`` (the weight itself where it is one)."""
-    if member.offset == 0 and member.shape == tuple(weight.shape) and member.stride == weight.stride():
+    """The member's view of ``weight`` (contiguous; the weight itself where it is one)."""
+    if member.is_weight:
         return weight
     return weight.as_strided(member.shape, member.stride, weight.storage_offset() + member.offset)
 
@@ -242,26 +256,41 @@ def _chunk(m: Tensor, view: View) -> tuple[Tensor, _Scratch]:
 class _Scratch:
     """Reused tensors, and their block views made once, for one set of views over ``numel``
     elements: the hot path allocates nothing but what it returns or keeps for backward
-    (fresh large allocations cost page faults, and each view costs Python time)."""
+    (fresh large allocations cost page faults, and each view costs Python time).
+
+    ``parts`` holds four rows: the entries' positive and negative sides (the penalty's), then
+    the same clamped into the range (the projection's); ``sums`` their sums per block column."""
+
+    RAW, HELD = slice(0, 2), slice(2, 4)  # the rows of parts and sums
 
     @torch.inference_mode(False)  # made under inference mode, they would refuse later in-place updates
     def __init__(self, views: Sequence[View], numel: int, dtype: torch.dtype, device: torch.device) -> None:
         columns = sum(blocks * width for _, blocks, _, width in views)
         self.views = tuple(views)
-        self.parts = torch.empty(2, numel, dtype=dtype, device=device)  # relu(w), min(w, 0)
+        self.parts = torch.empty(4, numel, dtype=dtype, device=device)
         self.excess = torch.empty(numel, dtype=dtype, device=device)  # w - clamp(w)
         self.direction = torch.empty(numel, dtype=dtype, device=device)
-        self.sums = torch.empty(2, columns, dtype=dtype, device=device)  # P, -Q per block column
+        self.sums = torch.empty(4, columns, dtype=dtype, device=device)
         self.bounds = torch.empty(2, columns, dtype=dtype, device=device)  # the direction's clamp
-        self.part_blocks, self.sum_blocks, self.direction_blocks, self.bound_blocks = [], [], [], []
+        self.part_blocks, self.sum_blocks, self.direction_blocks, self.bound_blocks, self.column_blocks = [], [], [], [], []
         start = 0
         for offset, blocks, length, width in views:
             size = blocks * length * width
-            self.part_blocks.append(self.parts[:, offset : offset + size].view(2, blocks, length, width))
-            self.sum_blocks.append(self.sums[:, start : start + blocks * width].view(2, blocks, width))
+            self.part_blocks.append(self.parts[:, offset : offset + size].view(4, blocks, length, width))
+            self.sum_blocks.append(self.sums[:, start : start + blocks * width].view(4, blocks, width))
             self.direction_blocks.append(self.direction[offset : offset + size].view(blocks, length, width))
             self.bound_blocks.append(self.bounds[:, start : start + blocks * width].view(2, blocks, 1, width))
+            self.column_blocks.append((start, blocks, width))
             start += blocks * width
+
+    def sum_parts(self, rows: slice) -> None:
+        """The block-column sums of ``parts[rows]``, into ``sums[rows]``: one kernel per view."""
+        for blocks, out in zip(self.part_blocks, self.sum_blocks):
+            torch.sum(blocks[rows], 2, out=out[rows])
+
+    def per_view(self, columns: Tensor) -> list[Tensor]:
+        """A per-block-column tensor (like a row of ``sums``) as ``(blocks, 1, width)`` per view."""
+        return [columns[start : start + blocks * width].view(blocks, 1, width) for start, blocks, width in self.column_blocks]
 
 
 _local = threading.local()
@@ -282,24 +311,31 @@ def _scratch(views: Sequence[View], numel: int, like: Tensor) -> _Scratch:
     return scratch
 
 
-def _sums(flat: Tensor, scratch: _Scratch, limit: float, power: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(magnitude, topology, P - Q per block column)``; leaves ``w - clamp(w)`` in ``scratch.excess``."""
+def _raw_parts(flat: Tensor, scratch: _Scratch) -> None:
+    """Each entry's positive and negative side into ``parts[RAW]``."""
     torch.clamp(flat, min=0, out=scratch.parts[0])
     torch.clamp(flat, max=0, out=scratch.parts[1])
-    for blocks, out in zip(scratch.part_blocks, scratch.sum_blocks):
-        torch.sum(blocks, 2, out=out)
-    positive, negative = scratch.sums[0], scratch.sums[1].neg_()
+
+
+def _sums(flat: Tensor, scratch: _Scratch, limit: float, power: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(magnitude, topology, P - Q per block column)`` from ``sums[RAW]``; leaves ``w - clamp(w)``
+    in ``scratch.excess``."""
+    positive, negative = scratch.sums[0], scratch.sums[1]  # P, and -Q
     excess = _excess(flat, scratch, limit)
     magnitude = torch.dot(excess, excess) if power == 2 else excess.abs().sum()
-    return magnitude, torch.minimum(positive, negative).sum(), positive - negative
+    difference = positive + negative
+    return magnitude, torch.minimum(positive, negative.neg()).sum(), difference
+
+
+FRESH = torch.empty(0)  # as _directions' out: a new tensor
 
 
 def _directions(
     flat: Tensor, scratch: _Scratch, difference: Tensor, power: int, alpha: float, lam: float, out: Tensor | None = None
 ) -> Tensor:
     r"""``alpha`` times the gradient of the magnitude sum plus ``lam`` times the topology's, in
-    ``out`` (default ``scratch.direction``); ``scratch.excess`` must hold ``w - clamp(w)`` (as
-    :func:`_sums` leaves it).
+    ``out`` (default ``scratch.direction``; :data:`FRESH`: a new tensor); ``scratch.excess`` must
+    hold ``w - clamp(w)`` (as :func:`_sums` leaves it).
 
     :math:`\partial \min(P, Q) / \partial M` is ``[M > 0]`` where ``P < Q``, ``-[M < 0]`` where
     ``Q < P`` and ``sign(M) / 2`` on a tie: ``clamp(sign(M), high - 1, high)`` with ``high = (1 -
@@ -312,8 +348,8 @@ def _directions(
     high = torch.rsub(torch.sign(difference), 0.5 * scale, alpha=0.5 * scale)
     torch.sub(high, scale, out=scratch.bounds[0])
     scratch.bounds[1].copy_(high)
-    direction = torch.sign(flat, out=scratch.direction if out is None else out)
-    blocks = scratch.direction_blocks if out is None else [_blocks(out, view) for view in scratch.views]
+    direction = torch.sign(flat, out=scratch.direction) if out is None else torch.sign(flat) if out is FRESH else torch.sign(flat, out=out)
+    blocks = scratch.direction_blocks if out is None else [_blocks(direction, view) for view in scratch.views]
     for block, bounds in zip(blocks, scratch.bound_blocks):
         block.clamp_(bounds[0], bounds[1])
     if not folded:
@@ -344,25 +380,33 @@ class _PenaltySums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: Plan, layouts, spec: ChipSpec, power: int, dtype: torch.dtype, scales, gradient: bool, *weights):
+    def forward(ctx, plan: Plan, layouts, spec: ChipSpec, power: int, dtype: torch.dtype, scales, gradient: bool, shared, *weights):
         alpha, lam = scales or (1.0, 1.0)
         magnitudes, topologies, saved = [], [], []
         for pack in plan.packs:
-            flat, scratch = pack.fill(weights)
+            if shared is not None and shared.holds(pack, weights):  # filled, and summed, by this pass's hardening
+                flat, scratch = pack.local.buffers[0], pack.local.buffers[2]
+            else:
+                flat, scratch = pack.fill(weights)
+                _raw_parts(flat, scratch)
+                scratch.sum_parts(_Scratch.RAW)
             magnitude, topology, difference = _sums(flat, scratch, spec.limit, power)
             magnitudes.append(magnitude)
             topologies.append(topology)
             if not gradient:
                 continue
             if scales is None:  # the two directions apart, unscaled
-                saved.append(_directions(flat, scratch, difference, power, 1.0, 0.0).clone())
-                saved.append(_directions(flat, scratch, difference, power, 0.0, 1.0).clone())
+                saved.append(_directions(flat, scratch, difference, power, 1.0, 0.0, FRESH))
+                saved.append(_directions(flat, scratch, difference, power, 0.0, 1.0, FRESH))
             else:  # one direction: alpha * magnitude's + lam * topology's
-                saved.append(_directions(flat, scratch, difference, power, alpha, lam).clone())
+                saved.append(_directions(flat, scratch, difference, power, alpha, lam, FRESH))
         for item in plan.direct:
             m = layouts[item.index].matrix(weights[item.index]).contiguous()
             for view in item.views:
-                magnitude, topology, difference = _sums(*_chunk(m, view), spec.limit, power)
+                flat, scratch = _chunk(m, view)
+                _raw_parts(flat, scratch)
+                scratch.sum_parts(_Scratch.RAW)
+                magnitude, topology, difference = _sums(flat, scratch, spec.limit, power)
                 magnitudes.append(magnitude)
                 topologies.append(topology)
                 saved.append(difference)
@@ -391,12 +435,12 @@ class _PenaltySums(torch.autograd.Function):
                 flat = torch.mul(next(saved), grad_magnitude).addcmul_(next(saved), grad_topology)
             else:
                 flat = torch.mul(next(saved), grads[0])
-            for member, grad in zip(pack.members, pack.regions(flat)):
+            for member, whole, grad in zip(pack.members, pack.is_weight, pack.regions(flat)):
                 i = member.index
                 if not needed[i]:
                     continue
-                if i in pack.whole and i not in parts:
-                    result[i] = grad.to(weights[i].dtype).view(weights[i].shape)
+                if whole:  # its region is the weight's gradient (a pack holds every dtype that accumulates in float32)
+                    result[i] = grad if grad.dtype == weights[i].dtype else grad.to(weights[i].dtype)
                 else:
                     parts.setdefault(i, []).append((member, grad))
         direct = {item.index: item for item in ctx.plan.direct}
@@ -432,7 +476,7 @@ class _PenaltySums(torch.autograd.Function):
             result[i] = layout.unmatrix(grad, weights[i].shape)
         return (None,) * _PenaltySums.SETTINGS + tuple(result)
 
-    SETTINGS = 7  # forward's arguments before the weights: plan, layouts, spec, power, dtype, scales, gradient
+    SETTINGS = 8  # forward's arguments before the weights: plan, layouts, spec, power, dtype, scales, gradient, shared
 
 
 def _scaled(scales, grads) -> tuple[Tensor, Tensor]:
@@ -464,11 +508,17 @@ def _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology) -> tup
 
 
 def penalty_sums(
-    weights: Sequence[Tensor], layouts: Sequence[Layout], spec: ChipSpec, power: int, scales: tuple[float, float] | None = None
+    weights: Sequence[Tensor],
+    layouts: Sequence[Layout],
+    spec: ChipSpec,
+    power: int,
+    scales: tuple[float, float] | None = None,
+    shared: Shared | None = None,
 ) -> tuple[Tensor, Tensor] | Tensor:
     """:func:`nwave_param.functional.penalty_sums`, fast: ``(magnitude sum, topology sum)`` over
     ``weights``, differentiable; zero for no elements.  With ``scales = (alpha, lam)``, the one
-    tensor ``alpha * magnitude + lam * topology``: one autograd node, so a training step pays no more."""
+    tensor ``alpha * magnitude + lam * topology``: one autograd node, so a training step pays no
+    more.  ``shared``: what :func:`harden_all` left of the same weights in this pass, reused."""
     dtype = result_dtype(weights)
     if not weights or not any(w.numel() for w in weights):
         zero = torch.zeros((), dtype=dtype, device=weights[0].device if weights else None)
@@ -479,7 +529,7 @@ def penalty_sums(
     weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     plan = plan_for(weights, layouts, spec.group_size)
     gradient = torch.is_grad_enabled() and any(w.requires_grad for w in weights)  # else skip the directions
-    return _PenaltySums.apply(plan, tuple(layouts), spec, power, dtype, scales, gradient, *weights)
+    return _PenaltySums.apply(plan, tuple(layouts), spec, power, dtype, scales, gradient, shared, *weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,62 +538,107 @@ def penalty_sums(
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Returns the values (the second half of the inputs); passes each one's gradient to its
-    weight (the first half) unchanged: one node for all the weights of a pass."""
+    """Returns ``values`` (a list, so that autograd does not track them as inputs); passes each
+    one's gradient to its weight unchanged: one node for all the weights of a pass."""
 
     @staticmethod
-    def forward(*tensors: Tensor) -> tuple[Tensor, ...]:
-        return tensors[len(tensors) // 2 :]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
+    def forward(ctx, values: list[Tensor], *weights: Tensor) -> tuple[Tensor, ...]:
+        return tuple(values)
 
     @staticmethod
     def backward(ctx, *grads):
-        return (*grads, *(None,) * len(grads))
+        return (None, *grads)
 
 
-def _chip_pack(flat: Tensor, views: Sequence[View], dtype: torch.dtype, spec: ChipSpec) -> Tensor:
-    """:func:`functional.chip` of every member of a pack at once (``dtype``: its weights'), op for
-    op as the definition computes it, so that the result is the same, bit for bit."""
+def _chip_pack(flat: Tensor, scratch: _Scratch, pack: Pack, dtype: torch.dtype, spec: ChipSpec, raw: bool) -> Tensor:
+    """:func:`functional.chip` of every member of a pack at once (``dtype``: its weights'), equal
+    to the definition bit for bit, in float arithmetic only (CPU kernels of boolean masks and
+    ``where`` run ten to twenty times slower).  With ``raw``, the penalty's parts and sums too.
+
+    Each block column keeps the side whose clamped mass (or, with a grid, whose gain) is larger:
+    ``k = clamp(sign(P - Q) + 1, max=1)``, with a NaN keeping the negative side as ``P >= Q``
+    does; the value is ``positive * k + negative * (1 - k)``, exactly the kept side's entries
+    (each product is a factor of 0 or 1, and one term is always zero)."""
     top = bound(dtype, spec.limit)
-    held = torch.clamp(flat, -top, top)
+    parts, rows = scratch.parts, slice(0, 4) if raw else _Scratch.HELD
+    if raw:
+        _raw_parts(flat, scratch)
     if spec.bits is None:
-        positive, negative = torch.clamp(held, min=0), torch.clamp(held, max=0)  # |held| on its side, 0 on the other
-        gains = (positive, negative.neg())
+        torch.clamp(flat, 0, top, out=parts[2])  # the positive side, in range; its sum is P
+        torch.clamp(flat, -top, 0, out=parts[3])  # the negative side; its sum is -Q
+        scratch.sum_parts(rows)
+        sides = (parts[2], parts[3])
     else:
-        held = functional.round_to_grid(held, spec, dtype)
+        if raw:
+            scratch.sum_parts(_Scratch.RAW)
+        held = functional.round_to_grid(torch.clamp(flat, -top, top), spec, dtype)
         kept = held.abs()
         gain = kept - 2 * (kept - flat.abs()).clamp(min=0)  # |w| - |w - q(w)|
-        gains = (torch.where(held > 0, gain, 0), torch.where(held < 0, gain, 0))
-        positive, negative = torch.clamp(held, min=0), torch.clamp(held, max=0)
+        torch.mul(gain, held > 0, out=parts[2])
+        torch.mul(gain, held < 0, out=parts[3]).neg_()
+        scratch.sum_parts(_Scratch.HELD)
+        sides = (held.clamp(min=0), held.clamp(max=0))
+    keep = scratch.sums[2].add(scratch.sums[3]).sign_().nan_to_num_(-1.0).add_(1.0).clamp_(max=1.0)
+    drop = torch.rsub(keep, 1.0)
     result = torch.empty_like(flat)
-    for view in views:
-        keep_positive = _blocks(gains[0], view).sum(-2) >= _blocks(gains[1], view).sum(-2)
-        torch.where(keep_positive.unsqueeze(-2), _blocks(positive, view), _blocks(negative, view), out=_blocks(result, view))
+    for view, keep_blocks, drop_blocks in zip(pack.views, scratch.per_view(keep), scratch.per_view(drop)):
+        out = _blocks(result, view)
+        torch.mul(_blocks(sides[0], view), keep_blocks, out=out)
+        out.addcmul_(_blocks(sides[1], view), drop_blocks)
     return result
 
 
+class Shared:
+    """What :func:`harden_all` leaves in its packs' buffers for the penalty of the same pass: the
+    entries' sides and their block sums.  It holds only while nothing has refilled a pack (another
+    model of the same architecture shares the pack) and the weights are unchanged."""
+
+    def __init__(self) -> None:
+        self.weights: list[Tensor] = []
+        self.versions: list[int] = []
+        self.fills: dict[int, int] = {}
+
+    def read(self, weights: Sequence[Tensor]) -> None:
+        self.weights, self.versions = list(weights), [w._version for w in weights]
+
+    def holds(self, pack: Pack, weights: Sequence[Tensor]) -> bool:
+        return (
+            getattr(pack.local, "fills", None) == self.fills.get(id(pack))
+            and len(weights) == len(self.weights)
+            and all(a is b and a._version == v for a, b, v in zip(weights, self.weights, self.versions))
+        )
+
+
 def harden_all(
-    weights: Sequence[Tensor], layouts: Sequence[Layout], spec: ChipSpec, hardness: float, noise: float | Sequence[Tensor | None] = 0.0
+    weights: Sequence[Tensor],
+    layouts: Sequence[Layout],
+    spec: ChipSpec,
+    hardness: float,
+    noise: float | Sequence[Tensor | None] = 0.0,
+    shared: Shared | None = None,
 ) -> list[Tensor]:
     """:func:`functional.harden` of every weight, computed together: ``w + h (chip(w) - w)``
     plus ``h`` times the noise, with a straight-through gradient per weight.
 
     ``noise`` is the mismatch: a standard deviation (fresh Gaussian noise drawn once for all the
     weights), or one tensor per weight (``None``: none).  Equal, bit for bit, to the definition
-    given the same noise."""
+    given the same noise.  With ``shared`` (and gradients on), the packs also get the penalty's
+    parts and sums, which :func:`penalty_sums` of the same weights then reuses."""
     if hardness == 0 and (isinstance(noise, float) or all(n is None for n in noise)):
         return list(weights)  # the latent weights themselves, as the definition returns them (no noise is drawn at 0)
     plan = plan_for(weights, layouts, spec.group_size)
     values: list[Tensor | None] = [None] * len(weights)
     whole = {item.index for item in plan.direct}  # large weights on the CPU: hardened whole, below (not their packed tails)
+    raw = shared is not None and torch.is_grad_enabled() and not whole  # training: the penalty will read the same packs
+    if raw:
+        shared.read(weights)
     for pack in plan.packs:
         dtype = weights[pack.members[0].index].dtype
         with torch.no_grad():
-            flat, _ = pack.fill(weights)
-            value = _in(dtype, _chip_pack(flat, pack.views, dtype, spec))  # in the weights' dtype, as the definition computes
+            flat, scratch = pack.fill(weights)
+            value = _in(dtype, _chip_pack(flat, scratch, pack, dtype, spec, raw))  # in the weights' dtype, as the definition computes
+            if raw:
+                shared.fills[id(pack)] = pack.local.fills
             if hardness != 1:
                 latent = _in(dtype, flat)
                 value = latent + hardness * (value - latent)
@@ -568,7 +663,7 @@ def harden_all(
                 torch._foreach_add_([values[i] for i in given], [noise[i] if hardness == 1 else hardness * noise[i] for i in given])
     result: list[Tensor | None] = [None] * len(weights)
     if held:
-        hardened = _StraightThrough.apply(*(weights[i] for i in held), *(values[i] for i in held))
+        hardened = _StraightThrough.apply([values[i] for i in held], *(weights[i] for i in held))
         for i, value in zip(held, hardened):
             result[i] = value
     for i, weight in enumerate(weights):

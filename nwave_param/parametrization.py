@@ -146,11 +146,6 @@ class ChipConstraint(nn.Module):
         return self.registration.settings
 
     def forward(self, weight: Tensor) -> Tensor:
-        current = None if torch.compiler.is_compiling() else self.registration.current_pass
-        if current is not None:  # inside Registry.cached(): every weight hardened together, once
-            value = current.value(self, weight)
-            if value is not None:
-                return value
         settings = self.registration.settings  # read once: a concurrent harden() swaps it whole
         spec, hardness = settings.spec, settings.hardness
         if self.on_chip:  # what one chip holds, whatever the hardness and mode
@@ -180,44 +175,71 @@ class ChipConstraint(nn.Module):
         return f"{self.settings.spec}, {self.layout}, hardness={self.settings.hardness}"
 
 
-class Pass:
-    """One pass inside :meth:`Registry.cached <nwave_param.Registry.cached>`: the hardened values
-    of all of a registration's weights, computed together at the first read (see
-    :func:`nwave_param._engine.harden_all`), then handed out one per constraint.
+SLOT = "_nwave_param_pass:"  # + tensor name: a module's value of that tensor during a pass
+PENDING = object()  # in a slot: the pass has not computed its values yet
 
-    It serves the weights whose only parametrization is nwave_param's, read from their stored
-    Parameter; any other read computes alone, as outside the pass."""
+
+class Pass:
+    """One pass inside :meth:`Registry.cached <nwave_param.Registry.cached>`: every weight of a
+    registration hardened together, at the first read (:func:`nwave_param._engine.harden_all`).
+
+    It serves the weights whose only parametrization is nwave_param's, through a slot in their
+    module's ``__dict__`` that the module's property reads first (see :func:`own_class`): a read
+    costs a dictionary lookup, however often a time loop reads it.  At hardness 0, without noise
+    or a chip, the slot holds the Parameter itself."""
 
     def __init__(self, registration: Registration, holders: list[tuple[nn.Module, str, ChipConstraint]]) -> None:
         self.registration = registration
         self.holders = holders
-        self.values: dict[int, tuple[Tensor, Tensor]] | None = None  # id(constraint) -> (its weight, its value)
+        self.shared = _engine.Shared()  # what the hardening leaves for the penalty of this pass
+        settings = registration.settings
+        latent = not (settings.hardness or any(c.on_chip for _, _, c in holders))
+        for module, tensor_name, _ in holders:
+            module.__dict__[SLOT + tensor_name] = module.parametrizations[tensor_name].original if latent else PENDING
 
-    def value(self, constraint: ChipConstraint, weight: Tensor) -> Tensor | None:
-        if self.values is None:
-            self.values = self._compute()
-        weight_and_value = self.values.get(id(constraint))
-        return weight_and_value[1] if weight_and_value is not None and weight_and_value[0] is weight else None
-
-    def _compute(self) -> dict[int, tuple[Tensor, Tensor]]:
-        settings = self.registration.settings
-        spec, hardness = settings.spec, settings.hardness
-        groups: dict[tuple[bool, bool], list[tuple[ChipConstraint, Tensor]]] = {}
+    def compute(self) -> None:
+        """Harden every weight of the pass together, and put each value in its slot."""
+        spec, hardness = self.registration.settings.spec, self.registration.settings.hardness
+        groups: dict[tuple[bool, bool], list[tuple[nn.Module, str, ChipConstraint]]] = {}
         for module, tensor_name, constraint in self.holders:
             training = bool(spec.mismatch and hardness and constraint.training)
-            groups.setdefault((constraint.on_chip, training), []).append((constraint, module.parametrizations[tensor_name].original))
-        values = {}
-        for (on_chip, training), members in groups.items():
-            weights = [weight for _, weight in members]
-            layouts = [constraint.layout for constraint, _ in members]
+            groups.setdefault((constraint.on_chip, training), []).append((module, tensor_name, constraint))
+        for (on_chip, training), holders in groups.items():
+            weights = [module.parametrizations[tensor_name].original for module, tensor_name, _ in holders]
+            layouts = [constraint.layout for _, _, constraint in holders]
             if on_chip:  # what one chip holds, whatever the hardness and mode
-                hardened = _engine.harden_all(weights, layouts, spec, 1.0, [c.chip_mismatch for c, _ in members])
-            elif hardness or training:
-                hardened = _engine.harden_all(weights, layouts, spec, hardness, spec.mismatch if training else 0.0)
+                values = _engine.harden_all(weights, layouts, spec, 1.0, [c.chip_mismatch for _, _, c in holders])
             else:
-                hardened = weights  # hardness 0: the latent weights themselves
-            values.update((id(constraint), (weight, value)) for (constraint, weight), value in zip(members, hardened))
-        return values
+                shared = self.shared if len(groups) == 1 else None
+                values = _engine.harden_all(weights, layouts, spec, hardness, spec.mismatch if training else 0.0, shared)
+            for (module, tensor_name, _), value in zip(holders, values):
+                module.__dict__[SLOT + tensor_name] = value
+
+    def close(self) -> None:
+        for module, tensor_name, _ in self.holders:
+            module.__dict__.pop(SLOT + tensor_name, None)
+
+
+def _read_in_pass(cls: type, tensor_name: str) -> None:
+    """Make ``cls``'s property for ``tensor_name`` read the pass's slot first, then parametrize's
+    own getter (always under ``torch.compile``, which traces that one)."""
+    original = cls.__dict__[tensor_name]
+    if getattr(original.fget, "reads_the_pass", False):
+        return
+    slot, getter = SLOT + tensor_name, original.fget
+
+    def get(module: nn.Module) -> Tensor:
+        if not torch.compiler.is_compiling():
+            value = module.__dict__.get(slot)
+            if value is PENDING:
+                module.parametrizations[tensor_name][-1].registration.current_pass.compute()
+                value = module.__dict__[slot]
+            if value is not None:
+                return value
+        return getter(module)
+
+    get.reads_the_pass = True
+    setattr(cls, tensor_name, property(get, original.fset))
 
 
 # --- a class of its own for every module that carries a constraint ---------------------------
@@ -231,7 +253,8 @@ def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
     cls = type(self)
     replica = cls.__new__(cls)
     memo[id(self)] = replica
-    replica.__dict__ = copy.deepcopy({key: _without_graph(value) for key, value in self.__dict__.items()}, memo)
+    state = {key: _without_graph(value) for key, value in self.__dict__.items() if not key.startswith(SLOT)}  # a copy is in no pass
+    replica.__dict__ = copy.deepcopy(state, memo)
     own_class(replica)
     return replica
 
@@ -283,6 +306,7 @@ def own_class(module: nn.Module) -> None:
     module.__class__ = type(current.__name__, (base,), namespace)
     for tensor_name in module.parametrizations:
         parametrize._inject_property(module, tensor_name)  # PyTorch's own getter, bound to this module
+        _read_in_pass(module.__class__, tensor_name)
 
 
 def restore_class(module: nn.Module) -> None:
@@ -303,6 +327,7 @@ def attach(module: nn.Module, tensor_name: str, constraint: ChipConstraint) -> N
     parametrize.register_parametrization(module, tensor_name, constraint)
     if not owns_class(module):
         own_class(module)
+    _read_in_pass(module.__class__, tensor_name)
 
 
 def detach(module: nn.Module, tensor_name: str, constraint: ChipConstraint) -> None:

@@ -152,6 +152,8 @@ class Registry:
         object.__setattr__(self, "_entries", tuple(entries))  # every constraint: harden, remove
         registrations = {id(e.constraint.registration): e.constraint.registration for e in entries}
         object.__setattr__(self, "_registrations", tuple(registrations.values()))  # several for separately registered parts
+        alone = [(e.module, e.tensor_name, e.constraint) for e in entries if len(_chain_of(e)) == 1]  # what a pass serves
+        object.__setattr__(self, "_holders", tuple([h for h in alone if h[2].registration is r] for r in self._registrations))
         latents: set[int] = set()
         tracked = []  # each latent weight once: a tied Parameter is held by several constraints
         for entry in entries:
@@ -160,6 +162,8 @@ class Registry:
                 latents.add(key)
                 tracked.append(entry)
         object.__setattr__(self, "_tracked", tuple(tracked))
+        # each tracked weight's chain, and whether nwave_param's constraint is all of it (its latent weight is then the Parameter)
+        object.__setattr__(self, "_chains", tuple((e, _chain_of(e), len(_chain_of(e)) == 1) for e in tracked))
         object.__setattr__(self, "_removed", False)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -230,7 +234,7 @@ class Registry:
         """The latent weights, differentiable: the Parameters themselves where nwave_param's
         constraint is the only parametrization, else what the earlier ones make of them."""
         self._check_removed()
-        return [_latent(entry) for entry in self._tracked]
+        return [chain._parameters["original"] if alone else _latent(entry) for entry, chain, alone in self._chains]
 
     def penalties(self) -> Penalties:
         """``Penalties(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
@@ -248,7 +252,9 @@ class Registry:
         lam = settings.lam if lam is None else check_scale("lam", lam)
         weights = self.weights()
         count = max(sum(w.numel() for w in weights), 1)
-        return _engine.penalty_sums(weights, self.layouts, settings.spec, settings.power, scales=(alpha / count, lam / count))
+        current = self._registrations[0].current_pass if len(self._registrations) == 1 else None
+        shared = current.shared if current is not None else None  # inside cached(): the hardening's packs, reused
+        return _engine.penalty_sums(weights, self.layouts, settings.spec, settings.power, scales=(alpha / count, lam / count), shared=shared)
 
     @contextlib.contextmanager
     def on_chip(self, seed: int | None = None) -> Iterator[None]:
@@ -318,14 +324,14 @@ class Registry:
         opened = []
         with parametrize.cached():
             try:
-                for registration in self._registrations:
+                for registration, holders in zip(self._registrations, self._holders):
                     if registration.current_pass is None:  # an outer cached() keeps its pass
-                        holders = [(e.module, e.tensor_name, e.constraint) for e in self._entries if e.constraint.registration is registration and len(_chain_of(e)) == 1]
                         registration.current_pass = Pass(registration, holders)
                         opened.append(registration)
                 yield
             finally:
                 for registration in opened:
+                    registration.current_pass.close()
                     registration.current_pass = None
 
     # --- deployment -------------------------------------------------------------------------
