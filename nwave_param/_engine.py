@@ -136,11 +136,20 @@ class Pack:
         # what each call needs, made once: the members' regions as strided views, and whether a member is its weight
         self.shapes = [(m.shape, _contiguous_stride(m.shape), place) for m, place in zip(self.members, self.places)]
         self.is_weight = [m.index in self.whole for m in self.members]
+        starts = [view[0] for view in self.views]
+        self.in_view = [  # the member's view, and its region's shape, strides and offset within that view's block tensor
+            (v := max(i for i, start in enumerate(starts) if start <= place), m.shape, _contiguous_stride(m.shape), place - starts[v])
+            for m, place in zip(self.members, self.places)
+        ]
         self.local = threading.local()
 
     def regions(self, flat: Tensor) -> list[Tensor]:
         """Each member's values in a pack-shaped ``flat``, in the member's shape."""
         return [flat.as_strided(shape, stride, flat.storage_offset() + place) for shape, stride, place in self.shapes]
+
+    def regions_of_views(self, per_view: Sequence[Tensor]) -> list[Tensor]:
+        """Each member's values in pack-shaped data held one tensor per view (a view's blocks)."""
+        return [per_view[v].as_strided(shape, stride, per_view[v].storage_offset() + offset) for v, shape, stride, offset in self.in_view]
 
     def buffers(self, like: Tensor) -> tuple[Tensor, list[Tensor], _Scratch]:
         """This thread's flat tensor for weights like ``like``, its member regions, and scratch."""
@@ -254,43 +263,54 @@ def _chunk(m: Tensor, view: View) -> tuple[Tensor, _Scratch]:
 
 
 class _Scratch:
-    """Reused tensors, and their block views made once, for one set of views over ``numel``
-    elements: the hot path allocates nothing but what it returns or keeps for backward
-    (fresh large allocations cost page faults, and each view costs Python time).
+    """Reused tensors, and every view of them made once, for one set of views over ``numel``
+    elements: each call allocates only what it returns or keeps for backward, and makes no view
+    of its own (a view costs a dispatched op, and a fresh large allocation page faults).
 
-    ``parts`` holds four rows: the entries' positive and negative sides (the penalty's), then
-    the same clamped into the range (the projection's); ``sums`` their sums per block column."""
+    ``parts`` holds four rows: the entries' positive and negative sides (the penalty's), then the
+    same clamped into the range (the projection's, or with a grid its gains); ``sums`` their sums
+    per block column."""
 
     RAW, HELD = slice(0, 2), slice(2, 4)  # the rows of parts and sums
 
     @torch.inference_mode(False)  # made under inference mode, they would refuse later in-place updates
     def __init__(self, views: Sequence[View], numel: int, dtype: torch.dtype, device: torch.device) -> None:
         columns = sum(blocks * width for _, blocks, _, width in views)
+
+        def like(*shape, kind=dtype):
+            return torch.empty(*shape, dtype=kind, device=device)
+
         self.views = tuple(views)
-        self.parts = torch.empty(4, numel, dtype=dtype, device=device)
-        self.excess = torch.empty(numel, dtype=dtype, device=device)  # w - clamp(w)
-        self.direction = torch.empty(numel, dtype=dtype, device=device)
-        self.sums = torch.empty(4, columns, dtype=dtype, device=device)
-        self.bounds = torch.empty(2, columns, dtype=dtype, device=device)  # the direction's clamp
-        self.part_blocks, self.sum_blocks, self.direction_blocks, self.bound_blocks, self.column_blocks = [], [], [], [], []
+        self.parts, self.sums = like(4, numel), like(4, columns)
+        self.rows, self.sum_rows = self.parts.unbind(0), self.sums.unbind(0)
+        self.excess, self.signs, self.direction = like(numel), like(numel), like(numel)  # w - clamp(w), sign(w), a chunk's gradient
+        self.difference, self.negated, self.lowest, self.steps = like(columns), like(columns), like(columns), like(columns)
+        self.kept, self.keep, self.drop = like(columns, kind=torch.bool), like(columns), like(columns)
+        self.one = torch.ones((), dtype=dtype, device=device)
+        self.bounds = like(2, columns)  # the topology gradient's clamp per block column
+        self.part_blocks, self.sum_blocks, self.row_blocks = [], [], []
+        self.sign_blocks, self.excess_blocks, self.direction_blocks, self.keep_blocks, self.drop_blocks, self.bound_blocks = [], [], [], [], [], []
         start = 0
         for offset, blocks, length, width in views:
-            size = blocks * length * width
-            self.part_blocks.append(self.parts[:, offset : offset + size].view(4, blocks, length, width))
-            self.sum_blocks.append(self.sums[:, start : start + blocks * width].view(4, blocks, width))
-            self.direction_blocks.append(self.direction[offset : offset + size].view(blocks, length, width))
-            self.bound_blocks.append(self.bounds[:, start : start + blocks * width].view(2, blocks, 1, width))
-            self.column_blocks.append((start, blocks, width))
+            elements, per_block = slice(offset, offset + blocks * length * width), slice(start, start + blocks * width)
+            self.part_blocks.append(self.parts[:, elements].view(4, blocks, length, width))
+            self.row_blocks.append(self.part_blocks[-1].unbind(0))
+            self.sum_blocks.append(self.sums[:, per_block].view(4, blocks, width))
+            for name in ("sign", "excess", "direction"):
+                getattr(self, f"{name}_blocks").append(getattr(self, "signs" if name == "sign" else name)[elements].view(blocks, length, width))
+            self.keep_blocks.append(self.keep[per_block].view(blocks, 1, width))
+            self.drop_blocks.append(self.drop[per_block].view(blocks, 1, width))
+            self.bound_blocks.append(self.bounds[:, per_block].view(2, blocks, 1, width).unbind(0))
             start += blocks * width
+        self.raw_blocks = [(p[_Scratch.RAW], s[_Scratch.RAW]) for p, s in zip(self.part_blocks, self.sum_blocks)]
+        self.held_blocks = [(p[_Scratch.HELD], s[_Scratch.HELD]) for p, s in zip(self.part_blocks, self.sum_blocks)]
+        self.all_blocks = list(zip(self.part_blocks, self.sum_blocks))
 
     def sum_parts(self, rows: slice) -> None:
         """The block-column sums of ``parts[rows]``, into ``sums[rows]``: one kernel per view."""
-        for blocks, out in zip(self.part_blocks, self.sum_blocks):
-            torch.sum(blocks[rows], 2, out=out[rows])
-
-    def per_view(self, columns: Tensor) -> list[Tensor]:
-        """A per-block-column tensor (like a row of ``sums``) as ``(blocks, 1, width)`` per view."""
-        return [columns[start : start + blocks * width].view(blocks, 1, width) for start, blocks, width in self.column_blocks]
+        pairs = self.raw_blocks if rows == _Scratch.RAW else self.held_blocks if rows == _Scratch.HELD else self.all_blocks
+        for blocks, out in pairs:
+            torch.sum(blocks, 2, out=out)
 
 
 _local = threading.local()
@@ -313,29 +333,33 @@ def _scratch(views: Sequence[View], numel: int, like: Tensor) -> _Scratch:
 
 def _raw_parts(flat: Tensor, scratch: _Scratch) -> None:
     """Each entry's positive and negative side into ``parts[RAW]``."""
-    torch.clamp(flat, min=0, out=scratch.parts[0])
-    torch.clamp(flat, max=0, out=scratch.parts[1])
+    torch.clamp(flat, min=0, out=scratch.rows[0])
+    torch.clamp(flat, max=0, out=scratch.rows[1])
 
 
 def _sums(flat: Tensor, scratch: _Scratch, limit: float, power: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(magnitude, topology, P - Q per block column)`` from ``sums[RAW]``; leaves ``w - clamp(w)``
-    in ``scratch.excess``."""
-    positive, negative = scratch.sums[0], scratch.sums[1]  # P, and -Q
+    """``(magnitude, topology, P - Q per block column)`` from ``sums[RAW]`` (P, and -Q); leaves
+    ``w - clamp(w)`` in ``scratch.excess``."""
+    positive, negative = scratch.sum_rows[0], scratch.sum_rows[1]
     excess = _excess(flat, scratch, limit)
     magnitude = torch.dot(excess, excess) if power == 2 else excess.abs().sum()
-    difference = positive + negative
-    return magnitude, torch.minimum(positive, negative.neg()).sum(), difference
+    topology = torch.minimum(positive, torch.neg(negative, out=scratch.negated), out=scratch.lowest).sum()
+    return magnitude, topology, torch.add(positive, negative, out=scratch.difference)
 
 
-FRESH = torch.empty(0)  # as _directions' out: a new tensor
+@functools.lru_cache(maxsize=64)
+def _bound_terms(scale: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(c0, c1)``: the topology gradient's clamp per block column is ``c0 + c1 * sign(P - Q)``,
+    that is ``[high - scale, high]`` with ``high = scale (1 - sign(P - Q)) / 2``."""
+    with torch.inference_mode(False):
+        half = 0.5 * scale
+        return torch.tensor([[-half], [half]], dtype=dtype, device=device), torch.tensor([[-half], [-half]], dtype=dtype, device=device)
 
 
-def _directions(
-    flat: Tensor, scratch: _Scratch, difference: Tensor, power: int, alpha: float, lam: float, out: Tensor | None = None
-) -> Tensor:
-    r"""``alpha`` times the gradient of the magnitude sum plus ``lam`` times the topology's, in
-    ``out`` (default ``scratch.direction``; :data:`FRESH`: a new tensor); ``scratch.excess`` must
-    hold ``w - clamp(w)`` (as :func:`_sums` leaves it).
+def _directions(flat: Tensor, scratch: _Scratch, difference: Tensor, power: int, alpha: float, lam: float, out: Tensor | None = None) -> list[Tensor]:
+    r"""``alpha`` times the gradient of the magnitude sum plus ``lam`` times the topology's, one
+    new tensor per view (``out``: written into it instead, the one view of a chunk);
+    ``scratch.excess`` must hold ``w - clamp(w)`` (as :func:`_sums` leaves it).
 
     :math:`\partial \min(P, Q) / \partial M` is ``[M > 0]`` where ``P < Q``, ``-[M < 0]`` where
     ``Q < P`` and ``sign(M) / 2`` on a tie: ``clamp(sign(M), high - 1, high)`` with ``high = (1 -
@@ -344,21 +368,20 @@ def _directions(
     ``2 (w - clamp(w))`` (p = 2) or ``sign(w - clamp(w))`` (p = 1), exactly 0 where ``|w| <= limit``.
     """
     folded = 0 <= lam <= 1
-    scale = lam if folded else 1.0
-    high = torch.rsub(torch.sign(difference), 0.5 * scale, alpha=0.5 * scale)
-    torch.sub(high, scale, out=scratch.bounds[0])
-    scratch.bounds[1].copy_(high)
-    direction = torch.sign(flat, out=scratch.direction) if out is None else torch.sign(flat) if out is FRESH else torch.sign(flat, out=out)
-    blocks = scratch.direction_blocks if out is None else [_blocks(direction, view) for view in scratch.views]
-    for block, bounds in zip(blocks, scratch.bound_blocks):
-        block.clamp_(bounds[0], bounds[1])
-    if not folded:
-        direction.mul_(lam)
-    if alpha and power == 2:
-        direction.add_(scratch.excess, alpha=2 * alpha)
-    elif alpha:
-        direction.add_(scratch.excess.sign(), alpha=alpha)
-    return direction
+    c0, c1 = _bound_terms(lam if folded else 1.0, flat.dtype, flat.device)
+    torch.addcmul(c0, c1, torch.sign(difference, out=scratch.steps), out=scratch.bounds)
+    torch.sign(flat, out=scratch.signs)
+    directions = []
+    for signs, (low, high), excess in zip(scratch.sign_blocks, scratch.bound_blocks, scratch.excess_blocks):
+        direction = torch.clamp(signs, low, high) if out is None else torch.clamp(signs, low, high, out=out.view(signs.shape))
+        if not folded:
+            direction.mul_(lam)
+        if alpha and power == 2:
+            direction.add_(excess, alpha=2 * alpha)
+        elif alpha:
+            direction.add_(excess.sign(), alpha=alpha)
+        directions.append(direction)
+    return directions
 
 
 def _excess(flat: Tensor, scratch: _Scratch, limit: float) -> Tensor:
@@ -396,10 +419,10 @@ class _PenaltySums(torch.autograd.Function):
             if not gradient:
                 continue
             if scales is None:  # the two directions apart, unscaled
-                saved.append(_directions(flat, scratch, difference, power, 1.0, 0.0, FRESH))
-                saved.append(_directions(flat, scratch, difference, power, 0.0, 1.0, FRESH))
+                saved += _directions(flat, scratch, difference, power, 1.0, 0.0)
+                saved += _directions(flat, scratch, difference, power, 0.0, 1.0)
             else:  # one direction: alpha * magnitude's + lam * topology's
-                saved.append(_directions(flat, scratch, difference, power, alpha, lam, FRESH))
+                saved += _directions(flat, scratch, difference, power, alpha, lam)
         for item in plan.direct:
             m = layouts[item.index].matrix(weights[item.index]).contiguous()
             for view in item.views:
@@ -409,9 +432,9 @@ class _PenaltySums(torch.autograd.Function):
                 magnitude, topology, difference = _sums(flat, scratch, spec.limit, power)
                 magnitudes.append(magnitude)
                 topologies.append(topology)
-                saved.append(difference)
+                saved.append(difference.clone())  # its scratch is reused by the next chunk
         if len(magnitudes) == 1:
-            magnitude, topology = magnitudes[0].to(dtype), topologies[0].to(dtype)
+            magnitude, topology = _in(dtype, magnitudes[0]), _in(dtype, topologies[0])
         else:
             magnitude, topology = torch.stack(magnitudes).sum().to(dtype), torch.stack(topologies).sum().to(dtype)
         ctx.plan, ctx.layouts, ctx.spec, ctx.power, ctx.scales = plan, layouts, spec, power, scales
@@ -432,15 +455,16 @@ class _PenaltySums(torch.autograd.Function):
         for pack in ctx.plan.packs:
             if ctx.scales is None:
                 grad_magnitude, grad_topology = grads
-                flat = torch.mul(next(saved), grad_magnitude).addcmul_(next(saved), grad_topology)
+                magnitude_directions = [next(saved) for _ in pack.views]
+                per_view = [torch.mul(d, grad_magnitude).addcmul_(next(saved), grad_topology) for d in magnitude_directions]
             else:
-                flat = torch.mul(next(saved), grads[0])
-            for member, whole, grad in zip(pack.members, pack.is_weight, pack.regions(flat)):
+                per_view = [torch.mul(next(saved), grads[0]) for _ in pack.views]
+            for member, whole, grad in zip(pack.members, pack.is_weight, pack.regions_of_views(per_view)):
                 i = member.index
                 if not needed[i]:
                     continue
                 if whole:  # its region is the weight's gradient (a pack holds every dtype that accumulates in float32)
-                    result[i] = grad if grad.dtype == weights[i].dtype else grad.to(weights[i].dtype)
+                    result[i] = _in(weights[i].dtype, grad)
                 else:
                     parts.setdefault(i, []).append((member, grad))
         direct = {item.index: item for item in ctx.plan.direct}
@@ -463,14 +487,17 @@ class _PenaltySums(torch.autograd.Function):
                 out = target if target.dtype == chunk.dtype else None  # straight into the gradient
                 if ctx.scales is None:
                     grad_magnitude, grad_topology = grads
-                    topology = _directions(chunk, scratch, difference, ctx.power, 0.0, 1.0, out).mul_(grad_topology)
+                    (topology,) = _directions(chunk, scratch, difference, ctx.power, 0.0, 1.0, out)
+                    topology.mul_(grad_topology)
                     if out is None:
-                        topology = target.copy_(topology)
-                    topology.addcmul_(_directions(chunk, scratch, difference, ctx.power, 1.0, 0.0), grad_magnitude)
+                        topology = target.copy_(topology.view(-1))
+                    (magnitude,) = _directions(chunk, scratch, difference, ctx.power, 1.0, 0.0)
+                    topology.view(magnitude.shape).addcmul_(magnitude, grad_magnitude)
                 else:
-                    direction = _directions(chunk, scratch, difference, ctx.power, alpha, lam, out).mul_(grads[0])
+                    (direction,) = _directions(chunk, scratch, difference, ctx.power, alpha, lam, out)
+                    direction.mul_(grads[0])
                     if out is None:
-                        target.copy_(direction)
+                        target.copy_(direction.view(-1))
             for member, tail in parts.get(i, ()):  # the short last block came from a pack
                 grad[item.tail :].copy_(tail.reshape(-1, grad.shape[1]))
             result[i] = layout.unmatrix(grad, weights[i].shape)
@@ -550,42 +577,81 @@ class _StraightThrough(torch.autograd.Function):
         return (None, *grads)
 
 
-def _chip_pack(flat: Tensor, scratch: _Scratch, pack: Pack, dtype: torch.dtype, spec: ChipSpec, raw: bool) -> Tensor:
-    """:func:`functional.chip` of every member of a pack at once (``dtype``: its weights'), equal
-    to the definition bit for bit, in float arithmetic only (CPU kernels of boolean masks and
-    ``where`` run ten to twenty times slower).  With ``raw``, the penalty's parts and sums too.
+def _chip_pack(flat: Tensor, scratch: _Scratch, dtype: torch.dtype, spec: ChipSpec, raw: bool) -> list[Tensor]:
+    """:func:`functional.chip` of every member of a pack at once (``dtype``: its weights'), one new
+    tensor per view, equal to the definition bit for bit, in float arithmetic only where the data
+    is large (CPU kernels of boolean masks and ``where`` run ten to twenty times slower).  With
+    ``raw``, the penalty's parts and sums too.
 
-    Each block column keeps the side whose clamped mass (or, with a grid, whose gain) is larger:
-    ``k = clamp(sign(P - Q) + 1, max=1)``, with a NaN keeping the negative side as ``P >= Q``
-    does; the value is ``positive * k + negative * (1 - k)``, exactly the kept side's entries
-    (each product is a factor of 0 or 1, and one term is always zero)."""
+    Each block column keeps the side whose clamped mass (or, with a grid, whose gain) is larger,
+    ``keep = [P - Q >= 0]`` (a NaN keeps the negative side, as ``P >= Q`` does); the value is
+    ``positive * keep + negative * (1 - keep)``, exactly the kept side's entries (each product is
+    a factor of 0 or 1, and one term is always zero)."""
     top = bound(dtype, spec.limit)
-    parts, rows = scratch.parts, slice(0, 4) if raw else _Scratch.HELD
+    rows = scratch.rows
     if raw:
         _raw_parts(flat, scratch)
     if spec.bits is None:
-        torch.clamp(flat, 0, top, out=parts[2])  # the positive side, in range; its sum is P
-        torch.clamp(flat, -top, 0, out=parts[3])  # the negative side; its sum is -Q
-        scratch.sum_parts(rows)
-        sides = (parts[2], parts[3])
+        torch.clamp(flat, 0, top, out=rows[2])  # the positive side, in range: its sum is P
+        torch.clamp(flat, -top, 0, out=rows[3])  # the negative side: its sum is -Q
+        scratch.sum_parts(slice(0, 4) if raw else _Scratch.HELD)
+        sides = [(blocks[2], blocks[3]) for blocks in scratch.row_blocks]
     else:
         if raw:
             scratch.sum_parts(_Scratch.RAW)
-        held = functional.round_to_grid(torch.clamp(flat, -top, top), spec, dtype)
+        held = _round_to_grid(torch.clamp(flat, -top, top), spec, dtype, top)
         kept = held.abs()
         gain = kept - 2 * (kept - flat.abs()).clamp(min=0)  # |w| - |w - q(w)|
-        torch.mul(gain, held > 0, out=parts[2])
-        torch.mul(gain, held < 0, out=parts[3]).neg_()
+        torch.mul(gain, held > 0, out=rows[2])
+        torch.mul(gain, held < 0, out=rows[3]).neg_()
         scratch.sum_parts(_Scratch.HELD)
-        sides = (held.clamp(min=0), held.clamp(max=0))
-    keep = scratch.sums[2].add(scratch.sums[3]).sign_().nan_to_num_(-1.0).add_(1.0).clamp_(max=1.0)
-    drop = torch.rsub(keep, 1.0)
-    result = torch.empty_like(flat)
-    for view, keep_blocks, drop_blocks in zip(pack.views, scratch.per_view(keep), scratch.per_view(drop)):
-        out = _blocks(result, view)
-        torch.mul(_blocks(sides[0], view), keep_blocks, out=out)
-        out.addcmul_(_blocks(sides[1], view), drop_blocks)
-    return result
+        positive, negative = held.clamp(min=0), held.clamp(max=0)
+        sides = [(_blocks(positive, view), _blocks(negative, view)) for view in scratch.views]
+    torch.add(scratch.sum_rows[2], scratch.sum_rows[3], out=scratch.difference)
+    scratch.keep.copy_(torch.ge(scratch.difference, 0, out=scratch.kept))
+    torch.sub(scratch.one, scratch.keep, out=scratch.drop)
+    return [
+        torch.mul(positive_blocks, keep).addcmul_(negative_blocks, drop)
+        for (positive_blocks, negative_blocks), keep, drop in zip(sides, scratch.keep_blocks, scratch.drop_blocks)
+    ]
+
+
+def _round_to_grid(x: Tensor, spec: ChipSpec, dtype: torch.dtype, top: float) -> Tensor:
+    """:func:`functional.round_to_grid` in float arithmetic (its ``bucketize`` and gather run a
+    scalar loop per element on the CPU): bit for bit the same.
+
+    ``k0 = round(x / step)`` is the nearest ideal level; the held levels sit up to half an ulp off
+    ``k * step``, so the nearest held one is ``k0``'s or its neighbour's on ``x``'s side, whichever
+    is nearer, the even ``k`` on a tie.  The distances are exact wherever they decide: ``x`` is
+    within a factor of two of the level it is compared with (Sterbenz), or the comparison is with a
+    threshold the rounding cannot cross."""
+    step = spec.limit / spec.levels
+    gap = _end_gap(spec, dtype, top)
+    k0 = torch.round(x * (1 / step)).to(torch.float64)  # x / step need not be exact: it only picks the pair
+    level0 = _level(k0, step, top, dtype, x.dtype, spec.levels, gap)
+    k1 = k0 + torch.sign(x - level0).to(torch.float64)
+    level1 = _level(k1, step, top, dtype, x.dtype, spec.levels, gap)
+    nearer = torch.sign((x - level0).abs() - (x - level1).abs())  # 1: level1 is nearer; 0: a tie (or one level)
+    odd = (k0 - 2 * torch.round(k0 * 0.5)).abs().to(x.dtype)  # then k1 is the even one
+    choice = nearer.clamp(min=0) + (1 - nearer.abs()) * odd
+    return torch.copysign(level0 + choice * (level1 - level0), x)
+
+
+def _level(k: Tensor, step: float, top: float, dtype: torch.dtype, compute: torch.dtype, levels: int, gap: float) -> Tensor:
+    """Level ``k`` as ``dtype`` holds it, in ``compute``: ``k * step`` rounded, none beyond the
+    bound, and the two ends the bound itself (``gap`` closes the distance where rounding leaves
+    them short of it)."""
+    level = (k * step).to(dtype)
+    if gap:
+        level = level + gap * (k.abs() - (levels - 1)).clamp_(0, 1).mul_(k.sign()).to(dtype)
+    return _in(compute, level.clamp_(-top, top))
+
+
+@functools.lru_cache(maxsize=64)
+def _end_gap(spec: ChipSpec, dtype: torch.dtype, top: float) -> float:
+    """How far the top level as rounding makes it, ``levels * step``, falls short of the bound (0 almost always)."""
+    end = torch.tensor(spec.levels * (spec.limit / spec.levels), dtype=torch.float64).to(dtype).item()
+    return top - end if end < top else 0.0
 
 
 class Shared:
@@ -630,23 +696,24 @@ def harden_all(
     values: list[Tensor | None] = [None] * len(weights)
     whole = {item.index for item in plan.direct}  # large weights on the CPU: hardened whole, below (not their packed tails)
     raw = shared is not None and torch.is_grad_enabled() and not whole  # training: the penalty will read the same packs
+    noise_scale = noise if isinstance(noise, float) else 0.0
     if raw:
         shared.read(weights)
     for pack in plan.packs:
         dtype = weights[pack.members[0].index].dtype
         with torch.no_grad():
             flat, scratch = pack.fill(weights)
-            value = _in(dtype, _chip_pack(flat, scratch, pack, dtype, spec, raw))  # in the weights' dtype, as the definition computes
+            per_view = _chip_pack(flat, scratch, dtype, spec, raw)
             if raw:
                 shared.fills[id(pack)] = pack.local.fills
-            if hardness != 1:
-                latent = _in(dtype, flat)
-                value = latent + hardness * (value - latent)
-            if isinstance(noise, float) and noise:
-                drawn = _gaussian(value, noise)
-                value = value + (drawn if hardness == 1 else hardness * drawn)
+            if hardness != 1 or noise_scale or dtype != flat.dtype:  # in the weights' dtype, as the definition computes
+                drawn = _gaussian(_in(dtype, flat), noise_scale) if noise_scale else None  # once for the pack
+                per_view = [
+                    _hardened(_in(dtype, target), _in(dtype, _blocks(flat, view)), hardness, None if drawn is None else _blocks(drawn, view))
+                    for target, view in zip(per_view, pack.views)
+                ]
         pieces: dict[int, list[tuple[Member, Tensor]]] = {}
-        for member, region in zip(pack.members, pack.regions(value)):
+        for member, region in zip(pack.members, pack.regions_of_views(per_view)):
             if member.index in whole:
                 continue
             if member.index in pack.whole:
@@ -671,6 +738,14 @@ def harden_all(
             drawn = noise[i] if not isinstance(noise, float) else (_gaussian(weight, noise) if noise else None)
             result[i] = functional.harden(weight, layouts[i], spec, hardness, drawn)
     return result  # type: ignore[return-value]
+
+
+def _hardened(target: Tensor, latent: Tensor, hardness: float, noise: Tensor | None) -> Tensor:
+    """``w + h (chip(w) - w)`` plus ``h`` times the noise, op for op as :func:`functional.harden` computes it."""
+    value = target if hardness == 1 else latent + hardness * (target - latent)
+    if noise is not None:
+        value = value + (noise if hardness == 1 else hardness * noise)
+    return value
 
 
 def _gaussian(like: Tensor, std: float) -> Tensor:

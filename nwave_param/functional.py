@@ -191,10 +191,10 @@ def grid(spec: ChipSpec, dtype: torch.dtype, compute: torch.dtype, device: torch
 def round_to_grid(x: Tensor, spec: ChipSpec, dtype: torch.dtype | None = None) -> Tensor:
     """The level nearest to each entry of ``x`` (already in range), the levels as ``dtype``
     (default ``x.dtype``) holds them; of two equally near levels, the one with the even ``k``, as
-    ``torch.round`` rounds halves.  A level keeps its own bits (``-0.0``); NaN stays NaN."""
+    ``torch.round`` rounds halves.  A zero carries the sign of ``x`` (as ``torch.round(-0.3)`` is
+    ``-0.0``), so a level keeps its own bits; NaN stays NaN."""
     levels, boundaries = grid(spec, dtype or x.dtype, x.dtype, x.device)
-    held = levels[torch.bucketize(x, boundaries)]
-    return torch.where(held == x, x, held)
+    return torch.copysign(levels[torch.bucketize(x, boundaries)], x)
 
 
 def off_grid(weight: Tensor, spec: ChipSpec) -> Tensor:
