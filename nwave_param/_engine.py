@@ -684,7 +684,8 @@ def harden_all(
     shared: Shared | None = None,
 ) -> list[Tensor]:
     """:func:`functional.harden` of every weight, computed together: ``w + h (chip(w) - w)``
-    plus ``h`` times the noise, with a straight-through gradient per weight.
+    plus ``h`` times the noise, with a straight-through gradient per weight (``reg.project_()``
+    takes its values at ``h = 1``: :func:`functional.chip`).
 
     ``noise`` is the mismatch: a standard deviation (fresh Gaussian noise drawn once for all the
     weights), or one tensor per weight (``None``: none).  Equal, bit for bit, to the definition
@@ -699,11 +700,13 @@ def harden_all(
     noise_scale = noise if isinstance(noise, float) else 0.0
     if raw:
         shared.read(weights)
-    for pack in plan.packs:
+    alone = [Pack(members(i, tuple(weights[i].shape), layouts[i], spec.group_size), spec.group_size) for i in sorted(whole)]
+    for pack in (*plan.packs, *alone):  # a large weight on the CPU: a pack of its own, made for this call (its buffers go with it)
+        alone_pack = pack in alone
         dtype = weights[pack.members[0].index].dtype
         with torch.no_grad():
             flat, scratch = pack.fill(weights)
-            per_view = _chip_pack(flat, scratch, dtype, spec, raw)
+            per_view = _chip_pack(flat, scratch, dtype, spec, raw and not alone_pack)
             if raw:
                 shared.fills[id(pack)] = pack.local.fills
             if hardness != 1 or noise_scale or dtype != flat.dtype:  # in the weights' dtype, as the definition computes
@@ -714,7 +717,7 @@ def harden_all(
                 ]
         pieces: dict[int, list[tuple[Member, Tensor]]] = {}
         for member, region in zip(pack.members, pack.regions_of_views(per_view)):
-            if member.index in whole:
+            if member.index in whole and not alone_pack:  # its short last block, packed for the penalty
                 continue
             if member.index in pack.whole:
                 values[member.index] = region
@@ -734,9 +737,8 @@ def harden_all(
         for i, value in zip(held, hardened):
             result[i] = value
     for i, weight in enumerate(weights):
-        if result[i] is None:  # a large weight on the CPU, or an empty one: the definition, as it stands
-            drawn = noise[i] if not isinstance(noise, float) else (_gaussian(weight, noise) if noise else None)
-            result[i] = functional.harden(weight, layouts[i], spec, hardness, drawn)
+        if result[i] is None:  # an empty weight: the definition, as it stands
+            result[i] = functional.harden(weight, layouts[i], spec, hardness, None if isinstance(noise, float) else noise[i])
     return result  # type: ignore[return-value]
 
 

@@ -831,16 +831,17 @@ def run_demo(args: argparse.Namespace) -> int:
     if epochs < 1:
         raise CliError(f"--epochs must be >= 1, got {epochs}")
     try:
-        spec = ChipSpec(bits=args.bits, mismatch=args.mismatch)
+        ChipSpec(bits=args.bits, mismatch=args.mismatch)  # checked before training
     except ValueError as error:
         raise CliError(str(error)) from None
+    chip = dict(chip=args.chip, bits=args.bits, mismatch=args.mismatch)
     try:
         if args.json != "-":
-            return demo.main(epochs, args.json, args.plot, spec)
+            return demo.main(epochs, args.json, args.plot, **chip)
         with tempfile.TemporaryDirectory() as directory:
             path = os.path.join(directory, "demo.json")
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
-                code = demo.main(epochs, path, args.plot, spec)
+                code = demo.main(epochs, path, args.plot, **chip)
             with open(path) as stream:
                 print(stream.read().rstrip("\n"))
             return code
@@ -981,6 +982,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a few epochs (a smoke run)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 100, --quick 3)")
     demo.add_argument("--plot", metavar="PATH", help="write a PNG: weight histograms and per-layer violations")
+    demo.add_argument(
+        "--chip", type=str.lower, choices=sorted(CHIPS), default="h1v2",
+        help="the chip the network is built for and trained against (default h1v2, the evaluation kit's)",
+    )
     demo.add_argument("--bits", type=int, default=None, metavar="B", help="train and evaluate on a B-bit weight grid")
     demo.add_argument("--mismatch", type=float, default=0.0, metavar="S", help="device mismatch: std of the noise on each weight (default 0)")
     _add_json(

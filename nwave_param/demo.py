@@ -1,32 +1,35 @@
-"""``nwave-param demo``: does a spiking network trained for the chip keep its accuracy on the chip?
+"""``nwave-param demo``: a spiking network built for the chip, trained three ways, then put on it.
 
-A small recurrent spiking network (snnTorch ``RLeaky``, all-to-all recurrence, surrogate gradient)
-learns scikit-learn's handwritten digits (each 8x8 image read as 8 time steps of 8 inputs), three
-times from one initialization.  Its readout is built for the chip: ``READOUT_NEURONS`` (5) output
-neurons per class, summed into the class's logit.  They form exactly one block of the chip, so
-the sign each hidden neuron sends to a block is the sign it sends to one class; with one output
-neuron per class, a block would force five classes to share it.  The three runs:
+The network is one the chip can place (``nwp.place`` checks it, and the demo prints where each
+population sits) and computes with the chip's neurons as the vendor documents them: membranes
+never below zero (clamped after each update), reset by subtraction, one threshold for all.  It
+reads scikit-learn's handwritten digits, each 8x8 image as 8 time steps of its 8 pixel rows:
+
+* **front end**: 16 neurons, one per channel of the chip's front end, each fed one-to-one (a
+  diagonal synapse, which nwave_param trains and projects like any weight): the 8 pixels of a row
+  and their complements (ON and OFF channels, as event sensors encode);
+* **hidden**: a recurrent population (snnTorch ``RLeaky``, all-to-all, learnable decay) as large as
+  the chip's largest core, where recurrent connections must stay;
+* **output**: ``READOUT_NEURONS`` (5) spiking neurons per class, read by spike counts: each class is
+  one block of the chip, so the sign each hidden neuron sends to a block is the sign it sends to
+  one class.
+
+Three runs start from one initialization:
 
 * **baseline**: the task loss alone;
 * **constrained**: ``task + scale * reg.penalty()``, ``scale`` rising linearly from 0 to
-  ``PENALTY_SCALE`` over the first half of the epochs and held there: the network first learns
-  the task, then is steered toward the chip while it can still repair what that costs;
-* **hardened**: the constrained run's penalties, and the hardness held at 0 while the network
-  learns the task, rising linearly to 1 and held at 1 for the rest (``HARDEN``: 30% to 90% of
-  the training steps; with a grid or mismatch, 20% to 60%, since learning to live with rounding
-  and noise takes longer).  At hardness 1 the network computes with exactly what the chip holds
-  (the gradient passes straight through to the latent weights), so it learns to work with those
-  weights, and projecting them after training changes nothing.
+  ``PENALTY_SCALE`` over the first half of the epochs and held there;
+* **hardened**: the constrained run's penalties, and the hardness rising linearly from 0 to 1 over
+  ``HARDEN`` (10% to 40%) of the training steps, then held at 1: the network computes with exactly
+  what the chip holds (the gradient passes straight through to the latent weights), so projecting
+  it after training changes nothing.
 
-With a grid or mismatch, all three runs also decay the learning rate linearly to 0 once the
-hardness has reached 1 (``HARDEN``'s end; the default demo keeps it constant): on the grid a
-constant step keeps moving latent weights across rounding boundaries, so the network the chip
-would hold keeps changing; a decaying step lets it settle.
-
-Each run is then projected onto the chip with ``reg.project_()`` and evaluated again.  With a
-spec that has ``bits`` or ``mismatch`` (``nwave-param demo --bits 5 --mismatch 0.02``), all three
-runs are registered under it (the hardened run trains against the grid and the mismatch), and
-each is also evaluated on ``CHIPS`` chip instances (``reg.on_chip(seed)``): the mean and the worst.
+All three keep the learning rate constant, then decay it linearly to 0 over the last
+``1 - SETTLE`` of training, so that the weights settle rather than keep moving (on a grid, across
+rounding boundaries).  Each run is then projected onto the chip with ``reg.project_()`` and
+evaluated again.  With ``--bits`` or ``--mismatch`` all three are registered under that spec (the
+hardened run trains against the grid and the mismatch), and each is also evaluated on ``CHIPS``
+chip instances (``reg.on_chip(seed)``): the mean and the worst.
 
 The networks are tiny: one intra-op thread computes them as fast as two, and does not slow to a
 crawl when other processes share the CPU (spinning worker threads would), so the demo sets one
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -48,16 +52,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .placement import Placement, place
 from .registry import Registry, register
 from .report import Report
-from .spec import ChipSpec
+from .spec import H1V1, H1V2, ChipSpec
 
+CHIP_SPECS = {"h1v1": H1V1, "h1v2": H1V2}
 PENALTY_SCALE = 20.0
-HARDEN = {"plain": (0.3, 0.9), "grid or mismatch": (0.2, 0.6)}  # where the hardness rises, in training steps
+HARDEN = (0.1, 0.4)  # where the hardness rises, in training steps
+SETTLE = 0.6  # where the learning rate starts its decay to 0
 CHIPS = 10
-HIDDEN = 128
 READOUT_NEURONS = 5  # per class: one block of the chip
-INPUT_GAIN = 4.0  # pixel intensities in [0, 1] drive the neurons past threshold
+THRESHOLD = 1.0  # one firing threshold for the whole network
+PIXELS, CLASSES = 8, 10
 SEED = 0
 RUNS = ("baseline", "constrained", "hardened")
 
@@ -74,27 +81,53 @@ def _requirements():
     return snntorch, surrogate, tqdm.tqdm, load_digits, train_test_split
 
 
-class SpikingNet(nn.Module):
-    """Input Linear -> leaky integrate-and-fire layer with all-to-all recurrence -> readout of
-    ``READOUT_NEURONS`` neurons per class, summed per class."""
+class OneToOne(nn.Module):
+    """The front end's synapses: channel ``i`` feeds neuron ``i`` alone (a diagonal weight; its
+    other entries stay zero, as no gradient reaches them)."""
 
-    def __init__(self, inputs: int = 8, hidden: int = HIDDEN, classes: int = 10) -> None:
+    def __init__(self, channels: int, gain: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(channels) * gain)
+        self.register_buffer("diagonal", torch.eye(channels), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight * self.diagonal)
+
+
+class SpikingNet(nn.Module):
+    """Front end (one neuron per input channel) -> recurrent hidden population (one core) ->
+    spiking output, ``READOUT_NEURONS`` per class, read by spike counts."""
+
+    def __init__(self, spec: ChipSpec = H1V2, classes: int = CLASSES) -> None:
         super().__init__()
         snntorch, surrogate, *_ = _requirements()
-        self.classes = classes
-        self.encode = nn.Linear(inputs, hidden)
-        self.lif = snntorch.RLeaky(
-            beta=0.9, learn_beta=True, linear_features=hidden, spike_grad=surrogate.fast_sigmoid(slope=25)
+        hidden = max(spec.cores)
+        neuron = dict(
+            beta=0.9, learn_beta=True, threshold=THRESHOLD, reset_mechanism="subtract", spike_grad=surrogate.fast_sigmoid(slope=25)
         )
+        self.classes = classes
+        self.gain = OneToOne(2 * PIXELS)
+        self.front = snntorch.Leaky(**neuron)
+        self.encode = nn.Linear(2 * PIXELS, hidden)
+        self.lif = snntorch.RLeaky(linear_features=hidden, **neuron)
         self.readout = nn.Linear(hidden, classes * READOUT_NEURONS)
+        self.out = snntorch.Leaky(**neuron)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, inputs)
-        spk, mem = self.lif.init_rleaky()
-        logits = 0
-        for x_t in x:
-            spk, mem = self.lif(self.encode(INPUT_GAIN * x_t), spk, mem)
-            logits = logits + self.readout(spk).view(-1, self.classes, READOUT_NEURONS).sum(-1)
-        return logits / x.shape[0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, pixels) in [0, 1]
+        channels = torch.cat([x, 1 - x], -1)  # ON and OFF: the chip's 16 front-end channels
+        front = out = torch.zeros(())
+        spikes, hidden = self.lif.reset_mem()
+        counts = 0
+        for x_t in channels:
+            # the chip's membranes never go below zero: clamped after each update
+            front_spikes, front = self.front(self.gain(x_t), front)
+            front = front.clamp(min=0)
+            spikes, hidden = self.lif(self.encode(front_spikes), spikes, hidden)
+            hidden = hidden.clamp(min=0)
+            out_spikes, out = self.out(self.readout(spikes), out)
+            out = out.clamp(min=0)
+            counts = counts + out_spikes
+        return counts.view(-1, self.classes, READOUT_NEURONS).sum(-1)  # spike counts per class
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,10 +157,9 @@ def train(model: nn.Module, reg: Registry, data, epochs: int, run: str) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(SEED)
     steps = epochs * -(-x_train.shape[1] // 64)
-    on_grid = reg.spec.bits is not None or bool(reg.spec.mismatch)
-    start, end = HARDEN["grid or mismatch" if on_grid else "plain"]
-    if on_grid:  # constant until the hardness reaches 1, then linearly to 0: see the module docstring
-        settle = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (steps - step) / ((1 - end) * steps)))
+    # constant, then linearly to 0: the weights settle (see the module docstring)
+    settle = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (steps - step) / ((1 - SETTLE) * steps)))
+    start, end = HARDEN
     step = 0
     bar = progress(range(epochs), desc=run, leave=False, disable=None)  # a bar on a terminal only
     model.train()
@@ -138,13 +170,12 @@ def train(model: nn.Module, reg: Registry, data, epochs: int, run: str) -> None:
                 reg.harden(min(1.0, max(0.0, (done - start) / (end - start))))
             with reg.cached():
                 loss = nn.functional.cross_entropy(model(x_train[:, batch]), y_train[batch])
-            if run != "baseline":
-                loss = loss + PENALTY_SCALE * min(1.0, 2 * done) * reg.penalty()  # rising over the first half
+                if run != "baseline":
+                    loss = loss + PENALTY_SCALE * min(1.0, 2 * done) * reg.penalty()  # rising over the first half
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if on_grid:
-                settle.step()
+            settle.step()
             step += 1
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
@@ -209,10 +240,11 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def run(epochs: int, spec: ChipSpec | None = None) -> dict[str, Outcome]:
+def run(epochs: int, spec: ChipSpec = H1V2) -> tuple[dict[str, Outcome], Placement]:
     torch.manual_seed(SEED)
     data = digits()
-    initial = SpikingNet()
+    initial = SpikingNet(spec)
+    placement = place(initial, data[2][:, :1], spec)
     outcomes = {}
     with one_thread():
         for name in RUNS:
@@ -229,7 +261,7 @@ def run(epochs: int, spec: ChipSpec | None = None) -> dict[str, Outcome]:
                     file=sys.stderr,
                     flush=True,
                 )
-    return outcomes
+    return outcomes, placement
 
 
 def table(outcomes: dict[str, Outcome]) -> str:
@@ -256,7 +288,7 @@ def table(outcomes: dict[str, Outcome]) -> str:
 COLORS = {"baseline": "tab:blue", "constrained": "tab:orange", "hardened": "tab:green"}
 
 
-def plot(outcomes: dict[str, Outcome], path: str, limit: float) -> None:
+def plot(outcomes: dict[str, Outcome], placement: Placement, path: str, limit: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,7 +296,7 @@ def plot(outcomes: dict[str, Outcome], path: str, limit: float) -> None:
 
     figure = plt.figure(figsize=(15, 8.5))
     grid = figure.add_gridspec(2, len(outcomes))
-    figure.suptitle("nwave-param demo: a spiking digits classifier trained three ways, then put on the chip")
+    figure.suptitle("nwave-param demo: a spiking digits classifier built for the chip, trained three ways, then put on it")
 
     ax = figure.add_subplot(grid[0, 0])
     names = list(outcomes)
@@ -282,19 +314,37 @@ def plot(outcomes: dict[str, Outcome], path: str, limit: float) -> None:
     ax.set_title("accuracy as trained and on the chip")
     ax.legend(fontsize=8, loc="lower left")
 
-    ax = figure.add_subplot(grid[0, 1:])
-    layers = [row.name for row in outcomes[names[0]].report_before.rows]
+    ax = figure.add_subplot(grid[0, 1])
+    layers = [row.name.removesuffix(".weight") for row in outcomes[names[0]].report_before.rows]
     positions = torch.arange(len(layers)).float()
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         rows = outcomes[name].report_before.rows
         mixed = [r.mixed_block_columns / max(r.block_columns, 1) for r in rows]
         ax.bar(positions + (k - (len(names) - 1) / 2) * width, mixed, width=width * 0.95, color=COLORS[name], label=name)
-    ax.set_xticks(positions.tolist(), layers)
+    ax.set_xticks(positions.tolist(), layers, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("mixed block columns (fraction)")
-    ax.set_title("per-layer sign violations of the latent weights as trained (0 after projection)")
+    ax.set_title("sign violations of the latent weights as trained\n(0 after projection)", fontsize=10)
     ax.legend(fontsize=8)
+
+    ax = figure.add_subplot(grid[0, 2])
+    cores = placement.spec.cores
+    shades = plt.get_cmap("Set2")
+    for core, capacity in enumerate(cores):
+        ax.barh(core, capacity, color="none", edgecolor="grey", linestyle="--")
+        filled = 0
+        for k, population in enumerate(placement.populations):
+            count = population.cores.get(core, 0)
+            if count:
+                ax.barh(core, count, left=filled, color=shades(k), edgecolor="white")
+                ax.text(filled + count / 2, core, f"{population.name}\n{count}", ha="center", va="center", fontsize=8)
+                filled += count
+    ax.set_yticks(range(len(cores)), [f"core {i} ({n})" for i, n in enumerate(cores)])
+    ax.invert_yaxis()
+    ax.set_xlabel("neurons")
+    kinds = ", ".join(f"{p.name}: {p.kind}" for p in placement.populations)
+    ax.set_title(f"placement on the chip: {'fits' if placement.fits else 'does NOT fit'}\n{kinds}", fontsize=9)
 
     values = {name: torch.cat([w.flatten() for w in o.weights_before]).numpy() for name, o in outcomes.items()}
     low = min(float(v.min()) for v in values.values())
@@ -316,14 +366,18 @@ def plot(outcomes: dict[str, Outcome], path: str, limit: float) -> None:
     plt.close(figure)
 
 
-def main(epochs: int, json_path: str | None, plot_path: str | None, spec: ChipSpec | None = None) -> int:
-    outcomes = run(epochs, spec)
+def main(epochs: int, json_path: str | None, plot_path: str | None, chip: str = "h1v2", bits: int | None = None, mismatch: float = 0.0) -> int:
+    spec = dataclasses.replace(CHIP_SPECS[chip], bits=bits, mismatch=mismatch)
+    outcomes, placement = run(epochs, spec)
     print(table(outcomes))
+    print(f"\nthe network on the {chip.upper()} chip:")
+    print(placement)
     print("\nhardened run, latent weights as trained:")
     print(outcomes["hardened"].report_before)
     if json_path:
         with open(json_path, "w") as stream:
-            json.dump({name: o.to_dict() for name, o in outcomes.items()}, stream, indent=2)
+            data = {"chip": chip, "placement": placement.to_dict(), **{name: o.to_dict() for name, o in outcomes.items()}}
+            json.dump(data, stream, indent=2)
     if plot_path:
-        plot(outcomes, plot_path, outcomes["hardened"].report_before.spec.limit)
+        plot(outcomes, placement, plot_path, spec.limit)
     return 0

@@ -377,7 +377,7 @@ class Registry:
         if problems:
             raise ValueError(f"cannot project: {'; '.join(problems)}; nothing was changed")
         spec = self.spec
-        targets = [functional.chip(w, entry.constraint.layout, spec) for w, entry in zip(weights, self._tracked)]
+        targets = _engine.harden_all(weights, [entry.constraint.layout for entry in self._tracked], spec, 1.0)  # chip(w) of each
         backup = state.snapshot(entry.module.parametrizations[entry.tensor_name] for entry in self._tracked)
         try:
             for entry, weight, target in zip(self._tracked, weights, targets):

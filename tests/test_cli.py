@@ -702,22 +702,21 @@ def test_json_alone_prints_json_and_never_takes_the_checkpoint(plain, tmp_path, 
 def test_demo_json_means_the_same(capsys, monkeypatch, tmp_path):
     from nwave_param import demo
 
-    def fake_main(epochs, json_path, plot_path, spec):
+    def fake_main(epochs, json_path, plot_path, chip, bits, mismatch):
         print("the demo's table")
         with open(json_path, "w") as stream:
-            json.dump({"epochs": epochs, "plot": plot_path, "spec": repr(spec)}, stream)
+            json.dump({"epochs": epochs, "plot": plot_path, "chip": chip, "bits": bits, "mismatch": mismatch}, stream)
         return 0
 
     monkeypatch.setattr(demo, "main", fake_main)
     code, out, err = run(capsys, "demo", "--quick", "--json")
-    expected = {"epochs": 3, "plot": None, "spec": "ChipSpec(limit=0.9, group_size=5)"}  # the default demo: H1v1
+    expected = {"epochs": 3, "plot": None, "chip": "h1v2", "bits": None, "mismatch": 0.0}  # the default demo: the kit's H1v2
     assert code == 0 and json.loads(out) == expected and "the demo's table" in err
     for form in (["--json", tmp_path / "a.json"], [f"--json={tmp_path / 'b.json'}"]):
-        code, out, _ = run(capsys, "demo", "--epochs", "2", "--bits", "5", "--mismatch", "0.02", *form)
+        code, out, _ = run(capsys, "demo", "--epochs", "2", "--chip", "H1V1", "--bits", "5", "--mismatch", "0.02", *form)
         assert code == 0 and "the demo's table" in out
     for name in ("a.json", "b.json"):
-        spec = "ChipSpec(limit=0.9, group_size=5, bits=5, mismatch=0.02)"
-        assert json.loads((tmp_path / name).read_text()) == {"epochs": 2, "plot": None, "spec": spec}
+        assert json.loads((tmp_path / name).read_text()) == {"epochs": 2, "plot": None, "chip": "h1v1", "bits": 5, "mismatch": 0.02}
     assert "--epochs" in error(capsys, "demo", "--epochs", "0")
     assert "bits" in error(capsys, "demo", "--bits", "1")
     assert "mismatch" in error(capsys, "demo", "--mismatch", "-0.1")

@@ -22,8 +22,12 @@ def test_quick_demo_writes_json_table_plot_and_progress(tmp_path, capsys):
     out, picture = tmp_path / "demo.json", tmp_path / "demo.png"
     assert main(["demo", "--quick", "--json", str(out), "--plot", str(picture)]) == 0
     data = json.loads(out.read_text())
-    assert list(data) == ["baseline", "constrained", "hardened"]
-    for run in data.values():
+    assert list(data) == ["chip", "placement", "baseline", "constrained", "hardened"]
+    assert data["chip"] == "h1v2" and data["placement"]["fits"] is True and data["placement"]["problems"] == []
+    populations = {p["name"]: p for p in data["placement"]["populations"]}
+    assert populations["lif"]["recurrent"] and populations["lif"]["cores"] == {"2": 100}  # the largest core, whole
+    assert populations["front"]["front_end"] and populations["front"]["neurons"] == 16  # one neuron per front-end channel
+    for run in (data[name] for name in ("baseline", "constrained", "hardened")):
         assert set(run) == KEYS
         assert isinstance(run["mappable_before"], bool) and run["mappable_after"] is True
         for key in KEYS - {"mappable_before", "mappable_after"}:
@@ -32,7 +36,7 @@ def test_quick_demo_writes_json_table_plot_and_progress(tmp_path, capsys):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr()
     assert "test accuracy on the chip (projected)" in printed.out and "hardened" in printed.out
-    assert "lif.recurrent.weight" in printed.out
+    assert "lif.recurrent.weight" in printed.out and "fits" in printed.out and "core 2: 100" in printed.out
     progress = [line for line in printed.err.splitlines() if "epochs in" in line]  # not a terminal: one line a run
     assert [line.split(":")[0] for line in progress] == ["baseline", "constrained", "hardened"]
 
@@ -46,19 +50,17 @@ def test_quick_demo_on_a_grid_with_mismatch_reports_a_fleet_of_chips(tmp_path, c
     out = tmp_path / "demo.json"
     assert main(["demo", "--quick", "--bits", "5", "--mismatch", "0.02", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    for run in data.values():
+    for run in (data[name] for name in ("baseline", "constrained", "hardened")):
         assert set(run) == KEYS | {"chip_accuracy_mean", "chip_accuracy_worst"}
         assert 0.0 <= run["chip_accuracy_worst"] <= run["chip_accuracy_mean"] <= 1.0
     assert data["hardened"]["projected_accuracy"] == data["hardened"]["float_accuracy"]
     assert "test accuracy on 10 chips, worst" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("spec", [None, "grid"])
-def test_learning_rate_settles_only_when_training_against_a_grid(monkeypatch, spec):
+def test_the_learning_rate_is_constant_then_settles_linearly_to_zero(monkeypatch):
     import torch
 
-    from nwave_param import ChipSpec, register
-    from nwave_param import demo
+    from nwave_param import demo, register
 
     rates = []
 
@@ -70,13 +72,36 @@ def test_learning_rate_settles_only_when_training_against_a_grid(monkeypatch, sp
     monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
     torch.manual_seed(0)
     model = demo.SpikingNet()
-    reg = register(model, ChipSpec(bits=5) if spec else None)
+    reg = register(model)
     demo.train(model, reg, demo.digits(), 2, "baseline")
     steps = len(rates)
-    end = demo.HARDEN["grid or mismatch"][1]
-    if spec is None:
-        assert rates == [3e-3] * steps
-    else:  # constant until the hardness reaches 1, then linearly towards 0
-        expected = [3e-3 * min(1.0, (steps - k) / ((1 - end) * steps)) for k in range(steps)]
-        assert rates == pytest.approx(expected, rel=1e-12)
-        assert rates[0] == 3e-3 and rates[-1] < 3e-3 / 10
+    expected = [3e-3 * min(1.0, (steps - k) / ((1 - demo.SETTLE) * steps)) for k in range(steps)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert rates[0] == 3e-3 and rates[-1] < 3e-3 / 10
+
+
+@pytest.mark.parametrize("chip, hidden", [("h1v1", 64), ("h1v2", 100)])
+def test_the_network_is_built_for_the_chip_and_its_neurons_follow_the_documented_dynamics(chip, hidden):
+    import torch
+
+    import nwave_param as nwp
+    from nwave_param import demo
+
+    spec = demo.CHIP_SPECS[chip]
+    torch.manual_seed(0)
+    model = demo.SpikingNet(spec)
+    x = torch.rand(8, 5, 8)
+    placement = nwp.place(model, x, spec)
+    assert placement.fits, placement.problems
+    assert [(p.name, p.neurons, p.recurrent) for p in placement.populations] == [("front", 16, False), ("lif", hidden, True), ("out", 50, False)]
+    assert torch.count_nonzero(model.gain.weight - torch.diag(torch.diagonal(model.gain.weight))) == 0  # one-to-one
+    updated, carried = [], []  # each update's membrane, and the membrane each step starts from
+    for layer in (model.front, model.lif, model.out):
+        layer.register_forward_hook(lambda module, args, output: updated.append(output[-1]))
+        layer.register_forward_pre_hook(lambda module, args: carried.append(args[-1]))
+        assert layer.reset_mechanism == "subtract" and float(layer.threshold) == demo.THRESHOLD  # one threshold for all
+    reg = nwp.register(model, spec).harden(1.0)
+    model(x).sum().backward()  # it trains through the clamp
+    assert all(p.grad is not None for p in reg.weights())
+    assert min(float(m.min()) for m in updated) < 0  # snnTorch's update goes below zero ...
+    assert min(float(m.min()) for m in carried if m.numel()) >= 0  # ... and the chip's membrane never does: clamped after each update

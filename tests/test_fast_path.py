@@ -207,9 +207,11 @@ def noise_per_weight(drawn, weights, layouts, spec):
                 continue
             result[i] = torch.zeros_like(weights[i]) if result[i] is None else result[i]
             _engine.source(result[i], member).copy_(region)
-    for i, weight in enumerate(weights):
-        if result[i] is None and weight.numel():
-            result[i] = next(drawn)
+    for i in sorted(alone):  # then a pack of its own
+        pack = _engine.Pack(_engine.members(i, tuple(weights[i].shape), layouts[i], spec.group_size), spec.group_size)
+        result[i] = torch.zeros_like(weights[i])
+        for member, region in zip(pack.members, pack.regions(next(drawn))):
+            _engine.source(result[i], member).copy_(region)
     return result
 
 
