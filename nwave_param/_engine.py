@@ -602,8 +602,9 @@ def _chip_pack(flat: Tensor, scratch: _Scratch, dtype: torch.dtype, spec: ChipSp
         held = _round_to_grid(torch.clamp(flat, -top, top), spec, dtype, top)
         kept = held.abs()
         gain = kept - 2 * (kept - flat.abs()).clamp(min=0)  # |w| - |w - q(w)|
-        torch.mul(gain, held > 0, out=rows[2])
-        torch.mul(gain, held < 0, out=rows[3]).neg_()
+        side = torch.sign(held)  # its gain counts on its side: P from the positives, -Q from the negatives
+        torch.mul(gain, side.clamp(min=0), out=rows[2])
+        torch.mul(gain, side.clamp_(max=0), out=rows[3])
         scratch.sum_parts(_Scratch.HELD)
         positive, negative = held.clamp(min=0), held.clamp(max=0)
         sides = [(_blocks(positive, view), _blocks(negative, view)) for view in scratch.views]
@@ -617,41 +618,31 @@ def _chip_pack(flat: Tensor, scratch: _Scratch, dtype: torch.dtype, spec: ChipSp
 
 
 def _round_to_grid(x: Tensor, spec: ChipSpec, dtype: torch.dtype, top: float) -> Tensor:
-    """:func:`functional.round_to_grid` in float arithmetic (its ``bucketize`` and gather run a
-    scalar loop per element on the CPU): bit for bit the same.
+    """:func:`functional.round_to_grid` in float arithmetic and two table lookups (its
+    ``bucketize`` and gather run a scalar loop per element on the CPU): bit for bit the same.
 
     ``k0 = round(x / step)`` is the nearest ideal level; the held levels sit up to half an ulp off
     ``k * step``, so the nearest held one is ``k0``'s or its neighbour's on ``x``'s side, whichever
     is nearer, the even ``k`` on a tie.  The distances are exact wherever they decide: ``x`` is
     within a factor of two of the level it is compared with (Sterbenz), or the comparison is with a
-    threshold the rounding cannot cross."""
-    step = spec.limit / spec.levels
-    gap = _end_gap(spec, dtype, top)
-    k0 = torch.round(x * (1 / step)).to(torch.float64)  # x / step need not be exact: it only picks the pair
-    level0 = _level(k0, step, top, dtype, x.dtype, spec.levels, gap)
-    k1 = k0 + torch.sign(x - level0).to(torch.float64)
-    level1 = _level(k1, step, top, dtype, x.dtype, spec.levels, gap)
-    nearer = torch.sign((x - level0).abs() - (x - level1).abs())  # 1: level1 is nearer; 0: a tie (or one level)
-    odd = (k0 - 2 * torch.round(k0 * 0.5)).abs().to(x.dtype)  # then k1 is the even one
-    choice = nearer.clamp(min=0) + (1 - nearer.abs()) * odd
-    return torch.copysign(level0 + choice * (level1 - level0), x)
-
-
-def _level(k: Tensor, step: float, top: float, dtype: torch.dtype, compute: torch.dtype, levels: int, gap: float) -> Tensor:
-    """Level ``k`` as ``dtype`` holds it, in ``compute``: ``k * step`` rounded, none beyond the
-    bound, and the two ends the bound itself (``gap`` closes the distance where rounding leaves
-    them short of it)."""
-    level = (k * step).to(dtype)
-    if gap:
-        level = level + gap * (k.abs() - (levels - 1)).clamp_(0, 1).mul_(k.sign()).to(dtype)
-    return _in(compute, level.clamp_(-top, top))
+    threshold the rounding cannot cross.  A NaN looks up level 0, then stays NaN."""
+    levels = _level_table(spec, dtype, x.dtype, x.device)
+    k0 = torch.round(x * (spec.levels / spec.limit))  # x / step need not be exact: it only picks the pair
+    index0 = k0.nan_to_num(0.0).add_(spec.levels).to(torch.int32)
+    level0 = torch.index_select(levels, 0, index0)
+    side = torch.sign(x - level0).nan_to_num_(0.0).to(torch.int32)
+    level1 = torch.index_select(levels, 0, index0.add_(side).clamp_(0, 2 * spec.levels))
+    nearer = torch.sign((x - level0).abs_() - (x - level1).abs_())  # 1: level1 is nearer; 0: a tie (or one level)
+    odd = (k0 - 2 * torch.round(k0 * 0.5)).abs_()  # k0 odd: then k1 is the even one
+    choice = nearer.clamp(min=0).add_((1 - nearer.abs_()).mul_(odd))
+    return torch.copysign(level1.sub_(level0).mul_(choice).add_(level0), x)
 
 
 @functools.lru_cache(maxsize=64)
-def _end_gap(spec: ChipSpec, dtype: torch.dtype, top: float) -> float:
-    """How far the top level as rounding makes it, ``levels * step``, falls short of the bound (0 almost always)."""
-    end = torch.tensor(spec.levels * (spec.limit / spec.levels), dtype=torch.float64).to(dtype).item()
-    return top - end if end < top else 0.0
+def _level_table(spec: ChipSpec, dtype: torch.dtype, compute: torch.dtype, device: torch.device) -> Tensor:
+    """The grid's levels as ``dtype`` holds them (the definition's table), in ``compute``."""
+    with torch.inference_mode(False):
+        return functional._levels(spec, dtype, device).to(compute)
 
 
 class Shared:
