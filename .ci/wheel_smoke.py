@@ -20,7 +20,7 @@ with torch.no_grad():
 reg = nwp.register(model)
 penalty = reg.penalty()
 penalty.backward()
-assert torch.isfinite(penalty) and penalty > 0 and all(p.grad is not None for p in reg.weights())
+assert torch.isfinite(penalty) and penalty > 0 and all(p.grad is not None for p in reg.latent_weights())
 assert not reg.report().is_mappable
 reg.harden(1.0).project_()
 assert reg.is_mappable()

@@ -224,7 +224,7 @@ def probe_penalty(name: str, rounds: int) -> dict:
 
     model = build(name)
     reg = nwp.register(model)
-    weights = reg.weights()
+    weights = reg.latent_weights()
 
     def clear():
         for w in weights:
@@ -283,7 +283,7 @@ def probe_lifecycle(name: str, rounds: int) -> dict:
     import nwave_param as nwp
 
     reg = nwp.register(build(name))
-    weights = reg.weights()
+    weights = reg.latent_weights()
 
     def floor():
         for w in weights:

@@ -394,6 +394,19 @@ def _excess(flat: Tensor, scratch: _Scratch, limit: float) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+class PenaltyConfig(NamedTuple):
+    """What the penalty's autograd node computes with, besides the weights."""
+
+    plan: Plan
+    layouts: tuple[Layout, ...]
+    spec: ChipSpec
+    power: int
+    dtype: torch.dtype  # of the result
+    scales: tuple[float, float] | None  # (alpha, lam): one scaled sum; None: the two sums apart
+    gradient: bool  # whether to compute the gradient's directions
+    shared: Shared | None
+
+
 class _PenaltySums(torch.autograd.Function):
     """The penalties of all weights as one autograd node.
 
@@ -403,7 +416,8 @@ class _PenaltySums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan: Plan, layouts, spec: ChipSpec, power: int, dtype: torch.dtype, scales, gradient: bool, shared, *weights):
+    def forward(ctx, config: PenaltyConfig, *weights):
+        plan, layouts, spec, power, dtype, scales, gradient, shared = config
         alpha, lam = scales or (1.0, 1.0)
         magnitudes, topologies, saved = [], [], []
         for pack in plan.packs:
@@ -448,8 +462,8 @@ class _PenaltySums(torch.autograd.Function):
         count = len(ctx.layouts)
         weights, saved = ctx.saved_tensors[:count], iter(ctx.saved_tensors[count:])
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formulas themselves
-            return (None,) * _PenaltySums.SETTINGS + _differentiable_gradient(ctx, weights, *_scaled(ctx.scales, grads))
-        needed = ctx.needs_input_grad[_PenaltySums.SETTINGS :]
+            return (None, *_differentiable_gradient(ctx, weights, *_scaled(ctx.scales, grads)))
+        needed = ctx.needs_input_grad[1:]  # after the config
         result: list[Tensor | None] = [None] * count
         parts: dict[int, list[tuple[Member, Tensor]]] = {}  # members of weights that are not one region
         for pack in ctx.plan.packs:
@@ -501,9 +515,8 @@ class _PenaltySums(torch.autograd.Function):
             for member, tail in parts.get(i, ()):  # the short last block came from a pack
                 grad[item.tail :].copy_(tail.reshape(-1, grad.shape[1]))
             result[i] = layout.unmatrix(grad, weights[i].shape)
-        return (None,) * _PenaltySums.SETTINGS + tuple(result)
+        return (None, *result)
 
-    SETTINGS = 8  # forward's arguments before the weights: plan, layouts, spec, power, dtype, scales, gradient, shared
 
 
 def _scaled(scales, grads) -> tuple[Tensor, Tensor]:
@@ -524,7 +537,7 @@ def _assembled(weight: Tensor, pieces: list[tuple[Member, Tensor]]) -> Tensor:
 def _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology) -> tuple[Tensor | None, ...]:
     with torch.enable_grad():
         magnitude, topology = functional.penalty_sums(weights, ctx.layouts, ctx.spec, ctx.power)
-        wanted = [i for i, w in enumerate(weights) if w.requires_grad and ctx.needs_input_grad[_PenaltySums.SETTINGS + i]]
+        wanted = [i for i, w in enumerate(weights) if w.requires_grad and ctx.needs_input_grad[1 + i]]
         grads = torch.autograd.grad(
             (magnitude, topology), [weights[i] for i in wanted], (grad_magnitude, grad_topology), create_graph=True, allow_unused=True
         )
@@ -556,7 +569,7 @@ def penalty_sums(
     weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     plan = plan_for(weights, layouts, spec.group_size)
     gradient = torch.is_grad_enabled() and any(w.requires_grad for w in weights)  # else skip the directions
-    return _PenaltySums.apply(plan, tuple(layouts), spec, power, dtype, scales, gradient, shared, *weights)
+    return _PenaltySums.apply(PenaltyConfig(plan, tuple(layouts), spec, power, dtype, scales, gradient, shared), *weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,7 +591,7 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def _chip_pack(flat: Tensor, scratch: _Scratch, dtype: torch.dtype, spec: ChipSpec, raw: bool) -> list[Tensor]:
-    """:func:`functional.chip` of every member of a pack at once (``dtype``: its weights'), one new
+    """:func:`functional.project` of every member of a pack at once (``dtype``: its weights'), one new
     tensor per view, equal to the definition bit for bit, in float arithmetic only where the data
     is large (CPU kernels of boolean masks and ``where`` run ten to twenty times slower).  With
     ``raw``, the penalty's parts and sums too.
@@ -676,7 +689,7 @@ def harden_all(
 ) -> list[Tensor]:
     """:func:`functional.harden` of every weight, computed together: ``w + h (chip(w) - w)``
     plus ``h`` times the noise, with a straight-through gradient per weight (``reg.project_()``
-    takes its values at ``h = 1``: :func:`functional.chip`).
+    takes its values at ``h = 1``: :func:`functional.project`).
 
     ``noise`` is the mismatch: a standard deviation (fresh Gaussian noise drawn once for all the
     weights), or one tensor per weight (``None``: none).  Equal, bit for bit, to the definition

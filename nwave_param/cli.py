@@ -67,7 +67,7 @@ __all__ = ["main"]
 
 CHIPS = {"h1v1": H1V1, "h1v2": H1V2}
 SPEC_OPTIONS = {"limit": "--limit", "group_size": "--group-size", "bits": "--bits"}  # ChipSpec field -> option
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what functional.chip computes in
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what functional.project computes in
 DEFAULT_MAX_BYTES = "4G"
 EMBEDDING = "*embed*"
 MESSAGE = 2000  # characters of a whole message or note, its pieces from outside cut already
@@ -115,7 +115,7 @@ def _listed(names: Sequence[str]) -> str:
 
 
 def _check_readable(name: str, value: Tensor) -> None:
-    """Refuse what functional.chip cannot compute with, or not one value per element, naming the way out."""
+    """Refuse what functional.project cannot compute with, or not one value per element, naming the way out."""
     shown = one_line(name)
     if value.layout != torch.strided:
         raise CliError(
@@ -470,7 +470,7 @@ def model_weights(
     with contextlib.suppress(ValueError):  # the file may hold the plain keys of a tied weight
         held = {**held, **plain_state_dict(held)}
     weights = []
-    for name, value, layout in zip(reg.names, reg.weights(), reg.layouts):
+    for name, value, layout in zip(reg.names, reg.latent_weights(), reg.layouts):
         described = descriptions.get(name)
         if described is not None and described.layout != layout:
             raise CliError(
@@ -795,7 +795,7 @@ def run_project(args: argparse.Namespace) -> int:
         files.require_safetensors()  # before any work: is the package there?
     checkpoint, spec, weights, notes = gather(args)
     _refuse_unprojectable(weights)
-    projected = [functional.chip(w.value, w.layout, spec) for w in weights]
+    projected = [functional.project(w.value, w.layout, spec) for w in weights]
     if not args.assume_plain:
         _refuse_guessed(weights, projected)
     container, new_values = _with_projection(checkpoint, weights, projected, notes)

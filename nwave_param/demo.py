@@ -206,7 +206,7 @@ class Outcome:
 def evaluate(model: nn.Module, reg: Registry, data) -> Outcome:
     *_, x_test, y_test = data
     before = reg.report()
-    weights_before = [w.detach().clone() for w in reg.weights()]
+    weights_before = [w.detach().clone() for w in reg.latent_weights()]
     float_accuracy = accuracy(model, reg, x_test, y_test)
     reg.project_()
     after = reg.report()

@@ -8,9 +8,9 @@ the rows ``i`` of block ``b`` and column ``j``:
 * topology :math:`= \sum_{b, j} \min(P_{bj}, Q_{bj})`, :math:`P_{bj} = \sum_{i \in b} \mathrm{relu}(M_{ij})`,
   :math:`Q_{bj} = \sum_{i \in b} \mathrm{relu}(-M_{ij})`: the L1 distance from block column
   ``(b, j)`` to the nearest sign-aligned one;
-* the chip holds :func:`chip` ``(w)``: the L1-nearest point that is in range, sign-aligned and
+* the chip holds :func:`project` ``(w)``: the L1-nearest point that is in range, sign-aligned and
   (with ``spec.bits``) on the grid;
-* hardening computes with :func:`harden` ``(w) = w + h (chip(w) - w)``, straight through.
+* hardening computes with :func:`harden` ``(w) = w + h (project(w) - w)``, straight through.
 
 Sums are taken in float32 (float64 for float64 weights), so half-precision weights accumulate
 safely, and the limit is read as that dtype holds it, as torch does when it compares a tensor
@@ -37,11 +37,11 @@ __all__ = [
     "accumulation_dtype",
     "block_view",
     "bound",
-    "chip",
     "harden",
     "mixed_blocks",
     "off_grid",
     "penalty_sums",
+    "project",
     "result_dtype",
     "weight_sums",
 ]
@@ -209,7 +209,7 @@ def off_grid(weight: Tensor, spec: ChipSpec) -> Tensor:
 
 
 @torch.no_grad()
-def chip(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
+def project(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
     r"""What the chip holds for ``weight``: the L1-nearest mappable point, as a new tensor.
 
     Each block column keeps one sign.  Keeping sign ``s`` costs, over its entries of sign ``s``,
@@ -221,7 +221,7 @@ def chip(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
 
     Example (the worked example: column 0 keeps its positives, column 1 its negatives)::
 
-        >>> chip(torch.tensor([[0.5, -1.0], [-0.2, 0.3], [1.2, 0.1]]), Layout(), ChipSpec(limit=0.9))
+        >>> project(torch.tensor([[0.5, -1.0], [-0.2, 0.3], [1.2, 0.1]]), Layout(), ChipSpec(limit=0.9))
         tensor([[ 0.5000, -0.9000],
                 [ 0.0000,  0.0000],
                 [ 0.9000,  0.0000]])
@@ -269,13 +269,13 @@ class _StraightThrough(torch.autograd.Function):
 def harden(weight: Tensor, layout: Layout, spec: ChipSpec, hardness: float, noise: Tensor | None = None) -> Tensor:
     r""":math:`w + h\,(\mathrm{chip}(w) - w)`, plus ``h * noise``, with a straight-through gradient.
 
-    At ``h = 1`` the value is ``chip(w) + noise`` exactly, bit for bit; at ``h = 0`` (no noise)
+    At ``h = 1`` the value is ``project(w) + noise`` exactly, bit for bit; at ``h = 0`` (no noise)
     it is ``weight`` itself.  The gradient that reaches ``weight`` is the incoming one, unchanged.
     """
     if hardness == 0 and noise is None:
         return weight
     with torch.no_grad():
-        target = chip(weight, layout, spec)
+        target = project(weight, layout, spec)
         value = target if hardness == 1 else weight + hardness * (target - weight)
         if noise is not None:
             value = value + (noise if hardness == 1 else hardness * noise)

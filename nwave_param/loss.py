@@ -4,8 +4,8 @@ They compute with exactly the arguments given.  On a registered model they read 
 weights (so ``exclude`` holds) and, whenever the arguments match its spec, return the
 registry's numbers exactly::
 
-    weight_magnitude_loss(model, reg.spec.limit, reg.power) == reg.penalties().magnitude
-    topology_loss(model, lam, reg.spec.group_size) == lam * reg.penalties().topology
+    weight_magnitude_loss(model, reg.spec.limit, reg.power) == reg.penalty_terms().magnitude
+    topology_loss(model, lam, reg.spec.group_size) == lam * reg.penalty_terms().topology
 
 On an unregistered model they track the weights :func:`~nwave_param.register` would.
 """
@@ -37,7 +37,7 @@ def _sums(model: nn.Module, limit: float | None, group_size: int | None, power: 
         layouts = [layout for _, layout in selected]
         spec = ChipSpec()
     else:
-        weights, layouts, spec = reg.weights(), reg.layouts, reg.spec
+        weights, layouts, spec = reg.latent_weights(), reg.layouts, reg.spec
     changes = {key: value for key, value in (("limit", limit), ("group_size", group_size)) if value is not None}
     spec = dataclasses.replace(spec, **changes)
     magnitude, topology = _engine.penalty_sums(weights, layouts, spec, power)

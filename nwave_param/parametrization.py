@@ -107,7 +107,7 @@ class ChipConstraint(nn.Module):
     r"""The chip constraint of one weight: :math:`w \mapsto w + h\,(\mathrm{chip}(w) - w)`.
 
     ``chip(w)`` is what :meth:`Registry.project_ <nwave_param.Registry.project_>` would write
-    (:func:`nwave_param.functional.chip`); the gradient passes straight through to :math:`w`.
+    (:func:`nwave_param.functional.project`); the gradient passes straight through to :math:`w`.
     At hardness 0 the forward returns its input, the same tensor object: the model computes
     bit-identical outputs, in-place init reaches the weight and no memory is added.
 

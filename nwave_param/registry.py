@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -230,15 +231,26 @@ class Registry:
 
     # --- training ---------------------------------------------------------------------------
 
-    def weights(self) -> list[Tensor]:
+    def latent_weights(self) -> list[Tensor]:
         """The latent weights, differentiable: the Parameters themselves where nwave_param's
-        constraint is the only parametrization, else what the earlier ones make of them."""
+        constraint is the only parametrization, else what the earlier ones make of them (not
+        ``module.weight``, which is the hardened value)."""
         self._check_removed()
         return [chain._parameters["original"] if alone else _latent(entry) for entry, chain, alone in self._chains]
 
+    def weights(self) -> list[Tensor]:
+        """Deprecated alias of :meth:`latent_weights` (the name said nothing of which weights)."""
+        warnings.warn("Registry.weights() is deprecated: use reg.latent_weights()", DeprecationWarning, stacklevel=2)
+        return self.latent_weights()
+
     def penalties(self) -> Penalties:
+        """Deprecated alias of :meth:`penalty_terms` (one letter from :meth:`penalty`)."""
+        warnings.warn("Registry.penalties() is deprecated: use reg.penalty_terms()", DeprecationWarning, stacklevel=2)
+        return self.penalty_terms()
+
+    def penalty_terms(self) -> Penalties:
         """``Penalties(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
-        weights = self.weights()
+        weights = self.latent_weights()
         magnitude, topology = _engine.penalty_sums(weights, self.layouts, self.spec, self.power)
         count = max(sum(w.numel() for w in weights), 1)
         return Penalties(magnitude / count, topology / count)
@@ -250,7 +262,7 @@ class Registry:
         settings = self.settings
         alpha = settings.alpha if alpha is None else check_scale("alpha", alpha)
         lam = settings.lam if lam is None else check_scale("lam", lam)
-        weights = self.weights()
+        weights = self.latent_weights()
         count = max(sum(w.numel() for w in weights), 1)
         current = self._registrations[0].current_pass if len(self._registrations) == 1 else None
         shared = current.shared if current is not None else None  # inside cached(): the hardening's packs, reused
@@ -261,7 +273,7 @@ class Registry:
         """Context manager: every tracked weight computes as one chip instance holds it.
 
         Inside, whatever the hardness and the mode, ``module.weight`` is
-        :func:`~nwave_param.functional.chip` of the latent weight exactly, plus, when
+        :func:`~nwave_param.functional.project` of the latent weight exactly, plus, when
         ``spec.mismatch`` is set, one mismatch sample (Gaussian, standard deviation
         ``spec.mismatch``) drawn from a generator seeded with ``seed`` and kept for the whole
         context: one seed, one chip; another seed, another chip (``None``: a random one).  On
@@ -339,7 +351,7 @@ class Registry:
     def report(self) -> Report:
         """A :class:`~nwave_param.Report` of the latent weights: one row per weight; the rows sum
         to :meth:`penalties`."""
-        return build_report(self.names, [w.detach() for w in self.weights()], self.layouts, self.spec, self.power)
+        return build_report(self.names, [w.detach() for w in self.latent_weights()], self.layouts, self.spec, self.power)
 
     def is_mappable(self) -> bool:
         """True exactly when every latent weight is finite, within ``[-limit, limit]`` (the limit
@@ -350,7 +362,7 @@ class Registry:
     def project_(self) -> Registry:
         """Move the latent weights, in place, to what the chip holds; returns ``self``.
 
-        Each weight becomes :func:`nwave_param.functional.chip` of itself: clamped into
+        Each weight becomes :func:`nwave_param.functional.project` of itself: clamped into
         ``[-limit, limit]``, the cheaper sign of each block column kept (a tie keeps the positive
         side) and, with ``spec.bits``, on the grid.  Idempotent; a mappable weight is left
         bit-identical; Parameters are updated in place, so optimizers keep working.  A weight
@@ -363,7 +375,7 @@ class Registry:
                 without ``right_inverse``, or the chain cannot hold the projected value (named).
         """
         self._check_live()
-        weights = self.weights()
+        weights = self.latent_weights()
         problems = [
             f"{entry.name} holds NaN or infinite values"
             for entry, weight in zip(self._tracked, weights)
@@ -390,16 +402,23 @@ class Registry:
             raise
         return self
 
-    def remove(self) -> None:
+    def remove(self, leave_projected: bool = False) -> None:
         """Remove every constraint: module classes, Parameters, state_dict keys and their order as
-        before registration.  The weights stay the latent ones as stored; call :meth:`project_`
-        first to keep what the chip holds.
+        before registration.
+
+        The weights stay the latent ones as stored, or with ``leave_projected`` what the chip holds:
+        :meth:`project_` first, in the same call, all or nothing (a refused projection removes
+        nothing), as ``torch.nn.utils.parametrize.remove_parametrizations(..., leave_parametrized=True)``
+        keeps the parametrized value.  The squash step of the lifecycle is then one line.
 
         Raises:
             RuntimeError: already removed, or a constraint was removed by hand (nothing is changed;
                 ``registry_of(model).remove()`` removes the remaining ones).
+            ValueError: with ``leave_projected``, what :meth:`project_` refuses (nothing is changed).
         """
         self._check_live()
+        if leave_projected:
+            self.project_()
         _remove(self._entries, self._model)
         object.__setattr__(self, "_removed", True)
 
@@ -471,7 +490,7 @@ def _write_through_chain(entry: Constrained, target: Tensor, spec: ChipSpec) -> 
                 "leave_parametrized=True) after reg.remove(), then register again"
             )
         limit -= torch.finfo(held.dtype).eps * spec.limit * 2**attempt
-        target = functional.chip(held, layout, dataclasses.replace(spec, limit=limit))
+        target = functional.project(held, layout, dataclasses.replace(spec, limit=limit))
     raise ValueError(
         f"{entry.name}: {_names(entry)} cannot hold a mappable value here (orthogonal cannot hold a "
         "sign-aligned matrix); every weight was restored"

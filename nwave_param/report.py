@@ -25,7 +25,7 @@ class LayerReport:
     holding both a strictly positive and a strictly negative entry.  ``off_grid`` counts entries
     that are not grid levels (0 without ``spec.bits``).  ``magnitude`` and ``topology`` are its
     contributions to the registry's penalties (already divided by the total element count ``N``),
-    so the rows sum to ``reg.penalties()``.
+    so the rows sum to ``reg.penalty_terms()``.
     """
 
     name: str

@@ -23,7 +23,7 @@ from layers import scaled
 import nwave_param as nwp
 from nwave_param import checkpoint as files
 from nwave_param.cli import main
-from nwave_param.functional import chip
+from nwave_param.functional import project
 from nwave_param.layout import Layout
 
 NEEDS_SAFETENSORS = "the safetensors extra is not installed (pip install -e '.[safetensors]')"
@@ -162,7 +162,7 @@ def test_assume_plain_projects_guessed_weights_as_plain(mixed, capsys):
     written = load("out.pt")
     assert code == 0
     for name in ("embed.weight", *GUESSED, "head.weight"):
-        assert torch.equal(written[name], chip(state[name], Layout(), nwp.H1V1)), name
+        assert torch.equal(written[name], project(state[name], Layout(), nwp.H1V1)), name
     assert not torch.equal(written["embed.weight"], state["embed.weight"])
     assert all(same_bits(written[k], state[k]) for k in state if k.endswith("bias"))
     layouts = {w["name"]: w["layout"] for w in json.loads(out)["weights"]}
@@ -417,7 +417,7 @@ def test_model_factory_keeps_checkpoint_dtype_and_projects_tied_aliases(tmp_path
     assert run(capsys, "project", path, "-o", out_path, "--model", "tied_mod:build")[0] == 0
     written = load(out_path)
     assert written["0.weight"].dtype == torch.float64 and torch.equal(written["0.weight"], written["1.weight"])
-    assert torch.equal(written["0.weight"], chip(weight, Layout(), nwp.H1V1))
+    assert torch.equal(written["0.weight"], project(weight, Layout(), nwp.H1V1))
     assert run(capsys, "check", out_path, "--model", "tied_mod:build")[0] == 0
 
 
@@ -447,9 +447,9 @@ def test_ties_and_views_survive_and_are_projected_consistently(tmp_path, capsys)
     assert code == 0 and [w["name"] for w in json.loads(out)["weights"]] == ["a.weight", "b.weight", "c.weight"]
     a, b = written["a.weight"], written["b.weight"]
     assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and b.storage_offset() == 5 * 6
-    assert torch.equal(a, chip(base, Layout(), nwp.H1V1)) and torch.equal(b, chip(base[5:], Layout(), nwp.H1V1))
+    assert torch.equal(a, project(base, Layout(), nwp.H1V1)) and torch.equal(b, project(base[5:], Layout(), nwp.H1V1))
     assert written["c.weight"].untyped_storage().data_ptr() == written["d.weight"].untyped_storage().data_ptr()
-    assert torch.equal(written["d.weight"], chip(tied, Layout(), nwp.H1V1))
+    assert torch.equal(written["d.weight"], project(tied, Layout(), nwp.H1V1))
 
 
 def test_views_whose_projections_disagree_are_refused(tmp_path, capsys):
@@ -466,7 +466,7 @@ def test_a_container_held_twice_stays_one(tmp_path, capsys):
     assert run(capsys, "project", tmp_path / "twice.pt", "-o", tmp_path / "out.pt")[0] == 0
     written = load(tmp_path / "out.pt")
     assert written["averages"][0] is written["averages"][1] is written["state_dict"]
-    assert torch.equal(written["state_dict"]["fc.weight"], chip(weight, Layout(), nwp.H1V1))
+    assert torch.equal(written["state_dict"]["fc.weight"], project(weight, Layout(), nwp.H1V1))
 
 
 def test_a_tensor_sharing_memory_with_a_weight_follows_it(tmp_path, capsys):
@@ -476,7 +476,7 @@ def test_a_tensor_sharing_memory_with_a_weight_follows_it(tmp_path, capsys):
     written = load(tmp_path / "out.pt")
     assert code == 0 and "note: changed with the weights they share memory with: flat" in out
     assert written["flat"].untyped_storage().data_ptr() == written["fc.weight"].untyped_storage().data_ptr()
-    assert torch.equal(written["flat"], chip(flat.view(10, 6), Layout(), nwp.H1V1).reshape(-1))
+    assert torch.equal(written["flat"], project(flat.view(10, 6), Layout(), nwp.H1V1).reshape(-1))
 
 
 # --- the property: nothing changes but tracked weights, each to its Python projection ------------
@@ -537,7 +537,7 @@ def test_property_project_changes_only_tracked_weights_to_their_projection(
     read = [
         k for k, v in state.items() if torch.is_tensor(v) and v.dim() >= 2 and (registered or assume_plain or not embedding(k))
     ]
-    changed_if_plain = [k for k in read if guessed(k) and not torch.equal(chip(state[k], Layout(), spec), state[k])]
+    changed_if_plain = [k for k in read if guessed(k) and not torch.equal(project(state[k], Layout(), spec), state[k])]
     if code == 2:  # refused, for a reason, and nothing was written
         reason = err.getvalue()
         assert not (directory / "out.pt").exists()
@@ -553,10 +553,10 @@ def test_property_project_changes_only_tracked_weights_to_their_projection(
             assert new == old
         elif not same_bits(new, old):
             if guessed(key):  # accepted with --assume-plain only
-                assert assume_plain and torch.equal(new, chip(old, Layout(), spec)), key
+                assert assume_plain and torch.equal(new, project(old, Layout(), spec)), key
             else:
                 assert _weight_name(key) in layouts, f"{key} changed but Python does not track it"
-                assert torch.equal(new, chip(old, layouts[_weight_name(key)], spec)), key
+                assert torch.equal(new, project(old, layouts[_weight_name(key)], spec)), key
 
 
 # --- safetensors -------------------------------------------------------------------------------
@@ -613,7 +613,7 @@ def test_safetensors_keeps_unchanged_tensors_bit_identical_and_its_metadata(tmp_
     with safetensors.safe_open(tmp_path / "out.safetensors", framework="pt") as handle:
         assert handle.metadata() == {"format": "pt", "author": "me"}
         written = {k: handle.get_tensor(k) for k in handle.keys()}
-    assert torch.equal(written["fc.weight"], chip(tensors["fc.weight"], Layout(), nwp.H1V1))
+    assert torch.equal(written["fc.weight"], project(tensors["fc.weight"], Layout(), nwp.H1V1))
     assert all(same_bits(written[k], tensors[k]) for k in ("fc.bias", "scale", "steps", "q"))
 
 

@@ -102,6 +102,6 @@ def test_the_network_is_built_for_the_chip_and_its_neurons_follow_the_documented
         assert layer.reset_mechanism == "subtract" and float(layer.threshold) == demo.THRESHOLD  # one threshold for all
     reg = nwp.register(model, spec).harden(1.0)
     model(x).sum().backward()  # it trains through the clamp
-    assert all(p.grad is not None for p in reg.weights())
+    assert all(p.grad is not None for p in reg.latent_weights())
     assert min(float(m.min()) for m in updated) < 0  # snnTorch's update goes below zero ...
     assert min(float(m.min()) for m in carried if m.numel()) >= 0  # ... and the chip's membrane never does: clamped after each update

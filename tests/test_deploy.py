@@ -76,12 +76,12 @@ specs = st.builds(nwp.ChipSpec, limit=st.floats(0.05, 2.0), group_size=st.intege
 @given(modules, specs)
 def test_project_reaches_the_nearest_mappable_point(module, spec):
     reg = nwp.register(module, spec)
-    before = [w.detach().clone() for w in reg.weights()]
+    before = [w.detach().clone() for w in reg.latent_weights()]
     assert reg.project_() is reg
-    after = [w.detach().clone() for w in reg.weights()]
+    after = [w.detach().clone() for w in reg.latent_weights()]
 
     assert reg.is_mappable() and reg.report().is_mappable
-    magnitude, topology = reg.penalties()
+    magnitude, topology = reg.penalty_terms()
     assert magnitude.item() == 0 and topology.item() == 0
 
     limit = spec.limit
@@ -96,7 +96,7 @@ def test_project_reaches_the_nearest_mappable_point(module, spec):
             assert torch.equal(x, positive if kept_positive else negative)
 
     reg.project_()
-    assert all(torch.equal(a, b) for a, b in zip(reg.weights(), after))  # idempotent, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(reg.latent_weights(), after))  # idempotent, bit for bit
 
 
 @settings(max_examples=60, deadline=None)
@@ -105,7 +105,7 @@ def test_report_counts_and_rows_sum_to_penalties(module, spec):
     reg = nwp.register(module, spec)
     report = reg.report()
     assert [row.name for row in report.rows] == reg.names
-    for row, weight in zip(report.rows, reg.weights()):
+    for row, weight in zip(report.rows, reg.latent_weights()):
         weight = weight.detach()
         columns = block_columns(module, weight, spec.group_size)
         assert row.shape == tuple(weight.shape) and row.numel == weight.numel()
@@ -115,7 +115,7 @@ def test_report_counts_and_rows_sum_to_penalties(module, spec):
         assert row.block_columns == len(columns)
         assert row.mixed_block_columns == sum(bool((c > 0).any() and (c < 0).any()) for c in columns)
         assert row.is_mappable == (row.out_of_range == 0 and row.mixed_block_columns == 0)
-    p = reg.penalties()
+    p = reg.penalty_terms()
     assert sum(r.magnitude for r in report.rows) == pytest.approx(p.magnitude.item(), rel=1e-12, abs=1e-15)
     assert sum(r.topology for r in report.rows) == pytest.approx(p.topology.item(), rel=1e-12, abs=1e-15)
     assert reg.is_mappable() == all(row.is_mappable for row in report.rows)
@@ -126,7 +126,7 @@ def test_report_rows_sum_over_several_weights_and_render():
     model = scaled(nn.Sequential(nn.Linear(6, 11), nn.GRU(11, 7), nn.Linear(7, 3)), 6)
     reg = nwp.register(model)
     report = reg.report()
-    p = reg.penalties()
+    p = reg.penalty_terms()
     assert sum(r.magnitude for r in report.rows) == pytest.approx(p.magnitude.item(), rel=1e-5)
     assert sum(r.topology for r in report.rows) == pytest.approx(p.topology.item(), rel=1e-5)
     text = str(report)
@@ -137,7 +137,7 @@ def test_report_rows_sum_over_several_weights_and_render():
     assert len(report) == len(reg.names) and list(report) == report.rows and report[0] is report.rows[0]
     data = report.to_dict()
     assert data["mappable"] is False and [w["name"] for w in data["rows"]] == reg.names
-    assert data["totals"]["numel"] == sum(p.numel() for p in reg.weights())
+    assert data["totals"]["numel"] == sum(p.numel() for p in reg.latent_weights())
 
 
 def test_worked_example_projection_and_tie_keeps_positive():
@@ -179,7 +179,7 @@ def test_limit_is_exact_in_low_precision():
         reg = nwp.register(model)
         reg.project_()
         assert (model.weight.double().abs() <= 0.9).all(), dtype
-        assert reg.is_mappable() and reg.penalties().magnitude.item() == 0
+        assert reg.is_mappable() and reg.penalty_terms().magnitude.item() == 0
 
 
 def test_nonfinite_weights_are_counted_and_refused():
@@ -188,12 +188,12 @@ def test_nonfinite_weights_are_counted_and_refused():
         model[1].weight[0, 0] = float("nan")
         model[1].weight[1, 1] = float("inf")
     reg = nwp.register(model)
-    before = [w.detach().clone() for w in reg.weights()]
+    before = [w.detach().clone() for w in reg.latent_weights()]
     assert reg.report().rows[1].nonfinite == 2 and not reg.is_mappable()
-    assert math.isnan(reg.penalties().magnitude.item())  # propagated, not silently zero
+    assert math.isnan(reg.penalty_terms().magnitude.item())  # propagated, not silently zero
     with pytest.raises(ValueError, match=r"1\.weight"):
         reg.project_()
-    for old, new in zip(before, reg.weights()):
+    for old, new in zip(before, reg.latent_weights()):
         assert torch.equal(old.nan_to_num(), new.nan_to_num()) and torch.equal(old.isnan(), new.isnan())
     assert reg.report().to_dict()["rows"][1]["magnitude"] is None
 
@@ -219,7 +219,7 @@ def test_in_range_exactly_when_the_magnitude_penalty_is_zero(dtype):
     reg.project_()
     weight = model.weight.detach()
     assert bool((weight.abs() <= 0.3).all())  # torch's own comparison agrees
-    assert reg.penalties().magnitude.item() == 0 and reg.is_mappable()
+    assert reg.penalty_terms().magnitude.item() == 0 and reg.is_mappable()
     with torch.no_grad():
         model.weight[3] = torch.nextafter(model.weight[0], torch.tensor(1.0, dtype=dtype))
-    assert (reg.penalties().magnitude.item() > 0) == (reg.report().rows[0].out_of_range > 0)
+    assert (reg.penalty_terms().magnitude.item() > 0) == (reg.report().rows[0].out_of_range > 0)

@@ -13,12 +13,12 @@ import nwave_param as nwp
 
 def train_penalty_only(model, reg, steps=15, lr=50.0):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    start = reg.penalties()
+    start = reg.penalty_terms()
     for _ in range(steps):
         optimizer.zero_grad()
         reg.penalty().backward()
         optimizer.step()
-    return start, reg.penalties()
+    return start, reg.penalty_terms()
 
 
 # --- snnTorch --------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_half_precision_penalties_accumulate_in_float32(dtype):
     reference = scaled(nn.Sequential(nn.Linear(32, 30), nn.Linear(30, 20)), 20.0)
     low = copy.deepcopy(reference).to(dtype)
     exact = copy.deepcopy(low).float()  # the same (rounded) values, in float32
-    p_low, p_exact = nwp.register(low).penalties(), nwp.register(exact).penalties()
+    p_low, p_exact = nwp.register(low).penalty_terms(), nwp.register(exact).penalty_terms()
     for a, b in zip(p_low, p_exact):
         assert a.dtype == torch.float32 and torch.isfinite(a)
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-6)
@@ -98,7 +98,7 @@ def test_half_precision_penalties_accumulate_in_float32(dtype):
     for a, b in zip(report_low.rows, report_exact.rows):
         assert (a.out_of_range, a.mixed_block_columns, a.max_abs) == (b.out_of_range, b.mixed_block_columns, b.max_abs)
     nwp.registry_of(low).penalty().backward()
-    assert all(p.grad.dtype == dtype for p in nwp.registry_of(low).weights())
+    assert all(p.grad.dtype == dtype for p in nwp.registry_of(low).latent_weights())
 
 
 def test_bf16_autocast_training_step():
@@ -110,7 +110,7 @@ def test_bf16_autocast_training_step():
         loss = nn.functional.cross_entropy(model(x), y) + reg.penalty()
     assert reg.penalty().dtype == torch.float32
     loss.backward()
-    assert all(torch.isfinite(w.grad).all() for w in reg.weights())
+    assert all(torch.isfinite(w.grad).all() for w in reg.latent_weights())
 
 
 # --- torch.compile ---------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_compiled_registered_model_trains_like_eager():
             optimizer.zero_grad()
             (nn.functional.cross_entropy(model(x), y) + reg.penalty()).backward()
             optimizer.step()
-    for a, b in zip(reg_eager.weights(), reg_compiled.weights()):
+    for a, b in zip(reg_eager.latent_weights(), reg_compiled.latent_weights()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -171,7 +171,7 @@ def _ddp_worker(rank, world, port, out):
         reg = nwp.registry_of(ddp.module).harden(0.7)  # every rank hardens alike
         xs, ys = _batches(world)
         _train(ddp, reg, xs[:, rank::world], ys[:, rank::world])
-        torch.save([w.detach() for w in reg.weights()], f"{out}.{rank}")
+        torch.save([w.detach() for w in reg.latent_weights()], f"{out}.{rank}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -205,7 +205,7 @@ def test_ddp_two_hardened_processes_match_single_process_training(tmp_path):
     reg = nwp.register(model).harden(0.7)
     xs, ys = _batches(2)
     _train(model, reg, xs, ys)
-    for a, b, single in zip(rank0, rank1, reg.weights()):
+    for a, b, single in zip(rank0, rank1, reg.latent_weights()):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, single.detach(), rtol=1e-5, atol=1e-6)
 

@@ -59,7 +59,7 @@ def test_endpoints_and_the_segment_between(kind, data, vcfg, limit, group_size, 
     for (_, module, local), latent, chip in zip(tracked, latents, chips):
         expected = latent if h == 0 else chip if h == 1 else latent + h * (chip - latent)
         assert torch.equal(bits(weight(module, local)), bits(expected))
-    assert all(torch.equal(a, b) for a, b in zip(latents, reg.weights()))  # the latent weights stay
+    assert all(torch.equal(a, b) for a, b in zip(latents, reg.latent_weights()))  # the latent weights stay
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -199,9 +199,9 @@ def test_tied_weights_harden_in_every_module_that_holds_them():
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[2.0, -1.0, 0.5, 0.1]] * 2 + [[-0.3, 0.2, -0.4, 0.6]] * 2))
     reg = nwp.register(model).harden(1.0)
-    assert reg.names == ["0.weight"] and len(reg.weights()) == 1
+    assert reg.names == ["0.weight"] and len(reg.latent_weights()) == 1
     assert torch.equal(model[0].weight, model[1].weight)
-    assert torch.equal(model[1].weight, functional.chip(reg.weights()[0].detach(), nwp.Layout(), reg.spec))
+    assert torch.equal(model[1].weight, functional.project(reg.latent_weights()[0].detach(), nwp.Layout(), reg.spec))
     reg.remove()
     assert model[1].weight is model[0].weight  # still tied
 
@@ -213,8 +213,8 @@ def test_existing_parametrizations_are_hardened_after_them():
     with torch.no_grad():
         model.parametrizations.weight.original0.mul_(4)
     reg = nwp.register(model).harden(1.0)
-    latent = reg.weights()[0].detach()  # weight_norm's output
-    assert torch.equal(model.weight, functional.chip(latent, nwp.Layout(), reg.spec))
+    latent = reg.latent_weights()[0].detach()  # weight_norm's output
+    assert torch.equal(model.weight, functional.project(latent, nwp.Layout(), reg.spec))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -225,7 +225,7 @@ def test_half_precision(dtype):
         model.weight.mul_(6)
     latent = model.weight.detach().clone()
     reg = nwp.register(model).harden(1.0)
-    chip = functional.chip(latent, nwp.Layout(), reg.spec)
+    chip = functional.project(latent, nwp.Layout(), reg.spec)
     assert model.weight.dtype == dtype and torch.equal(model.weight, chip)
     assert bool((chip.float().abs() <= 0.9).all())
     reg.harden(0.5)
@@ -243,8 +243,8 @@ def test_compiled_hardened_model_computes_as_eager():
     for h in (0.0, 0.5, 1.0, 0.3):  # register, harden, compile: and harden again later
         reg.harden(h)
         torch.testing.assert_close(compiled(x), model(x))
-    eager_grads = torch.autograd.grad(model(x).sum(), reg.weights())
-    torch.testing.assert_close(torch.autograd.grad(compiled(x).sum(), reg.weights()), eager_grads)
+    eager_grads = torch.autograd.grad(model(x).sum(), reg.latent_weights())
+    torch.testing.assert_close(torch.autograd.grad(compiled(x).sum(), reg.latent_weights()), eager_grads)
 
 
 @pytest.mark.parametrize("kind", KINDS)

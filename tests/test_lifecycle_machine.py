@@ -138,7 +138,7 @@ class Lifecycle(RuleBasedStateMachine):
             assert not any(isinstance(m, nwp.ChipConstraint) for m in self.model.modules())
             assert list(self.model.state_dict()) == list(self.shadow.state_dict())
             return
-        p = self.reg.penalties()
+        p = self.reg.penalty_terms()
         assert torch.equal(weight_magnitude_loss(self.model), p.magnitude)
         assert torch.equal(topology_loss(self.model, 1.0), p.topology)
         torch.testing.assert_close(self.reg.penalty(), plain_penalty(self.model).detach(), rtol=1e-5, atol=1e-7)

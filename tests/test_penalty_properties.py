@@ -52,7 +52,7 @@ def test_penalties_match_direct_formula(kind, data, vcfg, limit, group_size, pow
     want_mag, want_top = ref_penalties(tracked, limit, power, group_size)
     reg = nwp.register(model, spec=nwp.ChipSpec(limit=limit, group_size=group_size), power=power)
     assert reg.names == [name for name, _, _ in tracked]
-    got = reg.penalties()
+    got = reg.penalty_terms()
     assert_close(scalar(got.magnitude), want_mag)
     assert_close(scalar(got.topology), want_top)
 
@@ -79,7 +79,7 @@ def test_linear_with_drawn_values_matches_direct_formula(data, shape, limit, gro
     tracked = ref_tracked(model)
     want_mag, want_top = ref_penalties(tracked, limit, power, group_size)
     mag_ok, top_ok = ref_constraints_hold(tracked, limit, group_size)
-    p = nwp.register(model, spec=nwp.ChipSpec(limit=limit, group_size=group_size), power=power).penalties()
+    p = nwp.register(model, spec=nwp.ChipSpec(limit=limit, group_size=group_size), power=power).penalty_terms()
     assert_close(scalar(p.magnitude), want_mag)
     assert_close(scalar(p.topology), want_top)
     assert (p.magnitude == 0).item() == mag_ok
@@ -100,7 +100,7 @@ def test_zero_exactly_when_constraint_holds(kind, data, vcfg, limit, group_size,
     reg = nwp.register(model, spec=nwp.ChipSpec(limit=limit, group_size=group_size), power=power)
 
     # random weights: nonnegative, zero iff the constraint holds
-    p = reg.penalties()
+    p = reg.penalty_terms()
     mag_ok, top_ok = ref_constraints_hold(tracked, limit, group_size)
     assert p.magnitude >= 0 and p.topology >= 0
     assert (p.magnitude == 0).item() == mag_ok
@@ -118,7 +118,7 @@ def test_zero_exactly_when_constraint_holds(kind, data, vcfg, limit, group_size,
                 flat[ks] = sign * flat[ks].abs()
             w.copy_(flat.reshape(w.shape))
     assert ref_constraints_hold(tracked, limit, group_size) == (True, True)
-    p = reg.penalties()
+    p = reg.penalty_terms()
     assert p.magnitude.item() == 0.0
     assert p.topology.item() == 0.0
 
@@ -128,7 +128,7 @@ def test_zero_exactly_when_constraint_holds(kind, data, vcfg, limit, group_size,
     with torch.no_grad():
         saved = w.clone()
         w.view(-1)[0] = -limit * 1.5
-    assert reg.penalties().magnitude > 0
+    assert reg.penalty_terms().magnitude > 0
     with torch.no_grad():
         w.copy_(saved)
 
@@ -140,11 +140,11 @@ def test_zero_exactly_when_constraint_holds(kind, data, vcfg, limit, group_size,
         with torch.no_grad():
             w.view(-1)[ks[0]] = limit / 2
             w.view(-1)[ks[1]] = -limit / 3
-        p = reg.penalties()
+        p = reg.penalty_terms()
         assert p.topology > 0
         assert p.magnitude.item() == 0.0
     else:  # e.g. group_size 1: every block column has one entry; topology can't be violated
-        assert reg.penalties().topology.item() == 0.0
+        assert reg.penalty_terms().topology.item() == 0.0
 
 
 # =============================================================================================
@@ -165,7 +165,7 @@ def test_topology_sign_symmetric_and_homogeneous(kind, data, vcfg, limit, group_
     cfg = data.draw(model_cfgs(kind), label="cfg")
     model, tracked = setup(cfg, vcfg, limit)
     reg = nwp.register(model, spec=nwp.ChipSpec(limit=limit, group_size=group_size))
-    base = reg.penalties().topology.clone()
+    base = reg.penalty_terms().topology.clone()
 
     def scale_all(factor):
         with torch.no_grad():
@@ -173,11 +173,11 @@ def test_topology_sign_symmetric_and_homogeneous(kind, data, vcfg, limit, group_
                 getattr(module, local).mul_(factor)
 
     scale_all(-1.0)
-    assert_close(reg.penalties().topology, base)
+    assert_close(reg.penalty_terms().topology, base)
     scale_all(-1.0)
-    assert_close(reg.penalties().topology, base)  # back to W
+    assert_close(reg.penalty_terms().topology, base)  # back to W
     scale_all(c)
-    assert_close(reg.penalties().topology, c * base)
+    assert_close(reg.penalty_terms().topology, c * base)
 
 
 # =============================================================================================
@@ -246,7 +246,7 @@ def test_functional_forms_equal_registry(kind, data, vcfg, lam):
     # unregistered model first: the functional forms track what register would
     unreg_mag, unreg_top = weight_magnitude_loss(model), topology_loss(model, lam)
     reg = nwp.register(model)
-    p = reg.penalties()
+    p = reg.penalty_terms()
     assert torch.equal(weight_magnitude_loss(model), p.magnitude)
     assert torch.equal(topology_loss(model, lam), lam * p.topology)
     assert torch.equal(unreg_mag, p.magnitude)
@@ -268,7 +268,7 @@ def set_weight(module, name, rows):
 
 
 def penalties_of(model, **kw):
-    p = nwp.register(model, spec=nwp.ChipSpec(**kw)).penalties()
+    p = nwp.register(model, spec=nwp.ChipSpec(**kw)).penalty_terms()
     return p.magnitude.item(), p.topology.item()
 
 
@@ -298,7 +298,7 @@ def test_hand_partial_last_block():
     # power 1: 0.1 + 1.1 = 1.2 -> 1.2/7
     model2 = nn.Linear(1, 7).double()
     set_weight(model2, "weight", [0.5, -0.2, 0.3, -0.1, 0.4, 1.0, -2.0])
-    p = nwp.register(model2, power=1).penalties()
+    p = nwp.register(model2, power=1).penalty_terms()
     assert p.magnitude.item() == pytest.approx(1.2 / 7, abs=1e-12)
 
 

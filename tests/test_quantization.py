@@ -75,7 +75,7 @@ specs = st.builds(nwp.ChipSpec, limit=st.floats(0.1, 2.0), group_size=st.integer
 def test_grid_projection_is_the_l1_nearest_feasible_point(spec, rows, columns, seed, scale, dtype):
     generator = torch.Generator().manual_seed(seed)
     weight = (torch.randn(rows, columns, generator=generator, dtype=torch.float64) * scale).to(dtype)
-    projected = functional.chip(weight, Layout(), spec)
+    projected = functional.project(weight, Layout(), spec)
     assert projected.dtype == dtype
     grid = set(levels(spec, dtype).tolist())
     for start in range(0, rows, spec.group_size):
@@ -86,7 +86,7 @@ def test_grid_projection_is_the_l1_nearest_feasible_point(spec, rows, columns, s
             expected = brute_force_column(column, spec, dtype)
             cost, best = (got.double() - column.double()).abs().sum(), (expected.double() - column.double()).abs().sum()
             assert cost <= best + 1e-12 * (1 + best)  # no feasible point is L1-closer, in the dtype's own levels
-    assert torch.equal(functional.chip(projected, Layout(), spec), projected)  # idempotent, bit for bit
+    assert torch.equal(functional.project(projected, Layout(), spec), projected)  # idempotent, bit for bit
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -95,7 +95,7 @@ def test_grid_projection_is_the_l1_nearest_feasible_point(spec, rows, columns, s
 def test_every_grid_level_is_kept_and_counted_on_the_grid(dtype, bits, limit):
     spec = nwp.ChipSpec(limit=limit, bits=bits)
     grid = levels(spec, dtype).view(-1, 1)
-    assert torch.equal(functional.chip(grid, Layout(), nwp.ChipSpec(limit=limit, group_size=1, bits=bits)), grid)
+    assert torch.equal(functional.project(grid, Layout(), nwp.ChipSpec(limit=limit, group_size=1, bits=bits)), grid)
     assert not functional.off_grid(grid, spec).any()
     assert bool((grid.float().abs() <= torch.tensor(limit, dtype=torch.float32)).all())  # the top level is in range
 
@@ -107,7 +107,7 @@ def test_each_value_goes_to_the_nearest_level_its_dtype_holds(dtype, bits, limit
     grid = levels(spec, dtype).double()
     generator = torch.Generator().manual_seed(bits)
     x = ((torch.rand(20000, generator=generator, dtype=torch.float64) * 2 - 1) * grid[-1]).to(dtype)
-    got = functional.chip(x.view(-1, 1), Layout(), spec).view(-1).double()  # one entry per block column
+    got = functional.project(x.view(-1, 1), Layout(), spec).view(-1).double()  # one entry per block column
     above = torch.searchsorted(grid, x.double()).clamp(1, len(grid) - 1)  # the held levels around x
     nearest = torch.minimum((grid[above] - x.double()).abs(), (grid[above - 1] - x.double()).abs())
     assert torch.equal((got - x.double()).abs(), nearest)
@@ -117,7 +117,7 @@ def test_without_bits_the_projection_is_the_clamp_and_sign_rule():
     torch.manual_seed(0)
     weight = torch.randn(13, 7) * 2
     spec = nwp.ChipSpec(limit=0.9)
-    projected = functional.chip(weight, Layout(), spec)
+    projected = functional.project(weight, Layout(), spec)
     for start in range(0, 13, 5):
         block = weight[start : start + 5].clamp(-0.9, 0.9)
         keep_positive = block.clamp(min=0).sum(0) >= -block.clamp(max=0).sum(0)
@@ -160,8 +160,8 @@ def mismatched(sigma=0.05, h=1.0):
 def test_training_noise_has_the_stated_scale_and_is_fresh_per_pass():
     torch.manual_seed(0)
     model, reg = mismatched(sigma=0.05, h=0.5)
-    target = functional.chip(reg.weights()[0].detach(), Layout(), reg.spec)
-    latent = reg.weights()[0].detach()
+    target = functional.project(reg.latent_weights()[0].detach(), Layout(), reg.spec)
+    latent = reg.latent_weights()[0].detach()
     expected = latent + 0.5 * (target - latent)
     first = (model.weight - expected).detach()
     second = (model.weight - expected).detach()
@@ -177,17 +177,17 @@ def test_no_noise_in_eval_mode_or_at_hardness_zero():
     model, reg = mismatched(h=1.0)
     model.eval()
     assert torch.equal(model.weight, model.weight)
-    assert torch.equal(model.weight, functional.chip(reg.weights()[0].detach(), Layout(), reg.spec))
+    assert torch.equal(model.weight, functional.project(reg.latent_weights()[0].detach(), Layout(), reg.spec))
     model.train()
     reg.harden(0.0)
-    assert model.weight is reg.weights()[0]
+    assert model.weight is reg.latent_weights()[0]
 
 
 def test_noise_passes_the_gradient_straight_through():
     model, reg = mismatched(h=0.7)
     factor = torch.randn(100, 200)
     (factor * model.weight).sum().backward()
-    assert torch.equal(reg.weights()[0].grad, factor)
+    assert torch.equal(reg.latent_weights()[0].grad, factor)
 
 
 @pytest.mark.parametrize("h", [0.0, 0.4, 1.0])
@@ -197,8 +197,8 @@ def test_on_chip_is_one_chip_per_seed_and_restores_everything(h, mode):
     model, reg = mismatched(sigma=0.02, h=h)
     getattr(model, mode)()
     x = torch.randn(8, 200)
-    latent = reg.weights()[0].detach().clone()
-    chip = functional.chip(latent, Layout(), reg.spec)
+    latent = reg.latent_weights()[0].detach().clone()
+    chip = functional.project(latent, Layout(), reg.spec)
     with reg.on_chip(seed=7):
         first, again = model.weight.detach().clone(), model.weight.detach().clone()
         out = model(x)
@@ -209,9 +209,9 @@ def test_on_chip_is_one_chip_per_seed_and_restores_everything(h, mode):
     assert torch.equal(first, again) and torch.equal(first, repeated) and not torch.equal(first, other)
     assert abs((first - chip).std().item() - 0.02) < 0.002
     assert torch.equal(out, nn.functional.linear(x, first, model.bias))
-    assert torch.equal(reg.weights()[0], latent) and reg.hardness == h and model.training == (mode == "train")
+    assert torch.equal(reg.latent_weights()[0], latent) and reg.hardness == h and model.training == (mode == "train")
     if h == 0.0:
-        assert model.weight is reg.weights()[0]
+        assert model.weight is reg.latent_weights()[0]
 
 
 def test_on_chip_without_mismatch_is_the_projection_and_refuses_a_second_chip():
@@ -219,7 +219,7 @@ def test_on_chip_without_mismatch_is_the_projection_and_refuses_a_second_chip():
     with torch.no_grad():
         model.weight.mul_(5)
     reg = nwp.register(model, nwp.ChipSpec(bits=4))
-    chip = functional.chip(reg.weights()[0].detach(), Layout(), reg.spec)
+    chip = functional.project(reg.latent_weights()[0].detach(), Layout(), reg.spec)
     with reg.on_chip():
         assert torch.equal(model.weight, chip)
         with pytest.raises(RuntimeError, match="already on a chip"):
@@ -227,13 +227,13 @@ def test_on_chip_without_mismatch_is_the_projection_and_refuses_a_second_chip():
                 pass
         with reg.cached():
             assert torch.equal(model.weight, chip)  # the refusal left the open chip as it was
-    assert model.weight is reg.weights()[0]
+    assert model.weight is reg.latent_weights()[0]
     with reg.on_chip(seed=1):  # and closed it cleanly: a new one opens
         assert torch.equal(model.weight, chip)
     clone = None
     with reg.on_chip():
         clone = copy.deepcopy(model)
-    assert clone.weight is nwp.registry_of(clone).weights()[0]  # a copy made inside is not on a chip
+    assert clone.weight is nwp.registry_of(clone).latent_weights()[0]  # a copy made inside is not on a chip
     with pytest.raises(TypeError, match="seed"):
         with reg.on_chip(seed="7"):
             pass

@@ -173,7 +173,7 @@ def test_a_parameter_tied_between_layouts_is_refused_at_register_naming_both_hol
 def test_an_on_chip_context_opened_in_another_thread_is_refused_and_the_first_restores_the_model():
     model = registered(hardness=0.0)
     reg = nwp.registry_of(model)
-    latent = [w.detach().clone() for w in reg.weights()]
+    latent = [w.detach().clone() for w in reg.latent_weights()]
     entered, leave, errors = threading.Event(), threading.Event(), []
 
     def first():
@@ -196,8 +196,8 @@ def test_an_on_chip_context_opened_in_another_thread_is_refused_and_the_first_re
         leave.set()
         thread.join(timeout=60)
     assert len(errors) == 1 and "already on a chip" in errors[0]
-    assert model.head.weight is reg.weights()[-1]  # closed: the latent weights, the very Parameters
-    assert all(torch.equal(a, b) for a, b in zip(latent, reg.weights()))
+    assert model.head.weight is reg.latent_weights()[-1]  # closed: the latent weights, the very Parameters
+    assert all(torch.equal(a, b) for a, b in zip(latent, reg.latent_weights()))
     with reg.on_chip(seed=1):  # and a new chip opens
         pass
 

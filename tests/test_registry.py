@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, parametrizations
 
-from layers import scaled
+from layers import same_bits, scaled
 
 import nwave_param as nwp
 from nwave_param.loss import topology_loss, weight_magnitude_loss
@@ -24,7 +24,7 @@ def assert_same_snapshot(before, after):
     (state_a, classes_a), (state_b, classes_b) = before, after
     assert [k for k, _ in state_a] == [k for k, _ in state_b]
     for (key, a), (_, b) in zip(state_a, state_b):
-        assert a.dtype == b.dtype and torch.equal(a, b), key
+        assert same_bits(a, b), key
     assert classes_a == classes_b
 
 
@@ -99,7 +99,7 @@ def test_tied_weight_is_tracked_once():
     assert reg.names == ["0.weight"]
     with torch.no_grad():
         model[0].weight.fill_(1.0)
-    assert torch.allclose(reg.penalties().magnitude, torch.tensor(0.1**2))
+    assert torch.allclose(reg.penalty_terms().magnitude, torch.tensor(0.1**2))
 
 
 def test_weight_with_existing_parametrization_is_tracked_by_effective_value():
@@ -112,7 +112,7 @@ def test_weight_with_existing_parametrization_is_tracked_by_effective_value():
     chain = model[0].parametrizations.weight
     assert isinstance(chain[-1], nwp.ChipConstraint) and len(chain) == 2
     expected = (before.abs() - 0.9).relu().square().sum() / before.numel()
-    torch.testing.assert_close(reg.penalties().magnitude, expected)
+    torch.testing.assert_close(reg.penalty_terms().magnitude, expected)
     reg.remove()
     assert list(model.state_dict()) == keys and len(model[0].parametrizations.weight) == 1
     assert type(model[0]) is cls  # weight_norm's own class is back
@@ -125,7 +125,7 @@ def test_penalty_is_scaled_sum_and_trains_toward_the_chip():
     torch.manual_seed(0)
     model = scaled(nn.Sequential(nn.Linear(8, 10), nn.Tanh(), nn.Linear(10, 10)), 8)
     reg = nwp.register(model, alpha=2.0, lam=0.5, power=1)
-    p = reg.penalties()
+    p = reg.penalty_terms()
     torch.testing.assert_close(reg.penalty(), 2.0 * p.magnitude + 0.5 * p.topology)
     optimizer = torch.optim.SGD(model.parameters(), lr=20.0)
     start = reg.penalty().item()
@@ -141,12 +141,12 @@ def test_functional_forms_equal_registry_exactly():
     model = scaled(Net(), 3)
     plain_magnitude, plain_topology = weight_magnitude_loss(model), topology_loss(model, 0.3)
     reg = nwp.register(model, exclude="readout.*")
-    assert torch.equal(weight_magnitude_loss(model), reg.penalties().magnitude)
-    assert torch.equal(topology_loss(model, 0.3), 0.3 * reg.penalties().topology)
+    assert torch.equal(weight_magnitude_loss(model), reg.penalty_terms().magnitude)
+    assert torch.equal(topology_loss(model, 0.3), 0.3 * reg.penalty_terms().topology)
     reg.remove()
     reg = nwp.register(model)
-    assert torch.equal(plain_magnitude, reg.penalties().magnitude)
-    assert torch.equal(plain_topology, 0.3 * reg.penalties().topology)
+    assert torch.equal(plain_magnitude, reg.penalty_terms().magnitude)
+    assert torch.equal(plain_topology, 0.3 * reg.penalty_terms().topology)
 
 
 def test_cached_evaluates_each_weight_once():
@@ -171,7 +171,7 @@ def test_penalty_of_half_precision_weights_accumulates_in_float32():
     model = nn.Linear(64, 64).to(torch.bfloat16)
     with torch.no_grad():
         model.weight.mul_(100)
-    p = nwp.register(model).penalties()
+    p = nwp.register(model).penalty_terms()
     assert p.magnitude.dtype == torch.float32 and torch.isfinite(p.magnitude)
 
 
@@ -335,7 +335,7 @@ def test_weights_on_several_devices_raise():
 
 def test_empty_weights_give_zero_penalties():
     model = nn.Linear(0, 4)
-    p = nwp.register(model).penalties()
+    p = nwp.register(model).penalty_terms()
     assert p.magnitude.item() == 0 and p.topology.item() == 0
 
 
@@ -391,7 +391,7 @@ def test_project_through_weight_norm_and_refusal_for_one_way_chains(seed):
     reg = nwp.register(model)
     reg.project_()
     assert reg.is_mappable()  # weight_norm's forward rounds; the projection makes up for it
-    assert reg.penalties().magnitude.item() == 0 and reg.penalties().topology.item() == 0
+    assert reg.penalty_terms().magnitude.item() == 0 and reg.penalty_terms().topology.item() == 0
 
     class OneWay(nn.Module):
         def forward(self, x):
@@ -400,10 +400,10 @@ def test_project_through_weight_norm_and_refusal_for_one_way_chains(seed):
     other = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     parametrize.register_parametrization(other[1], "weight", OneWay())
     reg = nwp.register(other)
-    before = [w.detach().clone() for w in reg.weights()]
+    before = [w.detach().clone() for w in reg.latent_weights()]
     with pytest.raises(ValueError, match=r"1\.weight.*right_inverse"):
         reg.project_()
-    assert all(torch.equal(a, b) for a, b in zip(before, reg.weights()))
+    assert all(torch.equal(a, b) for a, b in zip(before, reg.latent_weights()))
 
 
 def test_cached_with_a_copy_made_before_the_context():
@@ -443,7 +443,7 @@ def test_penalty_overrides_alpha_and_lam_for_one_call():
     with torch.no_grad():
         model.weight.mul_(5)
     reg = nwp.register(model, alpha=1.0, lam=1.0)
-    p = reg.penalties()
+    p = reg.penalty_terms()
     torch.testing.assert_close(reg.penalty(alpha=3.0), 3.0 * p.magnitude + p.topology)
     torch.testing.assert_close(reg.penalty(lam=0.5), p.magnitude + 0.5 * p.topology)
     torch.testing.assert_close(reg.penalty(alpha=0.0, lam=2.0), 2.0 * p.topology)
@@ -483,7 +483,7 @@ def test_functional_forms_compute_with_the_arguments_given():
     model = scaled(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)), 3)
     spec = nwp.ChipSpec(limit=0.5, group_size=2)
     reg = nwp.register(model, spec, power=1)
-    p = reg.penalties()
+    p = reg.penalty_terms()
     assert torch.equal(weight_magnitude_loss(model, limit=0.5, power=1), p.magnitude)
     assert torch.equal(topology_loss(model, lam=0.3, group_size=2), 0.3 * p.topology)
     # other arguments, other numbers: the defaults are not the registry's
@@ -518,3 +518,42 @@ def test_remove_inside_cached_works_and_torch_classes_stay_untouched():
     other = nn.Linear(2, 2)
     parametrizations.weight_norm(other)  # torch's own parametrizations still register on a Linear
     nwp.register(nn.Linear(2, 2)).penalty()
+
+
+# --- squash: one line --------------------------------------------------------------------------
+
+
+def test_remove_leave_projected_squashes_in_one_call():
+    torch.manual_seed(0)
+    model = scaled(Net(), 3)
+    reg = nwp.register(model).harden(1.0)
+    x = torch.randn(4, 2, 6)
+    with torch.no_grad():
+        on_chip = model.eval()(x)
+    chip_values = {name: w.detach().clone() for name, w in zip(reg.names, [model.fc.weight, *(getattr(model.lstm, n) for n in ("weight_ih_l0", "weight_hh_l0", "weight_hr_l0", "weight_ih_l1", "weight_hh_l1", "weight_hr_l1")), model.readout.weight])}
+    reg.remove(leave_projected=True)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules()) and type(model.fc) is nn.Linear
+    for name, value in chip_values.items():
+        assert torch.equal(model.get_parameter(name), value), name  # plain Parameters holding what the chip holds
+    with torch.no_grad():
+        assert torch.equal(model(x), on_chip)  # the plain model computes what the hardened one did
+
+
+def test_remove_leave_projected_refused_removes_nothing():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    reg = nwp.register(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"1\.weight holds NaN"):
+        reg.remove(leave_projected=True)
+    assert_same_snapshot(before, snapshot(model))
+    assert parametrize.is_parametrized(model[0]) and nwp.registry_of(model).names == ["0.weight", "1.weight"]
+
+
+def test_the_old_names_still_work_for_a_release_and_say_the_new_ones():
+    reg = nwp.register(nn.Linear(3, 5))
+    with pytest.warns(DeprecationWarning, match="latent_weights"):
+        assert reg.weights()[0] is reg.latent_weights()[0]
+    with pytest.warns(DeprecationWarning, match="penalty_terms"):
+        assert reg.penalties() == reg.penalty_terms()

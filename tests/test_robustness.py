@@ -53,7 +53,7 @@ def test_a_first_call_under_inference_mode_leaves_training_working():
     penalty = reg.penalty()
     penalty.backward()
     torch.testing.assert_close(penalty.detach(), value)
-    assert all(w.grad is not None for w in reg.weights())
+    assert all(w.grad is not None for w in reg.latent_weights())
     assert reg.report().totals["mixed_block_columns"] > 0
 
 
@@ -62,11 +62,11 @@ def test_mixed_dtypes_get_gradients_in_their_own_dtype_and_precision():
     model = scaled(nn.Sequential(nn.Linear(8, 16).to(torch.bfloat16), nn.Linear(16, 4)), 4.0)
     reg = nwp.register(model)
     reg.penalty().backward()
-    fp32 = reg.weights()[1]
-    assert reg.weights()[0].grad.dtype == torch.bfloat16 and fp32.grad.dtype == torch.float32
+    fp32 = reg.latent_weights()[1]
+    assert reg.latent_weights()[0].grad.dtype == torch.bfloat16 and fp32.grad.dtype == torch.float32
     leaf = fp32.detach().clone().requires_grad_()
-    magnitude, topology = functional.penalty_sums([reg.weights()[0].detach(), leaf], reg.layouts, reg.spec, 2)
-    count = sum(w.numel() for w in reg.weights())
+    magnitude, topology = functional.penalty_sums([reg.latent_weights()[0].detach(), leaf], reg.layouts, reg.spec, 2)
+    count = sum(w.numel() for w in reg.latent_weights())
     ((magnitude + topology) / count).backward()
     torch.testing.assert_close(fp32.grad, leaf.grad)  # full float32 precision, not rounded to bf16
 
@@ -85,7 +85,7 @@ def test_a_parametrization_registered_after_nwave_params():
     reg = nwp.register(model)
     parametrize.register_parametrization(model[1], "weight", Scale())
     latent = model[1].parametrizations.weight.original
-    assert reg.weights()[1] is latent  # nwave_param's constraint still reads the Parameter
+    assert reg.latent_weights()[1] is latent  # nwave_param's constraint still reads the Parameter
     reg.penalty().backward()
     assert reg.report().rows[1].numel == latent.numel()
     reg.project_()
@@ -122,13 +122,13 @@ def test_threads_compute_what_one_thread_does():
     expected = []
     for reg in registries:
         penalty = reg.penalty()
-        expected.append((penalty.detach(), [g.clone() for g in torch.autograd.grad(penalty, reg.weights())]))
+        expected.append((penalty.detach(), [g.clone() for g in torch.autograd.grad(penalty, reg.latent_weights())]))
     results = [None, None]
 
     def work(k):
         for _ in range(20):
             penalty = registries[k].penalty()
-            results[k] = (penalty.detach(), torch.autograd.grad(penalty, registries[k].weights()))
+            results[k] = (penalty.detach(), torch.autograd.grad(penalty, registries[k].latent_weights()))
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
     for t in threads:
@@ -171,6 +171,6 @@ def test_on_chip_draws_the_same_chip_for_a_seed_whatever_the_dtype():
         first = model.weight.detach().clone()
     half = copy.deepcopy(model).to(torch.bfloat16)
     with nwp.registry_of(half).on_chip(3):
-        mismatch = half.weight.float() - functional.chip(nwp.registry_of(half).weights()[0].detach(), Layout(), reg.spec).float()
-    reference = first - functional.chip(reg.weights()[0].detach(), Layout(), reg.spec)
+        mismatch = half.weight.float() - functional.project(nwp.registry_of(half).latent_weights()[0].detach(), Layout(), reg.spec).float()
+    reference = first - functional.project(reg.latent_weights()[0].detach(), Layout(), reg.spec)
     torch.testing.assert_close(mismatch, reference, rtol=0.02, atol=0.002)  # the same sample, held in bf16

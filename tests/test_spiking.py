@@ -53,12 +53,12 @@ def test_penalty_drives_rleaky_weights_toward_the_chip_and_remove_restores_keys(
     keys = list(model.state_dict())
     reg = nwp.register(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=100.0)
-    start = reg.penalties()
+    start = reg.penalty_terms()
     for _ in range(20):
         optimizer.zero_grad()
         reg.penalty().backward()
         optimizer.step()
-    end = reg.penalties()
+    end = reg.penalty_terms()
     assert end.magnitude < start.magnitude and end.topology < start.topology
     reg.remove()
     assert list(model.state_dict()) == keys
