@@ -1,343 +1,42 @@
 """The engine: the penalties and the hardened values of many weights at once, in few kernels.
 
-What it computes is defined in :mod:`nwave_param.functional`; this module only arranges the
-work, and the tests hold it to those definitions, bit for bit.
-
-* A **plan**, made once per architecture, says how: each weight's connectivity matrix is cut into
-  *members*, one per population (an LSTM gate, a convolution group), each a strided view of the
-  weight; small weights' members go into *packs*, large ones are processed in place.
-* A **pack** holds the members of several weights of one dtype in one flat tensor, filled by a
-  single copy kernel: members of one column count together, each padded with zero rows to whole
-  blocks, so that one ``(blocks, group_size, columns)`` view per column count covers every block
-  and a dozen kernels serve a hundred layers.  Zero padding adds nothing to any sum.
-* Plans are device-aware.  On the CPU, a large weight (over ``2**16`` elements) is processed in
-  place, in chunks of whole blocks that stay in the cache (the penalty) or whole (hardening).  On
-  any other device every weight is packed, so the number of kernels per call does not grow with
-  a weight's size: launches, not bytes, cost there.
+What it computes is defined in :mod:`nwave_param.functional`; how the work is laid out (packs,
+chunks, scratch) is :mod:`nwave_param._plans`; this module computes over them, and the tests
+hold it to the definitions, bit for bit.
 
 The penalty's gradient is autograd's own subgradient of the formulas (ties and exact zeros
 included), written out: a pack computes its gradient direction in the forward, and its backward
 is one multiply.  Inside ``torch.compile`` and ``torch.func`` transforms the definitions are
-traced as written, and a double backward differentiates them too.
+traced as written, and a double backward differentiates them too.  The hot path is float
+arithmetic only: on the CPU, kernels of boolean masks and ``where`` run ten to twenty times
+slower, and each view or small op costs microseconds of dispatch.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import functools
-import math
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import functional
-from .functional import accumulation_dtype, bound, result_dtype
+from ._plans import Member, Pack, Plan, Scratch, blocks, chunk, members, plan_for, source
+from .functional import bound, result_dtype
 from .layout import Layout
 from .spec import ChipSpec
 
-__all__ = ["Shared", "harden_all", "penalty_sums", "planned_as"]
-
-_SMALL = 1 << 16  # on the CPU, weights up to this many elements are packed,
-_PACKED = 1 << 20  # up to this many in all (a pack keeps buffers per thread, and its direction until backward)
-_CHUNK = 1 << 18  # elements per chunk of a large weight: the chunk stays in the CPU cache
-
-View = tuple[int, int, int, int]  # (offset, blocks, length, columns): blocks of rows of a flat tensor
+__all__ = ["Shared", "harden_all", "penalty_sums"]
 
 
-def _blocks(flat: Tensor, view: View) -> Tensor:
-    offset, blocks, length, columns = view
-    return flat[offset : offset + blocks * length * columns].view(blocks, length, columns)
-
-
-# --------------------------------------------------------------------------------------------
-# Plans
-# --------------------------------------------------------------------------------------------
-
-
-class Member(NamedTuple):
-    """Rows of one weight's connectivity matrix: ``weight.as_strided(shape, stride, offset)``,
-    whose first dim is the rows and whose other dims flatten to the columns."""
-
-    index: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
-    rows: int
-    columns: int
-    weight: tuple[int, ...]  # the weight's shape
-
-    @property
-    def is_weight(self) -> bool:
-        """Whether the member is its whole weight, as stored (its region then is the weight)."""
-        return self.offset == 0 and self.shape == self.weight and self.stride == _contiguous_stride(self.shape)
-
-
-def members(index: int, shape: tuple[int, ...], layout: Layout, group_size: int, first_row: int = 0) -> list[Member]:
-    """A contiguous weight of ``shape`` read with ``layout``, from row ``first_row`` on, as members:
-    stretches of whole blocks (:meth:`Layout.runs`), each closed by at most one short block, which
-    the pack's padding completes.  A transposed layout's rows are strided views, one conv group at
-    a time (its rows are the group's output channels, its columns the group's inputs x kernel)."""
-    rows = layout.rows(shape)
-    stretches: list[list[int]] = []  # [first row, rows, open]: open while every block so far was whole
-    for start, count, length in layout.runs(rows, group_size):
-        for block in range(start, start + count * length, length):
-            if block < first_row:
-                continue
-            if stretches and stretches[-1][2] and stretches[-1][0] + stretches[-1][1] == block and not _crosses_group(layout, rows, block):
-                stretches[-1][1] += length
-            else:
-                stretches.append([block, length, True])
-            stretches[-1][2] = length == group_size
-    kernel = math.prod(shape[2:])
-    if layout.transposed:  # (in, out/groups, *kernel): M[(g, o), (i, k)] = W[g * in_g + i, o, k]
-        inputs, outputs = shape[:2]
-        per_group = inputs // layout.groups
-        return [
-            Member(
-                index, (count, per_group, kernel), (kernel, outputs * kernel, 1),
-                (first // outputs) * per_group * outputs * kernel + (first % outputs) * kernel, count, per_group * kernel, shape,
-            )
-            for first, count, _ in stretches
-        ]
-    columns = math.prod(shape[1:])
-    stride = _contiguous_stride(shape)
-    return [Member(index, (count, *shape[1:]), stride, first * columns, count, columns, shape) for first, count, _ in stretches]
-
-
-def _crosses_group(layout: Layout, rows: int, row: int) -> bool:
-    """Whether a transposed layout's stretch would go on past a conv group's last row at ``row``:
-    a member is one strided view, inside one group."""
-    return layout.transposed and row % (rows // layout.groups) == 0
-
-
-class Pack:
-    """Members of weights of one dtype in one flat tensor (see the module docstring).
-
-    Compared by identity (plans are cached); it keeps, per thread, the flat tensor (whose padding
-    stays zero), the views of its members, and scratch."""
-
-    def __init__(self, members: Sequence[Member], group_size: int) -> None:
-        self.members = tuple(sorted(members, key=lambda m: m.columns))  # one block view per column count
-        self.places, views, offset = [], [], 0
-        for member in self.members:
-            blocks = -(-member.rows // group_size)
-            self.places.append(offset)
-            if views and views[-1][3] == member.columns:
-                views[-1] = (views[-1][0], views[-1][1] + blocks, group_size, member.columns)
-            else:
-                views.append((offset, blocks, group_size, member.columns))
-            offset += blocks * group_size * member.columns
-        self.views, self.numel = tuple(views), offset
-        self.whole = {m.index for m in self.members if m.is_weight}
-        # what each call needs, made once: the members' regions as strided views, and whether a member is its weight
-        self.shapes = [(m.shape, _contiguous_stride(m.shape), place) for m, place in zip(self.members, self.places)]
-        self.is_weight = [m.index in self.whole for m in self.members]
-        starts = [view[0] for view in self.views]
-        self.in_view = [  # the member's view, and its region's shape, strides and offset within that view's block tensor
-            (v := max(i for i, start in enumerate(starts) if start <= place), m.shape, _contiguous_stride(m.shape), place - starts[v])
-            for m, place in zip(self.members, self.places)
-        ]
-        self.local = threading.local()
-
-    def regions(self, flat: Tensor) -> list[Tensor]:
-        """Each member's values in a pack-shaped ``flat``, in the member's shape."""
-        return [flat.as_strided(shape, stride, flat.storage_offset() + place) for shape, stride, place in self.shapes]
-
-    def regions_of_views(self, per_view: Sequence[Tensor]) -> list[Tensor]:
-        """Each member's values in pack-shaped data held one tensor per view (a view's blocks)."""
-        return [per_view[v].as_strided(shape, stride, per_view[v].storage_offset() + offset) for v, shape, stride, offset in self.in_view]
-
-    def buffers(self, like: Tensor) -> tuple[Tensor, list[Tensor], _Scratch]:
-        """This thread's flat tensor for weights like ``like``, its member regions, and scratch."""
-        buffers = getattr(self.local, "buffers", None)
-        if buffers is None or buffers[0].device != like.device:
-            with torch.inference_mode(False):  # made under inference mode, they would refuse later in-place updates
-                flat = torch.zeros(self.numel, dtype=accumulation_dtype(like.dtype), device=like.device)
-                buffers = (flat, self.regions(flat), _Scratch(self.views, self.numel, flat.dtype, flat.device))
-            self.local.buffers = buffers
-        return buffers
-
-    def scratch(self, flat: Tensor) -> _Scratch:
-        """This thread's scratch for the pack held in ``flat``."""
-        return self.local.buffers[2]
-
-    def fill(self, weights: Sequence[Tensor]) -> tuple[Tensor, _Scratch]:
-        """The pack filled from ``weights`` by one copy kernel, and its scratch."""
-        flat, targets, scratch = self.buffers(weights[self.members[0].index])
-        sources = [weights[m.index] if whole else source(weights[m.index], m) for m, whole in zip(self.members, self.is_weight)]
-        torch._foreach_copy_(targets, sources)
-        self.local.fills = getattr(self.local, "fills", 0) + 1  # what Shared.holds checks
-        return flat, scratch
-
-
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
-
-
-def source(weight: Tensor, member: Member) -> Tensor:
-    """The member's view of ``weight`` (contiguous; the weight itself where it is one)."""
-    if member.is_weight:
-        return weight
-    return weight.as_strided(member.shape, member.stride, weight.storage_offset() + member.offset)
-
-
-class Direct(NamedTuple):
-    """A large weight on the CPU: its whole blocks in chunks (a short last block, if any, is packed)."""
-
-    index: int
-    views: tuple[View, ...]
-    tail: int  # the first row held by a pack (the matrix's row count when none is)
-
-
-class Plan(NamedTuple):
-    packs: tuple[Pack, ...]  # one per weight dtype
-    direct: tuple[Direct, ...]
-
-
-def _chunks(columns: int, runs) -> tuple[View, ...]:
-    views = []
-    for start, count, length in runs:
-        step = max(1, _CHUNK // (length * columns))
-        for first in range(0, count, step):
-            views.append(((start + first * length) * columns, min(step, count - first), length, columns))
-    return tuple(views)
-
-
-_planned_as = threading.local()
-
-
-@contextlib.contextmanager
-def planned_as(device_type: str) -> Iterator[None]:
-    """Plan as if the weights lived on ``device_type`` (for tests and op counts: this machine has
-    no GPU, and the number of kernels a GPU would launch is what the plan decides)."""
-    before = getattr(_planned_as, "device_type", None)
-    _planned_as.device_type = device_type
-    try:
-        yield
-    finally:
-        _planned_as.device_type = before
-
-
-def plan_for(weights: Sequence[Tensor], layouts: Sequence[Layout], group_size: int) -> Plan:
-    device_type = getattr(_planned_as, "device_type", None) or weights[0].device.type
-    return _plan(tuple(w.shape for w in weights), tuple(w.dtype for w in weights), tuple(layouts), group_size, device_type)
-
-
-@functools.lru_cache(maxsize=32)
-def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layouts: tuple[Layout, ...], group_size: int, device_type: str) -> Plan:
-    """Which members are packed and which weights are processed in place; once per architecture."""
-    packed: dict[torch.dtype, list[Member]] = {}
-    direct, total = [], 0
-    for i, (shape, dtype, layout) in enumerate(zip(shapes, dtypes, layouts)):
-        numel = math.prod(shape)
-        if numel == 0:
-            continue
-        if device_type != "cpu" or (numel <= _SMALL and total + numel <= _PACKED):
-            packed.setdefault(dtype, []).extend(members(i, tuple(shape), layout, group_size))
-            total += numel
-            continue
-        rows = layout.rows(shape)
-        runs, tail = layout.runs(rows, group_size), rows
-        if layout == Layout() and rows % group_size and rows > group_size:  # the short last block goes to a pack
-            tail = rows - rows % group_size
-            packed.setdefault(dtype, []).extend(members(i, tuple(shape), layout, group_size, first_row=tail))
-            runs = runs[:-1]
-        direct.append(Direct(i, _chunks(numel // rows, runs), tail))
-    return Plan(tuple(Pack(m, group_size) for m in packed.values()), tuple(direct))
-
-
-def _chunk(m: Tensor, view: View) -> tuple[Tensor, _Scratch]:
-    """A chunk of a large weight's matrix as a flat tensor of the accumulation dtype, and scratch."""
-    chunk = _blocks(m.view(-1), view).view(-1).to(accumulation_dtype(m.dtype))
-    views = ((0, *view[1:]),)
-    return chunk, _scratch(views, chunk.numel(), chunk)
-
-
-# --------------------------------------------------------------------------------------------
-# Scratch and the penalty's kernels
-# --------------------------------------------------------------------------------------------
-
-
-class _Scratch:
-    """Reused tensors, and every view of them made once, for one set of views over ``numel``
-    elements: each call allocates only what it returns or keeps for backward, and makes no view
-    of its own (a view costs a dispatched op, and a fresh large allocation page faults).
-
-    ``parts`` holds four rows: the entries' positive and negative sides (the penalty's), then the
-    same clamped into the range (the projection's, or with a grid its gains); ``sums`` their sums
-    per block column."""
-
-    RAW, HELD = slice(0, 2), slice(2, 4)  # the rows of parts and sums
-
-    @torch.inference_mode(False)  # made under inference mode, they would refuse later in-place updates
-    def __init__(self, views: Sequence[View], numel: int, dtype: torch.dtype, device: torch.device) -> None:
-        columns = sum(blocks * width for _, blocks, _, width in views)
-
-        def like(*shape, kind=dtype):
-            return torch.empty(*shape, dtype=kind, device=device)
-
-        self.views = tuple(views)
-        self.parts, self.sums = like(4, numel), like(4, columns)
-        self.rows, self.sum_rows = self.parts.unbind(0), self.sums.unbind(0)
-        self.excess, self.signs, self.direction = like(numel), like(numel), like(numel)  # w - clamp(w), sign(w), a chunk's gradient
-        self.difference, self.negated, self.lowest, self.steps = like(columns), like(columns), like(columns), like(columns)
-        self.kept, self.keep, self.drop = like(columns, kind=torch.bool), like(columns), like(columns)
-        self.one = torch.ones((), dtype=dtype, device=device)
-        self.bounds = like(2, columns)  # the topology gradient's clamp per block column
-        self.part_blocks, self.sum_blocks, self.row_blocks = [], [], []
-        self.sign_blocks, self.excess_blocks, self.direction_blocks, self.keep_blocks, self.drop_blocks, self.bound_blocks = [], [], [], [], [], []
-        start = 0
-        for offset, blocks, length, width in views:
-            elements, per_block = slice(offset, offset + blocks * length * width), slice(start, start + blocks * width)
-            self.part_blocks.append(self.parts[:, elements].view(4, blocks, length, width))
-            self.row_blocks.append(self.part_blocks[-1].unbind(0))
-            self.sum_blocks.append(self.sums[:, per_block].view(4, blocks, width))
-            for name in ("sign", "excess", "direction"):
-                getattr(self, f"{name}_blocks").append(getattr(self, "signs" if name == "sign" else name)[elements].view(blocks, length, width))
-            self.keep_blocks.append(self.keep[per_block].view(blocks, 1, width))
-            self.drop_blocks.append(self.drop[per_block].view(blocks, 1, width))
-            self.bound_blocks.append(self.bounds[:, per_block].view(2, blocks, 1, width).unbind(0))
-            start += blocks * width
-        self.raw_blocks = [(p[_Scratch.RAW], s[_Scratch.RAW]) for p, s in zip(self.part_blocks, self.sum_blocks)]
-        self.held_blocks = [(p[_Scratch.HELD], s[_Scratch.HELD]) for p, s in zip(self.part_blocks, self.sum_blocks)]
-        self.all_blocks = list(zip(self.part_blocks, self.sum_blocks))
-
-    def sum_parts(self, rows: slice) -> None:
-        """The block-column sums of ``parts[rows]``, into ``sums[rows]``: one kernel per view."""
-        pairs = self.raw_blocks if rows == _Scratch.RAW else self.held_blocks if rows == _Scratch.HELD else self.all_blocks
-        for blocks, out in pairs:
-            torch.sum(blocks, 2, out=out)
-
-
-_local = threading.local()
-_SCRATCHES = 8  # per thread, the most recently used chunk shapes
-
-
-def _scratch(views: Sequence[View], numel: int, like: Tensor) -> _Scratch:
-    """The calling thread's scratch for ``views`` over ``numel`` elements like ``like``.
-
-    A few are kept per thread, the most recently used first, so that a model's chunks of one or
-    two shapes reuse theirs while a process going through many shapes holds a bounded amount."""
-    scratches = _local.__dict__.setdefault("scratches", collections.OrderedDict())
-    key = (tuple(views), like.dtype, like.device)
-    scratch = scratches.pop(key, None) or _Scratch(views, numel, like.dtype, like.device)
-    scratches[key] = scratch
-    while len(scratches) > _SCRATCHES:
-        scratches.popitem(last=False)
-    return scratch
-
-
-def _raw_parts(flat: Tensor, scratch: _Scratch) -> None:
+def _raw_parts(flat: Tensor, scratch: Scratch) -> None:
     """Each entry's positive and negative side into ``parts[RAW]``."""
     torch.clamp(flat, min=0, out=scratch.rows[0])
     torch.clamp(flat, max=0, out=scratch.rows[1])
 
 
-def _sums(flat: Tensor, scratch: _Scratch, limit: float, power: int) -> tuple[Tensor, Tensor, Tensor]:
+def _sums(flat: Tensor, scratch: Scratch, limit: float, power: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(magnitude, topology, P - Q per block column)`` from ``sums[RAW]`` (P, and -Q); leaves
     ``w - clamp(w)`` in ``scratch.excess``."""
     positive, negative = scratch.sum_rows[0], scratch.sum_rows[1]
@@ -356,7 +55,7 @@ def _bound_terms(scale: float, dtype: torch.dtype, device: torch.device) -> tupl
         return torch.tensor([[-half], [half]], dtype=dtype, device=device), torch.tensor([[-half], [-half]], dtype=dtype, device=device)
 
 
-def _directions(flat: Tensor, scratch: _Scratch, difference: Tensor, power: int, alpha: float, lam: float, out: Tensor | None = None) -> list[Tensor]:
+def _directions(flat: Tensor, scratch: Scratch, difference: Tensor, power: int, alpha: float, lam: float, out: Tensor | None = None) -> list[Tensor]:
     r"""``alpha`` times the gradient of the magnitude sum plus ``lam`` times the topology's, one
     new tensor per view (``out``: written into it instead, the one view of a chunk);
     ``scratch.excess`` must hold ``w - clamp(w)`` (as :func:`_sums` leaves it).
@@ -384,7 +83,7 @@ def _directions(flat: Tensor, scratch: _Scratch, difference: Tensor, power: int,
     return directions
 
 
-def _excess(flat: Tensor, scratch: _Scratch, limit: float) -> Tensor:
+def _excess(flat: Tensor, scratch: Scratch, limit: float) -> Tensor:
     """``w - clamp(w, -limit, limit) = sign(w) relu(|w| - limit)``, exactly, into ``scratch.excess``."""
     return torch.sub(flat, torch.clamp(flat, -limit, limit, out=scratch.excess), out=scratch.excess)
 
@@ -426,7 +125,7 @@ class _PenaltySums(torch.autograd.Function):
             else:
                 flat, scratch = pack.fill(weights)
                 _raw_parts(flat, scratch)
-                scratch.sum_parts(_Scratch.RAW)
+                scratch.sum_parts(Scratch.RAW)
             magnitude, topology, difference = _sums(flat, scratch, spec.limit, power)
             magnitudes.append(magnitude)
             topologies.append(topology)
@@ -440,9 +139,9 @@ class _PenaltySums(torch.autograd.Function):
         for item in plan.direct:
             m = layouts[item.index].matrix(weights[item.index]).contiguous()
             for view in item.views:
-                flat, scratch = _chunk(m, view)
+                flat, scratch = chunk(m, view)
                 _raw_parts(flat, scratch)
-                scratch.sum_parts(_Scratch.RAW)
+                scratch.sum_parts(Scratch.RAW)
                 magnitude, topology, difference = _sums(flat, scratch, spec.limit, power)
                 magnitudes.append(magnitude)
                 topologies.append(topology)
@@ -495,20 +194,20 @@ class _PenaltySums(torch.autograd.Function):
             m = layout.matrix(weights[i]).contiguous()
             grad = torch.empty_like(m)
             for view in item.views:
-                chunk, scratch = _chunk(m, view)
-                difference, target = next(saved), _blocks(grad.view(-1), view).view(-1)
-                _excess(chunk, scratch, ctx.spec.limit)
-                out = target if target.dtype == chunk.dtype else None  # straight into the gradient
+                part, scratch = chunk(m, view)
+                difference, target = next(saved), blocks(grad.view(-1), view).view(-1)
+                _excess(part, scratch, ctx.spec.limit)
+                out = target if target.dtype == part.dtype else None  # straight into the gradient
                 if ctx.scales is None:
                     grad_magnitude, grad_topology = grads
-                    (topology,) = _directions(chunk, scratch, difference, ctx.power, 0.0, 1.0, out)
+                    (topology,) = _directions(part, scratch, difference, ctx.power, 0.0, 1.0, out)
                     topology.mul_(grad_topology)
                     if out is None:
                         topology = target.copy_(topology.view(-1))
-                    (magnitude,) = _directions(chunk, scratch, difference, ctx.power, 1.0, 0.0)
+                    (magnitude,) = _directions(part, scratch, difference, ctx.power, 1.0, 0.0)
                     topology.view(magnitude.shape).addcmul_(magnitude, grad_magnitude)
                 else:
-                    (direction,) = _directions(chunk, scratch, difference, ctx.power, alpha, lam, out)
+                    (direction,) = _directions(part, scratch, difference, ctx.power, alpha, lam, out)
                     direction.mul_(grads[0])
                     if out is None:
                         target.copy_(direction.view(-1))
@@ -590,7 +289,7 @@ class _StraightThrough(torch.autograd.Function):
         return (None, *grads)
 
 
-def _chip_pack(flat: Tensor, scratch: _Scratch, dtype: torch.dtype, spec: ChipSpec, raw: bool) -> list[Tensor]:
+def _chip_pack(flat: Tensor, scratch: Scratch, dtype: torch.dtype, spec: ChipSpec, raw: bool) -> list[Tensor]:
     """:func:`functional.project` of every member of a pack at once (``dtype``: its weights'), one new
     tensor per view, equal to the definition bit for bit, in float arithmetic only where the data
     is large (CPU kernels of boolean masks and ``where`` run ten to twenty times slower).  With
@@ -607,20 +306,20 @@ def _chip_pack(flat: Tensor, scratch: _Scratch, dtype: torch.dtype, spec: ChipSp
     if spec.bits is None:
         torch.clamp(flat, 0, top, out=rows[2])  # the positive side, in range: its sum is P
         torch.clamp(flat, -top, 0, out=rows[3])  # the negative side: its sum is -Q
-        scratch.sum_parts(slice(0, 4) if raw else _Scratch.HELD)
+        scratch.sum_parts(slice(0, 4) if raw else Scratch.HELD)
         sides = [(blocks[2], blocks[3]) for blocks in scratch.row_blocks]
     else:
         if raw:
-            scratch.sum_parts(_Scratch.RAW)
+            scratch.sum_parts(Scratch.RAW)
         held = _round_to_grid(torch.clamp(flat, -top, top), spec, dtype, top)
         kept = held.abs()
         gain = kept - 2 * (kept - flat.abs()).clamp(min=0)  # |w| - |w - q(w)|
         side = torch.sign(held)  # its gain counts on its side: P from the positives, -Q from the negatives
         torch.mul(gain, side.clamp(min=0), out=rows[2])
         torch.mul(gain, side.clamp_(max=0), out=rows[3])
-        scratch.sum_parts(_Scratch.HELD)
+        scratch.sum_parts(Scratch.HELD)
         positive, negative = held.clamp(min=0), held.clamp(max=0)
-        sides = [(_blocks(positive, view), _blocks(negative, view)) for view in scratch.views]
+        sides = [(blocks(positive, view), blocks(negative, view)) for view in scratch.views]
     torch.add(scratch.sum_rows[2], scratch.sum_rows[3], out=scratch.difference)
     scratch.keep.copy_(torch.ge(scratch.difference, 0, out=scratch.kept))
     torch.sub(scratch.one, scratch.keep, out=scratch.drop)
@@ -716,7 +415,7 @@ def harden_all(
             if hardness != 1 or noise_scale or dtype != flat.dtype:  # in the weights' dtype, as the definition computes
                 drawn = _gaussian(_in(dtype, flat), noise_scale) if noise_scale else None  # once for the pack
                 per_view = [
-                    _hardened(_in(dtype, target), _in(dtype, _blocks(flat, view)), hardness, None if drawn is None else _blocks(drawn, view))
+                    _hardened(_in(dtype, target), _in(dtype, blocks(flat, view)), hardness, None if drawn is None else blocks(drawn, view))
                     for target, view in zip(per_view, pack.views)
                 ]
         pieces: dict[int, list[tuple[Member, Tensor]]] = {}

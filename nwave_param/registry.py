@@ -20,11 +20,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import _engine, functional, state
+from . import _engine, state
 from .discovery import Constrained, constraints, patterns, select, tied_holders
 from .functional import Penalties
-from .layout import Layout, layout_of
-from .parametrization import ChipConstraint, Pass, Registration, Settings, attach, check_hardness, check_scale, detach, latent, links_before, originals
+from .layout import Layout
+from .parametrization import (
+    ChipConstraint, Pass, Registration, Settings, attach, check_hardness, check_scale, detach, latent, links_before, originals, write_through_chain,
+)
 from .report import Report, build_report
 from .spec import ChipSpec
 
@@ -394,7 +396,7 @@ class Registry:
         try:
             for entry, weight, target in zip(self._tracked, weights, targets):
                 if _before(entry):
-                    _write_through_chain(entry, target, spec)
+                    write_through_chain(entry.module, entry.tensor_name, entry.constraint, entry.name, target, spec)
                 else:
                     weight.copy_(target)
         except BaseException:
@@ -461,41 +463,3 @@ def _before(entry: Constrained) -> list[nn.Module]:
 
 def _latent(entry: Constrained) -> Tensor:
     return latent(entry.module, entry.tensor_name, entry.constraint)
-
-
-def _write_through_chain(entry: Constrained, target: Tensor, spec: ChipSpec) -> None:
-    """Write ``target`` as the latent value through the earlier parametrizations' right_inverse,
-    read it back, and accept it only if it is finite and mappable.
-
-    A chain's forward may round the value an ulp past the limit (weight_norm's ``g * v / |v|``):
-    then the value is projected again a few ulps inside, up to 8 times, without ``spec.bits``
-    (a grid value cannot move).
-    """
-    layout, limit = entry.constraint.layout, spec.limit
-    for attempt in range(8):
-        setattr(entry.module, entry.tensor_name, target)  # nwave_param's right_inverse is the identity
-        held = _latent(entry)
-        if not bool(torch.isfinite(held).all()):
-            raise ValueError(
-                f"{entry.name}: {_names(entry)} turns the projected value into NaN or inf "
-                "(weight_norm cannot hold an all-zero row); every weight was restored"
-            )
-        if build_report([entry.name], [held], [layout], spec, 2).is_mappable:
-            return
-        if spec.bits is not None:
-            raise ValueError(
-                f"{entry.name}: {_names(entry)} moves the projected values off the {spec.bits}-bit grid "
-                "(its forward rounds them); every weight was restored. Fold that parametrization into "
-                "the weight first: torch.nn.utils.parametrize.remove_parametrizations(module, name, "
-                "leave_parametrized=True) after reg.remove(), then register again"
-            )
-        limit -= torch.finfo(held.dtype).eps * spec.limit * 2**attempt
-        target = functional.project(held, layout, dataclasses.replace(spec, limit=limit))
-    raise ValueError(
-        f"{entry.name}: {_names(entry)} cannot hold a mappable value here (orthogonal cannot hold a "
-        "sign-aligned matrix); every weight was restored"
-    )
-
-
-def _names(entry: Constrained) -> str:
-    return " -> ".join(type(link).__name__ for link in _before(entry))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from layers import scaled
 
 import nwave_param as nwp
-from nwave_param import _engine, functional
+from nwave_param import _engine, _plans, functional
 from nwave_param.layout import Layout
 
 LAYOUTS = [Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transposed=True)]
@@ -28,13 +28,13 @@ def route(request, monkeypatch):
     (hardened whole, by the definition); other device: planned as on a GPU, where everything is
     packed however large."""
     if request.param != "packed":
-        monkeypatch.setattr(_engine, "_SMALL", 0)
+        monkeypatch.setattr(_plans, "_SMALL", 0)
     if request.param == "chunked-small":
-        monkeypatch.setattr(_engine, "_CHUNK", 8)
-    _engine._plan.cache_clear()
-    with _engine.planned_as("cuda" if request.param == "other device" else "cpu"):
+        monkeypatch.setattr(_plans, "_CHUNK", 8)
+    _plans._plan.cache_clear()
+    with _plans.planned_as("cuda" if request.param == "other device" else "cpu"):
         yield request.param
-    _engine._plan.cache_clear()
+    _plans._plan.cache_clear()
 
 
 def shaped(layout, a, b):
@@ -196,7 +196,7 @@ def bits(t):
 def noise_per_weight(drawn, weights, layouts, spec):
     """The noise each weight received, from what ``_engine._gaussian`` drew: one tensor per pack
     (its members' regions), then one per weight hardened alone."""
-    plan = _engine.plan_for(weights, layouts, spec.group_size)
+    plan = _plans.plan_for(weights, layouts, spec.group_size)
     alone = {item.index for item in plan.direct}  # a large weight on the CPU draws its own, whole
     result, drawn = [None] * len(weights), iter(drawn)
     for pack in plan.packs:
@@ -206,12 +206,12 @@ def noise_per_weight(drawn, weights, layouts, spec):
             if i in alone:
                 continue
             result[i] = torch.zeros_like(weights[i]) if result[i] is None else result[i]
-            _engine.source(result[i], member).copy_(region)
+            _plans.source(result[i], member).copy_(region)
     for i in sorted(alone):  # then a pack of its own
-        pack = _engine.Pack(_engine.members(i, tuple(weights[i].shape), layouts[i], spec.group_size), spec.group_size)
+        pack = _plans.Pack(_plans.members(i, tuple(weights[i].shape), layouts[i], spec.group_size), spec.group_size)
         result[i] = torch.zeros_like(weights[i])
         for member, region in zip(pack.members, pack.regions(next(drawn))):
-            _engine.source(result[i], member).copy_(region)
+            _plans.source(result[i], member).copy_(region)
     return result
 
 
@@ -280,10 +280,10 @@ def dispatched(fn):
 def test_off_the_cpu_the_penalty_dispatches_a_fixed_number_of_ops_whatever_the_size(size):
     model = torch.nn.Sequential(*[torch.nn.Linear(size, size) for _ in range(4)])
     reg = nwp.register(scaled(model, 3))
-    with _engine.planned_as("cuda"):
+    with _plans.planned_as("cuda"):
         count = dispatched(lambda: reg.penalty().backward())
     assert count <= 100, count
-    with _engine.planned_as("cuda"):
+    with _plans.planned_as("cuda"):
         assert dispatched(lambda: reg.penalty().backward()) == count  # the same for every call
 
 
@@ -296,7 +296,7 @@ def test_off_the_cpu_the_hardened_forward_of_all_weights_dispatches_few_ops(grid
         with reg.cached():
             return [layer.weight for layer in model]
 
-    with _engine.planned_as("cuda"):
+    with _plans.planned_as("cuda"):
         count = dispatched(forward)
     assert count <= 60 + 4 * len(model), count  # a few kernels for all, and a view and a straight-through output per weight
     small = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(2)])
@@ -306,5 +306,5 @@ def test_off_the_cpu_the_hardened_forward_of_all_weights_dispatches_few_ops(grid
         with reg_small.cached():
             return [layer.weight for layer in small]
 
-    with _engine.planned_as("cuda"):
+    with _plans.planned_as("cuda"):
         assert count - dispatched(forward_small) <= 4 * (len(model) - len(small))  # only the per-weight part grows
