@@ -1,13 +1,17 @@
 """The benchmark harness runs end to end and writes the JSON it promises (nothing here asserts a time)."""
 
 import json
+
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HARNESS = Path(__file__).parents[1] / "benchmarks" / "run.py"
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_json_structure(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(

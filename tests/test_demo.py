@@ -18,6 +18,7 @@ from nwave_param.cli import main  # noqa: E402
 KEYS = {"float_accuracy", "projected_accuracy", "mappable_before", "mappable_after", "out_of_range_fraction", "mixed_block_column_fraction"}
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_json_table_plot_and_progress(tmp_path, capsys):
     out, picture = tmp_path / "demo.json", tmp_path / "demo.png"
     assert main(["demo", "--quick", "--json", str(out), "--plot", str(picture)]) == 0
@@ -46,6 +47,7 @@ def test_demo_rejects_bad_epochs(capsys):
     assert "--epochs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_demo_on_a_grid_with_mismatch_reports_a_fleet_of_chips(tmp_path, capsys):
     out = tmp_path / "demo.json"
     assert main(["demo", "--quick", "--bits", "5", "--mismatch", "0.02", "--json", str(out)]) == 0

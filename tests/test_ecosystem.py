@@ -116,6 +116,7 @@ def test_bf16_autocast_training_step():
 # --- torch.compile ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compiled_registered_model_trains_like_eager():
     torch.manual_seed(0)
     eager = scaled(nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)), 4.0)
@@ -180,6 +181,7 @@ def _ddp_worker(rank, world, port, out):
     os._exit(0)
 
 
+@pytest.mark.slow
 def test_ddp_two_hardened_processes_match_single_process_training(tmp_path):
     import socket
     import time

@@ -234,6 +234,7 @@ def test_half_precision(dtype):
     assert model.parametrizations.weight.original.grad.dtype == dtype
 
 
+@pytest.mark.slow
 def test_compiled_hardened_model_computes_as_eager():
     torch.manual_seed(0)
     model = scaled(nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)), 4)

@@ -16,6 +16,7 @@ from nwave_param import _engine, _plans, functional
 from nwave_param.layout import Layout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [nwp.H1V1, nwp.ChipSpec(bits=4), nwp.ChipSpec(mismatch=0.05)])
 def test_a_compiled_model_computes_on_the_chip_inside_on_chip(spec):
     torch.manual_seed(0)
