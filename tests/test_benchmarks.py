@@ -1,7 +1,6 @@
 """The benchmark harness runs end to end and writes the JSON it promises (nothing here asserts a time)."""
 
 import json
-
 import subprocess
 import sys
 from pathlib import Path
