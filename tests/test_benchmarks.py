@@ -18,12 +18,15 @@ def test_quick_run_writes_the_json_structure(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    assert set(data) == {"machine", "penalty", "training", "first_call", "lifecycle"}
-    assert {"cpu", "simd", "cores", "threads", "torch", "load"} <= set(data["machine"])
+    assert set(data) == {"machine", "recipe", "penalty", "first_call", "lifecycle"}
+    assert {"cpu", "simd", "cores", "threads", "torch", "load"} <= set(data["machine"]) and data["machine"]["threads"] == 1
+    assert [row["model"] for row in data["recipe"]] == ["RNN 16-100-50"]
+    for row in data["recipe"]:  # the step users run, against the same step unregistered
+        assert {"plain_step_ms", "registered, h=0", "+ penalty", "h=1 + penalty", "h=1 + penalty, bits=5, mismatch=0.02"} <= set(row)
+        assert isinstance(row["hardened_forward_ops"], int) and row["hardened_forward_ops"] > 0
     assert [row["model"] for row in data["penalty"]] == ["recurrent 40-256-10"]
     for row in data["penalty"]:
-        assert {"floor_ms", "penalty_ms", "penalty_vs_floor", "naive_vs_penalty"} <= set(row)
-    assert {"plain_step_ms", "penalty_overhead", "overhead_vs_unregistered"} <= set(data["training"])
+        assert {"floor_ms", "penalty_ms", "penalty_vs_floor", "naive_vs_penalty", "penalty_ops"} <= set(row)
     assert {"import_s", "first_call_s"} <= set(data["first_call"])
     assert set(data["lifecycle"]) == {"model", "report_vs_floor", "project_vs_floor"}
-    assert data["machine"]["cpu"] in result.stdout and "penalty_vs_floor" in result.stdout
+    assert data["machine"]["cpu"] in result.stdout and "penalty_vs_floor" in result.stdout and "h=1 + penalty" in result.stdout
