@@ -9,8 +9,10 @@
 """
 
 from .discovery import trackable_weights
+from .errors import CheckpointError
 from .functional import Penalties
 from .layout import Layout
+from .offline import check_state_dict, project_state_dict
 from .parametrization import ChipConstraint, Settings
 from .placement import Placement, Population, place
 from .registry import AlreadyRegisteredError, Registry, register, registry_of
@@ -22,6 +24,7 @@ __all__ = [
     "H1V1",
     "H1V2",
     "AlreadyRegisteredError",
+    "CheckpointError",
     "ChipConstraint",
     "ChipSpec",
     "LayerReport",
@@ -32,8 +35,10 @@ __all__ = [
     "Registry",
     "Report",
     "Settings",
+    "check_state_dict",
     "place",
     "plain_state_dict",
+    "project_state_dict",
     "register",
     "registry_of",
     "trackable_weights",

@@ -131,6 +131,20 @@ def patterns(exclude: str | Iterable[str]) -> tuple[str, ...]:
     return found
 
 
+def excluded(name: str, exclude: Iterable[str]) -> bool:
+    """Whether the dotted ``name`` matches a glob of ``exclude``."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+
+
+def unmatched(exclude: Iterable[str], names: Iterable[str]) -> str | None:
+    """What to say of the globs of ``exclude`` that match none of ``names`` (likely a typo); None if all match."""
+    names = list(names)
+    unused = [pattern for pattern in exclude if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
+    if not unused:
+        return None
+    return f"exclude pattern{'s' if len(unused) > 1 else ''} {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} no trackable weight"
+
+
 def select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, Layout]]:
     """The weights to track and their layouts, every check done before anything changes."""
     if not isinstance(model, nn.Module):
@@ -142,10 +156,10 @@ def select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, La
             "'weight', 'weight_*', '*_weight' or '*_weights', outside norms and embeddings)"
         )
     _warn_unreachable(model)
-    for pattern in exclude:
-        if not any(fnmatch.fnmatchcase(item.name, pattern) for item in candidates):
-            warnings.warn(f"exclude pattern {pattern!r} matches no trackable weight", stacklevel=3)
-    chosen = [c for c in candidates if not any(fnmatch.fnmatchcase(c.name, p) for p in exclude)]
+    unused = unmatched(exclude, [item.name for item in candidates])
+    if unused:
+        warnings.warn(unused, stacklevel=3)
+    chosen = [c for c in candidates if not excluded(c.name, exclude)]
     if not chosen:
         names = ", ".join(c.name for c in candidates)
         raise ValueError(f"exclude={list(exclude)} excludes every trackable weight ({names})")

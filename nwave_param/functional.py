@@ -43,6 +43,7 @@ __all__ = [
     "penalty_sums",
     "project",
     "result_dtype",
+    "unprojectable",
     "weight_sums",
 ]
 
@@ -264,6 +265,12 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+def unprojectable(names: Sequence[str], weights: Sequence[Tensor]) -> list[str]:
+    """Why :func:`project` cannot give each weight a value the chip holds, one line a weight:
+    NaN or infinite values have no nearest mappable value (clamping would guess one)."""
+    return [f"{name} holds NaN or infinite values" for name, w in zip(names, weights) if not bool(torch.isfinite(w).all())]
 
 
 def harden(weight: Tensor, layout: Layout, spec: ChipSpec, hardness: float, noise: Tensor | None = None) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -46,16 +47,16 @@ class Layout:
         return shape[1] * self.groups if self.transposed else shape[0]
 
     def check(self, shape: torch.Size, name: str) -> None:
-        """Raise ValueError if a weight of ``shape`` cannot be read with this layout."""
+        """Raise ValueError, naming ``name``, if a weight of ``shape`` cannot be read with this
+        layout: the gates split the output rows, the groups split dim 0 (the output rows, or a
+        transposed convolution's input channels)."""
         if len(shape) < 2:
             raise ValueError(f"{name}: a tracked weight needs 2 or more dims, got shape {tuple(shape)}")
-        split = shape[0] if self.transposed else self.rows(shape)
-        for count, what in ((self.gates, "gates"), (self.groups, "groups")):
-            if split % count:
-                raise ValueError(
-                    f"{name}: shape {tuple(shape)} does not split into {count} {what} "
-                    f"along dim 0; the layout does not match this weight"
-                )
+        rows = self.rows(shape)
+        problems = [f"its {rows} output rows do not split into {self.gates} gates"] if rows % self.gates else []
+        problems += [f"dim 0 ({shape[0]}) does not split into {self.groups} groups"] if shape[0] % self.groups else []
+        if problems:
+            raise ValueError(f"{name} of shape {tuple(shape)} cannot be read with {self}: {'; '.join(problems)}")
 
     def matrix(self, weight: Tensor) -> Tensor:
         """``M`` with local columns: ``(rows, columns of one group)``; a view where possible."""
@@ -135,3 +136,17 @@ def layout_of(module: nn.Module, tensor_name: str) -> Layout:
     if gated and issubclass(cls, nn.GRUCell):
         return Layout(gates=3)
     return Layout()
+
+
+RNN_WEIGHT = re.compile(r"^weight_(?:ih|hh)(?P<suffix>_l\d+(?:_reverse)?)?$")  # torch's RNN-family names
+
+
+def rnn_gates(hh_shape: tuple[int, ...] | None, hr_shape: tuple[int, ...] | None = None) -> int | None:
+    """The gates of an RNN (1), GRU (3) or LSTM (4) layer, told by its ``weight_hh`` shape
+    (``(gates * hidden, hidden)``, or ``(gates * hidden, proj)`` beside an LSTM's ``weight_hr`` of
+    shape ``(proj, hidden)``); None when the shapes fit none of them."""
+    if hh_shape is None or len(hh_shape) != 2:
+        return None
+    hidden = hr_shape[1] if hr_shape is not None and len(hr_shape) == 2 else hh_shape[1]
+    gates, rest = divmod(hh_shape[0], hidden) if hidden else (0, 1)
+    return gates if not rest and gates in (1, 3, 4) else None

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import _engine, state
+from . import _engine, functional, state
 from .discovery import Constrained, constraints, patterns, select, tied_holders
 from .functional import Penalties
 from .layout import Layout
@@ -378,11 +378,7 @@ class Registry:
         """
         self._check_live()
         weights = self.latent_weights()
-        problems = [
-            f"{entry.name} holds NaN or infinite values"
-            for entry, weight in zip(self._tracked, weights)
-            if not bool(torch.isfinite(weight).all())
-        ] + [
+        problems = functional.unprojectable(self.names, weights) + [
             f"{entry.name} sits behind {type(link).__name__}, which has no right_inverse to write the projected value back"
             for entry in self._tracked
             for link in _before(entry)

@@ -14,7 +14,7 @@ import dataclasses
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,8 @@ from torch.nn.utils import parametrize
 
 from . import description, functional
 from .parametrization import ChipConstraint, latent
+from .sharing import view_of
+from .spec import ChipSpec
 
 __all__ = ["plain_state_dict", "restore", "snapshot"]
 
@@ -179,6 +181,39 @@ def restore_order(module: nn.Module, order: tuple[str, ...]) -> None:
         params[key] = params.pop(key)
 
 
+def weight_keys(state_dict: Mapping[str, object], notes: list[str]) -> dict[str, str]:
+    """Weight name -> key of its tensor; registered keys (``*.parametrizations.*.original``) by their weight's name."""
+    found: dict[str, str] = {}
+    chained = set()
+    for key, value in state_dict.items():
+        original = parse_original_key(key) if isinstance(value, Tensor) else None
+        if original is None:
+            if isinstance(value, Tensor):
+                found.setdefault(key, key)
+        elif original[2] == "original":
+            found[original[0] + original[1]] = key
+        else:
+            chained.add(original[0] + original[1])
+    if chained:
+        notes.append(f"skipped {', '.join(sorted(chained))}: stored through other parametrizations; pass the model to read them")
+    return found
+
+
+def is_description_key(key: str) -> bool:
+    """Whether ``key`` is where a :class:`ChipConstraint` saves its description (``..._extra_state``)."""
+    link = parse_link_key(key)
+    return link is not None and link[3] == "_extra_state"
+
+
+def descriptions(state_dict: Mapping[str, object]) -> Iterator[tuple[str, tuple[str, str, int, str], description.Description]]:
+    """``(key, link, description)`` for each of nwave_param's descriptions in ``state_dict``,
+    ``link`` as :func:`parse_link_key` reads the key."""
+    for key, value in state_dict.items():
+        saved = description.decode(value) if is_description_key(key) else None
+        if saved is not None:
+            yield key, parse_link_key(key), saved
+
+
 def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
     """The state_dict a plain model (without nwave_param) loads with ``strict=True``, holding what
     the registered model computes with.
@@ -211,18 +246,13 @@ def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[st
     state = source.state_dict() if isinstance(source, nn.Module) else source
     if not isinstance(state, Mapping):
         raise TypeError(f"expected a registered model or a state_dict, got {type(source).__name__}")
-    ours: dict[tuple[str, str], tuple[int, description.Description]] = {}  # (path, tensor) -> nwave_param's link
-    others: dict[tuple[str, str], set[int]] = {}  # positions holding other state
-    for key, value in state.items():
+    # (path, tensor) -> nwave_param's link, and the positions of the other links holding state
+    ours = {(path, tensor_name): (position, saved) for _, (path, tensor_name, position, _), saved in descriptions(state)}
+    others: dict[tuple[str, str], set[int]] = {}
+    for key in state:
         link = parse_link_key(key)
-        if link is None:
-            continue
-        path, tensor_name, position, leaf = link
-        saved = description.decode(value) if leaf == "_extra_state" else None
-        if saved is not None:
-            ours[path, tensor_name] = (position, saved)
-        else:
-            others.setdefault((path, tensor_name), set()).add(position)
+        if link is not None and ours.get(link[:2], (None,))[0] != link[2]:
+            others.setdefault(link[:2], set()).add(link[2])
     if isinstance(source, nn.Module):  # the chains themselves: exact, stateless links included
         late = [_dotted(path, name) for path, holder, name, constraint in _module_links(source) if holder.parametrizations[name][-1] is not constraint]
         chained = [_dotted(path, name) for path, holder, name, constraint in _module_links(source) if not _holds_effective(holder, name, constraint)]
@@ -251,7 +281,7 @@ def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[st
             if position == 0 and match["rest"] == "original" and where not in others:
                 key = match["path"] + match["tensor"]
                 if saved.hardness:
-                    identity = (_view_of(value), saved.layout, saved.spec.essentials, saved.hardness)
+                    identity = (view_of(value), saved.layout, saved.spec.essentials, saved.hardness)
                     if identity not in effective:
                         with torch.no_grad():
                             effective[identity] = functional.harden(value, saved.layout, saved.spec, saved.hardness).detach()
@@ -281,8 +311,56 @@ def _holds_effective(holder: nn.Module, tensor_name: str, constraint: ChipConstr
         return torch.equal(functional.harden(value, constraint.layout, settings.spec, settings.hardness), value)
 
 
-def _view_of(tensor: Tensor) -> tuple:
-    """Equal for tensors that are the same view of the same memory (a weight tied between keys)."""
-    if tensor.layout != torch.strided or tensor.device.type == "meta":
-        return (id(tensor),)
-    return (tensor.untyped_storage().data_ptr(), tensor.device, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+def redescribed(state_dict: Mapping[str, object], spec: ChipSpec) -> dict[str, Tensor]:
+    """Each description in ``state_dict``, by key, rewritten to say ``spec`` (for values projected
+    onto it), keeping its layout and hardness (0 for a version 0.2 description, which has none)."""
+    return {key: description.encode(saved.layout, spec, saved.hardness or 0.0) for key, _, saved in descriptions(state_dict)}
+
+
+AVERAGED = "n_averaged"  # the buffer torch.optim.swa_utils.AveragedModel keeps beside its module.*
+
+
+def inner_state_dict(
+    state_dict: Mapping[str, Tensor], prefix: str | None, names: Sequence[str], wrapped: bool, notes: list[str]
+) -> OrderedDict[str, Tensor]:
+    """The keys of ``state_dict`` under ``prefix``, without it, as the inner model loads them
+    (the module versions of ``_metadata`` included).  ``prefix=None`` finds it: in a ``wrapped``
+    state_dict (a Lightning checkpoint's) or an AveragedModel's, the first component common to
+    the tracked weights' ``names`` (``net.``, ``module.``); none in a bare one, its model's own.
+    What is left out is said in ``notes``.
+
+    Raises:
+        ValueError: no key under ``prefix``, or a found prefix leaves out more than AveragedModel's counter.
+    """
+    if prefix is None:
+        prefix = _inner_prefix(state_dict, names, wrapped or AVERAGED in state_dict, notes)
+    elif prefix and not prefix.endswith("."):
+        prefix += "."
+    inner = OrderedDict((key[len(prefix):], value) for key, value in state_dict.items() if key.startswith(prefix))
+    if not inner:
+        raise ValueError(f"no key starts with the prefix {prefix!r}")
+    dropped = [key for key in state_dict if not key.startswith(prefix)]
+    if dropped:
+        notes.append(f"not part of the inner model, left out: {', '.join(dropped)}")
+    versions = getattr(state_dict, "_metadata", None)
+    if versions is not None:
+        module = prefix.removesuffix(".")  # the inner model itself: "" under its own name
+        inner._metadata = OrderedDict(
+            (name[len(prefix):], value) for name, value in versions.items() if name == module or name.startswith(prefix)
+        )
+    return inner
+
+
+def _inner_prefix(state_dict: Mapping[str, Tensor], names: Sequence[str], wrapped: bool, notes: list[str]) -> str:
+    firsts = {name.partition(".")[0] if "." in name else None for name in names}
+    if not wrapped or len(firsts) != 1 or None in firsts:
+        return ""
+    prefix = f"{firsts.pop()}."
+    outside = [key for key in state_dict if not key.startswith(prefix) and key != AVERAGED]
+    if outside:
+        raise ValueError(
+            f"the tracked weights are all under {prefix}, but {', '.join(outside)} are not: choose the prefix "
+            f"{prefix} for the inner model's keys only, or '' to keep every key"
+        )
+    notes.append(f"the keys under {prefix} without it, the inner model's (the prefix '' keeps every key)")
+    return prefix

@@ -288,7 +288,7 @@ def test_attack_allocates_no_more_than_max_bytes(attack, peaks, tmp_path):
 
 def test_a_character_device_is_refused_before_anything_is_written(hostile_dir, capsys, monkeypatch):
     """Never writing to the real /dev/null: every way to write fails the test if reached."""
-    from nwave_param import checkpoint as files
+    from nwave_param import files
 
     def reached(*_, **__):
         raise AssertionError("reached a write")

@@ -1,4 +1,4 @@
-"""Checkpoint files for the command line: PyTorch and safetensors, read safely, written all or none.
+"""Checkpoint files: PyTorch and safetensors, read safely, written all or none.
 
 * Reading: ``torch.load(..., weights_only=True, map_location="cpu")`` (a checkpoint never runs
   code) or the ``safetensors`` package for ``*.safetensors``, bounded by ``--max-bytes`` twice:
@@ -7,23 +7,17 @@
   after loading and before any computation, by what computing with its tensors materializes
   (an expanded tensor counts every element it reads as).  A structure nested too deep, or
   containing itself, is refused before anything walks it recursively.
-* Writing: :class:`Outputs`, every file of one command written to a temporary file beside it,
-  then all renamed into place once each is complete, with the mode a plain ``open()`` would
-  give; on any failure, Ctrl-C included, nothing is left behind and no file is replaced.
-* Storage sharing: :func:`with_values` gives a container new values for some tensors while every
-  tie and view of the input survives (torch.save keeps what shares storage in memory).
+* Writing: :func:`check_destinations` before any work (regular files only, never the input),
+  then :class:`Outputs`, every file of one command written to a temporary file beside it, then
+  all renamed into place once each is complete, with the mode a plain ``open()`` would give; on
+  any failure, Ctrl-C included, nothing is left behind and no file is replaced.
 * nwave_param's descriptions (the ``..._extra_state`` tensors a registered model saves beside a
   weight) are ordinary tensors in a safetensors file; version 0.2 wrote them, as dicts, into the
   metadata, each as a JSON string under its own key, and such files are still read.
-* Messages: :class:`CliError` is the one error the command line reports (one line, exit 2), and
-  :func:`one_line` makes any text fit in one: names, paths and messages read from files or
-  written by user code have their control characters escaped and are cut to a few hundred
-  characters.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import pickle
@@ -33,30 +27,19 @@ import stat
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .description import decode
-from .state import parse_link_key
+from .errors import CheckpointError, one_line, reason
+from .sharing import storage_of, view_of
+from .state import is_description_key
 
-__all__ = [
-    "Checkpoint",
-    "CliError",
-    "Outputs",
-    "is_safetensors",
-    "load",
-    "one_line",
-    "parse_size",
-    "require_safetensors",
-    "save",
-    "storage_of",
-    "view_of",
-    "with_values",
-]
+__all__ = ["Checkpoint", "Outputs", "check_destinations", "is_safetensors", "load", "parse_size", "require_safetensors", "save"]
 
 INSTALL_SAFETENSORS = "pip install 'nwave-param[safetensors]'"
 # torch.load tells its two formats apart by their first bytes (torch.serialization._is_zipfile):
@@ -64,59 +47,6 @@ INSTALL_SAFETENSORS = "pip install 'nwave-param[safetensors]'"
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
 MAX_DEPTH = 100  # containers inside containers; a training checkpoint nests a handful
-SHOWN = 300  # characters of one name, path or message from outside in a message
-
-
-class CliError(Exception):
-    """A one-line error for the user: the command line prints it and exits with status 2."""
-
-
-# --- messages ----------------------------------------------------------------------------------
-
-
-# C0 and C1 controls (newlines, the escape of a terminal sequence), the line and paragraph
-# separators, bidirectional overrides, and lone surrogates (no terminal can print them)
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
-
-
-def one_line(value: object, limit: int = SHOWN) -> str:
-    """``value`` (a message, an exception, a name or a path) as one printable line.
-
-    Control characters are escaped as Python writes them (a newline as ``\\n``, the start of a
-    terminal escape sequence as ``\\x1b``), and a text longer than ``limit`` characters is cut in
-    the middle, saying how much was cut.
-
-    Example::
-
-        >>> one_line("fc\\n\\x1b[2Jweight")
-        'fc\\\\n\\\\x1b[2Jweight'
-        >>> one_line("x" * 1000, limit=20)
-        'xxxxxxxxxx…(980 characters)…xxxxxxxxxx'
-    """
-    text = str(value)
-    if not text and isinstance(value, BaseException):
-        text = type(value).__name__
-    if len(text) > limit:
-        keep = limit // 2
-        text = f"{text[:keep]}…({len(text) - 2 * keep} characters)…{text[len(text) - keep:]}"
-    return _UNPRINTABLE.sub(lambda match: repr(match[0])[1:-1], text)
-
-
-def _reason(error: BaseException) -> str:
-    """The words of a library's error that say what went wrong: the OSError behind a failed
-    write (torch's writer wraps it in a RuntimeError), the reason torch's weights-only loader
-    gives after its paragraph of advice, or else the first line."""
-    cause, seen = error, set()
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    text = str(error).strip()
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    if len(paragraphs) > 1 and paragraphs[0].startswith("Weights only load failed"):
-        return paragraphs[1]
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclass
@@ -163,28 +93,28 @@ def require_safetensors():
     try:
         import safetensors.torch
     except ImportError:
-        raise CliError(f"safetensors files need the safetensors package: {INSTALL_SAFETENSORS}") from None
+        raise CheckpointError(f"safetensors files need the safetensors package: {INSTALL_SAFETENSORS}") from None
     return safetensors
 
 
 def _open_regular_file(path: str) -> bytes:
     """The first 16 bytes of ``path``, after checking that it is a readable regular file."""
     if os.path.isdir(path):
-        raise CliError(f"{one_line(path)} is a directory, not a checkpoint file")
+        raise CheckpointError(f"{one_line(path)} is a directory, not a checkpoint file")
     if not os.path.exists(path):
-        raise CliError(f"{one_line(path)}: no such file")
+        raise CheckpointError(f"{one_line(path)}: no such file")
     if not os.path.isfile(path):
-        raise CliError(f"{one_line(path)} is not a regular file")
+        raise CheckpointError(f"{one_line(path)} is not a regular file")
     try:
         with open(path, "rb") as stream:
             return stream.read(16)
     except OSError as error:
-        raise CliError(f"cannot read {one_line(path)}: {_reason(error)}") from None
+        raise CheckpointError(f"cannot read {one_line(path)}: {reason(error)}") from None
 
 
 def _refuse_larger(path: str, what: str, needed: int, max_bytes: int, detail: str = "") -> None:
     if needed > max_bytes:
-        raise CliError(
+        raise CheckpointError(
             f"{one_line(path)}: {what} takes {human_size(needed)}{detail}, more than --max-bytes {human_size(max_bytes)}; "
             "pass a larger --max-bytes (e.g. --max-bytes 16G) if this machine has the memory"
         )
@@ -198,12 +128,12 @@ def _torch_size(path: str, head: bytes) -> int:
             with zipfile.ZipFile(path) as archive:
                 return sum(entry.file_size for entry in archive.infolist())
         except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-            raise CliError(f"{one_line(path)} is not a readable PyTorch checkpoint (a damaged or truncated zip archive)") from None
+            raise CheckpointError(f"{one_line(path)} is not a readable PyTorch checkpoint (a damaged or truncated zip archive)") from None
     if head.startswith(_LEGACY_MAGIC):
         return os.path.getsize(path)  # the legacy format is not compressed
     if head[8:10] == b'{"':
-        raise CliError(f"{one_line(path)} looks like a safetensors file: name it *.safetensors")
-    raise CliError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint")
+        raise CheckpointError(f"{one_line(path)} looks like a safetensors file: name it *.safetensors")
+    raise CheckpointError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint")
 
 
 def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
@@ -214,11 +144,11 @@ def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a bad file
         if "unsupported global" in str(error).lower():
-            raise CliError(
+            raise CheckpointError(
                 f"{one_line(path)} holds pickled Python objects (a full model?), which could run code when loaded; "
                 "save model.state_dict() instead"
             ) from None
-        raise CliError(f"{one_line(path)} is not a readable PyTorch checkpoint ({one_line(_reason(error))})") from None
+        raise CheckpointError(f"{one_line(path)} is not a readable PyTorch checkpoint ({one_line(reason(error))})") from None
 
 
 def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
@@ -229,13 +159,8 @@ def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # SafetensorError and the like: a bad header or body
-        raise CliError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint ({one_line(_reason(error))})") from None
+        raise CheckpointError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint ({one_line(reason(error))})") from None
     return tensors, metadata
-
-
-def _is_description_key(key: str) -> bool:
-    link = parse_link_key(key)
-    return link is not None and link[3] == "_extra_state"
 
 
 def _descriptions_from_metadata(metadata: dict[str, str]) -> tuple[dict[str, dict], dict[str, str]]:
@@ -243,7 +168,7 @@ def _descriptions_from_metadata(metadata: dict[str, str]) -> tuple[dict[str, dic
     found, rest = {}, {}
     for key, text in metadata.items():
         try:
-            value = json.loads(text) if _is_description_key(key) else None
+            value = json.loads(text) if is_description_key(key) else None
         except ValueError:
             value = None
         if decode(value) is not None:
@@ -279,8 +204,8 @@ def _tensors_in(path: str, obj: object) -> dict[str, Tensor]:
     found: dict[str, Tensor] = {}
     height: dict[int, int] = {}  # a container read -> the most containers on a path down from it, itself included
 
-    def too_deep(where: str) -> CliError:
-        return CliError(
+    def too_deep(where: str) -> CheckpointError:
+        return CheckpointError(
             f"{one_line(path)}: containers nested more than {MAX_DEPTH} levels deep (at {one_line(where)}); "
             "a checkpoint is a state_dict, or a dict holding one"
         )
@@ -299,7 +224,7 @@ def _tensors_in(path: str, obj: object) -> dict[str, Tensor]:
             elif children is None:
                 continue
             elif id(child) in on_path:
-                raise CliError(f"{one_line(path)}: {one_line(where)} is a container it sits in (a structure holding itself, which no checkpoint is)")
+                raise CheckpointError(f"{one_line(path)}: {one_line(where)} is a container it sits in (a structure holding itself, which no checkpoint is)")
             elif id(child) in height:  # already read through another key: only its height counts
                 if len(stack) + height[id(child)] > MAX_DEPTH:
                     raise too_deep(where)
@@ -341,14 +266,6 @@ def _computed_bytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def view_of(tensor: Tensor) -> tuple:
-    """Equal for keys holding the very same tensor (a tied weight); unique otherwise."""
-    where = storage_of(tensor)
-    if where is None:
-        return (id(tensor),)
-    return (where, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
-
-
 def _refuse_computing_more(path: str, tensors: Mapping[str, Tensor], max_bytes: int) -> None:
     """Refuse, before any computation, a checkpoint whose tensors materialize more than ``max_bytes``."""
     views = {view_of(t): (where, t) for where, t in tensors.items()}
@@ -379,81 +296,44 @@ def load(path: str, max_bytes: int) -> Checkpoint:
             return Checkpoint(path, obj, obj[key], key)
     if _is_state_dict(obj):
         return Checkpoint(path, obj, obj, None)
-    raise CliError(f"{one_line(path)} holds no state_dict (expected one, or a dict with it under 'state_dict' or 'model')")
-
-
-# --- storage sharing ---------------------------------------------------------------------------
-
-
-def storage_of(tensor: Tensor) -> tuple | None:
-    """What identifies the memory ``tensor`` lives in; None for memory nothing else can share."""
-    if tensor.layout != torch.strided:
-        return None
-    try:
-        storage = tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # a tensor without plain storage shares none
-        return None
-    return (storage.device, storage.data_ptr()) if storage.nbytes() else None
-
-
-def _map_tensors(obj: object, change: Callable[[Tensor], Tensor], done: dict[int, object]) -> object:
-    """``obj`` with each tensor replaced by ``change(tensor)``; containers are copied only where
-    something changed (``copy.copy`` keeps a state_dict's order and its ``_metadata``), each once,
-    so that a container held under two keys stays one."""
-    if isinstance(obj, Tensor):
-        return change(obj)
-    if id(obj) in done:
-        return done[id(obj)]
-    result = obj
-    if isinstance(obj, Mapping):
-        changed = {k: new for k, v in obj.items() if (new := _map_tensors(v, change, done)) is not v}
-        if changed:
-            result = copy.copy(obj)
-            result.update(changed)
-    elif isinstance(obj, (list, tuple)):
-        items = [_map_tensors(v, change, done) for v in obj]
-        if not all(a is b for a, b in zip(items, obj)):
-            result = type(obj)(items)
-    done[id(obj)] = result
-    return result
-
-
-def with_values(container: object, targets: list[tuple[Tensor, Tensor]]) -> tuple[object, Callable[[Tensor], Tensor]]:
-    """A copy of ``container`` in which each ``old`` tensor of ``targets`` holds ``new``.
-
-    Every tensor that shares memory with an ``old`` one is rebuilt over one copy of that memory,
-    with its own offset, shape and strides: tied keys stay tied, a view stays a view, and both
-    read the new values.  Tensors sharing nothing with a target are kept, the same objects.
-    Returns the new container and the map from a tensor of the input to its counterpart.
-    """
-    copies = {}
-    for old, _ in targets:
-        where = storage_of(old)
-        if where is not None and where not in copies:
-            copies[where] = old.untyped_storage().clone()
-    rebuilt: dict[int, Tensor] = {}
-
-    def counterpart(tensor: Tensor) -> Tensor:
-        where = storage_of(tensor)
-        if where not in copies:
-            return tensor
-        if id(tensor) not in rebuilt:
-            view = torch.empty(0, dtype=tensor.dtype).set_(
-                copies[where], tensor.storage_offset(), tensor.shape, tensor.stride()
-            )
-            if isinstance(tensor, nn.Parameter):
-                view = nn.Parameter(view, requires_grad=tensor.requires_grad)
-            rebuilt[id(tensor)] = view
-        return rebuilt[id(tensor)]
-
-    result = _map_tensors(container, counterpart, {})
-    with torch.no_grad():
-        for old, new in targets:
-            counterpart(old).copy_(new)
-    return result, counterpart
+    raise CheckpointError(f"{one_line(path)} holds no state_dict (expected one, or a dict with it under 'state_dict' or 'model')")
 
 
 # --- writing -----------------------------------------------------------------------------------
+
+
+_KINDS = {
+    stat.S_ISDIR: "a directory",
+    stat.S_ISFIFO: "a FIFO",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISSOCK: "a socket",
+}
+
+
+def check_destinations(destinations: Sequence[tuple[str, str]], source: str | None = None) -> None:
+    """Before any work: an output is a regular file or new (never a directory, FIFO, device or
+    socket, which renaming the output into place would replace), its directory exists, and it is
+    never the input."""
+    for option, path in destinations:
+        shown = one_line(path)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as error:
+            raise CheckpointError(f"cannot write {option} {shown}: {error.strerror}") from None
+        if mode is not None and not stat.S_ISREG(mode):
+            kind = next((kind for test, kind in _KINDS.items() if test(mode)), "not a regular file")
+            raise CheckpointError(f"{option} {shown} is {kind}: nwave-param writes regular files only; choose a file path")
+        directory = os.path.dirname(os.path.realpath(path))
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"cannot write {shown}: no directory {one_line(directory)}")
+        if source is not None and mode is not None and os.path.exists(source) and os.path.samefile(path, source):
+            raise CheckpointError(f"refusing to overwrite the input {one_line(source)}: choose another {option}")
+    targets = [os.path.realpath(path) for _, path in destinations]
+    if len(set(targets)) < len(targets):
+        raise CheckpointError(f"{' and '.join(option for option, _ in destinations)} name the same file")
 
 
 def _umask() -> int:
@@ -509,16 +389,16 @@ class Outputs:
                 os.close(handle)
                 raise
         except OSError as error:
-            raise CliError(f"cannot write {one_line(path)}: {_reason(error)}; nothing was written") from None
+            raise CheckpointError(f"cannot write {one_line(path)}: {reason(error)}; nothing was written") from None
         try:
             with os.fdopen(handle, "wb") as stream:
                 write(stream)
                 stream.flush()
                 os.fsync(stream.fileno())
         except KeyboardInterrupt:
-            raise CliError(f"interrupted while writing {one_line(path)}: nothing was written") from None
+            raise CheckpointError(f"interrupted while writing {one_line(path)}: nothing was written") from None
         except (OSError, RuntimeError) as error:
-            raise CliError(f"cannot write {one_line(path)}: {one_line(_reason(error))}; nothing was written") from None
+            raise CheckpointError(f"cannot write {one_line(path)}: {one_line(reason(error))}; nothing was written") from None
 
     def add_text(self, path: str, text: str) -> None:
         self.add(path, lambda stream: stream.write(text.encode()))
@@ -532,7 +412,7 @@ class Outputs:
                 os.replace(temporary, target)
             except OSError as error:
                 done = f"wrote {', '.join(map(one_line, written))}, but " if written else ""
-                raise CliError(f"{done}cannot write {one_line(path)}: {_reason(error)}; {one_line(path)} was not written") from None
+                raise CheckpointError(f"{done}cannot write {one_line(path)}: {reason(error)}; {one_line(path)} was not written") from None
             self._pending.pop(0)
             written.append(path)
 
@@ -542,7 +422,7 @@ def _safetensors_content(checkpoint: Checkpoint, path: str) -> tuple[dict, dict[
     if checkpoint.under is not None:
         others = [repr(k) for k in checkpoint.container if k != checkpoint.under]
         if others:
-            raise CliError(
+            raise CheckpointError(
                 f"cannot write {one_line(path)}: a safetensors file holds only tensors, and {one_line(checkpoint.path)} also holds "
                 f"{one_line(', '.join(others))} beside its state_dict; write a .pt file instead"
             )
@@ -554,7 +434,7 @@ def _safetensors_content(checkpoint: Checkpoint, path: str) -> tuple[dict, dict[
         else:
             refused.append(key)
     if refused:
-        raise CliError(
+        raise CheckpointError(
             f"cannot write {one_line(path)}: a safetensors file holds only dense tensors, not {one_line(', '.join(refused))}; "
             "write a .pt file instead"
         )
@@ -592,6 +472,6 @@ def save(outputs: Outputs, checkpoint: Checkpoint, path: str) -> list[str]:
     try:
         data = safetensors.torch.save(tensors, metadata=metadata)
     except Exception as error:  # a dtype safetensors cannot hold, and the like
-        raise CliError(f"cannot write {one_line(path)}: {one_line(_reason(error))}") from None
+        raise CheckpointError(f"cannot write {one_line(path)}: {one_line(reason(error))}") from None
     outputs.add(path, lambda stream: stream.write(data))
     return notes

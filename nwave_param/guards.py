@@ -1,0 +1,133 @@
+"""The command line's guards on its process: signals, and the user's code it runs.
+
+* SIGINT and SIGTERM while a command runs raise :class:`Interrupted`, which removes the outputs'
+  temporary files on its way out, until the outputs are being renamed into place
+  (:meth:`Interruptions.defer`); the command then completes, so that what it prints is on disk.
+* ``--model MODULE:FACTORY`` runs guarded (:func:`users_code`): its prints go to stderr (stdout
+  carries ``--json`` alone), the working directory and ``sys.path`` are restored after it, and its
+  ``sys.exit`` or exception becomes a one-line :class:`~nwave_param.errors.CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+from torch import nn
+
+from .errors import CheckpointError, one_line
+
+__all__ = ["INTERRUPTIONS", "Interrupted", "build_model", "users_code"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM while a command runs."""
+
+
+class Interruptions:
+    """SIGINT and SIGTERM while a command runs raise :class:`Interrupted`, which removes the
+    outputs' temporary files on its way out, until :meth:`defer`: once the outputs are being
+    renamed into place, the command completes, so that what it prints is what is on disk.
+
+    The signal is remembered: torch's writer turns an exception raised in its stream into a
+    RuntimeError of its own, and the command line still says it was interrupted.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.deferred = False
+
+    def _handle(self, number: int, frame: object) -> None:
+        if not self.deferred:
+            self.received = signal.Signals(number).name
+            raise Interrupted(self.received)
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        self.received, self.deferred = None, False
+        if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+            yield
+            return
+        previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+
+INTERRUPTIONS = Interruptions()
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """What is printed to stdout, by Python or below it (a C library, a child process), goes to
+    stderr: stdout carries --json alone."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at the level of file descriptors: nothing to protect
+        saved = None
+    if saved is not None:
+        try:
+            os.dup2(2, 1)
+        except OSError:  # no stderr to send it to
+            os.close(saved)
+            saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def users_code(what: str) -> Iterator[None]:
+    """Run the user's code (``--model``'s module, its factory, its model's hooks) as a guarded call.
+
+    What it prints goes to stderr; the working directory and ``sys.path`` are restored after it;
+    its ``sys.exit`` and its exceptions become a one-line error naming ``what``.
+    """
+    directory, path = os.getcwd(), list(sys.path)
+    try:
+        with _stdout_to_stderr():
+            yield
+    except CheckpointError:
+        raise
+    except SystemExit as exit:
+        raise CheckpointError(f"{what} called sys.exit({one_line(repr(exit.code))}) instead of returning the model") from None
+    except Exception as error:  # the user's code: report it on one line
+        raise CheckpointError(f"{what}: {type(error).__name__}: {one_line(error)}") from None
+    finally:
+        sys.path[:] = path
+        try:
+            os.chdir(directory)
+        except OSError as error:
+            raise CheckpointError(f"{what} left the working directory {one_line(directory)}, which cannot be entered again: {error.strerror}") from None
+
+
+def build_model(factory_path: str) -> nn.Module:
+    module_name, _, attribute = factory_path.partition(":")
+    if not module_name or not attribute:
+        raise CheckpointError(f"--model takes MODULE:FACTORY (e.g. mypkg.models:make_net), got {one_line(repr(factory_path))}")
+    sys.path.insert(0, os.getcwd())  # a console script does not see the working directory; users_code takes it out
+    model = getattr(importlib.import_module(module_name), attribute)()
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"--model {one_line(factory_path)} returned {type(model).__name__}, not an nn.Module")
+    return model

@@ -1,0 +1,175 @@
+"""nwp.check_state_dict and nwp.project_state_dict: a state_dict read without its model, against
+the plain formulas of tests/reference.py, and the command line as a shell over them."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from layers import fill, group_sizes, limits, make_model, model_cfgs, same_bits, values_cfgs
+from reference import ref_constraints_hold, ref_tracked
+
+import nwave_param as nwp
+from nwave_param.cli import main
+
+# kinds whose layouts a state_dict tells by names and shapes alone (exact without the model)
+CERTAIN = ("linear", "lstm", "gru", "rnn", "lstmcell", "grucell", "rnncell")
+
+
+def plain_model(kind, data, vcfg, limit):
+    model = make_model(data.draw(model_cfgs(kind)))
+    fill(model, vcfg, limit)
+    return model
+
+
+def every_tensor(model_or_state):
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    return {key: value.clone() for key, value in state.items()}
+
+
+@pytest.mark.parametrize("kind", CERTAIN)
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes)
+def test_check_state_dict_reads_what_the_formulas_say(kind, data, vcfg, limit, group_size):
+    model = plain_model(kind, data, vcfg, limit * data.draw(st.sampled_from([0.5, 1.0, 1.5])))
+    spec = nwp.ChipSpec(limit=limit, group_size=group_size)
+    state = model.state_dict()
+    before = every_tensor(state)
+    report = nwp.check_state_dict(state, spec)
+    magnitude_ok, topology_ok = ref_constraints_hold(ref_tracked(model), limit, group_size)
+    assert [row.name for row in report] == [name for name, _, _ in ref_tracked(model)]
+    assert report.is_mappable == (magnitude_ok and topology_ok)
+    assert all(same_bits(state[key], value) for key, value in before.items())  # read, never written
+
+
+@pytest.mark.parametrize("kind", CERTAIN)
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes)
+def test_project_state_dict_is_project_of_each_weight_and_leaves_the_input(kind, data, vcfg, limit, group_size):
+    model = plain_model(kind, data, vcfg, 2 * limit)
+    spec = nwp.ChipSpec(limit=limit, group_size=group_size)
+    state = model.state_dict()
+    before = every_tensor(state)
+    new, changes = nwp.project_state_dict(state, spec)
+    reg = nwp.register(copy.deepcopy(model), spec)  # what the model itself would project to
+    reg.project_()
+    expected = dict(zip(reg.names, reg.latent_weights()))
+    assert list(new) == list(state)
+    for key in state:
+        assert same_bits(new[key], expected[key] if key in expected else state[key]), key
+        assert same_bits(state[key], before[key]), key
+    for change in changes:
+        old, projected = state[change["name"]], new[change["name"]]
+        assert change["changed"] == int((old != projected).sum())
+        assert change["l1_change"] == pytest.approx(float((old.double() - projected.double()).abs().sum()))
+    assert nwp.check_state_dict(new, spec).is_mappable
+    again, _ = nwp.project_state_dict(new, spec)
+    assert all(same_bits(again[key], new[key]) for key in new)  # idempotent
+
+
+def test_ties_stay_ties_and_views_stay_views():
+    shared = torch.full((5, 4), 2.0)
+    state = {"a.weight": shared, "b.weight": shared, "c.weight": torch.full((10, 4), -3.0)}
+    state["c.half"] = state["c.weight"][:5]  # a view of a weight, not itself tracked
+    new, changes = nwp.project_state_dict(state)
+    assert new["a.weight"] is new["b.weight"] and [c["name"] for c in changes] == ["a.weight", "c.weight"]
+    assert new["c.half"].data_ptr() == new["c.weight"].data_ptr() and torch.equal(new["c.half"], new["c.weight"][:5])
+    assert torch.equal(shared, torch.full((5, 4), 2.0))
+
+
+def test_the_spec_the_checkpoint_was_saved_with_is_the_default():
+    model = nn.Sequential(nn.Linear(4, 10), nn.Linear(10, 5))
+    with torch.no_grad():
+        model[0].weight.fill_(1.2)  # beyond H1v1's 0.9, within H1v2's 1.66
+        model[1].weight.fill_(0.1)
+    nwp.register(model, nwp.H1V2)
+    state = model.state_dict()
+    assert nwp.check_state_dict(state).spec == nwp.H1V2 and nwp.check_state_dict(state).is_mappable
+    with pytest.warns(UserWarning, match="saved with"):
+        assert not nwp.check_state_dict(state, nwp.H1V1).is_mappable
+    new, _ = nwp.project_state_dict(state, nwp.H1V1)
+    fresh = nn.Sequential(nn.Linear(4, 10), nn.Linear(10, 5))
+    nwp.register(fresh, nwp.H1V1)
+    fresh.load_state_dict(new)  # its descriptions now say H1v1, which a model registered for H1v1 accepts
+    assert nwp.registry_of(fresh).is_mappable()
+
+
+def test_the_model_gives_exact_layouts_and_is_left_as_it_was():
+    model = nn.Sequential(nn.Conv1d(4, 10, 3, groups=2), nn.Linear(10, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(20)
+    state = model.state_dict()
+    with pytest.raises(nwp.CheckpointError, match="guessed: 0.weight"):
+        nwp.project_state_dict(state)  # a convolution read by its shape may be grouped
+    other = nn.Sequential(nn.Conv1d(4, 10, 3, groups=2), nn.Linear(10, 5))  # the same model, its own values
+    held = every_tensor(other)
+    new, changes = nwp.project_state_dict(state, model=other)
+    assert all(c["layout"] == "exact" for c in changes) and changes[0]["groups"] == 2
+    assert all(same_bits(other.state_dict()[key], value) for key, value in held.items())
+    assert list(other.state_dict()) == list(held)  # not registered: no key moved under parametrizations
+    reg = nwp.register(other, nwp.H1V2).harden(0.5)  # a registered model is read the same way, and kept
+    held = every_tensor(other)
+    again, _ = nwp.project_state_dict(state, model=other)
+    assert all(same_bits(again[key], value) for key, value in new.items())
+    assert all(same_bits(other.state_dict()[key], value) for key, value in held.items())
+    assert reg.hardness == 0.5 and reg.spec == nwp.H1V2 and reg.penalty().isfinite()
+    model.load_state_dict(new)
+    assert nwp.register(model).is_mappable()
+
+
+def test_refusals_name_the_weight_and_change_nothing():
+    state = {"fc.weight": torch.full((5, 3), 2.0), "out.weight": torch.full((5, 3), 2.0)}
+    state["out.weight"][0, 0] = float("nan")
+    before = every_tensor(state)
+    with pytest.raises(nwp.CheckpointError, match=r"out.weight holds NaN.*nothing was written") as refused:
+        nwp.project_state_dict(state)
+    assert "\n" not in str(refused.value) and isinstance(refused.value, ValueError)
+    assert all(same_bits(state[key], value) for key, value in before.items())
+    with pytest.raises(nwp.CheckpointError, match="expanded tensor"):
+        nwp.check_state_dict({"fc.weight": torch.ones(1, 3).expand(5, 3)})
+    with pytest.raises(nwp.CheckpointError, match="no trackable weight"):
+        nwp.check_state_dict({"bias": torch.ones(3)})
+    with pytest.raises(TypeError, match="ChipSpec"):
+        nwp.check_state_dict(state, "h1v2")
+
+
+def test_what_the_reading_noticed_is_a_warning():
+    state = {"fc.weight": torch.zeros(5, 3), "embed.weight": torch.zeros(7, 3)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = nwp.check_state_dict(state, exclude="nothing.*")
+    messages = [str(w.message) for w in caught]
+    assert [row.name for row in report] == ["fc.weight"]
+    assert any("'nothing.*' matches no trackable weight" in m for m in messages)
+    assert any("excluded as embeddings" in m and "embed.weight" in m for m in messages)
+    assert [row.name for row in nwp.check_state_dict({**state, "out.weight": torch.zeros(2, 5)}, exclude="fc.*")] == ["out.weight"]
+
+
+def test_the_command_line_writes_what_project_state_dict_returns(tmp_path, capsys):
+    model = nn.Sequential(nn.Linear(4, 10), nn.LSTM(10, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 2)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    assert main(["project", str(tmp_path / "model.pt"), "-o", str(tmp_path / "out.pt"), "--chip", "h1v2"]) == 0
+    written = torch.load(tmp_path / "out.pt", weights_only=True)
+    expected, _ = nwp.project_state_dict(model.state_dict(), nwp.H1V2)
+    assert list(written) == list(expected) and all(same_bits(written[k], expected[k]) for k in expected)
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "model.pt"), "--json", "--chip", "h1v2"]) == 1
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    report = nwp.check_state_dict(model.state_dict(), nwp.H1V2)
+    assert [r["name"] for r in rows] == [row.name for row in report]
+    assert [r["mixed_block_columns"] for r in rows] == [row.mixed_block_columns for row in report]
+
+
+def test_an_rnn_weight_without_its_weight_hh_is_named():
+    with pytest.raises(nwp.CheckpointError, match=r"cannot tell the gates of rnn.weight_ih_l0: rnn.weight_hh_l0 is not beside it"):
+        nwp.check_state_dict({"rnn.weight_ih_l0": torch.zeros(8, 3)})
+    with pytest.raises(nwp.CheckpointError, match=r"weight_hh_l0 of shape \(10, 4\) fits no RNN, GRU or LSTM"):
+        nwp.check_state_dict({"rnn.weight_ih_l0": torch.zeros(10, 3), "rnn.weight_hh_l0": torch.zeros(10, 4)})
