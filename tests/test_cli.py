@@ -1102,6 +1102,7 @@ def test_output_mode_is_what_a_normal_write_gives(plain, tmp_path, capsys):
     assert stat.S_IMODE(replaced.stat().st_mode) == 0o604 and load(replaced)
 
 
+@pytest.mark.slow
 def test_console_entry_point(plain):
     result = subprocess.run([sys.executable, "-m", "nwave_param", "check", "--json", str(plain)], capture_output=True, text=True)
     assert result.returncode == 1 and json.loads(result.stdout)["mappable"] is False and result.stderr == ""

@@ -274,6 +274,7 @@ def peaks(tmp_path_factory):
 MEASURED = [*ATTACKS, "the issue's expanded tensor"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", MEASURED)
 def test_attack_allocates_no_more_than_max_bytes(attack, peaks, tmp_path):
     valid, run = peaks["valid"], peaks[attack]
@@ -343,6 +344,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_writing_removes_the_temporary_file(number, tmp_path):
     _setting(tmp_path)

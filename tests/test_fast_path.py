@@ -178,6 +178,7 @@ def test_torch_func_grad_and_vmap():
     torch.testing.assert_close(batched[0], leaf.grad)
 
 
+@pytest.mark.slow
 def test_registry_penalty_under_torch_compile_fullgraph():
     torch.manual_seed(0)
     model = scaled(torch.nn.Sequential(torch.nn.Linear(12, 11), torch.nn.Linear(11, 7)), 3)

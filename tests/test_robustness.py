@@ -33,6 +33,7 @@ def test_a_compiled_model_computes_on_the_chip_inside_on_chip(spec):
     torch.testing.assert_close(compiled(x), before)  # and back again
 
 
+@pytest.mark.slow
 def test_a_hardened_model_compiles_in_one_graph():
     torch.manual_seed(0)
     model = scaled(nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)), 4.0)
