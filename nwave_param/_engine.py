@@ -14,13 +14,13 @@ slower, and each view or small op costs microseconds of dispatch.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from ._memo import memoized
 from . import functional
 from ._plans import Member, Pack, Plan, Scratch, blocks, chunk, members, plan_for, source
 from .functional import bound, result_dtype
@@ -46,7 +46,7 @@ def _sums(flat: Tensor, scratch: Scratch, limit: float, power: int) -> tuple[Ten
     return magnitude, topology, torch.add(positive, negative, out=scratch.difference)
 
 
-@functools.lru_cache(maxsize=64)
+@memoized(64)
 def _bound_terms(scale: float, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(c0, c1)``: the topology gradient's clamp per block column is ``c0 + c1 * sign(P - Q)``,
     that is ``[high - scale, high]`` with ``high = scale (1 - sign(P - Q)) / 2``."""
@@ -350,7 +350,7 @@ def _round_to_grid(x: Tensor, spec: ChipSpec, dtype: torch.dtype, top: float) ->
     return torch.copysign(level1.sub_(level0).mul_(choice).add_(level0), x)
 
 
-@functools.lru_cache(maxsize=64)
+@memoized(64)
 def _level_table(spec: ChipSpec, dtype: torch.dtype, compute: torch.dtype, device: torch.device) -> Tensor:
     """The grid's levels as ``dtype`` holds them (the definition's table), in ``compute``."""
     with torch.inference_mode(False):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._memo import memoized
 from .functional import accumulation_dtype
 from .layout import Layout
 
@@ -219,7 +219,7 @@ def plan_for(weights: Sequence[Tensor], layouts: Sequence[Layout], group_size: i
     return _plan(tuple(w.shape for w in weights), tuple(w.dtype for w in weights), tuple(layouts), group_size, device_type)
 
 
-@functools.lru_cache(maxsize=32)
+@memoized(32)
 def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layouts: tuple[Layout, ...], group_size: int, device_type: str) -> Plan:
     """Which members are packed and which weights are processed in place; once per architecture."""
     packed: dict[torch.dtype, list[Member]] = {}

@@ -22,13 +22,13 @@ many weights at once in few kernels, and the tests hold it to these functions, b
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from ._memo import memoized
 from .layout import Layout
 from .spec import ChipSpec
 
@@ -59,7 +59,7 @@ def result_dtype(weights: Sequence[Tensor]) -> torch.dtype:
 
 
 @torch.compiler.assume_constant_result  # inside torch.compile: a constant, not a traced .item()
-@functools.lru_cache(maxsize=256)
+@memoized(256)
 def bound(dtype: torch.dtype, limit: float) -> float:
     """The largest value of ``dtype`` within ``limit``, as the penalties read the limit.
 
@@ -145,7 +145,7 @@ def mixed_blocks(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
     return torch.cat(mixed) if mixed else torch.zeros(0, m.shape[-1], dtype=torch.bool, device=weight.device)
 
 
-@functools.lru_cache(maxsize=64)
+@memoized(64)
 @torch.inference_mode(False)
 def _levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The grid's ``2 * spec.levels + 1`` values as ``dtype`` holds them, ascending.
@@ -161,7 +161,7 @@ def _levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
     return values.to(device)
 
 
-@functools.lru_cache(maxsize=64)
+@memoized(64)
 @torch.inference_mode(False)
 def grid(spec: ChipSpec, dtype: torch.dtype, compute: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(levels, boundaries)``, in ``compute``: what :func:`round_to_grid` looks ``dtype`` values up in.

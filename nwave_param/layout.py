@@ -11,7 +11,6 @@ columns gives exactly the dense matrix's block columns without materializing its
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+from ._memo import memoized
 
 __all__ = ["Layout", "layout_of"]
 
@@ -98,7 +99,7 @@ class Layout:
         return _runs(rows, self.gates, self.groups, group_size)
 
 
-@functools.lru_cache(maxsize=4096)
+@memoized(4096)
 def _runs(rows: int, gates: int, groups: int, group_size: int) -> tuple[tuple[int, int, int], ...]:
     if rows == 0:
         return ()
