@@ -386,7 +386,7 @@ def harden_all(
     noise: float | Sequence[Tensor | None] = 0.0,
     shared: Shared | None = None,
 ) -> list[Tensor]:
-    """:func:`functional.harden` of every weight, computed together: ``w + h (chip(w) - w)``
+    """:func:`functional.harden` of every weight, computed together: ``w + h (project(w) - w)``
     plus ``h`` times the noise, with a straight-through gradient per weight (``reg.project_()``
     takes its values at ``h = 1``: :func:`functional.project`).
 
@@ -446,7 +446,7 @@ def harden_all(
 
 
 def _hardened(target: Tensor, latent: Tensor, hardness: float, noise: Tensor | None) -> Tensor:
-    """``w + h (chip(w) - w)`` plus ``h`` times the noise, op for op as :func:`functional.harden` computes it."""
+    """``w + h (project(w) - w)`` plus ``h`` times the noise, op for op as :func:`functional.harden` computes it."""
     value = target if hardness == 1 else latent + hardness * (target - latent)
     if noise is not None:
         value = value + (noise if hardness == 1 else hardness * noise)

@@ -218,7 +218,7 @@ def project(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
     ``spec.bits``, the nearest grid level), plus the L1 mass of the other sign's entries, which
     become 0.  The cheaper sign is kept (a tie keeps the positive side).  Without ``bits`` the
     comparison is exactly: keep the positive side when :math:`P \ge Q` after clamping.
-    Entries already feasible (``-0.0`` included) are kept bit for bit, so ``chip`` is idempotent.
+    Entries already feasible (``-0.0`` included) are kept bit for bit, so ``project`` is idempotent.
 
     Example (the worked example: column 0 keeps its positives, column 1 its negatives)::
 
@@ -246,6 +246,12 @@ def project(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
     return layout.unmatrix(m, weight.shape)
 
 
+def unprojectable(names: Sequence[str], weights: Sequence[Tensor]) -> list[str]:
+    """Why :func:`project` cannot give each weight a value the chip holds, one line a weight:
+    NaN or infinite values have no nearest mappable value (clamping would guess one)."""
+    return [f"{name} holds NaN or infinite values" for name, w in zip(names, weights) if not bool(torch.isfinite(w).all())]
+
+
 # --------------------------------------------------------------------------------------------
 # Hardening: computing with what the chip holds, training the latent weight
 # --------------------------------------------------------------------------------------------
@@ -265,12 +271,6 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
-
-
-def unprojectable(names: Sequence[str], weights: Sequence[Tensor]) -> list[str]:
-    """Why :func:`project` cannot give each weight a value the chip holds, one line a weight:
-    NaN or infinite values have no nearest mappable value (clamping would guess one)."""
-    return [f"{name} holds NaN or infinite values" for name, w in zip(names, weights) if not bool(torch.isfinite(w).all())]
 
 
 def harden(weight: Tensor, layout: Layout, spec: ChipSpec, hardness: float, noise: Tensor | None = None) -> Tensor:
