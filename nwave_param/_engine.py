@@ -311,14 +311,16 @@ def _chip_pack(flat: Tensor, scratch: Scratch, dtype: torch.dtype, spec: ChipSpe
     else:
         if raw:
             scratch.sum_parts(Scratch.RAW)
-        held = _round_to_grid(torch.clamp(flat, -top, top), spec, dtype, top)
-        kept = held.abs()
-        gain = kept - 2 * (kept - flat.abs()).clamp(min=0)  # |w| - |w - q(w)|
-        side = torch.sign(held)  # its gain counts on its side: P from the positives, -Q from the negatives
-        torch.mul(gain, side.clamp(min=0), out=rows[2])
-        torch.mul(gain, side.clamp_(max=0), out=rows[3])
+        held, kept, gain, side, *work = scratch.workspace(9)
+        _round_to_grid_(torch.clamp(flat, -top, top, out=held), spec, dtype, work, scratch.workspace(2, torch.int32))
+        torch.abs(held, out=kept)
+        torch.sub(kept, torch.abs(flat, out=gain), out=gain).clamp_(min=0)
+        torch.sub(kept, gain, alpha=2, out=gain)  # |w| - |w - q(w)| = kept - 2 (kept - |w|)+ (doubling is exact)
+        torch.sign(held, out=side)  # its gain counts on its side: P from the positives, -Q from the negatives
+        torch.clamp(side, min=0, out=rows[2]).mul_(gain)
+        torch.clamp(side, max=0, out=rows[3]).mul_(gain)
         scratch.sum_parts(Scratch.HELD)
-        positive, negative = held.clamp(min=0), held.clamp(max=0)
+        positive, negative = torch.clamp(held, min=0, out=kept), torch.clamp(held, max=0, out=gain)
         sides = [(blocks(positive, view), blocks(negative, view)) for view in scratch.views]
     torch.add(scratch.sum_rows[2], scratch.sum_rows[3], out=scratch.difference)
     scratch.keep.copy_(torch.ge(scratch.difference, 0, out=scratch.kept))
@@ -329,9 +331,11 @@ def _chip_pack(flat: Tensor, scratch: Scratch, dtype: torch.dtype, spec: ChipSpe
     ]
 
 
-def _round_to_grid(x: Tensor, spec: ChipSpec, dtype: torch.dtype, top: float) -> Tensor:
-    """:func:`functional.round_to_grid` in float arithmetic and two table lookups (its
-    ``bucketize`` and gather run a scalar loop per element on the CPU): bit for bit the same.
+def _round_to_grid_(x: Tensor, spec: ChipSpec, dtype: torch.dtype, work: list[Tensor], indices: list[Tensor]) -> Tensor:
+    """:func:`functional.round_to_grid` of ``x``, in place, in float arithmetic and two table
+    lookups (its ``bucketize`` and gather run a scalar loop per element on the CPU): bit for bit
+    the same.  ``work`` holds five float and ``indices`` two int32 tensors like ``x``, for the
+    temporaries.
 
     ``k0 = round(x / step)`` is the nearest ideal level; the held levels sit up to half an ulp off
     ``k * step``, so the nearest held one is ``k0``'s or its neighbour's on ``x``'s side, whichever
@@ -339,15 +343,18 @@ def _round_to_grid(x: Tensor, spec: ChipSpec, dtype: torch.dtype, top: float) ->
     within a factor of two of the level it is compared with (Sterbenz), or the comparison is with a
     threshold the rounding cannot cross.  A NaN looks up level 0, then stays NaN."""
     levels = _level_table(spec, dtype, x.dtype, x.device)
-    k0 = torch.round(x * (spec.levels / spec.limit))  # x / step need not be exact: it only picks the pair
-    index0 = k0.nan_to_num(0.0).add_(spec.levels).to(torch.int32)
-    level0 = torch.index_select(levels, 0, index0)
-    side = torch.sign(x - level0).nan_to_num_(0.0).to(torch.int32)
-    level1 = torch.index_select(levels, 0, index0.add_(side).clamp_(0, 2 * spec.levels))
-    nearer = torch.sign((x - level0).abs_() - (x - level1).abs_())  # 1: level1 is nearer; 0: a tie (or one level)
-    odd = (k0 - 2 * torch.round(k0 * 0.5)).abs_()  # k0 odd: then k1 is the even one
-    choice = nearer.clamp(min=0).add_((1 - nearer.abs_()).mul_(odd))
-    return torch.copysign(level1.sub_(level0).mul_(choice).add_(level0), x)
+    k0, near, far, level0, level1 = work
+    index, step = indices
+    torch.mul(x, spec.levels / spec.limit, out=k0).round_()  # x / step need not be exact: it only picks the pair
+    index.copy_(torch.nan_to_num(k0, 0.0, out=near).add_(spec.levels))
+    torch.index_select(levels, 0, index, out=level0)
+    step.copy_(torch.sub(x, level0, out=near).sign_().nan_to_num_(0.0))
+    torch.index_select(levels, 0, index.add_(step).clamp_(0, 2 * spec.levels), out=level1)
+    distance0, distance1 = torch.sub(x, level0, out=near).abs_(), torch.sub(x, level1, out=far).abs_()
+    nearer = torch.sub(distance0, distance1, out=near).sign_()  # 1: level1 is nearer; 0: a tie (or one level)
+    odd = torch.sub(k0, torch.mul(k0, 0.5, out=far).round_().mul_(2), out=far).abs_()  # k0 odd: then k1 is the even one
+    choice = torch.clamp(nearer, min=0, out=k0).add_(nearer.abs_().neg_().add_(1).mul_(odd))
+    return torch.copysign(level1.sub_(level0).mul_(choice).add_(level0), x, out=x)
 
 
 @memoized(64)
@@ -448,8 +455,8 @@ def harden_all(
 def _hardened(target: Tensor, latent: Tensor, hardness: float, noise: Tensor | None) -> Tensor:
     """``w + h (project(w) - w)`` plus ``h`` times the noise, op for op as :func:`functional.harden` computes it."""
     value = target if hardness == 1 else latent + hardness * (target - latent)
-    if noise is not None:
-        value = value + (noise if hardness == 1 else hardness * noise)
+    if noise is not None:  # value is new (target is made per call): the noise goes into it
+        value.add_(noise if hardness == 1 else hardness * noise)
     return value
 
 

@@ -292,6 +292,20 @@ class Scratch:
         self.raw_blocks = [(p[Scratch.RAW], s[Scratch.RAW]) for p, s in zip(self.part_blocks, self.sum_blocks)]
         self.held_blocks = [(p[Scratch.HELD], s[Scratch.HELD]) for p, s in zip(self.part_blocks, self.sum_blocks)]
         self.all_blocks = list(zip(self.part_blocks, self.sum_blocks))
+        self._workspaces: dict[torch.dtype, list[Tensor]] = {}
+
+    def workspace(self, count: int, dtype: torch.dtype | None = None) -> list[Tensor]:
+        """``count`` tensors of one element per entry (``dtype``: default the scratch's), for
+        temporaries.  On the CPU they are made once and reused: a fresh large allocation there
+        page faults every call.  Elsewhere (a GPU's caching allocator reuses memory) they are new."""
+        dtype = dtype or self.excess.dtype
+        if self.excess.device.type != "cpu":
+            return [torch.empty_like(self.excess, dtype=dtype) for _ in range(count)]
+        made = self._workspaces.setdefault(dtype, [])
+        if len(made) < count:
+            with torch.inference_mode(False):
+                made += [torch.empty_like(self.excess, dtype=dtype) for _ in range(count - len(made))]
+        return made[:count]
 
     def sum_parts(self, rows: slice) -> None:
         """The block-column sums of ``parts[rows]``, into ``sums[rows]``: one kernel per view."""

@@ -197,7 +197,7 @@ class Pass:
         settings = registration.settings
         latent = not (settings.hardness or any(c.on_chip for _, _, c in holders))
         for module, tensor_name, _ in holders:
-            module.__dict__[SLOT + tensor_name] = module.parametrizations[tensor_name].original if latent else PENDING
+            module.__dict__[SLOT + tensor_name] = _original(module, tensor_name) if latent else PENDING
 
     def compute(self) -> None:
         """Harden every weight of the pass together, and put each value in its slot."""
@@ -207,7 +207,7 @@ class Pass:
             training = bool(spec.mismatch and hardness and constraint.training)
             groups.setdefault((constraint.on_chip, training), []).append((module, tensor_name, constraint))
         for (on_chip, training), holders in groups.items():
-            weights = [module.parametrizations[tensor_name].original for module, tensor_name, _ in holders]
+            weights = [_original(module, tensor_name) for module, tensor_name, _ in holders]
             layouts = [constraint.layout for _, _, constraint in holders]
             if on_chip:  # what one chip holds, whatever the hardness and mode
                 values = _engine.harden_all(weights, layouts, spec, 1.0, [c.chip_mismatch for _, _, c in holders])
@@ -220,6 +220,14 @@ class Pass:
     def close(self) -> None:
         for module, tensor_name, _ in self.holders:
             module.__dict__.pop(SLOT + tensor_name, None)
+
+
+def _original(module: nn.Module, tensor_name: str) -> Tensor:
+    """``module.parametrizations[tensor_name].original``, read from the modules' dicts: once per
+    weight per pass, where ``nn.Module.__getattr__`` would cost a microsecond each."""
+    links = module._modules["parametrizations"]._modules[tensor_name]
+    original = links._parameters.get("original")
+    return original if original is not None else links.original
 
 
 def _read_in_pass(cls: type, tensor_name: str) -> None:
