@@ -11,6 +11,7 @@ from torch import nn
 from layers import scaled
 
 import nwave_param as nwp
+from nwave_param.functional import unprojectable
 
 
 def dense_populations(module, weight):
@@ -223,3 +224,19 @@ def test_in_range_exactly_when_the_magnitude_penalty_is_zero(dtype):
     with torch.no_grad():
         model.weight[3] = torch.nextafter(model.weight[0], torch.tensor(1.0, dtype=dtype))
     assert (reg.penalty_terms().magnitude.item() > 0) == (reg.report().rows[0].out_of_range > 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    bad=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([math.nan, math.inf, -math.inf])), max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_unprojectable_names_exactly_the_weights_holding_nan_or_infinity(shape, dtype, bad, seed):
+    weight = (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1e3).to(dtype)
+    for where, value in bad:
+        weight.view(-1)[int(where * weight.numel())] = value
+    finite = torch.ones(2, 2, dtype=dtype)
+    problems = unprojectable(["w", "ok"], [weight, finite])
+    assert problems == ([] if bool(torch.isfinite(weight).all()) else ["w holds NaN or infinite values"])
