@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._memo import memoized
 from . import functional
-from ._plans import Member, Pack, Plan, Scratch, blocks, chunk, members, plan_for, source
+from ._plans import Direct, Member, Pack, Plan, Scratch, blocks, chunk, plan_for, source
 from .functional import bound, result_dtype
 from .layout import Layout
 from .spec import ChipSpec
@@ -289,7 +289,7 @@ class _StraightThrough(torch.autograd.Function):
         return (None, *grads)
 
 
-def _chip_pack(flat: Tensor, scratch: Scratch, dtype: torch.dtype, spec: ChipSpec, raw: bool) -> list[Tensor]:
+def _chip_pack(flat: Tensor, scratch: Scratch, dtype: torch.dtype, spec: ChipSpec, raw: bool, out: Tensor | None = None) -> list[Tensor]:
     """:func:`functional.project` of every member of a pack at once (``dtype``: its weights'), one new
     tensor per view, equal to the definition bit for bit, in float arithmetic only where the data
     is large (CPU kernels of boolean masks and ``where`` run ten to twenty times slower).  With
@@ -326,7 +326,7 @@ def _chip_pack(flat: Tensor, scratch: Scratch, dtype: torch.dtype, spec: ChipSpe
     scratch.keep.copy_(torch.ge(scratch.difference, 0, out=scratch.kept))
     torch.sub(scratch.one, scratch.keep, out=scratch.drop)
     return [
-        torch.mul(positive_blocks, keep).addcmul_(negative_blocks, drop)
+        torch.mul(positive_blocks, keep, out=out).addcmul_(negative_blocks, drop)  # ``out``: a chunk's one view
         for (positive_blocks, negative_blocks), keep, drop in zip(sides, scratch.keep_blocks, scratch.drop_blocks)
     ]
 
@@ -405,18 +405,17 @@ def harden_all(
         return list(weights)  # the latent weights themselves, as the definition returns them (no noise is drawn at 0)
     plan = plan_for(weights, layouts, spec.group_size)
     values: list[Tensor | None] = [None] * len(weights)
-    whole = {item.index for item in plan.direct}  # large weights on the CPU: hardened whole, below (not their packed tails)
-    raw = shared is not None and torch.is_grad_enabled() and not whole  # training: the penalty will read the same packs
+    direct = {item.index: item for item in plan.direct}  # large weights on the CPU: in chunks, below
+    raw = shared is not None and torch.is_grad_enabled() and not direct  # training: the penalty will read the same packs
     noise_scale = noise if isinstance(noise, float) else 0.0
     if raw:
         shared.read(weights)
-    alone = [Pack(members(i, tuple(weights[i].shape), layouts[i], spec.group_size), spec.group_size) for i in sorted(whole)]
-    for pack in (*plan.packs, *alone):  # a large weight on the CPU: a pack of its own, made for this call (its buffers go with it)
-        alone_pack = pack in alone
+    tails: dict[int, list[tuple[Member, Tensor]]] = {}  # the short last blocks of large weights, packed
+    for pack in plan.packs:
         dtype = weights[pack.members[0].index].dtype
         with torch.no_grad():
             flat, scratch = pack.fill(weights)
-            per_view = _chip_pack(flat, scratch, dtype, spec, raw and not alone_pack)
+            per_view = _chip_pack(flat, scratch, dtype, spec, raw)
             if raw:
                 shared.fills[id(pack)] = pack.local.fills
             if hardness != 1 or noise_scale or dtype != flat.dtype:  # in the weights' dtype, as the definition computes
@@ -427,14 +426,17 @@ def harden_all(
                 ]
         pieces: dict[int, list[tuple[Member, Tensor]]] = {}
         for member, region in zip(pack.members, pack.regions_of_views(per_view)):
-            if member.index in whole and not alone_pack:  # its short last block, packed for the penalty
-                continue
-            if member.index in pack.whole:
+            if member.index in direct:
+                tails.setdefault(member.index, []).append((member, region))
+            elif member.index in pack.whole:
                 values[member.index] = region
             else:
                 pieces.setdefault(member.index, []).append((member, region))
         for i, parts in pieces.items():
             values[i] = _assembled(weights[i], parts)
+    for i, item in direct.items():
+        with torch.no_grad():
+            values[i] = _hardened_in_chunks(weights[i], layouts[i], item, tails.get(i, ()), spec, hardness, noise_scale)
     held = [i for i, value in enumerate(values) if value is not None]
     if not isinstance(noise, float):  # one given sample per weight (Registry.on_chip)
         given = [i for i in held if noise[i] is not None]
@@ -450,6 +452,27 @@ def harden_all(
         if result[i] is None:  # an empty weight: the definition, as it stands
             result[i] = functional.harden(weight, layouts[i], spec, hardness, None if isinstance(noise, float) else noise[i])
     return result  # type: ignore[return-value]
+
+
+def _hardened_in_chunks(
+    weight: Tensor, layout: Layout, item: Direct, tails: Sequence[tuple[Member, Tensor]], spec: ChipSpec, hardness: float, noise_scale: float
+) -> Tensor:
+    """A large weight on the CPU hardened chunk by chunk, in the thread's reused chunk scratch (a
+    scratch of the weight's own size would page in fresh memory on every call); its short last
+    block, if any, comes hardened from a pack (``tails``)."""
+    m = layout.matrix(weight).contiguous()
+    value = torch.empty_like(m)
+    for view in item.views:
+        flat, scratch = chunk(m, view)
+        target = blocks(value.view(-1), view)
+        direct_out = hardness == 1 and not noise_scale and flat.dtype == weight.dtype
+        (projected,) = _chip_pack(flat, scratch, weight.dtype, spec, False, target if direct_out else None)
+        if not direct_out:
+            drawn = _gaussian(_in(weight.dtype, projected), noise_scale) if noise_scale else None
+            target.copy_(_hardened(_in(weight.dtype, projected), _in(weight.dtype, blocks(flat, scratch.views[0])), hardness, drawn))
+    for _, tail in tails:
+        value[item.tail :].copy_(tail.reshape(-1, value.shape[1]))
+    return layout.unmatrix(value, weight.shape)
 
 
 def _hardened(target: Tensor, latent: Tensor, hardness: float, noise: Tensor | None) -> Tensor:

@@ -196,23 +196,23 @@ def bits(t):
 
 def noise_per_weight(drawn, weights, layouts, spec):
     """The noise each weight received, from what ``_engine._gaussian`` drew: one tensor per pack
-    (its members' regions), then one per weight hardened alone."""
+    (its members' regions, the short last blocks of large weights included), then one per chunk
+    of each large weight on the CPU."""
     plan = _plans.plan_for(weights, layouts, spec.group_size)
-    alone = {item.index for item in plan.direct}  # a large weight on the CPU draws its own, whole
     result, drawn = [None] * len(weights), iter(drawn)
     for pack in plan.packs:
         flat = next(drawn)
         for member, region in zip(pack.members, pack.regions(flat)):
             i = member.index
-            if i in alone:
-                continue
             result[i] = torch.zeros_like(weights[i]) if result[i] is None else result[i]
             _plans.source(result[i], member).copy_(region)
-    for i in sorted(alone):  # then a pack of its own
-        pack = _plans.Pack(_plans.members(i, tuple(weights[i].shape), layouts[i], spec.group_size), spec.group_size)
-        result[i] = torch.zeros_like(weights[i])
-        for member, region in zip(pack.members, pack.regions(next(drawn))):
-            _plans.source(result[i], member).copy_(region)
+    for item in plan.direct:
+        i = item.index
+        noise = torch.zeros_like(weights[i]) if result[i] is None else result[i]
+        m = layouts[i].matrix(noise).contiguous().clone()
+        for view in item.views:
+            _plans.blocks(m.view(-1), view).copy_(next(drawn))
+        result[i] = layouts[i].unmatrix(m, weights[i].shape)
     return result
 
 
