@@ -16,7 +16,7 @@ Sums are taken in float32 (float64 for float64 weights), so half-precision weigh
 safely, and the limit is read as that dtype holds it, as torch does when it compares a tensor
 with a Python number.
 
-These are the definitions.  The engine (``nwave_param._engine``) computes the same numbers for
+These are the definitions.  The engine (``_engine``, ``_hardening``) computes the same numbers for
 many weights at once in few kernels, and the tests hold it to these functions, bit for bit.
 """
 

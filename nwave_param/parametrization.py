@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import _engine, description, functional
+from . import _hardening, description, functional
 from .report import build_report
 from .layout import Layout
 from .spec import ChipSpec
@@ -183,7 +183,7 @@ PENDING = object()  # in a slot: the pass has not computed its values yet
 
 class Pass:
     """One pass inside :meth:`Registry.cached <nwave_param.Registry.cached>`: every weight of a
-    registration hardened together, at the first read (:func:`nwave_param._engine.harden_all`).
+    registration hardened together, at the first read (:func:`nwave_param._hardening.harden_all`).
 
     It serves the weights whose only parametrization is nwave_param's, through a slot in their
     module's ``__dict__`` that the module's property reads first (see :func:`own_class`): a read
@@ -193,7 +193,7 @@ class Pass:
     def __init__(self, registration: Registration, holders: list[tuple[nn.Module, str, ChipConstraint]]) -> None:
         self.registration = registration
         self.holders = holders
-        self.shared = _engine.Shared()  # what the hardening leaves for the penalty of this pass
+        self.shared = _hardening.Shared()  # what the hardening leaves for the penalty of this pass
         settings = registration.settings
         latent = not (settings.hardness or any(c.on_chip for _, _, c in holders))
         for module, tensor_name, _ in holders:
@@ -210,10 +210,10 @@ class Pass:
             weights = [_original(module, tensor_name) for module, tensor_name, _ in holders]
             layouts = [constraint.layout for _, _, constraint in holders]
             if on_chip:  # what one chip holds, whatever the hardness and mode
-                values = _engine.harden_all(weights, layouts, spec, 1.0, [c.chip_mismatch for _, _, c in holders])
+                values = _hardening.harden_all(weights, layouts, spec, 1.0, [c.chip_mismatch for _, _, c in holders])
             else:
                 shared = self.shared if len(groups) == 1 else None
-                values = _engine.harden_all(weights, layouts, spec, hardness, spec.mismatch if training else 0.0, shared)
+                values = _hardening.harden_all(weights, layouts, spec, hardness, spec.mismatch if training else 0.0, shared)
             for (module, tensor_name, _), value in zip(holders, values):
                 module.__dict__[SLOT + tensor_name] = value
 

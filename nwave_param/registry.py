@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import _engine, functional, state
+from . import _engine, _hardening, functional, state
 from .discovery import Constrained, constraints, patterns, select, tied_holders
 from .functional import Penalties
 from .layout import Layout
@@ -332,7 +332,7 @@ class Registry:
 
         Wrap the forward of a recurrent net, and the penalty: ``with reg.cached(): loss =
         task(model(x)) + reg.penalty()``.  It is ``torch.nn.utils.parametrize.cached()``, with
-        the hardened weights computed at once (:func:`nwave_param._engine.harden_all`): the values
+        the hardened weights computed at once (:func:`nwave_param._hardening.harden_all`): the values
         are those each weight's forward computes alone, bit for bit.
         """
         opened = []
@@ -387,7 +387,7 @@ class Registry:
         if problems:
             raise ValueError(f"cannot project: {'; '.join(problems)}; nothing was changed")
         spec = self.spec
-        targets = _engine.harden_all(weights, [entry.constraint.layout for entry in self._tracked], spec, 1.0)  # chip(w) of each
+        targets = _hardening.harden_all(weights, [entry.constraint.layout for entry in self._tracked], spec, 1.0)  # chip(w) of each
         backup = state.snapshot(entry.module.parametrizations[entry.tensor_name] for entry in self._tracked)
         try:
             for entry, weight, target in zip(self._tracked, weights, targets):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from layers import scaled
 
 import nwave_param as nwp
-from nwave_param import _engine, _plans, functional
+from nwave_param import _engine, _hardening, _plans, functional
 from nwave_param.layout import Layout
 
 LAYOUTS = [Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transposed=True)]
@@ -195,7 +195,7 @@ def bits(t):
 
 
 def noise_per_weight(drawn, weights, layouts, spec):
-    """The noise each weight received, from what ``_engine._gaussian`` drew: one tensor per pack
+    """The noise each weight received, from what ``_hardening._gaussian`` drew: one tensor per pack
     (its members' regions, the short last blocks of large weights included), then one per chunk
     of each large weight on the CPU."""
     plan = _plans.plan_for(weights, layouts, spec.group_size)
@@ -244,11 +244,11 @@ def test_hardened_values_equal_the_definition_bit_for_bit(route, monkeypatch, da
         layouts.append(layout)
     spec = nwp.ChipSpec(limit=limit, group_size=group_size, bits=grid)
     drawn = []
-    gaussian = _engine._gaussian
-    monkeypatch.setattr(_engine, "_gaussian", lambda like, std: drawn.append(gaussian(like, std)) or drawn[-1])
+    gaussian = _hardening._gaussian
+    monkeypatch.setattr(_hardening, "_gaussian", lambda like, std: drawn.append(gaussian(like, std)) or drawn[-1])
     given_noise = [(torch.randn(w.shape, generator=generator, dtype=torch.float64) * 0.1).to(dtype) for w in weights]
     argument = {"none": 0.0, "given": given_noise, "drawn": 0.05}[noise]
-    got = _engine.harden_all(weights, layouts, spec, hardness, argument)
+    got = _hardening.harden_all(weights, layouts, spec, hardness, argument)
     noises = {"none": [None] * count, "given": given_noise, "drawn": noise_per_weight(drawn, weights, layouts, spec) if drawn else [None] * count}[noise]
     expected = [functional.harden(w.detach(), l, spec, hardness, n) for w, l, n in zip(weights, layouts, noises)]
     for value, want in zip(got, expected):
