@@ -43,4 +43,4 @@ __all__ = [
     "registry_of",
     "trackable_weights",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
