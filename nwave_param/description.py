@@ -28,7 +28,7 @@ from torch import Tensor
 from .layout import Layout
 from .spec import ChipSpec
 
-__all__ = ["Description", "decode", "encode"]
+__all__ = ["Description", "damaged", "decode", "encode"]
 
 LEGACY_FORMAT = "nwave_param/1"  # the dict description of version 0.2
 _MAGIC = b"nwp2"
@@ -80,6 +80,15 @@ def decode(value: object) -> Description | None:
         except (KeyError, TypeError, ValueError):
             return None
     return None
+
+
+def damaged(value: object) -> bool:
+    """Whether ``value`` has the form of a description (an int64 1-D tensor, or a version 0.2
+    dict) but cannot be read: truncated, altered or averaged."""
+    form = (isinstance(value, Tensor) and value.dtype == torch.int64 and value.dim() == 1) or (
+        isinstance(value, Mapping) and value.get("format") == LEGACY_FORMAT
+    )
+    return form and decode(value) is None
 
 
 def _from_tensor(value: Tensor) -> Description | None:

@@ -124,10 +124,11 @@ def _layout(item: Tracked) -> Layout:
 
 def patterns(exclude: str | Iterable[str]) -> tuple[str, ...]:
     """``exclude`` as a tuple of glob patterns; TypeError for anything but strings."""
-    found = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    for pattern in found:
-        if not isinstance(pattern, str):
-            raise TypeError(f"exclude takes glob patterns (str), got {pattern!r}")
+    if isinstance(exclude, str):
+        return (exclude,)
+    found = tuple(exclude) if isinstance(exclude, Iterable) and not isinstance(exclude, bytes) else None
+    if found is None or not all(isinstance(pattern, str) for pattern in found):
+        raise TypeError(f"exclude takes a glob pattern (str) or several, got {exclude!r}")
     return found
 
 

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import fnmatch
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,20 +29,31 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
+from .description import damaged
 from .discovery import excluded, is_weight_name, patterns, unmatched
 from .errors import CheckpointError, one_line
 from .files import Checkpoint
 from .layout import RNN_WEIGHT, Layout, rnn_gates
-from .registry import register
+from .registry import register, strip
 from .report import Report, build_report
 from .sharing import memory_sharing, same_bits, storage_of, view_of, with_values
 from .spec import ChipSpec
-from .state import descriptions, original_key, plain_state_dict, redescribed, weight_keys
+from .state import (
+    descriptions,
+    is_description_key,
+    original_key,
+    parse_link_key,
+    parse_original_key,
+    plain_state_dict,
+    redescribed,
+    weight_keys,
+)
 
 __all__ = ["check_state_dict", "project_state_dict"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what functional.project computes in
 EMBEDDING = "*embed*"
+MESSAGE = 2000  # characters of a whole message, its pieces from outside cut already
 
 
 def check_state_dict(
@@ -159,8 +171,11 @@ def read(
     """Choose the spec (``spec``, else the checkpoint's own, with ``overrides`` on top), the weights and their layouts."""
     if spec is not None and not isinstance(spec, ChipSpec):
         raise TypeError(f"spec must be a ChipSpec, got {type(spec).__name__}")
+    if not isinstance(assume_plain, bool):
+        raise TypeError(f"assume_plain must be True or False, got {assume_plain!r}")
     exclude = patterns(exclude)
     notes: list[str] = []
+    _refuse_ambiguous(checkpoint)
     described = {
         path + tensor_name: (original_key(path, tensor_name) if position == 0 else None, saved)
         for _, (path, tensor_name, position, _), saved in descriptions(checkpoint.state_dict)
@@ -173,10 +188,12 @@ def read(
     else:
         weights = _inferred_weights(checkpoint, exclude, assume_plain, notes)
     if not weights:
-        raise CheckpointError(
-            f"{one_line(checkpoint.path)}: no trackable weight among its {len(checkpoint.state_dict)} keys "
-            "(tensors of 2+ dims named 'weight', 'weight_*', '*_weight' or '*_weights')"
-        )
+        nested = [key for key, value in checkpoint.state_dict.items() if isinstance(value, Mapping)]
+        why = [f"it holds {one_line(nested[0])} (a training checkpoint? pass its state_dict)"] if nested else []
+        raise CheckpointError(one_line(
+            f"{checkpoint.path}: no trackable weight among its {len(checkpoint.state_dict)} keys (tensors of 2+ dims "
+            f"named 'weight', 'weight_*', '*_weight' or '*_weights'){''.join(f'; {n}' for n in [*why, *notes])}", MESSAGE
+        ))
     assumed = [w.name for w in weights if not w.exact]
     if assumed:
         notes.append(
@@ -187,9 +204,34 @@ def read(
     return Reading(checkpoint, spec, weights, notes, assume_plain)
 
 
+def _refuse_ambiguous(checkpoint: Checkpoint) -> None:
+    """Refuse a state_dict that holds one weight twice (``fc.weight`` beside
+    ``fc.parametrizations.weight.original``), or a description that cannot be read."""
+    state_dict = checkpoint.state_dict
+    for key in state_dict:
+        original = parse_original_key(key)
+        if original is not None and original[2] == "original" and original[0] + original[1] in state_dict:
+            name = original[0] + original[1]
+            raise CheckpointError(
+                f"{one_line(checkpoint.path)} holds {one_line(name)} twice, as {one_line(name)} and {one_line(key)}: "
+                "a state_dict holds one of them; keep the one the model was saved with"
+            )
+        if is_description_key(key) and damaged(state_dict[key]):
+            path, tensor_name, _, _ = parse_link_key(key)
+            raise CheckpointError(
+                f"{one_line(checkpoint.path)}: the description of {one_line(path + tensor_name)} ({one_line(key)}) cannot be "
+                "read (truncated, altered or averaged); nothing can tell its layout and spec: restore it from the saved file"
+            )
+
+
 def _bare(state_dict: Mapping[str, object]) -> Checkpoint:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
+    odd = [key for key in state_dict if not isinstance(key, str)]
+    if odd:
+        raise TypeError(f"a state_dict's keys are names (str), got {one_line(repr(odd[0]))} ({type(odd[0]).__name__})")
+    if not isinstance(state_dict, dict):  # a read-only mapping: the result is a dict of its items (the input is never changed)
+        state_dict = OrderedDict(state_dict.items())
     return Checkpoint("state_dict", state_dict, state_dict, None)
 
 
@@ -221,6 +263,8 @@ def _choose_spec(
 def _check_readable(name: str, value: Tensor) -> None:
     """Refuse what functional.project cannot compute with, or not one value per element, naming the way out."""
     shown = one_line(name)
+    if not isinstance(value, Tensor):
+        raise CheckpointError(f"{shown} holds a {type(value).__name__}, not a tensor: a weight is a tensor; fix the state_dict, or exclude {shown}")
     if value.layout != torch.strided:
         problem = f"is a sparse tensor ({value.layout}): nwave_param reads dense weights; save it dense (tensor.to_dense())"
     elif value.dtype not in DTYPES:
@@ -284,10 +328,12 @@ def _described_weights(checkpoint: Checkpoint, described: Mapping, exclude: Sequ
         notes.append(f"skipped {', '.join(chained)}: stored through other parametrizations; pass the model to read them")
     if missing:
         notes.append(f"described, but their tensors are missing from the file: {', '.join(missing)}")
-    untracked = [
-        key for key, value in state_dict.items()
-        if isinstance(value, Tensor) and value.dim() >= 2 and is_weight_name(key.rpartition(".")[2]) and view_of(value) not in seen
-    ]
+    untracked = []
+    for key, value in state_dict.items():  # weights, plain or registered, that no description names
+        original = parse_original_key(key)
+        name = original[0] + original[1] if original and original[2] == "original" else key if is_weight_name(key.rpartition(".")[2]) else None
+        if name not in described and name is not None and isinstance(value, Tensor) and value.dim() >= 2 and view_of(value) not in seen:
+            untracked.append(name)
     if untracked:
         notes.append(f"not tracked by the registration the file was saved from (as in Python): {', '.join(untracked)}")
     return list(weights.values())
@@ -344,28 +390,37 @@ def _rnn_layout(name: str, weights: Mapping[str, Tensor]) -> Layout:
 def _model_weights(
     checkpoint: Checkpoint, model: nn.Module, spec: ChipSpec, described: Mapping, exclude: Sequence[str], notes: list[str]
 ) -> list[Weight]:
-    """The tracked weights with the exact layouts of ``model`` (a copy of it is registered and
-    loaded); the values stay the checkpoint's own, in its own dtype."""
+    """The tracked weights with the exact layouts of ``model`` (a copy of it, registered afresh
+    with ``spec``, loads the checkpoint); the values stay the checkpoint's own, in its own dtype."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     state_dict = checkpoint.state_dict
-    model = copy.deepcopy(model)
+    try:
+        model = copy.deepcopy(model)
+    except Exception as error:  # whatever the model holds that cannot be copied
+        raise CheckpointError(f"model: copy.deepcopy cannot copy it ({type(error).__name__}: {one_line(error)}); pass a freshly built model") from None
+    strip(model)  # the layouts are the model's own, whatever it was registered with
+    expected = model.state_dict()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if any(True for _ in descriptions(model.state_dict())):
-            from .registry import registry_of
-
-            registry_of(model).remove()  # the layouts are the model's own, registered afresh with ``spec``
-        reg = register(model, spec, exclude=exclude)
-        keys = {name: _key_of(name, state_dict) for name in reg.names}
-        for name, key in keys.items():  # before the file's values go anywhere
-            if key is not None:
-                _check_readable(name, state_dict[key])
+        try:
+            reg = register(model, spec, exclude=exclude)
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(f"model: {one_line(error, MESSAGE)}") from None
         try:  # plain keys: the file's own spec may differ from the one asked for
             loadable = plain_state_dict(state_dict)
         except ValueError:
             loadable = state_dict
-        model.load_state_dict(loadable)
+        else:
+            _check_fits(checkpoint.path, expected, loadable)
+        keys = {name: _key_of(name, state_dict) for name in reg.names}
+        for name, key in keys.items():  # before the file's values go anywhere
+            if key is not None:
+                _check_readable(name, state_dict[key])
+        try:
+            model.load_state_dict(loadable)
+        except RuntimeError as error:  # torch's message spans lines
+            raise CheckpointError(f"{one_line(checkpoint.path)} does not load into the model: {one_line(' '.join(str(error).split()), MESSAGE)}") from None
     notes.extend(str(warning.message) for warning in caught)
     held = model.state_dict(keep_vars=True)
     with contextlib.suppress(ValueError):  # the file may hold the plain keys of a tied weight
@@ -380,10 +435,36 @@ def _model_weights(
         key = keys[name]
         aliases = tuple(k for k, t in held.items() if t is value and k != key and k in state_dict)  # tied keys
         stored = state_dict[key] if key is not None else value.detach()
+        differing = [alias for alias in aliases if not (isinstance(state_dict[alias], Tensor) and same_bits(state_dict[alias], stored))]
+        if differing:
+            raise CheckpointError(
+                f"{one_line(key)} and {one_line(differing[0])} are one parameter of the model, but the checkpoint holds "
+                f"different values under them: pass the model the checkpoint was saved from, or exclude {one_line(name)}"
+            )
         _check_readable(name, stored)
         _check_layout(checkpoint.path, name, stored.shape, layout)
         weights.append(Weight(name, (key, *aliases) if key is not None else (), stored, layout, True))
     return weights
+
+
+def _check_fits(path: str, expected: Mapping[str, object], loadable: Mapping[str, object]) -> None:
+    """Refuse, on one line, a state_dict the model would not load with ``strict=True``: keys
+    missing or unexpected, tensors of other shapes."""
+    listed = lambda keys: ", ".join(map(one_line, keys[:5])) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")  # noqa: E731
+    missing = [key for key in expected if key not in loadable]
+    unexpected = [key for key in loadable if key not in expected]
+    reshaped = [
+        f"{key} {tuple(value.shape)} in the file, {tuple(expected[key].shape)} in the model"
+        for key, value in loadable.items()
+        if key in expected and isinstance(value, Tensor) and isinstance(expected[key], Tensor) and value.shape != expected[key].shape
+    ]
+    problems = [f"missing {listed(missing)}"] * bool(missing) + [f"unexpected {listed(unexpected)}"] * bool(unexpected)
+    problems += [f"shape of {listed(reshaped)}"] * bool(reshaped)
+    if problems:
+        raise CheckpointError(
+            f"{one_line(path)} does not fit the model: {'; '.join(problems)}: pass the model it was saved from "
+            "(of a wrapped model, such as a Lightning module's net, the inner model and its own keys)"
+        )
 
 
 def _key_of(name: str, state_dict: Mapping[str, object]) -> str | None:

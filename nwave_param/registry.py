@@ -108,6 +108,11 @@ def registry_of(model: nn.Module) -> Registry:
     return Registry(model)
 
 
+def strip(model: nn.Module) -> None:
+    """Remove every nwave_param constraint from ``model``, whichever registration it came from."""
+    _remove(constraints(model), model)
+
+
 def _remove(entries: Iterable[Constrained], model: nn.Module) -> None:
     entries = list(entries)
     for entry in entries:

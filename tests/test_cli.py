@@ -431,7 +431,7 @@ def test_model_whose_layout_contradicts_the_description_is_refused(tmp_path, cap
     assert "0.weight" in line and "transposed=True" in line and "transposed=False" in line
     (tmp_path / "small_mod.py").write_text("from torch import nn\ndef build():\n    return nn.Sequential(nn.Conv1d(4, 2, 1))\n")
     line = error(capsys, "check", tmp_path / "conv.pt", "--model", "small_mod:build")
-    assert "size mismatch for 0." in line and "torch.Size([2, 4, 1])" in line
+    assert "does not fit the model" in line and "0.weight (4, 4, 1) in the file, (2, 4, 1) in the model" in line
 
 
 # --- storage sharing ---------------------------------------------------------------------------

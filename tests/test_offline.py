@@ -173,3 +173,81 @@ def test_an_rnn_weight_without_its_weight_hh_is_named():
         nwp.check_state_dict({"rnn.weight_ih_l0": torch.zeros(8, 3)})
     with pytest.raises(nwp.CheckpointError, match=r"weight_hh_l0 of shape \(10, 4\) fits no RNN, GRU or LSTM"):
         nwp.check_state_dict({"rnn.weight_ih_l0": torch.zeros(10, 3), "rnn.weight_hh_l0": torch.zeros(10, 4)})
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+
+def test_a_tied_parameter_held_with_two_values_is_refused():
+    state = {k: v.clone() for k, v in Tied().state_dict().items()}
+    state["a.weight"], state["b.weight"] = torch.full((8, 8), 0.1), torch.full((8, 8), 5.0)
+    for call in (nwp.check_state_dict, nwp.project_state_dict):
+        with pytest.raises(nwp.CheckpointError, match="a.weight and b.weight are one parameter of the model, but the checkpoint holds different values"):
+            call(state, nwp.H1V2, model=Tied())
+    state["b.weight"] = state["a.weight"]  # one value: read once, written under both keys
+    new, changes = nwp.project_state_dict(state, nwp.H1V2, model=Tied())
+    assert [c["name"] for c in changes] == ["a.weight"] and new["a.weight"] is new["b.weight"]
+
+
+def test_a_weight_held_twice_or_described_unreadably_is_refused():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 5))
+    nwp.register(model)
+    state = model.state_dict()
+    with pytest.raises(nwp.CheckpointError, match=r"holds 1.weight twice, as 1.weight and 1.parametrizations.weight.original"):
+        nwp.check_state_dict({**state, "1.weight": torch.zeros(5, 5)})
+    damaged = {**state, "1.parametrizations.weight.0._extra_state": torch.zeros(3, dtype=torch.int64)}
+    with pytest.raises(nwp.CheckpointError, match=r"the description of 1.weight .* cannot be read"):
+        nwp.project_state_dict(damaged)
+    lost = {k: v for k, v in state.items() if k != "1.parametrizations.weight.0._extra_state"}
+    with pytest.warns(UserWarning, match=r"not tracked by the registration .*: 1.weight"):
+        assert [row.name for row in nwp.check_state_dict(lost)] == ["0.weight"]
+
+
+def test_a_model_that_does_not_fit_is_named_on_one_line():
+    def net(*sizes):
+        return nn.Sequential(*[nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])])
+
+    state = net(4, 5, 3).state_dict()
+    cases = [
+        (state, net(4, 5, 3, 3), "missing 2.weight, 2.bias"),
+        ({f"net.{k}": v for k, v in state.items()}, net(4, 5, 3), "missing 0.weight.*unexpected net.0.weight"),
+        (state, net(4, 5, 4), r"shape of 1.weight \(3, 5\) in the file, \(4, 5\) in the model"),
+    ]
+    for bad, model, expected in cases:
+        with pytest.raises(nwp.CheckpointError, match=expected) as refused:
+            nwp.check_state_dict(bad, model=model)
+        assert "\n" not in str(refused.value) and "does not fit the model" in str(refused.value)
+    with pytest.raises(nwp.CheckpointError, match="0.weight holds a str, not a tensor"):
+        nwp.check_state_dict({**state, "0.weight": "x"}, model=net(4, 5, 3))
+    with pytest.raises(nwp.CheckpointError, match="model: .*no trackable weight"):
+        nwp.check_state_dict(state, model=nn.Tanh())
+
+
+def test_arguments_of_the_wrong_kind_are_named():
+    state = {"fc.weight": torch.zeros(5, 3)}
+    for exclude in (3, None, b"fc.*", ["fc.*", 1]):
+        with pytest.raises(TypeError, match="exclude takes a glob pattern"):
+            nwp.check_state_dict(state, exclude=exclude)
+    with pytest.raises(TypeError, match="assume_plain must be True or False"):
+        nwp.check_state_dict(state, assume_plain="no")
+    with pytest.raises(TypeError, match=r"keys are names \(str\), got 1 \(int\)"):
+        nwp.check_state_dict({1: torch.zeros(5, 3), **state})
+
+
+def test_read_only_mappings_are_read_and_left_alone():
+    import types
+
+    state = {"fc.weight": torch.full((5, 3), 2.0)}
+    new, _ = nwp.project_state_dict(types.MappingProxyType(state))
+    assert torch.equal(state["fc.weight"], torch.full((5, 3), 2.0)) and new["fc.weight"].max() == torch.tensor(0.9)
+
+
+def test_no_trackable_weight_says_why():
+    with pytest.raises(nwp.CheckpointError, match="excluded as embeddings.*assume_plain"):
+        nwp.check_state_dict({"embed.weight": torch.zeros(7, 3)})
+    with pytest.raises(nwp.CheckpointError, match=r"it holds state_dict \(a training checkpoint\? pass its state_dict\)"):
+        nwp.check_state_dict({"state_dict": {"fc.weight": torch.zeros(5, 3)}, "step": torch.tensor(3)})
