@@ -16,10 +16,8 @@ share memory is refused by name.  The command line (:mod:`nwave_param.cli`) is a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import fnmatch
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -29,31 +27,18 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
+from ._reading import MESSAGE, Weight, described_weights, inferred_weights, model_weights
 from .description import damaged
-from .discovery import excluded, is_weight_name, patterns, unmatched
+from .discovery import patterns
 from .errors import CheckpointError, one_line
 from .files import Checkpoint
-from .layout import RNN_WEIGHT, Layout, rnn_gates
-from .registry import register, strip
 from .report import Report, build_report
-from .sharing import memory_sharing, same_bits, storage_of, view_of, with_values
+from .sharing import same_bits, storage_of, with_values
 from .spec import ChipSpec
-from .state import (
-    descriptions,
-    is_description_key,
-    original_key,
-    parse_link_key,
-    parse_original_key,
-    plain_state_dict,
-    redescribed,
-    weight_keys,
-)
+from .state import descriptions, is_description_key, original_key, parse_link_key, parse_original_key, redescribed
 
 __all__ = ["check_state_dict", "project_state_dict"]
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what functional.project computes in
-EMBEDDING = "*embed*"
-MESSAGE = 2000  # characters of a whole message, its pieces from outside cut already
 
 
 def check_state_dict(
@@ -125,25 +110,6 @@ def project_state_dict(
 
 
 @dataclass
-class Weight:
-    """A tracked weight: its name, the state_dict keys holding it, its value and layout.
-
-    ``keys`` lists every key of a tied weight (the first one is read, all are written); it is
-    empty for a weight stored through other parametrizations (readable only with a model).
-    ``exact`` is False where the layout is guessed.
-    """
-
-    name: str
-    keys: tuple[str, ...]
-    value: Tensor
-    layout: Layout
-    exact: bool
-
-    def to_dict(self) -> dict:
-        return {"layout": "exact" if self.exact else "assumed", **self.layout.to_dict()}
-
-
-@dataclass
 class Reading:
     """What a checkpoint holds for the chip: the spec to hold it with, its weights, and notes."""
 
@@ -182,11 +148,11 @@ def read(
     }
     spec = _choose_spec(checkpoint.path, [saved.spec for _, saved in described.values()], spec, overrides or {}, notes)
     if model is not None:
-        weights = _model_weights(checkpoint, model, spec, described, exclude, notes)
+        weights = model_weights(checkpoint, model, spec, described, exclude, notes)
     elif described:
-        weights = _described_weights(checkpoint, described, exclude, notes)
+        weights = described_weights(checkpoint, described, exclude, notes)
     else:
-        weights = _inferred_weights(checkpoint, exclude, assume_plain, notes)
+        weights = inferred_weights(checkpoint, exclude, assume_plain, notes)
     if not weights:
         nested = [key for key, value in checkpoint.state_dict.items() if isinstance(value, Mapping)]
         why = [f"it holds {one_line(nested[0])} (a training checkpoint? pass its state_dict)"] if nested else []
@@ -255,228 +221,6 @@ def _choose_spec(
     if differing:
         notes.append(f"the checkpoint was saved with {', '.join(one_line(repr(s)) for s in differing)}; using {chosen!r}, as asked")
     return chosen
-
-
-# --- reading a weight --------------------------------------------------------------------------
-
-
-def _check_readable(name: str, value: Tensor) -> None:
-    """Refuse what functional.project cannot compute with, or not one value per element, naming the way out."""
-    shown = one_line(name)
-    if not isinstance(value, Tensor):
-        raise CheckpointError(f"{shown} holds a {type(value).__name__}, not a tensor: a weight is a tensor; fix the state_dict, or exclude {shown}")
-    if value.layout != torch.strided:
-        problem = f"is a sparse tensor ({value.layout}): nwave_param reads dense weights; save it dense (tensor.to_dense())"
-    elif value.dtype not in DTYPES:
-        problem = f"has dtype {value.dtype}: nwave_param checks float16, bfloat16, float32 and float64 weights; convert it"
-    elif value.is_meta:
-        problem = "is a meta tensor, saved without its values (a model built on the meta device?): save the model once its weights are materialized"
-    else:
-        sharing = memory_sharing(value)
-        problem = sharing and f"{sharing}: the chip holds one value per element; save it with .contiguous()"
-    if problem:
-        raise CheckpointError(f"{shown} {problem}, or exclude {shown}")
-
-
-def _check_layout(path: str, name: str, shape: torch.Size, layout: Layout) -> None:
-    """Refuse, naming the weight, a layout that cannot read a tensor of ``shape``, before any computation."""
-    try:
-        layout.check(shape, one_line(name))
-    except ValueError as error:
-        raise CheckpointError(
-            f"{one_line(path)}: {error}; pass the model (--model MODULE:FACTORY) for its own layouts, or exclude {one_line(name)}"
-        ) from None
-
-
-def _tracked(weights: dict, seen: dict, name: str, key: str, value: Tensor, layout: Layout, exact: bool) -> None:
-    """Add a weight, or its key to the weight it is tied to (tracked once, by its first name, as
-    register() lists it), refusing a tie read with two layouts."""
-    first = seen.get(view_of(value))
-    if first is None:
-        seen[view_of(value)] = weights[name] = Weight(name, (key,), value, layout, exact)
-    elif layout != first.layout:
-        raise CheckpointError(
-            f"{one_line(first.keys[0])} and {one_line(key)} hold one tensor but read it with different layouts "
-            f"({first.layout} and {layout}): the chip holds a different value for each; untie them, or exclude one of them"
-        )
-    else:
-        first.keys += (key,)
-
-
-# --- which weights, and their layouts ----------------------------------------------------------
-
-
-def _described_weights(checkpoint: Checkpoint, described: Mapping, exclude: Sequence[str], notes: list[str]) -> list[Weight]:
-    """The weights the file describes, with their exact layouts (the registration's choice of weights)."""
-    state_dict = checkpoint.state_dict
-    _note(notes, unmatched(exclude, list(described)))
-    weights: dict[str, Weight] = {}
-    chained, missing, seen = [], [], {}
-    for name, (key, saved) in described.items():
-        if excluded(name, exclude):
-            continue
-        value = state_dict.get(key) if key is not None else None
-        if key is None:
-            chained.append(name)
-        elif not isinstance(value, Tensor):
-            missing.append(name)
-        else:
-            _check_readable(name, value)
-            _check_layout(checkpoint.path, name, value.shape, saved.layout)
-            _tracked(weights, seen, name, key, value, saved.layout, True)
-    if chained:
-        notes.append(f"skipped {', '.join(chained)}: stored through other parametrizations; pass the model to read them")
-    if missing:
-        notes.append(f"described, but their tensors are missing from the file: {', '.join(missing)}")
-    untracked = []
-    for key, value in state_dict.items():  # weights, plain or registered, that no description names
-        original = parse_original_key(key)
-        name = original[0] + original[1] if original and original[2] == "original" else key if is_weight_name(key.rpartition(".")[2]) else None
-        if name not in described and name is not None and isinstance(value, Tensor) and value.dim() >= 2 and view_of(value) not in seen:
-            untracked.append(name)
-    if untracked:
-        notes.append(f"not tracked by the registration the file was saved from (as in Python): {', '.join(untracked)}")
-    return list(weights.values())
-
-
-def _inferred_weights(checkpoint: Checkpoint, exclude: Sequence[str], assume_plain: bool, notes: list[str]) -> list[Weight]:
-    """The tracked weights of a file that does not describe them, layouts from names and shapes.
-
-    Certain: 2-D weights (a Linear's) and RNN-family weights (gates from the ``weight_hh``
-    shapes).  Guessed: convolution-shaped tensors (read as plain convolutions) and, only with
-    ``assume_plain``, 2-D ``*embed*`` tensors (read as Linear weights; excluded otherwise).
-    """
-    state_dict = checkpoint.state_dict
-    keys = weight_keys(state_dict, notes)
-    values = {name: state_dict[key] for name, key in keys.items()}
-    candidates = [n for n, v in values.items() if is_weight_name(n.rpartition(".")[2]) and v.dim() >= 2]
-    _note(notes, unmatched(exclude, candidates))
-    weights: dict[str, Weight] = {}
-    embeddings, seen, left_out = [], {}, set()
-    for name in candidates:
-        value = values[name]
-        embedding = value.dim() == 2 and fnmatch.fnmatchcase(name.lower(), EMBEDDING)
-        if embedding and not assume_plain and not excluded(name, exclude):
-            embeddings.append(name)
-        if excluded(name, exclude) or (embedding and not assume_plain) or view_of(value) in left_out:
-            if view_of(value) not in seen:  # a tie's first name decides: the others are left out with it
-                left_out.add(view_of(value))
-            continue
-        _check_readable(name, value)
-        layout = _rnn_layout(name, values) if RNN_WEIGHT.match(name.rpartition(".")[2]) else Layout()
-        _check_layout(checkpoint.path, name, value.shape, layout)
-        _tracked(weights, seen, name, keys[name], value, layout, value.dim() == 2 and not embedding)
-    if embeddings:
-        notes.append(
-            f"excluded as embeddings (nwave_param never tracks nn.Embedding): {', '.join(embeddings)}; "
-            "pass assume_plain (--assume-plain) to read them as Linear weights"
-        )
-    return list(weights.values())
-
-
-def _rnn_layout(name: str, weights: Mapping[str, Tensor]) -> Layout:
-    """The layout of an RNN-family ``weight_ih*``/``weight_hh*``, its gates told by the ``weight_hh`` (and ``weight_hr``) beside it."""
-    path, _, local = name.rpartition(".")
-    prefix = f"{path}." if path else ""
-    suffix = RNN_WEIGHT.match(local).group("suffix") or ""
-    hh, hr = weights.get(f"{prefix}weight_hh{suffix}"), weights.get(f"{prefix}weight_hr{suffix}")
-    gates = rnn_gates(hh.shape if hh is not None else None, hr.shape if hr is not None else None)
-    if gates is None:
-        found = f"of shape {tuple(hh.shape)} fits no RNN, GRU or LSTM layout" if hh is not None else "is not beside it"
-        raise CheckpointError(f"cannot tell the gates of {one_line(name)}: {one_line(prefix)}weight_hh{suffix} {found}")
-    return Layout(gates=gates)
-
-
-def _model_weights(
-    checkpoint: Checkpoint, model: nn.Module, spec: ChipSpec, described: Mapping, exclude: Sequence[str], notes: list[str]
-) -> list[Weight]:
-    """The tracked weights with the exact layouts of ``model`` (a copy of it, registered afresh
-    with ``spec``, loads the checkpoint); the values stay the checkpoint's own, in its own dtype."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    state_dict = checkpoint.state_dict
-    try:
-        model = copy.deepcopy(model)
-    except Exception as error:  # whatever the model holds that cannot be copied
-        raise CheckpointError(f"model: copy.deepcopy cannot copy it ({type(error).__name__}: {one_line(error)}); pass a freshly built model") from None
-    strip(model)  # the layouts are the model's own, whatever it was registered with
-    expected = model.state_dict()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            reg = register(model, spec, exclude=exclude)
-        except (ValueError, TypeError) as error:
-            raise CheckpointError(f"model: {one_line(error, MESSAGE)}") from None
-        try:  # plain keys: the file's own spec may differ from the one asked for
-            loadable = plain_state_dict(state_dict)
-        except ValueError:
-            loadable = state_dict
-        else:
-            _check_fits(checkpoint.path, expected, loadable)
-        keys = {name: _key_of(name, state_dict) for name in reg.names}
-        for name, key in keys.items():  # before the file's values go anywhere
-            if key is not None:
-                _check_readable(name, state_dict[key])
-        try:
-            model.load_state_dict(loadable)
-        except RuntimeError as error:  # torch's message spans lines
-            raise CheckpointError(f"{one_line(checkpoint.path)} does not load into the model: {one_line(' '.join(str(error).split()), MESSAGE)}") from None
-    notes.extend(str(warning.message) for warning in caught)
-    held = model.state_dict(keep_vars=True)
-    with contextlib.suppress(ValueError):  # the file may hold the plain keys of a tied weight
-        held = {**held, **plain_state_dict(held)}
-    weights = []
-    for name, value, layout in zip(reg.names, reg.latent_weights(), reg.layouts):
-        if name in described and described[name][1].layout != layout:
-            raise CheckpointError(
-                f"{one_line(name)}: the model reads it with {layout}, but {one_line(checkpoint.path)} describes "
-                f"{described[name][1].layout}: is it the model the checkpoint was saved from?"
-            )
-        key = keys[name]
-        aliases = tuple(k for k, t in held.items() if t is value and k != key and k in state_dict)  # tied keys
-        stored = state_dict[key] if key is not None else value.detach()
-        differing = [alias for alias in aliases if not (isinstance(state_dict[alias], Tensor) and same_bits(state_dict[alias], stored))]
-        if differing:
-            raise CheckpointError(
-                f"{one_line(key)} and {one_line(differing[0])} are one parameter of the model, but the checkpoint holds "
-                f"different values under them: pass the model the checkpoint was saved from, or exclude {one_line(name)}"
-            )
-        _check_readable(name, stored)
-        _check_layout(checkpoint.path, name, stored.shape, layout)
-        weights.append(Weight(name, (key, *aliases) if key is not None else (), stored, layout, True))
-    return weights
-
-
-def _check_fits(path: str, expected: Mapping[str, object], loadable: Mapping[str, object]) -> None:
-    """Refuse, on one line, a state_dict the model would not load with ``strict=True``: keys
-    missing or unexpected, tensors of other shapes."""
-    listed = lambda keys: ", ".join(map(one_line, keys[:5])) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")  # noqa: E731
-    missing = [key for key in expected if key not in loadable]
-    unexpected = [key for key in loadable if key not in expected]
-    reshaped = [
-        f"{key} {tuple(value.shape)} in the file, {tuple(expected[key].shape)} in the model"
-        for key, value in loadable.items()
-        if key in expected and isinstance(value, Tensor) and isinstance(expected[key], Tensor) and value.shape != expected[key].shape
-    ]
-    problems = [f"missing {listed(missing)}"] * bool(missing) + [f"unexpected {listed(unexpected)}"] * bool(unexpected)
-    problems += [f"shape of {listed(reshaped)}"] * bool(reshaped)
-    if problems:
-        raise CheckpointError(
-            f"{one_line(path)} does not fit the model: {'; '.join(problems)}: pass the model it was saved from "
-            "(of a wrapped model, such as a Lightning module's net, the inner model and its own keys)"
-        )
-
-
-def _key_of(name: str, state_dict: Mapping[str, object]) -> str | None:
-    """The key holding weight ``name`` in ``state_dict``: its plain or its registered key."""
-    path, _, local = name.rpartition(".")
-    registered = original_key(f"{path}." if path else "", local)
-    return next((k for k in (name, registered) if k in state_dict), None)
-
-
-def _note(notes: list[str], note: str | None) -> None:
-    if note:
-        notes.append(note)
 
 
 # --- projecting --------------------------------------------------------------------------------
