@@ -17,7 +17,7 @@ from . import functional
 from ._engine import _assembled, _in, _raw_parts
 from ._memo import memoized
 from ._plans import Direct, Member, Pack, Scratch, blocks, chunk, plan_for
-from .functional import bound
+from .functional import accumulation_dtype, bound
 from .layout import Layout
 from .spec import ChipSpec
 
@@ -210,10 +210,10 @@ def _hardened_in_chunks(
     block, if any, comes hardened from a pack (``tails``)."""
     m = layout.matrix(weight).contiguous()
     value = torch.empty_like(m)
+    direct_out = hardness == 1 and not noise_scale and accumulation_dtype(weight.dtype) == weight.dtype  # projected straight into it
     for view in item.views:
         flat, scratch = chunk(m, view)
         target = blocks(value.view(-1), view)
-        direct_out = hardness == 1 and not noise_scale and flat.dtype == weight.dtype
         (projected,) = _chip_pack(flat, scratch, weight.dtype, spec, False, target if direct_out else None)
         if not direct_out:
             drawn = _gaussian(_in(weight.dtype, projected), noise_scale) if noise_scale else None

@@ -53,7 +53,6 @@ class Weight:
         return {"layout": "exact" if self.exact else "assumed", **self.layout.to_dict()}
 
 
-
 # --- reading a weight --------------------------------------------------------------------------
 
 
@@ -128,8 +127,11 @@ def described_weights(checkpoint: Checkpoint, described: Mapping, exclude: Seque
     untracked = []
     for key, value in state_dict.items():  # weights, plain or registered, that no description names
         original = parse_original_key(key)
-        name = original[0] + original[1] if original and original[2] == "original" else key if is_weight_name(key.rpartition(".")[2]) else None
-        if name not in described and name is not None and isinstance(value, Tensor) and value.dim() >= 2 and view_of(value) not in seen:
+        if original is not None:
+            name = original[0] + original[1] if original[2] == "original" else None
+        else:
+            name = key if is_weight_name(key.rpartition(".")[2]) else None
+        if name is not None and name not in described and isinstance(value, Tensor) and value.dim() >= 2 and view_of(value) not in seen:
             untracked.append(name)
     if untracked:
         notes.append(f"not tracked by the registration the file was saved from (as in Python): {', '.join(untracked)}")
@@ -151,13 +153,18 @@ def inferred_weights(checkpoint: Checkpoint, exclude: Sequence[str], assume_plai
     weights: dict[str, Weight] = {}
     embeddings, seen, left_out = [], {}, set()
     for name in candidates:
-        value = values[name]
+        value, view = values[name], view_of(values[name])
         embedding = value.dim() == 2 and fnmatch.fnmatchcase(name.lower(), EMBEDDING)
-        if embedding and not assume_plain and not excluded(name, exclude):
+        if excluded(name, exclude):
+            leave_out = True
+        elif embedding and not assume_plain:
             embeddings.append(name)
-        if excluded(name, exclude) or (embedding and not assume_plain) or view_of(value) in left_out:
-            if view_of(value) not in seen:  # a tie's first name decides: the others are left out with it
-                left_out.add(view_of(value))
+            leave_out = True
+        else:
+            leave_out = view in left_out
+        if leave_out:
+            if view not in seen:  # a tie's first name decides: the others are left out with it
+                left_out.add(view)
             continue
         _check_readable(name, value)
         layout = _rnn_layout(name, values) if RNN_WEIGHT.match(name.rpartition(".")[2]) else Layout()

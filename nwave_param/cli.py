@@ -153,10 +153,12 @@ def _plain(written: files.Checkpoint, weights: Sequence[offline.Weight], prefix:
     found: list[str] = []
     try:
         plain = plain_state_dict(written.state_dict)
-        inner = inner_state_dict(plain, prefix, [w.name for w in weights], written.under == "state_dict", found)
     except ValueError as error:
-        option = "--plain --prefix" if prefix is not None or "prefix" in str(error) else "--plain"
-        raise CheckpointError(f"{option}: {one_line(error, MESSAGE)}") from None
+        raise CheckpointError(f"--plain: {one_line(error, MESSAGE)}") from None
+    try:
+        inner = inner_state_dict(plain, prefix, [w.name for w in weights], written.under == "state_dict", found)
+    except ValueError as error:  # the prefix given, or the one found, does not hold the inner model alone
+        raise CheckpointError(f"--plain --prefix: {one_line(error, MESSAGE)}") from None
     notes += [f"--plain: {note}" for note in found]
     return files.Checkpoint(written.path, inner, inner, None, written.metadata)
 
