@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
+from ._hardening import harden_all
 from ._reading import MESSAGE, Weight, described_weights, inferred_weights, model_weights
 from .description import damaged
 from .discovery import patterns
@@ -235,7 +236,8 @@ def project(reading: Reading) -> tuple[Checkpoint, list[Tensor], list[dict]]:
     problems += [f"{w.name} is stored through other parametrizations (project the model in Python)" for w in weights if not w.keys]
     if problems:
         raise CheckpointError(f"cannot project: {'; '.join(map(one_line, problems))}; nothing was written")
-    projected = [functional.project(w.value, w.layout, reading.spec) for w in weights]
+    with torch.no_grad():  # what reg.project_() computes: every weight at once, equal to functional.project
+        projected = harden_all([w.value for w in weights], [w.layout for w in weights], reading.spec, 1.0)
     guessed = [
         f"{one_line(w.name)} ({int((p != w.value).sum())} of {w.value.numel()} values)"
         for w, p in zip(weights, projected) if not w.exact and not torch.equal(p, w.value)
