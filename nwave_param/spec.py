@@ -55,15 +55,15 @@ class ChipSpec:
         cores, inputs = self.cores, self.inputs
         if not _is_real(limit) or not (math.isfinite(limit) and limit > 0):
             raise ValueError(f"ChipSpec: limit must be a finite number > 0, got {limit!r}")
-        if not _is_int(size) or size < 1:
+        if not _is_count(size):
             raise ValueError(f"ChipSpec: group_size must be a positive int, got {size!r}")
         if bits is not None and (not _is_int(bits) or not 2 <= bits <= 16):
             raise ValueError(f"ChipSpec: bits must be an int in [2, 16] or None, got {bits!r}")
         if not _is_real(mismatch) or not (math.isfinite(mismatch) and mismatch >= 0):
             raise ValueError(f"ChipSpec: mismatch must be a finite number >= 0, got {mismatch!r}")
-        if not isinstance(cores, (tuple, list)) or not cores or not all(_is_int(n) and n >= 1 for n in cores):
+        if not isinstance(cores, (tuple, list)) or not cores or not all(map(_is_count, cores)):
             raise ValueError(f"ChipSpec: cores must be a non-empty tuple of positive ints, got {cores!r}")
-        if not _is_int(inputs) or inputs < 1:
+        if not _is_count(inputs):
             raise ValueError(f"ChipSpec: inputs must be a positive int, got {inputs!r}")
         object.__setattr__(self, "limit", float(limit))
         object.__setattr__(self, "group_size", int(size))
@@ -105,6 +105,11 @@ def _is_real(value: object) -> bool:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    """A positive int that a checkpoint's description can hold (64 bits, unsigned)."""
+    return _is_int(value) and 1 <= value < 2**64
 
 
 H1V1 = ChipSpec(limit=0.9, group_size=5, cores=(64, 64, 64, 64), inputs=16)

@@ -145,6 +145,14 @@ def remove_load_hook(module: nn.Module) -> None:
 Snapshot = list[tuple[dict, dict, dict]]
 
 
+def _version(tensor: Tensor) -> int | None:
+    """The tensor's in-place write counter; None for an inference tensor, which keeps none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 def snapshot(modules: Iterable[nn.Module], attributes: bool = False) -> Snapshot:
     """Every parameter and buffer slot of ``modules`` and their submodules, and a copy of each
     tensor, for :func:`restore`; with ``attributes``, the modules' plain attributes too (each
@@ -159,19 +167,23 @@ def snapshot(modules: Iterable[nn.Module], attributes: bool = False) -> Snapshot
         for slot in ((owner._parameters, owner._buffers, vars(owner)) if attributes else (owner._parameters, owner._buffers))
     ]
     return [
-        (slot, dict(slot), {name: value.detach().clone() for name, value in slot.items() if isinstance(value, Tensor)})
+        (slot, dict(slot), {name: (value.detach().clone(), _version(value)) for name, value in slot.items() if isinstance(value, Tensor)})
         for slot in slots
     ]
 
 
 @torch.no_grad()
 def restore(saved: Snapshot) -> None:
-    """Put back what :func:`snapshot` saw: the same objects in the same slots, holding the same values."""
+    """Put back what :func:`snapshot` saw: the same objects in the same slots, holding the same values.
+
+    Only a tensor written since is written back: a write bumps its version counter, and so
+    would a needless copy, failing the backward of a graph built before the snapshot."""
     for slot, held, values in saved:
         slot.clear()
         slot.update(held)
-        for name, value in values.items():
-            held[name].copy_(value)
+        for name, (value, version) in values.items():
+            if version is None or _version(held[name]) != version:
+                held[name].copy_(value)
 
 
 def restore_order(module: nn.Module, order: tuple[str, ...]) -> None:

@@ -208,6 +208,17 @@ def test_the_model_is_exactly_as_before_and_the_spec_defaults_to_its_registratio
     hook.remove()
 
 
+def test_a_graph_built_before_placing_still_backpropagates():
+    torch.manual_seed(0)
+    model = snn_net(hidden=60, outputs=50)
+    loss = model(torch.rand(4, 8)).sum() + sum((p**2).sum() for p in model.parameters())
+    versions = {k: v._version for k, v in model.state_dict(keep_vars=True).items()}
+    nwp.place(model, torch.rand(4, 8), nwp.H1V2)
+    assert {k: v._version for k, v in model.state_dict(keep_vars=True).items()} == versions  # nothing written back needlessly
+    loss.backward()  # would fail had place written any tensor the graph saved
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_a_neuron_module_inside_a_named_one_is_part_of_that_population():
     class Block(nn.Module):  # a layer of the user's: its own synapses and snnTorch's neurons
         def __init__(self):

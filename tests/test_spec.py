@@ -1,6 +1,7 @@
 """ChipSpec: the presets carry the chip's capacity, every field is validated at construction."""
 
 import pytest
+from torch import nn
 
 import nwave_param as nwp
 
@@ -18,11 +19,19 @@ def test_the_presets_are_the_vendors_chips_and_the_default_is_h1v1():
     "kwargs, field",
     [({"cores": ()}, "cores"), ({"cores": (64, 0)}, "cores"), ({"cores": (64.0,)}, "cores"), ({"cores": (True,)}, "cores"),
      ({"cores": 64}, "cores"), ({"cores": "64"}, "cores"), ({"inputs": 0}, "inputs"), ({"inputs": 16.0}, "inputs"),
-     ({"inputs": True}, "inputs")],
+     ({"inputs": True}, "inputs"), ({"cores": (2**64,)}, "cores"), ({"inputs": 2**64}, "inputs"), ({"group_size": 2**64}, "group_size")],
 )
 def test_cores_and_inputs_are_validated_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^ChipSpec: {field} must be"):
         nwp.ChipSpec(**kwargs)
+
+
+def test_the_largest_spec_a_description_holds_is_saved_and_read_back():
+    spec = nwp.ChipSpec(group_size=2**64 - 1, cores=(2**64 - 1, 1), inputs=2**64 - 1)
+    model = nn.Linear(3, 2)
+    nwp.register(model, spec)
+    state = model.state_dict()
+    assert nwp.check_state_dict(state).spec == spec
 
 
 def test_the_capacity_decides_no_weights_value():
