@@ -9,7 +9,7 @@
 """
 
 from .discovery import trackable_weights
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointWarning
 from .functional import Penalties
 from .layout import Layout
 from .offline import check_state_dict, project_state_dict
@@ -25,6 +25,7 @@ __all__ = [
     "H1V2",
     "AlreadyRegisteredError",
     "CheckpointError",
+    "CheckpointWarning",
     "ChipConstraint",
     "ChipSpec",
     "LayerReport",

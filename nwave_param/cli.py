@@ -23,17 +23,16 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 
+import nwave_param as nwp
+
 from . import __version__, files, offline
-from .errors import CheckpointError, one_line
+from .errors import CheckpointError, noticed, one_line
 from .guards import INTERRUPTIONS, build_model, users_code
 from .report import Report, aligned
 from .spec import H1V1, H1V2, ChipSpec
-from .state import inner_state_dict, plain_state_dict
 
 __all__ = ["main"]
 
@@ -43,8 +42,9 @@ DEFAULT_MAX_BYTES = "4G"
 MESSAGE = 2000  # characters of a whole message or note, its pieces from outside cut already
 
 
-def _read(args: argparse.Namespace) -> offline.Reading:
-    """Check the options, load the checkpoint, build ``--model`` guarded, and read the weights."""
+def _arguments(args: argparse.Namespace) -> tuple[files.Checkpoint, ChipSpec | None, dict]:
+    """Check the options, load the checkpoint and build ``--model`` (guarded): the arguments of
+    :func:`~nwave_param.check_state_dict` and :func:`~nwave_param.project_state_dict`."""
     overrides = {field: getattr(args, field) for field in SPEC_OPTIONS if getattr(args, field) is not None}
     for field, value in overrides.items():
         try:
@@ -52,12 +52,19 @@ def _read(args: argparse.Namespace) -> offline.Reading:
         except ValueError as error:
             raise CheckpointError(f"{SPEC_OPTIONS[field]} {value}: {str(error).removeprefix('ChipSpec: ')}") from None
     checkpoint = files.load(args.checkpoint, args.max_bytes)
-    options = dict(overrides=overrides, exclude=args.exclude, assume_plain=args.assume_plain)
     spec = CHIPS[args.chip] if args.chip else None
-    if not args.model:
-        return offline.read(checkpoint, spec, **options)
-    with users_code(f"--model {one_line(args.model)}"):  # its hooks run when the checkpoint is loaded into it
-        return offline.read(checkpoint, spec, model=build_model(args.model), **options)
+    if overrides:
+        spec = dataclasses.replace(spec or offline.saved_spec(checkpoint) or ChipSpec(), **overrides)
+    options = dict(exclude=args.exclude, assume_plain=args.assume_plain)
+    if args.model:
+        with _users_model(args):
+            options["model"] = build_model(args.model)
+    return checkpoint, spec, options
+
+
+def _users_model(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The guard on the user's code (``--model``'s factory, and its model's hooks when a checkpoint is loaded into it)."""
+    return users_code(f"--model {one_line(args.model)}") if args.model else contextlib.nullcontext()
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -71,15 +78,6 @@ def _report_data(report: Report) -> dict:
         entry.update({key: getattr(row, key) for key in ("max_abs", "magnitude", "topology")})
     data["totals"].update({key: value for key, value in report.totals.items() if isinstance(value, float)})
     return data
-
-
-def _marked(report: Report, weights: Sequence[offline.Weight]) -> Report:
-    """The report for the text: each name on one line, with "(assumed)" after it where the layout is guessed."""
-    rows = [
-        dataclasses.replace(row, name=one_line(row.name) + ("" if w.exact else " (assumed)"))
-        for row, w in zip(report.rows, weights)
-    ]
-    return Report(rows, report.spec, report.power)
 
 
 def _strict(value: object) -> object:
@@ -119,13 +117,13 @@ def _json_destinations(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def run_check(args: argparse.Namespace) -> int:
     files.check_destinations(_json_destinations(args), args.checkpoint)
-    reading = _read(args)
-    report = reading.report()
-    data = {"checkpoint": args.checkpoint, **_report_data(report), "notes": reading.notes}
-    for row, weight in zip(data["rows"], reading.weights):
-        row.update(weight.to_dict())
+    checkpoint, spec, options = _arguments(args)
+    notes: list[str] = []
+    with _users_model(args), noticed(notes):
+        report = nwp.check_state_dict(checkpoint, spec, **options)
+    data = {"checkpoint": args.checkpoint, **_report_data(report), "notes": notes}
     with files.Outputs() as outputs:
-        _finish(args, outputs, data, _with_notes(str(_marked(report, reading.weights)), reading.notes))
+        _finish(args, outputs, data, _with_notes(str(report), notes))
     return 0 if report.is_mappable else 1
 
 
@@ -146,37 +144,26 @@ def _summary(label: str, report: Report) -> str:
     )
 
 
-def _plain(written: files.Checkpoint, weights: Sequence[offline.Weight], prefix: str | None, notes: list[str]) -> files.Checkpoint:
-    """The state_dict the plain inner model loads with ``strict=True``, alone: plain keys, each
-    tracked weight's effective value (its description's hardness), the keys under ``--prefix``
-    without it (by default, the inner model's of a Lightning checkpoint or an AveragedModel)."""
-    found: list[str] = []
-    try:
-        plain = plain_state_dict(written.state_dict)
-    except ValueError as error:
-        raise CheckpointError(f"--plain: {one_line(error, MESSAGE)}") from None
-    try:
-        inner = inner_state_dict(plain, prefix, [w.name for w in weights], written.under == "state_dict", found)
-    except ValueError as error:  # the prefix given, or the one found, does not hold the inner model alone
-        raise CheckpointError(f"--plain --prefix: {one_line(error, MESSAGE)}") from None
-    notes += [f"--plain: {note}" for note in found]
-    return files.Checkpoint(written.path, inner, inner, None, written.metadata)
-
-
 def run_project(args: argparse.Namespace) -> int:
     files.check_destinations([("-o", args.output), *_json_destinations(args)], args.checkpoint)
     if args.prefix is not None and not args.plain:
         raise CheckpointError("--prefix says which keys --plain writes: pass --plain too, or leave --prefix out")
     if files.is_safetensors(args.output):
         files.require_safetensors()  # before any work: is the package there?
-    reading = _read(args)
-    written, new_values, changes = offline.project(reading)
-    notes = reading.notes
+    checkpoint, spec, options = _arguments(args)
+    notes: list[str] = []
+    with _users_model(args), noticed(notes):
+        before = nwp.check_state_dict(checkpoint, spec, **options)
+        try:
+            written, changes = nwp.project_state_dict(checkpoint, spec, **options)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}; nothing was written") from None
+    with _users_model(args), noticed([]):  # the notes are the same
+        after = nwp.check_state_dict(written, before.spec, **options)
     if args.plain:
-        written = _plain(written, reading.weights, args.prefix, notes)
+        written = offline.plain_checkpoint(written, [change["name"] for change in changes], args.prefix, notes)
     with files.Outputs() as outputs:
         notes += files.save(outputs, written, args.output)
-        before, after = reading.report(), reading.report(new_values)
         data = {
             "checkpoint": args.checkpoint,
             "output": args.output,
@@ -205,17 +192,8 @@ def run_demo(args: argparse.Namespace) -> int:
         ChipSpec(bits=args.bits, mismatch=args.mismatch)  # checked before training
     except ValueError as error:
         raise CheckpointError(str(error)) from None
-    chip = dict(chip=args.chip, bits=args.bits, mismatch=args.mismatch)
     try:
-        if args.json != "-":
-            return demo.main(epochs, args.json, args.plot, **chip)
-        with tempfile.TemporaryDirectory() as directory:
-            path = os.path.join(directory, "demo.json")
-            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
-                code = demo.main(epochs, path, args.plot, **chip)
-            with open(path) as stream:
-                print(stream.read().rstrip("\n"))
-            return code
+        return demo.main(epochs, args.json, args.plot, chip=args.chip, bits=args.bits, mismatch=args.mismatch)
     except ImportError as error:
         raise CheckpointError(str(error)) from None
 

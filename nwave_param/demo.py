@@ -367,16 +367,21 @@ def plot(outcomes: dict[str, Outcome], placement: Placement, path: str, limit: f
 
 
 def main(epochs: int, json_path: str | None, plot_path: str | None, chip: str = "h1v2", bits: int | None = None, mismatch: float = 0.0) -> int:
+    """Train, print the tables, and write the JSON (``json_path="-"``: the JSON alone on stdout,
+    the tables on stderr) and the picture."""
     spec = dataclasses.replace(CHIP_SPECS[chip], bits=bits, mismatch=mismatch)
     outcomes, placement = run(epochs, spec)
-    print(table(outcomes))
-    print(f"\nthe network on the {chip.upper()} chip:")
-    print(placement)
-    print("\nhardened run, latent weights as trained:")
-    print(outcomes["hardened"].report_before)
-    if json_path:
+    shown = sys.stderr if json_path == "-" else sys.stdout
+    print(table(outcomes), file=shown)
+    print(f"\nthe network on the {chip.upper()} chip:", file=shown)
+    print(placement, file=shown)
+    print("\nhardened run, latent weights as trained:", file=shown)
+    print(outcomes["hardened"].report_before, file=shown)
+    data = {"chip": chip, "placement": placement.to_dict(), **{name: o.to_dict() for name, o in outcomes.items()}}
+    if json_path == "-":
+        print(json.dumps(data, indent=2))
+    elif json_path:
         with open(json_path, "w") as stream:
-            data = {"chip": chip, "placement": placement.to_dict(), **{name: o.to_dict() for name, o in outcomes.items()}}
             json.dump(data, stream, indent=2)
     if plot_path:
         plot(outcomes, placement, plot_path, spec.limit)

@@ -9,9 +9,12 @@ few hundred characters.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
+from collections.abc import Iterator
 
-__all__ = ["CheckpointError", "one_line", "reason"]
+__all__ = ["CheckpointError", "CheckpointWarning", "noticed", "one_line", "reason"]
 
 SHOWN = 300  # characters of one name, path or message from outside in a message
 
@@ -19,6 +22,28 @@ SHOWN = 300  # characters of one name, path or message from outside in a message
 class CheckpointError(ValueError):
     """A checkpoint, or a request about one, that nwave_param refuses; its message is one line
     that names the weight, file or option and says what to do.  Nothing was changed or written."""
+
+
+class CheckpointWarning(UserWarning):
+    """What reading a state_dict noticed and worked around: a guessed layout, a skipped key, a
+    spec other than the saved one.  The command line prints each as a ``note:`` line."""
+
+
+@contextlib.contextmanager
+def noticed(notes: list[str]) -> Iterator[None]:
+    """Collect in ``notes`` the text of each :class:`CheckpointWarning` issued inside (each once),
+    and let every other warning through as usual."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CheckpointWarning)
+            yield
+    finally:  # the other warnings are shown once the caller's filters are back
+        for warning in caught:
+            if not issubclass(warning.category, CheckpointWarning):
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+            elif str(warning.message) not in notes:
+                notes.append(str(warning.message))
 
 
 # C0 and C1 controls (newlines, the escape of a terminal sequence), the line and paragraph
@@ -50,9 +75,13 @@ def one_line(value: object, limit: int = SHOWN) -> str:
 
 
 def reason(error: BaseException) -> str:
-    """The words of a library's error that say what went wrong: the OSError behind a failed
-    write (torch's writer wraps it in a RuntimeError), the reason torch's weights-only loader
-    gives after its paragraph of advice, or else the first line."""
+    """The words of a library's error that say what went wrong, as one line (:func:`one_line`):
+    the OSError behind a failed write (torch's writer wraps it in a RuntimeError), the reason
+    torch's weights-only loader gives after its paragraph of advice, or else the first line."""
+    return one_line(_reason(error))
+
+
+def _reason(error: BaseException) -> str:
     cause, seen = error, set()
     while cause is not None and id(cause) not in seen:
         if isinstance(cause, OSError) and cause.strerror:

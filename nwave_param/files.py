@@ -49,9 +49,13 @@ _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
 MAX_DEPTH = 100  # containers inside containers; a training checkpoint nests a handful
 
 
-@dataclass
-class Checkpoint:
+@dataclass(eq=False)
+class Checkpoint(Mapping):
     """A loaded checkpoint: the object on disk and the state_dict inside it (``under`` its key).
+
+    It reads as its state_dict, so :func:`nwave_param.check_state_dict` and
+    :func:`nwave_param.project_state_dict` take it as they take any state_dict; they name its
+    ``path`` in their errors, and projecting it gives a new one, the whole ``container``.
 
     For a safetensors file, ``container`` is the state_dict, nwave_param's descriptions included
     (those of version 0.2 taken from the metadata), and ``metadata`` holds the rest of the metadata.
@@ -62,6 +66,15 @@ class Checkpoint:
     state_dict: Mapping[str, object]
     under: str | None
     metadata: dict[str, str] | None = None
+
+    def __getitem__(self, key: str) -> object:
+        return self.state_dict[key]
+
+    def __iter__(self):
+        return iter(self.state_dict)
+
+    def __len__(self) -> int:
+        return len(self.state_dict)
 
 
 def is_safetensors(path: str) -> bool:
@@ -148,7 +161,7 @@ def _load_torch(path: str, head: bytes, max_bytes: int) -> object:
                 f"{one_line(path)} holds pickled Python objects (a full model?), which could run code when loaded; "
                 "save model.state_dict() instead"
             ) from None
-        raise CheckpointError(f"{one_line(path)} is not a readable PyTorch checkpoint ({one_line(reason(error))})") from None
+        raise CheckpointError(f"{one_line(path)} is not a readable PyTorch checkpoint ({reason(error)})") from None
 
 
 def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
@@ -159,7 +172,7 @@ def _load_safetensors(path: str, max_bytes: int) -> tuple[dict, dict[str, str]]:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # SafetensorError and the like: a bad header or body
-        raise CheckpointError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint ({one_line(reason(error))})") from None
+        raise CheckpointError(f"{one_line(path)}: not a PyTorch or safetensors checkpoint ({reason(error)})") from None
     return tensors, metadata
 
 
@@ -398,7 +411,7 @@ class Outputs:
         except KeyboardInterrupt:
             raise CheckpointError(f"interrupted while writing {one_line(path)}: nothing was written") from None
         except (OSError, RuntimeError) as error:
-            raise CheckpointError(f"cannot write {one_line(path)}: {one_line(reason(error))}; nothing was written") from None
+            raise CheckpointError(f"cannot write {one_line(path)}: {reason(error)}; nothing was written") from None
 
     def add_text(self, path: str, text: str) -> None:
         self.add(path, lambda stream: stream.write(text.encode()))
@@ -472,6 +485,6 @@ def save(outputs: Outputs, checkpoint: Checkpoint, path: str) -> list[str]:
     try:
         data = safetensors.torch.save(tensors, metadata=metadata)
     except Exception as error:  # a dtype safetensors cannot hold, and the like
-        raise CheckpointError(f"cannot write {one_line(path)}: {one_line(reason(error))}") from None
+        raise CheckpointError(f"cannot write {one_line(path)}: {reason(error)}") from None
     outputs.add(path, lambda stream: stream.write(data))
     return notes

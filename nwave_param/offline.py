@@ -31,12 +31,21 @@ from ._hardening import harden_all
 from ._reading import MESSAGE, Weight, described_weights, inferred_weights, model_weights
 from .description import damaged
 from .discovery import patterns
-from .errors import CheckpointError, one_line
+from .errors import CheckpointError, CheckpointWarning, one_line
 from .files import Checkpoint
 from .report import Report, build_report
 from .sharing import same_bits, storage_of, with_values
 from .spec import ChipSpec
-from .state import descriptions, is_description_key, original_key, parse_link_key, parse_original_key, redescribed
+from .state import (
+    descriptions,
+    inner_state_dict,
+    is_description_key,
+    original_key,
+    parse_link_key,
+    parse_original_key,
+    plain_state_dict,
+    redescribed,
+)
 
 __all__ = ["check_state_dict", "project_state_dict"]
 
@@ -55,7 +64,8 @@ def check_state_dict(
     ``spec=None`` takes the spec the checkpoint was saved with (one registration's), else
     ``ChipSpec()``.  ``model`` (not registered, or registered: a copy is read, the model is left
     as it is) gives the exact layouts; ``exclude`` leaves out weights by glob.  What the reading
-    noticed (guessed layouts, skipped keys) is issued as ``UserWarning``.
+    noticed (guessed layouts, skipped keys) is issued as
+    :class:`~nwave_param.errors.CheckpointWarning`, and each row says whether its layout is assumed.
 
     Example::
 
@@ -89,7 +99,9 @@ def project_state_dict(
     ``layout``, ``shape``, ``numel``, ``changed``, ``l1_change``, ``max_change``).
 
     ``state_dict`` is left as it is; the new one keeps its keys, order, ties and views, and its
-    descriptions now say ``spec``.  Arguments as :func:`check_state_dict`.
+    descriptions now say ``spec``.  Arguments as :func:`check_state_dict`.  Given a loaded
+    :class:`~nwave_param.files.Checkpoint` (as the command line does), it returns a new one, the
+    whole file's object projected.
 
     Example::
 
@@ -104,10 +116,11 @@ def project_state_dict(
             values, one whose layout is guessed (without ``assume_plain``), and tied weights whose
             projections disagree.  Nothing is changed.
     """
-    reading = read(_bare(state_dict), spec, model=model, exclude=exclude, assume_plain=assume_plain)
-    projected, _, changes = project(reading)
+    checkpoint = _bare(state_dict)
+    reading = read(checkpoint, spec, model=model, exclude=exclude, assume_plain=assume_plain)
+    projected, changes = project(reading)
     _warn(reading.notes)
-    return projected.state_dict, changes
+    return (projected if checkpoint is state_dict else projected.state_dict), changes
 
 
 @dataclass
@@ -123,19 +136,19 @@ class Reading:
     def report(self, values: Sequence[Tensor] | None = None) -> Report:
         """The report of the weights, or of ``values`` in their place."""
         values = [w.value for w in self.weights] if values is None else list(values)
-        return build_report([w.name for w in self.weights], values, [w.layout for w in self.weights], self.spec, 2)
+        names, layouts = [w.name for w in self.weights], [w.layout for w in self.weights]
+        return build_report(names, values, layouts, self.spec, 2, {w.name for w in self.weights if not w.exact})
 
 
 def read(
     checkpoint: Checkpoint,
     spec: ChipSpec | None = None,
     *,
-    overrides: Mapping[str, object] | None = None,
     model: nn.Module | None = None,
     exclude: str | Sequence[str] = (),
     assume_plain: bool = False,
 ) -> Reading:
-    """Choose the spec (``spec``, else the checkpoint's own, with ``overrides`` on top), the weights and their layouts."""
+    """Choose the spec (``spec``, else the checkpoint's own), the weights and their layouts."""
     if spec is not None and not isinstance(spec, ChipSpec):
         raise TypeError(f"spec must be a ChipSpec, got {type(spec).__name__}")
     if not isinstance(assume_plain, bool):
@@ -147,7 +160,7 @@ def read(
         path + tensor_name: (original_key(path, tensor_name) if position == 0 else None, saved)
         for _, (path, tensor_name, position, _), saved in descriptions(checkpoint.state_dict)
     }
-    spec = _choose_spec(checkpoint.path, [saved.spec for _, saved in described.values()], spec, overrides or {}, notes)
+    spec = _choose_spec(checkpoint.path, [saved.spec for _, saved in described.values()], spec, notes)
     if model is not None:
         weights = model_weights(checkpoint, model, spec, described, exclude, notes)
     elif described:
@@ -192,6 +205,8 @@ def _refuse_ambiguous(checkpoint: Checkpoint) -> None:
 
 
 def _bare(state_dict: Mapping[str, object]) -> Checkpoint:
+    if isinstance(state_dict, Checkpoint):
+        return state_dict
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
     odd = [key for key in state_dict if not isinstance(key, str)]
@@ -204,20 +219,24 @@ def _bare(state_dict: Mapping[str, object]) -> Checkpoint:
 
 def _warn(notes: Sequence[str]) -> None:
     for note in notes:
-        warnings.warn(note, stacklevel=3)
+        warnings.warn(note, CheckpointWarning, stacklevel=3)
 
 
-def _choose_spec(
-    path: str, saved: Sequence[ChipSpec], spec: ChipSpec | None, overrides: Mapping[str, object], notes: list[str]
-) -> ChipSpec:
+def saved_spec(state_dict: Mapping[str, object]) -> ChipSpec | None:
+    """The spec ``state_dict``'s descriptions say its weights were registered with, when they
+    agree on one (else None): the base the command line's ``--limit``, ``--bits`` ... change."""
+    specs = {saved.spec for *_, saved in descriptions(_bare(state_dict).state_dict)}
+    return specs.pop() if len(specs) == 1 else None
+
+
+def _choose_spec(path: str, saved: Sequence[ChipSpec], spec: ChipSpec | None, notes: list[str]) -> ChipSpec:
     distinct = sorted(set(saved), key=repr)
-    if spec is None and len(distinct) > 1 and not overrides:
+    if spec is None and len(distinct) > 1:
         raise CheckpointError(
             f"{one_line(path)}: its weights were registered with different specs "
             f"({'; '.join(one_line(repr(s)) for s in distinct)}): choose one (spec=, or --chip, --limit, --group-size, --bits)"
         )
-    base = spec if spec is not None else distinct[0] if len(distinct) == 1 else ChipSpec()
-    chosen = dataclasses.replace(base, **overrides)
+    chosen = spec if spec is not None else distinct[0] if distinct else ChipSpec()
     differing = [s for s in distinct if s.essentials != chosen.essentials]
     if differing:
         notes.append(f"the checkpoint was saved with {', '.join(one_line(repr(s)) for s in differing)}; using {chosen!r}, as asked")
@@ -227,15 +246,15 @@ def _choose_spec(
 # --- projecting --------------------------------------------------------------------------------
 
 
-def project(reading: Reading) -> tuple[Checkpoint, list[Tensor], list[dict]]:
-    """The checkpoint holding each weight's projection, the new values, and what changed; refuses, changing
+def project(reading: Reading) -> tuple[Checkpoint, list[dict]]:
+    """The checkpoint holding each weight's projection, and what changed; refuses, changing
     nothing, weights it cannot project, guessed layouts (unless ``assume_plain``), and tied
     weights whose projections disagree."""
     weights = reading.weights
     problems = functional.unprojectable([w.name for w in weights], [w.value for w in weights])
     problems += [f"{w.name} is stored through other parametrizations (project the model in Python)" for w in weights if not w.keys]
     if problems:
-        raise CheckpointError(f"cannot project: {'; '.join(map(one_line, problems))}; nothing was written")
+        raise CheckpointError(f"cannot project: {'; '.join(map(one_line, problems))}; nothing was changed")
     with torch.no_grad():  # what reg.project_() computes: every weight at once, equal to functional.project
         projected = harden_all([w.value for w in weights], [w.layout for w in weights], reading.spec, 1.0)
     guessed = [
@@ -246,11 +265,11 @@ def project(reading: Reading) -> tuple[Checkpoint, list[Tensor], list[dict]]:
         raise CheckpointError(
             f"refusing to change weights whose layout is guessed: {', '.join(guessed)} (a convolution may be grouped "
             "or transposed, a 2-D *embed* tensor an embedding); pass the model (--model MODULE:FACTORY) for exact layouts, "
-            "or assume_plain (--assume-plain) to project them as plain; nothing was written"
+            "or assume_plain (--assume-plain) to project them as plain; nothing was changed"
         )
     container, new_values = _with_projection(reading, projected)
     changes = [{"name": w.name, **w.to_dict(), **_change(w.value, new)} for w, new in zip(weights, new_values)]
-    return _redescribed(reading.checkpoint, container, reading.spec), new_values, changes
+    return _redescribed(reading.checkpoint, container, reading.spec), changes
 
 
 def _change(old: Tensor, new: Tensor) -> dict:
@@ -280,7 +299,7 @@ def _with_projection(reading: Reading, projected: Sequence[Tensor]) -> tuple[obj
         involved = [one_line(w.name) for w in weights if storage_of(w.value) in clashing]
         raise CheckpointError(
             f"{', '.join(involved)} share memory, and their projections disagree (each read with its own layout); "
-            "pass the model (--model MODULE:FACTORY), or exclude all but one of them; nothing was written"
+            "pass the model (--model MODULE:FACTORY), or exclude all but one of them; nothing was changed"
         )
     tracked = {key for w in weights for key in w.keys}
     following = [
@@ -307,3 +326,21 @@ def _redescribed(checkpoint: Checkpoint, container: object, spec: ChipSpec) -> C
             container = copy.copy(container)
             container[checkpoint.under] = state_dict
     return dataclasses.replace(checkpoint, container=container, state_dict=state_dict)
+
+
+def plain_checkpoint(checkpoint: Checkpoint, names: Sequence[str], prefix: str | None, notes: list[str]) -> Checkpoint:
+    """The checkpoint the command line's ``project --plain`` writes: the state_dict alone that the
+    plain inner model loads with ``strict=True`` (:func:`~nwave_param.plain_state_dict`, then the
+    keys under ``prefix`` without it; by default, the inner model's of a Lightning checkpoint or
+    an AveragedModel, found from the tracked weights' ``names``)."""
+    found: list[str] = []
+    try:
+        plain = plain_state_dict(checkpoint.state_dict)
+    except ValueError as error:
+        raise CheckpointError(f"--plain: {one_line(error, MESSAGE)}") from None
+    try:
+        inner = inner_state_dict(plain, prefix, names, checkpoint.under == "state_dict", found)
+    except ValueError as error:  # the prefix given, or the one found, does not hold the inner model alone
+        raise CheckpointError(f"--plain --prefix: {one_line(error, MESSAGE)}") from None
+    notes += [f"--plain: {note}" for note in found]
+    return Checkpoint(checkpoint.path, inner, inner, None, checkpoint.metadata)

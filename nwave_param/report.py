@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
 from . import functional
+from .errors import one_line
 from .layout import Layout
 from .spec import ChipSpec
 
@@ -25,7 +26,8 @@ class LayerReport:
     holding both a strictly positive and a strictly negative entry.  ``off_grid`` counts entries
     that are not grid levels (0 without ``spec.bits``).  ``magnitude`` and ``topology`` are its
     contributions to the registry's penalties (already divided by the total element count ``N``),
-    so the rows sum to ``reg.penalty_terms()``.
+    so the rows sum to ``reg.penalty_terms()``.  ``layout`` is how it was read, ``assumed`` whether
+    that layout is guessed from a checkpoint's names and shapes (see :mod:`nwave_param.offline`).
     """
 
     name: str
@@ -39,6 +41,8 @@ class LayerReport:
     off_grid: int
     magnitude: float
     topology: float
+    layout: Layout = Layout()
+    assumed: bool = False
 
     @property
     def is_mappable(self) -> bool:
@@ -97,6 +101,8 @@ class Report:
         for row in self.rows:
             entry = asdict(row)
             entry["shape"] = list(row.shape)
+            del entry["assumed"]
+            entry.update(layout="assumed" if row.assumed else "exact", **row.layout.to_dict())
             for key in ("max_abs", "magnitude", "topology"):
                 entry[key] = _json_float(entry[key])
             rows.append(entry)
@@ -118,7 +124,7 @@ class Report:
         def cells(values: dict) -> list[str]:
             return [f"{values[key]:.4g}" if isinstance(values[key], float) else str(values[key]) for key in columns]
 
-        body = [cells({**asdict(row), "shape": "x".join(map(str, row.shape))}) for row in self.rows]
+        body = [cells({**asdict(row), "name": _shown(row), "shape": "x".join(map(str, row.shape))}) for row in self.rows]
         total = cells({**self.totals, "name": "total", "shape": ""})
         head, *lines, last = aligned([columns, *body, total])
         rule = "-" * len(head)
@@ -131,8 +137,13 @@ class Report:
         return f"Report({len(self.rows)} weights, mappable={self.is_mappable})"
 
 
+def _shown(row: LayerReport) -> str:
+    """A row's name as the table shows it: on one line, marked where its layout is guessed."""
+    return one_line(row.name) + (" (assumed)" if row.assumed else "")
+
+
 @torch.no_grad()
-def _row(name: str, weight: Tensor, layout: Layout, spec: ChipSpec, power: int, count: int) -> LayerReport:
+def _row(name: str, weight: Tensor, layout: Layout, spec: ChipSpec, power: int, count: int, assumed: bool) -> LayerReport:
     magnitudes = weight.abs()
     rows = layout.rows(weight.shape)
     blocks_per_population = -(-(rows // layout.gates) // spec.group_size)
@@ -150,13 +161,21 @@ def _row(name: str, weight: Tensor, layout: Layout, spec: ChipSpec, power: int, 
         off_grid=int(functional.off_grid(weight, spec).sum()),
         magnitude=(magnitude / max(count, 1)).item(),
         topology=(topology / max(count, 1)).item(),
+        layout=layout,
+        assumed=assumed,
     )
 
 
 def build_report(
-    names: Sequence[str], weights: Sequence[Tensor], layouts: Sequence[Layout], spec: ChipSpec, power: int
+    names: Sequence[str],
+    weights: Sequence[Tensor],
+    layouts: Sequence[Layout],
+    spec: ChipSpec,
+    power: int,
+    assumed: Collection[str] = (),
 ) -> Report:
-    """The :class:`Report` of ``weights`` (``N`` is their total element count)."""
+    """The :class:`Report` of ``weights`` (``N`` is their total element count); the layouts of
+    the names in ``assumed`` are guessed."""
     count = sum(w.numel() for w in weights)
-    rows = [_row(n, w, lay, spec, power, count) for n, w, lay in zip(names, weights, layouts)]
+    rows = [_row(n, w, lay, spec, power, count, n in assumed) for n, w, lay in zip(names, weights, layouts)]
     return Report(rows, spec, power)

@@ -131,6 +131,35 @@ def mappable_mixed(mixed):
 # --- the model: guessed layouts are never changed without a flag -------------------------
 
 
+def test_the_command_line_is_a_shell_over_the_python_api(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    model = scaled(nn.Sequential(nn.Linear(6, 10), nn.Linear(10, 5)), 3.0)
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    calls = []
+
+    def spy(name):
+        real = getattr(nwp, name)
+
+        def call(state_dict, spec=None, **options):
+            calls.append((name, spec, sorted(options)))
+            return real(state_dict, spec, **options)
+
+        monkeypatch.setattr(nwp, name, call)
+
+    spy("check_state_dict"), spy("project_state_dict")
+    code, out, _ = run(capsys, "check", path, "--chip", "h1v2", "--json")
+    assert code == 1 and calls == [("check_state_dict", nwp.H1V2, ["assume_plain", "exclude"])]
+    assert json.loads(out)["rows"][0] == nwp.check_state_dict(torch.load(path), nwp.H1V2).to_dict()["rows"][0]
+    calls.clear()
+    code, _, _ = run(capsys, "project", path, "-o", tmp_path / "out.pt", "--bits", "4")
+    assert code == 0 and [name for name, *_ in calls] == ["check_state_dict", "project_state_dict", "check_state_dict"]
+    assert all(spec == nwp.ChipSpec(bits=4) for _, spec, _ in calls)  # --bits on top of the checkpoint's spec (none: H1v1)
+    expected, _ = nwp.project_state_dict(torch.load(path), nwp.ChipSpec(bits=4))
+    written = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert list(written) == list(expected) and all(torch.equal(written[k], expected[k]) for k in expected)
+
+
 def test_guessed_layouts_without_model_exit_2_and_write_nothing(mixed, tmp_path, capsys):
     model, reg = mappable_mixed(mixed)
     torch.save(nwp.plain_state_dict(model), "mixed.pt")
@@ -702,10 +731,14 @@ def test_json_alone_prints_json_and_never_takes_the_checkpoint(plain, tmp_path, 
 def test_demo_json_means_the_same(capsys, monkeypatch, tmp_path):
     from nwave_param import demo
 
-    def fake_main(epochs, json_path, plot_path, chip, bits, mismatch):
-        print("the demo's table")
-        with open(json_path, "w") as stream:
-            json.dump({"epochs": epochs, "plot": plot_path, "chip": chip, "bits": bits, "mismatch": mismatch}, stream)
+    def fake_main(epochs, json_path, plot_path, chip, bits, mismatch):  # demo.main's contract
+        data = {"epochs": epochs, "plot": plot_path, "chip": chip, "bits": bits, "mismatch": mismatch}
+        print("the demo's table", file=sys.stderr if json_path == "-" else sys.stdout)
+        if json_path == "-":
+            print(json.dumps(data))
+        else:
+            with open(json_path, "w") as stream:
+                json.dump(data, stream)
         return 0
 
     monkeypatch.setattr(demo, "main", fake_main)

@@ -16,6 +16,7 @@ from reference import ref_constraints_hold, ref_tracked
 
 import nwave_param as nwp
 from nwave_param.cli import main
+from nwave_param.layout import Layout
 
 # kinds whose layouts a state_dict tells by names and shapes alone (exact without the model)
 CERTAIN = ("linear", "lstm", "gru", "rnn", "lstmcell", "grucell", "rnncell")
@@ -126,7 +127,7 @@ def test_refusals_name_the_weight_and_change_nothing():
     state = {"fc.weight": torch.full((5, 3), 2.0), "out.weight": torch.full((5, 3), 2.0)}
     state["out.weight"][0, 0] = float("nan")
     before = every_tensor(state)
-    with pytest.raises(nwp.CheckpointError, match=r"out.weight holds NaN.*nothing was written") as refused:
+    with pytest.raises(nwp.CheckpointError, match=r"out.weight holds NaN.*nothing was changed") as refused:
         nwp.project_state_dict(state)
     assert "\n" not in str(refused.value) and isinstance(refused.value, ValueError)
     assert all(same_bits(state[key], value) for key, value in before.items())
@@ -146,8 +147,19 @@ def test_what_the_reading_noticed_is_a_warning():
     messages = [str(w.message) for w in caught]
     assert [row.name for row in report] == ["fc.weight"]
     assert any("'nothing.*' matches no trackable weight" in m for m in messages)
-    assert any("excluded as embeddings" in m and "embed.weight" in m for m in messages)
+    assert any(w.category is nwp.CheckpointWarning and "excluded as embeddings" in str(w.message) and "embed.weight" in str(w.message) for w in caught)
     assert [row.name for row in nwp.check_state_dict({**state, "out.weight": torch.zeros(2, 5)}, exclude="fc.*")] == ["out.weight"]
+
+
+def test_each_row_says_how_its_weight_was_read():
+    with pytest.warns(nwp.CheckpointWarning, match=r"\(assumed\) layouts are guessed for conv.weight"):
+        report = nwp.check_state_dict({"conv.weight": torch.zeros(4, 2, 3), "fc.weight": torch.zeros(5, 3)})
+    assert [(row.name, row.assumed, row.layout) for row in report] == [("conv.weight", True, Layout()), ("fc.weight", False, Layout())]
+    assert [(row["layout"], row["groups"]) for row in report.to_dict()["rows"]] == [("assumed", 1), ("exact", 1)]
+    assert "conv.weight (assumed)" in str(report) and "fc.weight (assumed)" not in str(report)
+    grouped = nn.Conv1d(4, 4, 3, groups=2)
+    row = nwp.check_state_dict(grouped.state_dict(), model=grouped)[0]
+    assert not row.assumed and row.layout == Layout(groups=2)
 
 
 def test_the_command_line_writes_what_project_state_dict_returns(tmp_path, capsys):
