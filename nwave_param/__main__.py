@@ -1,3 +1,5 @@
+"""``python -m nwave_param``: the command line (:mod:`nwave_param.cli`)."""
+
 import sys
 
 from .cli import main

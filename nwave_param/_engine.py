@@ -163,9 +163,9 @@ class _PenaltySums(torch.autograd.Function):
     def backward(ctx, *grads):
         count = len(ctx.layouts)
         weights, saved = ctx.saved_tensors[:count], iter(ctx.saved_tensors[count:])
+        needed = ctx.needs_input_grad[len(ctx.needs_input_grad) - count:]  # the weights are the last inputs
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formulas themselves
-            return (None, *_differentiable_gradient(ctx, weights, *_scaled(ctx.scales, grads)))
-        needed = ctx.needs_input_grad[1:]  # after the config
+            return (None, *_differentiable_gradient(ctx, weights, needed, *_scaled(ctx.scales, grads)))
         result: list[Tensor | None] = [None] * count
         parts: dict[int, list[tuple[Member, Tensor]]] = {}  # members of weights that are not one region
         for pack in ctx.plan.packs:
@@ -236,10 +236,10 @@ def _assembled(weight: Tensor, pieces: list[tuple[Member, Tensor]]) -> Tensor:
     return grad
 
 
-def _differentiable_gradient(ctx, weights, grad_magnitude, grad_topology) -> tuple[Tensor | None, ...]:
+def _differentiable_gradient(ctx, weights, needed, grad_magnitude, grad_topology) -> tuple[Tensor | None, ...]:
     with torch.enable_grad():
         magnitude, topology = functional.penalty_sums(weights, ctx.layouts, ctx.spec, ctx.power)
-        wanted = [i for i, w in enumerate(weights) if w.requires_grad and ctx.needs_input_grad[1 + i]]
+        wanted = [i for i, w in enumerate(weights) if w.requires_grad and needed[i]]
         grads = torch.autograd.grad(
             (magnitude, topology), [weights[i] for i in wanted], (grad_magnitude, grad_topology), create_graph=True, allow_unused=True
         )

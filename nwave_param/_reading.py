@@ -19,19 +19,18 @@ import torch
 from torch import Tensor, nn
 
 from .discovery import excluded, is_weight_name, unmatched
-from .errors import CheckpointError, one_line
+from .errors import MESSAGE, CheckpointError, one_line
 from .files import Checkpoint
 from .layout import RNN_WEIGHT, Layout, rnn_gates
 from .registry import register, strip
 from .sharing import memory_sharing, same_bits, view_of
 from .spec import ChipSpec
-from .state import original_key, parse_original_key, plain_state_dict, weight_keys
+from .state import original_key, parse_original_key, plain_state_dict, skipped_chained, weight_keys
 
 __all__ = ["Weight", "described_weights", "inferred_weights", "model_weights"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what functional.project computes in
 EMBEDDING = "*embed*"
-MESSAGE = 2000  # characters of a whole message, its pieces from outside cut already
 
 
 @dataclass
@@ -121,7 +120,7 @@ def described_weights(checkpoint: Checkpoint, described: Mapping, exclude: Seque
             _check_layout(checkpoint.path, name, value.shape, saved.layout)
             _tracked(weights, seen, name, key, value, saved.layout, True)
     if chained:
-        notes.append(f"skipped {', '.join(chained)}: stored through other parametrizations; pass the model to read them")
+        notes.append(skipped_chained(chained))
     if missing:
         notes.append(f"described, but their tensors are missing from the file: {', '.join(missing)}")
     untracked = []
@@ -223,7 +222,7 @@ def model_weights(
                 _check_readable(name, state_dict[key])
         try:
             model.load_state_dict(loadable)
-        except RuntimeError as error:  # torch's message spans lines
+        except RuntimeError as error:  # torch's message spans lines: its words, on one
             raise CheckpointError(f"{one_line(checkpoint.path)} does not load into the model: {one_line(' '.join(str(error).split()), MESSAGE)}") from None
     notes.extend(str(warning.message) for warning in caught)
     held = model.state_dict(keep_vars=True)

@@ -29,7 +29,8 @@ from collections.abc import Mapping, Sequence
 import nwave_param as nwp
 
 from . import __version__, files, offline
-from .errors import CheckpointError, noticed, one_line
+from .errors import MESSAGE, CheckpointError, noticed, one_line
+from .outputs import Outputs, check_destinations
 from .guards import INTERRUPTIONS, build_model, users_code
 from .report import Report, aligned
 from .spec import H1V1, H1V2, ChipSpec
@@ -39,7 +40,6 @@ __all__ = ["main"]
 CHIPS = {"h1v1": H1V1, "h1v2": H1V2}
 SPEC_OPTIONS = {"limit": "--limit", "group_size": "--group-size", "bits": "--bits"}  # ChipSpec field -> option
 DEFAULT_MAX_BYTES = "4G"
-MESSAGE = 2000  # characters of a whole message or note, its pieces from outside cut already
 
 
 def _arguments(args: argparse.Namespace) -> tuple[files.Checkpoint, ChipSpec | None, dict]:
@@ -96,7 +96,7 @@ def _strict(value: object) -> object:
     return value
 
 
-def _finish(args: argparse.Namespace, outputs: files.Outputs, data: dict, text: str) -> None:
+def _finish(args: argparse.Namespace, outputs: Outputs, data: dict, text: str) -> None:
     """Add the JSON file to the outputs (``--json=PATH``), rename every output into place, then
     print the JSON (``--json``) or the text."""
     rendered = json.dumps(_strict(data), indent=2, allow_nan=False)
@@ -116,13 +116,13 @@ def _json_destinations(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    files.check_destinations(_json_destinations(args), args.checkpoint)
+    check_destinations(_json_destinations(args), args.checkpoint)
     checkpoint, spec, options = _arguments(args)
     notes: list[str] = []
     with _users_model(args), noticed(notes):
         report = nwp.check_state_dict(checkpoint, spec, **options)
     data = {"checkpoint": args.checkpoint, **_report_data(report), "notes": notes}
-    with files.Outputs() as outputs:
+    with Outputs() as outputs:
         _finish(args, outputs, data, _with_notes(str(report), notes))
     return 0 if report.is_mappable else 1
 
@@ -145,7 +145,7 @@ def _summary(label: str, report: Report) -> str:
 
 
 def run_project(args: argparse.Namespace) -> int:
-    files.check_destinations([("-o", args.output), *_json_destinations(args)], args.checkpoint)
+    check_destinations([("-o", args.output), *_json_destinations(args)], args.checkpoint)
     if args.prefix is not None and not args.plain:
         raise CheckpointError("--prefix says which keys --plain writes: pass --plain too, or leave --prefix out")
     if files.is_safetensors(args.output):
@@ -162,7 +162,7 @@ def run_project(args: argparse.Namespace) -> int:
         after = nwp.check_state_dict(written, before.spec, **options)
     if args.plain:
         written = offline.plain_checkpoint(written, [change["name"] for change in changes], args.prefix, notes)
-    with files.Outputs() as outputs:
+    with Outputs() as outputs:
         notes += files.save(outputs, written, args.output)
         data = {
             "checkpoint": args.checkpoint,
@@ -180,7 +180,7 @@ def run_project(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    files.check_destinations([(option, path) for option, path in (*_json_destinations(args), ("--plot", args.plot)) if path])
+    check_destinations([(option, path) for option, path in (*_json_destinations(args), ("--plot", args.plot)) if path])
     try:
         from . import demo
     except ImportError as error:

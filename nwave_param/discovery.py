@@ -16,7 +16,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from .layout import Layout, layout_of
-from .parametrization import ChipConstraint
+from .parametrization import ChipConstraint, latent, links_before
 from .state import chip_links, parse_original_key
 
 __all__ = ["Tracked", "constraints", "is_weight_name", "select", "tied_holders", "trackable_weights"]
@@ -48,6 +48,18 @@ class Constrained(NamedTuple):
     module: nn.Module
     tensor_name: str
     constraint: ChipConstraint
+
+    def chain(self) -> nn.ModuleList:
+        """The weight's parametrization chain, the constraint in it."""
+        return self.module.parametrizations[self.tensor_name]
+
+    def links_before(self) -> list[nn.Module]:
+        """The parametrizations ahead of the constraint in the chain."""
+        return links_before(self.module, self.tensor_name, self.constraint)
+
+    def latent(self) -> Tensor:
+        """The latent weight: what the constraint receives."""
+        return latent(self.module, self.tensor_name, self.constraint)
 
 
 def is_weight_name(local: str) -> bool:

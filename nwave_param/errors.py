@@ -14,9 +14,10 @@ import re
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["CheckpointError", "CheckpointWarning", "noticed", "one_line", "reason"]
+__all__ = ["MESSAGE", "CheckpointError", "CheckpointWarning", "noticed", "one_line", "reason"]
 
 SHOWN = 300  # characters of one name, path or message from outside in a message
+MESSAGE = 2000  # characters of a whole message or note, its pieces from outside cut already
 
 
 class CheckpointError(ValueError):

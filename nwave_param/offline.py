@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 from . import functional
 from ._hardening import harden_all
-from ._reading import MESSAGE, Weight, described_weights, inferred_weights, model_weights
+from ._reading import Weight, described_weights, inferred_weights, model_weights
 from .description import damaged
 from .discovery import patterns
-from .errors import CheckpointError, CheckpointWarning, one_line
+from .errors import MESSAGE, CheckpointError, CheckpointWarning, one_line
 from .files import Checkpoint
 from .report import Report, build_report
 from .sharing import same_bits, storage_of, with_values
@@ -48,7 +48,6 @@ from .state import (
 )
 
 __all__ = ["check_state_dict", "project_state_dict"]
-
 
 
 def check_state_dict(

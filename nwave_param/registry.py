@@ -5,8 +5,7 @@ Lifecycle, modelled on ``torch.ao.pruning``'s sparsifier::
     reg = register(model)                    # prepare: one ChipConstraint per tracked weight
     loss = task_loss + reg.penalty()         # train: the penalties steer toward the chip,
     reg.harden(h)                            #   and the network computes with what the chip holds
-    reg.project_()                           # squash: the weights become the chip's
-    reg.remove()                             # the model as before registration
+    reg.remove(leave_projected=True)         # squash: the plain model, holding what the chip holds
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from .discovery import Constrained, constraints, patterns, select, tied_holders
 from .functional import Penalties
 from .layout import Layout
 from .parametrization import (
-    ChipConstraint, Pass, Registration, Settings, attach, check_hardness, check_scale, detach, latent, links_before, originals, write_through_chain,
+    ChipConstraint, Pass, Registration, Settings, attach, check_hardness, check_scale, detach, originals, write_through_chain,
 )
 from .report import Report, build_report
 from .spec import ChipSpec
@@ -160,18 +159,18 @@ class Registry:
         object.__setattr__(self, "_entries", tuple(entries))  # every constraint: harden, remove
         registrations = {id(e.constraint.registration): e.constraint.registration for e in entries}
         object.__setattr__(self, "_registrations", tuple(registrations.values()))  # several for separately registered parts
-        alone = [(e.module, e.tensor_name, e.constraint) for e in entries if len(_chain_of(e)) == 1]  # what a pass serves
+        alone = [(e.module, e.tensor_name, e.constraint) for e in entries if len(e.chain()) == 1]  # what a pass serves
         object.__setattr__(self, "_holders", tuple([h for h in alone if h[2].registration is r] for r in self._registrations))
         latents: set[int] = set()
         tracked = []  # each latent weight once: a tied Parameter is held by several constraints
         for entry in entries:
-            key = id(originals(entry.module, entry.tensor_name)[0]) if not _before(entry) else id(entry.constraint)
+            key = id(originals(entry.module, entry.tensor_name)[0]) if not entry.links_before() else id(entry.constraint)
             if key not in latents:
                 latents.add(key)
                 tracked.append(entry)
         object.__setattr__(self, "_tracked", tuple(tracked))
         # each tracked weight's chain, and whether nwave_param's constraint is all of it (its latent weight is then the Parameter)
-        object.__setattr__(self, "_chains", tuple((e, _chain_of(e), len(_chain_of(e)) == 1) for e in tracked))
+        object.__setattr__(self, "_chains", tuple((e, e.chain(), len(e.chain()) == 1) for e in tracked))
         object.__setattr__(self, "_removed", False)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -243,7 +242,7 @@ class Registry:
         constraint is the only parametrization, else what the earlier ones make of them (not
         ``module.weight``, which is the hardened value)."""
         self._check_removed()
-        return [chain._parameters["original"] if alone else _latent(entry) for entry, chain, alone in self._chains]
+        return [chain._parameters["original"] if alone else entry.latent() for entry, chain, alone in self._chains]
 
     def weights(self) -> list[Tensor]:
         """Deprecated alias of :meth:`latent_weights` (the name said nothing of which weights)."""
@@ -307,7 +306,7 @@ class Registry:
         instances = []
         with torch.no_grad():
             for entry in self._entries:  # a tied weight's holders are separate synapses on the chip
-                latent = _latent(entry)
+                latent = entry.latent()
                 noise = None
                 if spec.mismatch:
                     noise = torch.randn(latent.shape, generator=generator).mul_(spec.mismatch).to(latent)
@@ -357,7 +356,7 @@ class Registry:
 
     def report(self) -> Report:
         """A :class:`~nwave_param.Report` of the latent weights: one row per weight; the rows sum
-        to :meth:`penalties`."""
+        to :meth:`penalty_terms`."""
         return build_report(self.names, [w.detach() for w in self.latent_weights()], self.layouts, self.spec, self.power)
 
     def is_mappable(self) -> bool:
@@ -386,7 +385,7 @@ class Registry:
         problems = functional.unprojectable(self.names, weights) + [
             f"{entry.name} sits behind {type(link).__name__}, which has no right_inverse to write the projected value back"
             for entry in self._tracked
-            for link in _before(entry)
+            for link in entry.links_before()
             if not hasattr(link, "right_inverse")
         ]
         if problems:
@@ -396,7 +395,7 @@ class Registry:
         backup = state.snapshot(entry.module.parametrizations[entry.tensor_name] for entry in self._tracked)
         try:
             for entry, weight, target in zip(self._tracked, weights, targets):
-                if _before(entry):
+                if entry.links_before():
                     write_through_chain(entry.module, entry.tensor_name, entry.constraint, entry.name, target, spec)
                 else:
                     weight.copy_(target)
@@ -449,18 +448,3 @@ class Registry:
             f"Registry({len(self._tracked)} weights, {s.spec}, alpha={s.alpha}, lam={s.lam}, "
             f"power={s.power}, hardness={s.hardness})"
         )
-
-
-# --- chains ----------------------------------------------------------------------------------
-
-
-def _chain_of(entry: Constrained) -> nn.ModuleList:
-    return entry.module.parametrizations[entry.tensor_name]
-
-
-def _before(entry: Constrained) -> list[nn.Module]:
-    return links_before(entry.module, entry.tensor_name, entry.constraint)
-
-
-def _latent(entry: Constrained) -> Tensor:
-    return latent(entry.module, entry.tensor_name, entry.constraint)

@@ -193,6 +193,11 @@ def restore_order(module: nn.Module, order: tuple[str, ...]) -> None:
         params[key] = params.pop(key)
 
 
+def skipped_chained(names: Iterable[str]) -> str:
+    """The note on weights a state_dict holds only through other parametrizations' tensors."""
+    return f"skipped {', '.join(names)}: stored through other parametrizations; pass the model to read them"
+
+
 def weight_keys(state_dict: Mapping[str, object], notes: list[str]) -> dict[str, str]:
     """Weight name -> key of its tensor; registered keys (``*.parametrizations.*.original``) by their weight's name."""
     found: dict[str, str] = {}
@@ -207,7 +212,7 @@ def weight_keys(state_dict: Mapping[str, object], notes: list[str]) -> dict[str,
         else:
             chained.add(original[0] + original[1])
     if chained:
-        notes.append(f"skipped {', '.join(sorted(chained))}: stored through other parametrizations; pass the model to read them")
+        notes.append(skipped_chained(sorted(chained)))
     return found
 
 

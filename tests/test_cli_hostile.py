@@ -289,13 +289,13 @@ def test_attack_allocates_no_more_than_max_bytes(attack, peaks, tmp_path):
 
 def test_a_character_device_is_refused_before_anything_is_written(hostile_dir, capsys, monkeypatch):
     """Never writing to the real /dev/null: every way to write fails the test if reached."""
-    from nwave_param import files
+    from nwave_param import files, outputs
 
     def reached(*_, **__):
         raise AssertionError("reached a write")
 
     monkeypatch.setattr(files, "load", reached)
-    monkeypatch.setattr(files.Outputs, "add", reached)
+    monkeypatch.setattr(outputs.Outputs, "add", reached)
     monkeypatch.setattr(os, "replace", reached)
     assert "-o /dev/null is a character device" in error(capsys, "project", "tiny.pt", "-o", os.devnull)
     assert "--json /dev/null is a character device" in error(capsys, "check", "tiny.pt", f"--json={os.devnull}")
