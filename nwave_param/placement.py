@@ -90,11 +90,13 @@ class Placement:
         return "\n".join(lines + [f"problem: {problem}" for problem in self.problems])
 
 
-def neuron_types() -> tuple[type, ...]:
-    """The spiking-neuron classes :func:`place` finds by itself: snnTorch's ``SpikingNeuron``
-    (Leaky, RLeaky, Synaptic, RSynaptic, ...) and Norse's neuron modules and cells (LIF,
-    LIFRecurrent, LIFCell, LIFRecurrentCell, ...), each when installed."""
+def neuron_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """The spiking-neuron classes :func:`place` finds by itself, and those it leaves out:
+    snnTorch's ``SpikingNeuron`` (Leaky, RLeaky, Synaptic, RSynaptic, ...) and Norse's neuron
+    modules and cells (LIF, LIFRecurrent, LIFCell, LIFRecurrentCell, ...), each when installed;
+    but not Norse's leaky integrators (LI, LICell, LIBoxCell), which do not spike."""
     found: list[type] = []
+    silent: list[type] = []
     try:
         from snntorch._neurons import SpikingNeuron
 
@@ -105,9 +107,13 @@ def neuron_types() -> tuple[type, ...]:
         from norse.torch.module.snn import SNN, SNNCell, SNNRecurrent, SNNRecurrentCell
 
         found += [SNN, SNNCell, SNNRecurrent, SNNRecurrentCell]
+        from norse.torch.module.leaky_integrator import LI, LICell
+        from norse.torch.module.leaky_integrator_box import LIBoxCell
+
+        silent += [LI, LICell, LIBoxCell]
     except ImportError:
         pass
-    return tuple(found)
+    return tuple(found), tuple(silent)
 
 
 def pack(sizes: Sequence[int], cores: Sequence[int]) -> list[int] | None:
@@ -232,11 +238,12 @@ def _spec_of(model: nn.Module) -> ChipSpec:
 
 def _neuron_modules(model: nn.Module, named: set[str]) -> dict[str, nn.Module]:
     """The neuron modules by name; a neuron module inside another is part of that population."""
-    types = neuron_types()
+    spiking, silent = neuron_types()
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         inside = any(outer == "" or name.startswith(f"{outer}.") for outer in found)
-        if not inside and (name in named or (types and isinstance(module, types))):
+        neuron = isinstance(module, spiking) and not isinstance(module, silent)
+        if not inside and (name in named or neuron):
             found[name] = module
     return found
 
@@ -283,20 +290,20 @@ def _size(output: object) -> int | None:
 
 
 def _recurrent(module: nn.Module, size: int) -> bool:
-    return any(p.dim() == 2 and tuple(p.shape) == (size, size) for p in _weights(module, recurse=True))
+    """Whether the module holds a square weight of its size, whatever its name (a registered one
+    by its latent tensor, of the same shape)."""
+    return any(p.dim() == 2 and tuple(p.shape) == (size, size) for p in module.parameters())
 
 
-def _weights(module: nn.Module, recurse: bool) -> list[Tensor]:
-    """The module's weight-like tensors (named as :func:`~nwave_param.trackable_weights` reads
-    names), a registered one by its latent value: hardening keeps its zeros zero, and no
+def _weights(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """The module's own weight-like tensors by name (named as :func:`~nwave_param.trackable_weights`
+    reads names), a registered one by its latent value: hardening keeps its zeros zero, and no
     mismatch noise fills them."""
-    found = []
-    for owner in module.modules() if recurse else [module]:
-        ours = {name: constraint for name, _, constraint in state.chip_links(owner)}
-        found += [value for name, value in owner._parameters.items() if value is not None and is_weight_name(name)]
-        for name in getattr(owner, "parametrizations", {}):
-            if is_weight_name(name):
-                found.append(latent(owner, name, ours[name]) if name in ours else getattr(owner, name))
+    ours = {name: constraint for name, _, constraint in state.chip_links(module)}
+    found = [(name, value) for name, value in module._parameters.items() if value is not None and is_weight_name(name)]
+    for name in getattr(module, "parametrizations", {}):
+        if is_weight_name(name):
+            found.append((name, latent(module, name, ours[name]) if name in ours else getattr(module, name)))
     return found
 
 
@@ -310,16 +317,16 @@ def _input_problems(example: Tensor, spec: ChipSpec, front: Population, before: 
             f"{front.name}: the front end has {front.neurons} neurons; the chip feeds its {spec.inputs} input channels "
             "one-to-one to the first layer, so it holds at most that many"
         )
-    for name, module in before:
-        for weight in _weights(module, recurse=False):
+    for path, module in before:
+        for name, weight in _weights(module):
             rows = weight.detach().reshape(weight.shape[0], -1) if weight.dim() >= 2 else weight.detach().reshape(-1, 1)
             most = int((rows != 0).sum(1).max()) if rows.numel() else 0
             if most > 1:
                 problems.append(
-                    f"{name}: a weight applied before the front end ({front.name}) has up to {most} non-zero entries per output "
-                    "neuron; the chip's input channels reach the front end one-to-one (a gain per channel, or a diagonal matrix)"
+                    f"{path + '.' if path else ''}{name}: a weight applied before the front end ({front.name}) has up to {most} "
+                    "non-zero entries per output neuron; the chip's input channels reach the front end one-to-one (a gain per "
+                    "channel, or a diagonal matrix)"
                 )
-                break
     return problems
 
 

@@ -123,7 +123,7 @@ def test_a_network_for_h1v2_is_placed_with_its_recurrent_population_whole():
         ({"hidden": 60, "outputs": 150}, (4, 8), nwp.H1V2, r"^the network has 218 neurons; the chip holds 200 \(50 \+ 50 \+ 100\)$"),
         ({"inputs": 20, "front": 20}, (4, 20), nwp.H1V2, r"^the example has 20 input channels \(its last dimension\); the chip's front end has 16$"),
         ({"inputs": 8, "front": 20}, (4, 8), nwp.H1V2, r"^front: the front end has 20 neurons; the chip feeds its 16 input channels one-to-one"),
-        ({"dense_input": True}, (4, 8), nwp.H1V2, r"^gain: a weight applied before the front end \(front\) has up to 8 non-zero entries per output neuron.*one-to-one"),
+        ({"dense_input": True}, (4, 8), nwp.H1V2, r"^gain.weight: a weight applied before the front end \(front\) has up to 8 non-zero entries per output neuron.*one-to-one"),
     ],
 )
 def test_each_broken_rule_is_one_line_naming_the_population_and_its_numbers(kwargs, example, spec, expected):
@@ -206,6 +206,22 @@ def test_the_model_is_exactly_as_before_and_the_spec_defaults_to_its_registratio
     assert [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()] == hooks
     assert all(p.grad is None for p in model.parameters()) and reg.hardness == 0.5
     hook.remove()
+
+
+def test_a_square_weight_of_any_name_makes_a_named_population_recurrent_and_leaky_integrators_are_not_neurons():
+    norse = pytest.importorskip("norse.torch", reason="Norse is optional: pip install norse")
+
+    class Recurrent(nn.Module):  # the user's own neurons, connected through a weight named W
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(30, 30))
+
+        def forward(self, x):
+            return (x + x @ self.W > 1).float()
+
+    model = nn.Sequential(snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(16, 30), Recurrent(), nn.Linear(30, 10), norse.LICell())
+    placement = nwp.place(model, torch.rand(4, 16), nwp.H1V2, neurons="2")
+    assert [(p.name, p.neurons, p.recurrent) for p in placement.populations] == [("0", 16, False), ("2", 30, True)]
 
 
 def test_a_graph_built_before_placing_still_backpropagates():
