@@ -243,8 +243,8 @@ def _add_checkpoint_options(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument(
         "--max-bytes", type=_size, default=_size(DEFAULT_MAX_BYTES), metavar="SIZE",
-        help="refuse a checkpoint whose loading, or computing with its tensors (an expanded tensor counted in full), "
-        f"takes more memory, before it is done (e.g. 500M, 16G; default {DEFAULT_MAX_BYTES})",
+        help="refuse a checkpoint whose loading, or whose tensors (an expanded tensor counted in full), take more memory, "
+        f"before loading; checking and projecting take a few times the tensors' size more (e.g. 500M, 16G; default {DEFAULT_MAX_BYTES})",
     )
     _add_json(sub, "print the result as JSON instead of the text; --json=PATH prints the text and writes the JSON to PATH")
 
