@@ -48,9 +48,6 @@ class Weight:
     layout: Layout
     exact: bool
 
-    def to_dict(self) -> dict:
-        return {"layout": "exact" if self.exact else "assumed", **self.layout.to_dict()}
-
 
 # --- reading a weight --------------------------------------------------------------------------
 

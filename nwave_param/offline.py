@@ -33,7 +33,7 @@ from .description import damaged
 from .discovery import patterns
 from .errors import MESSAGE, CheckpointError, CheckpointWarning, one_line
 from .files import Checkpoint
-from .report import Report, build_report
+from .report import Report, build_report, layout_fields
 from .sharing import same_bits, storage_of, with_values
 from .spec import ChipSpec
 from .state import (
@@ -132,11 +132,11 @@ class Reading:
     notes: list[str]
     assume_plain: bool = False
 
-    def report(self, values: Sequence[Tensor] | None = None) -> Report:
-        """The report of the weights, or of ``values`` in their place."""
-        values = [w.value for w in self.weights] if values is None else list(values)
-        names, layouts = [w.name for w in self.weights], [w.layout for w in self.weights]
-        return build_report(names, values, layouts, self.spec, 2, {w.name for w in self.weights if not w.exact})
+    def report(self) -> Report:
+        """The report of the weights, each as read (exact or assumed layout)."""
+        weights = self.weights
+        assumed = {w.name for w in weights if not w.exact}
+        return build_report([w.name for w in weights], [w.value for w in weights], [w.layout for w in weights], self.spec, 2, assumed)
 
 
 def read(
@@ -267,7 +267,7 @@ def project(reading: Reading) -> tuple[Checkpoint, list[dict]]:
             "or assume_plain (--assume-plain) to project them as plain; nothing was changed"
         )
     container, new_values = _with_projection(reading, projected)
-    changes = [{"name": w.name, **w.to_dict(), **_change(w.value, new)} for w, new in zip(weights, new_values)]
+    changes = [{"name": w.name, **layout_fields(w.layout, not w.exact), **_change(w.value, new)} for w, new in zip(weights, new_values)]
     return _redescribed(reading.checkpoint, container, reading.spec), changes
 
 

@@ -14,7 +14,7 @@ from .errors import one_line
 from .layout import Layout
 from .spec import ChipSpec
 
-__all__ = ["LayerReport", "Report", "build_report"]
+__all__ = ["LayerReport", "Report", "build_report", "layout_fields"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,12 @@ def aligned(lines: Sequence[Sequence[str]], align: str | None = None) -> list[st
     return ["  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(line, widths, align)).rstrip() for line in lines]
 
 
+def layout_fields(layout: Layout, assumed: bool) -> dict:
+    """How a weight was read, as JSON: ``"layout"`` ``"exact"`` or ``"assumed"`` (guessed from a
+    checkpoint's names and shapes), and the layout's fields."""
+    return {"layout": "assumed" if assumed else "exact", **layout.to_dict()}
+
+
 def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -102,7 +108,7 @@ class Report:
             entry = asdict(row)
             entry["shape"] = list(row.shape)
             del entry["assumed"]
-            entry.update(layout="assumed" if row.assumed else "exact", **row.layout.to_dict())
+            entry.update(layout_fields(row.layout, row.assumed))
             for key in ("max_abs", "magnitude", "topology"):
                 entry[key] = _json_float(entry[key])
             rows.append(entry)
