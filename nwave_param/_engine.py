@@ -268,7 +268,6 @@ def penalty_sums(
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         magnitude, topology = functional.penalty_sums(weights, layouts, spec, power)  # the compiler fuses it
         return (magnitude, topology) if scales is None else scales[0] * magnitude + scales[1] * topology
-    weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     plan = plan_for(weights, layouts, spec.group_size)
     gradient = torch.is_grad_enabled() and any(w.requires_grad for w in weights)  # else skip the directions
     return _PenaltySums.apply(PenaltyConfig(plan, tuple(layouts), spec, power, dtype, scales, gradient, shared), *weights)

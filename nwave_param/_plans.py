@@ -51,28 +51,32 @@ def blocks(flat: Tensor, view: View) -> Tensor:
 
 
 class Member(NamedTuple):
-    """Rows of one weight's connectivity matrix: ``weight.as_strided(shape, stride, offset)``,
-    whose first dim is the rows and whose other dims flatten to the columns."""
+    """Rows of one weight's connectivity matrix, as a view of the weight: dim ``k`` of the member
+    runs along dim ``dims[k]`` of the weight, from index ``starts[dims[k]]``, ``shape[k]`` long.
+    Its first dim is the rows and its other dims flatten, in order, to the columns.
+
+    The view is taken with the weight's own strides (:func:`source`), so any memory format reads
+    the right elements: a channels_last convolution, a transposed or sliced Parameter."""
 
     index: int
     shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
+    dims: tuple[int, ...]  # a permutation of the weight's dims
+    starts: tuple[int, ...]  # per dim of the weight
     rows: int
     columns: int
     weight: tuple[int, ...]  # the weight's shape
 
     @property
     def is_weight(self) -> bool:
-        """Whether the member is its whole weight, as stored (its region then is the weight)."""
-        return self.offset == 0 and self.shape == self.weight and self.stride == _contiguous_stride(self.shape)
+        """Whether the member is its whole weight, in the weight's own dim order."""
+        return self.shape == self.weight and self.dims == tuple(range(len(self.weight)))
 
 
 def members(index: int, shape: tuple[int, ...], layout: Layout, group_size: int, first_row: int = 0) -> list[Member]:
-    """A contiguous weight of ``shape`` read with ``layout``, from row ``first_row`` on, as members:
+    """A weight of ``shape`` read with ``layout``, from row ``first_row`` on, as members:
     stretches of whole blocks (:meth:`Layout.runs`), each closed by at most one short block, which
-    the pack's padding completes.  A transposed layout's rows are strided views, one conv group at
-    a time (its rows are the group's output channels, its columns the group's inputs x kernel)."""
+    the pack's padding completes.  A transposed layout's rows are one conv group's output channels
+    (dim 1 of its ``(in, out/groups, *kernel)`` weight), its columns the group's inputs x kernel."""
     rows = layout.rows(shape)
     stretches: list[list[int]] = []  # [first row, rows, open]: open while every block so far was whole
     for start, count, length in layout.runs(rows, group_size):
@@ -84,20 +88,21 @@ def members(index: int, shape: tuple[int, ...], layout: Layout, group_size: int,
             else:
                 stretches.append([block, length, True])
             stretches[-1][2] = length == group_size
-    kernel = math.prod(shape[2:])
-    if layout.transposed:  # (in, out/groups, *kernel): M[(g, o), (i, k)] = W[g * in_g + i, o, k]
+    kernel = shape[2:]
+    if layout.transposed:  # M[(g, o), (i, k)] = W[g * in_g + i, o, k]
         inputs, outputs = shape[:2]
         per_group = inputs // layout.groups
+        dims = (1, 0, *range(2, len(shape)))
         return [
             Member(
-                index, (count, per_group, kernel), (kernel, outputs * kernel, 1),
-                (first // outputs) * per_group * outputs * kernel + (first % outputs) * kernel, count, per_group * kernel, shape,
+                index, (count, per_group, *kernel), dims, ((first // outputs) * per_group, first % outputs, *(0 for _ in kernel)),
+                count, per_group * math.prod(kernel), shape,
             )
             for first, count, _ in stretches
         ]
     columns = math.prod(shape[1:])
-    stride = _contiguous_stride(shape)
-    return [Member(index, (count, *shape[1:]), stride, first * columns, count, columns, shape) for first, count, _ in stretches]
+    dims = tuple(range(len(shape)))
+    return [Member(index, (count, *shape[1:]), dims, (first, *(0 for _ in shape[1:])), count, columns, shape) for first, count, _ in stretches]
 
 
 def _crosses_group(layout: Layout, rows: int, row: int) -> bool:
@@ -171,10 +176,13 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def source(weight: Tensor, member: Member) -> Tensor:
-    """The member's view of ``weight`` (contiguous; the weight itself where it is one)."""
+    """The member's view of ``weight``, through the weight's own strides (the weight itself where
+    the member is all of it)."""
     if member.is_weight:
         return weight
-    return weight.as_strided(member.shape, member.stride, weight.storage_offset() + member.offset)
+    strides = weight.stride()
+    offset = weight.storage_offset() + sum(start * step for start, step in zip(member.starts, strides))
+    return weight.as_strided(member.shape, tuple(strides[d] for d in member.dims), offset)
 
 
 class Direct(NamedTuple):

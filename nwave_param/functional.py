@@ -195,6 +195,7 @@ def round_to_grid(x: Tensor, spec: ChipSpec, dtype: torch.dtype | None = None) -
     ``torch.round`` rounds halves.  A zero carries the sign of ``x`` (as ``torch.round(-0.3)`` is
     ``-0.0``), so a level keeps its own bits; NaN stays NaN."""
     levels, boundaries = grid(spec, dtype or x.dtype, x.dtype, x.device)
+    x = x.contiguous()  # bucketize copies (and warns about) a strided input
     return torch.copysign(levels[torch.bucketize(x, boundaries)], x)
 
 

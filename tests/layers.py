@@ -179,4 +179,9 @@ def outputs(model, seed=0):
 
 def same_bits(a, b):
     """Equal bit for bit: -0.0 differs from 0.0, a NaN equals the same NaN."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bytes(a), _bytes(b))
+
+
+def _bytes(t):
+    """The bytes of ``t``'s elements in logical order, whatever its strides."""
+    return t.detach().clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)
