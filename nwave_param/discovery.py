@@ -16,7 +16,8 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from .layout import Layout, layout_of
-from .parametrization import ChipConstraint, latent, links_before
+from .parametrization import ChipConstraint, latent, links_before, originals
+from .sharing import memory_sharing, overlap, storage_of
 from .state import chip_links, parse_original_key
 
 __all__ = ["Tracked", "constraints", "is_weight_name", "select", "tied_holders", "trackable_weights"]
@@ -180,7 +181,40 @@ def select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, La
     devices = {str(value.device) for value in values if not nn.parameter.is_lazy(value)}
     if len(devices) > 1:
         raise ValueError(f"tracked weights live on several devices {sorted(devices)}: move the model to one device")
-    return [(item, _layout(item)) for item in chosen]
+    selected = [(item, _layout(item)) for item in chosen]
+    _refuse_shared_memory(model, chosen)
+    return selected
+
+
+def _refuse_shared_memory(model: nn.Module, chosen: list[Tracked]) -> None:
+    """Refuse a tracked weight whose elements share memory with each other (an expanded tensor),
+    or with another Parameter that is not the same one (two overlapping views of one tensor): the
+    chip holds one value per synapse, and projecting one would change the other.  Parameters that
+    share a storage without overlapping (cuDNN's flattened RNN weights) are fine."""
+    stored = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
+    by_storage: dict[tuple, list[Tensor]] = {}
+    for name, p in model.named_parameters():
+        where = storage_of(p)
+        if where is not None:
+            by_storage.setdefault(where, []).append(p)
+    for item in chosen:
+        parametrized = item.tensor_name in getattr(item.module, "parametrizations", {})
+        values = originals(item.module, item.tensor_name) if parametrized else [item.module._parameters[item.tensor_name]]
+        sharing = memory_sharing(values[0]) if len(values) == 1 else None
+        if sharing:
+            raise ValueError(f"{item.name} {sharing}: the chip holds one value per synapse; store it with .contiguous() before registering")
+        for value, other in ((v, o) for v in values for o in by_storage.get(storage_of(v), ())):
+            if other is not value and overlap(value, other):
+                raise ValueError(
+                    f"{item.name} and {_dotted_effective(stored[id(other)])} are different Parameters over overlapping memory "
+                    "(views of one tensor): projecting one would change the other; make each its own tensor (.clone()) before registering"
+                )
+
+
+def _dotted_effective(name: str) -> str:
+    """A parameter's dotted name as the model's users write it: ``fc.weight``, not its parametrization's original."""
+    original = parse_original_key(name)
+    return original[0] + original[1] if original is not None and original[2] == "original" else name
 
 
 def tied_holders(model: nn.Module, selected: list[tuple[Tracked, Layout]]) -> list[tuple[nn.Module, str, Layout]]:

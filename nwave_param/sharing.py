@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["memory_sharing", "same_bits", "storage_of", "view_of", "with_values"]
+__all__ = ["memory_sharing", "overlap", "same_bits", "storage_of", "view_of", "with_values"]
 
 
 def view_of(tensor: Tensor) -> tuple:
@@ -56,6 +56,56 @@ def memory_sharing(value: Tensor) -> str | None:
             return f"is stored with strides {strides} for its shape {shape}, under which its elements may share memory (an unfold or as_strided view)"
         span += step * (size - 1)
     return None
+
+
+_EXACT = 1 << 24  # elements up to which two interleaved views are compared element by element
+
+
+def _byte_span(tensor: Tensor) -> tuple[int, int]:
+    """``[first, end)``: the bytes of its storage ``tensor`` reads (strides are never negative)."""
+    first = tensor.storage_offset() * tensor.element_size()
+    last = first + sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride())) * tensor.element_size()
+    return first, last + tensor.element_size()
+
+
+def _dense(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s elements fill every byte of its span (a permuted contiguous tensor)."""
+    first, end = _byte_span(tensor)
+    return end - first == tensor.numel() * tensor.element_size() and memory_sharing(tensor) is None
+
+
+def overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether an element of ``a`` and an element of ``b`` share a byte of memory.
+
+    Two slices of one flat storage (cuDNN's flattened RNN weights) share a storage without
+    overlapping; two views of one tensor, or a tensor and its transpose, overlap.  Interleaved
+    views (``base[:, ::2]`` and ``base[:, 1::2]``) are compared element by element up to
+    ``2**24`` elements, and said to overlap beyond that (a refusal, never a missed overlap)."""
+    if a.numel() == 0 or b.numel() == 0 or storage_of(a) is None or storage_of(a) != storage_of(b):
+        return False
+    (a_first, a_end), (b_first, b_end) = _byte_span(a), _byte_span(b)
+    first, end = max(a_first, b_first), min(a_end, b_end)
+    if first >= end:
+        return False
+    if (_dense(a) and _dense(b)) or a.numel() + b.numel() > _EXACT:
+        return True
+    taken = torch.zeros(end - first, dtype=torch.bool)
+    for tensor, mark in ((a, True), (b, False)):
+        bytes_of = _element_bytes(tensor) - first
+        inside = bytes_of[(bytes_of >= 0) & (bytes_of < end - first)]
+        if not mark:
+            return bool(taken[inside].any())
+        taken[inside] = True
+    return False
+
+
+def _element_bytes(tensor: Tensor) -> Tensor:
+    """The storage byte of every byte of every element of ``tensor``, flat."""
+    size = tensor.element_size()
+    starts = torch.full((), tensor.storage_offset() * size, dtype=torch.int64)
+    for length, step in zip(tensor.shape, tensor.stride()):
+        starts = starts.unsqueeze(-1) + torch.arange(length) * step * size
+    return (starts.reshape(-1, 1) + torch.arange(size)).reshape(-1)
 
 
 def same_bits(a: Tensor, b: Tensor) -> bool:

@@ -167,6 +167,50 @@ def test_a_parameter_tied_between_layouts_is_refused_at_register_naming_both_hol
     assert not any(m._load_state_dict_pre_hooks for m in model.modules())
 
 
+def _assert_register_refused(model, match):
+    state = [(k, v.clone()) for k, v in model.state_dict().items()]
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=match):
+        nwp.register(model)
+    assert [type(m) for m in model.modules()] == classes and not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert all(k == j and same_bits(a, b) for (k, a), (j, b) in zip(state, model.state_dict().items(), strict=True))
+    assert not any(m._load_state_dict_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("second", ["rows 4..9", "the transpose", "every other row"])
+def test_parameters_over_overlapping_memory_are_refused_at_register_naming_both(second):
+    base = torch.randn(10, 10) * 3
+    view = {"rows 4..9": base[4:], "the transpose": base.t(), "every other row": base[1::2]}[second]
+    model = nn.ModuleDict({"a": nn.Linear(10, 6, bias=False), "b": nn.Linear(10, view.shape[0], bias=False)})
+    model["a"].weight, model["b"].weight = nn.Parameter(base[:6]), nn.Parameter(view)
+    _assert_register_refused(model, r"a\.weight and b\.weight are different Parameters over overlapping memory")
+
+
+def test_parameters_that_share_a_storage_without_overlapping_register():
+    """cuDNN flattens an RNN's weights into one storage: slices of it, side by side; and two
+    interleaved views share a storage without sharing an element."""
+    lstm = nn.LSTM(3, 5)
+    flat = torch.randn(sum(p.numel() for p in lstm.parameters()))
+    start = 0
+    for name, p in list(lstm.named_parameters()):
+        setattr(lstm, name, nn.Parameter(flat[start : start + p.numel()].view_as(p)))
+        start += p.numel()
+    base = torch.randn(6, 20)
+    pair = nn.ModuleDict({"even": nn.Linear(10, 6, bias=False), "odd": nn.Linear(10, 6, bias=False)})
+    pair["even"].weight, pair["odd"].weight = nn.Parameter(base[:, ::2]), nn.Parameter(base[:, 1::2])
+    model = nn.ModuleDict({"lstm": lstm, "pair": pair})
+    reg = nwp.register(model)
+    assert reg.names == ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "pair.even.weight", "pair.odd.weight"]
+    reg.project_()
+    assert reg.is_mappable()
+
+
+def test_an_expanded_parameter_is_refused_at_register():
+    layer = nn.Linear(4, 5)
+    layer.weight = nn.Parameter(torch.randn(1, 4).expand(5, 4))
+    _assert_register_refused(layer, r"weight is an expanded tensor .* one value per synapse")
+
+
 # --- on_chip and harden, seen from several threads ---------------------------------------------
 
 
