@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -78,7 +80,7 @@ def _links_under(module: nn.Module, prefix: str) -> Iterator[tuple[str, str, int
             yield f"{path}." if path else "", sub, tensor_name, position, constraint
 
 
-def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, metadata, strict, missing, unexpected, errors: list) -> None:
     """Check every description under ``module`` before any of its tensors is copied, then fill in
     what a plain checkpoint lacks and restore the checkpoint's hardness.
 
@@ -92,27 +94,15 @@ def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *_) -> None
 
     Registered on the model given to :func:`~nwave_param.register` and on every module carrying a
     constraint, so that it runs before the first tracked tensor is copied, wherever loading starts.
+    When loading started at a parent (part of a model registered), the whole load is checked at
+    the first of these hooks (:func:`_check_whole_load`).
     """
+    if prefix:
+        _check_whole_load(prefix, errors)
     links = list(_links_under(module, prefix))
-    problems, hardness = [], {}
-    for path, _, tensor_name, position, constraint in links:
-        key = extra_state_key(path, tensor_name, position)
-        if key not in state_dict:
-            continue
-        saved = description.decode(state_dict[key])
-        mine = (constraint.layout, constraint.settings.spec)
-        if saved is None or not saved.fits(*mine):
-            what = f"layout {saved.layout} and {saved.spec}" if saved else "a description that cannot be read"
-            problems.append(f"{path}{tensor_name}: the checkpoint was saved with {what}, but this model is registered with layout {mine[0]} and {mine[1]}")
-        elif saved.hardness is not None:
-            named = hardness.setdefault(id(constraint.registration), (constraint.registration, saved.hardness, f"{path}{tensor_name}"))
-            if named[1] != saved.hardness:
-                problems.append(f"{named[2]} and {path}{tensor_name} were saved at hardness {named[1]} and {saved.hardness}, but this model registered them together")
+    problems, hardness = _description_problems(links, state_dict)
     if problems:
-        raise ValueError(
-            f"{'; '.join(problems)}: register the model as the checkpoint was, or load nwp.plain_state_dict(checkpoint) "
-            "into the plain model; nothing was loaded"
-        )
+        raise ValueError(f"{'; '.join(problems)}: {_REFUSED}; nothing was loaded")
     for registration, saved, name in hardness.values():
         if registration.settings.hardness != saved:
             warnings.warn(
@@ -129,6 +119,92 @@ def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *_) -> None
         key = extra_state_key(path, tensor_name, position)
         if key not in state_dict:
             state_dict[key] = constraint.get_extra_state()
+
+
+_REFUSED = "register the model as the checkpoint was, or load nwp.plain_state_dict(checkpoint) into the plain model"
+
+
+def _description_problems(links: list, state_dict: Mapping[str, object]) -> tuple[list[str], dict]:
+    """What in ``state_dict`` does not fit the constraints of ``links``, one line each, and the
+    hardness each registration is saved at (by registration)."""
+    problems, hardness = [], {}
+    for path, _, tensor_name, position, constraint in links:
+        key = extra_state_key(path, tensor_name, position)
+        if key not in state_dict:
+            continue
+        saved = description.decode(state_dict[key])
+        mine = (constraint.layout, constraint.settings.spec)
+        if saved is None or not saved.fits(*mine):
+            what = f"layout {saved.layout} and {saved.spec}" if saved else "a description that cannot be read"
+            problems.append(f"{path}{tensor_name}: the checkpoint was saved with {what}, but this model is registered with layout {mine[0]} and {mine[1]}")
+        elif saved.hardness is not None:
+            named = hardness.setdefault(id(constraint.registration), (constraint.registration, saved.hardness, f"{path}{tensor_name}"))
+            if named[1] != saved.hardness:
+                problems.append(f"{named[2]} and {path}{tensor_name} were saved at hardness {named[1]} and {saved.hardness}, but this model registered them together")
+    return problems, hardness
+
+
+_whole_load = threading.local()  # the load (its list of error messages) already checked whole, in this thread
+
+
+def _check_whole_load(prefix: str, errors: list) -> None:
+    """At the first of nwave_param's hooks in a load that started at a parent module: check every
+    description under the module being loaded, so that no registered part loads before another
+    part's checkpoint is refused, and name the keys torch already copied into the modules it
+    loaded first, which carry no hook of nwave_param (torch has none that runs before them).
+
+    The load is ``Module.load_state_dict``'s, read from the calling frames (``errors`` is its own
+    list, one per load).  Where no such frame is found (a hand-made loader), each registered part
+    checks its own keys, as the hook does anyway."""
+    if getattr(_whole_load, "errors", None) is errors:
+        return
+    _whole_load.errors = errors
+    found = _load_in_progress()
+    if found is None:
+        return
+    root, full = found
+    problems, _ = _description_problems(list(_links_under(root, "")), full)
+    if not problems:
+        return
+    loaded = _keys_loaded_before(root, full, prefix)
+    already = (
+        f"; torch has already copied {_listed(loaded)}, which {type(root).__name__}.load_state_dict loads before "
+        f"{prefix.removesuffix('.')}: register the whole model (nwp.register(model, exclude=...)) to have every key checked first"
+        if loaded else ""
+    )
+    raise ValueError(f"{'; '.join(problems)}: {_REFUSED}; nothing registered was loaded{already}")
+
+
+def _load_in_progress() -> tuple[nn.Module, Mapping[str, object]] | None:
+    """The module whose ``load_state_dict`` runs in this thread (the innermost call), and the
+    state_dict it loads."""
+    code = nn.Module.load_state_dict.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            root, full = frame.f_locals.get("self"), frame.f_locals.get("state_dict")
+            return (root, full) if isinstance(root, nn.Module) and isinstance(full, Mapping) else None
+        frame = frame.f_back
+    return None
+
+
+def _keys_loaded_before(root: nn.Module, state_dict: Mapping[str, object], prefix: str) -> list[str]:
+    """The keys of ``state_dict`` that ``root.load_state_dict`` copies before it reaches the module
+    at ``prefix``: modules load in ``named_modules`` order, each its own tensors before its children."""
+    here = prefix.removesuffix(".")
+    loaded = []
+    for path, module in root.named_modules(remove_duplicate=False):
+        if path == here:
+            break
+        at = f"{path}." if path else ""
+        own = [*(n for n, p in module._parameters.items() if p is not None), *module._buffers, "_extra_state"]
+        loaded += [at + name for name in own if at + name in state_dict]
+    return loaded
+
+
+def _listed(keys: Sequence[str], shown: int = 8) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
 
 
 def add_load_hook(module: nn.Module) -> None:

@@ -120,6 +120,50 @@ def test_loading_into_a_submodule_checks_and_restores_alike():
     assert_unchanged(before, everything(model))
 
 
+class Parts(nn.Module):
+    """A parent holding plain modules and separately registered parts, in this order:
+    a plain ``head``, registered ``a`` and ``b``, a plain ``tail``."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.a, self.b, self.tail = nn.Linear(4, 5), Net(), Net(), nn.Linear(3, 2)
+
+
+def parts(seed, spec_of_b=nwp.H1V1):
+    torch.manual_seed(seed)
+    model = scaled(Parts(), 3)
+    nwp.register(model.a).harden(0.25)
+    nwp.register(model.b, spec_of_b).harden(0.25)
+    return model
+
+
+def whole_state(model):
+    return [(k, v.clone()) for k, v in model.state_dict().items()]
+
+
+def test_a_refused_load_into_separately_registered_parts_changes_no_registered_part():
+    """``b``'s description does not fit: refused before ``a`` (registered apart) loads anything."""
+    model, checkpoint = parts(0, nwp.ChipSpec(limit=0.5)), parts(1).state_dict()
+    before = whole_state(model)
+    with pytest.raises(ValueError, match=r"b\.fc\.weight.*limit=0\.5.*nothing registered was loaded; torch has already copied head\.weight, head\.bias, "):
+        model.load_state_dict(checkpoint)
+    changed = [k for (k, old), (_, new) in zip(before, model.state_dict().items()) if not same_bits(old, new)]
+    assert changed == ["head.weight", "head.bias"]  # the plain module torch loads first: named above
+    assert all(nwp.registry_of(part).hardness == 0.25 for part in (model.a, model.b))
+
+
+def test_a_refused_load_into_a_registered_part_before_its_plain_siblings_changes_nothing():
+    """A LightningModule holding a registered net before its plain head: the head is not reached."""
+    model, checkpoint = parts(0), parts(1).state_dict()
+    del model.head
+    checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith("head.")}
+    checkpoint["a.head.parametrizations.weight.0._extra_state"] = checkpoint["a.head.parametrizations.weight.0._extra_state"].half()
+    before = whole_state(model)
+    with pytest.raises(ValueError, match=r"a\.head\.weight.*cannot be read.*nothing registered was loaded$"):
+        model.load_state_dict(checkpoint)
+    assert all(k == j and same_bits(a, b) for (k, a), (j, b) in zip(before, model.state_dict().items(), strict=True))
+
+
 # --- project_ ----------------------------------------------------------------------------------
 
 
