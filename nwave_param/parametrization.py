@@ -36,7 +36,7 @@ from .report import build_report
 from .layout import Layout
 from .spec import ChipSpec
 
-__all__ = ["ChipConstraint", "Pass", "Registration", "Settings"]
+__all__ = ["ChipConstraint", "Pass", "PinSettings", "Registration", "Settings"]
 
 
 def check_scale(name: str, value: object) -> float:
@@ -78,19 +78,25 @@ class Settings:
 class Registration:
     """What the constraints of one :func:`~nwave_param.register` call share.
 
-    ``settings`` is replaced whole, by one assignment, so a reader in another thread sees every
-    constraint with the old settings or every one with the new, never a mix.  ``on_chip`` is
+    ``settings`` is replaced whole, by one assignment (:meth:`replace_settings`), so a reader in
+    another thread sees every constraint with the old settings or every one with the new, never
+    a mix; and a forward of the registered model reads them once, at its start
+    (:class:`PinSettings`), so that it computes every weight with one hardness.  ``on_chip`` is
     whether a :meth:`Registry.on_chip <nwave_param.Registry.on_chip>` context holds the model; the
-    lock makes entering one a single step.  ``current_pass`` is the :class:`Pass` of an open
-    :meth:`Registry.cached <nwave_param.Registry.cached>`.  A copy of the model gets a
-    registration of its own.
+    lock makes entering one a single step.  A copy of the model gets a registration of its own.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.on_chip = False
-        self.current_pass: Pass | None = None  # set by Registry.cached()
         self.lock = threading.Lock()
+
+    def replace_settings(self, settings: Settings) -> None:
+        """Swap the settings; this thread's open pass (if any) recomputes at its next read."""
+        self.settings = settings
+        current = open_pass(self)
+        if current is not None:
+            current.reset()
 
     def __deepcopy__(self, memo: dict) -> Registration:
         return Registration(self.settings)  # a copy is never on a chip (see ChipConstraint.__getstate__)
@@ -103,6 +109,69 @@ class Registration:
 
     def __repr__(self) -> str:
         return f"Registration({self.settings})"
+
+
+# What each thread computes with: the settings pinned by the forward it is in, and its open
+# passes.  Per thread, so that a harden() or a cached() pass in one thread never reaches
+# another thread's forward.
+_threads = threading.local()
+
+
+def settings_in_effect(registration: Registration) -> Settings:
+    """The settings this thread computes with: those its running forward of the registered model
+    started with (:class:`PinSettings`), else the registration's own."""
+    if not torch.compiler.is_compiling():  # a compiled graph holds its settings as constants already
+        pinned = getattr(_threads, "pinned", None)
+        if pinned:
+            held = pinned.get(registration)
+            if held is not None:
+                return held[0]
+    return registration.settings
+
+
+class PinSettings:
+    """A forward pre-hook and forward hook (always called) on the registered model: its forward
+    computes every weight with the settings it started with.  A ``harden()`` from another thread
+    takes effect at that thread's next forward, never in the middle of one.  Nested forwards of
+    the same model keep the outermost one's settings."""
+
+    def __init__(self, registration: Registration) -> None:
+        self.registration = registration
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling():
+            return
+        pinned = _threads.__dict__.setdefault("pinned", {})
+        held = pinned.get(self.registration)
+        if held is None:
+            pinned[self.registration] = [self.registration.settings, 1]
+        else:
+            held[1] += 1
+
+    def after(self, module: nn.Module, args: tuple, output: object) -> None:
+        if torch.compiler.is_compiling():
+            return
+        pinned = getattr(_threads, "pinned", {})
+        held = pinned.get(self.registration)
+        if held is not None:
+            held[1] -= 1
+            if not held[1]:
+                del pinned[self.registration]
+
+
+def pin(model: nn.Module, registration: Registration) -> None:
+    """Add :class:`PinSettings`'s hooks to ``model``, the model given to ``register``."""
+    hooks = PinSettings(registration)
+    model.register_forward_pre_hook(hooks.before)
+    model.register_forward_hook(hooks.after, always_call=True)
+
+
+def unpin(model: nn.Module) -> None:
+    """Remove every :class:`PinSettings` hook from ``model``."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), PinSettings)]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
 
 
 class ChipConstraint(nn.Module):
@@ -148,7 +217,7 @@ class ChipConstraint(nn.Module):
         return self.registration.settings
 
     def forward(self, weight: Tensor) -> Tensor:
-        settings = self.registration.settings  # read once: a concurrent harden() swaps it whole
+        settings = settings_in_effect(self.registration)  # read once: a concurrent harden() swaps it whole
         spec, hardness = settings.spec, settings.hardness
         if self.on_chip:  # what one chip holds, whatever the hardness and mode
             return functional.harden(weight, self.layout, spec, 1.0, self.chip_mismatch)
@@ -177,49 +246,84 @@ class ChipConstraint(nn.Module):
         return f"{self.settings.spec}, {self.layout}, hardness={self.settings.hardness}"
 
 
-SLOT = "_nwave_param_pass:"  # + tensor name: a module's value of that tensor during a pass
-PENDING = object()  # in a slot: the pass has not computed its values yet
-
-
 class Pass:
-    """One pass inside :meth:`Registry.cached <nwave_param.Registry.cached>`: every weight of a
-    registration hardened together, at the first read (:func:`nwave_param._hardening.harden_all`).
+    """One pass inside :meth:`Registry.cached <nwave_param.Registry.cached>`, in the thread that
+    opened it: every weight of a registration computed once, and those whose only
+    parametrization is nwave_param's hardened together (:func:`nwave_param._hardening.harden_all`),
+    at the first read, with the settings in effect then (:func:`settings_in_effect`).
 
-    It serves the weights whose only parametrization is nwave_param's, through a slot in their
-    module's ``__dict__`` that the module's property reads first (see :func:`own_class`): a read
-    costs a dictionary lookup, however often a time loop reads it.  At hardness 0, without noise
-    or a chip, the slot holds the Parameter itself."""
+    Its values sit in the thread's slots, keyed by each weight's property (see :func:`own_class`):
+    a read costs a dictionary lookup, however often a time loop reads it, and a forward in another
+    thread never sees them.  A ``harden()`` in this thread while the pass is open
+    (:meth:`reset`) makes the next read compute them again."""
 
-    def __init__(self, registration: Registration, holders: list[tuple[nn.Module, str, ChipConstraint]]) -> None:
+    def __init__(self, registration: Registration, holders: list[tuple[nn.Module, str, ChipConstraint, bool]]) -> None:
         self.registration = registration
         self.holders = holders
+        self.keys = [slot_key(module, tensor_name) for module, tensor_name, _, _ in holders]
+        self.index = {key: i for i, key in enumerate(self.keys)}
         self.shared = _hardening.Shared()  # what the hardening leaves for the penalty of this pass
-        settings = registration.settings
-        latent = not (settings.hardness or any(c.on_chip for _, _, c in holders))
-        for module, tensor_name, _ in holders:
-            module.__dict__[SLOT + tensor_name] = _original(module, tensor_name) if latent else PENDING
+        self.slots: dict[object, object] = _threads.__dict__.setdefault("slots", {})
+        _threads.__dict__.setdefault("passes", {})[registration] = self
+        self.reset()
 
-    def compute(self) -> None:
-        """Harden every weight of the pass together, and put each value in its slot."""
-        spec, hardness = self.registration.settings.spec, self.registration.settings.hardness
-        groups: dict[tuple[bool, bool], list[tuple[nn.Module, str, ChipConstraint]]] = {}
-        for module, tensor_name, constraint in self.holders:
-            training = bool(spec.mismatch and hardness and constraint.training)
-            groups.setdefault((constraint.on_chip, training), []).append((module, tensor_name, constraint))
-        for (on_chip, training), holders in groups.items():
-            weights = [_original(module, tensor_name) for module, tensor_name, _ in holders]
-            layouts = [constraint.layout for _, _, constraint in holders]
+    def reset(self) -> None:
+        """Compute every value again at the next read."""
+        self.shared = _hardening.Shared()
+        pending = Pending(self)
+        for key in self.keys:
+            self.slots[key] = pending
+
+    def compute(self, key: object) -> Tensor:
+        """Compute the value of ``key``'s weight: all the weights the pass hardens together, or that
+        one weight through its chain."""
+        module, tensor_name, _, alone = self.holders[self.index[key]]
+        if not alone:  # its chain computes it (other parametrizations, then nwave_param's)
+            value = self.slots[key] = module.parametrizations[tensor_name]()
+            return value
+        settings = settings_in_effect(self.registration)
+        spec, hardness = settings.spec, settings.hardness
+        groups: dict[tuple[bool, bool], list[int]] = {}
+        for i, (_, _, constraint, together) in enumerate(self.holders):
+            if together:
+                training = bool(spec.mismatch and hardness and constraint.training)
+                groups.setdefault((constraint.on_chip, training), []).append(i)
+        for (on_chip, training), members in groups.items():
+            weights = [_original(*self.holders[i][:2]) for i in members]
+            layouts = [self.holders[i][2].layout for i in members]
             if on_chip:  # what one chip holds, whatever the hardness and mode
-                values = _hardening.harden_all(weights, layouts, spec, 1.0, [c.chip_mismatch for _, _, c in holders])
+                values = _hardening.harden_all(weights, layouts, spec, 1.0, [self.holders[i][2].chip_mismatch for i in members])
             else:
                 shared = self.shared if len(groups) == 1 else None
                 values = _hardening.harden_all(weights, layouts, spec, hardness, spec.mismatch if training else 0.0, shared)
-            for (module, tensor_name, _), value in zip(holders, values):
-                module.__dict__[SLOT + tensor_name] = value
+            for i, value in zip(members, values):
+                self.slots[self.keys[i]] = value
+        return self.slots[key]
 
     def close(self) -> None:
-        for module, tensor_name, _ in self.holders:
-            module.__dict__.pop(SLOT + tensor_name, None)
+        for key in self.keys:
+            self.slots.pop(key, None)
+        _threads.passes.pop(self.registration, None)
+
+
+class Pending:
+    """In a slot: the pass has not computed this value yet."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: Pass) -> None:
+        self.current = current
+
+
+def open_pass(registration: Registration) -> Pass | None:
+    """This thread's open pass of ``registration``, if any."""
+    passes = getattr(_threads, "passes", None)
+    return passes.get(registration) if passes else None
+
+
+def slot_key(module: nn.Module, tensor_name: str) -> object:
+    """What a pass files ``module.<tensor_name>``'s value under: its property's own key."""
+    return type(module).__dict__[tensor_name].fget.slot_key
 
 
 def _original(module: nn.Module, tensor_name: str) -> Tensor:
@@ -231,24 +335,25 @@ def _original(module: nn.Module, tensor_name: str) -> Tensor:
 
 
 def _read_in_pass(cls: type, tensor_name: str) -> None:
-    """Make ``cls``'s property for ``tensor_name`` read the pass's slot first, then parametrize's
-    own getter (always under ``torch.compile``, which traces that one)."""
+    """Make ``cls``'s property for ``tensor_name`` read this thread's open pass first, then
+    parametrize's own getter (always under ``torch.compile``, which traces that one).  The
+    class is the module's own (:func:`own_class`), so the property's key names this module's
+    weight."""
     original = cls.__dict__[tensor_name]
-    if getattr(original.fget, "reads_the_pass", False):
+    if getattr(original.fget, "slot_key", None) is not None:
         return
-    slot, getter = SLOT + tensor_name, original.fget
+    key, getter = object(), original.fget
 
     def get(module: nn.Module) -> Tensor:
         if not torch.compiler.is_compiling():
-            value = module.__dict__.get(slot)
-            if value is PENDING:
-                module.parametrizations[tensor_name][-1].registration.current_pass.compute()
-                value = module.__dict__[slot]
-            if value is not None:
-                return value
+            slots = getattr(_threads, "slots", None)
+            if slots:
+                value = slots.get(key)
+                if value is not None:
+                    return value.current.compute(key) if type(value) is Pending else value
         return getter(module)
 
-    get.reads_the_pass = True
+    get.slot_key = key
     setattr(cls, tensor_name, property(get, original.fset))
 
 
@@ -263,7 +368,7 @@ def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
     cls = type(self)
     replica = cls.__new__(cls)
     memo[id(self)] = replica
-    state = {key: _without_graph(value) for key, value in self.__dict__.items() if not key.startswith(SLOT)}  # a copy is in no pass
+    state = {key: _without_graph(value) for key, value in self.__dict__.items()}
     replica.__dict__ = copy.deepcopy(state, memo)
     own_class(replica)
     return replica

@@ -24,7 +24,8 @@ from .discovery import Constrained, constraints, patterns, select, tied_holders
 from .functional import Penalties
 from .layout import Layout
 from .parametrization import (
-    ChipConstraint, Pass, Registration, Settings, attach, check_hardness, check_scale, detach, originals, write_through_chain,
+    ChipConstraint, Pass, Registration, Settings, attach, check_hardness, check_scale, detach, open_pass, originals, pin, unpin,
+    write_through_chain,
 )
 from .report import Report, build_report
 from .spec import ChipSpec
@@ -87,6 +88,7 @@ def register(
             state.add_load_hook(module)
             attached.append(Constrained(tensor_name, module, tensor_name, constraint))
         state.add_load_hook(model)  # checks a checkpoint's every description before the first tensor is copied
+        pin(model, registration)  # a forward computes with the settings it started with
     except BaseException:
         _remove(attached, model)
         raise
@@ -121,6 +123,7 @@ def _remove(entries: Iterable[Constrained], model: nn.Module) -> None:
     for module in model.modules():  # the hooks of modules left with no constraint beneath them
         if next(constraints(module), None) is None:
             state.remove_load_hook(module)
+            unpin(module)
 
 
 _READ_ONLY = {
@@ -159,8 +162,9 @@ class Registry:
         object.__setattr__(self, "_entries", tuple(entries))  # every constraint: harden, remove
         registrations = {id(e.constraint.registration): e.constraint.registration for e in entries}
         object.__setattr__(self, "_registrations", tuple(registrations.values()))  # several for separately registered parts
-        alone = [(e.module, e.tensor_name, e.constraint) for e in entries if len(e.chain()) == 1]  # what a pass serves
-        object.__setattr__(self, "_holders", tuple([h for h in alone if h[2].registration is r] for r in self._registrations))
+        # what a pass serves, and whether it hardens the weight with the others (nwave_param's constraint is its only link)
+        holders = [(e.module, e.tensor_name, e.constraint, len(e.chain()) == 1) for e in entries]
+        object.__setattr__(self, "_holders", tuple([h for h in holders if h[2].registration is r] for r in self._registrations))
         latents: set[int] = set()
         tracked = []  # each latent weight once: a tied Parameter is held by several constraints
         for entry in entries:
@@ -232,7 +236,7 @@ class Registry:
         settings = dataclasses.replace(self.settings, hardness=check_hardness(hardness))
         self._check_live()
         for registration in self._registrations:
-            registration.settings = settings
+            registration.replace_settings(settings)
         return self
 
     # --- training ---------------------------------------------------------------------------
@@ -270,7 +274,7 @@ class Registry:
         lam = settings.lam if lam is None else check_scale("lam", lam)
         weights = self.latent_weights()
         count = max(sum(w.numel() for w in weights), 1)
-        current = self._registrations[0].current_pass if len(self._registrations) == 1 else None
+        current = open_pass(self._registrations[0]) if len(self._registrations) == 1 else None
         shared = current.shared if current is not None else None  # inside cached(): the hardening's packs, reused
         return _engine.penalty_sums(weights, self.layouts, settings.spec, settings.power, scales=(alpha / count, lam / count), shared=shared)
 
@@ -331,26 +335,30 @@ class Registry:
 
     @contextlib.contextmanager
     def cached(self) -> Iterator[None]:
-        """Context manager: one pass.  Every weight is computed once, however often a time loop
-        reads it, and all of them together, in a few kernels, at the first read.
+        """Context manager: one pass, in this thread.  Every weight is computed once, however often
+        a time loop reads it, and all of them together, in a few kernels, at the first read, with
+        the hardness in effect then.
 
         Wrap the forward of a recurrent net, and the penalty: ``with reg.cached(): loss =
-        task(model(x)) + reg.penalty()``.  It is ``torch.nn.utils.parametrize.cached()``, with
-        the hardened weights computed at once (:func:`nwave_param._hardening.harden_all`): the values
-        are those each weight's forward computes alone, bit for bit.
+        task(model(x)) + reg.penalty()``.  It works as ``torch.nn.utils.parametrize.cached()``
+        does for the tracked weights, with the hardened weights computed at once
+        (:func:`nwave_param._hardening.harden_all`): the values are those each weight's forward
+        computes alone, bit for bit.  Unlike parametrize's, the pass is this thread's own: a
+        forward in another thread computes its own values, with its own gradients.  A
+        ``reg.harden(h)`` inside it takes effect at the next read (the values are computed
+        again), except in the middle of a forward of the registered model, which keeps the
+        hardness it started with.  Other parametrizations of the model are not cached: wrap
+        ``parametrize.cached()`` around it for those (it is shared by every thread).
         """
         opened = []
-        with parametrize.cached():
-            try:
-                for registration, holders in zip(self._registrations, self._holders):
-                    if registration.current_pass is None:  # an outer cached() keeps its pass
-                        registration.current_pass = Pass(registration, holders)
-                        opened.append(registration)
-                yield
-            finally:
-                for registration in opened:
-                    registration.current_pass.close()
-                    registration.current_pass = None
+        try:
+            for registration, holders in zip(self._registrations, self._holders):
+                if open_pass(registration) is None:  # an outer cached() keeps its pass
+                    opened.append(Pass(registration, holders))
+            yield
+        finally:
+            for current in opened:
+                current.close()
 
     # --- deployment -------------------------------------------------------------------------
 

@@ -111,7 +111,7 @@ def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, metadata, s
                 UserWarning,
                 stacklevel=4,
             )
-            registration.settings = dataclasses.replace(registration.settings, hardness=saved)
+            registration.replace_settings(dataclasses.replace(registration.settings, hardness=saved))
     for path, holder, tensor_name, position, constraint in links:
         plain, original = path + tensor_name, original_key(path, tensor_name)
         if len(holder.parametrizations[tensor_name]) == 1 and plain in state_dict and original not in state_dict:
