@@ -60,7 +60,11 @@ def _chip_pack(flat: Tensor, scratch: Scratch, dtype: torch.dtype, spec: ChipSpe
         if raw:
             scratch.sum_parts(Scratch.RAW)
         held, kept, gain, side, *work = scratch.workspace(9)
-        _round_to_grid_(torch.clamp(flat, -top, top, out=held), spec, dtype, work, scratch.workspace(2, torch.int32))
+        torch.clamp(flat, -top, top, out=held)
+        if _scale_fits(spec, flat.dtype):
+            _round_to_grid_(held, spec, dtype, work, scratch.workspace(2, torch.int32))
+        else:  # a grid step under the compute dtype's range (limit=1e-38): the definition's own table lookup
+            held.copy_(functional.round_to_grid(held, spec, dtype))
         torch.abs(held, out=kept)
         torch.sub(kept, torch.abs(flat, out=gain), out=gain).clamp_(min=0)
         torch.sub(kept, gain, alpha=2, out=gain)  # |w| - |w - q(w)| = kept - 2 (kept - |w|)+ (doubling is exact)
@@ -70,8 +74,9 @@ def _chip_pack(flat: Tensor, scratch: Scratch, dtype: torch.dtype, spec: ChipSpe
         scratch.sum_parts(Scratch.HELD)
         positive, negative = torch.clamp(held, min=0, out=kept), torch.clamp(held, max=0, out=gain)
         sides = [(blocks(positive, view), blocks(negative, view)) for view in scratch.views]
-    torch.add(scratch.sum_rows[2], scratch.sum_rows[3], out=scratch.difference)
-    scratch.keep.copy_(torch.ge(scratch.difference, 0, out=scratch.kept))
+    # keep the positive side where P >= Q, as the definition compares them (P - Q >= 0 agrees but
+    # where both sums overflow: inf - inf is NaN)
+    scratch.keep.copy_(torch.ge(scratch.sum_rows[2], torch.neg(scratch.sum_rows[3], out=scratch.negated), out=scratch.kept))
     torch.sub(scratch.one, scratch.keep, out=scratch.drop)
     return [
         torch.mul(positive_blocks, keep, out=out).addcmul_(negative_blocks, drop)  # ``out``: a chunk's one view
@@ -103,6 +108,12 @@ def _round_to_grid_(x: Tensor, spec: ChipSpec, dtype: torch.dtype, work: list[Te
     odd = torch.sub(k0, torch.mul(k0, 0.5, out=far).round_().mul_(2), out=far).abs_()  # k0 odd: then k1 is the even one
     choice = torch.clamp(nearer, min=0, out=k0).add_(nearer.abs_().neg_().add_(1).mul_(odd))
     return torch.copysign(level1.sub_(level0).mul_(choice).add_(level0), x, out=x)
+
+
+def _scale_fits(spec: ChipSpec, compute: torch.dtype) -> bool:
+    """Whether ``x * (levels / limit)``, the grid index :func:`_round_to_grid_` starts from, is
+    finite in ``compute``: not for a limit so small that the step underflows it."""
+    return spec.levels / spec.limit <= torch.finfo(compute).max
 
 
 @memoized(64)

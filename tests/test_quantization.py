@@ -270,3 +270,44 @@ def test_a_value_halfway_between_two_levels_goes_to_the_even_k(dtype, bits, limi
     got = functional.round_to_grid(x, spec)
     expected = torch.stack([grid[nearest_level(v, grid)] for v in x.double().tolist()])
     assert torch.equal(got, expected)
+
+
+def _edges(dtype):
+    """Limits at the ends of what ``dtype`` holds: its smallest normal and subnormal numbers,
+    1e-38 (float32's smallest normal is 1.2e-38), and near its largest number."""
+    info = torch.finfo(dtype)
+    subnormal = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
+    return [info.tiny, 3 * info.tiny, 64 * subnormal, 1e-38, 1e-35, 1e-30, info.max / 64, info.max]
+
+
+@settings(max_examples=150)
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    bits=st.sampled_from([None, 2, 3, 5, 8, 12, 16]),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([0.5, 1.5, 4.0]),
+)
+def test_at_the_edges_of_each_dtype_the_engine_computes_the_definition(data, dtype, bits, seed, scale):
+    """A grid whose step underflows the dtype (ChipSpec(limit=1e-38, bits=16)), a limit the dtype
+    cannot hold at all, a limit near the dtype's largest number: every route computes what the
+    definition does, bit for bit, and projects to a weight the definition calls mappable."""
+    limit = data.draw(st.sampled_from(_edges(dtype)))
+    spec = nwp.ChipSpec(limit=limit, group_size=data.draw(st.integers(1, 5)), bits=bits)
+    generator = torch.Generator().manual_seed(seed)
+    value = (torch.randn(12, 5, generator=generator, dtype=torch.float64) * limit * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    value[0, :3] = torch.tensor([0.0, -0.0, limit], dtype=torch.float64)
+    layer = nn.Linear(5, 12, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(value.to(dtype))
+    reg = nwp.register(layer, spec).harden(1.0)
+    want = functional.project(layer.parametrizations.weight.original.detach(), Layout(), spec)
+    with reg.cached():
+        assert same_bits(layer.weight, want)
+    assert same_bits(layer.weight, want)
+    reg.project_()
+    assert same_bits(reg.latent_weights()[0].detach(), want) and reg.is_mappable()
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
