@@ -180,6 +180,116 @@ def test_averaged_model_of_a_hardened_model_averages_and_saves(tmp_path):
     assert_computes_alike(model, target)
 
 
+# The update rules of timm's ModelEmaV2 and ModelEmaV3 (timm 1.0.31, timm/utils/model_ema.py),
+# written out: timm imports torchvision, which here would replace the CPU build of torch.
+
+
+def timm_ema_v2_update(ema_module, model, decay):
+    """ModelEmaV2.update: every state_dict entry, ``ema_v.copy_(decay * e + (1 - decay) * m)``."""
+    with torch.no_grad():
+        for ema_v, model_v in zip(ema_module.state_dict().values(), model.state_dict().values()):
+            ema_v.copy_(decay * ema_v + (1.0 - decay) * model_v)
+
+
+def timm_ema_v3_update(ema_module, model, decay, exclude_buffers=False):
+    """ModelEmaV3.apply_update_ (foreach): floating entries lerped, the others copied; with
+    ``exclude_buffers``, apply_update_no_buffers_: parameters lerped, buffers copied."""
+    with torch.no_grad():
+        if exclude_buffers:
+            torch._foreach_lerp_(list(ema_module.parameters()), list(model.parameters()), weight=1.0 - decay)
+            for ema_b, model_b in zip(ema_module.buffers(), model.buffers()):
+                ema_b.copy_(model_b)
+            return
+        ema_values, model_values = [], []
+        for ema_v, model_v in zip(ema_module.state_dict().values(), model.state_dict().values()):
+            if ema_v.is_floating_point():
+                ema_values.append(ema_v)
+                model_values.append(model_v)
+            else:
+                ema_v.copy_(model_v)
+        torch._foreach_lerp_(ema_values, model_values, weight=1.0 - decay)
+
+
+def normed_net():
+    """A registered net with a BatchNorm, whose ``num_batches_tracked`` is an integer entry."""
+    torch.manual_seed(0)
+    model = scaled(nn.Sequential(nn.Linear(4, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)), 3)
+    return model, nwp.register(model, SPEC)
+
+
+def train_step(model, reg):
+    model.train()
+    with reg.cached():
+        model(torch.randn(8, 4)).square().mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("rule", ["timm ModelEmaV2", "timm ModelEmaV3", "timm ModelEmaV3 without buffers", "AveragedModel(use_buffers=True)"])
+def test_an_ema_copy_of_a_registered_model_trains_loads_and_keeps_its_descriptions(rule, tmp_path):
+    import copy
+
+    model, reg = normed_net()
+    average = AveragedModel(model, use_buffers=True, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+    ema = average.module if rule.startswith("AveragedModel") else copy.deepcopy(model).eval()
+    for step in range(5):
+        reg.harden(step / 4)
+        nwp.registry_of(ema).harden(reg.hardness)  # the one line that keeps a copy at its source's hardness
+        train_step(model, reg)
+        if rule == "timm ModelEmaV2":
+            timm_ema_v2_update(ema, model, 0.9)
+        elif rule.startswith("timm ModelEmaV3"):
+            timm_ema_v3_update(ema, model, 0.9, exclude_buffers="without" in rule)
+        else:
+            average.update_parameters(model)
+    saved = saved_and_loaded(ema.state_dict(), tmp_path)
+    for key, value in saved.items():
+        if key.endswith("_extra_state"):
+            assert description.decode(value) == (Layout(), SPEC, 1.0), key
+    target, target_reg = normed_net()
+    with pytest.warns(UserWarning, match="hardness"):
+        target.load_state_dict(saved)
+    assert target_reg.hardness == 1.0 and nwp.registry_of(ema).hardness == 1.0
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        assert same_bits(target.eval()(x), ema.eval()(x))
+
+
+def test_an_ema_copy_made_before_harden_keeps_its_own_hardness_until_told():
+    import copy
+
+    model, reg = normed_net()
+    ema = copy.deepcopy(model)  # copies are independent: hardening one never reaches the other
+    reg.harden(1.0)
+    assert nwp.registry_of(ema).hardness == 0.0
+    nwp.registry_of(ema).harden(reg.hardness)
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        assert same_bits(ema.eval()(x), model.eval()(x))
+
+
+def test_the_in_place_ema_idiom_skips_the_entries_that_are_not_floating_point():
+    """``e.mul_(d).add_(v, alpha=1 - d)`` fails in torch on every integer entry, BatchNorm's counter
+    included; the usual fix (shown in docs/integrations.md) copies those instead."""
+    model, reg = normed_net()
+    train_step(model, reg)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    train_step(model, reg)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="can't be cast"):
+        for e, v in zip(ema.values(), model.state_dict().values()):
+            e.mul_(0.9).add_(v, alpha=0.1)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for e, v in zip(ema.values(), model.state_dict().values()):
+            if e.is_floating_point():
+                e.mul_(0.9).add_(v, alpha=0.1)
+            else:
+                e.copy_(v)
+    target, _ = normed_net()
+    target.load_state_dict(ema)
+    assert all(description.decode(v) is not None for k, v in target.state_dict().items() if k.endswith("_extra_state"))
+
+
 def test_lightning_checkpoint_restores_the_hardness_and_what_the_model_computes(tmp_path):
     L = pytest.importorskip("lightning", reason="Lightning not installed (pip install lightning)")
 
