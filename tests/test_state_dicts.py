@@ -89,6 +89,26 @@ def test_a_damaged_description_is_refused_never_misread(layout, spec, hardness, 
     assert description.decode(averaged) is None or description.decode(averaged) == (layout, spec, hardness)
 
 
+def test_a_description_is_read_with_tensor_ops_until_its_magic_length_and_crc_hold(monkeypatch):
+    """No word of a tensor becomes a Python object before the record is known good: a huge
+    garbage description costs a few passes over its words, never a Python int per word."""
+    saved = description.encode(Layout(gates=4), nwp.ChipSpec(cores=(7,) * 1000), 0.5)
+    bad_crc, bad_magic = saved.clone(), saved.clone()
+    bad_crc[-1] ^= 1
+    bad_magic[0] ^= 1
+    longer = torch.cat([saved, torch.zeros(10**6, dtype=torch.int64)])  # longer than its head's core count says
+
+    def per_word(*_):
+        raise AssertionError("a word became a Python object")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", per_word)
+    monkeypatch.setattr(torch.Tensor, "__iter__", per_word)
+    for dtype in (torch.int64, torch.int32, torch.float64):
+        for garbage in (bad_crc, bad_magic, longer):
+            assert description.decode(garbage.to(dtype)) is None
+        assert description.decode(saved.to(dtype)) == (Layout(gates=4), nwp.ChipSpec(cores=(7,) * 1000), 0.5)
+
+
 def test_a_description_cast_to_half_precision_is_refused():
     saved = description.encode(Layout(), nwp.H1V2, 0.5)
     assert description.decode(saved.half()) is None and description.decode(saved.bfloat16()) is None
