@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import nwave_param as nwp
 
@@ -76,7 +76,7 @@ def _report_data(report: Report) -> dict:
     data = report.to_dict()
     for entry, row in zip(data["rows"], report.rows):
         entry.update({key: getattr(row, key) for key in ("max_abs", "magnitude", "topology")})
-    data["totals"].update({key: value for key, value in report.totals.items() if isinstance(value, float)})
+    data["totals"] = report.totals
     return data
 
 
@@ -96,15 +96,17 @@ def _strict(value: object) -> object:
     return value
 
 
-def _finish(args: argparse.Namespace, outputs: Outputs, data: dict, text: str) -> None:
+def _finish(args: argparse.Namespace, outputs: Outputs, data: Callable[[], dict], text: Callable[[], str]) -> None:
     """Add the JSON file to the outputs (``--json=PATH``), rename every output into place, then
-    print the JSON (``--json``) or the text."""
-    rendered = json.dumps(_strict(data), indent=2, allow_nan=False)
+    print the JSON (``--json``) or the text.  Each is made only if it is printed or written: for
+    many weights, either takes as long as checking them."""
+    rendered = json.dumps(_strict(data()), indent=2, allow_nan=False) if args.json is not None else None
     if args.json not in (None, "-"):
         outputs.add_text(args.json, rendered + "\n")
+    printed = rendered if args.json == "-" else text()
     INTERRUPTIONS.defer()  # from here the command completes: what it prints is what is on disk
     outputs.commit()
-    print(rendered if args.json == "-" else text)
+    print(printed)
 
 
 def _with_notes(text: str, notes: Sequence[str]) -> str:
@@ -121,9 +123,11 @@ def run_check(args: argparse.Namespace) -> int:
     notes: list[str] = []
     with _users_model(args), noticed(notes):
         report = nwp.check_state_dict(checkpoint, spec, **options)
-    data = {"checkpoint": args.checkpoint, **_report_data(report), "notes": notes}
     with Outputs() as outputs:
-        _finish(args, outputs, data, _with_notes(str(report), notes))
+        _finish(
+            args, outputs, lambda: {"checkpoint": args.checkpoint, **_report_data(report), "notes": notes},
+            lambda: _with_notes(str(report), notes),
+        )
     return 0 if report.is_mappable else 1
 
 
@@ -164,18 +168,18 @@ def run_project(args: argparse.Namespace) -> int:
         written = offline.plain_checkpoint(written, [change["name"] for change in changes], args.prefix, notes)
     with Outputs() as outputs:
         notes += files.save(outputs, written, args.output)
-        data = {
+        data = lambda: {  # noqa: E731
             "checkpoint": args.checkpoint,
             "output": args.output,
             "plain": args.plain,
-            "spec": after.to_dict()["spec"],
-            "before": {"mappable": before.is_mappable, "totals": _report_data(before)["totals"]},
-            "after": {"mappable": after.is_mappable, "totals": _report_data(after)["totals"]},
+            "spec": after.spec_data(),
+            "before": {"mappable": before.is_mappable, "totals": before.totals},
+            "after": {"mappable": after.is_mappable, "totals": after.totals},
             "weights": changes,
             "notes": notes,
         }
-        text = "\n".join([_summary("before", before), _summary("after ", after), _change_table(changes)])
-        _finish(args, outputs, data, _with_notes(text, notes) + f"\nwrote {one_line(args.output)}")
+        text = lambda: "\n".join([_summary("before", before), _summary("after ", after), _change_table(changes)])  # noqa: E731
+        _finish(args, outputs, data, lambda: _with_notes(text(), notes) + f"\nwrote {one_line(args.output)}")
     return 0
 
 
