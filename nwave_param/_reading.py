@@ -207,16 +207,19 @@ def model_weights(
             reg = register(model, spec, exclude=exclude)
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"model: {one_line(error, MESSAGE)}") from None
+        keys = {name: _key_of(name, state_dict) for name in reg.names}
+        for name, key in keys.items():  # before the file's values go anywhere, or plain_state_dict computes on them
+            if key is not None:
+                _check_readable(name, state_dict[key])
+        for name, (key, _) in described.items():  # described, not tracked by this model: plain_state_dict computes on them too
+            if name not in keys and isinstance(state_dict.get(key), Tensor):
+                _check_readable(name, state_dict[key])
         try:  # plain keys: the file's own spec may differ from the one asked for
             loadable = plain_state_dict(state_dict)
         except ValueError:
             loadable = state_dict
         else:
             _check_fits(checkpoint.path, expected, loadable)
-        keys = {name: _key_of(name, state_dict) for name in reg.names}
-        for name, key in keys.items():  # before the file's values go anywhere
-            if key is not None:
-                _check_readable(name, state_dict[key])
         try:
             model.load_state_dict(loadable)
         except RuntimeError as error:  # torch's message spans lines: its words, on one

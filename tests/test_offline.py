@@ -263,3 +263,46 @@ def test_no_trackable_weight_says_why():
         nwp.check_state_dict({"embed.weight": torch.zeros(7, 3)})
     with pytest.raises(nwp.CheckpointError, match=r"it holds state_dict \(a training checkpoint\? pass its state_dict\)"):
         nwp.check_state_dict({"state_dict": {"fc.weight": torch.zeros(5, 3)}, "step": torch.tensor(3)})
+
+
+def test_an_expanded_weight_is_refused_before_any_computation_with_or_without_the_model(monkeypatch):
+    """The issue's: with model=, the file's description (hardness 0.5) made plain_state_dict
+    harden the expanded weight before it was refused."""
+    model = nn.Sequential(nn.Linear(400, 400))
+    nwp.register(model).harden(0.5)
+    state = dict(model.state_dict())
+    state["0.parametrizations.weight.original"] = torch.full((1, 1), 2.0).expand(400, 400)
+    from nwave_param import functional
+
+    def computed(*_, **__):
+        raise AssertionError("computed on the expanded weight")
+
+    monkeypatch.setattr(functional, "project", computed)
+    for options in ({}, {"model": model}, {"model": nn.Sequential(nn.Linear(400, 400))}):
+        for call in (nwp.check_state_dict, nwp.project_state_dict):
+            with pytest.raises(nwp.CheckpointError, match=r"^0.weight is an expanded tensor of shape \(400, 400\)") as refused:
+                call(state, **options)
+            assert "\n" not in str(refused.value)
+
+
+def test_max_bytes_bounds_what_computing_with_the_tensors_materializes():
+    huge = {"fc.weight": torch.full((1, 1), 2.0).expand(40000, 40000), "fc.bias": torch.zeros(40000)}  # the issue's: 6 GiB read
+    said = (r"^state_dict: computing with its tensors takes 6.0 GiB \(fc.weight of shape \(40000, 40000\): 6.0 GiB, stored in 4 bytes\), "
+            r"more than max_bytes 1.0 GiB; pass a larger max_bytes \(e.g. max_bytes=16 \* 2\*\*30\)")
+
+    class Uncopyable(nn.Module):
+        def __deepcopy__(self, memo):
+            raise AssertionError("the model was read before the bound was checked")
+
+    for call in (nwp.check_state_dict, nwp.project_state_dict):
+        for options in ({}, {"model": Uncopyable()}):
+            with pytest.raises(nwp.CheckpointError, match=said):
+                call(huge, max_bytes=2**30, **options)
+    state = {"fc.weight": torch.full((5, 4), 2.0)}
+    with pytest.raises(nwp.CheckpointError, match="takes 80 bytes"):
+        nwp.project_state_dict(state, max_bytes=79)
+    assert nwp.project_state_dict(state, max_bytes=80)[1][0]["changed"] == 20  # the bound is inclusive
+    assert nwp.check_state_dict(state, max_bytes=None).totals["numel"] == 20  # None: no bound
+    for bad, error in (("1G", TypeError), (True, TypeError), (1.5e9, TypeError), (0, ValueError), (-1, ValueError)):
+        with pytest.raises(error, match="max_bytes must be"):
+            nwp.check_state_dict(state, max_bytes=bad)
