@@ -211,9 +211,18 @@ def model_weights(
         for name, key in keys.items():  # before the file's values go anywhere, or plain_state_dict computes on them
             if key is not None:
                 _check_readable(name, state_dict[key])
-        for name, (key, _) in described.items():  # described, not tracked by this model: plain_state_dict computes on them too
-            if name not in keys and isinstance(state_dict.get(key), Tensor):
-                _check_readable(name, state_dict[key])
+        layouts = dict(zip(reg.names, reg.layouts))
+        for name, (key, saved) in described.items():  # plain_state_dict computes with the file's layouts
+            if name in layouts and saved.layout != layouts[name]:
+                raise CheckpointError(
+                    f"{one_line(name)}: the model reads it with {layouts[name]}, but {one_line(checkpoint.path)} describes "
+                    f"{saved.layout}: is it the model the checkpoint was saved from?"
+                )
+            value = state_dict.get(key) if key is not None else None
+            if isinstance(value, Tensor):
+                if name not in keys:  # described, not tracked by this model
+                    _check_readable(name, value)
+                _check_layout(checkpoint.path, name, value.shape, saved.layout)
         try:  # plain keys: the file's own spec may differ from the one asked for
             loadable = plain_state_dict(state_dict)
         except ValueError:
@@ -230,11 +239,6 @@ def model_weights(
         held = {**held, **plain_state_dict(held)}
     weights = []
     for name, value, layout in zip(reg.names, reg.latent_weights(), reg.layouts):
-        if name in described and described[name][1].layout != layout:
-            raise CheckpointError(
-                f"{one_line(name)}: the model reads it with {layout}, but {one_line(checkpoint.path)} describes "
-                f"{described[name][1].layout}: is it the model the checkpoint was saved from?"
-            )
         key = keys[name]
         aliases = tuple(k for k, t in held.items() if t is value and k != key and k in state_dict)  # tied keys
         stored = state_dict[key] if key is not None else value.detach()
