@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
@@ -106,7 +107,26 @@ def _finish(args: argparse.Namespace, outputs: Outputs, data: Callable[[], dict]
     printed = rendered if args.json == "-" else text()
     INTERRUPTIONS.defer()  # from here the command completes: what it prints is what is on disk
     outputs.commit()
-    print(printed)
+    _print(printed)
+
+
+def _print(text: str) -> None:
+    """Print the result.  A closed stdout (``nwave-param check model.pt | head -n 1``) is a reader
+    that wanted no more, not an error: the rest goes to /dev/null, as the Python documentation's
+    note on SIGPIPE does it, and the exit status stays the verdict."""
+    try:
+        print(text, flush=True)  # flushed here: at exit, the error would escape every handler
+    except BrokenPipeError:
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """What is still buffered for stdout, and what follows, goes to /dev/null (Python flushes stdout at exit)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _with_notes(text: str, notes: Sequence[str]) -> str:
@@ -319,6 +339,14 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # --help or --version into a closed stdout: a reader that wanted no more
+        _stdout_to_devnull()
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args, unknown = parser.parse_known_args(_attach_json_paths(argv))
@@ -335,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = "interrupted"
     except MemoryError:
         message = "out of memory; a smaller --max-bytes refuses such checkpoints before loading them"
+    except BrokenPipeError:  # stdout closed while the command was still printing (the demo's tables)
+        _stdout_to_devnull()
+        message = "stdout was closed before the command finished printing"
     except Exception as error:  # every error is one line: even one nobody foresaw
         message = f"unexpected {type(error).__name__}: {one_line(error)} (please report it with the command line)"
     if INTERRUPTIONS.received:  # whatever the signal became on its way out (torch's writer rewraps it)

@@ -1139,3 +1139,30 @@ def test_output_mode_is_what_a_normal_write_gives(plain, tmp_path, capsys):
 def test_console_entry_point(plain):
     result = subprocess.run([sys.executable, "-m", "nwave_param", "check", "--json", str(plain)], capture_output=True, text=True)
     assert result.returncode == 1 and json.loads(result.stdout)["mappable"] is False and result.stderr == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value, verdict", [(0.5, 0), (2.0, 1)], ids=["mappable", "not mappable"])
+def test_a_closed_stdout_keeps_the_verdict(tmp_path, value, verdict):
+    """``nwave-param check model.pt | head -n 1`` in a real shell: the report (1,500 weights, far
+    more than a pipe holds) is cut by head, and the exit status is still the verdict, with nothing on stderr."""
+    path = tmp_path / "many.pt"
+    torch.save({f"fc{i}.weight": torch.full((5, 3), value) for i in range(1500)}, path)
+    pipeline = f"'{sys.executable}' -m nwave_param check '{path}' | head -n 1; echo \"status ${{PIPESTATUS[0]}}\" >&2"
+    result = subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("limit 0.9, blocks of 5: ") and result.stdout.count("\n") == 1, result.stdout
+    assert result.stderr == f"status {verdict}\n", result.stderr
+
+
+@pytest.mark.slow
+def test_project_into_a_closed_stdout_writes_its_output_and_exits_0(plain, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nwave_param", "project", str(plain), "-o", str(tmp_path / "out.pt")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    process.stdout.close()  # the reader is gone before anything is printed: `| head -n 0`
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and err == "", err
+    written, expected = load(tmp_path / "out.pt"), nwp.project_state_dict(load(plain))[0]
+    assert list(written) == list(expected) and all(same_bits(written[k], expected[k]) for k in expected)
+    assert leftovers(tmp_path) == []
