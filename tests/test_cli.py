@@ -1166,3 +1166,32 @@ def test_project_into_a_closed_stdout_writes_its_output_and_exits_0(plain, tmp_p
     written, expected = load(tmp_path / "out.pt"), nwp.project_state_dict(load(plain))[0]
     assert list(written) == list(expected) and all(same_bits(written[k], expected[k]) for k in expected)
     assert leftovers(tmp_path) == []
+
+
+def test_importing_nwave_param_or_its_command_line_imports_no_torch():
+    """The command line installs its signal handling before torch loads: nothing it imports first
+    may import torch (or anything heavy)."""
+    probe = (
+        "import sys, nwave_param, nwave_param.cli\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'numpy', 'typing', 'argparse')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "[]\n", (result.stdout, result.stderr)
+
+
+def test_every_public_name_is_imported_at_its_first_use_as_before():
+    import importlib
+
+    import nwave_param
+
+    homes = {name: nwave_param._HOMES[name] for name in nwave_param.__all__}  # every name has a home, and only those
+    assert set(nwave_param._HOMES) == set(nwave_param.__all__) and nwave_param.__version__ == "0.3.0"
+    for name, home in homes.items():
+        assert getattr(nwave_param, name) is getattr(importlib.import_module(f"nwave_param.{home}"), name), name
+    from nwave_param import H1V2, register  # noqa: F401
+
+    assert H1V2 is nwp.H1V2 and nwp.register is register
+    assert nwave_param.functional.project is project and nwave_param.loss.__name__ == "nwave_param.loss"
+    assert set(nwave_param.__all__) <= set(dir(nwave_param)) and "functional" in dir(nwave_param)
+    with pytest.raises(AttributeError, match="module 'nwave_param' has no attribute 'nonsense'"):
+        nwave_param.nonsense  # noqa: B018

@@ -375,3 +375,76 @@ def test_a_signal_while_writing_removes_the_temporary_file(number, tmp_path):
     assert process.returncode == 2 and out == "", (out, err)
     assert err.count("\n") == 1 and f"interrupted by {number.name}: nothing was written" in err, err
     assert leftovers(tmp_path) == [] and (tmp_path / "out.pt").read_bytes() == b"keep me"
+
+
+# --- an interrupt at any moment, from the first line of nwave_param on -----------------------------
+
+
+def _console_script():
+    """The installed ``nwave-param`` entry point beside this interpreter (``python -m nwave_param`` without one)."""
+    script = os.path.join(os.path.dirname(sys.executable), "nwave-param")
+    return [script] if os.path.exists(script) else ["-m", "nwave_param"]
+
+
+INTERRUPTED = "nwave-param: error: interrupted by SIGINT: nothing was written"
+
+
+@pytest.mark.slow
+def test_an_interrupt_at_any_moment_gives_one_line_and_writes_nothing(tmp_path):
+    """SIGINT at many moments of ``nwave-param project``: either the command finished (exit 0, its
+    output written) or it ends in one line on stderr, exit 2, no output and no temporary file.
+
+    Python's own outcome (killed by SIGINT, or exit 1 after a KeyboardInterrupt while Python
+    starts, which may also cut a .pth file short) counts only for an interrupt that came before the handler, the first thing
+    ``cli.main`` does: Python's start, then importing ``nwave_param`` (its ``__init__`` imports
+    nothing), ``nwave_param.cli`` and ``nwave_param.guards`` (standard modules only), a few
+    milliseconds in all.  The child runs with ``-X importtime``, which prints a line on stderr for
+    each module once imported, in order with everything else there: what comes before the line of
+    the ``nwave_param`` package is Python's start (an interrupt there may even be printed and
+    ignored), and anything goes there; after it, Python's own outcome must be its
+    KeyboardInterrupt, raised outside ``main``, before anything ``main`` imports next
+    (``nwave_param.errors``, torch) was imported, and every other line must be the one error line.
+    The outcomes say which came before nwave_param's first line and which after it, in the
+    milliseconds before the handler."""
+    _setting(tmp_path)
+    out = tmp_path / "out.pt"
+    command = [sys.executable, "-X", "importtime", *_console_script(), "project", str(tmp_path / "tiny.pt"), "-o", str(out)]
+    start = time.perf_counter()
+    subprocess.run(command, capture_output=True, check=True, cwd=tmp_path)
+    duration = time.perf_counter() - start
+    out.unlink()
+    # Python's start, torch's import, the work, the write, and past the end: the first 0.1 s densely
+    delays = [0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08] + [duration * step / 14 for step in range(1, 16)]
+    outcomes = []
+    for delay in delays:
+        # files, not pipes: -X importtime writes more than a pipe holds, and the child would wait for a reader
+        with open(tmp_path / "stdout.txt", "w+") as stdout_file, open(tmp_path / "stderr.txt", "w+") as stderr_file:
+            process = subprocess.Popen(command, stdout=stdout_file, stderr=stderr_file, cwd=tmp_path)
+            time.sleep(delay)
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=120)
+        stdout, stderr = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
+        lines = stderr.splitlines()
+        module = [line.rsplit("|", 1)[-1].strip() if line.startswith("import time:") else None for line in lines]
+        # what Python said while it started (an interrupt there may be printed and ignored) is not nwave_param's
+        start = module.index("nwave_param") if "nwave_param" in module else len(lines)
+        imported = [name for name in module[start:] if name]
+        said = [line for line, name in zip(lines[start:], module[start:]) if name is None]
+        if start == len(lines):  # Python's own, while it started: whatever it does then (site, .pth files)
+            outcome = "before nwave_param"
+            assert process.returncode != 0 and not out.exists(), (delay, stderr)
+        elif process.returncode == 0:
+            outcome = "finished"
+            assert said == [] and "wrote" in stdout and torch.load(out, weights_only=True), (delay, stderr)
+        elif process.returncode == 2:
+            outcome = "interrupted"
+            assert said == [INTERRUPTED] and stdout == "" and not out.exists(), (delay, stderr)
+        else:  # Python's own KeyboardInterrupt, raised outside main: before the handler, and before anything after it
+            outcome = "before the handler"
+            assert process.returncode in (-signal.SIGINT, 1) and said[-1:] == ["KeyboardInterrupt"], (delay, stderr)
+            assert not any(name == "nwave_param.errors" or name.startswith("torch") for name in imported), (delay, stderr)
+            assert not any("in main" in line or "in _run" in line for line in said) and not out.exists(), (delay, stderr)
+        assert leftovers(tmp_path) == [], delay
+        outcomes.append(outcome)
+        out.unlink(missing_ok=True)
+    assert "interrupted" in outcomes and outcomes[-1] == "finished", list(zip(delays, outcomes))  # the delays reach past the command's end
