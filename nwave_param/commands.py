@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 
 import nwave_param as nwp
@@ -132,7 +133,20 @@ def run_check(args: argparse.Namespace) -> int:
             args, outputs, lambda: {"checkpoint": args.checkpoint, **_report_data(report), "notes": notes},
             lambda: _with_notes(str(report), notes),
         )
+    _note_the_default_chip(args, checkpoint, "checked against")
     return 0 if report.is_mappable else 1
+
+
+def _note_the_default_chip(args: argparse.Namespace, checkpoint: files.Checkpoint, done: str) -> None:
+    """Say on stderr which chip a file that does not say its own was held to, and how to choose
+    another: once the command has succeeded (an error is one line), and never on stdout (--json)."""
+    if args.chip is None and not any(getattr(args, field) is not None for field in SPEC_OPTIONS) and offline.saved_spec(checkpoint) is None:
+        print(
+            f"nwave-param: note: {one_line(args.checkpoint)} does not say which chip it was trained for (a plain state_dict), "
+            f"so it was {done} the H1v1 chip (limit {H1V1.limit}, blocks of {H1V1.group_size}); "
+            "for the H1v2, pass --chip h1v2 (or --limit, --group-size, --bits)",
+            file=sys.stderr,
+        )
 
 
 def _change_table(changes: Sequence[dict]) -> str:
@@ -184,6 +198,7 @@ def run_project(args: argparse.Namespace) -> int:
         }
         text = lambda: "\n".join([_summary("before", before), _summary("after ", after), _change_table(changes)])  # noqa: E731
         _finish(args, outputs, data, lambda: _with_notes(text(), notes) + f"\nwrote {one_line(args.output)}")
+    _note_the_default_chip(args, checkpoint, "projected for")
     return 0
 
 

@@ -270,7 +270,7 @@ def peaks(tmp_path_factory):
     """Each attack's exit status, stderr and peak resident size, and a valid run's."""
     directory = tmp_path_factory.mktemp("hostile_memory")
     _setting(directory)
-    cases = {"valid": ["check", str(directory / "tiny.pt"), "--max-bytes", MAX_BYTES]}
+    cases = {"valid": ["check", str(directory / "tiny.pt"), "--max-bytes", MAX_BYTES, "--chip", "h1v1"]}
     cases.update({name: _build(name, directory)[0] for name in MEASURED})
     result = subprocess.run(
         [sys.executable, "-c", RUNNER, str(directory), json.dumps(cases)], capture_output=True, text=True, timeout=600
@@ -408,7 +408,7 @@ def test_an_interrupt_at_any_moment_gives_one_line_and_writes_nothing(tmp_path):
     milliseconds before the handler."""
     _setting(tmp_path)
     out = tmp_path / "out.pt"
-    command = [sys.executable, "-X", "importtime", *_console_script(), "project", str(tmp_path / "tiny.pt"), "-o", str(out)]
+    command = [sys.executable, "-X", "importtime", *_console_script(), "project", str(tmp_path / "tiny.pt"), "-o", str(out), "--chip", "h1v1"]
     start = time.perf_counter()
     subprocess.run(command, capture_output=True, check=True, cwd=tmp_path)
     duration = time.perf_counter() - start
