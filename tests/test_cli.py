@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
+from installs import not_installed
 from layers import scaled
 
 import nwave_param as nwp
@@ -283,7 +284,7 @@ def _net():
 
 
 def test_plain_writes_the_inner_model_of_a_real_lightning_checkpoint(tmp_path, capsys):
-    L = pytest.importorskip("lightning", reason="Lightning not installed (pip install lightning)")
+    L = pytest.importorskip("lightning", reason=not_installed("lightning"))
 
     class Module(L.LightningModule):
         def __init__(self):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 from torch.optim.swa_utils import AveragedModel
 
+from installs import not_installed
 from layers import KINDS, fill, make_model, model_cfgs, outputs, same_bits, scaled, values_cfgs
 
 import nwave_param as nwp
@@ -201,7 +202,7 @@ def test_averaged_model_of_a_hardened_model_averages_and_saves(tmp_path):
 
 
 def test_lightning_checkpoint_restores_the_hardness_and_what_the_model_computes(tmp_path):
-    L = pytest.importorskip("lightning", reason="Lightning not installed (pip install lightning)")
+    L = pytest.importorskip("lightning", reason=not_installed("lightning"))
 
     class Module(L.LightningModule):
         def __init__(self, hardness=0.0):
