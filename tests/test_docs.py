@@ -6,6 +6,8 @@ absent is skipped, naming the package.
 """
 
 import importlib.util
+import shutil
+import subprocess
 import re
 from pathlib import Path
 
@@ -79,3 +81,16 @@ def test_the_install_commands_the_skips_name_are_the_ones_ci_runs():
             named |= {d for p in packages for d in (extra(p[2:-1]) if p.startswith(".[") else {p})}
         assert distributions.get(package, package) in named, (package, command)  # the command installs it
     assert _pip_installs("pip install --no-deps norse nir") == [(frozenset({"--no-deps"}), frozenset({"norse", "nir"}))]
+
+
+def test_what_the_documented_demo_commands_write_is_ignored_by_git():
+    """``nwave-param demo --plot demo.png``, run in a checkout as the README says, leaves nothing for
+    ``git status`` to show (docs/demo.png, the README's picture, stays tracked)."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    commands = [line for page in PAGES for line in page.read_text().splitlines() if "nwave-param demo" in line]
+    written = {path for line in commands for path in re.findall(r"--(?:plot|json)[ =](?!-)(\S+)", line)}
+    assert "demo.png" in written
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *written, "demo.json"], cwd=ROOT, capture_output=True, text=True)
+    assert set(ignored.stdout.split()) == written | {"demo.json"}, ignored
+    assert subprocess.run(["git", "check-ignore", "-q", "--no-index", "docs/demo.png"], cwd=ROOT).returncode == 1
