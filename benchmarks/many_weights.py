@@ -7,7 +7,8 @@
 The file is a state_dict of ``fc<i>.weight`` tensors of shape (1, 1), views of one storage (9.3 MiB
 on disk for 100,000 of them, 400 kB of tensors), checked under ``--max-bytes 20M``.  Each round runs,
 in a fresh random order, one fresh process per variant, each with one intra-op thread and with
-torch and nwave_param imported before its clock starts (so both peaks hold the same modules):
+torch and nwave_param's modules imported before its clock starts (so both peaks hold the same
+modules; importing them takes 2 s, mostly torch._dynamo, once per process, whatever the file):
 
 * ``torch.load``: ``torch.load(path, weights_only=True)``;
 * ``check``: ``nwave_param.cli.main(["check", path, "--max-bytes", "20M"])``, its text to /dev/null;
@@ -28,12 +29,13 @@ import subprocess
 import sys
 import tempfile
 
-from run import machine
+from run import machine, table
 
 MAX_BYTES = "20M"
 PROBE = r"""
 import json, os, resource, sys, time
 import torch
+import nwave_param.commands  # what the command imports after its signal handler: imported before the clock, in both
 from nwave_param.cli import main
 
 torch.set_num_threads(1)
@@ -50,6 +52,7 @@ sys.stdout = sys.__stdout__
 print(json.dumps({{"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "code": code}}))
 """.format(max_bytes=MAX_BYTES)
 VARIANTS = ("torch.load", "check", "check --json")
+ROW = ("seconds", "peak_mib", "time_vs_load", "peak_vs_load")
 
 
 def make_file(path: str, count: int) -> None:
@@ -112,9 +115,7 @@ def main() -> None:
     info = results["machine"]
     print(f"{info['cpu']}, {info['simd']}, torch {info['torch']}, 1 thread")
     print(f"{count:,} weights of shape (1, 1), {results['file']['mib']} MiB, --max-bytes {MAX_BYTES}, medians of {rounds} rounds")
-    print(f"{'variant':<14}{'seconds':>9}{'peak MiB':>10}{'time/load':>11}{'peak/load':>11}")
-    for variant, row in results["variants"].items():
-        print(f"{variant:<14}{row['seconds']:>9.2f}{row['peak_mib']:>10.0f}{row['time_vs_load']:>11.2f}{row['peak_vs_load']:>11.2f}")
+    print(table([{"variant": variant, **row} for variant, row in results["variants"].items()], ["variant", *ROW]))
     if args.json:
         with open(args.json, "w") as stream:
             json.dump(results, stream, indent=2)

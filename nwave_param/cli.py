@@ -29,12 +29,13 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line on ``argv`` (default ``sys.argv[1:]``: the program itself, which then
-    keeps ignoring signals until it exits) and return its exit status."""
+    """Run the command line on ``argv`` and return its exit status.  Without ``argv`` it is the
+    program itself (``sys.argv[1:]``), which exits next: once the command has ended, SIGINT and
+    SIGTERM stay blocked until then (:meth:`~nwave_param.guards.Interruptions.installed`)."""
     try:
         with INTERRUPTIONS.installed(restore=argv is not None):  # first: before torch is imported
             return _run(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:  # in the instant the handler was being installed: nothing has run
+    except KeyboardInterrupt:  # in the instant the handler was being installed, or errors imported: nothing has run
         print(f"nwave-param: error: interrupted by {INTERRUPTIONS.received or 'SIGINT'}: nothing was written", file=sys.stderr)
         return 2
 
