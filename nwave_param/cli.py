@@ -62,14 +62,9 @@ def _run(argv: list[str]) -> int:
         message = f"unexpected {type(error).__name__}: {one_line(error)} (please report it with the command line)"
     INTERRUPTIONS.defer()  # the command has ended: a second signal must not cut its message short
     if INTERRUPTIONS.received:  # whatever the signal became on its way out (torch's writer rewraps it)
-        message = f"interrupted by {INTERRUPTIONS.received}" + ("" if command_of(argv) == "demo" else ": nothing was written")
+        message = f"interrupted by {INTERRUPTIONS.received}: nothing was written"  # every command writes all or none
     print(f"nwave-param: error: {one_line(message, MESSAGE)}", file=sys.stderr)
     return 2
-
-
-def command_of(argv: Sequence[str]) -> str | None:
-    """The command ``argv`` names (its first word that is not an option), if any."""
-    return next((word for word in argv if not word.startswith("-")), None)
 
 
 if __name__ == "__main__":

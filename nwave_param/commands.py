@@ -25,7 +25,6 @@ import nwave_param as nwp
 from . import __version__, files, offline
 from .errors import MESSAGE, CheckpointError, noticed, one_line
 from .outputs import Outputs, check_destinations
-from .cli import command_of
 from .guards import INTERRUPTIONS, build_model, stdout_to_devnull, users_code
 from .report import Report, aligned
 from .spec import H1V1, H1V2, ChipSpec
@@ -326,7 +325,8 @@ def _attach_json_paths(argv: list[str]) -> list[str]:
     """In check and project, a bare ``--json`` never takes the next word as its path: only
     ``--json=PATH`` carries one (otherwise ``check --json model.pt`` would lose its checkpoint).
     ``demo`` takes no file, so ``--json PATH`` keeps working there."""
-    if command_of(argv) not in ("check", "project"):
+    command = next((word for word in argv if not word.startswith("-")), None)  # its first word that is not an option
+    if command not in ("check", "project"):
         return argv
     end = argv.index("--") if "--" in argv else len(argv)
     return ["--json=-" if a == "--json" else a for a in argv[:end]] + argv[end:]

@@ -1224,3 +1224,24 @@ def test_a_plain_file_held_to_the_default_chip_says_so_on_stderr(plain, tmp_path
     torch.save(model.state_dict(), tmp_path / "registered.pt")  # says its own chip (H1v2): no note
     assert run(capsys, "check", tmp_path / "registered.pt") == (0, run(capsys, "check", tmp_path / "registered.pt")[1], "")
     assert "note" not in error(capsys, "project", plain, "-o", tmp_path / "missing" / "out.pt")  # an error stays one line
+
+
+def test_the_demo_writes_its_json_and_picture_all_or_none(capsys, monkeypatch, tmp_path):
+    """The picture fails half-way (a full disk, Ctrl-C): the JSON, complete by then, is not left
+    behind either, nor any temporary file, and nothing was printed."""
+    from nwave_param import demo
+
+    class Trained:
+        def to_dict(self):
+            return {}
+
+    def half_a_picture(outcomes, placement, stream, limit):
+        stream.write(b"\x89PNG half")
+        raise failure
+
+    monkeypatch.setattr(demo, "run", lambda epochs, spec: ({"hardened": Trained()}, Trained()))
+    monkeypatch.setattr(demo, "plot", half_a_picture)
+    for failure, said in ((OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"), (KeyboardInterrupt(), "interrupted while writing")):
+        line = error(capsys, "demo", "--quick", f"--json={tmp_path / 'demo.json'}", "--plot", tmp_path / "demo.png")
+        assert said in line and "nothing was written" in line, line
+        assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
