@@ -31,7 +31,7 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` and return its exit status.  Without ``argv`` it is the
     program itself (``sys.argv[1:]``), which exits next: once the command has ended, SIGINT and
-    SIGTERM stay blocked until then (:meth:`~nwave_param.guards.Interruptions.installed`)."""
+    SIGTERM are ignored until then (:meth:`~nwave_param.guards.Interruptions.installed`)."""
     try:
         with INTERRUPTIONS.installed(restore=argv is not None):  # first: before torch is imported
             return _run(list(sys.argv[1:] if argv is None else argv))

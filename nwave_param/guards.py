@@ -57,10 +57,11 @@ class Interruptions:
     @contextlib.contextmanager
     def installed(self, restore: bool = True) -> Iterator[None]:
         """Handle SIGINT and SIGTERM inside; after, the caller's handlers again, or with
-        ``restore=False`` (the program's own run, which exits next) both signals blocked: the
+        ``restore=False`` (the program's own run, which exits next) both signals ignored: the
         interpreter's teardown (a third of a second once torch is loaded) puts back the default
-        handlers, which would kill a command that has completed, with no word and the signal's
-        exit status; blocked, a signal waits, and dies with the process."""
+        handlers of the signals Python handles, which would kill a command that has completed,
+        with no word and the signal's exit status; an ignored one it leaves ignored.  (Blocking
+        them would not do: torch's threads would take the signal.)"""
         self.received, self.deferred = None, False
         try:
             previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
@@ -74,8 +75,9 @@ class Interruptions:
             if restore:
                 for number, handler in previous.items():
                     signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-            elif hasattr(signal, "pthread_sigmask"):
-                signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+            else:
+                for number in previous:
+                    signal.signal(number, signal.SIG_IGN)
 
     def check(self) -> None:
         """Raise :class:`Interrupted` if a signal came and was swallowed on its way (an import that
