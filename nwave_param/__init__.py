@@ -6,19 +6,40 @@
     reg = nwp.register(model)                 # track every weight; the model computes as before
     loss = task_loss + reg.penalty()          # steer toward |w| <= 0.9 and sign-aligned blocks of 5
     reg.harden(h)                             # compute with what the chip holds, h from 0 to 1
+
+Every name is imported when first used (PEP 562), so that ``import nwave_param`` imports no
+torch: the command line installs its signal handling before torch loads, and an interrupt while
+torch is still importing ends in one line (:mod:`nwave_param.cli`).
 """
 
-from .discovery import trackable_weights
-from .errors import CheckpointError, CheckpointWarning
-from .functional import Penalties
-from .layout import Layout
-from .offline import check_state_dict, project_state_dict
-from .parametrization import ChipConstraint, Settings
-from .placement import Placement, Population, place
-from .registry import AlreadyRegisteredError, Registry, register, registry_of
-from .report import LayerReport, Report
-from .spec import H1V1, H1V2, ChipSpec
-from .state import plain_state_dict
+import importlib
+import importlib.util
+
+# each public name -> the module that defines it
+_HOMES = {
+    "trackable_weights": "discovery",
+    "CheckpointError": "errors",
+    "CheckpointWarning": "errors",
+    "Penalties": "functional",
+    "Layout": "layout",
+    "check_state_dict": "offline",
+    "project_state_dict": "offline",
+    "ChipConstraint": "parametrization",
+    "Settings": "parametrization",
+    "Placement": "placement",
+    "Population": "placement",
+    "place": "placement",
+    "AlreadyRegisteredError": "registry",
+    "Registry": "registry",
+    "register": "registry",
+    "registry_of": "registry",
+    "LayerReport": "report",
+    "Report": "report",
+    "H1V1": "spec",
+    "H1V2": "spec",
+    "ChipSpec": "spec",
+    "plain_state_dict": "state",
+}
 
 __all__ = [
     "H1V1",
@@ -45,3 +66,19 @@ __all__ = [
     "trackable_weights",
 ]
 __version__ = "0.3.0"
+
+
+def __getattr__(name: str) -> object:
+    """A public name, or a submodule (``nwave_param.functional``), imported at its first use."""
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # found once: the next use is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -207,16 +207,28 @@ def model_weights(
             reg = register(model, spec, exclude=exclude)
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"model: {one_line(error, MESSAGE)}") from None
+        keys = {name: _key_of(name, state_dict) for name in reg.names}
+        for name, key in keys.items():  # before the file's values go anywhere, or plain_state_dict computes on them
+            if key is not None:
+                _check_readable(name, state_dict[key])
+        layouts = dict(zip(reg.names, reg.layouts))
+        for name, (key, saved) in described.items():  # plain_state_dict computes with the file's layouts
+            if name in layouts and saved.layout != layouts[name]:
+                raise CheckpointError(
+                    f"{one_line(name)}: the model reads it with {layouts[name]}, but {one_line(checkpoint.path)} describes "
+                    f"{saved.layout}: is it the model the checkpoint was saved from?"
+                )
+            value = state_dict.get(key) if key is not None else None
+            if isinstance(value, Tensor):
+                if name not in keys:  # described, not tracked by this model
+                    _check_readable(name, value)
+                _check_layout(checkpoint.path, name, value.shape, saved.layout)
         try:  # plain keys: the file's own spec may differ from the one asked for
             loadable = plain_state_dict(state_dict)
         except ValueError:
             loadable = state_dict
         else:
             _check_fits(checkpoint.path, expected, loadable)
-        keys = {name: _key_of(name, state_dict) for name in reg.names}
-        for name, key in keys.items():  # before the file's values go anywhere
-            if key is not None:
-                _check_readable(name, state_dict[key])
         try:
             model.load_state_dict(loadable)
         except RuntimeError as error:  # torch's message spans lines: its words, on one
@@ -227,11 +239,6 @@ def model_weights(
         held = {**held, **plain_state_dict(held)}
     weights = []
     for name, value, layout in zip(reg.names, reg.latent_weights(), reg.layouts):
-        if name in described and described[name][1].layout != layout:
-            raise CheckpointError(
-                f"{one_line(name)}: the model reads it with {layout}, but {one_line(checkpoint.path)} describes "
-                f"{described[name][1].layout}: is it the model the checkpoint was saved from?"
-            )
         key = keys[name]
         aliases = tuple(k for k, t in held.items() if t is value and k != key and k in state_dict)  # tied keys
         stored = state_dict[key] if key is not None else value.detach()

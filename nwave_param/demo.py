@@ -48,10 +48,13 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 from torch import nn
 
+from .guards import INTERRUPTIONS
+from .outputs import Outputs
 from .placement import Placement, place
 from .registry import Registry, register
 from .report import Report
@@ -288,7 +291,8 @@ def table(outcomes: dict[str, Outcome]) -> str:
 COLORS = {"baseline": "tab:blue", "constrained": "tab:orange", "hardened": "tab:green"}
 
 
-def plot(outcomes: dict[str, Outcome], placement: Placement, path: str, limit: float) -> None:
+def plot(outcomes: dict[str, Outcome], placement: Placement, stream: BinaryIO, limit: float) -> None:
+    """The picture, as PNG, into ``stream``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -362,27 +366,29 @@ def plot(outcomes: dict[str, Outcome], placement: Placement, path: str, limit: f
         ax.set_xlabel("weight")
         ax.set_ylabel("count (log)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(stream, dpi=100, format="png")
     plt.close(figure)
 
 
 def main(epochs: int, json_path: str | None, plot_path: str | None, chip: str = "h1v2", bits: int | None = None, mismatch: float = 0.0) -> int:
-    """Train, print the tables, and write the JSON (``json_path="-"``: the JSON alone on stdout,
-    the tables on stderr) and the picture."""
+    """Train, write the JSON and the picture (all or none), then print the tables
+    (``json_path="-"``: the JSON alone on stdout, the tables on stderr)."""
     spec = dataclasses.replace(CHIP_SPECS[chip], bits=bits, mismatch=mismatch)
     outcomes, placement = run(epochs, spec)
+    data = {"chip": chip, "placement": placement.to_dict(), **{name: o.to_dict() for name, o in outcomes.items()}}
+    with Outputs() as outputs:  # written before anything is printed: an interrupt until then leaves nothing
+        if json_path not in (None, "-"):
+            outputs.add_text(json_path, json.dumps(data, indent=2))
+        if plot_path:
+            outputs.add(plot_path, lambda stream: plot(outcomes, placement, stream, spec.limit))
+        INTERRUPTIONS.defer()  # from here the demo completes: what it prints is what is on disk
+        outputs.commit()
     shown = sys.stderr if json_path == "-" else sys.stdout
     print(table(outcomes), file=shown)
     print(f"\nthe network on the {chip.upper()} chip:", file=shown)
     print(placement, file=shown)
     print("\nhardened run, latent weights as trained:", file=shown)
     print(outcomes["hardened"].report_before, file=shown)
-    data = {"chip": chip, "placement": placement.to_dict(), **{name: o.to_dict() for name, o in outcomes.items()}}
     if json_path == "-":
         print(json.dumps(data, indent=2))
-    elif json_path:
-        with open(json_path, "w") as stream:
-            json.dump(data, stream, indent=2)
-    if plot_path:
-        plot(outcomes, placement, plot_path, spec.limit)
     return 0

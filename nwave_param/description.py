@@ -17,6 +17,7 @@ the hardness; such checkpoints still load, and :func:`decode` reads them.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import zlib
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ _MAGIC = b"nwp2"
 _HEAD = struct.Struct("<4sQQ?dQBddQQ")
 _CORE = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
+_WORD_END = 1 << 16  # a description holds 16-bit words
 
 
 class Description(NamedTuple):
@@ -92,22 +94,52 @@ def damaged(value: object) -> bool:
 
 
 def _from_tensor(value: Tensor) -> Description | None:
-    size = _HEAD.size + _CRC.size
-    if value.dim() != 1 or value.numel() < size // 2 or value.is_complex() or value.layout != torch.strided or value.is_meta:
+    """The description in ``value``, read with tensor ops until its magic, length and CRC are
+    known good: a tensor of any size costs a small constant times its size, and only a record
+    that passed them becomes Python objects.
+
+    Its length is no larger than its header says: the words of the head, ``count`` cores and the
+    CRC, ``count`` read from the head before the rest is looked at."""
+    if value.dim() != 1 or value.layout != torch.strided or value.is_meta or value.is_complex():
         return None
-    words = value.detach().cpu().to(torch.float64)
-    if not bool((words == words.round()).all() & (words >= 0).all() & (words < 1 << 16).all()):
+    if value.numel() < (_HEAD.size + _CRC.size) // 2:
         return None
-    record = struct.pack(f"<{words.numel()}H", *(int(w) for w in words.tolist()))
-    body, crc = record[: -_CRC.size], record[-_CRC.size :]
-    if not body.startswith(_MAGIC) or _CRC.unpack(crc)[0] != zlib.crc32(body):
+    head = _record(value[: _HEAD.size // 2])
+    if head is None or not head.startswith(_MAGIC):
+        return None
+    count = _HEAD.unpack(head)[-1]
+    if value.numel() != (_HEAD.size + count * _CORE.size + _CRC.size) // 2:
+        return None
+    record = _record(value)
+    if record is None:
+        return None
+    body, crc = memoryview(record)[: -_CRC.size], record[-_CRC.size :]  # a view: no copy
+    if _CRC.unpack(crc)[0] != zlib.crc32(body):
         return None
     magic, gates, groups, transposed, limit, group_size, bits, mismatch, hardness, inputs, count = _HEAD.unpack_from(body)
-    if len(body) != _HEAD.size + count * _CORE.size or not 0 <= hardness <= 1:
+    if not 0 <= hardness <= 1:
         return None
-    cores = tuple(_CORE.unpack_from(body, _HEAD.size + i * _CORE.size)[0] for i in range(count))
+    cores = struct.unpack_from(f"<{count}{_CORE.format[-1]}", body, _HEAD.size)
     try:
         spec = ChipSpec(limit, group_size, bits or None, mismatch, cores, inputs)
         return Description(Layout(gates, groups, transposed), spec, hardness)
     except (TypeError, ValueError):
         return None
+
+
+def _record(words: Tensor) -> bytes | None:
+    """The bytes of ``words`` (16-bit words, held in any real dtype) in little-endian order, or
+    None when one of them is not a whole number in ``[0, 2**16)``; in a few tensor ops, each
+    one pass over the words."""
+    words = words.detach()
+    whole = (words >= 0) & (words < _WORD_END)
+    if words.dtype.is_floating_point:
+        whole &= words == words.trunc()  # NaN is not whole
+    if not bool(whole.all()):
+        return None
+    if words.dtype.is_floating_point:
+        words = words.to(torch.int32)  # exact: whole numbers below 2**16
+    pairs = torch.empty(words.numel(), 2, dtype=torch.uint8)  # low byte, high byte: little-endian on any machine
+    torch.bitwise_and(words.cpu(), 0xFF, out=pairs[:, 0])
+    torch.bitwise_right_shift(words.cpu(), 8, out=pairs[:, 1])
+    return ctypes.string_at(pairs.data_ptr(), pairs.numel())  # one copy in C (bytes(storage) goes byte by byte)

@@ -48,8 +48,10 @@ def noticed(notes: list[str]) -> Iterator[None]:
 
 
 # C0 and C1 controls (newlines, the escape of a terminal sequence), the line and paragraph
-# separators, bidirectional overrides, and lone surrogates (no terminal can print them)
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+# separators, bidirectional overrides, and lone surrogates (no terminal can print them); compiled
+# at first use (re caches it), not at import: the command line imports this module before its
+# signal handler is installed
+_UNPRINTABLE = "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
 
 
 def one_line(value: object, limit: int = SHOWN) -> str:
@@ -72,7 +74,7 @@ def one_line(value: object, limit: int = SHOWN) -> str:
     if len(text) > limit:
         keep = limit // 2
         text = f"{text[:keep]}…({len(text) - 2 * keep} characters)…{text[len(text) - keep:]}"
-    return _UNPRINTABLE.sub(lambda match: repr(match[0])[1:-1], text)
+    return re.sub(_UNPRINTABLE, lambda match: repr(match[0])[1:-1], text)
 
 
 def reason(error: BaseException) -> str:

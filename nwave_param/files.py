@@ -35,7 +35,7 @@ from .outputs import Outputs
 from .sharing import storage_of, view_of
 from .state import is_description_key
 
-__all__ = ["Checkpoint", "is_safetensors", "load", "parse_size", "require_safetensors", "save"]
+__all__ = ["Checkpoint", "is_safetensors", "load", "parse_size", "refuse_computing_more", "require_safetensors", "save"]
 
 INSTALL_SAFETENSORS = "pip install 'nwave-param[safetensors]'"
 # torch.load tells its two formats apart by their first bytes (torch.serialization._is_zipfile):
@@ -121,11 +121,17 @@ def _open_regular_file(path: str) -> bytes:
         raise CheckpointError(f"cannot read {one_line(path)}: {reason(error)}") from None
 
 
-def _refuse_larger(path: str, what: str, needed: int, max_bytes: int, detail: str = "") -> None:
+# how the bound is named in a refusal, and an example of a larger one: on the command line, in Python
+COMMAND_LINE = ("--max-bytes", "--max-bytes 16G")
+PYTHON = ("max_bytes", "max_bytes=16 * 2**30")
+
+
+def _refuse_larger(path: str, what: str, needed: int, max_bytes: int, detail: str = "", option: tuple[str, str] = COMMAND_LINE) -> None:
     if needed > max_bytes:
+        name, example = option
         raise CheckpointError(
-            f"{one_line(path)}: {what} takes {human_size(needed)}{detail}, more than --max-bytes {human_size(max_bytes)}; "
-            "pass a larger --max-bytes (e.g. --max-bytes 16G) if this machine has the memory"
+            f"{one_line(path)}: {what} takes {human_size(needed)}{detail}, more than {name} {human_size(max_bytes)}; "
+            f"pass a larger {name} (e.g. {example}) if this machine has the memory"
         )
 
 
@@ -275,9 +281,10 @@ def _computed_bytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _refuse_computing_more(path: str, tensors: Mapping[str, Tensor], max_bytes: int) -> None:
-    """Refuse, before any computation, a checkpoint whose tensors materialize more than ``max_bytes``."""
-    views = {view_of(t): (where, t) for where, t in tensors.items()}
+def refuse_computing_more(path: str, obj: object, max_bytes: int, option: tuple[str, str] = COMMAND_LINE) -> None:
+    """Refuse, before any computation, an object (a checkpoint, a state_dict) whose tensors
+    materialize more than ``max_bytes``, naming the bound as ``option`` (:data:`COMMAND_LINE`, :data:`PYTHON`)."""
+    views = {view_of(t): (where, t) for where, t in _tensors_in(path, obj).items()}
     sizes = {where: _computed_bytes(t) for where, t in views.values()}
     needed = sum(sizes.values())
     if needed <= max_bytes:
@@ -287,7 +294,7 @@ def _refuse_computing_more(path: str, tensors: Mapping[str, Tensor], max_bytes: 
     stored = tensor.untyped_storage().nbytes() if storage_of(tensor) else sizes[largest]
     expanded = f", stored in {human_size(stored)}" if stored < sizes[largest] else ""
     detail = f" ({one_line(largest)} of shape {tuple(tensor.shape)}: {human_size(sizes[largest])}{expanded})"
-    _refuse_larger(path, "computing with its tensors", needed, max_bytes, detail)
+    _refuse_larger(path, "computing with its tensors", needed, max_bytes, detail, option)
 
 
 def load(path: str, max_bytes: int) -> Checkpoint:
@@ -299,7 +306,7 @@ def load(path: str, max_bytes: int) -> Checkpoint:
         state_dict = OrderedDict({**tensors, **descriptions})
         return Checkpoint(path, state_dict, state_dict, None, rest)
     obj = _load_torch(path, head, max_bytes)
-    _refuse_computing_more(path, _tensors_in(path, obj), max_bytes)
+    refuse_computing_more(path, obj, max_bytes)
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and _is_state_dict(obj.get(key)):
             return Checkpoint(path, obj, obj[key], key)

@@ -1,4 +1,6 @@
-"""The command line's guards on its process: signals, and the user's code it runs.
+"""The command line's guards on its process: signals, stdout, and the user's code it runs.
+
+Imported before torch (by :mod:`nwave_param.cli`), it imports nothing heavy itself.
 
 * SIGINT and SIGTERM while a command runs raise :class:`Interrupted`, which removes the outputs'
   temporary files on its way out, until the outputs are being renamed into place
@@ -15,14 +17,14 @@ import importlib
 import os
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 
-from torch import nn
 
-from .errors import CheckpointError, one_line
+TYPE_CHECKING = False  # typing's, without importing typing: this module is imported before the signal handler is installed
+if TYPE_CHECKING:
+    from torch import nn
 
-__all__ = ["INTERRUPTIONS", "Interrupted", "build_model", "users_code"]
+__all__ = ["INTERRUPTIONS", "Interrupted", "build_model", "stdout_to_devnull", "users_code"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -53,20 +55,49 @@ class Interruptions:
         self.deferred = True
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self, restore: bool = True) -> Iterator[None]:
+        """Handle SIGINT and SIGTERM inside; after, the caller's handlers again, or with
+        ``restore=False`` (the program's own run, which exits next) both signals ignored: the
+        interpreter's teardown (a third of a second once torch is loaded) puts back the default
+        handlers of the signals Python handles, which would kill a command that has completed,
+        with no word and the signal's exit status; an ignored one it leaves ignored.  (Blocking
+        them would not do: torch's threads would take the signal.)"""
         self.received, self.deferred = None, False
-        if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+        try:
+            previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        except ValueError:  # not the main thread, which alone receives signals
             yield
             return
-        previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
         try:
             yield
         finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+            self.defer()  # the command has ended: a signal from here on ends nothing half-way
+            if restore:
+                for number, handler in previous.items():
+                    signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+            else:
+                for number in previous:
+                    signal.signal(number, signal.SIG_IGN)
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a signal came and was swallowed on its way (an import that
+        catches every exception): the command stops as it would have."""
+        if self.received and not self.deferred:
+            raise Interrupted(self.received)
 
 
 INTERRUPTIONS = Interruptions()
+
+
+def stdout_to_devnull() -> None:
+    """What is still buffered for stdout, and all that follows, goes to /dev/null: after a closed
+    stdout (``| head``), as the Python documentation's note on SIGPIPE does it (Python flushes
+    stdout at exit, and a second broken pipe there would escape every handler)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 @contextlib.contextmanager
@@ -104,6 +135,8 @@ def users_code(what: str) -> Iterator[None]:
     What it prints goes to stderr; the working directory and ``sys.path`` are restored after it;
     its ``sys.exit`` and its exceptions become a one-line error naming ``what``.
     """
+    from .errors import CheckpointError, one_line  # here, not above: this module is imported before the signal handler is installed
+
     directory, path = os.getcwd(), list(sys.path)
     try:
         with _stdout_to_stderr():
@@ -123,6 +156,10 @@ def users_code(what: str) -> Iterator[None]:
 
 
 def build_model(factory_path: str) -> nn.Module:
+    from torch import nn  # here, not above: this module is imported before torch (see nwave_param.cli)
+
+    from .errors import CheckpointError, one_line
+
     module_name, _, attribute = factory_path.partition(":")
     if not module_name or not attribute:
         raise CheckpointError(f"--model takes MODULE:FACTORY (e.g. mypkg.models:make_net), got {one_line(repr(factory_path))}")

@@ -50,11 +50,17 @@ class Layout:
     def check(self, shape: torch.Size, name: str) -> None:
         """Raise ValueError, naming ``name``, if a weight of ``shape`` cannot be read with this
         layout: the gates split the output rows, the groups split dim 0 (the output rows, or a
-        transposed convolution's input channels)."""
+        transposed convolution's input channels), and a convolution's reading (groups, transposed)
+        is of a convolution's weight, ``(channels, channels, *kernel)``: 3 or more dims."""
         if len(shape) < 2:
             raise ValueError(f"{name}: a tracked weight needs 2 or more dims, got shape {tuple(shape)}")
         rows = self.rows(shape)
-        problems = [f"its {rows} output rows do not split into {self.gates} gates"] if rows % self.gates else []
+        convolution = [f"groups={self.groups}"] * (self.groups > 1) + ["transposed=True"] * self.transposed
+        problems = (
+            [f"{' and '.join(convolution)} describe a convolution, whose weight has 3 or more dims, not {len(shape)}"]
+            if convolution and len(shape) < 3 else []
+        )
+        problems += [f"its {rows} output rows do not split into {self.gates} gates"] if rows % self.gates else []
         problems += [f"dim 0 ({shape[0]}) does not split into {self.groups} groups"] if shape[0] % self.groups else []
         if problems:
             raise ValueError(f"{name} of shape {tuple(shape)} cannot be read with {self}: {'; '.join(problems)}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import functional
+from . import files, functional
 from ._hardening import harden_all
 from ._reading import Weight, described_weights, inferred_weights, model_weights
 from .description import damaged
@@ -57,12 +57,15 @@ def check_state_dict(
     model: nn.Module | None = None,
     exclude: str | Sequence[str] = (),
     assume_plain: bool = False,
+    max_bytes: int | None = None,
 ) -> Report:
     """The :class:`~nwave_param.Report` of the weights in ``state_dict``, as the chip ``spec`` holds them.
 
     ``spec=None`` takes the spec the checkpoint was saved with (one registration's), else
     ``ChipSpec()``.  ``model`` (not registered, or registered: a copy is read, the model is left
-    as it is) gives the exact layouts; ``exclude`` leaves out weights by glob.  What the reading
+    as it is) gives the exact layouts; ``exclude`` leaves out weights by glob; ``max_bytes``
+    (None: no bound) refuses a state_dict whose tensors materialize more bytes, an expanded tensor
+    counted in full, before any computation, as the command line's ``--max-bytes``.  What the reading
     noticed (guessed layouts, skipped keys) is issued as
     :class:`~nwave_param.errors.CheckpointWarning`, and each row says whether its layout is assumed.
 
@@ -78,9 +81,10 @@ def check_state_dict(
 
     Raises:
         CheckpointError: no trackable weight, a weight that cannot be read (sparse, integer,
-            meta, expanded) or whose layout does not fit its shape, or specs that disagree.
+            meta, expanded) or whose layout does not fit its shape, specs that disagree, or
+            tensors that materialize more than ``max_bytes``.
     """
-    reading = read(_bare(state_dict), spec, model=model, exclude=exclude, assume_plain=assume_plain)
+    reading = read(_bare(state_dict), spec, model=model, exclude=exclude, assume_plain=assume_plain, max_bytes=max_bytes)
     _warn(reading.notes)
     return reading.report()
 
@@ -92,6 +96,7 @@ def project_state_dict(
     model: nn.Module | None = None,
     exclude: str | Sequence[str] = (),
     assume_plain: bool = False,
+    max_bytes: int | None = None,
 ) -> tuple[Mapping[str, object], list[dict]]:
     """A new state_dict whose weights are what the chip holds (:func:`nwave_param.functional.project`
     of each: the L1-nearest mappable values), and what changed, one dict a weight (``name``,
@@ -116,7 +121,7 @@ def project_state_dict(
             projections disagree.  Nothing is changed.
     """
     checkpoint = _bare(state_dict)
-    reading = read(checkpoint, spec, model=model, exclude=exclude, assume_plain=assume_plain)
+    reading = read(checkpoint, spec, model=model, exclude=exclude, assume_plain=assume_plain, max_bytes=max_bytes)
     projected, changes = project(reading)
     _warn(reading.notes)
     return (projected if checkpoint is state_dict else projected.state_dict), changes
@@ -146,12 +151,19 @@ def read(
     model: nn.Module | None = None,
     exclude: str | Sequence[str] = (),
     assume_plain: bool = False,
+    max_bytes: int | None = None,
 ) -> Reading:
     """Choose the spec (``spec``, else the checkpoint's own), the weights and their layouts."""
     if spec is not None and not isinstance(spec, ChipSpec):
         raise TypeError(f"spec must be a ChipSpec, got {type(spec).__name__}")
     if not isinstance(assume_plain, bool):
         raise TypeError(f"assume_plain must be True or False, got {assume_plain!r}")
+    if max_bytes is not None:
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
+            raise TypeError(f"max_bytes must be an int (bytes) or None, got {max_bytes!r}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be more than 0 bytes, got {max_bytes}")
+        files.refuse_computing_more(checkpoint.path, checkpoint.container, max_bytes, files.PYTHON)
     exclude = patterns(exclude)
     notes: list[str] = []
     _refuse_ambiguous(checkpoint)

@@ -43,9 +43,9 @@ def memory_sharing(value: Tensor) -> str | None:
     the elements the smaller ones span: true of every view slicing, transposing and reshaping
     make; an expanded tensor (stride 0) or an unfolded one breaks it, and an as_strided one may.
     """
-    shape, strides = tuple(value.shape), value.stride()
-    if value.numel() == 0:
+    if value.numel() == 0 or value.is_contiguous():  # the common case, in one call: a weight is read per element
         return None
+    shape, strides = tuple(value.shape), value.stride()
     expanded = [d for d, (size, step) in enumerate(zip(shape, strides)) if step == 0 and size > 1]
     if expanded:
         d = expanded[0]

@@ -30,3 +30,18 @@ def test_quick_run_writes_the_json_structure(tmp_path):
     assert {"import_s", "first_call_s"} <= set(data["first_call"])
     assert set(data["lifecycle"]) == {"model", "report_vs_floor", "project_vs_floor"}
     assert data["machine"]["cpu"] in result.stdout and "penalty_vs_floor" in result.stdout and "h=1 + penalty" in result.stdout
+
+
+@pytest.mark.slow
+def test_many_weights_benchmark_runs_and_writes_its_ratios(tmp_path):
+    out = tmp_path / "many.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "many_weights.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--weights", "500", "--rounds", "1", "--json", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["file"]["weights"] == 500 and data["machine"]["cpu"] in result.stdout
+    assert set(data["variants"]) == {"torch.load", "check", "check --json"}
+    assert data["variants"]["torch.load"]["time_vs_load"] == 1.0
+    assert all({"seconds", "peak_mib", "time_vs_load", "peak_vs_load"} <= set(row) for row in data["variants"].values())

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
+from installs import not_installed
 from layers import scaled
 
 import nwave_param as nwp
@@ -283,7 +284,7 @@ def _net():
 
 
 def test_plain_writes_the_inner_model_of_a_real_lightning_checkpoint(tmp_path, capsys):
-    L = pytest.importorskip("lightning", reason="Lightning not installed (pip install lightning)")
+    L = pytest.importorskip("lightning", reason=not_installed("lightning"))
 
     class Module(L.LightningModule):
         def __init__(self):
@@ -1102,7 +1103,7 @@ def test_a_signal_once_the_outputs_are_being_renamed_lets_the_command_complete(p
         real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", replace)
-    code, out, err = run(capsys, "project", plain, "-o", tmp_path / "out.pt", f"--json={tmp_path / 'changes.json'}")
+    code, out, err = run(capsys, "project", plain, "-o", tmp_path / "out.pt", f"--json={tmp_path / 'changes.json'}", "--chip", "h1v1")
     assert code == 0 and err == "" and "wrote" in out
     assert load(tmp_path / "out.pt") and json.loads((tmp_path / "changes.json").read_text())["weights"]
     assert signal.getsignal(signal.SIGTERM) is before  # and the handler is the caller's again
@@ -1137,5 +1138,110 @@ def test_output_mode_is_what_a_normal_write_gives(plain, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_console_entry_point(plain):
-    result = subprocess.run([sys.executable, "-m", "nwave_param", "check", "--json", str(plain)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "nwave_param", "check", "--json", str(plain), "--chip", "h1v1"], capture_output=True, text=True)
     assert result.returncode == 1 and json.loads(result.stdout)["mappable"] is False and result.stderr == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value, verdict", [(0.5, 0), (2.0, 1)], ids=["mappable", "not mappable"])
+def test_a_closed_stdout_keeps_the_verdict(tmp_path, value, verdict):
+    """``nwave-param check model.pt | head -n 1`` in a real shell: the report (1,500 weights, far
+    more than a pipe holds) is cut by head, and the exit status is still the verdict, with nothing on stderr."""
+    path = tmp_path / "many.pt"
+    torch.save({f"fc{i}.weight": torch.full((5, 3), value) for i in range(1500)}, path)
+    pipeline = f"'{sys.executable}' -m nwave_param check '{path}' --chip h1v1 | head -n 1; echo \"status ${{PIPESTATUS[0]}}\" >&2"
+    result = subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("limit 0.9, blocks of 5: ") and result.stdout.count("\n") == 1, result.stdout
+    assert result.stderr == f"status {verdict}\n", result.stderr
+
+
+@pytest.mark.slow
+def test_project_into_a_closed_stdout_writes_its_output_and_exits_0(plain, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nwave_param", "project", str(plain), "-o", str(tmp_path / "out.pt"), "--chip", "h1v1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    process.stdout.close()  # the reader is gone before anything is printed: `| head -n 0`
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and err == "", err
+    written, expected = load(tmp_path / "out.pt"), nwp.project_state_dict(load(plain))[0]
+    assert list(written) == list(expected) and all(same_bits(written[k], expected[k]) for k in expected)
+    assert leftovers(tmp_path) == []
+
+
+def test_importing_nwave_param_or_its_command_line_imports_no_torch():
+    """The command line installs its signal handling before torch loads: nothing it imports first
+    may import torch (or anything heavy)."""
+    probe = (
+        "import sys, nwave_param, nwave_param.cli\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'numpy', 'typing', 'argparse')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "[]\n", (result.stdout, result.stderr)
+
+
+def test_every_public_name_is_imported_at_its_first_use_as_before():
+    import importlib
+
+    import nwave_param
+
+    homes = {name: nwave_param._HOMES[name] for name in nwave_param.__all__}  # every name has a home, and only those
+    assert set(nwave_param._HOMES) == set(nwave_param.__all__) and nwave_param.__version__ == "0.3.0"
+    for name, home in homes.items():
+        assert getattr(nwave_param, name) is getattr(importlib.import_module(f"nwave_param.{home}"), name), name
+    from nwave_param import H1V2, register  # noqa: F401
+
+    assert H1V2 is nwp.H1V2 and nwp.register is register
+    assert nwave_param.functional.project is project and nwave_param.loss.__name__ == "nwave_param.loss"
+    assert set(nwave_param.__all__) <= set(dir(nwave_param)) and "functional" in dir(nwave_param)
+    with pytest.raises(AttributeError, match="module 'nwave_param' has no attribute 'nonsense'"):
+        nwave_param.nonsense  # noqa: B018
+
+
+DEFAULT_CHIP_NOTE = (
+    "nwave-param: note: {path} does not say which chip it was trained for (a plain state_dict), so it was {done} "
+    "the H1v1 chip (limit 0.9, blocks of 5); for the H1v2, pass --chip h1v2 (or --limit, --group-size, --bits)\n"
+)
+
+
+def test_a_plain_file_held_to_the_default_chip_says_so_on_stderr(plain, tmp_path, capsys):
+    """The issue's: a plain file exported from an H1v2 model is "NOT mappable" against H1v1's limit,
+    and a line says which chip was assumed and how to choose another; stdout stays the report, or strict JSON."""
+    h1v2_trained = tmp_path / "h1v2.pt"
+    torch.save({"fc.weight": torch.full((5, 3), 1.5)}, h1v2_trained)  # within H1v2's 1.66, beyond H1v1's 0.9
+    code, out, err = run(capsys, "check", h1v2_trained)
+    assert code == 1 and "NOT mappable" in out and err == DEFAULT_CHIP_NOTE.format(path=h1v2_trained, done="checked against")
+    code, out, err = run(capsys, "check", h1v2_trained, "--json")
+    assert code == 1 and _strict_json(out)["spec"]["limit"] == 0.9 and err == DEFAULT_CHIP_NOTE.format(path=h1v2_trained, done="checked against")
+    assert run(capsys, "check", h1v2_trained, "--chip", "h1v2") == (0, run(capsys, "check", h1v2_trained, "--chip", "h1v2")[1], "")
+    code, out, err = run(capsys, "project", plain, "-o", tmp_path / "out.pt")
+    assert code == 0 and err == DEFAULT_CHIP_NOTE.format(path=plain, done="projected for")
+    for chosen in (["--chip", "h1v1"], ["--limit", "0.9"], ["--group-size", "5"], ["--bits", "8"]):  # a chip chosen: no note
+        assert run(capsys, "check", plain, *chosen)[2] == "", chosen
+    model = nn.Sequential(nn.Linear(3, 5))
+    nn.init.constant_(model[0].weight, 1.5)
+    nwp.register(model, nwp.H1V2)
+    torch.save(model.state_dict(), tmp_path / "registered.pt")  # says its own chip (H1v2): no note
+    assert run(capsys, "check", tmp_path / "registered.pt") == (0, run(capsys, "check", tmp_path / "registered.pt")[1], "")
+    assert "note" not in error(capsys, "project", plain, "-o", tmp_path / "missing" / "out.pt")  # an error stays one line
+
+
+def test_the_demo_writes_its_json_and_picture_all_or_none(capsys, monkeypatch, tmp_path):
+    """The picture fails half-way (a full disk, Ctrl-C): the JSON, complete by then, is not left
+    behind either, nor any temporary file, and nothing was printed."""
+    from nwave_param import demo
+
+    class Trained:
+        def to_dict(self):
+            return {}
+
+    def half_a_picture(outcomes, placement, stream, limit):
+        stream.write(b"\x89PNG half")
+        raise failure
+
+    monkeypatch.setattr(demo, "run", lambda epochs, spec: ({"hardened": Trained()}, Trained()))
+    monkeypatch.setattr(demo, "plot", half_a_picture)
+    for failure, said in ((OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"), (KeyboardInterrupt(), "interrupted while writing")):
+        line = error(capsys, "demo", "--quick", f"--json={tmp_path / 'demo.json'}", "--plot", tmp_path / "demo.png")
+        assert said in line and "nothing was written" in line, line
+        assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
+from installs import not_installed
+
 import nwave_param as nwp
 
 
@@ -140,7 +142,7 @@ def _detach_snntorch_state(layer):
 
 
 def _recurrent_layers():
-    snn = pytest.importorskip("snntorch", reason="snnTorch not installed (pip install snntorch)")
+    snn = pytest.importorskip("snntorch", reason=not_installed("snntorch"))
 
     def steps(layer, states, call):
         for _ in range(3):

@@ -11,7 +11,9 @@ from torch import nn
 from layers import scaled
 
 import nwave_param as nwp
+from nwave_param import functional
 from nwave_param.functional import unprojectable
+from nwave_param.report import build_report
 
 
 def dense_populations(module, weight):
@@ -240,3 +242,56 @@ def test_unprojectable_names_exactly_the_weights_holding_nan_or_infinity(shape, 
     finite = torch.ones(2, 2, dtype=dtype)
     problems = unprojectable(["w", "ok"], [weight, finite])
     assert problems == ([] if bool(torch.isfinite(weight).all()) else ["w holds NaN or infinite values"])
+
+
+
+def _numbers(values):
+    """Python numbers, NaN equal to itself (a batch and a weight alone may carry different NaN
+    payloads; the report's float is nan either way)."""
+    return tuple("nan" if isinstance(v, float) and math.isnan(v) else v for v in values)
+
+
+def _alone(weight, layout, spec, total):
+    """One weight's numbers as the definitions give them, one weight at a time."""
+    magnitude, topology = functional.weight_sums(weight, layout, spec, 2)
+    return (
+        weight.abs().max().item() if weight.numel() else 0.0,
+        int((weight.abs() > functional.bound(weight.dtype, spec.limit)).sum()),
+        int((~torch.isfinite(weight)).sum()),
+        int(functional.mixed_blocks(weight, layout, spec).sum()),
+        int(functional.off_grid(weight, spec).sum()),
+        (magnitude / max(total, 1)).item(),
+        (topology / max(total, 1)).item(),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape_layout=st.sampled_from([
+        ((1, 1), nwp.Layout()), ((7, 3), nwp.Layout()), ((12, 2), nwp.Layout(gates=4)), ((6, 4, 3), nwp.Layout(groups=2)),
+        ((4, 3, 2, 2), nwp.Layout(groups=2, transposed=True)), ((0, 3), nwp.Layout()), ((64, 64), nwp.Layout(gates=4)),
+    ]),
+    count=st.integers(2, 40),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    spec=st.builds(nwp.ChipSpec, limit=st.sampled_from([0.9, 1.66]), group_size=st.sampled_from([1, 3, 5]),
+                   bits=st.sampled_from([None, 3, 5])),
+    special=st.sampled_from([None, math.nan, math.inf, -0.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_weights_measured_together_give_each_weights_own_row(shape_layout, count, dtype, spec, special, seed):
+    """Many small weights of one shape are measured in one batch: each row holds exactly the
+    numbers the definitions give that weight alone."""
+    shape, layout = shape_layout
+    generator = torch.Generator().manual_seed(seed)
+    weights = [(torch.randn(shape, generator=generator, dtype=torch.float64) * 2).to(dtype) for _ in range(count)]
+    if special is not None and weights[0].numel():
+        weights[count // 2].view(-1)[0] = special
+    weights.append(torch.randn(3, 5, dtype=dtype))  # another shape: measured alone, beside the batch
+    layouts = [layout] * count + [nwp.Layout()]
+    names = [f"w{i}.weight" for i in range(len(weights))]
+    report = build_report(names, weights, layouts, spec, 2, assumed={"w1.weight"})
+    total = sum(w.numel() for w in weights)
+    for name, weight, lay, row in zip(names, weights, layouts, report.rows):
+        assert (row.name, row.shape, row.layout, row.assumed) == (name, tuple(weight.shape), lay, name == "w1.weight")
+        measured = (row.max_abs, row.out_of_range, row.nonfinite, row.mixed_block_columns, row.off_grid, row.magnitude, row.topology)
+        assert _numbers(measured) == _numbers(_alone(weight, lay, spec, total)), name

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from installs import not_installed
 from layers import scaled
 
 import nwave_param as nwp
@@ -25,7 +26,7 @@ def train_penalty_only(model, reg, steps=15, lr=50.0):
 
 
 def test_snntorch_rsynaptic_and_slstm_are_tracked_and_trained():
-    snn = pytest.importorskip("snntorch", reason="snnTorch not installed (pip install -e '.[test]')")
+    snn = pytest.importorskip("snntorch", reason=not_installed("snntorch"))
     torch.manual_seed(0)
     model = nn.ModuleDict(
         {
@@ -49,7 +50,7 @@ def test_snntorch_rsynaptic_and_slstm_are_tracked_and_trained():
 
 
 def test_norse_recurrent_lif_weights_are_tracked_with_identical_outputs():
-    norse = pytest.importorskip("norse.torch", reason="Norse not installed (installed by .ci/run)")
+    norse = pytest.importorskip("norse.torch", reason=not_installed("norse"))
     torch.manual_seed(0)
     plain = norse.LIFRecurrent(5, 7)
     registered = copy.deepcopy(plain)
@@ -216,7 +217,7 @@ def test_ddp_two_hardened_processes_match_single_process_training(tmp_path):
 
 
 def test_lightning_recipe_trains_and_logs_the_report():
-    L = pytest.importorskip("lightning", reason="Lightning not installed (pip install lightning)")
+    L = pytest.importorskip("lightning", reason=not_installed("lightning"))
 
     class Module(L.LightningModule):
         def __init__(self, net):

@@ -3,6 +3,7 @@ the plain formulas of tests/reference.py, and the command line as a shell over t
 
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -263,3 +264,93 @@ def test_no_trackable_weight_says_why():
         nwp.check_state_dict({"embed.weight": torch.zeros(7, 3)})
     with pytest.raises(nwp.CheckpointError, match=r"it holds state_dict \(a training checkpoint\? pass its state_dict\)"):
         nwp.check_state_dict({"state_dict": {"fc.weight": torch.zeros(5, 3)}, "step": torch.tensor(3)})
+
+
+def test_an_expanded_weight_is_refused_before_any_computation_with_or_without_the_model(monkeypatch):
+    """The issue's: with model=, the file's description (hardness 0.5) made plain_state_dict
+    harden the expanded weight before it was refused."""
+    model = nn.Sequential(nn.Linear(400, 400))
+    nwp.register(model).harden(0.5)
+    state = dict(model.state_dict())
+    state["0.parametrizations.weight.original"] = torch.full((1, 1), 2.0).expand(400, 400)
+    from nwave_param import functional
+
+    def computed(*_, **__):
+        raise AssertionError("computed on the expanded weight")
+
+    monkeypatch.setattr(functional, "project", computed)
+    for options in ({}, {"model": model}, {"model": nn.Sequential(nn.Linear(400, 400))}):
+        for call in (nwp.check_state_dict, nwp.project_state_dict):
+            with pytest.raises(nwp.CheckpointError, match=r"^0.weight is an expanded tensor of shape \(400, 400\)") as refused:
+                call(state, **options)
+            assert "\n" not in str(refused.value)
+
+
+def test_max_bytes_bounds_what_computing_with_the_tensors_materializes():
+    huge = {"fc.weight": torch.full((1, 1), 2.0).expand(40000, 40000), "fc.bias": torch.zeros(40000)}  # the issue's: 6 GiB read
+    said = (r"^state_dict: computing with its tensors takes 6.0 GiB \(fc.weight of shape \(40000, 40000\): 6.0 GiB, stored in 4 bytes\), "
+            r"more than max_bytes 1.0 GiB; pass a larger max_bytes \(e.g. max_bytes=16 \* 2\*\*30\)")
+
+    class Uncopyable(nn.Module):
+        def __deepcopy__(self, memo):
+            raise AssertionError("the model was read before the bound was checked")
+
+    for call in (nwp.check_state_dict, nwp.project_state_dict):
+        for options in ({}, {"model": Uncopyable()}):
+            with pytest.raises(nwp.CheckpointError, match=said):
+                call(huge, max_bytes=2**30, **options)
+    state = {"fc.weight": torch.full((5, 4), 2.0)}
+    with pytest.raises(nwp.CheckpointError, match="takes 80 bytes"):
+        nwp.project_state_dict(state, max_bytes=79)
+    assert nwp.project_state_dict(state, max_bytes=80)[1][0]["changed"] == 20  # the bound is inclusive
+    assert nwp.check_state_dict(state, max_bytes=None).totals["numel"] == 20  # None: no bound
+    for bad, error in (("1G", TypeError), (True, TypeError), (1.5e9, TypeError), (0, ValueError), (-1, ValueError)):
+        with pytest.raises(error, match="max_bytes must be"):
+            nwp.check_state_dict(state, max_bytes=bad)
+
+
+def _described(value, layout, hardness=0.0):
+    """A state_dict holding ``value`` as fc.weight, registered, with ``layout`` in its description."""
+    from nwave_param.description import encode
+
+    return {"fc.parametrizations.weight.original": value, "fc.parametrizations.weight.0._extra_state": encode(layout, nwp.H1V1, hardness)}
+
+
+def _fits(shape, layout):
+    """Whether a weight of ``shape`` can be read with ``layout``, written out: 2+ dims; a
+    convolution's reading (groups, transposed) only of 3+ dims; the gates split the output rows
+    (dim 1 times the groups, transposed), the groups split dim 0."""
+    rows = shape[1] * layout.groups if layout.transposed and len(shape) >= 2 else shape[0]
+    convolution = layout.groups > 1 or layout.transposed
+    return len(shape) >= 2 and (len(shape) >= 3 or not convolution) and rows % layout.gates == 0 and shape[0] % layout.groups == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 6), min_size=1, max_size=4),
+    layout=st.builds(Layout, gates=st.integers(1, 4), groups=st.integers(1, 3), transposed=st.booleans()),
+)
+def test_property_a_described_layout_is_read_exactly_when_it_can_be_this_tensors(shape, layout):
+    """Without a model the description is the file's claim, taken as it is, when it can be this
+    tensor's layout; otherwise refused, naming the weight, its shape and the layout."""
+    state = _described(torch.randn(shape), layout)
+    if _fits(shape, layout):
+        (row,) = nwp.check_state_dict(state)
+        assert row.layout == layout and not row.assumed
+    else:
+        with pytest.raises(nwp.CheckpointError, match=rf"^state_dict: fc.weight(:| of shape {re.escape(str(tuple(shape)))} cannot be read with)"):
+            nwp.check_state_dict(state)
+
+
+def test_a_description_that_contradicts_the_models_reading_is_refused_by_name():
+    """A 2-D weight described as an LSTM's (4 gates) is read so without a model (the file's
+    claim); the model's own reading refuses it, before any computation with the file's layout,
+    and so is a layout that cannot be the tensor's (a RuntimeError from reshaping, before)."""
+    value = torch.randn(8, 6)
+    assert nwp.check_state_dict(_described(value, Layout(gates=4)))[0].layout == Layout(gates=4)
+    model = nn.Module()
+    model.fc = nn.Linear(6, 8)
+    for layout in (Layout(gates=4), Layout(gates=2, transposed=True), Layout(groups=3, transposed=True)):
+        for call in (nwp.check_state_dict, nwp.project_state_dict):
+            with pytest.raises(nwp.CheckpointError, match=rf"^fc.weight: the model reads it with Layout\(gates=1, groups=1, transposed=False\), but state_dict describes {re.escape(str(layout))}"):
+                call(_described(value, layout, hardness=0.5), model=model)

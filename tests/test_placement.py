@@ -9,10 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from installs import not_installed
+
 import nwave_param as nwp
 from nwave_param.placement import pack
 
-snn = pytest.importorskip("snntorch", reason="snnTorch not installed (pip install snntorch)")
+snn = pytest.importorskip("snntorch", reason=not_installed("snntorch"))
 
 
 def feasible(sizes, cores):
@@ -142,7 +144,7 @@ def test_recurrent_populations_that_each_fit_a_core_but_not_together_are_named()
 
 
 def test_norse_recurrent_lif_is_a_recurrent_population():
-    norse = pytest.importorskip("norse.torch", reason="Norse not installed (pip install norse)")
+    norse = pytest.importorskip("norse.torch", reason=not_installed("norse"))
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -209,7 +211,7 @@ def test_the_model_is_exactly_as_before_and_the_spec_defaults_to_its_registratio
 
 
 def test_a_square_weight_of_any_name_makes_a_named_population_recurrent_and_leaky_integrators_are_not_neurons():
-    norse = pytest.importorskip("norse.torch", reason="Norse is optional: pip install norse")
+    norse = pytest.importorskip("norse.torch", reason=not_installed("norse"))
 
     class Recurrent(nn.Module):  # the user's own neurons, connected through a weight named W
         def __init__(self):

@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from installs import not_installed
+
 import nwave_param as nwp
 
-snn = pytest.importorskip("snntorch", reason="snnTorch not installed (pip install -e '.[test]')")
+snn = pytest.importorskip("snntorch", reason=not_installed("snntorch"))
 surrogate = pytest.importorskip("snntorch.surrogate")
 
 

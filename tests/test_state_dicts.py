@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 from torch.optim.swa_utils import AveragedModel
 
+from installs import not_installed
 from layers import KINDS, fill, make_model, model_cfgs, outputs, same_bits, scaled, values_cfgs
 
 import nwave_param as nwp
@@ -87,6 +88,26 @@ def test_a_damaged_description_is_refused_never_misread(layout, spec, hardness, 
     assert description.decode(saved[:-1]) is None and description.decode(torch.cat([saved, saved[:1]])) is None
     averaged = 0.999 * saved.double() + 0.001 * torch.zeros_like(saved.double())  # an EMA of everything
     assert description.decode(averaged) is None or description.decode(averaged) == (layout, spec, hardness)
+
+
+def test_a_description_is_read_with_tensor_ops_until_its_magic_length_and_crc_hold(monkeypatch):
+    """No word of a tensor becomes a Python object before the record is known good: a huge
+    garbage description costs a few passes over its words, never a Python int per word."""
+    saved = description.encode(Layout(gates=4), nwp.ChipSpec(cores=(7,) * 1000), 0.5)
+    bad_crc, bad_magic = saved.clone(), saved.clone()
+    bad_crc[-1] ^= 1
+    bad_magic[0] ^= 1
+    longer = torch.cat([saved, torch.zeros(10**6, dtype=torch.int64)])  # longer than its head's core count says
+
+    def per_word(*_):
+        raise AssertionError("a word became a Python object")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", per_word)
+    monkeypatch.setattr(torch.Tensor, "__iter__", per_word)
+    for dtype in (torch.int64, torch.int32, torch.float64):
+        for garbage in (bad_crc, bad_magic, longer):
+            assert description.decode(garbage.to(dtype)) is None
+        assert description.decode(saved.to(dtype)) == (Layout(gates=4), nwp.ChipSpec(cores=(7,) * 1000), 0.5)
 
 
 def test_a_description_cast_to_half_precision_is_refused():
@@ -291,7 +312,7 @@ def test_the_in_place_ema_idiom_skips_the_entries_that_are_not_floating_point():
 
 
 def test_lightning_checkpoint_restores_the_hardness_and_what_the_model_computes(tmp_path):
-    L = pytest.importorskip("lightning", reason="Lightning not installed (pip install lightning)")
+    L = pytest.importorskip("lightning", reason=not_installed("lightning"))
 
     class Module(L.LightningModule):
         def __init__(self, hardness=0.0):
