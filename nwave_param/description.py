@@ -6,13 +6,19 @@ itself: loading it restores the hardness, and the command line reads the layouts
 
 It is a tensor so that a registered ``state_dict()`` holds only tensors, as every tool expects
 (safetensors, EMA snapshots ``{k: v.clone()}``, ``copy_`` over two state dicts' values).  The
-tensor is 1-D ``int64``, holding 16-bit words like a counter (``num_batches_tracked``), which
-tools copy rather than average; a float32 or float64 cast keeps every word exact.  The words
-carry a fixed binary record and its CRC-32, so a damaged or averaged description is refused,
-never misread.
+tensor is 1-D ``int64`` like a counter (``num_batches_tracked``), which tools copy rather than
+average.  It holds a fixed binary record and its CRC-32, so a damaged description is refused,
+never misread.  Each 16-bit word ``w`` of the record is stored as ``2 w + 1`` and read back as
+``floor(x / 2)``: an EMA that blends a description with itself in float arithmetic, such as
+timm's ``ModelEmaV2`` (``e.copy_(d * e + (1 - d) * m)``), lands within 1 of ``2 w + 1`` and, cast
+back to int64 by truncation, on ``2 w`` or ``2 w + 1``: the same word.  A float32 or float64 cast
+keeps it exact (every value is below ``2**17``).
 
-Version 0.2 saved a dict (``{"format": "nwave_param/1", "layout": ..., "spec": ...}``), without
-the hardness; such checkpoints still load, and :func:`decode` reads them.
+The record starts with a magic and a format number: ``nwp3`` is this format; ``nwp2``, nwave_param
+0.3's, stored the words as they are and still reads; a higher number was written by a newer
+nwave_param and is refused as such (:class:`NewerDescriptionError`).  Version 0.2 saved a dict
+(``{"format": "nwave_param/1", "layout": ..., "spec": ...}``), without the hardness; such
+checkpoints still load, and :func:`decode` reads them.
 """
 
 from __future__ import annotations
@@ -29,15 +35,21 @@ from torch import Tensor
 from .layout import Layout
 from .spec import ChipSpec
 
-__all__ = ["Description", "damaged", "decode", "encode"]
+__all__ = ["Description", "NewerDescriptionError", "damaged", "decode", "encode"]
 
 LEGACY_FORMAT = "nwave_param/1"  # the dict description of version 0.2
-_MAGIC = b"nwp2"
+_FAMILY = b"nwp"  # then the format number, as one ASCII digit
+FORMAT = 3  # this format: each word w stored as 2 w + 1
+_PLAIN_WORDS = 2  # nwave_param 0.3's: the words as they are
 # magic, gates, groups, transposed, limit, group_size, bits (0: none), mismatch, hardness, inputs, core count
 _HEAD = struct.Struct("<4sQQ?dQBddQQ")
 _CORE = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
-_WORD_END = 1 << 16  # a description holds 16-bit words
+_WORD_END = 1 << 16  # a record is made of 16-bit words
+
+
+class NewerDescriptionError(ValueError):
+    """A description written by a newer nwave_param, in a format this one cannot read."""
 
 
 class Description(NamedTuple):
@@ -63,17 +75,23 @@ def encode(layout: Layout, spec: ChipSpec, hardness: float) -> Tensor:
         >>> saved.dtype, decode(saved) == (Layout(gates=4), ChipSpec(bits=5), 0.5)
         (torch.int64, True)
     """
+    magic = _FAMILY + str(FORMAT).encode()
     record = _HEAD.pack(
-        _MAGIC, layout.gates, layout.groups, layout.transposed, spec.limit, spec.group_size, spec.bits or 0,
+        magic, layout.gates, layout.groups, layout.transposed, spec.limit, spec.group_size, spec.bits or 0,
         spec.mismatch, hardness, spec.inputs, len(spec.cores),
     ) + b"".join(_CORE.pack(n) for n in spec.cores)
     record += _CRC.pack(zlib.crc32(record))
-    return torch.tensor(struct.unpack(f"<{len(record) // 2}H", record), dtype=torch.int64)
+    words = torch.tensor(struct.unpack(f"<{len(record) // 2}H", record), dtype=torch.int64)
+    return words.mul_(2).add_(1)
 
 
 def decode(value: object) -> Description | None:
-    """The :class:`Description` held in ``value`` (a tensor :func:`encode` made, or a version 0.2
-    dict), or None when ``value`` is not one, or was damaged."""
+    """The :class:`Description` held in ``value`` (a tensor :func:`encode` made, one of version
+    0.3, or a version 0.2 dict), or None when ``value`` is not one, or was damaged.
+
+    Raises:
+        NewerDescriptionError: ``value`` is a description of a format newer than this one's.
+    """
     if isinstance(value, Tensor):
         return _from_tensor(value)
     if isinstance(value, Mapping) and value.get("format") == LEGACY_FORMAT:
@@ -86,11 +104,15 @@ def decode(value: object) -> Description | None:
 
 def damaged(value: object) -> bool:
     """Whether ``value`` has the form of a description (an int64 1-D tensor, or a version 0.2
-    dict) but cannot be read: truncated, altered or averaged."""
+    dict) but cannot be read: truncated, altered or averaged (one of a newer format is not
+    damaged: :func:`decode` says so)."""
     form = (isinstance(value, Tensor) and value.dtype == torch.int64 and value.dim() == 1) or (
         isinstance(value, Mapping) and value.get("format") == LEGACY_FORMAT
     )
-    return form and decode(value) is None
+    try:
+        return form and decode(value) is None
+    except NewerDescriptionError:
+        return False
 
 
 def _from_tensor(value: Tensor) -> Description | None:
@@ -104,13 +126,19 @@ def _from_tensor(value: Tensor) -> Description | None:
         return None
     if value.numel() < (_HEAD.size + _CRC.size) // 2:
         return None
-    head = _record(value[: _HEAD.size // 2])
-    if head is None or not head.startswith(_MAGIC):
+    found = next((f for f in (FORMAT, _PLAIN_WORDS) if _magic(value[:2], f == _PLAIN_WORDS) is not None), None)
+    if found is None:
         return None
+    number = _magic(value[:2], found == _PLAIN_WORDS)
+    if number > FORMAT:
+        raise NewerDescriptionError(f"a description written by a newer nwave_param (format {number}; this one reads up to {FORMAT}): upgrade nwave_param")
+    if number != found:
+        return None
+    head = _record(value[: _HEAD.size // 2], found == _PLAIN_WORDS)
     count = _HEAD.unpack(head)[-1]
     if value.numel() != (_HEAD.size + count * _CORE.size + _CRC.size) // 2:
         return None
-    record = _record(value)
+    record = _record(value, found == _PLAIN_WORDS)
     if record is None:
         return None
     body, crc = memoryview(record)[: -_CRC.size], record[-_CRC.size :]  # a view: no copy
@@ -127,11 +155,22 @@ def _from_tensor(value: Tensor) -> Description | None:
         return None
 
 
-def _record(words: Tensor) -> bytes | None:
-    """The bytes of ``words`` (16-bit words, held in any real dtype) in little-endian order, or
-    None when one of them is not a whole number in ``[0, 2**16)``; in a few tensor ops, each
-    one pass over the words."""
+def _magic(words: Tensor, plain: bool) -> int | None:
+    """The format number in the first two words, read as stored plain or as ``2 w + 1``; None
+    when they do not start a description."""
+    head = _record(words, plain)
+    if head is None or not head.startswith(_FAMILY) or not head[3:4].isdigit():
+        return None
+    return int(head[3:4])
+
+
+def _record(words: Tensor, plain: bool = False) -> bytes | None:
+    """The bytes of ``words`` in little-endian order, each word stored plain (a whole number in
+    ``[0, 2**16)``, as 0.3 wrote them) or as ``2 w + 1`` (``floor(x / 2)`` of any number in
+    ``[0, 2**17)``); None where one is not; in a few tensor ops, each one pass over the words."""
     words = words.detach()
+    if not plain:
+        words = torch.div(words.double() if words.dtype == torch.float64 else words.float(), 2, rounding_mode="floor")
     whole = (words >= 0) & (words < _WORD_END)
     if words.dtype.is_floating_point:
         whole &= words == words.trunc()  # NaN is not whole

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import files, functional
 from ._hardening import harden_all
 from ._reading import Weight, described_weights, inferred_weights, model_weights
-from .description import damaged
+from .description import NewerDescriptionError, damaged, decode
 from .discovery import patterns
 from .errors import MESSAGE, CheckpointError, CheckpointWarning, one_line
 from .files import Checkpoint
@@ -207,6 +207,12 @@ def _refuse_ambiguous(checkpoint: Checkpoint) -> None:
                 f"{one_line(checkpoint.path)} holds {one_line(name)} twice, as {one_line(name)} and {one_line(key)}: "
                 "a state_dict holds one of them; keep the one the model was saved with"
             )
+        if is_description_key(key):
+            try:
+                decode(state_dict[key])
+            except NewerDescriptionError as error:
+                path, tensor_name, _, _ = parse_link_key(key)
+                raise CheckpointError(f"{one_line(checkpoint.path)}: {one_line(path + tensor_name)} ({one_line(key)}) holds {error}") from None
         if is_description_key(key) and damaged(state_dict[key]):
             path, tensor_name, _, _ = parse_link_key(key)
             raise CheckpointError(

@@ -132,7 +132,11 @@ def _description_problems(links: list, state_dict: Mapping[str, object]) -> tupl
         key = extra_state_key(path, tensor_name, position)
         if key not in state_dict:
             continue
-        saved = description.decode(state_dict[key])
+        try:
+            saved = description.decode(state_dict[key])
+        except description.NewerDescriptionError as error:
+            problems.append(f"{path}{tensor_name}: {error}")
+            continue
         mine = (constraint.layout, constraint.settings.spec)
         if saved is None or not saved.fits(*mine):
             what = f"layout {saved.layout} and {saved.spec}" if saved else "a description that cannot be read"
