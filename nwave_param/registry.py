@@ -233,7 +233,10 @@ class Registry:
         Raises:
             TypeError, ValueError: ``hardness`` is not a real number in [0, 1] (nothing changes).
         """
-        settings = dataclasses.replace(self.settings, hardness=check_hardness(hardness))
+        hardness = check_hardness(hardness)
+        if all(r.settings.hardness == hardness for r in self._registrations) and not self._removed:
+            return self  # a schedule sets the same hardness most steps: nothing to swap
+        settings = dataclasses.replace(self.settings, hardness=hardness)
         self._check_live()
         for registration in self._registrations:
             registration.replace_settings(settings)
