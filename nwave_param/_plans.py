@@ -76,7 +76,8 @@ def members(index: int, shape: tuple[int, ...], layout: Layout, group_size: int,
     """A weight of ``shape`` read with ``layout``, from row ``first_row`` on, as members:
     stretches of whole blocks (:meth:`Layout.runs`), each closed by at most one short block, which
     the pack's padding completes.  A transposed layout's rows are one conv group's output channels
-    (dim 1 of its ``(in, out/groups, *kernel)`` weight), its columns the group's inputs x kernel."""
+    (dim 1 of its ``(in, out/groups, *kernel)`` weight), its columns the group's inputs x kernel;
+    an inputs-first layout's rows are dim 1 of its ``[in, out]`` weight."""
     rows = layout.rows(shape)
     stretches: list[list[int]] = []  # [first row, rows, open]: open while every block so far was whole
     for start, count, length in layout.runs(rows, group_size):
@@ -89,6 +90,8 @@ def members(index: int, shape: tuple[int, ...], layout: Layout, group_size: int,
                 stretches.append([block, length, True])
             stretches[-1][2] = length == group_size
     kernel = shape[2:]
+    if layout.inputs_first:  # M = W.T: rows are dim 1
+        return [Member(index, (count, shape[0]), (1, 0), (0, first), count, shape[0], shape) for first, count, _ in stretches]
     if layout.transposed:  # M[(g, o), (i, k)] = W[g * in_g + i, o, k]
         inputs, outputs = shape[:2]
         per_group = inputs // layout.groups

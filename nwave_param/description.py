@@ -14,9 +14,11 @@ timm's ``ModelEmaV2`` (``e.copy_(d * e + (1 - d) * m)``), lands within 1 of ``2 
 back to int64 by truncation, on ``2 w`` or ``2 w + 1``: the same word.  A float32 or float64 cast
 keeps it exact (every value is below ``2**17``).
 
-The record starts with a magic and a format number: ``nwp3`` is this format; ``nwp2``, nwave_param
-0.3's, stored the words as they are and still reads; a higher number was written by a newer
-nwave_param and is refused as such (:class:`NewerDescriptionError`).  Version 0.2 saved a dict
+The record starts with a magic and a format number: ``nwp3`` is this format, which records the
+layout's ``inputs_first`` and the spec's ``reset`` too; ``nwp2``, nwave_param 0.3's, stored the
+words as they are, without those two, and still reads (as ``inputs_first=False``, ``reset=None``:
+not recorded); a higher number was written by a newer nwave_param and is refused as such
+(:class:`NewerDescriptionError`).  Version 0.2 saved a dict
 (``{"format": "nwave_param/1", "layout": ..., "spec": ...}``), without the hardness; such
 checkpoints still load, and :func:`decode` reads them.
 """
@@ -41,8 +43,12 @@ LEGACY_FORMAT = "nwave_param/1"  # the dict description of version 0.2
 _FAMILY = b"nwp"  # then the format number, as one ASCII digit
 FORMAT = 3  # this format: each word w stored as 2 w + 1
 _PLAIN_WORDS = 2  # nwave_param 0.3's: the words as they are
-# magic, gates, groups, transposed, limit, group_size, bits (0: none), mismatch, hardness, inputs, core count
-_HEAD = struct.Struct("<4sQQ?dQBddQQ")
+# magic, gates, groups, transposed, inputs_first, limit, group_size, bits (0: none), reset, mismatch,
+# hardness, inputs, core count; then the cores and the CRC
+_HEAD = struct.Struct("<4sQQ??dQBBddQQ")
+# nwave_param 0.3's: no inputs_first (always False), no reset (not recorded: None)
+_HEAD_0_3 = struct.Struct("<4sQQ?dQBddQQ")
+_RESETS = (None, "subtract", "zero")  # reset's code is its index
 _CORE = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
 _WORD_END = 1 << 16  # a record is made of 16-bit words
@@ -77,8 +83,8 @@ def encode(layout: Layout, spec: ChipSpec, hardness: float) -> Tensor:
     """
     magic = _FAMILY + str(FORMAT).encode()
     record = _HEAD.pack(
-        magic, layout.gates, layout.groups, layout.transposed, spec.limit, spec.group_size, spec.bits or 0,
-        spec.mismatch, hardness, spec.inputs, len(spec.cores),
+        magic, layout.gates, layout.groups, layout.transposed, layout.inputs_first, spec.limit, spec.group_size,
+        spec.bits or 0, _RESETS.index(spec.reset), spec.mismatch, hardness, spec.inputs, len(spec.cores),
     ) + b"".join(_CORE.pack(n) for n in spec.cores)
     record += _CRC.pack(zlib.crc32(record))
     words = torch.tensor(struct.unpack(f"<{len(record) // 2}H", record), dtype=torch.int64)
@@ -124,7 +130,7 @@ def _from_tensor(value: Tensor) -> Description | None:
     CRC, ``count`` read from the head before the rest is looked at."""
     if value.dim() != 1 or value.layout != torch.strided or value.is_meta or value.is_complex():
         return None
-    if value.numel() < (_HEAD.size + _CRC.size) // 2:
+    if value.numel() < 2:
         return None
     found = next((f for f in (FORMAT, _PLAIN_WORDS) if _magic(value[:2], f == _PLAIN_WORDS) is not None), None)
     if found is None:
@@ -134,23 +140,35 @@ def _from_tensor(value: Tensor) -> Description | None:
         raise NewerDescriptionError(f"a description written by a newer nwave_param (format {number}; this one reads up to {FORMAT}): upgrade nwave_param")
     if number != found:
         return None
-    head = _record(value[: _HEAD.size // 2], found == _PLAIN_WORDS)
-    count = _HEAD.unpack(head)[-1]
-    if value.numel() != (_HEAD.size + count * _CORE.size + _CRC.size) // 2:
+    plain, head_format = found == _PLAIN_WORDS, _HEAD_0_3 if found == _PLAIN_WORDS else _HEAD
+    if value.numel() < (head_format.size + _CRC.size) // 2:
         return None
-    record = _record(value, found == _PLAIN_WORDS)
+    head = _record(value[: head_format.size // 2], plain)
+    if head is None:
+        return None
+    count = head_format.unpack(head)[-1]
+    if value.numel() != (head_format.size + count * _CORE.size + _CRC.size) // 2:
+        return None
+    record = _record(value, plain)
     if record is None:
         return None
     body, crc = memoryview(record)[: -_CRC.size], record[-_CRC.size :]  # a view: no copy
     if _CRC.unpack(crc)[0] != zlib.crc32(body):
         return None
-    magic, gates, groups, transposed, limit, group_size, bits, mismatch, hardness, inputs, count = _HEAD.unpack_from(body)
+    if plain:
+        magic, gates, groups, transposed, limit, group_size, bits, mismatch, hardness, inputs, count = _HEAD_0_3.unpack_from(body)
+        inputs_first, reset = False, None
+    else:
+        magic, gates, groups, transposed, inputs_first, limit, group_size, bits, reset, mismatch, hardness, inputs, count = _HEAD.unpack_from(body)
+        if reset >= len(_RESETS):
+            return None
+        reset = _RESETS[reset]
     if not 0 <= hardness <= 1:
         return None
-    cores = struct.unpack_from(f"<{count}{_CORE.format[-1]}", body, _HEAD.size)
+    cores = struct.unpack_from(f"<{count}{_CORE.format[-1]}", body, head_format.size)
     try:
-        spec = ChipSpec(limit, group_size, bits or None, mismatch, cores, inputs)
-        return Description(Layout(gates, groups, transposed), spec, hardness)
+        spec = ChipSpec(limit, group_size, bits or None, mismatch, cores, inputs, reset)
+        return Description(Layout(gates, groups, transposed, inputs_first), spec, hardness)
     except (TypeError, ValueError):
         return None
 

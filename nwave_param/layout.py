@@ -33,25 +33,44 @@ class Layout:
             3 for GRU, else 1).
         groups: convolution groups; rows of different groups share no column.
         transposed: the weight is a ``ConvTranspose`` weight ``(in, out/groups, *kernel)``.
+        inputs_first: a 2-D weight stored ``[in, out]``, its rows the inputs, as the chip
+            vendor's SDK stores synapses and as ``x @ W`` reads them (torch's ``F.linear`` reads
+            ``[out, in]``, the default).
+
+    Example::
+
+        >>> Layout(inputs_first=True).matrix(torch.arange(6.0).view(3, 2))  # 3 inputs, 2 outputs
+        tensor([[0., 2., 4.],
+                [1., 3., 5.]])
     """
 
     gates: int = 1
     groups: int = 1
     transposed: bool = False
+    inputs_first: bool = False
 
     def __post_init__(self) -> None:
-        if not all(type(n) is int and n >= 1 for n in (self.gates, self.groups)) or type(self.transposed) is not bool:
-            raise ValueError(f"not a layout: {self!r} (gates and groups are ints >= 1, transposed a bool)")
+        flags = (self.transposed, self.inputs_first)
+        if not all(type(n) is int and n >= 1 for n in (self.gates, self.groups)) or not all(type(f) is bool for f in flags):
+            raise ValueError(f"not a layout: {self!r} (gates and groups are ints >= 1, transposed and inputs_first bools)")
+        if self.inputs_first and (self.transposed or self.groups > 1):
+            raise ValueError(f"not a layout: {self!r} (inputs_first reads a 2-D weight; groups and transposed read a convolution's)")
+
+    def __repr__(self) -> str:
+        # inputs_first came after the first release: shown only when set, so that old reprs still hold
+        shown = f", inputs_first={self.inputs_first}" if self.inputs_first else ""
+        return f"Layout(gates={self.gates}, groups={self.groups}, transposed={self.transposed}{shown})"
 
     def rows(self, shape: torch.Size) -> int:
         """Number of output neurons of a weight of this ``shape``."""
-        return shape[1] * self.groups if self.transposed else shape[0]
+        return shape[1] * self.groups if self.transposed else shape[1] if self.inputs_first else shape[0]
 
     def check(self, shape: torch.Size, name: str) -> None:
         """Raise ValueError, naming ``name``, if a weight of ``shape`` cannot be read with this
         layout: the gates split the output rows, the groups split dim 0 (the output rows, or a
-        transposed convolution's input channels), and a convolution's reading (groups, transposed)
-        is of a convolution's weight, ``(channels, channels, *kernel)``: 3 or more dims."""
+        transposed convolution's input channels), a convolution's reading (groups, transposed)
+        is of a convolution's weight, ``(channels, channels, *kernel)``: 3 or more dims, and an
+        inputs-first reading of a 2-D weight."""
         if len(shape) < 2:
             raise ValueError(f"{name}: a tracked weight needs 2 or more dims, got shape {tuple(shape)}")
         rows = self.rows(shape)
@@ -60,6 +79,7 @@ class Layout:
             [f"{' and '.join(convolution)} describe a convolution, whose weight has 3 or more dims, not {len(shape)}"]
             if convolution and len(shape) < 3 else []
         )
+        problems += [f"inputs_first reads a 2-D weight, not one of {len(shape)} dims"] if self.inputs_first and len(shape) != 2 else []
         problems += [f"its {rows} output rows do not split into {self.gates} gates"] if rows % self.gates else []
         problems += [f"dim 0 ({shape[0]}) does not split into {self.groups} groups"] if shape[0] % self.groups else []
         if problems:
@@ -67,6 +87,8 @@ class Layout:
 
     def matrix(self, weight: Tensor) -> Tensor:
         """``M`` with local columns: ``(rows, columns of one group)``; a view where possible."""
+        if self.inputs_first:
+            return weight.t()
         kernel = math.prod(weight.shape[2:])  # explicit sizes: reshape(0, -1) is ambiguous
         if not self.transposed:
             return weight.reshape(weight.shape[0], weight.shape[1] * kernel)
@@ -77,6 +99,8 @@ class Layout:
 
     def unmatrix(self, m: Tensor, shape: torch.Size) -> Tensor:
         """Inverse of :meth:`matrix`: the weight of ``shape`` whose matrix is ``m``."""
+        if self.inputs_first:
+            return m.t()
         if not self.transposed:
             return m.reshape(shape)
         g = self.groups
@@ -86,14 +110,15 @@ class Layout:
 
     def to_dict(self) -> dict[str, int | bool]:
         """JSON-ready form, as a checkpoint stores it."""
-        return {"gates": self.gates, "groups": self.groups, "transposed": self.transposed}
+        return {"gates": self.gates, "groups": self.groups, "transposed": self.transposed, "inputs_first": self.inputs_first}
 
     @classmethod
     def from_dict(cls, data: object) -> Layout:
-        """Inverse of :meth:`to_dict`; raises ValueError on anything else."""
-        if not isinstance(data, dict) or set(data) != {"gates", "groups", "transposed"}:
+        """Inverse of :meth:`to_dict` (version 0.2 wrote no ``inputs_first``); raises ValueError on anything else."""
+        keys = {"gates", "groups", "transposed"}
+        if not isinstance(data, dict) or set(data) not in (keys, keys | {"inputs_first"}):
             raise ValueError(f"not a layout: {data!r}")
-        return cls(data["gates"], data["groups"], data["transposed"])
+        return cls(data["gates"], data["groups"], data["transposed"], data.get("inputs_first", False))
 
     def runs(self, rows: int, group_size: int) -> tuple[tuple[int, int, int], ...]:
         """The row blocks as runs ``(start, count, length)`` of equal-length consecutive blocks.

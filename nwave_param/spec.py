@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 __all__ = ["ChipSpec", "H1V1", "H1V2"]
 
+RESETS = ("subtract", "zero", None)  # by subtracting the threshold, to zero, not checked
+
 
 @dataclass(frozen=True)
 class ChipSpec:
@@ -23,7 +25,10 @@ class ChipSpec:
       of standard deviation ``mismatch``;
     * the network fits the chip's ``cores`` (the neurons of each core): recurrent connections
       exist only within one core, and the front end's ``inputs`` channels each feed one neuron of
-      the first layer (see :func:`nwave_param.place`).
+      the first layer (see :func:`nwave_param.place`);
+    * one fixed firing threshold for the whole network; a neuron resets as ``reset`` says:
+      ``"subtract"`` (the threshold is subtracted from the membrane), ``"zero"`` (the membrane
+      goes to 0), or None (not checked).
 
     The defaults are the H1v1 chip's (:data:`H1V1`).  The capacities are from the vendor's SDK
     documentation, "Chip overview" (H1v1: 4 cores of 64 neurons; H1v2: cores of 50, 50 and 100;
@@ -36,7 +41,7 @@ class ChipSpec:
         >>> ChipSpec(limit=1.66, bits=5, mismatch=0.02)
         ChipSpec(limit=1.66, group_size=5, bits=5, mismatch=0.02)
         >>> H1V2
-        ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100))
+        ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100), reset='subtract')
         >>> ChipSpec(limit=0.0)
         Traceback (most recent call last):
         ...
@@ -49,6 +54,7 @@ class ChipSpec:
     mismatch: float = 0.0
     cores: tuple[int, ...] = (64, 64, 64, 64)
     inputs: int = 16
+    reset: str | None = "zero"
 
     def __post_init__(self) -> None:
         limit, size, bits, mismatch = self.limit, self.group_size, self.bits, self.mismatch
@@ -65,6 +71,8 @@ class ChipSpec:
             raise ValueError(f"ChipSpec: cores must be a non-empty tuple of positive ints, got {cores!r}")
         if not _is_count(inputs):
             raise ValueError(f"ChipSpec: inputs must be a positive int, got {inputs!r}")
+        if self.reset not in RESETS:
+            raise ValueError(f"ChipSpec: reset must be one of {', '.join(map(repr, RESETS))}, got {self.reset!r}")
         object.__setattr__(self, "limit", float(limit))
         object.__setattr__(self, "group_size", int(size))
         object.__setattr__(self, "bits", None if bits is None else int(bits))
@@ -112,10 +120,14 @@ def _is_count(value: object) -> bool:
     return _is_int(value) and 1 <= value < 2**64
 
 
-H1V1 = ChipSpec(limit=0.9, group_size=5, cores=(64, 64, 64, 64), inputs=16)
+H1V1 = ChipSpec(limit=0.9, group_size=5, cores=(64, 64, 64, 64), inputs=16, reset="zero")
 """The H1v1 chip (the default spec): weights in [-0.9, 0.9], blocks of 5 output neurons, 4 cores of
-64 neurons, 16 front-end channels ("Chip overview", H1v1; planned for deprecation by the vendor)."""
+64 neurons, 16 front-end channels ("Chip overview", H1v1; planned for deprecation by the vendor);
+reset to zero ("Data formats", the hardware note: "the threshold is not tunable and zero
+reset-mechanism")."""
 
-H1V2 = ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100), inputs=16)
+H1V2 = ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100), inputs=16, reset="subtract")
 """The H1v2 chip (the evaluation kit's): weights in [-1.66, 1.66], blocks of 5 output neurons,
-cores of 50, 50 and 100 neurons, 16 front-end channels ("Chip overview", H1v2)."""
+cores of 50, 50 and 100 neurons, 16 front-end channels ("Chip overview", H1v2); reset by
+subtraction, the membrane clamped at 0 (tutorial "H1v2 model", the reset rule: "Fixed
+(subtraction + non-negative clamp)")."""

@@ -762,7 +762,7 @@ def test_chip_limit_group_size_bits(plain, tmp_path, capsys):
     data = json.loads(run(capsys, "check", plain, "--json", "--limit", "100", "--group-size", "1")[1])
     assert data["mappable"] is True and data["spec"]["limit"] == 100.0
     data = json.loads(run(capsys, "check", plain, "--json", "--chip", "h1v2", "--bits", "4")[1])
-    assert data["spec"] == {"limit": 1.66, "group_size": 5, "bits": 4, "mismatch": 0.0, "cores": [50, 50, 100], "inputs": 16, "power": 2}
+    assert data["spec"] == {"limit": 1.66, "group_size": 5, "bits": 4, "mismatch": 0.0, "cores": [50, 50, 100], "inputs": 16, "reset": "subtract", "power": 2}
     assert data["totals"]["off_grid"] > 0
     assert run(capsys, "project", plain, "-o", tmp_path / "grid.pt", "--chip", "h1v2", "--bits", "4")[0] == 0
     assert run(capsys, "check", tmp_path / "grid.pt", "--chip", "h1v2", "--bits", "4")[0] == 0

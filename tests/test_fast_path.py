@@ -19,7 +19,7 @@ import nwave_param as nwp
 from nwave_param import _engine, _hardening, _plans, functional
 from nwave_param.layout import Layout
 
-LAYOUTS = [Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transposed=True)]
+LAYOUTS = [Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transposed=True), Layout(inputs_first=True), Layout(gates=4, inputs_first=True)]
 
 
 @pytest.fixture(params=["packed", "chunked", "chunked-small", "other device"])
@@ -40,6 +40,8 @@ def route(request, monkeypatch):
 def shaped(layout, a, b):
     """A weight shape the layout accepts."""
     rows = 4 * b * layout.groups
+    if layout.inputs_first:
+        return (2 * a, rows)
     return (2 * a, rows // layout.groups, 2) if layout.transposed else (rows, a * layout.groups, 2)
 
 

@@ -7,12 +7,16 @@ import nwave_param as nwp
 
 
 def test_the_presets_are_the_vendors_chips_and_the_default_is_h1v1():
-    assert nwp.H1V1 == nwp.ChipSpec(limit=0.9, group_size=5, cores=(64, 64, 64, 64), inputs=16) == nwp.ChipSpec()
-    assert nwp.H1V2 == nwp.ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100), inputs=16)
+    assert nwp.H1V1 == nwp.ChipSpec(limit=0.9, group_size=5, cores=(64, 64, 64, 64), inputs=16, reset="zero") == nwp.ChipSpec()
+    assert nwp.H1V2 == nwp.ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100), inputs=16, reset="subtract")
     assert repr(nwp.H1V1) == "ChipSpec(limit=0.9, group_size=5)"  # the reprs of the first release still hold
-    assert repr(nwp.H1V2) == "ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100))"
+    assert repr(nwp.H1V2) == "ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100), reset='subtract')"
     assert nwp.ChipSpec(cores=[8, 4]).cores == (8, 4)  # a list is held as a tuple: the spec stays hashable
-    assert nwp.H1V2.to_dict() == {"limit": 1.66, "group_size": 5, "bits": None, "mismatch": 0.0, "cores": [50, 50, 100], "inputs": 16}
+    assert nwp.H1V2.to_dict() == {
+        "limit": 1.66, "group_size": 5, "bits": None, "mismatch": 0.0, "cores": [50, 50, 100], "inputs": 16, "reset": "subtract"
+    }
+    with pytest.raises(ValueError, match=r"^ChipSpec: reset must be one of 'subtract', 'zero', None, got 'soft'"):
+        nwp.ChipSpec(reset="soft")
 
 
 @pytest.mark.parametrize(
