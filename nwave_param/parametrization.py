@@ -19,12 +19,14 @@ weights.  A module carrying a :class:`ChipConstraint` therefore gets a class of 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import numbers
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +131,37 @@ def settings_in_effect(registration: Registration) -> Settings:
     return registration.settings
 
 
+@contextlib.contextmanager
+def tracing(model: nn.Module) -> Iterator[None]:
+    """While a trace of ``model`` runs in this thread, each of its constraints returns the latent
+    weight itself (its settings pinned at hardness 0 in this thread, and off any chip) and no pass
+    serves it: the trace sees the Parameters the forward computes with."""
+    constraints = [
+        link
+        for module in model.modules()
+        if parametrize.is_parametrized(module)
+        for chain in module.parametrizations.values()
+        for link in chain
+        if isinstance(link, ChipConstraint)
+    ]
+    registrations = {id(c.registration): c.registration for c in constraints}.values()
+    pinned = _threads.__dict__.setdefault("pinned", {})
+    before = {registration: pinned.get(registration) for registration in registrations}
+    slots = _threads.__dict__.get("slots")
+    for registration in registrations:
+        pinned[registration] = [dataclasses.replace(registration.settings, hardness=0.0), 1]
+    _threads.slots, _threads.tracing = {}, True
+    try:
+        yield
+    finally:
+        _threads.slots, _threads.tracing = slots if slots is not None else {}, False
+        for registration, held in before.items():
+            if held is None:
+                pinned.pop(registration, None)
+            else:
+                pinned[registration] = held
+
+
 class PinSettings:
     """A forward pre-hook and forward hook (always called) on the registered model: its forward
     computes every weight with the settings it started with.  A ``harden()`` from another thread
@@ -219,7 +252,7 @@ class ChipConstraint(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         settings = settings_in_effect(self.registration)  # read once: a concurrent harden() swaps it whole
         spec, hardness = settings.spec, settings.hardness
-        if self.on_chip:  # what one chip holds, whatever the hardness and mode
+        if self.on_chip and not getattr(_threads, "tracing", False):  # what one chip holds, whatever the hardness and mode
             return functional.harden(weight, self.layout, spec, 1.0, self.chip_mismatch)
         noise = None
         if spec.mismatch and hardness and self.training:  # a fresh mismatch sample per forward pass
