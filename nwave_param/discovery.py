@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .layout import Layout, layout_of
 from .parametrization import ChipConstraint, latent, links_before, originals
 from .sharing import memory_sharing, overlap, storage_of
 from .state import chip_links, parse_original_key
+from .trace import layouts_read, trace
 
 __all__ = ["Tracked", "constraints", "is_weight_name", "select", "tied_holders", "trackable_weights"]
 
@@ -121,20 +123,6 @@ def _warn_unreachable(model: nn.Module) -> None:
                 )
 
 
-def _layout(item: Tracked) -> Layout:
-    """The weight's layout; raises if nwave_param cannot track it."""
-    value = getattr(item.module, item.tensor_name)
-    if nn.parameter.is_lazy(value):
-        raise ValueError(f"{item.name} is not initialized yet (a lazy module): run one forward pass first")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{item.name} has dtype {value.dtype}; nwave_param tracks floating-point weights only")
-    if value.is_meta:
-        raise ValueError(f"{item.name} is on the meta device: materialize the model before registering")
-    layout = layout_of(item.module, item.tensor_name)
-    layout.check(value.shape, item.name)
-    return layout
-
-
 def patterns(exclude: str | Iterable[str]) -> tuple[str, ...]:
     """``exclude`` as a tuple of glob patterns; TypeError for anything but strings."""
     if isinstance(exclude, str):
@@ -159,15 +147,61 @@ def unmatched(exclude: Iterable[str], names: Iterable[str]) -> str | None:
     return f"exclude pattern{'s' if len(unused) > 1 else ''} {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} no trackable weight"
 
 
-def select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, Layout]]:
-    """The weights to track and their layouts, every check done before anything changes."""
+def select(
+    model: nn.Module,
+    exclude: tuple[str, ...],
+    example: Tensor | None = None,
+    layouts: Mapping[str, Layout] | None = None,
+    dims: str | None = None,
+) -> list[tuple[Tracked, Layout]]:
+    """The weights to track and their layouts, every check done before anything changes.
+
+    With ``example``, the weights ``model(example)`` uses as synapses, whatever their names,
+    each read as the forward reads it (:func:`~nwave_param.trace.layouts_read`); without, the
+    weights :func:`trackable_weights` names, read by their module's type.  ``layouts`` states a
+    weight's reading by hand (a dotted name or glob to a Layout), and tracks a Parameter of any
+    name it matches."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    candidates = trackable_weights(model)
+    stated = _stated(layouts)
+    read: dict[str, tuple[Layout | None, object]] | None = None
+    if example is not None:
+        if not isinstance(example, Tensor):
+            raise TypeError(f"example must be a tensor (the input of model(example)), got {type(example).__name__}")
+        traced = trace(model, example, {}, dims)
+        for note in traced.notes:
+            warnings.warn(note, stacklevel=3)
+        read = layouts_read(traced, {name: p.dim() for name, p in _parameters(model).items() if not nn.parameter.is_lazy(p)})
+        by_name = [t for t in trackable_weights(model) if t.name in read]
+        unused = [t.name for t in trackable_weights(model) if t.name not in read]
+        if unused:
+            warnings.warn(f"not used as a synapse by model(example), so not tracked: {', '.join(unused)}", stacklevel=3)
+        candidates = by_name + [_tracked(model, name) for name in read if name not in {t.name for t in by_name}]
+    else:
+        candidates = trackable_weights(model)
+        named = {t.name for t in candidates}
+        skipped = [
+            name for name, p in _parameters(model).items()
+            if not nn.parameter.is_lazy(p) and p.dim() >= 2 and name not in named and not _stated_for(name, stated)
+            and not isinstance(_tracked(model, name).module, _UNTRACKED_MODULES)
+        ]
+        if skipped:
+            warnings.warn(
+                f"not tracked, as their names are not a weight's: {', '.join(skipped)}; if the forward uses one as a synapse, "
+                "pass example= (every weight the forward uses as one is then tracked) or name it in layouts=",
+                stacklevel=3,
+            )
+    known = {t.name for t in candidates}
+    matrices = [name for name, p in _parameters(model).items() if not nn.parameter.is_lazy(p) and p.dim() >= 2]
+    candidates += [_tracked(model, name) for name in matrices if name not in known and _stated_for(name, stated)]
+    for pattern in stated:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in matrices):
+            raise ValueError(f"layouts names {pattern!r}, which matches no Parameter of 2+ dims of {type(model).__name__} (names are dotted, as register lists them)")
     if not candidates:
         raise ValueError(
-            f"{type(model).__name__} has no trackable weight (a parameter of 2+ dims named "
-            "'weight', 'weight_*', '*_weight' or '*_weights', outside norms and embeddings)"
+            f"{type(model).__name__} has no trackable weight (a parameter of 2+ dims named 'weight', 'weight_*', "
+            "'*_weight' or '*_weights', outside norms and embeddings; pass example= to track every weight the "
+            "forward uses as a synapse, or name one in layouts=)"
         )
     _warn_unreachable(model)
     unused = unmatched(exclude, [item.name for item in candidates])
@@ -181,9 +215,93 @@ def select(model: nn.Module, exclude: tuple[str, ...]) -> list[tuple[Tracked, La
     devices = {str(value.device) for value in values if not nn.parameter.is_lazy(value)}
     if len(devices) > 1:
         raise ValueError(f"tracked weights live on several devices {sorted(devices)}: move the model to one device")
-    selected = [(item, _layout(item)) for item in chosen]
+    selected = [(item, _layout(item, read, stated)) for item in chosen]
     _refuse_shared_memory(model, chosen)
     return selected
+
+
+def _parameters(model: nn.Module) -> dict[str, Tensor]:
+    """Every Parameter by the name users write, once (a tied one by its first name); a
+    parametrized weight by its own name, as the tensor its chain stores (the last, for several)."""
+    found: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # its tensors are its weight's, named below by the weight's name
+        chained = list(module.parametrizations) if parametrize.is_parametrized(module) else []
+        held = [(local, value) for local, value in module._parameters.items() if value is not None]
+        held += [(tensor_name, originals(module, tensor_name)[-1]) for tensor_name in chained]
+        for local, value in held:
+            if id(value) not in seen:
+                seen.add(id(value))
+                found.setdefault(_dotted(path, local), value)
+    return found
+
+
+def _tracked(model: nn.Module, name: str) -> Tracked:
+    path, _, local = name.rpartition(".")
+    return Tracked(name, model.get_submodule(path), local)
+
+
+def _stated(layouts: Mapping[str, Layout] | None) -> dict[str, Layout]:
+    """``layouts`` checked: dotted names or globs to Layouts."""
+    if layouts is None:
+        return {}
+    if not isinstance(layouts, Mapping) or not all(isinstance(k, str) and isinstance(v, Layout) for k, v in layouts.items()):
+        raise TypeError(f"layouts maps dotted weight names (or globs) to nwp.Layout, got {layouts!r}")
+    return dict(layouts)
+
+
+def _stated_for(name: str, stated: Mapping[str, Layout]) -> Layout | None:
+    """The layout ``stated`` gives ``name``; ValueError when two of its globs give it two."""
+    found = {layout for pattern, layout in stated.items() if fnmatch.fnmatchcase(name, pattern)}
+    if len(found) > 1:
+        raise ValueError(f"layouts gives {name} two readings ({', '.join(map(repr, found))}): one weight is read one way")
+    return found.pop() if found else None
+
+
+def _layout(item: Tracked, read: Mapping | None, stated: Mapping[str, Layout]) -> Layout:
+    """The weight's layout: as the forward reads it, as ``layouts`` states it, or by its module's
+    type (said in a warning where that type has no rule); raises if nwave_param cannot track it."""
+    value = getattr(item.module, item.tensor_name)
+    if nn.parameter.is_lazy(value):
+        raise ValueError(f"{item.name} is not initialized yet (a lazy module): run one forward pass first")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{item.name} has dtype {value.dtype}; nwave_param tracks floating-point weights only")
+    if value.is_meta:
+        raise ValueError(f"{item.name} is on the meta device: materialize the model before registering")
+    by_hand = _stated_for(item.name, stated)
+    traced, use = (read or {}).get(item.name, (None, None))
+    if by_hand is not None and traced is not None and by_hand != traced:
+        raise ValueError(f"{item.name}: layouts states {by_hand}, but the forward reads it with {traced} ({use.describe()}): state what it computes")
+    layout = by_hand or traced
+    if layout is None:
+        layout = layout_of(item.module, item.tensor_name)
+        if use is not None:
+            warnings.warn(
+                f"{item.name}: the forward reads it through {use.describe()}, which does not say which dim indexes the output "
+                f"neurons; read as {layout}; state it with layouts={{{item.name!r}: nwp.Layout(...)}}",
+                stacklevel=4,
+            )
+        elif read is None and not _ruled(item.module):
+            shown = "[out, in]: dim 0 indexes the output neurons, as F.linear reads it"
+            warnings.warn(
+                f"{item.name} is a Parameter of {type(item.module).__name__}, whose reading nwave_param does not know: read as "
+                f"{shown if value.dim() == 2 else 'dim 0 indexing the output neurons'}; if the forward computes x @ {item.tensor_name} "
+                f"(the chip vendor's [in, out]), say so with layouts={{{item.name!r}: nwp.Layout(inputs_first=True)}}, or let "
+                "nwave_param read it: nwp.register(model, example=x)",
+                stacklevel=4,
+            )
+    layout.check(value.shape, item.name)
+    return layout
+
+
+def _ruled(module: nn.Module) -> bool:
+    """Whether nwave_param knows how ``module``'s type reads its weights: torch's layers, snnTorch's
+    and Norse's neurons."""
+    cls = parametrize.type_before_parametrizations(module)
+    torch_layers = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase, nn.modules.rnn.RNNCellBase)
+    return issubclass(cls, torch_layers) or cls.__module__.partition(".")[0] in ("snntorch", "norse")  # without importing them
 
 
 def _refuse_shared_memory(model: nn.Module, chosen: list[Tracked]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -45,14 +45,34 @@ def register(
     lam: float = 1.0,
     power: int = 2,
     exclude: str | Iterable[str] = (),
+    example: Tensor | None = None,
+    layouts: Mapping[str, Layout] | None = None,
+    dims: str | None = None,
 ) -> Registry:
     r"""Track every weight of ``model`` against the chip's constraints.
 
-    Registers a :class:`~nwave_param.ChipConstraint` (last in any existing chain) on each
-    trackable weight (see :func:`~nwave_param.trackable_weights`), except those whose dotted name
-    matches a glob in ``exclude``.  The model computes exactly what it did before; add
-    :meth:`Registry.penalty` (:math:`\alpha \cdot` magnitude :math:`+ \lambda \cdot` topology) to
-    the loss, and :meth:`Registry.harden` it onto the chip.
+    Registers a :class:`~nwave_param.ChipConstraint` (last in any existing chain) on each tracked
+    weight, read as a connectivity matrix by its :class:`~nwave_param.Layout`.  The model computes
+    exactly what it did before; add :meth:`Registry.penalty` (:math:`\alpha \cdot` magnitude
+    :math:`+ \lambda \cdot` topology) to the loss, and :meth:`Registry.harden` it onto the chip.
+
+    Args:
+        model: the network.
+        spec: the chip (default ``ChipSpec()``, the H1v1's).
+        alpha, lam: the penalty's strengths (magnitude, topology).
+        power: the magnitude penalty's exponent, 1 or 2.
+        exclude: globs of dotted weight names not to track.
+        example: an input of ``model``: one forward, traced (:mod:`nwave_param.trace`), tells which
+            weights the network uses as synapses, whatever their names, and how it reads each
+            (``x @ W`` reads ``W`` as ``[in, out]``, the chip vendor's convention); those it never
+            uses as one are named in a warning.  Without it, the weights
+            :func:`~nwave_param.trackable_weights` names, read by their module's type.
+        layouts: a dotted name (or glob) to the :class:`~nwave_param.Layout` of that weight, by
+            hand: ``{"fc.W": nwp.Layout(inputs_first=True)}``; it also tracks a weight of any name.
+        dims: how ``example``'s dims are read (:func:`~nwave_param.trace.example_dims`).
+
+    Returns:
+        The :class:`Registry` of the model.
 
     Example::
 
@@ -62,10 +82,17 @@ def register(
         ['0.weight']
         >>> loss = model(torch.randn(4, 8)).sum() + reg.penalty()
 
+    Without ``example`` or ``layouts``, a weight held by a module type nwave_param has no rule for
+    (a bare Parameter of your own module) is read as torch's ``F.linear`` reads it, ``[out, in]``,
+    with one warning naming it and both ways to state another reading.
+
     Raises:
         ValueError: no trackable weight, ``exclude`` leaves none, a bad ``alpha``/``lam``/``power``,
-            a weight on the meta device, several devices, or a shape its layer type cannot have.
-        TypeError: a tracked weight that is not floating point; ``spec`` not a ChipSpec.
+            a weight on the meta device, several devices, a shape its layout cannot read,
+            Parameters over overlapping memory, a weight the forward reads two ways, a ``layouts``
+            entry that matches nothing or contradicts the forward.
+        TypeError: a tracked weight that is not floating point; ``spec`` not a ChipSpec;
+            ``layouts`` not a mapping of names to Layouts; ``example`` not a tensor.
         AlreadyRegisteredError: the model already carries nwave_param constraints
             (use :func:`registry_of`, or :meth:`Registry.remove` first).
     """
@@ -77,7 +104,7 @@ def register(
                 f"the model already carries nwave_param constraints on {', '.join(present)}: "
                 "use nwp.registry_of(model), or call .remove() on it before registering again"
             )
-    selected = select(model, patterns(exclude))
+    selected = select(model, patterns(exclude), example, layouts, dims)
     holders = tied_holders(model, selected)
     orders = {id(module): tuple(module._parameters) for module, _, _ in holders}
     attached: list[Constrained] = []

@@ -1,0 +1,201 @@
+"""register(example=...) reads every weight as the forward computes with it: orientation, gates,
+groups, whatever the weight's name or module, through views, masks and parametrizations."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import nwave_param as nwp
+from nwave_param import functional
+from nwave_param.trace import layouts_read, trace
+
+INPUTS_FIRST = nwp.Layout(inputs_first=True)
+
+
+class Vendor(nn.Module):
+    """Synapses in the chip vendor's convention, ``[N_in, N_out]`` used as ``x @ W``, beside a
+    recurrent weight of another name and a torch Linear readout."""
+
+    def __init__(self, inputs=16, hidden=100):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(inputs, hidden))
+        self.W = nn.Parameter(torch.randn(hidden, hidden) * 0.1)
+        self.readout = nn.Linear(hidden, 10)
+
+    def forward(self, x):  # x: (time, batch, inputs)
+        h = torch.zeros(x.shape[1], self.W.shape[0])
+        for x_t in x:
+            h = torch.tanh(x_t @ self.weight + h @ self.W)
+        return self.readout(h)
+
+
+def registered(model, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reg = nwp.register(model, **kwargs)
+    return reg, [str(w.message) for w in caught if "jit" not in str(w.message)]
+
+
+def test_a_vendor_convention_layer_is_read_inputs_first_and_projects_to_blocks_along_its_columns():
+    torch.manual_seed(0)
+    model = Vendor()
+    reg, said = registered(model, example=torch.randn(5, 2, 16))
+    assert reg.names == ["weight", "W", "readout.weight"] and not said
+    assert reg.layouts == [INPUTS_FIRST, INPUTS_FIRST, nwp.Layout()]
+    reg.project_()
+    assert reg.is_mappable()
+    for weight in reg.latent_weights()[:2]:  # in the true orientation: blocks of 5 output columns, one sign per input row
+        blocks = weight.detach().view(weight.shape[0], -1, 5)
+        assert not ((blocks > 0).any(-1) & (blocks < 0).any(-1)).any()
+
+
+def test_stating_the_reading_by_hand_gives_the_same_registration():
+    model = Vendor()
+    reg, said = registered(model, layouts={"weight": INPUTS_FIRST, "W": INPUTS_FIRST})
+    assert reg.names == ["weight", "W", "readout.weight"] and reg.layouts == [INPUTS_FIRST, INPUTS_FIRST, nwp.Layout()]
+    assert not said
+
+
+def test_without_an_example_a_bare_parameter_is_read_as_torch_reads_it_and_a_warning_says_so():
+    reg, said = registered(Vendor())
+    assert reg.names == ["weight", "readout.weight"] and reg.layouts == [nwp.Layout(), nwp.Layout()]
+    assert any(message.startswith("not tracked, as their names are not a weight's: W;") for message in said)
+    assert any(
+        message.startswith("weight is a Parameter of Vendor, whose reading nwave_param does not know: read as [out, in]")
+        and "layouts={'weight': nwp.Layout(inputs_first=True)}" in message and "example=x" in message
+        for message in said
+    )
+
+
+class Readings(nn.Module):
+    """One weight used in one of the ways the trace must read."""
+
+    def __init__(self, way):
+        super().__init__()
+        self.way = way
+        self.kernel = nn.Parameter(torch.randn(6, 4))  # [out, in] unless the way says otherwise
+        self.diagonal = nn.Parameter(torch.ones(4, 4), requires_grad=False)
+
+    def forward(self, x):  # x: (batch, 4)
+        k = self.kernel
+        return {
+            "F.linear": lambda: nn.functional.linear(x, k),
+            "x @ W.T": lambda: x @ k.T,
+            "x @ W.t()": lambda: x @ k.t(),
+            "W @ x.T": lambda: (k @ x.T).T,
+            "torch.matmul": lambda: torch.matmul(x, k.transpose(0, 1)),
+            "mm": lambda: torch.mm(x, k.permute(1, 0)),
+            "einsum bi,oi->bo": lambda: torch.einsum("bi,oi->bo", x, k),
+            "einsum io,bi": lambda: torch.einsum("bi,io->bo", x, k.T.contiguous()),
+            "a masked weight": lambda: x @ (k.T * (torch.rand(4, 6) > -1)),
+            "a reshaped weight": lambda: x @ k.reshape(6, 4).T.reshape(4, 6),
+        }[self.way]()
+
+
+@pytest.mark.parametrize(
+    "way",
+    ["F.linear", "x @ W.T", "x @ W.t()", "W @ x.T", "torch.matmul", "mm", "einsum bi,oi->bo", "einsum io,bi", "a masked weight", "a reshaped weight"],
+)
+def test_the_output_dim_is_read_through_views_masks_and_every_way_of_writing_the_product(way):
+    model = Readings(way)
+    reg, said = registered(model, example=torch.randn(3, 4))
+    assert reg.names == ["kernel"] and reg.layouts == [nwp.Layout()], (way, said)
+
+
+def test_a_weight_read_two_ways_is_refused_naming_both_uses():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(5, 5))
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight) + x @ self.weight
+
+    model = Twice()
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"^weight is read two ways: F\.linear\(x, weight\) in the model \(output neurons along dim 0\) and x @ weight in the model \(output neurons along dim 1\)"):
+        nwp.register(model, example=torch.randn(2, 5))
+    assert type(model) is Twice and torch.equal(model.weight, before)  # nothing registered
+
+
+def test_a_stated_layout_that_contradicts_the_forward_is_refused():
+    with pytest.raises(ValueError, match=r"^kernel: layouts states .*inputs_first=True.*but the forward reads it with Layout\(gates=1, groups=1, transposed=False\)"):
+        nwp.register(Readings("F.linear"), example=torch.randn(3, 4), layouts={"kernel": INPUTS_FIRST})
+
+
+def test_weights_the_forward_never_uses_as_a_synapse_are_not_tracked_and_a_note_names_them():
+    model = nn.ModuleDict({"used": nn.Linear(4, 6), "unused": nn.Linear(4, 6)})
+    model.forward = lambda x: model["used"](x)
+    reg, said = registered(model, example=torch.randn(2, 4))
+    assert reg.names == ["used.weight"]
+    assert "not used as a synapse by model(example), so not tracked: unused.weight" in said
+
+
+@pytest.mark.parametrize(
+    "layer, example, layout",
+    [
+        (nn.Conv2d(4, 6, 3, groups=2), torch.randn(1, 4, 5, 5), nwp.Layout(groups=2)),
+        (nn.ConvTranspose1d(4, 6, 3, groups=2), torch.randn(1, 4, 5), nwp.Layout(groups=2, transposed=True)),
+        (nn.GRU(3, 7), torch.randn(5, 2, 3), nwp.Layout(gates=3)),
+        (nn.LSTMCell(3, 7), torch.randn(2, 3), nwp.Layout(gates=4)),
+        (nn.RNN(3, 7), torch.randn(5, 2, 3), nwp.Layout()),
+    ],
+)
+def test_convolutions_and_recurrent_layers_read_from_their_ops_agree_with_their_types(layer, example, layout):
+    by_type = nwp.register(layer).layouts
+    nwp.registry_of(layer).remove()
+    assert nwp.register(layer, example=example).layouts == by_type == [layout] * len(by_type)
+
+
+def test_a_parametrized_weight_and_a_registered_model_are_read_through_their_chains():
+    layer = nn.Linear(4, 6)
+    parametrizations.weight_norm(layer)
+    assert nwp.register(layer, example=torch.randn(2, 4)).layouts == [nwp.Layout()]
+    nwp.registry_of(layer).remove()
+    vendor, example = Vendor(), torch.randn(5, 2, 16)
+    nwp.register(vendor, example=example).harden(1.0)  # the forward now computes with the projections
+    dims = {name: 2 for name in ("weight", "W", "readout.weight")}
+    read = layouts_read(trace(vendor, example, {}), dims)
+    assert {name: layout for name, (layout, _) in read.items()} == {"weight": INPUTS_FIRST, "W": INPUTS_FIRST, "readout.weight": nwp.Layout()}
+
+
+@settings(max_examples=50, deadline=None)
+@given(inputs=st.integers(1, 12), outputs=st.integers(1, 12), inputs_first=st.booleans(), seed=st.integers(0, 2**16))
+def test_a_registered_vendor_weight_is_hardened_as_the_definition_reads_its_transpose(inputs, outputs, inputs_first, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (inputs, outputs) if inputs_first else (outputs, inputs)
+    weight = torch.randn(shape, generator=generator) * 2
+    layout = nwp.Layout(inputs_first=inputs_first)
+    projected = functional.project(weight, layout, nwp.H1V2)
+    as_torch = functional.project(weight.t().contiguous(), nwp.Layout(), nwp.H1V2).t() if inputs_first else projected
+    assert torch.equal(projected, as_torch)  # inputs first is the transpose, read as torch reads it
+
+
+def test_the_command_line_reads_a_vendor_convention_checkpoint_in_its_true_orientation(tmp_path, capsys):
+    import json
+
+    from nwave_param import cli
+
+    torch.manual_seed(0)
+    model = Vendor()
+    reg = nwp.register(model, nwp.H1V2, example=torch.randn(5, 2, 16))
+    torch.save(model.state_dict(), tmp_path / "vendor.pt")
+    assert cli.main(["check", str(tmp_path / "vendor.pt"), "--json"]) == 1
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["weight"]["inputs_first"] is True and rows["weight"]["layout"] == "exact"
+    assert rows["readout.weight"]["inputs_first"] is False
+    assert cli.main(["project", str(tmp_path / "vendor.pt"), "-o", str(tmp_path / "chip.pt")]) == 0
+    projected = torch.load(tmp_path / "chip.pt", weights_only=True)
+    reg.project_()
+    for key, value in model.state_dict().items():
+        if key.endswith(".original"):
+            assert torch.equal(projected[key], value), key  # the command line projects as the model does
+    weight = projected["parametrizations.weight.original"]
+    blocks = weight.view(16, -1, 5)  # blocks of 5 output columns: one sign per input row
+    assert not ((blocks > 0).any(-1) & (blocks < 0).any(-1)).any()
+    assert nwp.check_state_dict(projected).is_mappable
