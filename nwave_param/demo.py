@@ -106,7 +106,7 @@ class SpikingNet(nn.Module):
         snntorch, surrogate, *_ = _requirements()
         hidden = max(spec.cores)
         neuron = dict(
-            beta=0.9, learn_beta=True, threshold=THRESHOLD, reset_mechanism="subtract", spike_grad=surrogate.fast_sigmoid(slope=25)
+            beta=0.9, learn_beta=True, threshold=THRESHOLD, reset_mechanism=spec.reset or "subtract", spike_grad=surrogate.fast_sigmoid(slope=25)
         )
         self.classes = classes
         self.gain = OneToOne(2 * PIXELS)

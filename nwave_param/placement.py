@@ -1,41 +1,48 @@
 """Placing a network on the chip's cores: does the network itself fit, and if not, which rule does
 which population break.
 
-The chip's capacity, from the vendor's SDK documentation ("Chip overview"): H1v1 has 4 cores of
-64 neurons, H1v2 cores of 50, 50 and 100 (:attr:`ChipSpec.cores <nwave_param.ChipSpec.cores>`).
-Feed-forward connections run within and between cores, so a feed-forward population may be
-split across cores; recurrent connections are all-to-all but only within one core, so a
-recurrent population sits whole in one core.  The front end's ``spec.inputs`` (16) channels each
-feed one neuron of the first layer.
+What the network is comes from one traced forward (:mod:`nwave_param.trace`), not from the names
+or types of its parts: which populations there are and their sizes, which weight feeds which
+population, which population reaches its own input (recurrent), and which weights the input
+passes through before the first population.
 
-:func:`place` checks capacity and connectivity only: the neuron dynamics (threshold, membrane
-clipping, reset, tau) stay the user's model, and how blocks of ``group_size`` neurons lie inside
-a core is not documented, so it is not checked.
+The chip, from the vendor's SDK documentation ("Chip overview", "Chip constraints"): H1v1 has 4
+cores of 64 neurons, H1v2 cores of 50, 50 and 100 (:attr:`ChipSpec.cores
+<nwave_param.ChipSpec.cores>`).  Feed-forward connections run within and between cores, so a
+feed-forward population may be split across cores; recurrent connections are all-to-all but only
+within one core, so a recurrent population sits whole in one core.  The front end's
+``spec.inputs`` (16) filters each feed one neuron of the first layer: no fan-in, no fan-out.  One
+firing threshold for the whole network, none learned; the reset of :attr:`ChipSpec.reset
+<nwave_param.ChipSpec.reset>`.  The neurons of a core sit in blocks of ``spec.group_size`` (5),
+whose weights from one input share a sign; where the blocks lie is not documented, and
+nwave_param assumes they start at each core's first neuron.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from . import state
-from .discovery import constraints, is_weight_name
-from .parametrization import latent
+from .discovery import constraints
+from .errors import one_line
+from .neurons import neuron_types
 from .report import aligned
 from .spec import ChipSpec
+from .trace import INPUT, Trace, trace
 
-__all__ = ["Placement", "Population", "neuron_types", "pack", "place"]
+__all__ = ["Placement", "Population", "neuron_types", "place"]
 
 
 @dataclass(frozen=True)
 class Population:
-    """One neuron module of the network, and where it sits.
+    """One population of the network, and where it sits.
 
-    ``cores`` maps a core's index to the neurons placed there (empty when the network does not fit).
+    ``cores`` maps a core's index to the neurons placed there, and ``offsets`` to where in that
+    core the piece starts (a multiple of ``spec.group_size``); both empty when the network does
+    not fit.  Pieces follow the population's order of neurons in the order of their cores.
     """
 
     name: str
@@ -43,6 +50,7 @@ class Population:
     recurrent: bool
     front_end: bool
     cores: dict[int, int] = field(default_factory=dict)
+    offsets: dict[int, int] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -55,16 +63,19 @@ class Population:
             "recurrent": self.recurrent,
             "front_end": self.front_end,
             "cores": {str(core): count for core, count in self.cores.items()},
+            "offsets": {str(core): first for core, first in self.offsets.items()},
         }
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a network's populations sit on the chip, or the rules it breaks (one line each)."""
+    """Where a network's populations sit on the chip, or the rules it breaks (``problems``, one
+    line each), and what the check noticed without calling it a problem (``notes``)."""
 
     spec: ChipSpec
     populations: list[Population]
     problems: list[str]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -77,91 +88,56 @@ class Placement:
             "spec": self.spec.to_dict(),
             "populations": [p.to_dict() for p in self.populations],
             "problems": list(self.problems),
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
         cores = ", ".join(f"{n}" for n in self.spec.cores)
         header = f"cores ({cores}), {self.spec.inputs} inputs: " + ("fits" if self.fits else "does NOT fit")
         rows = [
-            [p.name, str(p.neurons), p.kind, ", ".join(f"core {c}: {n}" for c, n in p.cores.items()) or "-"]
+            [one_line(p.name), str(p.neurons), p.kind, ", ".join(f"core {c}: {n} from {p.offsets.get(c, 0)}" for c, n in p.cores.items()) or "-"]
             for p in self.populations
         ]
         lines = [header, *aligned([["population", "neurons", "kind", "cores"], *rows], "lrll")] if rows else [header]
-        return "\n".join(lines + [f"problem: {problem}" for problem in self.problems])
+        return "\n".join(lines + [f"problem: {problem}" for problem in self.problems] + [f"note: {note}" for note in self.notes])
 
 
-def neuron_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """The spiking-neuron classes :func:`place` finds by itself, and those it leaves out:
-    snnTorch's ``SpikingNeuron`` (Leaky, RLeaky, Synaptic, RSynaptic, ...) and Norse's neuron
-    modules and cells (LIF, LIFRecurrent, LIFCell, LIFRecurrentCell, ...), each when installed;
-    but not Norse's leaky integrators (LI, LICell, LIBoxCell), which do not spike."""
-    found: list[type] = []
-    silent: list[type] = []
-    try:
-        from snntorch._neurons import SpikingNeuron
+def place(
+    model: nn.Module, example: Tensor, spec: ChipSpec | None = None, *, neurons: str | Iterable[str] = (), dims: str | None = None
+) -> Placement:
+    """Check that ``model``'s network can be placed on the chip's cores, and place it.
 
-        found.append(SpikingNeuron)
-    except ImportError:
-        pass
-    try:
-        from norse.torch.module.snn import SNN, SNNCell, SNNRecurrent, SNNRecurrentCell
+    Runs ``model(example)`` once under ``torch.no_grad()`` and reads the network from what it
+    computes (:mod:`nwave_param.trace`); afterwards the model is exactly as before (parameters,
+    buffers, training modes, submodules, hooks, torch's random state), with no gradients.
 
-        found += [SNN, SNNCell, SNNRecurrent, SNNRecurrentCell]
-        from norse.torch.module.leaky_integrator import LI, LICell
-        from norse.torch.module.leaky_integrator_box import LIBoxCell
+    Args:
+        model: the network; snnTorch's and Norse's spiking neurons are found by themselves
+            (:func:`neuron_types`), other neuron modules are named in ``neurons``.
+        example: an input; its dims are read as ``dims`` says, by default time-first as snnTorch:
+            a 3-D example is (time, batch, channels), a 2-D one (batch, channels).  The input is
+            its channels per time step.
+        spec: the chip; None takes the model's registration spec, else ``ChipSpec()``.
+        neurons: dotted names of neuron modules (a neuron module inside one is part of it).
+        dims: one letter per dim of the example, ``t`` time, ``b`` batch, others channels
+            (``"btc"`` for batch-first sequences).
 
-        silent += [LI, LICell, LIBoxCell]
-    except ImportError:
-        pass
-    return tuple(found), tuple(silent)
+    Returns:
+        A :class:`Placement`.  A *population* is one chain of membrane state of a neuron module
+        (one module applied to two layers makes two); its size is every neuron of its spikes but
+        the batch and time.  It is *recurrent* when its spikes reach its own input through
+        weights, whichever module holds them.  The *front end* is the population the input
+        reaches first.  Each broken rule is one line in ``problems``:
 
+        * the example has at most ``spec.inputs`` channels, and the input reaches one population
+          (the front end) of at most ``spec.inputs`` neurons, through weights with at most one
+          non-zero entry per row and per column (no fan-in, no fan-out);
+        * one threshold for all populations, none learned; the reset of ``spec.reset``;
+        * every recurrent population sits whole in one core; feed-forward populations fill what
+          is left, split between blocks of ``spec.group_size`` as needed; each population and each
+          piece starts at a block of its core, so the padding counts against the capacity.
 
-def pack(sizes: Sequence[int], cores: Sequence[int]) -> list[int] | None:
-    """A core for each of ``sizes`` such that no core holds more than its capacity, or None when
-    there is none.  Exact: a depth-first search, largest sizes first, that tries one core of each
-    free capacity (cores with equal room are interchangeable for what is left)."""
-    if sum(sizes) > sum(cores):
-        return None
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-    free, where = list(cores), [0] * len(sizes)
-
-    def search(k: int) -> bool:
-        if k == len(order):
-            return True
-        i, tried = order[k], set()
-        for core, room in enumerate(free):
-            if room >= sizes[i] and room not in tried:
-                tried.add(room)
-                free[core] -= sizes[i]
-                where[i] = core
-                if search(k + 1):
-                    return True
-                free[core] += sizes[i]
-        return False
-
-    return where if search(0) else None
-
-
-def place(model: nn.Module, example: Tensor, spec: ChipSpec | None = None, *, neurons: str | Iterable[str] = ()) -> Placement:
-    """Check that ``model``'s spiking populations can be placed on the chip's cores.
-
-    Runs ``model(example)`` once under ``torch.no_grad()``, with temporary hooks; afterwards the
-    model is exactly as before (parameters, buffers, training mode, hooks), with no gradients.
-    ``spec=None`` is the model's registration spec if it is registered, else ``ChipSpec()``.
-
-    A *population* is one neuron module: snnTorch's and Norse's spiking neurons (see
-    :func:`neuron_types`) and every module named in ``neurons`` (dotted names).  Its size is the
-    last dimension of its spike output (the output, or its first element).  It is *recurrent*
-    when it holds a square weight of its size (snnTorch ``RLeaky``/``RSynaptic`` with
-    ``all_to_all=True``, Norse's recurrent LIF).  The *front end* is the first population the
-    input reaches.  Each broken rule is one line in ``problems``:
-
-    * the example's last dimension is at most ``spec.inputs`` channels;
-    * the front end has at most ``spec.inputs`` neurons, and every weight applied before it has
-      at most one non-zero entry per output neuron (a gain per channel, or a diagonal matrix);
-    * the network has at most ``sum(spec.cores)`` neurons;
-    * every recurrent population sits whole in one core (several share one while they fit);
-      feed-forward populations fill what is left, split across cores as needed.
+        A cycle through several populations (A to B to A) is a note, as is what cannot be read.
 
     Example::
 
@@ -169,30 +145,23 @@ def place(model: nn.Module, example: Tensor, spec: ChipSpec | None = None, *, ne
         >>> class Net(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
-        ...         self.gain = nn.Linear(16, 16, bias=False)   # the front end's one-to-one synapses
         ...         self.front = snn.Leaky(beta=0.9, init_hidden=True)
-        ...         self.hidden = snn.RLeaky(beta=0.9, linear_features=80, init_hidden=True)
         ...         self.fc = nn.Linear(16, 80)
+        ...         self.hidden = snn.RLeaky(beta=0.9, linear_features=80, init_hidden=True)
         ...     def forward(self, x):
-        ...         return self.hidden(self.fc(self.front(self.gain(x))))
-        >>> net = Net()
-        >>> with torch.no_grad():
-        ...     _ = net.gain.weight.copy_(torch.eye(16))
-        >>> print(place(net, torch.rand(4, 16), ChipSpec(limit=1.66, cores=(50, 50, 100))))
+        ...         return self.hidden(self.fc(self.front(x)))
+        >>> print(place(Net(), torch.rand(4, 16), ChipSpec(limit=1.66, cores=(50, 50, 100), reset="subtract")))
         cores (50, 50, 100), 16 inputs: fits
         population  neurons  kind                     cores
-        front            16  feed-forward, front end  core 2: 16
-        hidden           80  recurrent                core 2: 80
-        >>> print(place(net, torch.rand(4, 16), ChipSpec(cores=(64, 64))))
-        cores (64, 64), 16 inputs: does NOT fit
-        population  neurons  kind                     cores
-        front            16  feed-forward, front end  -
-        hidden           80  recurrent                -
-        problem: hidden: a recurrent population of 80 neurons sits whole in one core, and the largest core holds 64
+        front            16  feed-forward, front end  core 2: 16 from 0
+        hidden           80  recurrent                core 2: 80 from 20
+        >>> place(Net(), torch.rand(4, 16), ChipSpec(cores=(64, 64), reset="subtract")).problems
+        ['hidden: a recurrent population of 80 neurons sits whole in one core, and the largest core holds 64']
 
     Raises:
         TypeError: ``model`` is not a module, ``example`` not a tensor, ``spec`` not a ChipSpec.
-        ValueError: a name in ``neurons`` is not a module of ``model``.
+        ValueError: a name in ``neurons`` is not a module of ``model``; ``dims`` does not read the
+            example; the model holds a lazy module not yet initialized.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"place: model must be an nn.Module, got {type(model).__name__}")
@@ -205,30 +174,10 @@ def place(model: nn.Module, example: Tensor, spec: ChipSpec | None = None, *, ne
     modules = dict(model.named_modules())
     for name in named:
         if not isinstance(name, str) or name not in modules:
-            raise ValueError(f"place: neurons names {name!r}, which is not a module of the model (names are dotted, as named_modules() gives them)")
+            raise ValueError(f"place: neurons names {one_line(repr(name))}, which is not a module of the model (names are dotted, as named_modules() gives them)")
     candidates = _neuron_modules(model, set(named))
-    started, ended, outputs = _run(model, example, candidates)
-    problems = [f"{name} (named in neurons) never ran in model(example)" for name in named if name not in outputs]
-    populations, path = [], {}
-    for name in sorted(outputs, key=started.__getitem__):
-        size = _size(outputs[name])
-        if size is None:
-            problems.append(f"{name}: its output is not a tensor of spikes (nor a tuple starting with one): name a module that outputs spikes")
-            continue
-        populations.append(Population(name or type(model).__name__, size, _recurrent(modules[name], size), front_end=not populations))
-        path[populations[-1].name] = name
-    if not populations:
-        return Placement(spec, [], problems or [
-            "no spiking neurons found (snnTorch or Norse neurons, run by model(example)): name the neuron modules, "
-            "e.g. place(model, example, neurons=('hidden.lif', 'out.lif'))"
-        ])
-    front = populations[0]
-    before = [(name, modules[name]) for name, end in ended.items() if end < started[path[front.name]]]  # ran, and ended, before it
-    problems += _input_problems(example, spec, front, before)
-    problems += _capacity_problems(populations, spec)
-    if problems:
-        return Placement(spec, populations, problems)
-    return Placement(spec, _assign(populations, spec), [])
+    traced = trace(model, example, candidates, dims)
+    return _checked(traced, spec, candidates, named)
 
 
 def _spec_of(model: nn.Module) -> ChipSpec:
@@ -248,125 +197,371 @@ def _neuron_modules(model: nn.Module, named: set[str]) -> dict[str, nn.Module]:
     return found
 
 
-def _run(model: nn.Module, example: Tensor, candidates: dict[str, nn.Module]) -> tuple[dict[str, int], dict[str, int], dict[str, object]]:
-    """Run ``model(example)``; return when each module started and ended its first forward (event
-    numbers), and each candidate's first output.  Everything the forward changes is put back."""
-    clock = itertools.count()
-    started: dict[str, int] = {}
-    ended: dict[str, int] = {}
-    outputs: dict[str, object] = {}
-
-    def on_start(name: str):
-        def hook(module, args):
-            started.setdefault(name, next(clock))
-
-        return hook
-
-    def on_end(name: str):
-        def hook(module, args, output):
-            ended.setdefault(name, next(clock))
-            if name in candidates:
-                outputs.setdefault(name, output)
-
-        return hook
-
-    saved = state.snapshot([model], attributes=True)
-    handles = []
-    try:
-        for name, module in model.named_modules():
-            handles += [module.register_forward_pre_hook(on_start(name)), module.register_forward_hook(on_end(name))]
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        state.restore(saved)
-    return started, ended, outputs
+# --- the network, read from the trace ------------------------------------------------------------
 
 
-def _size(output: object) -> int | None:
-    spikes = output[0] if isinstance(output, (tuple, list)) and output else output
-    return spikes.shape[-1] if isinstance(spikes, Tensor) and spikes.dim() >= 1 else None
+def _population_names(traced: Trace) -> list[str]:
+    """A population by its module's name; a module of several populations numbers them ``[k]``."""
+    counts: dict[str, int] = {}
+    for path in traced.populations:
+        counts[path] = counts.get(path, 0) + 1
+    seen: dict[str, int] = {}
+    names = []
+    for path in traced.populations:
+        k = seen[path] = seen.get(path, -1) + 1
+        names.append((path or "model") + (f"[{k}]" if counts[path] > 1 else ""))
+    return names
 
 
-def _recurrent(module: nn.Module, size: int) -> bool:
-    """Whether the module holds a square weight of its size, whatever its name (a registered one
-    by its latent tensor, of the same shape)."""
-    return any(p.dim() == 2 and tuple(p.shape) == (size, size) for p in module.parameters())
+class _Graph:
+    """Who feeds whom: the input, populations and weights; a weight's current feeds a population or
+    another weight."""
+
+    def __init__(self, traced: Trace) -> None:
+        self.edges: dict[tuple, set[tuple]] = {}
+        for name, uses in traced.uses.items():
+            for use in uses:
+                for token in use.reads:
+                    self.add(_node(token), ("weight", name))
+        for population, reached in traced.feeds.items():
+            for token in reached:
+                source = _node(token)
+                if source != ("population", population):
+                    self.add(source, ("population", population))
+
+    def add(self, source: tuple, target: tuple) -> None:
+        self.edges.setdefault(source, set()).add(target)
+
+    def through_weights(self, source: tuple) -> tuple[set[tuple], set[str]]:
+        """The populations ``source`` reaches through weights alone (or directly), and the weights
+        on the way."""
+        reached, weights, stack, seen = set(), set(), [source], {source}
+        while stack:
+            for target in self.edges.get(stack.pop(), ()):
+                if target[0] == "population":
+                    reached.add(target)
+                elif target not in seen:
+                    seen.add(target)
+                    weights.add(target[1])
+                    stack.append(target)
+        return reached, weights
+
+    def weights_between(self, source: tuple, target: tuple) -> set[str]:
+        """The weights on some weights-only path from ``source`` to ``target``."""
+        _, after = self.through_weights(source)
+        return {w for w in after if target in self.through_weights(("weight", w))[0]}
 
 
-def _weights(module: nn.Module) -> list[tuple[str, Tensor]]:
-    """The module's own weight-like tensors by name (named as :func:`~nwave_param.trackable_weights`
-    reads names), a registered one by its latent value: hardening keeps its zeros zero, and no
-    mismatch noise fills them."""
-    ours = {name: constraint for name, _, constraint in state.chip_links(module)}
-    found = [(name, value) for name, value in module._parameters.items() if value is not None and is_weight_name(name)]
-    for name in getattr(module, "parametrizations", {}):
-        if is_weight_name(name):
-            found.append((name, latent(module, name, ours[name]) if name in ours else getattr(module, name)))
-    return found
+def _node(token: tuple) -> tuple:
+    if token == INPUT:
+        return INPUT
+    kind, what = token
+    return ("weight", what) if kind == "current" else ("population", what)  # spikes, state, or its own state
 
 
-def _input_problems(example: Tensor, spec: ChipSpec, front: Population, before: list[tuple[str, nn.Module]]) -> list[str]:
+def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], named: Sequence[str]) -> Placement:
+    problems: list[str] = []
+    notes = [one_line(note) for note in traced.notes]
+    problems += [f"{one_line(name)} (named in neurons) never ran in model(example)" for name in named if name not in traced.populations]
+    names = _population_names(traced)
+    sizes = {p: traced.neurons(p) for p in range(len(names))}
+    for p, size in sizes.items():
+        if size is None:
+            problems.append(f"{one_line(names[p])}: its output is not a tensor of spikes (nor a tuple starting with one): name a module that outputs spikes")
+    for call in traced.calls:
+        if call.neurons is not None and call.neurons != sizes[call.population]:
+            notes.append(f"{one_line(names[call.population])}: a call with {call.neurons} neurons, {sizes[call.population]} at its first; placed with the first")
+            break
+    if any(not call.batch_found for call in traced.calls):
+        unsure = sorted({names[c.population] for c in traced.calls if not c.batch_found})
+        notes.append(f"the batch dim of the spikes of {', '.join(map(one_line, unsure))} could not be followed from the example; dim 0 taken as the batch")
+    if not names:
+        return Placement(spec, [], problems or [
+            "no spiking neurons found (snnTorch or Norse neurons, run by model(example)): name the neuron modules, "
+            "e.g. place(model, example, neurons=('hidden.lif', 'out.lif'))"
+        ], notes)
+    graph = _Graph(traced)
+    recurrent = {p: ("population", p) in graph.through_weights(("population", p))[0] for p in sizes}
+    fronts, _ = graph.through_weights(INPUT)
+    front = {p for _, p in fronts}
+    populations = [Population(names[p], sizes[p] or 0, recurrent[p], p in front) for p in sizes]
+    notes += _cycles(graph, names)
+    problems += _input_problems(traced, graph, spec, names, front, sizes)
+    problems += _neuron_problems(traced, spec, names, candidates, notes)
+    if any(size is None for size in sizes.values()):
+        return Placement(spec, populations, problems, notes)
+    placed, capacity_problems = _assign(populations, spec)
+    problems += capacity_problems
+    return Placement(spec, populations if problems else placed, problems, notes)
+
+
+def _reach(follows: dict[int, set[int]], start: int) -> set[int]:
+    reach, stack = set(), list(follows[start])
+    while stack:
+        q = stack.pop()
+        if q not in reach:
+            reach.add(q)
+            stack.extend(follows[q])
+    return reach
+
+
+def _cycles(graph: _Graph, names: list[str]) -> list[str]:
+    """A note for each cycle through several populations (A to B to A): the vendor's docs do not
+    say whether the chip allows one."""
+    follows = {p: {q for _, q in graph.through_weights(("population", p))[0] if q != p} for p in range(len(names))}
+    reaches = {p: _reach(follows, p) for p in follows}
+    notes, seen = [], set()
+    for p in follows:
+        loop = frozenset({p} | {q for q in reaches[p] if p in reaches[q]})
+        if len(loop) > 1 and loop not in seen:
+            seen.add(loop)
+            members = ", ".join(one_line(names[q]) for q in sorted(loop))
+            notes.append(f"{members} feed each other in a cycle (not a recurrent population's own connections): the vendor's docs do not say whether the chip allows it")
+    return notes
+
+
+def _input_problems(traced: Trace, graph: _Graph, spec: ChipSpec, names: list[str], front: set[int], sizes: dict) -> list[str]:
     problems = []
-    channels = example.shape[-1] if example.dim() else 1
-    if channels > spec.inputs:
-        problems.append(f"the example has {channels} input channels (its last dimension); the chip's front end has {spec.inputs}")
-    if front.neurons > spec.inputs:
-        problems.append(
-            f"{front.name}: the front end has {front.neurons} neurons; the chip feeds its {spec.inputs} input channels "
-            "one-to-one to the first layer, so it holds at most that many"
-        )
-    for path, module in before:
-        for name, weight in _weights(module):
-            rows = weight.detach().reshape(weight.shape[0], -1) if weight.dim() >= 2 else weight.detach().reshape(-1, 1)
-            most = int((rows != 0).sum(1).max()) if rows.numel() else 0
-            if most > 1:
-                problems.append(
-                    f"{path + '.' if path else ''}{name}: a weight applied before the front end ({front.name}) has up to {most} "
-                    "non-zero entries per output neuron; the chip's input channels reach the front end one-to-one (a gain per "
-                    "channel, or a diagonal matrix)"
-                )
+    if traced.channels > spec.inputs:
+        problems.append(f"the example has {traced.channels} input channels per time step; the chip's front end has {spec.inputs}")
+    if not front:
+        return problems + ["the input reaches no population: the chip's input channels feed the first layer (the front end)"]
+    if len(front) > 1:
+        listed = ", ".join(one_line(names[p]) for p in sorted(front))
+        problems.append(f"the input reaches several populations ({listed}); the chip's input channels feed one first layer, one-to-one")
+    for p in sorted(front):
+        if sizes[p] is not None and sizes[p] > spec.inputs:
+            problems.append(
+                f"{one_line(names[p])}: the front end has {sizes[p]} neurons; the chip feeds its {spec.inputs} input channels "
+                "one-to-one to the first layer, so it holds at most that many"
+            )
+    before = set().union(*(graph.weights_between(INPUT, ("population", p)) for p in front))
+    for name in sorted(before):
+        for use in traced.uses.get(name, ()):
+            if use.op == "gain":
+                continue
+            if use.fan_in is None or use.fan_out is None:
+                said = "entries whose fan-in and fan-out cannot be counted"
+            elif use.fan_in > 1 or use.fan_out > 1:
+                said = f"up to {use.fan_in} non-zero entries into one neuron and {use.fan_out} out of one channel"
+            else:
+                continue
+            problems.append(
+                f"{one_line(name)}: a weight between the input and the front end ({one_line(use.where)}) has {said}; the chip's "
+                "input channels reach the front end one-to-one, with no fan-in or fan-out (a gain per channel, or a diagonal matrix)"
+            )
+            break
     return problems
 
 
-def _capacity_problems(populations: list[Population], spec: ChipSpec) -> list[str]:
+def _neuron_problems(traced: Trace, spec: ChipSpec, names: list[str], candidates: dict[str, nn.Module], notes: list[str]) -> list[str]:
+    """One threshold for all populations, none learned, and the reset of ``spec.reset``."""
     problems = []
-    total, capacity = sum(p.neurons for p in populations), sum(spec.cores)
+    thresholds: dict[float, list[str]] = {}
+    for p, path in enumerate(traced.populations):
+        threshold, learned, reset = _neuron(candidates[path])
+        name = one_line(names[p])
+        if threshold is None:
+            notes.append(f"{name}: its threshold cannot be read (an snnTorch or Norse neuron, or a 'threshold' attribute, says it)")
+        elif isinstance(threshold, str):
+            problems.append(f"{name}: {threshold}; the chip has one threshold for the whole network")
+        else:
+            thresholds.setdefault(threshold, []).append(name)
+        if learned:
+            problems.append(f"{name}: its threshold is learned (a Parameter); the chip's threshold is fixed, the same for every neuron")
+        if reset is None:
+            notes.append(f"{name}: its reset cannot be read (an snnTorch or Norse neuron, or a 'reset_mechanism' attribute, says it)")
+        elif spec.reset is not None and reset != spec.reset:
+            problems.append(f"{name}: it resets {_RESETS.get(reset, reset)}; the chip resets {_RESETS[spec.reset]} (ChipSpec.reset={spec.reset!r})")
+    if len(thresholds) > 1:
+        listed = "; ".join(f"{value:g} for {', '.join(who)}" for value, who in sorted(thresholds.items()))
+        problems.append(f"the populations have different thresholds ({listed}); the chip has one fixed threshold for the whole network")
+    return problems
+
+
+_RESETS = {"subtract": "by subtracting the threshold", "zero": "to zero", "none": "never"}
+
+
+def _neuron(module: nn.Module) -> tuple[float | str | None, bool, str | None]:
+    """``(threshold, learned, reset)`` of a neuron module: snnTorch's (``threshold``,
+    ``reset_mechanism``), Norse's (``p.v_th``, its reset), or a module's own ``threshold`` and
+    ``reset_mechanism`` attributes; None where it cannot be read; the threshold is a sentence when
+    its neurons' thresholds differ."""
+    parameters = getattr(module, "p", None)
+    value = getattr(module, "threshold", None)
+    if value is None and parameters is not None:
+        value = getattr(parameters, "v_th", None)
+    learned = isinstance(value, nn.Parameter) and value.requires_grad
+    threshold: float | str | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        threshold = float(value)
+    elif isinstance(value, Tensor) and value.numel():
+        values = value.detach().reshape(-1).unique()
+        threshold = float(values[0]) if values.numel() == 1 else f"its neurons have {values.numel()} different thresholds"
+    reset = getattr(module, "reset_mechanism", None)
+    if not isinstance(reset, str) and parameters is not None:
+        reset = _norse_reset(parameters)
+    return threshold, learned, reset if isinstance(reset, str) else None
+
+
+def _norse_reset(parameters: object) -> str | None:
+    """Norse's reset: to ``v_reset`` (zero when it is 0), or its box neurons' ``reset_method``."""
+    method = getattr(parameters, "reset_method", None)
+    if method is not None:
+        return {"reset_subtract": "subtract", "reset_value": "zero"}.get(getattr(method, "__name__", ""))
+    v_reset = getattr(parameters, "v_reset", None)
+    if v_reset is None:
+        return None
+    return "zero" if float(torch.as_tensor(v_reset).abs().max()) == 0 else "to v_reset"
+
+
+# --- placing populations on the cores, in blocks -------------------------------------------------
+
+
+@dataclass
+class _Core:
+    """A core's room: whole blocks free, and its short last block (``capacity % group_size``
+    neurons, for a population's short last block)."""
+
+    blocks: int
+    tail: int
+    tail_free: bool = True
+
+
+def _blocks(neurons: int, group_size: int) -> tuple[int, int]:
+    """Blocks a population of ``neurons`` takes, and how many neurons its last block holds."""
+    count = -(-neurons // group_size)
+    return count, neurons - (count - 1) * group_size
+
+
+def _assign(populations: list[Population], spec: ChipSpec) -> tuple[list[Population], list[str]]:
+    """Recurrent populations whole in one core each (an exact search); feed-forward ones in the
+    blocks left, whole where a core holds them, else split between blocks.  Each population and
+    each piece starts at a block of its core."""
+    g, cores = spec.group_size, spec.cores
+    total, capacity = sum(p.neurons for p in populations), sum(cores)
+    largest = max(cores)
+    problems = []
     if total > capacity:
-        problems.append(f"the network has {total} neurons; the chip holds {capacity} ({' + '.join(map(str, spec.cores))})")
-    recurrent = [p for p in populations if p.recurrent]
-    largest = max(spec.cores)
-    for p in recurrent:
-        if p.neurons > largest:
-            problems.append(f"{p.name}: a recurrent population of {p.neurons} neurons sits whole in one core, and the largest core holds {largest}")
-    if not problems and pack([p.neurons for p in recurrent], spec.cores) is None:
-        sizes = ", ".join(f"{p.name} ({p.neurons})" for p in recurrent)
-        problems.append(f"the recurrent populations {sizes} each sit whole in one core, and no assignment fits them in cores ({', '.join(map(str, spec.cores))})")
-    return problems
-
-
-def _assign(populations: list[Population], spec: ChipSpec) -> list[Population]:
-    """Recurrent populations whole in one core each; feed-forward ones whole in the fullest core
-    that still holds them, else split across cores in order."""
-    free = list(spec.cores)
+        problems.append(f"the network has {total} neurons; the chip holds {capacity} ({' + '.join(map(str, cores))})")
+    for p in populations:
+        if p.recurrent and p.neurons > largest:
+            problems.append(f"{one_line(p.name)}: a recurrent population of {p.neurons} neurons sits whole in one core, and the largest core holds {largest}")
+    if problems:
+        return populations, problems
     recurrent = [i for i, p in enumerate(populations) if p.recurrent]
-    placed: dict[int, dict[int, int]] = {}
-    for i, core in zip(recurrent, pack([populations[i].neurons for i in recurrent], spec.cores) or ()):
-        placed[i] = {core: populations[i].neurons}
-        free[core] -= populations[i].neurons
-    for i, p in enumerate(populations):
-        if p.recurrent:
-            continue
-        whole = [core for core, room in enumerate(free) if room >= p.neurons]
-        if whole:
-            core = min(whole, key=lambda c: (free[c], c))
-            placed[i], free[core] = {core: p.neurons}, free[core] - p.neurons
-            continue
-        left, placed[i] = p.neurons, {}
-        for core, room in enumerate(free):
-            take = min(room, left)
-            if take:
-                placed[i][core], free[core], left = take, room - take, left - take
-    return [Population(p.name, p.neurons, p.recurrent, p.front_end, dict(sorted(placed[i].items()))) for i, p in enumerate(populations)]
+    forward = [i for i, p in enumerate(populations) if not p.recurrent]
+    sizes = [populations[i].neurons for i in recurrent]
+    any_recurrent_fit = False
+    for where in _recurrent_assignments(sizes, cores, g):
+        any_recurrent_fit = True
+        found = _with_forward(populations, recurrent, where, forward, cores, g)
+        if found is not None:
+            return found, []
+    if not any_recurrent_fit:
+        listed = ", ".join(f"{one_line(populations[i].name)} ({populations[i].neurons})" for i in recurrent)
+        return populations, [
+            f"the recurrent populations {listed} each sit whole in one core, in blocks of {g} from its first neuron, and no "
+            f"assignment fits them in cores ({', '.join(map(str, cores))})"
+        ]
+    padded = sum(_blocks(p.neurons, g)[0] * g for p in populations)
+    return populations, [
+        f"each population starts at a block of {g} in its core, and a split one is cut between blocks: padded so, the "
+        f"{len(populations)} populations need up to {padded} neurons, and no placement fits them in cores ({', '.join(map(str, cores))})"
+    ]
 
+
+def _recurrent_assignments(sizes: list[int], cores: Sequence[int], g: int):
+    """Every way to put each recurrent population whole in one core, in blocks (the short last
+    block of a population may take a core's short last block), cores of equal room tried once.
+    Yields ``(core, in its short last block)`` per population."""
+    rooms = [_Core(c // g, c % g) for c in cores]
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    where = [(0, False)] * len(sizes)
+
+    def search(k: int):
+        if k == len(order):
+            yield list(where)
+            return
+        i, tried = order[k], set()
+        count, last = _blocks(sizes[i], g)
+        for core, room in enumerate(rooms):
+            for tail in (False, True):
+                needed = count - tail
+                fits = room.blocks >= needed and (not tail or (room.tail_free and last <= room.tail))
+                state = (room.blocks, room.tail_free, room.tail, tail)
+                if not fits or state in tried:
+                    continue
+                tried.add(state)
+                room.blocks -= needed
+                room.tail_free = room.tail_free and not tail
+                where[i] = (core, tail)
+                yield from search(k + 1)
+                room.blocks += needed
+                if tail:
+                    room.tail_free = True
+
+    yield from search(0)
+
+
+def _with_forward(populations, recurrent, where, forward, cores, g) -> list[Population] | None:
+    """The placement with the recurrent populations where ``where`` puts them and the
+    feed-forward ones in the blocks left, or None when they do not fit."""
+    rooms = [_Core(c // g, c % g) for c in cores]
+    pieces: dict[int, list[tuple[int, int, bool]]] = {}  # population -> (core, neurons, ends in the core's short last block)
+    for i, (core, tail) in zip(recurrent, where):
+        count, _ = _blocks(populations[i].neurons, g)
+        rooms[core].blocks -= count - tail
+        rooms[core].tail_free = rooms[core].tail_free and not tail
+        pieces[i] = [(core, populations[i].neurons, tail)]
+    # the cores' short last blocks take feed-forward populations' short last blocks, the largest first
+    in_tail: dict[int, int] = {}
+    for core in sorted((c for c, room in enumerate(rooms) if room.tail_free and room.tail), key=lambda c: -rooms[c].tail):
+        fitting = [i for i in forward if i not in in_tail and _blocks(populations[i].neurons, g)[1] <= rooms[core].tail]
+        if fitting:
+            chosen = max(fitting, key=lambda i: _blocks(populations[i].neurons, g)[1])
+            in_tail[chosen] = core
+            rooms[core].tail_free = False
+    needed = sum(_blocks(populations[i].neurons, g)[0] - (i in in_tail) for i in forward)
+    if needed > sum(room.blocks for room in rooms):
+        return None
+    for i in forward:
+        count, last = _blocks(populations[i].neurons, g)
+        tail_core = in_tail.get(i)
+        whole = count - (tail_core is not None)
+        if tail_core is not None and rooms[tail_core].blocks >= whole:  # all of it where its last block is
+            rooms[tail_core].blocks -= whole
+            pieces[i] = [(tail_core, populations[i].neurons, True)]
+            continue
+        holding = [c for c, room in enumerate(rooms) if room.blocks >= whole]
+        if tail_core is None and holding:  # whole in the fullest core that holds it
+            core = min(holding, key=lambda c: (rooms[c].blocks, c))
+            rooms[core].blocks -= whole
+            pieces[i] = [(core, populations[i].neurons, False)]
+            continue
+        left, remaining, pieces[i] = whole, populations[i].neurons - (0 if tail_core is None else last), []
+        for core, room in enumerate(rooms):
+            take = min(room.blocks, left)
+            if take:
+                room.blocks, left = room.blocks - take, left - take
+                neurons = min(take * g, remaining)
+                remaining -= neurons
+                pieces[i].append((core, neurons, False))
+        if tail_core is not None:
+            pieces[i].append((tail_core, last, True))
+    return _laid_out(populations, pieces, cores, g)
+
+
+def _laid_out(populations: list[Population], pieces: dict[int, list[tuple[int, int, bool]]], cores: Sequence[int], g: int) -> list[Population]:
+    """Each piece's first neuron in its core: block-aligned, the piece that ends in the core's
+    short last block laid out last."""
+    used = [0] * len(cores)
+    offsets: dict[int, dict[int, int]] = {i: {} for i in pieces}
+    for tail, i, k in sorted((tail, i, k) for i, parts in pieces.items() for k, (_, _, tail) in enumerate(parts)):
+        core, neurons, _ = pieces[i][k]
+        offsets[i][core] = used[core]
+        used[core] += -(-neurons // g) * g
+    return [
+        Population(p.name, p.neurons, p.recurrent, p.front_end, {c: n for c, n, _ in pieces[i]}, offsets[i])
+        for i, p in enumerate(populations)
+    ]

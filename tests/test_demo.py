@@ -101,7 +101,7 @@ def test_the_network_is_built_for_the_chip_and_its_neurons_follow_the_documented
     for layer in (model.front, model.lif, model.out):
         layer.register_forward_hook(lambda module, args, output: updated.append(output[-1]))
         layer.register_forward_pre_hook(lambda module, args: carried.append(args[-1]))
-        assert layer.reset_mechanism == "subtract" and float(layer.threshold) == demo.THRESHOLD  # one threshold for all
+        assert layer.reset_mechanism == spec.reset and float(layer.threshold) == demo.THRESHOLD  # one threshold for all
     reg = nwp.register(model, spec).harden(1.0)
     model(x).sum().backward()  # it trains through the clamp
     assert all(p.grad is not None for p in reg.latent_weights())
