@@ -39,6 +39,10 @@ _HOMES = {
     "H1V2": "spec",
     "ChipSpec": "spec",
     "plain_state_dict": "state",
+    "Schedule": "schedule",
+    "FrontEnd": "blocks",
+    "ChipLeaky": "blocks",
+    "ChipRLeaky": "blocks",
 }
 
 __all__ = [
@@ -46,9 +50,12 @@ __all__ = [
     "H1V2",
     "AlreadyRegisteredError",
     "CheckpointError",
+    "ChipLeaky",
+    "ChipRLeaky",
     "CheckpointWarning",
     "ChipConstraint",
     "ChipSpec",
+    "FrontEnd",
     "LayerReport",
     "Layout",
     "Penalties",
@@ -56,6 +63,7 @@ __all__ = [
     "Population",
     "Registry",
     "Report",
+    "Schedule",
     "Settings",
     "check_state_dict",
     "place",

@@ -1,35 +1,34 @@
 """``nwave-param demo``: a spiking network built for the chip, trained three ways, then put on it.
 
+Two tasks, both read by the chip's front end one channel per filter:
+
+* ``vowels`` (the default): spoken Japanese vowels, UCI's Japanese Vowels data (M. Kudo, J. Toyama
+  and M. Shimbo, 1999; https://doi.org/10.24432/C5NS47; CC BY 4.0), shipped with the package
+  (``nwave_param/data``): nine speakers saying /ae/, each utterance 7 to 29 frames of 12 LPC
+  cepstral coefficients, each frame shown for ``REPEAT`` time steps; the class is the speaker;
+* ``digits``: scikit-learn's handwritten digits, each 8x8 image as 8 time steps of its 8 pixel
+  rows and their complements (ON and OFF channels, as event sensors encode: 16 channels).
+
 The network is one the chip can place (``nwp.place`` checks it, and the demo prints where each
-population sits) and computes with the chip's neurons as the vendor documents them: membranes
-never below zero (clamped after each update), reset by subtraction, one threshold for all.  It
-reads scikit-learn's handwritten digits, each 8x8 image as 8 time steps of its 8 pixel rows:
+population sits) and computes with the chip's own building blocks: ``nwp.FrontEnd`` (one gain per
+channel, the front end's one-to-one synapses), a front-end population of ``nwp.ChipLeaky``
+neurons, a recurrent population of ``nwp.ChipRLeaky`` neurons as large as the chip's largest
+core (where recurrent connections must stay), and ``READOUT_NEURONS`` (5) spiking output neurons
+per class, read by spike counts: each class is one block of the chip.  The chip's neurons:
+membranes never below zero, the chip's reset, one threshold for all.
 
-* **front end**: 16 neurons, one per channel of the chip's front end, each fed one-to-one (a
-  diagonal synapse, which nwave_param trains and projects like any weight): the 8 pixels of a row
-  and their complements (ON and OFF channels, as event sensors encode);
-* **hidden**: a recurrent population (snnTorch ``RLeaky``, all-to-all, learnable decay) as large as
-  the chip's largest core, where recurrent connections must stay;
-* **output**: ``READOUT_NEURONS`` (5) spiking neurons per class, read by spike counts: each class is
-  one block of the chip, so the sign each hidden neuron sends to a block is the sign it sends to
-  one class.
-
-Three runs start from one initialization:
+Three runs start from one initialization (``--seed`` moves it and the batch order; the data split
+stays fixed), each with the learning-rate schedule of :class:`nwave_param.Schedule`:
 
 * **baseline**: the task loss alone;
-* **constrained**: ``task + scale * reg.penalty()``, ``scale`` rising linearly from 0 to
-  ``PENALTY_SCALE`` over the first half of the epochs and held there;
-* **hardened**: the constrained run's penalties, and the hardness rising linearly from 0 to 1 over
-  ``HARDEN`` (10% to 40%) of the training steps, then held at 1: the network computes with exactly
-  what the chip holds (the gradient passes straight through to the latent weights), so projecting
-  it after training changes nothing.
+* **constrained**: ``task + schedule.penalty()``, the hardness left at 0;
+* **hardened**: the whole recipe, :class:`nwave_param.Schedule` with its defaults: the network
+  ends training computing with exactly what the chip holds, so projecting it changes nothing.
 
-All three keep the learning rate constant, then decay it linearly to 0 over the last
-``1 - SETTLE`` of training, so that the weights settle rather than keep moving (on a grid, across
-rounding boundaries).  Each run is then projected onto the chip with ``reg.project_()`` and
-evaluated again.  With ``--bits`` or ``--mismatch`` all three are registered under that spec (the
-hardened run trains against the grid and the mismatch), and each is also evaluated on ``CHIPS``
-chip instances (``reg.on_chip(seed)``): the mean and the worst.
+Each run is then projected onto the chip with ``reg.project_()`` and evaluated again.  With
+``--bits`` or ``--mismatch`` all three are registered under that spec (the hardened run trains
+against the grid and the mismatch), and each is also evaluated on ``CHIPS`` chip instances
+(``reg.on_chip(seed)``): the mean and the worst.
 
 The networks are tiny: one intra-op thread computes them as fast as two, and does not slow to a
 crawl when other processes share the CPU (spinning worker threads would), so the demo sets one
@@ -42,109 +41,145 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
+import importlib.resources
 import json
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import torch
 from torch import nn
 
+from .blocks import THRESHOLD, ChipLeaky, ChipRLeaky, FrontEnd
 from .guards import INTERRUPTIONS
 from .outputs import Outputs
 from .placement import Placement, place
 from .registry import Registry, register
 from .report import Report
+from .schedule import Schedule
 from .spec import H1V1, H1V2, ChipSpec
 
 CHIP_SPECS = {"h1v1": H1V1, "h1v2": H1V2}
-PENALTY_SCALE = 20.0
-HARDEN = (0.1, 0.4)  # where the hardness rises, in training steps
-SETTLE = 0.6  # where the learning rate starts its decay to 0
 CHIPS = 10
 READOUT_NEURONS = 5  # per class: one block of the chip
-THRESHOLD = 1.0  # one firing threshold for the whole network
-PIXELS, CLASSES = 8, 10
-SEED = 0
+REPEAT = 2  # time steps each vowel frame is shown for
+SPLIT_SEED = 0  # the data split: fixed, whatever --seed
 RUNS = ("baseline", "constrained", "hardened")
 
 
 def _requirements():
     try:
-        import snntorch
+        import snntorch  # noqa: F401
         import tqdm
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
         from snntorch import surrogate
     except ImportError as error:
         raise ImportError(f"the demo needs its extra: pip install 'nwave-param[demo]' ({error})") from None
-    return snntorch, surrogate, tqdm.tqdm, load_digits, train_test_split
-
-
-class OneToOne(nn.Module):
-    """The front end's synapses: channel ``i`` feeds neuron ``i`` alone (a diagonal weight; its
-    other entries stay zero, as no gradient reaches them)."""
-
-    def __init__(self, channels: int, gain: float = 1.0) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.eye(channels) * gain)
-        self.register_buffer("diagonal", torch.eye(channels), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight * self.diagonal)
+    return surrogate, tqdm.tqdm
 
 
 class SpikingNet(nn.Module):
-    """Front end (one neuron per input channel) -> recurrent hidden population (one core) ->
-    spiking output, ``READOUT_NEURONS`` per class, read by spike counts."""
+    """Front end (one neuron per input channel, fed one-to-one) -> recurrent hidden population
+    (one core) -> spiking output, ``READOUT_NEURONS`` per class, read by spike counts."""
 
-    def __init__(self, spec: ChipSpec = H1V2, classes: int = CLASSES) -> None:
+    def __init__(self, spec: ChipSpec = H1V2, channels: int = 12, classes: int = 9) -> None:
         super().__init__()
-        snntorch, surrogate, *_ = _requirements()
+        surrogate, _ = _requirements()
         hidden = max(spec.cores)
-        neuron = dict(
-            beta=0.9, learn_beta=True, threshold=THRESHOLD, reset_mechanism=spec.reset or "subtract", spike_grad=surrogate.fast_sigmoid(slope=25)
-        )
+        neuron = dict(learn_beta=True, threshold=THRESHOLD, reset_mechanism=spec.reset or "subtract", spike_grad=surrogate.fast_sigmoid(slope=25))
         self.classes = classes
-        self.gain = OneToOne(2 * PIXELS)
-        self.front = snntorch.Leaky(**neuron)
-        self.encode = nn.Linear(2 * PIXELS, hidden)
-        self.lif = snntorch.RLeaky(linear_features=hidden, **neuron)
+        self.gain = FrontEnd(channels)
+        self.front = ChipLeaky(0.9, **neuron)
+        self.encode = nn.Linear(channels, hidden)
+        self.lif = ChipRLeaky(0.9, linear_features=hidden, **neuron)
         self.readout = nn.Linear(hidden, classes * READOUT_NEURONS)
-        self.out = snntorch.Leaky(**neuron)
+        self.out = ChipLeaky(0.9, **neuron)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, pixels) in [0, 1]
-        channels = torch.cat([x, 1 - x], -1)  # ON and OFF: the chip's 16 front-end channels
-        front = out = torch.zeros(())
-        spikes, hidden = self.lif.reset_mem()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, channels)
+        front, out = self.front.init_leaky(), self.out.init_leaky()
+        spikes, hidden = self.lif.init_rleaky()
         counts = 0
-        for x_t in channels:
-            # the chip's membranes never go below zero: clamped after each update
+        for x_t in x:
             front_spikes, front = self.front(self.gain(x_t), front)
-            front = front.clamp(min=0)
             spikes, hidden = self.lif(self.encode(front_spikes), spikes, hidden)
-            hidden = hidden.clamp(min=0)
             out_spikes, out = self.out(self.readout(spikes), out)
-            out = out.clamp(min=0)
             counts = counts + out_spikes
         return counts.view(-1, self.classes, READOUT_NEURONS).sum(-1)  # spike counts per class
 
 
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Train and test sets: images as (time=8, samples, 8) in [0, 1]; a fixed stratified split."""
-    *_, load_digits, train_test_split = _requirements()
+Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x_train, y_train, x_test, y_test: x (time, samples, channels)
+
+
+def digits() -> Data:
+    """Images as (time=8, samples, 16): each row's 8 pixels in [0, 1] and their complements; a
+    fixed stratified split (70/30)."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as error:
+        raise ImportError(f"the demo's digits need scikit-learn: pip install 'nwave-param[demo]' ({error})") from None
     data = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
-        data.images / 16.0, data.target, test_size=0.3, stratify=data.target, random_state=SEED
+        data.images / 16.0, data.target, test_size=0.3, stratify=data.target, random_state=SPLIT_SEED
     )
 
-    def as_time_major(images):
-        return torch.tensor(images, dtype=torch.float32).permute(1, 0, 2).contiguous()
+    def channels(images):
+        rows = torch.tensor(images, dtype=torch.float32).permute(1, 0, 2)  # (time, samples, pixels)
+        return torch.cat([rows, 1 - rows], -1).contiguous()
 
-    return as_time_major(x_train), torch.tensor(y_train), as_time_major(x_test), torch.tensor(y_test)
+    return channels(x_train), torch.tensor(y_train), channels(x_test), torch.tensor(y_test)
+
+
+def vowels() -> Data:
+    """Utterances as (time, samples, 12): each frame's coefficients standardized by the training
+    set's per-channel mean and spread, shown for ``REPEAT`` steps, zero after the utterance ends;
+    the file's own split (270 training utterances, 370 test)."""
+    source = importlib.resources.files("nwave_param") / "data" / "japanese_vowels.pt"
+    with source.open("rb") as stream:
+        data = torch.load(stream, weights_only=True)
+    frames = data["train"]["frames"]
+    mean, std = frames.mean(0), frames.std(0)
+    longest = max(int(split["lengths"].max()) for split in data.values())
+
+    def utterances(split):
+        padded = torch.zeros(longest, split["lengths"].numel(), frames.shape[1])
+        for i, chunk in enumerate(((split["frames"] - mean) / std).split(split["lengths"].tolist())):
+            padded[: chunk.shape[0], i] = chunk
+        return padded.repeat_interleave(REPEAT, 0).contiguous(), split["labels"].clone()
+
+    return (*utterances(data["train"]), *utterances(data["test"]))
+
+
+@dataclass(frozen=True)
+class Task:
+    """A demo task: its data, its classes, and how it trains."""
+
+    name: str
+    load: Callable[[], Data]
+    classes: int
+    epochs: int
+    learning_rate: float = 3e-3
+    batch: int = 64
+
+
+TASKS = {
+    "vowels": Task("vowels", vowels, classes=9, epochs=60, batch=32),
+    "digits": Task("digits", digits, classes=10, epochs=100),
+}
+
+
+def validation_split(data: Data, fraction: float = 0.2) -> Data:
+    """The training set split into training and validation sets (stratified, fixed): what a rule
+    is chosen on, never the test set."""
+    x, y = data[0], data[1]
+    generator = torch.Generator().manual_seed(SPLIT_SEED)
+    held = torch.zeros(y.numel(), dtype=torch.bool)
+    for label in y.unique():
+        members = (y == label).nonzero().flatten()
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        held[members[: max(1, round(fraction * members.numel()))]] = True
+    return x[:, ~held], y[~held], x[:, held], y[held]
 
 
 @torch.no_grad()
@@ -154,32 +189,27 @@ def accuracy(model: nn.Module, reg: Registry, x: torch.Tensor, y: torch.Tensor) 
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def train(model: nn.Module, reg: Registry, data, epochs: int, run: str) -> None:
-    *_, progress, _, _ = _requirements()
+def train(model: nn.Module, reg: Registry, data: Data, task: Task, epochs: int, run: str, seed: int, **rule) -> None:
+    """One run: ``baseline`` (the task loss), ``constrained`` (and the penalty), ``hardened`` (the
+    whole :class:`Schedule`); ``rule`` overrides the Schedule's defaults (for studying them)."""
+    _, progress = _requirements()
     x_train, y_train, *_ = data
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(SEED)
-    steps = epochs * -(-x_train.shape[1] // 64)
-    # constant, then linearly to 0: the weights settle (see the module docstring)
-    settle = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (steps - step) / ((1 - SETTLE) * steps)))
-    start, end = HARDEN
-    step = 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=task.learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    steps = epochs * -(-x_train.shape[1] // task.batch)
+    schedule = Schedule(reg, steps, optimizer, **({"harden": None} if run != "hardened" else {}), **rule)
     bar = progress(range(epochs), desc=run, leave=False, disable=None)  # a bar on a terminal only
     model.train()
     for _ in bar:
-        for batch in torch.randperm(x_train.shape[1], generator=generator).split(64):
-            done = step / steps
-            if run == "hardened":
-                reg.harden(min(1.0, max(0.0, (done - start) / (end - start))))
+        for batch in torch.randperm(x_train.shape[1], generator=generator).split(task.batch):
             with reg.cached():
                 loss = nn.functional.cross_entropy(model(x_train[:, batch]), y_train[batch])
                 if run != "baseline":
-                    loss = loss + PENALTY_SCALE * min(1.0, 2 * done) * reg.penalty()  # rising over the first half
+                    loss = loss + schedule.penalty()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            settle.step()
-            step += 1
+            schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
@@ -194,7 +224,7 @@ class Outcome:
     report_before: Report
     report_after: Report
     weights_before: list[torch.Tensor]
-    chip_accuracies: list[float]  # on CHIPS chip instances, with a spec that has bits or mismatch
+    chip_accuracies: list[float] = field(default_factory=list)  # on CHIPS chip instances, with a spec that has bits or mismatch
 
     KEYS = ("float_accuracy", "projected_accuracy", "mappable_before", "mappable_after", "out_of_range_fraction", "mixed_block_column_fraction")
 
@@ -206,8 +236,7 @@ class Outcome:
         return result
 
 
-def evaluate(model: nn.Module, reg: Registry, data) -> Outcome:
-    *_, x_test, y_test = data
+def evaluate(model: nn.Module, reg: Registry, x_test: torch.Tensor, y_test: torch.Tensor) -> Outcome:
     before = reg.report()
     weights_before = [w.detach().clone() for w in reg.latent_weights()]
     float_accuracy = accuracy(model, reg, x_test, y_test)
@@ -243,19 +272,27 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def run(epochs: int, spec: ChipSpec = H1V2) -> tuple[dict[str, Outcome], Placement]:
-    torch.manual_seed(SEED)
-    data = digits()
-    initial = SpikingNet(spec)
+def run(
+    epochs: int | None = None, spec: ChipSpec = H1V2, task: str = "vowels", seed: int = 0, runs=RUNS, validation: bool = False, **rule
+) -> tuple[dict[str, Outcome], Placement]:
+    """Train ``runs`` from one initialization (``seed``), each evaluated on the test set (on a
+    validation split of the training set, with ``validation``), and the network's placement."""
+    chosen = TASKS[task]
+    data = chosen.load()
+    if validation:
+        data = validation_split(data)
+    epochs = chosen.epochs if epochs is None else epochs
+    torch.manual_seed(seed)
+    initial = SpikingNet(spec, data[0].shape[-1], chosen.classes)
     placement = place(initial, data[2][:, :1], spec)
     outcomes = {}
     with one_thread():
-        for name in RUNS:
+        for name in runs:
             start = time.perf_counter()
             model = copy.deepcopy(initial)
             reg = register(model, spec)
-            train(model, reg, data, epochs, name)
-            outcomes[name] = evaluate(model, reg, data)
+            train(model, reg, data, chosen, epochs, name, seed, **rule)
+            outcomes[name] = evaluate(model, reg, data[2], data[3])
             if not sys.stderr.isatty():  # tqdm's bar shows progress on a terminal; elsewhere a line a run
                 print(
                     f"{name}: {epochs} epochs in {time.perf_counter() - start:.1f} s, test accuracy "
@@ -300,7 +337,7 @@ def plot(outcomes: dict[str, Outcome], placement: Placement, stream: BinaryIO, l
 
     figure = plt.figure(figsize=(15, 8.5))
     grid = figure.add_gridspec(2, len(outcomes))
-    figure.suptitle("nwave-param demo: a spiking digits classifier built for the chip, trained three ways, then put on it")
+    figure.suptitle("nwave-param demo: a spiking classifier built for the chip, trained three ways, then put on it")
 
     ax = figure.add_subplot(grid[0, 0])
     names = list(outcomes)
@@ -370,12 +407,15 @@ def plot(outcomes: dict[str, Outcome], placement: Placement, stream: BinaryIO, l
     plt.close(figure)
 
 
-def main(epochs: int, json_path: str | None, plot_path: str | None, chip: str = "h1v2", bits: int | None = None, mismatch: float = 0.0) -> int:
+def main(
+    epochs: int | None, json_path: str | None, plot_path: str | None, chip: str = "h1v2", bits: int | None = None,
+    mismatch: float = 0.0, task: str = "vowels", seed: int = 0,
+) -> int:
     """Train, write the JSON and the picture (all or none), then print the tables
     (``json_path="-"``: the JSON alone on stdout, the tables on stderr)."""
-    spec = dataclasses.replace(CHIP_SPECS[chip], bits=bits, mismatch=mismatch)
-    outcomes, placement = run(epochs, spec)
-    data = {"chip": chip, "placement": placement.to_dict(), **{name: o.to_dict() for name, o in outcomes.items()}}
+    spec = CHIP_SPECS[chip].replace(bits=bits, mismatch=mismatch)
+    outcomes, placement = run(epochs, spec, task, seed)
+    data = {"task": task, "seed": seed, "chip": chip, "placement": placement.to_dict(), **{name: o.to_dict() for name, o in outcomes.items()}}
     with Outputs() as outputs:  # written before anything is printed: an interrupt until then leaves nothing
         if json_path not in (None, "-"):
             outputs.add_text(json_path, json.dumps(data, indent=2))

@@ -298,10 +298,12 @@ def _layout(item: Tracked, read: Mapping | None, stated: Mapping[str, Layout]) -
 
 def _ruled(module: nn.Module) -> bool:
     """Whether nwave_param knows how ``module``'s type reads its weights: torch's layers, snnTorch's
-    and Norse's neurons."""
+    and Norse's neurons, and a module that says it (``chip_layout``)."""
     cls = parametrize.type_before_parametrizations(module)
     torch_layers = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase, nn.modules.rnn.RNNCellBase)
-    return issubclass(cls, torch_layers) or cls.__module__.partition(".")[0] in ("snntorch", "norse")  # without importing them
+    if issubclass(cls, torch_layers) or callable(getattr(module, "chip_layout", None)):
+        return True
+    return cls.__module__.partition(".")[0] in ("snntorch", "norse")  # without importing them
 
 
 def _refuse_shared_memory(model: nn.Module, chosen: list[Tracked]) -> None:

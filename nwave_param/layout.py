@@ -154,7 +154,12 @@ _GATES = {"LSTM": 4, "GRU": 3}
 
 
 def layout_of(module: nn.Module, tensor_name: str) -> Layout:
-    """The layout of ``module.<tensor_name>``, from the module's type (parametrized or not)."""
+    """The layout of ``module.<tensor_name>``, from the module's type (parametrized or not), or
+    as the module says itself: ``module.chip_layout(tensor_name)``, where it has one
+    (:class:`~nwave_param.FrontEnd` does)."""
+    own = getattr(module, "chip_layout", None)
+    if callable(own):
+        return own(tensor_name)
     cls = parametrize.type_before_parametrizations(module)
     if issubclass(cls, nn.modules.conv._ConvTransposeNd):
         return Layout(groups=module.groups, transposed=True)

@@ -38,10 +38,10 @@ class ChipSpec:
 
         >>> ChipSpec()
         ChipSpec(limit=0.9, group_size=5)
-        >>> ChipSpec(limit=1.66, bits=5, mismatch=0.02)
-        ChipSpec(limit=1.66, group_size=5, bits=5, mismatch=0.02)
         >>> H1V2
         ChipSpec(limit=1.66, group_size=5, cores=(50, 50, 100), reset='subtract')
+        >>> H1V2.replace(bits=5, mismatch=0.02)  # H1v2 with a 5-bit grid and mismatch: its cores kept
+        ChipSpec(limit=1.66, group_size=5, bits=5, mismatch=0.02, cores=(50, 50, 100), reset='subtract')
         >>> ChipSpec(limit=0.0)
         Traceback (most recent call last):
         ...
@@ -92,6 +92,18 @@ class ChipSpec:
         The mismatch says how chips vary, and the cores and inputs what network fits: none of
         them changes a weight's projection, so a checkpoint is read alike under any of them."""
         return self.limit, self.group_size, self.bits
+
+    def replace(self, **changes: object) -> ChipSpec:
+        """This spec with ``changes`` (field names as keywords), checked as at construction:
+        ``H1V2.replace(bits=5, mismatch=0.02)`` is H1v2 with a grid and mismatch, its cores kept.
+
+        Raises:
+            TypeError: a name that is no field; ValueError: a value out of its field's domain.
+        """
+        unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"ChipSpec.replace: no field {', '.join(map(repr, unknown))} (fields: {', '.join(f.name for f in dataclasses.fields(self))})")
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         """JSON-ready: every field, ``cores`` as a list."""

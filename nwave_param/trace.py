@@ -158,10 +158,16 @@ def _positive(dim: int, rank: int) -> int:
 
 def _regrouped(before: Sequence[int], after: Sequence[int]) -> tuple:
     """A reshape from ``before`` to ``after``: each new dim's old dim where exactly one old dim
-    of the same size becomes exactly one new dim; None where dims merge or split."""
+    of the same size becomes exactly one new dim (dims of size 1 on both sides pair up in order:
+    a batch of 1 stays the batch); None where dims merge or split, or a dim of size 1 is new."""
     result: list = [None] * len(after)
     i = j = 0
     while i < len(before) and j < len(after):
+        if before[i] == 1 or after[j] == 1:  # a dim of size 1: kept, dropped or new
+            if before[i] == 1 and after[j] == 1:
+                result[j] = i
+            i, j = i + (before[i] == 1), j + (after[j] == 1)
+            continue
         i0, j0, a, b = i, j, before[i], after[j]
         i, j = i + 1, j + 1
         while a != b and (i < len(before) or j < len(after)):
@@ -169,7 +175,7 @@ def _regrouped(before: Sequence[int], after: Sequence[int]) -> tuple:
                 a, i = a * before[i], i + 1
             else:
                 b, j = b * after[j], j + 1
-        if i - i0 == 1 and j - j0 == 1 and before[i0] != 1:
+        if i - i0 == 1 and j - j0 == 1:
             result[j0] = i0
     return tuple(result)
 

@@ -1,0 +1,184 @@
+r"""The recipe, as one object: the hardness, the penalty's scale and the learning rate over training.
+
+::
+
+    schedule = nwp.Schedule(reg, total_steps, optimizer)   # the defaults are the rule
+    for x, y in batches:
+        with reg.cached():
+            loss = task(model(x), y) + schedule.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()                                    # after each optimizer step
+
+At training step :math:`t` of :math:`T` (the fraction :math:`f = t / T`):
+
+* the hardness rises linearly from 0 to 1 over ``harden`` (:math:`f` from 0.1 to 0.4), then holds
+  at 1: the network computes with what the chip holds for the last 60% of training;
+* the penalty's scale rises linearly from 0 to ``penalty`` (20) over the first ``penalty_rise``
+  (half) of training, then holds;
+* the learning rate holds, then falls linearly to 0 from ``settle`` (60%) on, so that the
+  latent weights settle instead of jumping across the chip's sign and grid boundaries at the end.
+
+Measured over seeds and tasks (docs/training-on-the-chip.md): the same rule serves the demo's
+digits and spoken vowels, on H1v1 and H1v2, with a grid and mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .registry import Registry
+
+__all__ = ["Schedule"]
+
+
+def _fraction(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"Schedule: {name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+class Schedule:
+    """The recipe's hardness, penalty scale and learning-rate decay at each step of training.
+
+    Args:
+        reg: the :class:`~nwave_param.Registry` it drives (``reg.harden`` at each step).
+        total_steps: the optimizer steps of the whole training.
+        optimizer: given, its learning rates follow the decay (a
+            :class:`~torch.optim.lr_scheduler.LambdaLR` over their values now); without one, pair
+            the schedule with the same decay: ``LambdaLR(optimizer, schedule.learning_rate)``.
+        harden: ``(start, end)``: the fractions of training over which the hardness rises to 1;
+            None keeps it at 0 (the penalties alone).
+        penalty: the penalty's scale once risen; ``penalty_rise``: the fraction it rises over.
+        settle: the fraction after which the learning rate falls linearly to 0.
+
+    Example::
+
+        >>> import nwave_param as nwp
+        >>> model = nn.Linear(4, 5)
+        >>> reg = nwp.register(model)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> schedule = nwp.Schedule(reg, total_steps=10, optimizer=optimizer)
+        >>> for step in range(10):
+        ...     loss = model(torch.randn(2, 4)).square().mean() + schedule.penalty()
+        ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
+        ...     schedule.step()
+        >>> reg.hardness, optimizer.param_groups[0]["lr"]
+        (1.0, 0.0)
+
+    Raises:
+        TypeError: ``reg`` is not a Registry, ``optimizer`` not a torch optimizer.
+        ValueError: ``total_steps`` not a positive int; a fraction outside [0, 1], or
+            ``harden``'s start after its end; ``penalty`` negative.
+    """
+
+    def __init__(
+        self,
+        reg: Registry,
+        total_steps: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        harden: tuple[float, float] | None = (0.1, 0.4),
+        penalty: float = 20.0,
+        penalty_rise: float = 0.5,
+        settle: float = 0.6,
+    ) -> None:
+        if not isinstance(reg, Registry):
+            raise TypeError(f"Schedule: reg must be a Registry (nwp.register(model)), got {type(reg).__name__}")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
+            raise ValueError(f"Schedule: total_steps must be a positive int (the optimizer steps of the whole training), got {total_steps!r}")
+        if harden is not None and (not isinstance(harden, (tuple, list)) or len(harden) != 2):
+            raise ValueError(f"Schedule: harden must be (start, end), fractions of training, or None, got {harden!r}")
+        start, end = (_fraction("harden", f) for f in harden) if harden is not None else (None, None)
+        if harden is not None and start > end:
+            raise ValueError(f"Schedule: harden must rise, start <= end, got {harden!r}")
+        if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or not (math.isfinite(penalty) and penalty >= 0):
+            raise ValueError(f"Schedule: penalty must be a finite number >= 0, got {penalty!r}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Schedule: optimizer must be a torch optimizer or None, got {type(optimizer).__name__}")
+        self.reg, self.total_steps = reg, int(total_steps)
+        self.harden_over, self.scale, self.penalty_rise = (start, end), float(penalty), _fraction("penalty_rise", penalty_rise)
+        self.settle = _fraction("settle", settle)
+        self.steps = 0
+        self.learning_rates = None if optimizer is None else torch.optim.lr_scheduler.LambdaLR(optimizer, self.learning_rate)
+        reg.harden(self.hardness_at(0))
+
+    # --- the rule, as functions of the step ---------------------------------------------------------
+
+    def hardness_at(self, step: int) -> float:
+        """The hardness at ``step``: 0, then linearly to 1 over ``harden``, then 1 (always 0
+        with ``harden=None``: the penalties alone)."""
+        start, end = self.harden_over
+        if start is None:
+            return 0.0
+        done = step / self.total_steps
+        if done >= end:
+            return 1.0
+        return 0.0 if done <= start else (done - start) / (end - start)
+
+    def scale_at(self, step: int) -> float:
+        """The penalty's scale at ``step``: linearly from 0 to ``penalty`` over ``penalty_rise``."""
+        done = step / self.total_steps
+        return self.scale if done >= self.penalty_rise else self.scale * done / self.penalty_rise
+
+    def learning_rate(self, step: int) -> float:
+        """The factor on the learning rate at ``step``: 1, then linearly to 0 from ``settle`` on."""
+        done = step / self.total_steps
+        return 1.0 if done <= self.settle else max(0.0, (1.0 - done) / (1.0 - self.settle))
+
+    # --- training -----------------------------------------------------------------------------------
+
+    def penalty(self) -> torch.Tensor:
+        """``reg.penalty()`` at this step's scale, in the same autograd node."""
+        scale = self.scale_at(self.steps)
+        return self.reg.penalty(alpha=scale * self.reg.alpha, lam=scale * self.reg.lam)
+
+    def step(self) -> None:
+        """Advance one optimizer step: the hardness (and, given the optimizer, its learning rates)
+        of the next step."""
+        self.steps += 1
+        if self.learning_rates is not None:
+            self.learning_rates.step()
+        self.reg.harden(self.hardness_at(min(self.steps, self.total_steps)))
+
+    @property
+    def hardness(self) -> float:
+        return self.reg.hardness
+
+    def state_dict(self) -> dict[str, int]:
+        """What resuming needs: the step count (the learning rates' own state is the optimizer's
+        scheduler's, saved beside it)."""
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.steps = int(state["steps"])
+        self.reg.harden(self.hardness_at(min(self.steps, self.total_steps)))
+
+    def callback(self):
+        """A Lightning callback that calls :meth:`step` after each training batch (Lightning's
+        ``Callback``; needs Lightning installed).  Its ``training_step`` adds :meth:`penalty` to the loss."""
+        from lightning.pytorch import Callback
+
+        schedule = self
+
+        class ScheduleCallback(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                schedule.step()
+
+            def state_dict(self):
+                return schedule.state_dict()
+
+            def load_state_dict(self, state_dict):
+                schedule.load_state_dict(state_dict)
+
+        return ScheduleCallback()
+
+    def __repr__(self) -> str:
+        return (
+            f"Schedule(step {self.steps} of {self.total_steps}, hardness {self.hardness_at(self.steps):g}, "
+            f"penalty scale {self.scale_at(self.steps):g}, learning rate x{self.learning_rate(self.steps):g})"
+        )
