@@ -32,4 +32,11 @@ with tempfile.TemporaryDirectory() as directory:
     assert json.loads(result.stdout)["mappable"] is True
     result = subprocess.run(["nwave-param", "check", path], capture_output=True, text=True)
     assert result.returncode == 0 and "mappable" in result.stdout, result.stderr
+# the vowels data ships inside the wheel (package data), read as tensors only
+import importlib.resources  # noqa: E402
+
+with (importlib.resources.files("nwave_param") / "data" / "japanese_vowels.pt").open("rb") as stream:
+    vowels = torch.load(stream, weights_only=True)
+assert {split: vowels[split]["labels"].numel() for split in ("train", "test")} == {"train": 270, "test": 370}
+assert vowels["train"]["frames"].shape == (int(vowels["train"]["lengths"].sum()), 12)
 print(f"wheel smoke check passed: nwave_param {nwp.__version__} from {os.path.dirname(nwp.__file__)}")

@@ -2,9 +2,10 @@
 
 Run: python examples/quickstart.py
 
-The recipe: register with the default strengths, ramp the hardness from 0 to 1 over the first
-half of training and hold it at 1 for the second half, then project, check and save.  The same
-network trained without constraints is printed beside it.
+The recipe: register, train with ``nwp.Schedule``'s rule (the penalty's scale rising over the first
+half, the hardness rising to 1 between 10% and 40%, the learning rate falling to 0 over the last
+40%), then project, check and save.  The same network trained without constraints, with the same
+learning-rate decay, is printed beside it.
 """
 
 import os
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import nwave_param as nwp
+from nwave_param.schedule import settling
 
 STEPS = 300
 
@@ -45,17 +47,24 @@ def accuracy(model, x, y):
 
 
 def train(model, x, y, reg=None):
+    """The rule (``nwp.Schedule``'s defaults) with ``reg``; without, the same learning-rate decay alone."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(STEPS):
-        if reg is not None:
-            reg.harden(min(1.0, step / (STEPS / 2)))  # the rule: ramp over the first half, then hold at 1
+    if reg is None:  # the rule's learning-rate decay alone: the comparison measures the chip alone
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: settling(step, STEPS))
+    else:
+        schedule = nwp.Schedule(reg, STEPS, optimizer)  # the hardness, the penalty's scale and the learning rate
+    for _ in range(STEPS):
         with reg.cached() if reg is not None else torch.enable_grad():
             loss = nn.functional.cross_entropy(model(x), y)
-        if reg is not None:
-            loss = loss + reg.penalty()  # default strengths: they steer the latent weights toward the chip
+            if reg is not None:
+                loss = loss + schedule.penalty()  # it steers the latent weights toward the chip
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if reg is None:
+            decay.step()
+        else:
+            schedule.step()
 
 
 def main():

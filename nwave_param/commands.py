@@ -208,15 +208,17 @@ def run_demo(args: argparse.Namespace) -> int:
         from . import demo
     except ImportError as error:
         raise CheckpointError(str(error)) from None
-    epochs = args.epochs if args.epochs is not None else (3 if args.quick else 100)
-    if epochs < 1:
+    epochs = args.epochs if args.epochs is not None else (3 if args.quick else None)  # None: the task's own
+    if epochs is not None and epochs < 1:
         raise CheckpointError(f"--epochs must be >= 1, got {epochs}")
+    if args.seed < 0:
+        raise CheckpointError(f"--seed must be >= 0, got {args.seed}")
     try:
         ChipSpec(bits=args.bits, mismatch=args.mismatch)  # checked before training
     except ValueError as error:
         raise CheckpointError(str(error)) from None
     try:
-        return demo.main(epochs, args.json, args.plot, chip=args.chip, bits=args.bits, mismatch=args.mismatch)
+        return demo.main(epochs, args.json, args.plot, chip=args.chip, bits=args.bits, mismatch=args.mismatch, task=args.task, seed=args.seed)
     except ImportError as error:
         raise CheckpointError(str(error)) from None
 
@@ -303,9 +305,11 @@ def _parser() -> argparse.ArgumentParser:
         help="with --plain: write the keys under PREFIX (e.g. net.), without it; --prefix '' keeps every key "
         "(default: the tracked weights' common first component, in a Lightning checkpoint or an AveragedModel)",
     )
-    demo = add("demo", "train a spiking network on handwritten digits with and without the penalties", run_demo)
+    demo = add("demo", "train a spiking network for the chip three ways (spoken vowels or handwritten digits), then put it on the chip", run_demo)
+    demo.add_argument("--task", choices=("vowels", "digits"), default="vowels", help="spoken Japanese vowels (the default) or handwritten digits")
+    demo.add_argument("--seed", type=int, default=0, help="the initialization and batch order (the data split stays fixed; default 0)")
     demo.add_argument("--quick", action="store_true", help="a few epochs (a smoke run)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 100, --quick 3)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs per run (default the task's: vowels 60, digits 100; --quick 3)")
     demo.add_argument("--plot", metavar="PATH", help="write a PNG: weight histograms and per-layer violations")
     demo.add_argument(
         "--chip", type=str.lower, choices=sorted(CHIPS), default="h1v2",

@@ -33,7 +33,16 @@ import torch
 
 from .registry import Registry
 
-__all__ = ["Schedule"]
+__all__ = ["Schedule", "settling"]
+
+
+def settling(step: int, total_steps: int, settle: float = 0.6) -> float:
+    """The rule's learning-rate factor at ``step`` of ``total_steps``: 1, then linearly to 0 from
+    the fraction ``settle`` on.  ``LambdaLR(optimizer, lambda step: settling(step, total))`` gives
+    a network trained without constraints the same decay, for a comparison that measures the chip
+    alone."""
+    done = step / total_steps
+    return 1.0 if done <= settle else max(0.0, (1.0 - done) / (1.0 - settle))
 
 
 def _fraction(name: str, value: object) -> float:
@@ -126,9 +135,9 @@ class Schedule:
         return self.scale if done >= self.penalty_rise else self.scale * done / self.penalty_rise
 
     def learning_rate(self, step: int) -> float:
-        """The factor on the learning rate at ``step``: 1, then linearly to 0 from ``settle`` on."""
-        done = step / self.total_steps
-        return 1.0 if done <= self.settle else max(0.0, (1.0 - done) / (1.0 - self.settle))
+        """The factor on the learning rate at ``step``: 1, then linearly to 0 from ``settle`` on
+        (:func:`settling`)."""
+        return settling(step, self.total_steps, self.settle)
 
     # --- training -----------------------------------------------------------------------------------
 

@@ -9,9 +9,10 @@ import json
 
 import pytest
 
-pytest.importorskip("sklearn", reason="the demo extra is not installed (pip install -e '.[demo]')")
-pytest.importorskip("snntorch", reason="the demo extra is not installed (pip install -e '.[demo]')")
-pytest.importorskip("matplotlib", reason="the demo extra is not installed (pip install -e '.[demo]')")
+from installs import not_installed  # noqa: E402
+
+for _package in ("sklearn", "snntorch", "matplotlib"):
+    pytest.importorskip(_package, reason=not_installed(_package))
 
 from nwave_param.cli import main  # noqa: E402
 
@@ -23,11 +24,12 @@ def test_quick_demo_writes_json_table_plot_and_progress(tmp_path, capsys):
     out, picture = tmp_path / "demo.json", tmp_path / "demo.png"
     assert main(["demo", "--quick", "--json", str(out), "--plot", str(picture)]) == 0
     data = json.loads(out.read_text())
-    assert list(data) == ["chip", "placement", "baseline", "constrained", "hardened"]
-    assert data["chip"] == "h1v2" and data["placement"]["fits"] is True and data["placement"]["problems"] == []
+    assert list(data) == ["task", "seed", "chip", "placement", "baseline", "constrained", "hardened"]
+    assert (data["task"], data["seed"], data["chip"]) == ("vowels", 0, "h1v2")  # speech, on the kit's chip
+    assert data["placement"]["fits"] is True and data["placement"]["problems"] == []
     populations = {p["name"]: p for p in data["placement"]["populations"]}
     assert populations["lif"]["recurrent"] and populations["lif"]["cores"] == {"2": 100}  # the largest core, whole
-    assert populations["front"]["front_end"] and populations["front"]["neurons"] == 16  # one neuron per front-end channel
+    assert populations["front"]["front_end"] and populations["front"]["neurons"] == 12  # one neuron per vowel channel
     for run in (data[name] for name in ("baseline", "constrained", "hardened")):
         assert set(run) == KEYS
         assert isinstance(run["mappable_before"], bool) and run["mappable_after"] is True
@@ -59,31 +61,53 @@ def test_quick_demo_on_a_grid_with_mismatch_reports_a_fleet_of_chips(capsys):
     assert "test accuracy on 10 chips, worst" in err
 
 
-def test_the_learning_rate_is_constant_then_settles_linearly_to_zero(monkeypatch):
+def test_every_run_follows_the_schedules_learning_rate_and_only_the_hardened_one_hardens(monkeypatch):
     import torch
 
-    from nwave_param import demo, register
+    from nwave_param import Schedule, demo, register
 
-    rates = []
+    rates, hardness = {}, {}
 
     class RecordingAdam(torch.optim.Adam):
         def step(self, closure=None):
-            rates.append(self.param_groups[0]["lr"])
+            rates[run].append(self.param_groups[0]["lr"])
+            hardness[run].append(reg.hardness)
             return super().step(closure)
 
     monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
-    torch.manual_seed(0)
-    model = demo.SpikingNet()
-    reg = register(model)
-    demo.train(model, reg, demo.digits(), 2, "baseline")
-    steps = len(rates)
-    expected = [3e-3 * min(1.0, (steps - k) / ((1 - demo.SETTLE) * steps)) for k in range(steps)]
-    assert rates == pytest.approx(expected, rel=1e-12)
-    assert rates[0] == 3e-3 and rates[-1] < 3e-3 / 10
+    data = demo.validation_split(demo.digits())
+    for run in demo.RUNS:
+        rates[run], hardness[run] = [], []
+        torch.manual_seed(0)
+        model = demo.SpikingNet(channels=16, classes=10)
+        reg = register(model)
+        demo.train(model, reg, data, demo.TASKS["digits"], 2, run, seed=0)
+    steps = len(rates["baseline"])
+    schedule = Schedule(register(torch.nn.Linear(2, 2)), steps)
+    for run in demo.RUNS:  # the same learning rate in every run: the gap measures the chip alone
+        assert rates[run] == pytest.approx([3e-3 * schedule.learning_rate(k) for k in range(steps)], rel=1e-12)
+    assert hardness["hardened"] == [schedule.hardness_at(k) for k in range(steps)]
+    assert set(hardness["baseline"]) == set(hardness["constrained"]) == {0.0}
+
+
+def test_the_tasks_data_the_split_and_the_validation_split_are_fixed():
+    import torch
+
+    from nwave_param import demo
+
+    x_train, y_train, x_test, y_test = demo.vowels()
+    assert x_train.shape == (29 * demo.REPEAT, 270, 12) and x_test.shape == (29 * demo.REPEAT, 370, 12)
+    assert torch.equal(y_train.bincount(), torch.full((9,), 30))  # 30 utterances a speaker
+    digits = demo.digits()
+    assert digits[0].shape[::2] == (8, 16) and torch.equal(demo.digits()[0], digits[0])  # the same split every time
+    fit_x, fit_y, held_x, held_y = demo.validation_split((x_train, y_train, x_test, y_test))
+    assert fit_y.numel() + held_y.numel() == 270 and torch.equal(held_y.bincount(), torch.full((9,), 6))  # stratified
+    assert torch.equal(demo.validation_split((x_train, y_train, x_test, y_test))[3], held_y)
 
 
 @pytest.mark.parametrize("chip, hidden", [("h1v1", 64), ("h1v2", 100)])
-def test_the_network_is_built_for_the_chip_and_its_neurons_follow_the_documented_dynamics(chip, hidden):
+@pytest.mark.parametrize("task, channels, classes", [("vowels", 12, 9), ("digits", 16, 10)])
+def test_the_network_is_built_for_the_chip_from_its_blocks(chip, hidden, task, channels, classes):
     import torch
 
     import nwave_param as nwp
@@ -91,19 +115,16 @@ def test_the_network_is_built_for_the_chip_and_its_neurons_follow_the_documented
 
     spec = demo.CHIP_SPECS[chip]
     torch.manual_seed(0)
-    model = demo.SpikingNet(spec)
-    x = torch.rand(8, 5, 8)
+    model = demo.SpikingNet(spec, channels, classes)
+    x = demo.TASKS[task].load()[2][:, :5]
     placement = nwp.place(model, x, spec)
     assert placement.fits, placement.problems
-    assert [(p.name, p.neurons, p.recurrent) for p in placement.populations] == [("front", 16, False), ("lif", hidden, True), ("out", 50, False)]
-    assert torch.count_nonzero(model.gain.weight - torch.diag(torch.diagonal(model.gain.weight))) == 0  # one-to-one
-    updated, carried = [], []  # each update's membrane, and the membrane each step starts from
+    assert [(p.name, p.neurons, p.recurrent) for p in placement.populations] == [
+        ("front", channels, False), ("lif", hidden, True), ("out", classes * demo.READOUT_NEURONS, False)
+    ]
+    assert isinstance(model.gain, nwp.FrontEnd) and isinstance(model.front, type(nwp.ChipLeaky(0.9)))
     for layer in (model.front, model.lif, model.out):
-        layer.register_forward_hook(lambda module, args, output: updated.append(output[-1]))
-        layer.register_forward_pre_hook(lambda module, args: carried.append(args[-1]))
-        assert layer.reset_mechanism == spec.reset and float(layer.threshold) == demo.THRESHOLD  # one threshold for all
+        assert layer.reset_mechanism == spec.reset and float(layer.threshold) == nwp.blocks.THRESHOLD  # one threshold
     reg = nwp.register(model, spec).harden(1.0)
     model(x).sum().backward()  # it trains through the clamp
     assert all(p.grad is not None for p in reg.latent_weights())
-    assert min(float(m.min()) for m in updated) < 0  # snnTorch's update goes below zero ...
-    assert min(float(m.min()) for m in carried if m.numel()) >= 0  # ... and the chip's membrane never does: clamped after each update

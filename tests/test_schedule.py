@@ -1,0 +1,149 @@
+"""nwp.Schedule: the recipe's hardness, penalty scale and learning rate at every step, in a plain
+loop and as a Lightning callback."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from installs import not_installed
+from layers import same_bits, scaled
+
+import nwave_param as nwp
+
+
+def registered():
+    torch.manual_seed(0)
+    model = scaled(nn.Sequential(nn.Linear(4, 10), nn.Tanh(), nn.Linear(10, 3)), 3)
+    return model, nwp.register(model, nwp.H1V2)
+
+
+def rule(step, total, harden=(0.1, 0.4), penalty=20.0, rise=0.5, settle=0.6):
+    """The rule written out: (hardness, penalty scale, learning-rate factor) at ``step``."""
+    f = step / total
+    start, end = harden
+    hardness = 1.0 if f >= end else 0.0 if f <= start else (f - start) / (end - start)
+    scale = penalty if f >= rise else penalty * f / rise
+    learning = 1.0 if f <= settle else max(0.0, (1 - f) / (1 - settle))
+    return hardness, scale, learning
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    total=st.integers(1, 40),
+    start=st.floats(0, 1),
+    length=st.floats(0, 1),
+    penalty=st.sampled_from([0.0, 1.0, 20.0]),
+    rise=st.floats(0, 1),
+    settle=st.floats(0, 1),
+)
+def test_every_step_follows_the_rule_in_a_plain_loop(total, start, length, penalty, rise, settle):
+    model, reg = registered()
+    harden = (start, min(1.0, start + length))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = nwp.Schedule(reg, total, optimizer, harden=harden, penalty=penalty, penalty_rise=rise, settle=settle)
+    x = torch.randn(5, 4)
+    for step in range(total):
+        hardness, scale, learning = rule(step, total, harden, penalty, rise, settle)
+        assert reg.hardness == hardness and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * learning)
+        with reg.cached():
+            got = schedule.penalty()
+            assert same_bits(got, reg.penalty(alpha=scale, lam=scale))  # the same node, at this step's scale
+            loss = model(x).square().mean() + got
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    assert reg.hardness == rule(total, total, harden)[0] and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * rule(total, total, settle=settle)[2])
+
+
+def test_the_defaults_are_the_rule_and_training_ends_on_the_chip():
+    model, reg = registered()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    schedule = nwp.Schedule(reg, 50, optimizer)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    for _ in range(50):
+        with reg.cached():
+            loss = nn.functional.cross_entropy(model(x), y) + schedule.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    assert reg.hardness == 1.0 and optimizer.param_groups[0]["lr"] == 0.0
+    before = model(x).detach()
+    reg.project_()
+    assert reg.is_mappable() and torch.equal(model(x), before)  # computed with the chip's weights all along the last steps
+
+
+def test_without_hardening_it_keeps_the_hardness_at_zero_and_without_an_optimizer_it_pairs_with_lambdalr():
+    model, reg = registered()
+    schedule = nwp.Schedule(reg, 10, harden=None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.learning_rate)
+    for step in range(10):
+        assert reg.hardness == 0.0 and optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * rule(step, 10)[2])
+        optimizer.step()
+        decay.step()
+        schedule.step()
+
+
+def test_a_resumed_schedule_continues_where_it_was():
+    _, reg = registered()
+    schedule = nwp.Schedule(reg, 20)
+    for _ in range(7):
+        schedule.step()
+    state = schedule.state_dict()
+    _, other = registered()
+    resumed = nwp.Schedule(other, 20)
+    resumed.load_state_dict(state)
+    assert other.hardness == reg.hardness and resumed.steps == 7 and "step 7 of 20" in repr(resumed)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(total_steps=0), ValueError, "total_steps must be a positive int"),
+        (dict(total_steps=10, harden=(0.5, 0.2)), ValueError, "harden must rise"),
+        (dict(total_steps=10, harden=(0.1, 1.5)), ValueError, "harden must be a number in"),
+        (dict(total_steps=10, penalty=-1.0), ValueError, "penalty must be a finite number >= 0"),
+        (dict(total_steps=10, settle=2), ValueError, "settle must be a number in"),
+        (dict(total_steps=10, optimizer="adam"), TypeError, "optimizer must be a torch optimizer"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(kwargs, error, match):
+    _, reg = registered()
+    with pytest.raises(error, match=match):
+        nwp.Schedule(reg, **kwargs)
+    with pytest.raises(TypeError, match="reg must be a Registry"):
+        nwp.Schedule(nn.Linear(2, 2), 10)
+
+
+def test_as_a_lightning_callback_it_steps_after_each_batch(tmp_path):
+    L = pytest.importorskip("lightning", reason=not_installed("lightning"))
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net, self.reg = registered()
+            self.schedule = nwp.Schedule(self.reg, total_steps=12)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            with self.reg.cached():
+                return nn.functional.cross_entropy(self.net(x), y) + self.schedule.penalty()
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            decay = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule.learning_rate)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+    data = torch.utils.data.TensorDataset(torch.randn(48, 4), torch.randint(0, 3, (48,)))
+    module = Module()
+    trainer = L.Trainer(
+        max_steps=12, callbacks=[module.schedule.callback()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert module.schedule.steps == 12 and module.reg.hardness == 1.0
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)
