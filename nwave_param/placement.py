@@ -30,7 +30,7 @@ from .discovery import constraints
 from .errors import one_line
 from .neurons import neuron_types
 from .report import aligned
-from .spec import ChipSpec
+from .spec import H1V2, ChipSpec
 from .trace import INPUT, Trace, trace
 
 __all__ = ["Placement", "Population", "neuron_types", "place"]
@@ -150,12 +150,12 @@ def place(
         ...         self.hidden = snn.RLeaky(beta=0.9, linear_features=80, init_hidden=True)
         ...     def forward(self, x):
         ...         return self.hidden(self.fc(self.front(x)))
-        >>> print(place(Net(), torch.rand(4, 16), ChipSpec(limit=1.66, cores=(50, 50, 100), reset="subtract")))
+        >>> print(place(Net(), torch.rand(4, 16), H1V2))
         cores (50, 50, 100), 16 inputs: fits
         population  neurons  kind                     cores
         front            16  feed-forward, front end  core 2: 16 from 0
         hidden           80  recurrent                core 2: 80 from 20
-        >>> place(Net(), torch.rand(4, 16), ChipSpec(cores=(64, 64), reset="subtract")).problems
+        >>> place(Net(), torch.rand(4, 16), H1V2.replace(cores=(64, 64))).problems
         ['hidden: a recurrent population of 80 neurons sits whole in one core, and the largest core holds 64']
 
     Raises:
