@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .discovery import excluded, is_weight_name, unmatched
+from .discovery import constraints, excluded, is_weight_name, ruled, unmatched
 from .errors import MESSAGE, CheckpointError, one_line
 from .files import Checkpoint
 from .layout import RNN_WEIGHT, Layout, rnn_gates
@@ -134,17 +134,20 @@ def described_weights(checkpoint: Checkpoint, described: Mapping, exclude: Seque
     return list(weights.values())
 
 
-def inferred_weights(checkpoint: Checkpoint, exclude: Sequence[str], assume_plain: bool, notes: list[str]) -> list[Weight]:
+def inferred_weights(
+    checkpoint: Checkpoint, exclude: Sequence[str], assume_plain: bool, notes: list[str], stated: Mapping[str, Layout] | None = None
+) -> list[Weight]:
     """The tracked weights of a file that does not describe them, layouts from names and shapes.
 
     Certain: 2-D weights (a Linear's) and RNN-family weights (gates from the ``weight_hh``
-    shapes).  Guessed: convolution-shaped tensors (read as plain convolutions) and, only with
+    shapes); ``stated`` (``layouts=``) also names tensors of other names to read.  Guessed: convolution-shaped tensors (read as plain convolutions) and, only with
     ``assume_plain``, 2-D ``*embed*`` tensors (read as Linear weights; excluded otherwise).
     """
     state_dict = checkpoint.state_dict
     keys = weight_keys(state_dict, notes)
     values = {name: state_dict[key] for name, key in keys.items()}
-    candidates = [n for n, v in values.items() if is_weight_name(n.rpartition(".")[2]) and v.dim() >= 2]
+    named = {n for n in values if any(fnmatch.fnmatchcase(n, pattern) for pattern in stated or ())}  # layouts= names them
+    candidates = [n for n, v in values.items() if (is_weight_name(n.rpartition(".")[2]) or n in named) and v.dim() >= 2]
     _note(notes, unmatched(exclude, candidates))
     weights: dict[str, Weight] = {}
     embeddings, seen, left_out = [], {}, set()
@@ -188,10 +191,20 @@ def _rnn_layout(name: str, weights: Mapping[str, Tensor]) -> Layout:
 
 
 def model_weights(
-    checkpoint: Checkpoint, model: nn.Module, spec: ChipSpec, described: Mapping, exclude: Sequence[str], notes: list[str]
+    checkpoint: Checkpoint,
+    model: nn.Module,
+    spec: ChipSpec,
+    described: Mapping,
+    exclude: Sequence[str],
+    notes: list[str],
+    layouts: Mapping[str, Layout] | None = None,
 ) -> list[Weight]:
     """The tracked weights with the exact layouts of ``model`` (a copy of it, registered afresh
-    with ``spec``, loads the checkpoint); the values stay the checkpoint's own, in its own dtype."""
+    with ``spec``, loads the checkpoint); the values stay the checkpoint's own, in its own dtype.
+
+    The layouts are the model's registration's where it is registered (read from its forward or
+    stated), else ``layouts``, else its module types' rules, else, for a Parameter of a module
+    type without a rule, the checkpoint's description."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     state_dict = checkpoint.state_dict
@@ -199,12 +212,18 @@ def model_weights(
         model = copy.deepcopy(model)
     except Exception as error:  # whatever the model holds that cannot be copied
         raise CheckpointError(f"model: copy.deepcopy cannot copy it ({type(error).__name__}: {one_line(error)}); pass a freshly built model") from None
-    strip(model)  # the layouts are the model's own, whatever it was registered with
+    registered = {entry.name: entry.constraint.layout for entry in constraints(model)}
+    strip(model)
+    if registered:  # its registration read the forward (example=) or was told (layouts=): its layouts are the truth
+        stated = registered
+    else:  # by module type; where a type has no rule, what the checkpoint's description says was read
+        stated = {name: saved.layout for name, (_, saved) in described.items() if not ruled(model, name)}
+        stated.update(layouts or {})
     expected = model.state_dict()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            reg = register(model, spec, exclude=exclude)
+            reg = register(model, spec, exclude=exclude, layouts=stated or None)
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"model: {one_line(error, MESSAGE)}") from None
         keys = {name: _key_of(name, state_dict) for name in reg.names}

@@ -16,13 +16,14 @@ from typing import NamedTuple
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .errors import one_line
 from .layout import Layout, layout_of
 from .parametrization import ChipConstraint, latent, links_before, originals
 from .sharing import memory_sharing, overlap, storage_of
 from .state import chip_links, parse_original_key
 from .trace import layouts_read, trace
 
-__all__ = ["Tracked", "constraints", "is_weight_name", "select", "tied_holders", "trackable_weights"]
+__all__ = ["Tracked", "constraints", "is_weight_name", "ruled", "select", "stated_for", "stated_layouts", "tied_holders", "trackable_weights"]
 
 # Weights of these modules are scales or lookup tables, not synapses.
 _UNTRACKED_MODULES = (
@@ -163,7 +164,9 @@ def select(
     name it matches."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    stated = _stated(layouts)
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError("register the model before torch.compile: reg = nwp.register(model), then compiled = torch.compile(model)")
+    stated = stated_layouts(layouts)
     read: dict[str, tuple[Layout | None, object]] | None = None
     if example is not None:
         if not isinstance(example, Tensor):
@@ -171,29 +174,29 @@ def select(
         traced = trace(model, example, {}, dims)
         for note in traced.notes:
             warnings.warn(note, stacklevel=3)
-        read = layouts_read(traced, {name: p.dim() for name, p in _parameters(model).items() if not nn.parameter.is_lazy(p)})
+        read = layouts_read(traced, {name: tuple(p.shape) for name, p in _parameters(model).items() if not nn.parameter.is_lazy(p)})
         by_name = [t for t in trackable_weights(model) if t.name in read]
         unused = [t.name for t in trackable_weights(model) if t.name not in read]
         if unused:
-            warnings.warn(f"not used as a synapse by model(example), so not tracked: {', '.join(unused)}", stacklevel=3)
+            warnings.warn(f"not used as a synapse by model(example), so not tracked: {', '.join(map(one_line, unused))}", stacklevel=3)
         candidates = by_name + [_tracked(model, name) for name in read if name not in {t.name for t in by_name}]
     else:
         candidates = trackable_weights(model)
         named = {t.name for t in candidates}
         skipped = [
             name for name, p in _parameters(model).items()
-            if not nn.parameter.is_lazy(p) and p.dim() >= 2 and name not in named and not _stated_for(name, stated)
+            if not nn.parameter.is_lazy(p) and p.dim() >= 2 and name not in named and not stated_for(name, stated)
             and not isinstance(_tracked(model, name).module, _UNTRACKED_MODULES)
         ]
         if skipped:
             warnings.warn(
-                f"not tracked, as their names are not a weight's: {', '.join(skipped)}; if the forward uses one as a synapse, "
+                f"not tracked, as their names are not a weight's: {', '.join(map(one_line, skipped))}; if the forward uses one as a synapse, "
                 "pass example= (every weight the forward uses as one is then tracked) or name it in layouts=",
                 stacklevel=3,
             )
     known = {t.name for t in candidates}
     matrices = [name for name, p in _parameters(model).items() if not nn.parameter.is_lazy(p) and p.dim() >= 2]
-    candidates += [_tracked(model, name) for name in matrices if name not in known and _stated_for(name, stated)]
+    candidates += [_tracked(model, name) for name in matrices if name not in known and stated_for(name, stated)]
     for pattern in stated:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in matrices):
             raise ValueError(f"layouts names {pattern!r}, which matches no Parameter of 2+ dims of {type(model).__name__} (names are dotted, as register lists them)")
@@ -243,7 +246,7 @@ def _tracked(model: nn.Module, name: str) -> Tracked:
     return Tracked(name, model.get_submodule(path), local)
 
 
-def _stated(layouts: Mapping[str, Layout] | None) -> dict[str, Layout]:
+def stated_layouts(layouts: Mapping[str, Layout] | None) -> dict[str, Layout]:
     """``layouts`` checked: dotted names or globs to Layouts."""
     if layouts is None:
         return {}
@@ -252,7 +255,7 @@ def _stated(layouts: Mapping[str, Layout] | None) -> dict[str, Layout]:
     return dict(layouts)
 
 
-def _stated_for(name: str, stated: Mapping[str, Layout]) -> Layout | None:
+def stated_for(name: str, stated: Mapping[str, Layout]) -> Layout | None:
     """The layout ``stated`` gives ``name``; ValueError when two of its globs give it two."""
     found = {layout for pattern, layout in stated.items() if fnmatch.fnmatchcase(name, pattern)}
     if len(found) > 1:
@@ -270,23 +273,29 @@ def _layout(item: Tracked, read: Mapping | None, stated: Mapping[str, Layout]) -
         raise TypeError(f"{item.name} has dtype {value.dtype}; nwave_param tracks floating-point weights only")
     if value.is_meta:
         raise ValueError(f"{item.name} is on the meta device: materialize the model before registering")
-    by_hand = _stated_for(item.name, stated)
+    by_hand = stated_for(item.name, stated)
     traced, use = (read or {}).get(item.name, (None, None))
     if by_hand is not None and traced is not None and by_hand != traced:
-        raise ValueError(f"{item.name}: layouts states {by_hand}, but the forward reads it with {traced} ({use.describe()}): state what it computes")
+        raise ValueError(f"{one_line(item.name)}: layouts states {by_hand}, but the forward reads it with {traced} ({one_line(use.describe())}): state what it computes")
     layout = by_hand or traced
     if layout is None:
         layout = layout_of(item.module, item.tensor_name)
-        if use is not None:
+        if use is not None and use.outputs is not None:
             warnings.warn(
-                f"{item.name}: the forward reads it through {use.describe()}, which does not say which dim indexes the output "
-                f"neurons; read as {layout}; state it with layouts={{{item.name!r}: nwp.Layout(...)}}",
+                f"{one_line(item.name)}: the forward reads it through {one_line(use.describe())}, which no Layout states; read as "
+                f"{layout}, so its blocks are not the forward's: store it as [out, in] or [in, out]",
+                stacklevel=4,
+            )
+        elif use is not None:
+            warnings.warn(
+                f"{one_line(item.name)}: the forward reads it through {one_line(use.describe())}, which does not say which dim indexes "
+                f"the output neurons; read as {layout}; state it with layouts={{{item.name!r}: nwp.Layout(...)}}",
                 stacklevel=4,
             )
         elif read is None and not _ruled(item.module):
             shown = "[out, in]: dim 0 indexes the output neurons, as F.linear reads it"
             warnings.warn(
-                f"{item.name} is a Parameter of {type(item.module).__name__}, whose reading nwave_param does not know: read as "
+                f"{one_line(item.name)} is a Parameter of {type(item.module).__name__}, whose reading nwave_param does not know: read as "
                 f"{shown if value.dim() == 2 else 'dim 0 indexing the output neurons'}; if the forward computes x @ {item.tensor_name} "
                 f"(the chip vendor's [in, out]), say so with layouts={{{item.name!r}: nwp.Layout(inputs_first=True)}}, or let "
                 "nwave_param read it: nwp.register(model, example=x)",
@@ -294,6 +303,17 @@ def _layout(item: Tracked, read: Mapping | None, stated: Mapping[str, Layout]) -
             )
     layout.check(value.shape, item.name)
     return layout
+
+
+def ruled(model: nn.Module, name: str) -> bool:
+    """Whether nwave_param knows how the module holding Parameter ``name`` reads it (True for a
+    name that is no Parameter of ``model``: nothing to state)."""
+    module_path, _, tensor_name = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        return True
+    return not isinstance(getattr(module, tensor_name, None), Tensor) or _ruled(module)
 
 
 def _ruled(module: nn.Module) -> bool:

@@ -30,9 +30,10 @@ from . import files, functional
 from ._hardening import harden_all
 from ._reading import Weight, described_weights, inferred_weights, model_weights
 from .description import NewerDescriptionError, damaged, decode
-from .discovery import patterns
+from .discovery import patterns, stated_for, stated_layouts
 from .errors import MESSAGE, CheckpointError, CheckpointWarning, one_line
 from .files import Checkpoint
+from .layout import Layout
 from .report import Report, build_report, layout_fields
 from .sharing import same_bits, storage_of, with_values
 from .spec import ChipSpec
@@ -55,6 +56,7 @@ def check_state_dict(
     spec: ChipSpec | None = None,
     *,
     model: nn.Module | None = None,
+    layouts: Mapping[str, Layout] | None = None,
     exclude: str | Sequence[str] = (),
     assume_plain: bool = False,
     max_bytes: int | None = None,
@@ -63,7 +65,10 @@ def check_state_dict(
 
     ``spec=None`` takes the spec the checkpoint was saved with (one registration's), else
     ``ChipSpec()``.  ``model`` (not registered, or registered: a copy is read, the model is left
-    as it is) gives the exact layouts; ``exclude`` leaves out weights by glob; ``max_bytes``
+    as it is) gives the exact layouts; ``layouts`` states a weight's reading by hand (a dotted name
+    or glob to a :class:`~nwave_param.Layout`, as :func:`~nwave_param.register` takes it: a plain
+    checkpoint of the chip vendor's ``[in, out]`` weights reads right with
+    ``layouts={"*": nwp.Layout(inputs_first=True)}``); ``exclude`` leaves out weights by glob; ``max_bytes``
     (None: no bound) refuses a state_dict whose tensors materialize more bytes, an expanded tensor
     counted in full, before any computation, as the command line's ``--max-bytes``.  What the reading
     noticed (guessed layouts, skipped keys) is issued as
@@ -84,7 +89,7 @@ def check_state_dict(
             meta, expanded) or whose layout does not fit its shape, specs that disagree, or
             tensors that materialize more than ``max_bytes``.
     """
-    reading = read(_bare(state_dict), spec, model=model, exclude=exclude, assume_plain=assume_plain, max_bytes=max_bytes)
+    reading = read(_bare(state_dict), spec, model=model, layouts=layouts, exclude=exclude, assume_plain=assume_plain, max_bytes=max_bytes)
     _warn(reading.notes)
     return reading.report()
 
@@ -94,6 +99,7 @@ def project_state_dict(
     spec: ChipSpec | None = None,
     *,
     model: nn.Module | None = None,
+    layouts: Mapping[str, Layout] | None = None,
     exclude: str | Sequence[str] = (),
     assume_plain: bool = False,
     max_bytes: int | None = None,
@@ -121,7 +127,7 @@ def project_state_dict(
             projections disagree.  Nothing is changed.
     """
     checkpoint = _bare(state_dict)
-    reading = read(checkpoint, spec, model=model, exclude=exclude, assume_plain=assume_plain, max_bytes=max_bytes)
+    reading = read(checkpoint, spec, model=model, layouts=layouts, exclude=exclude, assume_plain=assume_plain, max_bytes=max_bytes)
     projected, changes = project(reading)
     _warn(reading.notes)
     return (projected if checkpoint is state_dict else projected.state_dict), changes
@@ -149,6 +155,7 @@ def read(
     spec: ChipSpec | None = None,
     *,
     model: nn.Module | None = None,
+    layouts: Mapping[str, Layout] | None = None,
     exclude: str | Sequence[str] = (),
     assume_plain: bool = False,
     max_bytes: int | None = None,
@@ -172,12 +179,12 @@ def read(
         for _, (path, tensor_name, position, _), saved in descriptions(checkpoint.state_dict)
     }
     spec = _choose_spec(checkpoint.path, [saved.spec for _, saved in described.values()], spec, notes)
+    stated = stated_layouts(layouts)
     if model is not None:
-        weights = model_weights(checkpoint, model, spec, described, exclude, notes)
-    elif described:
-        weights = described_weights(checkpoint, described, exclude, notes)
+        weights = model_weights(checkpoint, model, spec, described, exclude, notes, stated)
     else:
-        weights = inferred_weights(checkpoint, exclude, assume_plain, notes)
+        weights = described_weights(checkpoint, described, exclude, notes) if described else inferred_weights(checkpoint, exclude, assume_plain, notes, stated)
+        weights = [_as_stated(checkpoint.path, weight, stated, described) for weight in weights]
     if not weights:
         nested = [key for key, value in checkpoint.state_dict.items() if isinstance(value, Mapping)]
         why = [f"it holds {one_line(nested[0])} (a training checkpoint? pass its state_dict)"] if nested else []
@@ -193,6 +200,22 @@ def read(
             "or save the checkpoint from a registered model, for exact layouts"
         )
     return Reading(checkpoint, spec, weights, notes, assume_plain)
+
+
+def _as_stated(path: str, weight: Weight, stated: Mapping[str, Layout], described: Mapping) -> Weight:
+    """``weight`` read with the layout ``layouts`` states for it, exact; refused where the file's
+    description says another."""
+    try:
+        layout = stated_for(weight.name, stated)
+        if layout is not None:
+            layout.check(weight.value.shape, weight.name)
+    except ValueError as error:
+        raise CheckpointError(one_line(error, MESSAGE)) from None
+    if layout is None:
+        return weight
+    if weight.name in described and layout != weight.layout:
+        raise CheckpointError(f"{one_line(weight.name)}: layouts states {layout}, but {one_line(path)} describes {weight.layout}: state what the model computes")
+    return dataclasses.replace(weight, layout=layout, exact=True)
 
 
 def _refuse_ambiguous(checkpoint: Checkpoint) -> None:

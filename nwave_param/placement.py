@@ -170,6 +170,7 @@ def place(
     spec = _spec_of(model) if spec is None else spec
     if not isinstance(spec, ChipSpec):
         raise TypeError(f"place: spec must be a ChipSpec or None, got {type(spec).__name__}")
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its module, read eagerly
     named = (neurons,) if isinstance(neurons, str) else tuple(neurons)
     modules = dict(model.named_modules())
     for name in named:
@@ -214,15 +215,15 @@ def _population_names(traced: Trace) -> list[str]:
 
 
 class _Graph:
-    """Who feeds whom: the input, populations and weights; a weight's current feeds a population or
-    another weight."""
+    """Who feeds whom: the input, populations and synapses (each use of a weight apart, so that
+    one weight used at two places joins no populations); a synapse's current feeds a population
+    or another synapse."""
 
     def __init__(self, traced: Trace) -> None:
         self.edges: dict[tuple, set[tuple]] = {}
-        for name, uses in traced.uses.items():
-            for use in uses:
-                for token in use.reads:
-                    self.add(_node(token), ("weight", name))
+        for use in traced.all_uses:
+            for token in use.reads:
+                self.add(_node(token), ("use", use.index))
         for population, reached in traced.feeds.items():
             for token in reached:
                 source = _node(token)
@@ -232,31 +233,31 @@ class _Graph:
     def add(self, source: tuple, target: tuple) -> None:
         self.edges.setdefault(source, set()).add(target)
 
-    def through_weights(self, source: tuple) -> tuple[set[tuple], set[str]]:
-        """The populations ``source`` reaches through weights alone (or directly), and the weights
-        on the way."""
-        reached, weights, stack, seen = set(), set(), [source], {source}
+    def through_synapses(self, source: tuple) -> tuple[set[tuple], set[int]]:
+        """The populations ``source`` reaches through synapses alone (or directly), and the
+        synapses (their :attr:`Use.index`) on the way."""
+        reached, uses, stack, seen = set(), set(), [source], {source}
         while stack:
             for target in self.edges.get(stack.pop(), ()):
                 if target[0] == "population":
                     reached.add(target)
                 elif target not in seen:
                     seen.add(target)
-                    weights.add(target[1])
+                    uses.add(target[1])
                     stack.append(target)
-        return reached, weights
+        return reached, uses
 
-    def weights_between(self, source: tuple, target: tuple) -> set[str]:
-        """The weights on some weights-only path from ``source`` to ``target``."""
-        _, after = self.through_weights(source)
-        return {w for w in after if target in self.through_weights(("weight", w))[0]}
+    def synapses_between(self, source: tuple, target: tuple) -> set[int]:
+        """The synapses on some synapses-only path from ``source`` to ``target``."""
+        _, after = self.through_synapses(source)
+        return {u for u in after if target in self.through_synapses(("use", u))[0]}
 
 
 def _node(token: tuple) -> tuple:
     if token == INPUT:
         return INPUT
     kind, what = token
-    return ("weight", what) if kind == "current" else ("population", what)  # spikes, state, or its own state
+    return ("use", what) if kind == "current" else ("population", what)  # spikes, state, or its own state
 
 
 def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], named: Sequence[str]) -> Placement:
@@ -265,6 +266,14 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
     problems += [f"{one_line(name)} (named in neurons) never ran in model(example)" for name in named if name not in traced.populations]
     names = _population_names(traced)
     sizes = {p: traced.neurons(p) for p in range(len(names))}
+    spiking, silent = neuron_types()
+    for name in named:
+        inner = [path for path, m in candidates[name].named_modules() if path and isinstance(m, spiking) and not isinstance(m, silent)]
+        if len(inner) > 1:
+            problems.append(
+                f"{one_line(name)} (named in neurons) holds several layers of neurons ({', '.join(map(one_line, inner))}): a population "
+                "is one layer; name the layers inside it instead"
+            )
     for p, size in sizes.items():
         if size is None:
             problems.append(f"{one_line(names[p])}: its output is not a tensor of spikes (nor a tuple starting with one): name a module that outputs spikes")
@@ -281,8 +290,8 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
             "e.g. place(model, example, neurons=('hidden.lif', 'out.lif'))"
         ], notes)
     graph = _Graph(traced)
-    recurrent = {p: ("population", p) in graph.through_weights(("population", p))[0] for p in sizes}
-    fronts, _ = graph.through_weights(INPUT)
+    recurrent = {p: ("population", p) in graph.through_synapses(("population", p))[0] for p in sizes}
+    fronts, _ = graph.through_synapses(INPUT)
     front = {p for _, p in fronts}
     populations = [Population(names[p], sizes[p] or 0, recurrent[p], p in front) for p in sizes]
     notes += _cycles(graph, names)
@@ -308,7 +317,7 @@ def _reach(follows: dict[int, set[int]], start: int) -> set[int]:
 def _cycles(graph: _Graph, names: list[str]) -> list[str]:
     """A note for each cycle through several populations (A to B to A): the vendor's docs do not
     say whether the chip allows one."""
-    follows = {p: {q for _, q in graph.through_weights(("population", p))[0] if q != p} for p in range(len(names))}
+    follows = {p: {q for _, q in graph.through_synapses(("population", p))[0] if q != p} for p in range(len(names))}
     reaches = {p: _reach(follows, p) for p in follows}
     notes, seen = [], set()
     for p in follows:
@@ -335,51 +344,71 @@ def _input_problems(traced: Trace, graph: _Graph, spec: ChipSpec, names: list[st
                 f"{one_line(names[p])}: the front end has {sizes[p]} neurons; the chip feeds its {spec.inputs} input channels "
                 "one-to-one to the first layer, so it holds at most that many"
             )
-    before = set().union(*(graph.weights_between(INPUT, ("population", p)) for p in front))
-    for name in sorted(before):
-        for use in traced.uses.get(name, ()):
-            if use.op == "gain":
-                continue
-            if use.fan_in is None or use.fan_out is None:
-                said = "entries whose fan-in and fan-out cannot be counted"
-            elif use.fan_in > 1 or use.fan_out > 1:
-                said = f"up to {use.fan_in} non-zero entries into one neuron and {use.fan_out} out of one channel"
-            else:
-                continue
-            problems.append(
-                f"{one_line(name)}: a weight between the input and the front end ({one_line(use.where)}) has {said}; the chip's "
-                "input channels reach the front end one-to-one, with no fan-in or fan-out (a gain per channel, or a diagonal matrix)"
-            )
-            break
+    for p in sorted(front):
+        fans = traced.fans.get(p)
+        before = sorted(graph.synapses_between(INPUT, ("population", p)))
+        wheres = list(dict.fromkeys(one_line(traced.all_uses[u].where) for u in before))  # one per op, not per time step
+        through = ", ".join(wheres[:3]) + (", ..." if len(wheres) > 3 else "")
+        via = f" (through {through})" if through else ""
+        if fans is None:
+            said = "the trace cannot follow which input channels reach which of its neurons"
+        elif fans[0] > 1 or fans[1] > 1:
+            said = f"one of its neurons gets up to {fans[0]} input channels, and one channel reaches up to {fans[1]} of its neurons"
+        else:
+            continue
+        problems.append(
+            f"{one_line(names[p])}: {said}{via}; the chip's input channels reach the front end one-to-one, with no fan-in or "
+            "fan-out (nwp.FrontEnd, a gain per channel, or a diagonal matrix)"
+        )
     return problems
 
 
 def _neuron_problems(traced: Trace, spec: ChipSpec, names: list[str], candidates: dict[str, nn.Module], notes: list[str]) -> list[str]:
-    """One threshold for all populations, none learned, and the reset of ``spec.reset``."""
+    """One threshold for all populations, none learned or adapting, and the reset of
+    ``spec.reset``; a module named in ``neurons`` is checked by the snnTorch or Norse neurons
+    inside it, where it says nothing itself."""
+    spiking, silent = neuron_types()
     problems = []
     thresholds: dict[float, list[str]] = {}
     for p, path in enumerate(traced.populations):
-        threshold, learned, reset = _neuron(candidates[path])
-        name = one_line(names[p])
-        if threshold is None:
-            notes.append(f"{name}: its threshold cannot be read (an snnTorch or Norse neuron, or a 'threshold' attribute, says it)")
-        elif isinstance(threshold, str):
-            problems.append(f"{name}: {threshold}; the chip has one threshold for the whole network")
-        else:
-            thresholds.setdefault(threshold, []).append(name)
-        if learned:
-            problems.append(f"{name}: its threshold is learned (a Parameter); the chip's threshold is fixed, the same for every neuron")
-        if reset is None:
-            notes.append(f"{name}: its reset cannot be read (an snnTorch or Norse neuron, or a 'reset_mechanism' attribute, says it)")
-        elif spec.reset is not None and reset != spec.reset:
-            problems.append(f"{name}: it resets {_RESETS.get(reset, reset)}; the chip resets {_RESETS[spec.reset]} (ChipSpec.reset={spec.reset!r})")
+        module = candidates[path]
+        inner = [m for m in module.modules() if m is not module and isinstance(m, spiking) and not isinstance(m, silent)]
+        for neuron in [module] if _neuron(module) != (None, False, None) or not inner else inner:
+            threshold, learned, reset = _neuron(neuron)
+            name = one_line(names[p])
+            if threshold is None:
+                notes.append(f"{name}: its threshold cannot be read (an snnTorch or Norse neuron, or a 'threshold' attribute, says it)")
+            elif isinstance(threshold, str):
+                problems.append(f"{name}: {threshold}; the chip has one threshold for the whole network")
+            else:
+                thresholds.setdefault(_as_float32(threshold), []).append(name)
+            if learned:
+                problems.append(f"{name}: its threshold is learned (a Parameter); the chip's threshold is fixed, the same for every neuron")
+            if _adapts(neuron):
+                problems.append(f"{name}: its neurons adapt ({type(neuron).__name__}); the chip's neurons have one fixed threshold and no adaptation")
+            if reset is None:
+                notes.append(f"{name}: its reset cannot be read (an snnTorch or Norse neuron, or a 'reset_mechanism' attribute, says it)")
+            elif spec.reset is not None and reset != spec.reset:
+                problems.append(f"{name}: it {_RESETS.get(reset, f'resets {reset}')}; the chip {_RESETS[spec.reset]} (ChipSpec.reset={spec.reset!r})")
     if len(thresholds) > 1:
-        listed = "; ".join(f"{value:g} for {', '.join(who)}" for value, who in sorted(thresholds.items()))
+        listed = "; ".join(f"{value:.9g} for {', '.join(dict.fromkeys(who))}" for value, who in sorted(thresholds.items()))
         problems.append(f"the populations have different thresholds ({listed}); the chip has one fixed threshold for the whole network")
     return problems
 
 
-_RESETS = {"subtract": "by subtracting the threshold", "zero": "to zero", "none": "never"}
+_RESETS = {"subtract": "resets by subtracting the threshold", "zero": "resets to zero", "none": "never resets"}
+
+
+def _as_float32(value: float) -> float:
+    """A threshold as the chip's float32 holds it: 0.1 written in Python and 0.1 in a float32
+    tensor are one threshold."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _adapts(module: nn.Module) -> bool:
+    """Whether a neuron adapts to its spikes (its threshold, or a current): Norse's LSNN and AdEx neurons."""
+    parameters = getattr(module, "p", None)
+    return any(hasattr(parameters, attribute) for attribute in ("tau_adapt_inv", "adaptation_current", "adaptation_spike"))
 
 
 def _neuron(module: nn.Module) -> tuple[float | str | None, bool, str | None]:
@@ -540,15 +569,19 @@ def _with_forward(populations, recurrent, where, forward, cores, g) -> list[Popu
             pieces[i] = [(core, populations[i].neurons, False)]
             continue
         left, remaining, pieces[i] = whole, populations[i].neurons - (0 if tail_core is None else last), []
-        for core, room in enumerate(rooms):
-            take = min(room.blocks, left)
+        in_tail_core = 0  # whole blocks in the core of its short last block: one piece with it, laid out before it
+        for core in sorted(range(len(rooms)), key=lambda c: c != tail_core):
+            take = min(rooms[core].blocks, left)
             if take:
-                room.blocks, left = room.blocks - take, left - take
+                rooms[core].blocks, left = rooms[core].blocks - take, left - take
                 neurons = min(take * g, remaining)
                 remaining -= neurons
-                pieces[i].append((core, neurons, False))
+                if core == tail_core:
+                    in_tail_core = neurons
+                else:
+                    pieces[i].append((core, neurons, False))
         if tail_core is not None:
-            pieces[i].append((tail_core, last, True))
+            pieces[i].append((tail_core, in_tail_core + last, True))
     return _laid_out(populations, pieces, cores, g)
 
 

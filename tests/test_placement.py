@@ -272,7 +272,8 @@ class DenseFrontEnd(nn.Module):
 def test_a_dense_matrix_before_the_front_end_is_refused_however_it_is_written(way):
     placement = nwp.place(DenseFrontEnd(way), torch.rand(4, 16), H1V2)
     assert not placement.fits
-    assert any(re.search(r"a weight between the input and the front end .* no fan-in or fan-out", line) for line in placement.problems)
+    assert any(re.search(r"^front: one of its neurons gets up to 16 input channels, and one channel reaches up to 16 .* no fan-in or fan-out", line)
+               for line in placement.problems)
 
 
 def test_a_gain_matrix_with_fan_out_is_refused():
@@ -282,9 +283,9 @@ def test_a_gain_matrix_with_fan_out_is_refused():
         model.gain.weight[:, 0] = 1.0  # channel 0 reaches all 16 front-end neurons
     placement = nwp.place(model, torch.rand(4, 16), H1V2)
     assert placement.problems == [
-        "gain.weight: a weight between the input and the front end (F.linear(x, weight) in the model) has up to 2 non-zero "
-        "entries into one neuron and 16 out of one channel; the chip's input channels reach the front end one-to-one, with "
-        "no fan-in or fan-out (a gain per channel, or a diagonal matrix)"
+        "front: one of its neurons gets up to 2 input channels, and one channel reaches up to 16 of its neurons (through "
+        "F.linear(x, weight) in the model); the chip's input channels reach the front end one-to-one, with no fan-in or "
+        "fan-out (nwp.FrontEnd, a gain per channel, or a diagonal matrix)"
     ]
     with torch.no_grad():
         model.gain.weight.copy_(torch.eye(16))
@@ -306,7 +307,8 @@ def test_a_dense_linear_inside_a_named_front_end_is_refused():
     model = nn.Sequential(FrontModule(), nn.Linear(16, 20), leaky(init_hidden=True))
     placement = nwp.place(model, torch.rand(4, 16), H1V2, neurons=["0"])
     assert placement.populations[0].name == "0" and placement.populations[0].front_end
-    assert any(line.startswith("0.mix.weight: a weight between the input and the front end") for line in placement.problems)
+    assert any(line.startswith("0: one of its neurons gets up to 16 input channels, and one channel reaches up to 16 of its neurons (through "
+                               "F.linear(x, weight) in 0.mix)") for line in placement.problems)
 
 
 def test_a_named_module_wrapping_a_feed_forward_square_linear_is_not_recurrent():
@@ -378,9 +380,9 @@ def test_norse_neurons_are_read_their_recurrent_lif_is_recurrent_and_their_reset
     ]
     assert placement.problems == [
         "hidden: the front end has 30 neurons; the chip feeds its 16 input channels one-to-one to the first layer, so it holds at most that many",
-        "hidden.input_weights: a weight between the input and the front end (F.linear(x, weight) in hidden) has up to 4 non-zero "
-        "entries into one neuron and 30 out of one channel; the chip's input channels reach the front end one-to-one, with no "
-        "fan-in or fan-out (a gain per channel, or a diagonal matrix)",
+        "hidden: one of its neurons gets up to 4 input channels, and one channel reaches up to 30 of its neurons (through x * weight "
+        "in the model, F.linear(x, weight) in hidden); the chip's input channels reach the front end one-to-one, with no fan-in "
+        "or fan-out (nwp.FrontEnd, a gain per channel, or a diagonal matrix)",
         "hidden: it resets to zero; the chip resets by subtracting the threshold (ChipSpec.reset='subtract')",
         "out: it resets to zero; the chip resets by subtracting the threshold (ChipSpec.reset='subtract')",
     ]
@@ -503,3 +505,259 @@ def test_a_graph_built_before_placing_still_backpropagates():
     assert {k: v._version for k, v in model.state_dict(keep_vars=True).items()} == versions  # nothing written back needlessly
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# --- what the trace follows, however the forward writes it ----------------------------------------
+
+RECURRENT = 120  # more than H1v2's largest core: a recurrent population this size does not fit
+
+
+class FeedbackWritten(nn.Module):
+    """A Leaky whose spikes come back through ``self.rec.weight`` (or a buffer), written one of many
+    ways, and stored for the next step one of many ways."""
+
+    FEEDBACK = {
+        "a buffer matrix": lambda self, p: p @ self.fixed,
+        "tensordot": lambda self, p: torch.tensordot(p, self.rec.weight, dims=([1], [1])),
+        "inner": lambda self, p: torch.inner(p, self.rec.weight),
+        "einsum of 3 operands": lambda self, p: torch.einsum("bi,oi,o->bo", p, self.rec.weight, torch.ones(RECURRENT)),
+        "einsum with ...": lambda self, p: torch.einsum("...i,oi->...o", p, self.rec.weight),
+        "multi_dot": lambda self, p: torch.linalg.multi_dot([p, self.rec.weight.T]),
+        "a broadcast product and a sum": lambda self, p: (p.unsqueeze(1) * self.rec.weight).sum(-1),
+        "an orthogonal Linear": lambda self, p: self.orthogonal(p),
+    }
+    STORE = {
+        "prev = spk": lambda prev, spk: spk,
+        "prev[:] = spk": lambda prev, spk: (prev.__setitem__(slice(None), spk), prev)[1],
+        "prev.data = spk": lambda prev, spk: (setattr(prev, "data", spk), prev)[1],
+        "prev.copy_(spk)": lambda prev, spk: prev.copy_(spk),
+    }
+
+    def __init__(self, feedback="tensordot", store="prev = spk"):
+        super().__init__()
+        self.feedback, self.store = self.FEEDBACK[feedback], self.STORE[store]
+        self.front, self.encode, self.lif = leaky(init_hidden=True), nn.Linear(16, RECURRENT), leaky()
+        self.rec = nn.Linear(RECURRENT, RECURRENT, bias=False)
+        self.orthogonal = nn.utils.parametrizations.orthogonal(nn.Linear(RECURRENT, RECURRENT, bias=False))
+        self.register_buffer("fixed", torch.randn(RECURRENT, RECURRENT))
+
+    def forward(self, x):
+        mem, prev = self.lif.reset_mem(), torch.zeros(x.shape[1], RECURRENT)
+        for x_t in x:
+            spikes, mem = self.lif(self.encode(self.front(x_t)) + self.feedback(self, prev), mem)
+            prev = self.store(prev, spikes)
+        return spikes
+
+
+@pytest.mark.parametrize("feedback", list(FeedbackWritten.FEEDBACK))
+def test_recurrence_through_any_op_that_mixes_with_a_weight_is_recurrent(feedback):
+    placement = nwp.place(FeedbackWritten(feedback), torch.rand(4, 2, 16), H1V2)
+    assert [(p.name, p.recurrent) for p in placement.populations] == [("front", False), ("lif", True)]
+    assert placement.problems == ["lif: a recurrent population of 120 neurons sits whole in one core, and the largest core holds 100"]
+
+
+@pytest.mark.parametrize("store", list(FeedbackWritten.STORE))
+def test_recurrence_through_state_stored_in_place_is_recurrent(store):
+    placement = nwp.place(FeedbackWritten("tensordot", store), torch.rand(4, 2, 16), H1V2)
+    assert [p.recurrent for p in placement.populations] == [False, True]
+
+
+class FrontWritten(nn.Module):
+    """16 channels into a front-end Leaky, through one of many ways of (not) mixing them."""
+
+    WAYS = {  # way -> (the forward's mixing, whether it is one-to-one)
+        "a gain": (lambda self, x: x * self.gain, True),
+        "nwp.FrontEnd": (lambda self, x: self.front_end(x), True),
+        "a permutation matrix": (lambda self, x: x @ torch.eye(16)[torch.randperm(16, generator=torch.Generator().manual_seed(0))], True),
+        "two diagonals, one flipped": (lambda self, x: x * self.gain + x.flip(-1) * self.other, False),
+        "two gains, one rolled": (lambda self, x: x * self.gain + x.roll(1, -1) * self.other, False),
+        "a cat of two gains on one half": (lambda self, x: torch.cat([x[:, :8] * self.gain[:8], x[:, :8] * self.other[:8]], -1), False),
+        "a broadcast product and a sum": (lambda self, x: (x.unsqueeze(-1) * self.dense).sum(-2), False),
+        "x.sum expanded": (lambda self, x: x.sum(-1, keepdim=True).expand(-1, 16), False),
+        "tensordot": (lambda self, x: torch.tensordot(x, self.dense, dims=1), False),
+        "einsum with ...": (lambda self, x: torch.einsum("...i,io->...o", x, self.dense), False),
+        "a dense buffer": (lambda self, x: x @ self.fixed, False),
+        "an orthogonal Linear": (lambda self, x: self.orthogonal(x), False),
+        "a dense matrix with tiny off-diagonal entries": (lambda self, x: x @ (torch.eye(16) + 1e-12 * (1 - torch.eye(16))), False),
+    }
+
+    def __init__(self, way):
+        super().__init__()
+        self.mix, _ = self.WAYS[way]
+        self.gain, self.other, self.dense = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16, 16))
+        self.front_end = nwp.FrontEnd(16)
+        self.orthogonal = nn.utils.parametrizations.orthogonal(nn.Linear(16, 16, bias=False))
+        self.register_buffer("fixed", torch.randn(16, 16))
+        self.front, self.encode, self.out = leaky(init_hidden=True), nn.Linear(16, 20), leaky(init_hidden=True)
+
+    def forward(self, x):
+        return self.out(self.encode(self.front(self.mix(self, x))))
+
+
+@pytest.mark.parametrize("way", list(FrontWritten.WAYS))
+def test_the_front_end_is_one_to_one_only_when_the_channels_reach_it_so(way):
+    placement = nwp.place(FrontWritten(way), torch.rand(4, 16), H1V2)
+    one_to_one = FrontWritten.WAYS[way][1]
+    assert placement.fits == one_to_one, placement.problems
+    if not one_to_one:
+        assert len(placement.problems) == 1 and placement.problems[0].startswith("front: ")
+        assert placement.problems[0].endswith("the chip's input channels reach the front end one-to-one, with no fan-in or fan-out (nwp.FrontEnd, a gain per channel, or a diagonal matrix)")
+
+
+def test_one_weight_used_at_two_places_joins_no_populations():
+    class Net(nn.Module):  # one Linear for a -> b and for b -> c: no population feeds itself
+        def __init__(self):
+            super().__init__()
+            self.front, self.a, self.b, self.c = leaky(init_hidden=True), leaky(init_hidden=True), leaky(init_hidden=True), leaky(init_hidden=True)
+            self.encode, self.shared = nn.Linear(16, 30), nn.Linear(30, 30)
+
+        def forward(self, x):
+            for x_t in x:
+                out = self.c(self.shared(self.b(self.shared(self.a(self.encode(self.front(x_t)))))))
+            return out
+
+    placement = nwp.place(Net(), torch.rand(3, 2, 16), H1V2)
+    assert [(p.name, p.recurrent) for p in placement.populations] == [("front", False), ("a", False), ("b", False), ("c", False)]
+    assert placement.fits and not placement.notes
+
+
+def test_a_module_named_in_neurons_is_checked_by_the_neurons_inside_it():
+    class Block(nn.Module):
+        def __init__(self, n, **neuron):
+            super().__init__()
+            self.fc, self.lif = nn.Linear(n, n), leaky(init_hidden=True, **neuron)
+
+        def forward(self, x):
+            return self.lif(self.fc(x))
+
+    class Padded(nn.Module):  # its input zero-padded in place: lost to nothing, not the block's own state
+        def __init__(self):
+            super().__init__()
+            self.front, self.block = leaky(init_hidden=True), Block(120)
+
+        def forward(self, x):
+            padded = torch.zeros(x.shape[0], 120)
+            padded[:, :16] = self.front(x)
+            return self.block(padded)
+
+    padded = nwp.place(Padded(), torch.rand(4, 16), H1V2, neurons=["block"])
+    assert [(p.name, p.neurons, p.recurrent) for p in padded.populations] == [("front", 16, False), ("block", 120, False)]
+    assert padded.fits
+
+    wrapped = nn.Sequential(leaky(init_hidden=True), nn.Linear(16, 40), Block(40, threshold=0.5, learn_threshold=True, reset_mechanism="zero"))
+    placement = nwp.place(wrapped, torch.rand(4, 16), H1V2, neurons=["2"])
+    assert placement.problems == [
+        "2: its threshold is learned (a Parameter); the chip's threshold is fixed, the same for every neuron",
+        "2: it resets to zero; the chip resets by subtracting the threshold (ChipSpec.reset='subtract')",
+        "the populations have different thresholds (0.5 for 2; 1 for 0); the chip has one fixed threshold for the whole network",
+    ]
+
+
+def test_a_module_named_in_neurons_holding_two_layers_is_refused_naming_them():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.l1, self.fc2, self.l2 = nn.Linear(16, 90), leaky(init_hidden=True), nn.Linear(90, 30), leaky(init_hidden=True)
+
+        def forward(self, x):
+            return self.l2(self.fc2(self.l1(self.fc1(x))))
+
+    net = nn.Sequential(leaky(init_hidden=True), nn.Linear(16, 16), Two(), nn.Linear(30, 100), leaky(init_hidden=True))
+    placement = nwp.place(net, torch.rand(4, 16), H1V2, neurons=["2"])
+    assert not placement.fits
+    assert "2 (named in neurons) holds several layers of neurons (l1, l2): a population is one layer; name the layers inside it instead" in placement.problems
+
+
+def test_one_leaky_restarting_its_state_for_two_layers_of_two_sizes_makes_two_populations():
+    class Net(nn.Module):  # snnTorch starts its state afresh when the size changes: two layers over time
+        def __init__(self):
+            super().__init__()
+            self.front, self.lif = leaky(init_hidden=True), leaky()
+            self.fc1, self.fc2 = nn.Linear(16, 100), nn.Linear(100, 90)
+
+        def forward(self, x):
+            for x_t in x:
+                first, _ = self.lif(self.fc1(self.front(x_t)))
+                second, _ = self.lif(self.fc2(first))
+            return second
+
+    placement = nwp.place(Net(), torch.rand(5, 2, 16), H1V2)
+    assert [(p.name, p.neurons, p.recurrent) for p in placement.populations] == [("front", 16, False), ("lif[0]", 100, False), ("lif[1]", 90, False)]
+    assert placement.problems == ["the network has 206 neurons; the chip holds 200 (50 + 50 + 100)"]
+    assert placement.notes == ["lif: its calls each start their state afresh; those of one size fed by the same weights are read as one layer over time"]
+
+
+@pytest.mark.parametrize("kept", ["a plain attribute", "a persistent buffer"])
+def test_a_hand_written_neuron_keeping_its_membrane_is_one_population(kept):
+    class Neuron(nn.Module):
+        threshold, reset_mechanism = 1.0, "subtract"
+
+        def __init__(self):
+            super().__init__()
+            if kept == "a persistent buffer":
+                self.register_buffer("mem", torch.zeros(()))
+            else:
+                self.mem = torch.zeros(())
+
+        def forward(self, current):
+            mem = self.mem * 0.9 + current
+            spikes = (mem > self.threshold).float()
+            self.mem = mem - spikes * self.threshold
+            return spikes
+
+    net = nn.Sequential(leaky(init_hidden=True), nn.Linear(16, 40), Neuron())
+    placement = nwp.place(net, torch.rand(5, 2, 16), H1V2, neurons=["2"])
+    assert [(p.name, p.neurons) for p in placement.populations] == [("0", 16), ("2", 40)]
+    assert placement.fits
+
+
+def test_equal_thresholds_held_at_two_precisions_are_one_threshold():
+    class Spike(nn.Module):
+        threshold, reset_mechanism = 0.1, "subtract"
+
+        def forward(self, x):
+            return (x > self.threshold).float()
+
+    net = nn.Sequential(Spike(), nn.Linear(16, 10), leaky(threshold=0.1, init_hidden=True))
+    assert nwp.place(net, torch.rand(4, 16), H1V2, neurons=["0"]).problems == []
+    net[2].threshold.fill_(0.2)
+    assert nwp.place(net, torch.rand(4, 16), H1V2, neurons=["0"]).problems == [
+        "the populations have different thresholds (0.100000001 for 0; 0.200000003 for 2); the chip has one fixed threshold for the whole network"
+    ]
+
+
+def test_a_split_population_with_two_pieces_in_one_core_keeps_all_its_neurons():
+    from nwave_param.placement import Population, _assign
+
+    populations = [Population("p0", 59, False, True), Population("p1", 4, False, False), Population("p2", 30, True, False)]
+    placed, problems = _assign(populations, H1V2.replace(cores=(64, 64)))
+    assert problems == []
+    for p in placed:
+        assert sum(p.cores.values()) == p.neurons
+    assert_placed_in_blocks(nwp.Placement(H1V2.replace(cores=(64, 64)), placed, [], []), (64, 64), 5)
+
+
+def test_a_compiled_model_is_placed_as_its_module():
+    net = RecurrentInForward()
+    compiled = torch.compile(net)
+    assert nwp.place(compiled, torch.rand(3, 2, 16), H1V2).problems == nwp.place(net, torch.rand(3, 2, 16), H1V2).problems != []
+
+
+def test_a_five_dim_example_is_read_time_first_as_event_frames():
+    class Frames(nn.Module):  # (time, batch, 1, 4, 4): 16 channels a step
+        def __init__(self):
+            super().__init__()
+            self.front, self.encode, self.out = leaky(init_hidden=True), nn.Linear(16, 10), leaky(init_hidden=True)
+
+        def forward(self, x):
+            return torch.stack([self.out(self.encode(self.front(x_t.flatten(1)))) for x_t in x])
+
+    placement = nwp.place(Frames(), torch.rand(3, 2, 1, 4, 4), H1V2)
+    assert [(p.name, p.neurons) for p in placement.populations] == [("front", 16), ("out", 10)]
+    assert placement.notes == [  # its channels along two dims: the front end cannot be checked, and it says how to
+        "the example has its channels along 2 dims, and the trace follows them along one: to check the front end, give the "
+        "example with its channels flattened (e.g. x.flatten(2), dims='tbc')"
+    ]
+    assert not placement.fits
+    flat = nwp.place(Frames(), torch.rand(3, 2, 1, 16, 1), H1V2)  # one channel dim of more than one: followed
+    assert flat.fits and not flat.notes

@@ -159,8 +159,8 @@ def test_a_parametrized_weight_and_a_registered_model_are_read_through_their_cha
     nwp.registry_of(layer).remove()
     vendor, example = Vendor(), torch.randn(5, 2, 16)
     nwp.register(vendor, example=example).harden(1.0)  # the forward now computes with the projections
-    dims = {name: 2 for name in ("weight", "W", "readout.weight")}
-    read = layouts_read(trace(vendor, example, {}), dims)
+    shapes = {name: tuple(p.shape) for name, p in [("weight", vendor.weight), ("W", vendor.W), ("readout.weight", vendor.readout.weight)]}
+    read = layouts_read(trace(vendor, example, {}), shapes)
     assert {name: layout for name, (layout, _) in read.items()} == {"weight": INPUTS_FIRST, "W": INPUTS_FIRST, "readout.weight": nwp.Layout()}
 
 
@@ -199,3 +199,144 @@ def test_the_command_line_reads_a_vendor_convention_checkpoint_in_its_true_orien
     blocks = weight.view(16, -1, 5)  # blocks of 5 output columns: one sign per input row
     assert not ((blocks > 0).any(-1) & (blocks < 0).any(-1)).any()
     assert nwp.check_state_dict(projected).is_mappable
+
+
+def test_a_weight_behind_a_parametrization_that_multiplies_by_a_buffer_is_read_as_its_module_reads_it():
+    layer = parametrizations.orthogonal(nn.Linear(6, 6, bias=False))  # its forward computes base @ Q: no activation
+    reg, said = registered(layer, example=torch.randn(2, 6))
+    assert reg.layouts == [nwp.Layout()] and not said
+
+
+def test_a_synapse_read_without_an_orientation_is_tracked_and_a_warning_says_so():
+    class Summed(nn.Module):  # x W written as a broadcast product and a sum
+        def __init__(self):
+            super().__init__()
+            self.fc, self.W = nn.Linear(16, 16), nn.Parameter(torch.randn(16, 100))
+
+        def forward(self, x):
+            return (self.fc(x).unsqueeze(-1) * self.W).sum(-2)
+
+    reg, said = registered(Summed(), example=torch.randn(4, 16))
+    assert sorted(reg.names) == ["W", "fc.weight"]
+    assert said == [
+        "W: the forward reads it through mul(...) in the model (output neurons along no single dim), which does not say which dim "
+        "indexes the output neurons; read as Layout(gates=1, groups=1, transposed=False); state it with layouts={'W': nwp.Layout(...)}"
+    ]
+
+
+def test_a_weight_split_between_two_uses_is_said_in_a_warning():
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(30, 16))
+
+        def forward(self, x):
+            first, second = self.weight.split([12, 18], 0)
+            return nn.functional.linear(x, first), nn.functional.linear(x, second)
+
+    _, said = registered(Fused(), example=torch.randn(4, 16))
+    assert said == [
+        "weight: the forward uses 12 of its 30 output rows in F.linear(x, weight) in the model: nwave_param cuts its blocks of "
+        "output neurons from its first row, so a part that starts elsewhere may share a block with another; give each part a weight of its own"
+    ]
+
+
+def test_a_reading_no_layout_states_is_said_so():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(1, 16, 100))
+
+        def forward(self, x):
+            return x @ self.W[0]
+
+    _, said = registered(Odd(), example=torch.randn(2, 16))
+    assert said == [
+        "W: the forward reads it through x @ weight in the model (output neurons along dim 2), which no Layout states; read as "
+        "Layout(gates=1, groups=1, transposed=False), so its blocks are not the forward's: store it as [out, in] or [in, out]"
+    ]
+
+
+def test_names_stay_on_one_line_in_errors_and_warnings():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_module("evil\nname", nn.Linear(5, 5))
+
+        def forward(self, x):
+            layer = getattr(self, "evil\nname")
+            return layer(x) + x @ layer.weight
+
+    with pytest.raises(ValueError, match="read two ways") as raised:
+        nwp.register(Twice(), example=torch.randn(2, 5))
+    assert "\n" not in str(raised.value)
+
+
+def test_a_compiled_model_is_refused_saying_to_register_before_compiling():
+    with pytest.raises(TypeError, match=r"register the model before torch.compile"):
+        nwp.register(torch.compile(nn.Linear(4, 5)))
+
+
+class Sideways(nn.Module):
+    """A forward that writes everything it can reach: weights through .data, a list, a
+    generator, Python's and numpy's random states, a requires_grad flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.history = []
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        import random
+
+        import numpy
+
+        self.fc.weight.data = self.fc.weight.data * 2
+        self.fc.bias.requires_grad_(False)
+        self.history.append(len(self.history))
+        random.random(), numpy.random.rand(), torch.rand(1, generator=self.generator), torch.rand(1)
+        return self.fc(x)
+
+
+def test_the_trace_leaves_the_model_and_every_random_state_as_they_were():
+    import random
+
+    import numpy
+
+    model, example = Sideways(), torch.randn(2, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    states = (random.getstate(), numpy.random.get_state()[1].copy(), torch.get_rng_state(), model.generator.get_state())
+    trace(model, example, {})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.fc.bias.requires_grad and model.history == []
+    assert random.getstate() == states[0] and (numpy.random.get_state()[1] == states[1]).all()
+    assert torch.equal(torch.get_rng_state(), states[2]) and torch.equal(model.generator.get_state(), states[3])
+
+
+def test_a_vendor_checkpoint_is_read_in_its_true_orientation_with_its_model_or_with_layouts():
+    class Plain(nn.Module):  # the vendor's synapses, x @ W, with no nwave_param anywhere
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16, 100))
+            self.readout = nn.Linear(100, 10)
+
+        def forward(self, x):
+            return self.readout(x @ self.weight)
+
+    torch.manual_seed(0)
+    saved_from = Plain()
+    nwp.register(saved_from, nwp.H1V2, example=torch.randn(2, 16))
+    described = saved_from.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (saved_from, Plain()):  # registered from its forward, or fresh: the description says the reading
+            report = nwp.check_state_dict(described, model=model)
+            assert [(row.name, row.layout) for row in report.rows] == [("weight", INPUTS_FIRST), ("readout.weight", nwp.Layout())]
+    plain = Plain().state_dict()
+    projected, _ = nwp.project_state_dict(plain, nwp.H1V2, layouts={"weight": INPUTS_FIRST})
+    blocks = projected["weight"].view(16, -1, 5)  # blocks of 5 output columns, one sign per input row
+    assert not ((blocks > 0).any(-1) & (blocks < 0).any(-1)).any()
+    assert nwp.check_state_dict(projected, nwp.H1V2, layouts={"weight": INPUTS_FIRST}).is_mappable
+    with pytest.raises(nwp.errors.CheckpointError, match=r"^weight: layouts states .* but .* describes"):
+        nwp.check_state_dict(described, layouts={"weight": nwp.Layout()})
