@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .discovery import constraints, excluded, is_weight_name, ruled, unmatched
+from .discovery import constraints, excluded, is_weight_name, ruled, stated_for, unmatched
 from .errors import MESSAGE, CheckpointError, one_line
 from .files import Checkpoint
 from .layout import RNN_WEIGHT, Layout, rnn_gates
@@ -214,11 +214,16 @@ def model_weights(
         raise CheckpointError(f"model: copy.deepcopy cannot copy it ({type(error).__name__}: {one_line(error)}); pass a freshly built model") from None
     registered = {entry.name: entry.constraint.layout for entry in constraints(model)}
     strip(model)
+    layouts = dict(layouts or {})
     if registered:  # its registration read the forward (example=) or was told (layouts=): its layouts are the truth
-        stated = registered
+        for name, layout in registered.items():
+            by_hand = stated_for(name, layouts)
+            if by_hand is not None and by_hand != layout:
+                raise CheckpointError(f"{one_line(name)}: layouts states {by_hand}, but the model's registration reads it with {layout}: state what it computes")
+        stated = {**layouts, **registered}
     else:  # by module type; where a type has no rule, what the checkpoint's description says was read
-        stated = {name: saved.layout for name, (_, saved) in described.items() if not ruled(model, name)}
-        stated.update(layouts or {})
+        stated = {name: saved.layout for name, (_, saved) in described.items() if not ruled(model, name) and stated_for(name, layouts) is None}
+        stated.update(layouts)
     expected = model.state_dict()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

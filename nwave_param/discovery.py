@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from .errors import one_line
 from .layout import Layout, layout_of
+from .neurons import neuron_modules
 from .parametrization import ChipConstraint, latent, links_before, originals
 from .sharing import memory_sharing, overlap, storage_of
 from .state import chip_links, parse_original_key
@@ -171,7 +172,7 @@ def select(
     if example is not None:
         if not isinstance(example, Tensor):
             raise TypeError(f"example must be a tensor (the input of model(example)), got {type(example).__name__}")
-        traced = trace(model, example, {}, dims)
+        traced = trace(model, example, neuron_modules(model), dims)  # a neuron's recurrent weight reads its state
         for note in traced.notes:
             warnings.warn(note, stacklevel=3)
         read = layouts_read(traced, {name: tuple(p.shape) for name, p in _parameters(model).items() if not nn.parameter.is_lazy(p)})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["neuron_types"]
+from torch import nn
+
+__all__ = ["is_spiking", "neuron_modules", "neuron_types"]
 
 
 def neuron_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
@@ -29,3 +31,20 @@ def neuron_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     except ImportError:
         pass
     return tuple(found), tuple(silent)
+
+
+def is_spiking(module: nn.Module) -> bool:
+    """Whether ``module`` is one of :func:`neuron_types`' spiking neurons."""
+    spiking, silent = neuron_types()
+    return isinstance(module, spiking) and not isinstance(module, silent)
+
+
+def neuron_modules(model: nn.Module, named: set[str] = frozenset()) -> dict[str, nn.Module]:
+    """The neuron modules of ``model`` by dotted name: the spiking ones and those ``named``; a
+    neuron module inside another is part of that population."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        inside = any(outer == "" or name.startswith(f"{outer}.") for outer in found)
+        if not inside and (name in named or is_spiking(module)):
+            found[name] = module
+    return found

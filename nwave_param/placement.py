@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .discovery import constraints
 from .errors import one_line
-from .neurons import neuron_types
+from .neurons import is_spiking, neuron_modules, neuron_types
 from .report import aligned
 from .spec import H1V2, ChipSpec
 from .trace import INPUT, Trace, trace
@@ -176,7 +176,7 @@ def place(
     for name in named:
         if not isinstance(name, str) or name not in modules:
             raise ValueError(f"place: neurons names {one_line(repr(name))}, which is not a module of the model (names are dotted, as named_modules() gives them)")
-    candidates = _neuron_modules(model, set(named))
+    candidates = neuron_modules(model, set(named))
     traced = trace(model, example, candidates, dims)
     return _checked(traced, spec, candidates, named)
 
@@ -184,18 +184,6 @@ def place(
 def _spec_of(model: nn.Module) -> ChipSpec:
     found = next(constraints(model), None)
     return found.constraint.settings.spec if found is not None else ChipSpec()
-
-
-def _neuron_modules(model: nn.Module, named: set[str]) -> dict[str, nn.Module]:
-    """The neuron modules by name; a neuron module inside another is part of that population."""
-    spiking, silent = neuron_types()
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        inside = any(outer == "" or name.startswith(f"{outer}.") for outer in found)
-        neuron = isinstance(module, spiking) and not isinstance(module, silent)
-        if not inside and (name in named or neuron):
-            found[name] = module
-    return found
 
 
 # --- the network, read from the trace ------------------------------------------------------------
@@ -266,9 +254,8 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
     problems += [f"{one_line(name)} (named in neurons) never ran in model(example)" for name in named if name not in traced.populations]
     names = _population_names(traced)
     sizes = {p: traced.neurons(p) for p in range(len(names))}
-    spiking, silent = neuron_types()
     for name in named:
-        inner = [path for path, m in candidates[name].named_modules() if path and isinstance(m, spiking) and not isinstance(m, silent)]
+        inner = [path for path, m in candidates[name].named_modules() if path and is_spiking(m)]
         if len(inner) > 1:
             problems.append(
                 f"{one_line(name)} (named in neurons) holds several layers of neurons ({', '.join(map(one_line, inner))}): a population "
@@ -281,6 +268,14 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
         if call.neurons is not None and call.neurons != sizes[call.population]:
             notes.append(f"{one_line(names[call.population])}: a call with {call.neurons} neurons, {sizes[call.population]} at its first; placed with the first")
             break
+    calls = {p: sum(call.population == p for call in traced.calls) for p in range(len(names))}
+    steps = min(calls.values(), default=0)  # the fewest calls of a population: one a time step
+    for p, name in enumerate(names):
+        if steps and calls[p] > steps:
+            notes.append(
+                f"{one_line(name)}: called {calls[p]} times where other populations step {steps} times, continuing one chain of "
+                "state (one population); if its calls are several layers, give each layer a module (or a state) of its own"
+            )
     if any(not call.batch_found for call in traced.calls):
         unsure = sorted({names[c.population] for c in traced.calls if not c.batch_found})
         notes.append(f"the batch dim of the spikes of {', '.join(map(one_line, unsure))} could not be followed from the example; dim 0 taken as the batch")
@@ -291,6 +286,10 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
         ], notes)
     graph = _Graph(traced)
     recurrent = {p: ("population", p) in graph.through_synapses(("population", p))[0] for p in sizes}
+    for p, module in enumerate(traced.modules):
+        if getattr(module, "inhibition", False) is True:  # snnTorch's winner-take-all: every neuron inhibits the others
+            recurrent[p] = True
+            notes.append(f"{one_line(names[p])}: inhibition=True (each neuron inhibits the others) is read as recurrent: the chip holds it as synapses within one core")
     fronts, _ = graph.through_synapses(INPUT)
     front = {p for _, p in fronts}
     populations = [Population(names[p], sizes[p] or 0, recurrent[p], p in front) for p in sizes]
@@ -367,12 +366,11 @@ def _neuron_problems(traced: Trace, spec: ChipSpec, names: list[str], candidates
     """One threshold for all populations, none learned or adapting, and the reset of
     ``spec.reset``; a module named in ``neurons`` is checked by the snnTorch or Norse neurons
     inside it, where it says nothing itself."""
-    spiking, silent = neuron_types()
     problems = []
     thresholds: dict[float, list[str]] = {}
     for p, path in enumerate(traced.populations):
         module = candidates[path]
-        inner = [m for m in module.modules() if m is not module and isinstance(m, spiking) and not isinstance(m, silent)]
+        inner = [m for m in module.modules() if m is not module and is_spiking(m)]
         for neuron in [module] if _neuron(module) != (None, False, None) or not inner else inner:
             threshold, learned, reset = _neuron(neuron)
             name = one_line(names[p])
@@ -390,13 +388,23 @@ def _neuron_problems(traced: Trace, spec: ChipSpec, names: list[str], candidates
                 notes.append(f"{name}: its reset cannot be read (an snnTorch or Norse neuron, or a 'reset_mechanism' attribute, says it)")
             elif spec.reset is not None and reset != spec.reset:
                 problems.append(f"{name}: it {_RESETS.get(reset, f'resets {reset}')}; the chip {_RESETS[spec.reset]} (ChipSpec.reset={spec.reset!r})")
-    if len(thresholds) > 1:
+    if len(_one_threshold(thresholds)) > 1:
         listed = "; ".join(f"{value:.9g} for {', '.join(dict.fromkeys(who))}" for value, who in sorted(thresholds.items()))
         problems.append(f"the populations have different thresholds ({listed}); the chip has one fixed threshold for the whole network")
     return problems
 
 
 _RESETS = {"subtract": "resets by subtracting the threshold", "zero": "resets to zero", "none": "never resets"}
+
+
+def _one_threshold(thresholds: dict[float, list[str]]) -> list[float]:
+    """The distinct thresholds, values within bfloat16's precision (2**-8, relative) being one: a
+    threshold held in a bfloat16 model is the same threshold."""
+    distinct: list[float] = []
+    for value in sorted(thresholds):
+        if not distinct or abs(value - distinct[-1]) > 2**-8 * max(abs(value), abs(distinct[-1])):
+            distinct.append(value)
+    return distinct
 
 
 def _as_float32(value: float) -> float:

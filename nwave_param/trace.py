@@ -1,6 +1,7 @@
 """What a network computes, read from one traced forward.
 
-:func:`trace` runs ``model(example)`` once, under ``torch.no_grad()``, inside a
+:func:`trace` runs ``model(example)`` once (twice when the model keeps activations from one call to
+the next in its own buffers or attributes), under ``torch.no_grad()``, inside a
 :class:`~torch.overrides.TorchFunctionMode` that follows every tensor the forward makes:
 
 * **where its values come from**: the example's channels, a population's spikes or membrane
@@ -15,7 +16,8 @@ An op that consumes a weight and an activation is a **synapse** (a :class:`Use`)
 ``matmul`` / ``@`` / ``mm`` / ``bmm``, ``einsum``, convolutions and transposed convolutions,
 torch's RNN ops and cells, ``F.bilinear``, an elementwise product (a gain), and any other op that
 mixes an activation with a tensor that is not one (``tensordot``, ``inner``, ``multi_dot``...,
-read without an orientation).  The op says which of the weight's dims indexes the output neurons
+read without an orientation); an op that is not elementwise over activations, mixing them across
+neurons (a sum over them, a softmax, a pooling), is a fixed synapse of its own.  The op says which of the weight's dims indexes the output neurons
 and which the inputs: ``x @ W`` reads ``W`` as ``[in, out]``, the chip vendor's convention;
 ``F.linear(x, W)`` as ``[out, in]``, torch's.  A buffer or a tensor made in the forward is a
 synapse too, fixed: it connects populations, though nwave_param does not train it.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import random
 import re
@@ -374,6 +377,22 @@ _RNN = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 _CELL = {"lstm_cell": 4, "gru_cell": 3, "rnn_tanh_cell": 1, "rnn_relu_cell": 1}
 _SYNAPSES = {"linear", "bilinear", "einsum"} | _MATMUL | _CONV | _CONV_TRANSPOSE
 _PRODUCTS = {"mul", "__mul__", "__rmul__", "mul_", "multiply"}
+_ALSO_ELEMENTWISE = {"dropout", "dropout_", "alpha_dropout", "feature_dropout", "bernoulli", "copy_", "zero_", "fill_", "masked_fill_"}
+_RENAMED = {"truediv": "div", "floordiv": "floor_divide", "and": "bitwise_and", "or": "bitwise_or", "xor": "bitwise_xor", "invert": "bitwise_not",
+            "multiply": "mul", "subtract": "sub", "divide": "div", "true_divide": "div"}
+MIXED = "a mixing op over activations"  # a fixed synapse with no tensor of weights (a sum over neurons, a softmax, a pooling)
+
+
+@functools.cache
+def _elementwise(name: str) -> bool:
+    """Whether torch's op ``name`` computes each output element from the same element of its
+    operands: an aten op tagged pointwise (``mul``, ``__rmul__``, ``sigmoid_``...), or dropout."""
+    if name in _ALSO_ELEMENTWISE:
+        return True
+    base = name[3:-2] if name.startswith("__r") and name.endswith("__") else name.strip("_")
+    packet = getattr(torch.ops.aten, _RENAMED.get(base, base), None)
+    overloads = packet.overloads() if isinstance(packet, torch._ops.OpOverloadPacket) else ()
+    return any(torch.Tag.pointwise in getattr(packet, overload).tags for overload in overloads)
 
 
 class _Tracer(TorchFunctionMode):
@@ -473,6 +492,11 @@ class _Tracer(TorchFunctionMode):
         pointwise = name not in _VIEWS and name not in _PICKS and name not in _REDUCTIONS and all(tuple(o.shape) == common for o in outs)
         if acts and not self.neuron_calls and self.mixing(name, args, kwargs, known, tensors, outs, pointwise):
             return
+        elementwise = pointwise and _elementwise(name)
+        if acts and not self.neuron_calls and not elementwise and name not in _VIEWS and name not in _PICKS and name not in _CREATES:
+            if any(self.across_neurons(name, args, kwargs, t, i, outs[0]) for t, i in known if i.acts):
+                # softmax, a sum over neurons, a pooling...: every output reads many activations, a fixed synapse
+                acts = frozenset({self.used(MIXED, name, None, None, 1, 1, acts, self.here(f"{name}(...)"), None, False)})
         for k, o in enumerate(outs):
             weights: dict = {}
             labels: list = [None] * o.dim()
@@ -494,7 +518,20 @@ class _Tracer(TorchFunctionMode):
             if name == "stack":
                 dim = _positive(_arg(args, kwargs, 1, "dim", 0), o.dim())
                 labels[dim] = "time" if self.steps and len(_arg(args, kwargs, 0, "tensors")) == self.steps else None
-            self.tag(o, _Info(acts, tuple(weights.items()), tuple(labels), self.channels_of(name, args, kwargs, known, o, k, pointwise)))
+            self.tag(o, _Info(acts, tuple(weights.items()), tuple(labels), self.channels_of(name, args, kwargs, known, o, k, elementwise)))
+
+    def across_neurons(self, name: str, args: tuple, kwargs: dict, source: Tensor, info: _Info, out: Tensor) -> bool:
+        """Whether an op that is not elementwise mixes ``source``'s values along a dim other than
+        the batch and the time: a reduction over such a dim, or any other op over a tensor that
+        has one."""
+        labels = info.labels if len(info.labels) == source.dim() else (None,) * source.dim()
+        if name in _REDUCTIONS:
+            kept = self.reduced(name, args, kwargs, source, out)
+            if kept is None:
+                return True
+            gone = set(range(source.dim())) - {d for d in kept if d is not None}
+            return any(labels[d] not in ("batch", "time") and source.shape[d] > 1 for d in gone)
+        return any(label not in ("batch", "time") and size > 1 for size, label in zip(source.shape, labels))
 
     def reduced(self, name: str, args: tuple, kwargs: dict, source: Tensor, out: Tensor) -> tuple | None:
         """A reduction's dims: the dims it keeps, in order; None for any other op."""
@@ -507,14 +544,14 @@ class _Tracer(TorchFunctionMode):
         keep = out.dim() == source.dim()
         return tuple(None if d in gone else d for d in range(source.dim())) if keep else tuple(d for d in range(source.dim()) if d not in gone)
 
-    def channels_of(self, name: str, args: tuple, kwargs: dict, known: list, out: Tensor, k: int, pointwise: bool) -> object:
+    def channels_of(self, name: str, args: tuple, kwargs: dict, known: list, out: Tensor, k: int, elementwise: bool) -> object:
         """Which input channels reach each element of ``out`` (the ``k``-th result)."""
         carrying = [(t, i.channels) for t, i in known if i.channels is not None]
-        if not carrying:
+        if not carrying or name in _CREATES:  # new values: no input channel reaches them
             return None
         if any(channels == UNKNOWN for _, channels in carrying):
             return UNKNOWN
-        if name in _VIEWS or (pointwise and name not in _PICKS):
+        if name in _VIEWS or (elementwise and name not in _PICKS):
             found: dict = {}
             for t, (dim, sets) in carrying:
                 through = _through_view(name, args, kwargs, t, out) if name in _VIEWS else _aligned(t, out)
@@ -822,7 +859,9 @@ class _Tracer(TorchFunctionMode):
         given = [t for t in pytree.tree_leaves((args[1:], kwargs)) if isinstance(t, Tensor)]
         state_in = given if given else self.kept(module)
         tokens = self.acts(state_in)
-        mine = sorted(p for kind, p in (t for t in tokens if t[0] in ("state", "spikes", "own")) if self.result.populations[p] == path)
+        # only state a call of this module made continues its population: a tensor merely given to
+        # an earlier call (one zeros tensor started two layers) starts another
+        mine = sorted(p for kind, p in (t for t in tokens if t[0] in ("state", "spikes")) if self.result.populations[p] == path)
         if mine:
             population = mine[0]
         else:
@@ -846,6 +885,8 @@ class _Tracer(TorchFunctionMode):
             return
         spikes = leaves[0]
         reached = frozenset().union(*(i.acts for t in leaves if (i := self.info(t)) is not None))
+        # the module's constants (a threshold buffer) carry the last population's state tag: not a connection
+        reached = frozenset(t for t in reached if t[0] not in ("state", "own") or t[1] == population or self.result.populations[t[1]] != path)
         labels, found = self.neuron_labels(module, spikes)
         neurons = math.prod(size for size, label in zip(spikes.shape, labels) if label not in ("batch", "time"))
         first = next((c.neurons for c in self.result.calls if c.population == population), None)
@@ -936,10 +977,17 @@ def _unchanged(model: nn.Module) -> Iterator[None]:
         state.restore(saved)
         with torch.no_grad():
             for tensor, value, requires_grad in values:
-                if not (tensor.is_inference() or torch.equal(tensor, value) or (tensor.isnan() & value.isnan()).any()):
+                if not (tensor.is_inference() or _same(tensor, value)):
                     tensor.copy_(value)  # written without a trace in its version counter (.data)
                 if tensor.requires_grad != requires_grad and tensor.is_leaf:
                     tensor.requires_grad_(requires_grad)
+
+
+def _same(tensor: Tensor, value: Tensor) -> bool:
+    """Equal values, NaN where NaN: a tensor the forward left alone."""
+    return torch.equal(tensor, value) or (
+        tensor.is_floating_point() and torch.equal(tensor.isnan(), value.isnan()) and torch.equal(tensor.nan_to_num(0.0, float("inf"), float("-inf")), value.nan_to_num(0.0, float("inf"), float("-inf")))
+    )
 
 
 def trace(model: nn.Module, example: Tensor, neurons: Mapping[str, nn.Module], dims: str | None = None) -> Trace:
@@ -950,12 +998,16 @@ def trace(model: nn.Module, example: Tensor, neurons: Mapping[str, nn.Module], d
     before (see :func:`_unchanged`), and nothing has gradients.
 
     Raises:
-        ValueError: ``model`` holds a lazy module not initialized yet (run one forward first).
+        ValueError: ``model`` holds a lazy module not initialized yet (run one forward first), or
+            a tensor on the meta device.
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its module, run eagerly
     lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
     if lazy:
         raise ValueError(f"{one_line(lazy[0])} is not initialized yet (a lazy module): run one forward pass of the model first, then trace it")
+    meta = [name for name, t in [("example", example), *model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(f"{one_line(meta[0])} is on the meta device: the trace computes, so materialize the model (model.to_empty(device=...)) and give a real example")
     letters = example_dims(example, dims)
     steps = example.shape[letters.index("t")] if "t" in letters else 0
     buffers = {id(b): name for name, b in model.named_buffers()}
@@ -979,7 +1031,25 @@ def trace(model: nn.Module, example: Tensor, neurons: Mapping[str, nn.Module], d
             hooks.enter_context(_watched(tracer, name, module, neurons.get(name) is module))
         with tracer:
             model(example)
+            kept = _kept_between_calls(tracer, model, neurons)
+            if kept:  # what one call leaves for the next: a second call shows what reads it
+                tracer.note(f"{', '.join(map(one_line, kept))} carries activations from one call to the next: read over two calls of the model")
+                model(example)
     return _layers_over_time(tracer.result)
+
+
+def _kept_between_calls(tracer: _Tracer, model: nn.Module, neurons: Mapping[str, nn.Module]) -> list[str]:
+    """The buffers and tensor attributes of modules other than neurons that hold activations
+    after a call (a model stepped once per call, keeping its last spikes for the next)."""
+    found = []
+    for path, module in model.named_modules():
+        if any(path == name or path.startswith(f"{name}.") or name == "" for name in neurons):
+            continue
+        for local, value in [*module._buffers.items(), *vars(module).items()]:
+            info = tracer.infos.get(value) if isinstance(value, Tensor) else None
+            if info is not None and info.acts:
+                found.append(f"{path}.{local}" if path else local)
+    return list(dict.fromkeys(found))
 
 
 def _layers_over_time(traced: Trace) -> Trace:

@@ -3,6 +3,7 @@ rules it breaks, one line each."""
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -579,6 +580,13 @@ class FrontWritten(nn.Module):
         "a dense buffer": (lambda self, x: x @ self.fixed, False),
         "an orthogonal Linear": (lambda self, x: self.orthogonal(x), False),
         "a dense matrix with tiny off-diagonal entries": (lambda self, x: x @ (torch.eye(16) + 1e-12 * (1 - torch.eye(16))), False),
+        "a layer norm": (lambda self, x: nn.functional.layer_norm(x, (16,)), False),
+        "a softmax": (lambda self, x: x.softmax(-1), False),
+        "a cumsum": (lambda self, x: x.cumsum(-1), False),
+        "a sort": (lambda self, x: x.sort(-1).values, False),
+        "F.normalize": (lambda self, x: nn.functional.normalize(x, dim=-1), False),
+        "an average pooling": (lambda self, x: nn.functional.avg_pool1d(x.unsqueeze(1), 3, 1, 1).squeeze(1), False),
+        "a sigmoid, a clamp and a dropout": (lambda self, x: nn.functional.dropout(x.sigmoid().clamp(0.1, 0.9), 0.0), True),
     }
 
     def __init__(self, way):
@@ -761,3 +769,111 @@ def test_a_five_dim_example_is_read_time_first_as_event_frames():
     assert not placement.fits
     flat = nwp.place(Frames(), torch.rand(3, 2, 1, 16, 1), H1V2)  # one channel dim of more than one: followed
     assert flat.fits and not flat.notes
+
+
+class LateralWritten(nn.Module):
+    """120 neurons whose spikes reach each other with no weight on the way."""
+
+    LATERAL = {
+        "a global inhibition": lambda spikes: -0.5 * spikes.sum(-1, keepdim=True),
+        "a softmax": lambda spikes: spikes.softmax(-1),
+    }
+
+    def __init__(self, lateral):
+        super().__init__()
+        self.lateral = self.LATERAL[lateral]
+        self.front, self.encode, self.lif = leaky(init_hidden=True), nn.Linear(16, RECURRENT), leaky()
+
+    def forward(self, x):
+        mem, spikes = self.lif.reset_mem(), torch.zeros(x.shape[1], RECURRENT)
+        for x_t in x:
+            spikes, mem = self.lif(self.encode(self.front(x_t)) + self.lateral(spikes), mem)
+        return spikes
+
+
+@pytest.mark.parametrize("lateral", list(LateralWritten.LATERAL))
+def test_spikes_reaching_their_own_population_through_an_op_that_mixes_them_are_recurrent(lateral):
+    placement = nwp.place(LateralWritten(lateral), torch.rand(4, 2, 16), H1V2)
+    assert [p.recurrent for p in placement.populations] == [False, True]
+    assert placement.problems == ["lif: a recurrent population of 120 neurons sits whole in one core, and the largest core holds 100"]
+
+
+def test_snntorch_inhibition_is_recurrent_with_a_note():
+    net = nn.Sequential(leaky(init_hidden=True), nn.Linear(16, 40), leaky(init_hidden=True, inhibition=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # snnTorch: "Inhibition is an unstable feature"
+        placement = nwp.place(net, torch.rand(4, 16), H1V2)
+    assert [p.recurrent for p in placement.populations] == [False, True] and placement.fits
+    assert placement.notes == ["2: inhibition=True (each neuron inhibits the others) is read as recurrent: the chip holds it as synapses within one core"]
+
+
+class OneStepPerCall(nn.Module):
+    """A model stepped once per call: it keeps its last spikes in a buffer for the next call."""
+
+    def __init__(self):
+        super().__init__()
+        self.front, self.encode, self.lif = leaky(init_hidden=True), nn.Linear(16, RECURRENT), leaky(init_hidden=True)
+        self.feedback = nn.Linear(RECURRENT, RECURRENT)
+        self.register_buffer("prev", torch.zeros(1, RECURRENT))
+
+    def forward(self, x):  # x: (batch, 16), one time step
+        spikes = self.lif(self.encode(self.front(x)) + self.feedback(self.prev))
+        self.prev = spikes
+        return spikes
+
+
+def test_state_a_model_keeps_between_calls_is_read_over_two_calls():
+    placement = nwp.place(OneStepPerCall(), torch.rand(1, 16), H1V2)
+    assert [p.recurrent for p in placement.populations] == [False, True]
+    assert placement.notes == ["prev carries activations from one call to the next: read over two calls of the model"]
+    reg = nwp.register(OneStepPerCall(), H1V2, example=torch.rand(1, 16))
+    assert reg.names == ["encode.weight", "feedback.weight"]
+
+
+def test_one_zeros_tensor_starting_two_layers_makes_two_populations():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.front, self.lif, self.first, self.second = leaky(init_hidden=True), leaky(), nn.Linear(16, 100), nn.Linear(100, 100)
+
+        def forward(self, x):
+            first = second = torch.zeros(x.shape[1], 100)  # one tensor starts both layers' membranes
+            for x_t in x:
+                spikes, first = self.lif(self.first(self.front(x_t)), first)
+                out, second = self.lif(self.second(spikes), second)
+            return out
+
+    placement = nwp.place(Net(), torch.rand(3, 2, 16), H1V2)
+    assert [(p.name, p.neurons) for p in placement.populations] == [("front", 16), ("lif[0]", 100), ("lif[1]", 100)]
+    assert placement.problems == ["the network has 216 neurons; the chip holds 200 (50 + 50 + 100)"] and placement.notes == []
+
+
+def test_one_module_stepping_twice_as_often_as_the_others_is_said_in_a_note():
+    lif = leaky(init_hidden=True)
+    net = nn.Sequential(leaky(init_hidden=True), nn.Linear(16, 100), lif, nn.Linear(100, 100), lif)
+    placement = nwp.place(net, torch.rand(2, 16), H1V2)
+    assert placement.notes == [
+        "2: called 2 times where other populations step 1 times, continuing one chain of state (one population); if its calls "
+        "are several layers, give each layer a module (or a state) of its own"
+    ]
+
+
+def test_a_model_on_the_meta_device_is_refused_in_one_line():
+    net = nn.Sequential(leaky(init_hidden=True), nn.Linear(16, 10, device="meta"), leaky(init_hidden=True))
+    with pytest.raises(ValueError, match=r"^1.weight is on the meta device: the trace computes, so materialize the model"):
+        nwp.place(net, torch.rand(2, 16), H1V2)
+
+
+def test_thresholds_equal_within_bfloat16_precision_are_one():
+    class Spike(nn.Module):  # its threshold held in bfloat16: 0.10009765625
+        reset_mechanism = "subtract"
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("threshold", torch.tensor(0.1, dtype=torch.bfloat16))
+
+        def forward(self, x):
+            return (x > self.threshold).float()
+
+    net = nn.Sequential(Spike(), nn.Linear(16, 10), leaky(init_hidden=True, threshold=0.1))
+    assert nwp.place(net, torch.rand(2, 16), H1V2, neurons=["0"]).problems == []

@@ -340,3 +340,30 @@ def test_a_vendor_checkpoint_is_read_in_its_true_orientation_with_its_model_or_w
     assert nwp.check_state_dict(projected, nwp.H1V2, layouts={"weight": INPUTS_FIRST}).is_mappable
     with pytest.raises(nwp.errors.CheckpointError, match=r"^weight: layouts states .* but .* describes"):
         nwp.check_state_dict(described, layouts={"weight": nwp.Layout()})
+
+
+def test_a_neurons_own_recurrent_weight_is_read_from_the_trace():
+    snn = pytest.importorskip("snntorch", reason="snnTorch's RLeaky")
+    net = nn.Sequential(snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(16, 20), snn.RLeaky(beta=0.9, linear_features=20, init_hidden=True))
+    reg, said = registered(net, example=torch.rand(3, 2, 16))
+    assert reg.names == ["1.weight", "2.recurrent.weight"] and not said
+
+
+def test_layouts_add_to_a_registered_models_layouts_and_may_not_contradict_them():
+    class Vendor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W, self.readout = nn.Parameter(torch.randn(16, 100)), nn.Linear(100, 10)
+
+        def forward(self, x):
+            return self.readout(x @ self.W)
+
+    plain = Vendor().state_dict()
+    model = Vendor()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nwp.register(model, nwp.H1V2)  # without an example: W not tracked
+        report = nwp.check_state_dict(plain, nwp.H1V2, model=model, layouts={"W": INPUTS_FIRST})
+        assert [(row.name, row.layout) for row in report.rows] == [("W", INPUTS_FIRST), ("readout.weight", nwp.Layout())]
+        with pytest.raises(nwp.errors.CheckpointError, match=r"^readout.weight: layouts states .* but the model's registration reads it with"):
+            nwp.check_state_dict(plain, nwp.H1V2, model=model, layouts={"readout.weight": INPUTS_FIRST})
