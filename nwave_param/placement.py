@@ -254,7 +254,7 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
     problems += [f"{one_line(name)} (named in neurons) never ran in model(example)" for name in named if name not in traced.populations]
     names = _population_names(traced)
     sizes = {p: traced.neurons(p) for p in range(len(names))}
-    for name in named:
+    for name in (n for n in named if n in candidates):  # one inside another named one is part of it
         inner = [path for path, m in candidates[name].named_modules() if path and is_spiking(m)]
         if len(inner) > 1:
             problems.append(

@@ -408,6 +408,7 @@ class _Tracer(TorchFunctionMode):
         self.where: list[str] = []  # the modules running, innermost last
         self.neuron_calls: list[int] = []  # the populations whose call is running
         self.held: list[Tensor] = []  # every tensor the trace tagged, alive until it ends
+        self.func = None  # the op being recorded, as the forward called it
 
     # tensors ---------------------------------------------------------------------------------------
 

@@ -744,7 +744,7 @@ def test_demo_json_means_the_same(capsys, monkeypatch, tmp_path):
 
     monkeypatch.setattr(demo, "main", fake_main)
     code, out, err = run(capsys, "demo", "--quick", "--json")
-    expected = {"epochs": 3, "plot": None, "chip": "h1v2", "bits": None, "mismatch": 0.0, "task": "vowels", "seed": 0}  # the kit's H1v2, speech
+    expected = {"epochs": 3, "plot": None, "chip": "h1v2", "bits": None, "mismatch": 0.0, "task": "digits", "seed": 0}  # the kit's H1v2, digits
     assert code == 0 and json.loads(out) == expected and "the demo's table" in err
     for form in (["--json", tmp_path / "a.json"], [f"--json={tmp_path / 'b.json'}"]):
         code, out, _ = run(capsys, "demo", "--epochs", "2", "--chip", "H1V1", "--bits", "5", "--mismatch", "0.02", "--task", "digits", "--seed", "3", *form)

@@ -25,11 +25,11 @@ def test_quick_demo_writes_json_table_plot_and_progress(tmp_path, capsys):
     assert main(["demo", "--quick", "--json", str(out), "--plot", str(picture)]) == 0
     data = json.loads(out.read_text())
     assert list(data) == ["task", "seed", "chip", "placement", "baseline", "constrained", "hardened"]
-    assert (data["task"], data["seed"], data["chip"]) == ("vowels", 0, "h1v2")  # speech, on the kit's chip
+    assert (data["task"], data["seed"], data["chip"]) == ("digits", 0, "h1v2")  # the default task, on the kit's chip
     assert data["placement"]["fits"] is True and data["placement"]["problems"] == []
     populations = {p["name"]: p for p in data["placement"]["populations"]}
     assert populations["lif"]["recurrent"] and populations["lif"]["cores"] == {"2": 100}  # the largest core, whole
-    assert populations["front"]["front_end"] and populations["front"]["neurons"] == 12  # one neuron per vowel channel
+    assert populations["front"]["front_end"] and populations["front"]["neurons"] == 16  # one neuron per ON/OFF channel
     for run in (data[name] for name in ("baseline", "constrained", "hardened")):
         assert set(run) == KEYS
         assert isinstance(run["mappable_before"], bool) and run["mappable_after"] is True
@@ -124,7 +124,7 @@ def test_the_network_is_built_for_the_chip_from_its_blocks(chip, hidden, task, c
     ]
     assert isinstance(model.gain, nwp.FrontEnd) and isinstance(model.front, type(nwp.ChipLeaky(0.9)))
     for layer in (model.front, model.lif, model.out):
-        assert layer.reset_mechanism == spec.reset and float(layer.threshold) == nwp.blocks.THRESHOLD  # one threshold
+        assert layer.reset_mechanism == spec.reset and float(layer.threshold) == demo.THRESHOLD  # one threshold
     reg = nwp.register(model, spec).harden(1.0)
     model(x).sum().backward()  # it trains through the clamp
     assert all(p.grad is not None for p in reg.latent_weights())

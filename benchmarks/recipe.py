@@ -1,0 +1,110 @@
+"""The recipe over seeds: the demo's hardened run on the chip against the same seed's baseline.
+
+    python benchmarks/recipe.py [--seeds 0 1 2 3 4] [--configs ...] [--workers 2] [--validation]
+                                [--out recipe.jsonl]
+
+Each configuration trains the demo's network (``nwave_param.demo``) from seeds 0-4: the baseline
+(the task loss alone, the same learning-rate schedule) and the hardened run (the whole
+:class:`nwave_param.Schedule`), each on one intra-op thread, in ``--workers`` processes.  The gap
+of a seed is the hardened run's test accuracy on the chip (projected; the mean over the demo's
+chip instances where the spec has a grid or mismatch) minus the baseline's test accuracy as
+trained.  ``--validation`` evaluates on the demo's validation split of the training set instead
+(what the rule is chosen on).  Prints one markdown table per configuration, naming the CPU, as
+docs/training-on-the-chip.md holds them; ``--out`` keeps every run as a JSON line, and a run
+already there is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+CONFIGS = {  # name -> (task, chip, bits, mismatch)
+    "H1v2, vowels": ("vowels", "h1v2", None, 0.0),
+    "H1v2 vowels, 5 bits and mismatch 0.02": ("vowels", "h1v2", 5, 0.02),
+    "H1v1, vowels": ("vowels", "h1v1", None, 0.0),
+    "H1v2, digits": ("digits", "h1v2", None, 0.0),
+    "H1v1, digits": ("digits", "h1v1", None, 0.0),
+}
+
+
+def cpu() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        found = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        return f"{found.get('Model name', platform.processor())}, {os.cpu_count()} cores"
+    except (OSError, subprocess.CalledProcessError):
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def job(task: str, chip: str, bits: int | None, mismatch: float, seed: int, run: str, validation: bool) -> dict:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from nwave_param import demo
+
+    spec = demo.CHIP_SPECS[chip].replace(bits=bits, mismatch=mismatch)
+    start = time.perf_counter()
+    outcomes, _ = demo.run(None, spec, task, seed, runs=(run,), validation=validation)
+    outcome = outcomes[run].to_dict()
+    return dict(task=task, chip=chip, bits=bits, mismatch=mismatch, seed=seed, run=run, validation=validation,
+                seconds=round(time.perf_counter() - start, 1), **outcome)
+
+
+def key(record: dict) -> tuple:
+    return tuple(record[k] for k in ("task", "chip", "bits", "mismatch", "seed", "run", "validation"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--validation", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    done = {}
+    if args.out and os.path.exists(args.out):
+        with open(args.out) as f:
+            done = {key(r): r for r in map(json.loads, f)}
+    wanted = []
+    for name in args.configs:
+        task, chip, bits, mismatch = CONFIGS[name]
+        for seed in args.seeds:
+            wanted.append((task, chip, None, 0.0, seed, "baseline", args.validation))  # the baseline: the spec's grid and mismatch are off at hardness 0
+            wanted.append((task, chip, bits, mismatch, seed, "hardened", args.validation))
+    todo = list(dict.fromkeys(w for w in wanted if w not in done))
+    with ProcessPoolExecutor(args.workers) as pool:
+        for record in pool.map(job, *zip(*todo)) if todo else ():
+            done[key(record)] = record
+            print(json.dumps(record), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+    print(f"\nMeasured on {cpu()}, one intra-op thread per run, {args.workers} runs at once; "
+          f"{'validation split' if args.validation else 'test set'}.\n")
+    for name in args.configs:
+        task, chip, bits, mismatch = CONFIGS[name]
+        rows, gaps = [], []
+        for seed in args.seeds:
+            base = done[(task, chip, None, 0.0, seed, "baseline", args.validation)]
+            hard = done[(task, chip, bits, mismatch, seed, "hardened", args.validation)]
+            on_chip = hard.get("chip_accuracy_mean", hard["projected_accuracy"])
+            gaps.append(100 * (on_chip - base["float_accuracy"]))
+            rows.append((seed, 100 * base["float_accuracy"], 100 * on_chip, gaps[-1]))
+        chip_column = "hardened, mean of the demo's chips" if bits is not None or mismatch else "hardened on the chip"
+        print(f"**{name}**\n\n| seed | baseline float | {chip_column} | gap |\n|---|---|---|---|")
+        for seed, base, hard, gap in rows:
+            print(f"| {seed} | {base:.1f} | {hard:.1f} | {gap:+.1f} |")
+        print(f"| mean gap | | | {statistics.mean(gaps):+.2f} |\n| worst gap | | | {min(gaps):+.1f} |\n")
+
+
+if __name__ == "__main__":
+    main()
