@@ -4,7 +4,8 @@
 
     nwave-param check CHECKPOINT [options]             # the report; exit 0 mappable, 1 not mappable
     nwave-param project CHECKPOINT -o OUT [options]    # write the L1-nearest mappable checkpoint
-    nwave-param demo [--quick] [--epochs N] [--json[=PATH]] [--plot PATH]
+    nwave-param demo [--task digits|vowels] [--seed N] [--chip h1v1|h1v2] [--bits B] [--mismatch S]
+                     [--quick] [--epochs N] [--json[=PATH]] [--plot PATH]
 
 Every error is one line on stderr and exit status 2; exit 1 means only "not mappable" (check).
 What comes from a file or from user code (names, paths, messages) is escaped and cut to fit that

@@ -310,7 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="the initialization and batch order (the data split stays fixed; default 0)")
     demo.add_argument("--quick", action="store_true", help="a few epochs (a smoke run)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs per run (default the task's: vowels 60, digits 100; --quick 3)")
-    demo.add_argument("--plot", metavar="PATH", help="write a PNG: weight histograms and per-layer violations")
+    demo.add_argument("--plot", metavar="PATH", help="write a PNG: the accuracies, the per-layer violations, the placement and the weight histograms")
     demo.add_argument(
         "--chip", type=str.lower, choices=sorted(CHIPS), default="h1v2",
         help="the chip the network is built for and trained against (default h1v2, the evaluation kit's)",

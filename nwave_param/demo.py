@@ -1,6 +1,6 @@
 """``nwave-param demo``: a spiking network built for the chip, trained three ways, then put on it.
 
-Two tasks, both read by the chip's front end one channel per filter:
+Two tasks, each input channel read by one front-end neuron:
 
 * ``vowels``: spoken Japanese vowels, UCI's Japanese Vowels data (M. Kudo, J. Toyama and
   M. Shimbo, 1999; https://doi.org/10.24432/C5NS47; CC BY 4.0), shipped with the package
@@ -67,8 +67,8 @@ CHIPS = 10
 READOUT_NEURONS = 5  # per class: one block of the chip
 REPEAT = 2  # time steps each vowel frame is shown for
 # The chip has one threshold, its value not published; the weights' limits are in the same unit.
-# At 0.5 a synapse at H1v2's limit (1.66) moves a membrane 3.3 thresholds, as the baseline's freely
-# grown weights do: chosen on the validation split (docs/training-on-the-chip.md), for both chips.
+# At 0.5 a synapse at H1v2's limit (1.66) moves a membrane 3.3 thresholds: chosen on the validation
+# split (docs/training-on-the-chip.md), for both chips.
 THRESHOLD = 0.5
 SPLIT_SEED = 0  # the data split: fixed, whatever --seed
 RUNS = ("baseline", "constrained", "hardened")

@@ -68,7 +68,8 @@ def check_state_dict(
     as it is) gives the exact layouts; ``layouts`` states a weight's reading by hand (a dotted name
     or glob to a :class:`~nwave_param.Layout`, as :func:`~nwave_param.register` takes it: a plain
     checkpoint of the chip vendor's ``[in, out]`` weights reads right with
-    ``layouts={"*": nwp.Layout(inputs_first=True)}``); ``exclude`` leaves out weights by glob; ``max_bytes``
+    ``layouts={"W": nwp.Layout(inputs_first=True)}``; with ``model``, it adds to the model's
+    layouts, its registration's if it is registered, and may not contradict them); ``exclude`` leaves out weights by glob; ``max_bytes``
     (None: no bound) refuses a state_dict whose tensors materialize more bytes, an expanded tensor
     counted in full, before any computation, as the command line's ``--max-bytes``.  What the reading
     noticed (guessed layouts, skipped keys) is issued as

@@ -20,8 +20,8 @@ At training step :math:`t` of :math:`T` (the fraction :math:`f = t / T`):
 * the learning rate holds, then falls linearly to 0 from ``settle`` (60%) on, so that the
   latent weights settle instead of jumping across the chip's sign and grid boundaries at the end.
 
-Measured over seeds and tasks (docs/training-on-the-chip.md): the same rule serves the demo's
-digits and spoken vowels, on H1v1 and H1v2, with a grid and mismatch.
+Measured over seeds 0-4 (docs/training-on-the-chip.md): on H1v2 the rule meets its targets on the
+demo's digits and spoken vowels; H1v1 digits and vowels on a grid with mismatch lose more.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ class Schedule:
 
     Example::
 
+        >>> import torch
+        >>> from torch import nn
         >>> import nwave_param as nwp
         >>> model = nn.Linear(4, 5)
         >>> reg = nwp.register(model)

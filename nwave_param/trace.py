@@ -22,11 +22,11 @@ and which the inputs: ``x @ W`` reads ``W`` as ``[in, out]``, the chip vendor's 
 ``F.linear(x, W)`` as ``[out, in]``, torch's.  A buffer or a tensor made in the forward is a
 synapse too, fixed: it connects populations, though nwave_param does not train it.
 
-A **population** is one chain of membrane state of a neuron module.  Calls of the module whose
-state carries from one call to the next (the state it is given, or, given none, the state it
-keeps: its buffers and tensor attributes, as snnTorch's neurons keep theirs) are one population;
-calls that each start their own state, such as one module applied to two layers, are separate
-populations, and so is a call whose spikes have another size (snnTorch starts afresh then).  Its
+A **population** is one chain of membrane state of a neuron module.  A call continues the
+population whose earlier call made the state it is given (or, given none, the state it keeps: its
+buffers and tensor attributes, as snnTorch's neurons keep theirs); a call given state no call of
+the module made, such as one module applied to two layers, starts a population, and so does a
+call whose spikes have another size (snnTorch starts afresh then).  Its
 neurons are every element of its spikes but the batch and the time.  What reaches a call's spikes
 (synapses' currents, the input, other populations' spikes) feeds its population.
 
