@@ -367,3 +367,30 @@ def test_hand_transposed_conv():
     set_weight(model, "weight", [[0.5, -0.3], [-0.7, 0.2]])
     # M = [[0.5, -0.7], [-0.3, 0.2]]: col0 min(.5,.3)=.3, col1 min(.2,.7)=.2 -> 0.5/4
     assert penalties_of(model, limit=0.9, group_size=5)[1] == pytest.approx(0.125, abs=1e-12)
+
+
+# =============================================================================================
+# 6. inside cached(), the penalty reuses the hardening's packs: the same values and gradients
+# =============================================================================================
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=10, **SETTINGS)
+@given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes, power=powers, hardness=st.floats(0.05, 1.0))
+def test_the_penalty_inside_a_cached_pass_is_the_penalty_outside_it_bit_for_bit(kind, data, vcfg, limit, group_size, power, hardness):
+    cfg = data.draw(model_cfgs(kind), label="cfg")
+    model, tracked = setup(cfg, vcfg, limit)
+    mag, top = ref_penalties(tracked, limit, power, group_size)  # of the latent weights, before registering
+    reg = nwp.register(model, spec=nwp.ChipSpec(limit=limit, group_size=group_size), power=power).harden(hardness)
+    params = reg.latent_weights()
+    alone = reg.penalty()
+    alone_grads = torch.autograd.grad(alone, params)
+    with reg.cached():
+        for _, module, local in tracked:  # the pass hardens every weight, together
+            getattr(module, local)
+        shared = reg.penalty()
+        shared_grads = torch.autograd.grad(shared, params)
+    assert torch.equal(shared, alone)
+    for name, a, b in zip(reg.names, shared_grads, alone_grads):
+        assert torch.equal(a, b), name
+    assert_close(alone, (mag + top).detach())
