@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
+
+from run import machine
 
 CONFIGS = {  # name -> (task, chip, bits, mismatch)
     "H1v2, vowels": ("vowels", "h1v2", None, 0.0),
@@ -32,15 +32,6 @@ CONFIGS = {  # name -> (task, chip, bits, mismatch)
     "H1v2, digits": ("digits", "h1v2", None, 0.0),
     "H1v1, digits": ("digits", "h1v1", None, 0.0),
 }
-
-
-def cpu() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        found = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-        return f"{found.get('Model name', platform.processor())}, {os.cpu_count()} cores"
-    except (OSError, subprocess.CalledProcessError):
-        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def job(task: str, chip: str, bits: int | None, mismatch: float, seed: int, run: str, validation: bool) -> dict:
@@ -88,7 +79,8 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(record) + "\n")
-    print(f"\nMeasured on {cpu()}, one intra-op thread per run, {args.workers} runs at once; "
+    found = machine()
+    print(f"\nMeasured on {found['cpu']} ({found['simd']}, {found['cores']} cores), torch {found['torch']}, one intra-op thread per run, {args.workers} runs at once; "
           f"{'validation split' if args.validation else 'test set'}.\n")
     for name in args.configs:
         task, chip, bits, mismatch = CONFIGS[name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["is_spiking", "neuron_modules", "neuron_types"]
+__all__ = ["is_spiking", "neuron_modules", "neuron_types", "within"]
 
 
 def neuron_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
@@ -44,7 +44,11 @@ def neuron_modules(model: nn.Module, named: set[str] = frozenset()) -> dict[str,
     neuron module inside another is part of that population."""
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        inside = any(outer == "" or name.startswith(f"{outer}.") for outer in found)
-        if not inside and (name in named or is_spiking(module)):
+        if not any(within(name, outer) for outer in found) and (name in named or is_spiking(module)):
             found[name] = module
     return found
+
+
+def within(path: str, outer: str) -> bool:
+    """Whether the module at dotted ``path`` is the module at ``outer`` or inside it."""
+    return outer == "" or path == outer or path.startswith(f"{outer}.")

@@ -370,9 +370,10 @@ def _neuron_problems(traced: Trace, spec: ChipSpec, names: list[str], candidates
     thresholds: dict[float, list[str]] = {}
     for p, path in enumerate(traced.populations):
         module = candidates[path]
-        inner = [m for m in module.modules() if m is not module and is_spiking(m)]
-        for neuron in [module] if _neuron(module) != (None, False, None) or not inner else inner:
-            threshold, learned, reset = _neuron(neuron)
+        readings = [(module, _neuron(module))]
+        if readings[0][1] == (None, False, None):  # it says nothing itself: the snnTorch or Norse neurons inside it
+            readings = [(m, _neuron(m)) for m in module.modules() if m is not module and is_spiking(m)] or readings
+        for neuron, (threshold, learned, reset) in readings:
             name = one_line(names[p])
             if threshold is None:
                 notes.append(f"{name}: its threshold cannot be read (an snnTorch or Norse neuron, or a 'threshold' attribute, says it)")

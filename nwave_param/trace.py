@@ -56,7 +56,9 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from . import state
 from .errors import one_line
 from .layout import Layout
+from .neurons import within
 from .parametrization import tracing
+from .sharing import same_bits
 
 __all__ = ["INPUT", "Call", "Trace", "Use", "example_dims", "layouts_read", "trace"]
 
@@ -978,17 +980,10 @@ def _unchanged(model: nn.Module) -> Iterator[None]:
         state.restore(saved)
         with torch.no_grad():
             for tensor, value, requires_grad in values:
-                if not (tensor.is_inference() or _same(tensor, value)):
+                if not (tensor.is_inference() or same_bits(tensor, value)):
                     tensor.copy_(value)  # written without a trace in its version counter (.data)
                 if tensor.requires_grad != requires_grad and tensor.is_leaf:
                     tensor.requires_grad_(requires_grad)
-
-
-def _same(tensor: Tensor, value: Tensor) -> bool:
-    """Equal values, NaN where NaN: a tensor the forward left alone."""
-    return torch.equal(tensor, value) or (
-        tensor.is_floating_point() and torch.equal(tensor.isnan(), value.isnan()) and torch.equal(tensor.nan_to_num(0.0, float("inf"), float("-inf")), value.nan_to_num(0.0, float("inf"), float("-inf")))
-    )
 
 
 def trace(model: nn.Module, example: Tensor, neurons: Mapping[str, nn.Module], dims: str | None = None) -> Trace:
@@ -1044,7 +1039,7 @@ def _kept_between_calls(tracer: _Tracer, model: nn.Module, neurons: Mapping[str,
     after a call (a model stepped once per call, keeping its last spikes for the next)."""
     found = []
     for path, module in model.named_modules():
-        if any(path == name or path.startswith(f"{name}.") or name == "" for name in neurons):
+        if any(within(path, name) for name in neurons):
             continue
         for local, value in [*module._buffers.items(), *vars(module).items()]:
             info = tracer.infos.get(value) if isinstance(value, Tensor) else None
