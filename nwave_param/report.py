@@ -224,7 +224,7 @@ def build_report(
         alone = weight.numel() > _TOGETHER or weight.layout != torch.strided
         key = (i,) if alone else (tuple(weight.shape), weight.dtype, weight.device, layout)
         members = batches.setdefault(key, [[]])
-        if (len(members[-1]) + 1) * weight.numel() > _BATCH:
+        if members[-1] and (len(members[-1]) + 1) * weight.numel() > _BATCH:  # a weight larger than a batch is one alone
             members.append([])
         members[-1].append(i)
     rows: list[LayerReport | None] = [None] * len(weights)

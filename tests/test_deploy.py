@@ -124,6 +124,22 @@ def test_report_counts_and_rows_sum_to_penalties(module, spec):
     assert reg.is_mappable() == all(row.is_mappable for row in report.rows)
 
 
+@pytest.mark.parametrize("rows", [1, 257, 520])  # 2**20 elements a batch: weights under, over and far over one
+def test_report_rows_are_each_weights_own_whatever_their_size(rows):
+    from nwave_param import report as report_module
+
+    torch.manual_seed(0)
+    model = scaled(nn.Sequential(nn.Linear(4096, rows), nn.Linear(rows, rows), nn.Linear(4096, rows)), 3)
+    reg = nwp.register(model)
+    assert any(w.numel() > report_module._BATCH for w in reg.latent_weights()) == (rows > 256)
+    for row, weight in zip(reg.report().rows, reg.latent_weights()):
+        weight, g = weight.detach(), reg.spec.group_size
+        blocks = [weight[start : start + g] for start in range(0, weight.shape[0], g)]  # a Linear's rows, 5 at a time
+        assert row.numel == weight.numel() and row.out_of_range == int((weight.abs() > reg.spec.limit).sum())
+        assert row.block_columns == len(blocks) * weight.shape[1]
+        assert row.mixed_block_columns == sum(int(((b > 0).any(0) & (b < 0).any(0)).sum()) for b in blocks)
+
+
 def test_report_rows_sum_over_several_weights_and_render():
     torch.manual_seed(0)
     model = scaled(nn.Sequential(nn.Linear(6, 11), nn.GRU(11, 7), nn.Linear(7, 3)), 6)
