@@ -35,7 +35,7 @@ with tempfile.TemporaryDirectory() as directory:
 # the vowels data ships inside the wheel (package data), read as tensors only
 import importlib.resources  # noqa: E402
 
-with (importlib.resources.files("nwave_param") / "data" / "japanese_vowels.pt").open("rb") as stream:
+with (importlib.resources.files("nwave_param.demo") / "data" / "japanese_vowels.pt").open("rb") as stream:
     vowels = torch.load(stream, weights_only=True)
 assert {split: vowels[split]["labels"].numel() for split in ("train", "test")} == {"train": 270, "test": 370}
 assert vowels["train"]["frames"].shape == (int(vowels["train"]["lengths"].sum()), 12)

@@ -11,7 +11,7 @@ torch and nwave_param's modules imported before its clock starts (so both peaks 
 modules; importing them takes 2 s, mostly torch._dynamo, once per process, whatever the file):
 
 * ``torch.load``: ``torch.load(path, weights_only=True)``;
-* ``check``: ``nwave_param.cli.main(["check", path, "--max-bytes", "20M"])``, its text to /dev/null;
+* ``check``: ``nwave_param.checkpoints.cli.main(["check", path, "--max-bytes", "20M"])``, its text to /dev/null;
 * ``check --json``: the same with ``--json``.
 
 Each variant's time and peak resident size (``ru_maxrss``) are the medians over the rounds; the
@@ -35,8 +35,8 @@ MAX_BYTES = "20M"
 PROBE = r"""
 import json, os, resource, sys, time
 import torch
-import nwave_param.commands  # what the command imports after its signal handler: imported before the clock, in both
-from nwave_param.cli import main
+import nwave_param.checkpoints.commands  # what the command imports after its signal handler: imported before the clock, in both
+from nwave_param.checkpoints.cli import main
 
 torch.set_num_threads(1)
 path, variant = sys.argv[1], sys.argv[2]

@@ -122,7 +122,7 @@ def dispatched_ops(fn) -> int:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from nwave_param import _plans
+    from nwave_param._engine import plans
 
     class Count(TorchDispatchMode):
         count = 0
@@ -131,7 +131,7 @@ def dispatched_ops(fn) -> int:
             Count.count += 1
             return func(*args, **(kwargs or {}))
 
-    with _plans.planned_as("cuda"):
+    with plans.planned_as("cuda"):
         fn()  # plans and buffers are made once
         with Count():
             fn()

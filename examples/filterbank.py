@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import nwave_param as nwp
-from nwave_param.schedule import settling
+from nwave_param.core.schedule import settling
 
 RATE, SECONDS, HOP, CHANNELS, CLASSES, PER_CLASS = 8000, 0.4, 160, 16, 6, 5
 THRESHOLD = 0.5  # the chip's one threshold, as the demo's: a synapse at H1v2's limit moves a membrane 3.3 thresholds

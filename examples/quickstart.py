@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import nwave_param as nwp
-from nwave_param.schedule import settling
+from nwave_param.core.schedule import settling
 
 STEPS = 300
 

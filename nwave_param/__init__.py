@@ -9,7 +9,7 @@
 
 Every name is imported when first used (PEP 562), so that ``import nwave_param`` imports no
 torch: the command line installs its signal handling before torch loads, and an interrupt while
-torch is still importing ends in one line (:mod:`nwave_param.cli`).
+torch is still importing ends in one line (:mod:`nwave_param.checkpoints.cli`).
 """
 
 import importlib
@@ -17,29 +17,29 @@ import importlib.util
 
 # each public name -> the module that defines it
 _HOMES = {
-    "trackable_weights": "discovery",
+    "trackable_weights": "core.discovery",
     "CheckpointError": "errors",
     "CheckpointWarning": "errors",
     "Penalties": "functional",
     "Layout": "layout",
-    "check_state_dict": "offline",
-    "project_state_dict": "offline",
-    "ChipConstraint": "parametrization",
-    "Settings": "parametrization",
+    "check_state_dict": "checkpoints.offline",
+    "project_state_dict": "checkpoints.offline",
+    "ChipConstraint": "core.parametrization",
+    "Settings": "core.parametrization",
     "Placement": "placement",
     "Population": "placement",
     "place": "placement",
-    "AlreadyRegisteredError": "registry",
-    "Registry": "registry",
-    "register": "registry",
-    "registry_of": "registry",
-    "LayerReport": "report",
-    "Report": "report",
+    "AlreadyRegisteredError": "core.registry",
+    "Registry": "core.registry",
+    "register": "core.registry",
+    "registry_of": "core.registry",
+    "LayerReport": "core.report",
+    "Report": "core.report",
     "H1V1": "spec",
     "H1V2": "spec",
     "ChipSpec": "spec",
-    "plain_state_dict": "state",
-    "Schedule": "schedule",
+    "plain_state_dict": "core.state",
+    "Schedule": "core.schedule",
     "FrontEnd": "blocks",
     "ChipLeaky": "blocks",
     "ChipRLeaky": "blocks",

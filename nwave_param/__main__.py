@@ -1,7 +1,7 @@
-"""``python -m nwave_param``: the command line (:mod:`nwave_param.cli`)."""
+"""``python -m nwave_param``: the command line (:mod:`nwave_param.checkpoints.cli`)."""
 
 import sys
 
-from .cli import main
+from nwave_param.checkpoints.cli import main
 
 sys.exit(main())

@@ -20,7 +20,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from .layout import Layout
+from nwave_param.layout import Layout
 
 __all__ = ["THRESHOLD", "ChipLeaky", "ChipRLeaky", "FrontEnd"]
 

@@ -34,8 +34,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .layout import Layout
-from .spec import ChipSpec
+from nwave_param.layout import Layout
+from nwave_param.spec import ChipSpec
 
 __all__ = ["Description", "NewerDescriptionError", "damaged", "decode", "encode"]
 

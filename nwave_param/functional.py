@@ -16,7 +16,7 @@ Sums are taken in float32 (float64 for float64 weights), so half-precision weigh
 safely, and the limit is read as that dtype holds it, as torch does when it compares a tensor
 with a Python number.
 
-These are the definitions.  The engine (``_engine``, ``_hardening``) computes the same numbers for
+These are the definitions.  The engine (:mod:`nwave_param._engine`) computes the same numbers for
 many weights at once in few kernels, and the tests hold it to these functions, bit for bit.
 """
 
@@ -28,9 +28,9 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from ._memo import memoized
-from .layout import Layout
-from .spec import ChipSpec
+from nwave_param._memo import memoized
+from nwave_param.layout import Layout
+from nwave_param.spec import ChipSpec
 
 __all__ = [
     "Penalties",
@@ -103,7 +103,7 @@ def penalty_sums(weights: Sequence[Tensor], layouts: Sequence[Layout], spec: Chi
 
     Sums are float32 (float64 if any weight is float64).  This is the definition: what
     ``torch.compile`` traces and fuses, and what double backward differentiates; the engine
-    (``nwave_param._engine``) computes the same sums in few kernels, and autograd's gradient of
+    (``nwave_param._engine.penalties``) computes the same sums in few kernels, and autograd's gradient of
     this is the gradient it writes out."""
     dtype = result_dtype(weights)
     magnitude = topology = torch.zeros((), dtype=dtype, device=weights[0].device if weights else None)

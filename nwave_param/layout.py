@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._memo import memoized
+from nwave_param._memo import memoized
 
 __all__ = ["Layout", "layout_of"]
 

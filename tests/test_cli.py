@@ -22,8 +22,8 @@ from installs import not_installed
 from layers import scaled
 
 import nwave_param as nwp
-from nwave_param import files
-from nwave_param.cli import main
+from nwave_param.checkpoints import files
+from nwave_param.checkpoints.cli import main
 from nwave_param.functional import project
 from nwave_param.layout import Layout
 
@@ -1176,7 +1176,7 @@ def test_importing_nwave_param_or_its_command_line_imports_no_torch():
     """The command line installs its signal handling before torch loads: nothing it imports first
     may import torch (or anything heavy)."""
     probe = (
-        "import sys, nwave_param, nwave_param.cli\n"
+        "import sys, nwave_param, nwave_param.checkpoints.cli\n"
         "print(sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'numpy', 'typing', 'argparse')))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)

@@ -234,7 +234,7 @@ def test_attack_ends_in_one_line_exit_2_and_leaves_nothing(attack, hostile_dir, 
 RUNNER = r"""
 import json, os, resource, sys
 import torch  # before forking: every child starts from the same resident size
-from nwave_param.cli import main
+from nwave_param.checkpoints.cli import main
 
 directory, cases = sys.argv[1], json.loads(sys.argv[2])
 results = {}
@@ -300,7 +300,7 @@ def test_attack_allocates_no_more_than_max_bytes(attack, peaks, tmp_path):
 
 def test_a_character_device_is_refused_before_anything_is_written(hostile_dir, capsys, monkeypatch):
     """Never writing to the real /dev/null: every way to write fails the test if reached."""
-    from nwave_param import files, outputs
+    from nwave_param.checkpoints import files, outputs
 
     def reached(*_, **__):
         raise AssertionError("reached a write")
@@ -329,7 +329,7 @@ def test_a_socket_is_refused(hostile_dir, capsys):
 STALLING = r"""
 import sys, time
 import torch
-from nwave_param.cli import main
+from nwave_param.checkpoints.cli import main
 
 real_save = torch.save
 
@@ -397,7 +397,7 @@ def test_an_interrupt_at_any_moment_gives_one_line_and_writes_nothing(tmp_path):
     Python's own outcome (killed by SIGINT, or exit 1 after a KeyboardInterrupt while Python
     starts, which may also cut a .pth file short) counts only for an interrupt that came before the handler, the first thing
     ``cli.main`` does: Python's start, then importing ``nwave_param`` (its ``__init__`` imports
-    nothing), ``nwave_param.cli`` and ``nwave_param.guards`` (standard modules only), a few
+    nothing), ``nwave_param.checkpoints.cli`` and ``nwave_param.checkpoints.guards`` (standard modules only), a few
     milliseconds in all.  The child runs with ``-X importtime``, which prints a line on stderr for
     each module once imported, in order with everything else there: what comes before the line of
     the ``nwave_param`` package is Python's start (an interrupt there may even be printed and

@@ -14,7 +14,7 @@ from installs import not_installed  # noqa: E402
 for _package in ("sklearn", "snntorch", "matplotlib"):
     pytest.importorskip(_package, reason=not_installed(_package))
 
-from nwave_param.cli import main  # noqa: E402
+from nwave_param.checkpoints.cli import main  # noqa: E402
 
 KEYS = {"float_accuracy", "projected_accuracy", "mappable_before", "mappable_after", "out_of_range_fraction", "mixed_block_column_fraction"}
 

@@ -13,7 +13,7 @@ from layers import scaled
 import nwave_param as nwp
 from nwave_param import functional
 from nwave_param.functional import unprojectable
-from nwave_param.report import build_report
+from nwave_param.core.report import build_report
 
 
 def dense_populations(module, weight):
@@ -126,7 +126,7 @@ def test_report_counts_and_rows_sum_to_penalties(module, spec):
 
 @pytest.mark.parametrize("rows", [1, 257, 520])  # 2**20 elements a batch: weights under, over and far over one
 def test_report_rows_are_each_weights_own_whatever_their_size(rows):
-    from nwave_param import report as report_module
+    from nwave_param.core import report as report_module
 
     torch.manual_seed(0)
     model = scaled(nn.Sequential(nn.Linear(4096, rows), nn.Linear(rows, rows), nn.Linear(4096, rows)), 3)

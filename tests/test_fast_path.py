@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from layers import scaled
 
 import nwave_param as nwp
-from nwave_param import _engine, _hardening, _plans, functional
+from nwave_param._engine import penalties, hardening, plans
+from nwave_param import functional
 from nwave_param.layout import Layout
 
 LAYOUTS = [Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transposed=True), Layout(inputs_first=True), Layout(gates=4, inputs_first=True)]
@@ -28,13 +29,13 @@ def route(request, monkeypatch):
     (hardened whole, by the definition); other device: planned as on a GPU, where everything is
     packed however large."""
     if request.param != "packed":
-        monkeypatch.setattr(_plans, "_SMALL", 0)
+        monkeypatch.setattr(plans, "_SMALL", 0)
     if request.param == "chunked-small":
-        monkeypatch.setattr(_plans, "_CHUNK", 8)
-    _plans._plan.cache_clear()
-    with _plans.planned_as("cuda" if request.param == "other device" else "cpu"):
+        monkeypatch.setattr(plans, "_CHUNK", 8)
+    plans._plan.cache_clear()
+    with plans.planned_as("cuda" if request.param == "other device" else "cpu"):
         yield request.param
-    _plans._plan.cache_clear()
+    plans._plan.cache_clear()
 
 
 def shaped(layout, a, b):
@@ -57,7 +58,7 @@ def reference(weights, layouts, spec, power, scales):
 
 def fast(weights, layouts, spec, power, scales):
     leaves = [w.detach().clone().requires_grad_(w.requires_grad) for w in weights]
-    result = _engine.penalty_sums(leaves, layouts, spec, power, scales=scales)
+    result = penalties.penalty_sums(leaves, layouts, spec, power, scales=scales)
     out = 1.5 * result[0] + 0.7 * result[1] if scales is None else result
     if any(w.requires_grad for w in leaves):
         out.backward()
@@ -128,7 +129,7 @@ def test_ties_and_exact_zeros_follow_autograd_of_the_definition(route):
 def test_nonfinite_weights_propagate(route, bad):
     weight = torch.randn(6, 4)
     weight[0, 0] = bad
-    magnitude, topology = _engine.penalty_sums([weight], [Layout()], nwp.ChipSpec(), 2)
+    magnitude, topology = penalties.penalty_sums([weight], [Layout()], nwp.ChipSpec(), 2)
     assert not torch.isfinite(magnitude)  # never a silent zero
     assert torch.isnan(topology) == math.isnan(bad)  # min(P, Q) stays finite beside an infinite P
 
@@ -145,7 +146,7 @@ def test_tall_weights_sum_accurately():
     torch.manual_seed(0)
     weight = torch.randn(2_000_000, 1) * 3  # float32, chunked; P, Q and the excess all nonzero
     exact = functional.penalty_sums([weight.double()], [Layout()], nwp.ChipSpec(), 2)
-    got = _engine.penalty_sums([weight], [Layout()], nwp.ChipSpec(), 2)
+    got = penalties.penalty_sums([weight], [Layout()], nwp.ChipSpec(), 2)
     for value, truth in zip(got, exact):
         assert abs(value.double().item() - truth.item()) <= 1e-6 * abs(truth.item())
 
@@ -154,7 +155,7 @@ def test_double_backward_differentiates_the_formulas():
     torch.manual_seed(0)
     weight = (torch.randn(7, 4, dtype=torch.float64) * 2).requires_grad_()
     spec = nwp.ChipSpec(limit=0.5)
-    penalty = _engine.penalty_sums([weight], [Layout()], spec, 2, scales=(1.0, 1.0))
+    penalty = penalties.penalty_sums([weight], [Layout()], spec, 2, scales=(1.0, 1.0))
     (grad,) = torch.autograd.grad(penalty, weight, create_graph=True)
     (second,) = torch.autograd.grad(grad.square().sum(), weight)
     magnitude, topology = functional.penalty_sums([weight], [Layout()], spec, 2)
@@ -171,7 +172,7 @@ def test_torch_func_grad_and_vmap():
     spec = nwp.ChipSpec(limit=0.5)
 
     def penalty(w):
-        return _engine.penalty_sums([w], [Layout()], spec, 2, scales=(1.0, 1.0))
+        return penalties.penalty_sums([w], [Layout()], spec, 2, scales=(1.0, 1.0))
 
     leaf = weight.clone().requires_grad_()
     penalty(leaf).backward()
@@ -197,23 +198,23 @@ def bits(t):
 
 
 def noise_per_weight(drawn, weights, layouts, spec):
-    """The noise each weight received, from what ``_hardening._gaussian`` drew: one tensor per pack
+    """The noise each weight received, from what ``hardening._gaussian`` drew: one tensor per pack
     (its members' regions, the short last blocks of large weights included), then one per chunk
     of each large weight on the CPU."""
-    plan = _plans.plan_for(weights, layouts, spec.group_size)
+    plan = plans.plan_for(weights, layouts, spec.group_size)
     result, drawn = [None] * len(weights), iter(drawn)
     for pack in plan.packs:
         flat = next(drawn)
         for member, region in zip(pack.members, pack.regions(flat)):
             i = member.index
             result[i] = torch.zeros_like(weights[i]) if result[i] is None else result[i]
-            _plans.source(result[i], member).copy_(region)
+            plans.source(result[i], member).copy_(region)
     for item in plan.direct:
         i = item.index
         noise = torch.zeros_like(weights[i]) if result[i] is None else result[i]
         m = layouts[i].matrix(noise).contiguous().clone()
         for view in item.views:
-            _plans.blocks(m.view(-1), view).copy_(next(drawn))
+            plans.blocks(m.view(-1), view).copy_(next(drawn))
         result[i] = layouts[i].unmatrix(m, weights[i].shape)
     return result
 
@@ -246,11 +247,11 @@ def test_hardened_values_equal_the_definition_bit_for_bit(route, monkeypatch, da
         layouts.append(layout)
     spec = nwp.ChipSpec(limit=limit, group_size=group_size, bits=grid)
     drawn = []
-    gaussian = _hardening._gaussian
-    monkeypatch.setattr(_hardening, "_gaussian", lambda like, std: drawn.append(gaussian(like, std)) or drawn[-1])
+    gaussian = hardening._gaussian
+    monkeypatch.setattr(hardening, "_gaussian", lambda like, std: drawn.append(gaussian(like, std)) or drawn[-1])
     given_noise = [(torch.randn(w.shape, generator=generator, dtype=torch.float64) * 0.1).to(dtype) for w in weights]
     argument = {"none": 0.0, "given": given_noise, "drawn": 0.05}[noise]
-    got = _hardening.harden_all(weights, layouts, spec, hardness, argument)
+    got = hardening.harden_all(weights, layouts, spec, hardness, argument)
     noises = {"none": [None] * count, "given": given_noise, "drawn": noise_per_weight(drawn, weights, layouts, spec) if drawn else [None] * count}[noise]
     expected = [functional.harden(w.detach(), l, spec, hardness, n) for w, l, n in zip(weights, layouts, noises)]
     for value, want in zip(got, expected):
@@ -283,10 +284,10 @@ def dispatched(fn):
 def test_off_the_cpu_the_penalty_dispatches_a_fixed_number_of_ops_whatever_the_size(size):
     model = torch.nn.Sequential(*[torch.nn.Linear(size, size) for _ in range(4)])
     reg = nwp.register(scaled(model, 3))
-    with _plans.planned_as("cuda"):
+    with plans.planned_as("cuda"):
         count = dispatched(lambda: reg.penalty().backward())
     assert count <= 100, count
-    with _plans.planned_as("cuda"):
+    with plans.planned_as("cuda"):
         assert dispatched(lambda: reg.penalty().backward()) == count  # the same for every call
 
 
@@ -299,7 +300,7 @@ def test_off_the_cpu_the_hardened_forward_of_all_weights_dispatches_few_ops(grid
         with reg.cached():
             return [layer.weight for layer in model]
 
-    with _plans.planned_as("cuda"):
+    with plans.planned_as("cuda"):
         count = dispatched(forward)
     assert count <= 60 + 4 * len(model), count  # a few kernels for all, and a view and a straight-through output per weight
     small = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(2)])
@@ -309,5 +310,5 @@ def test_off_the_cpu_the_hardened_forward_of_all_weights_dispatches_few_ops(grid
         with reg_small.cached():
             return [layer.weight for layer in small]
 
-    with _plans.planned_as("cuda"):
+    with plans.planned_as("cuda"):
         assert count - dispatched(forward_small) <= 4 * (len(model) - len(small))  # only the per-weight part grows

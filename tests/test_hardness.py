@@ -19,7 +19,8 @@ from layers import KINDS, fill, group_sizes, limits, make_model, model_cfgs, pow
 from reference import ref_sums, ref_tracked
 
 import nwave_param as nwp
-from nwave_param import _hardening, functional
+from nwave_param._engine import hardening
+from nwave_param import functional
 
 hardnesses = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0]), st.floats(0.0, 1.0))
 
@@ -180,8 +181,8 @@ def test_cached_computes_all_hardened_weights_together_once_per_pass(monkeypatch
     model = nn.ModuleDict({"encode": nn.Linear(3, 5), "recurrent": nn.Linear(5, 5)})
     reg = nwp.register(model).harden(0.5)
     together, alone = [], []
-    harden_all, harden = _hardening.harden_all, functional.harden
-    monkeypatch.setattr(_hardening, "harden_all", lambda weights, *args: together.append(len(weights)) or harden_all(weights, *args))
+    harden_all, harden = hardening.harden_all, functional.harden
+    monkeypatch.setattr(hardening, "harden_all", lambda weights, *args: together.append(len(weights)) or harden_all(weights, *args))
     monkeypatch.setattr(functional, "harden", lambda *args: alone.append(1) or harden(*args))
     h = torch.zeros(2, 5)
     for _ in range(2):

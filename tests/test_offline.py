@@ -16,7 +16,7 @@ from layers import fill, group_sizes, limits, make_model, model_cfgs, same_bits,
 from reference import ref_constraints_hold, ref_tracked
 
 import nwave_param as nwp
-from nwave_param.cli import main
+from nwave_param.checkpoints.cli import main
 from nwave_param.layout import Layout
 
 # kinds whose layouts a state_dict tells by names and shapes alone (exact without the model)

@@ -735,7 +735,8 @@ def test_equal_thresholds_held_at_two_precisions_are_one_threshold():
 
 
 def test_a_split_population_with_two_pieces_in_one_core_keeps_all_its_neurons():
-    from nwave_param.placement import Population, _assign
+    from nwave_param.placement.assignment import assign as _assign
+    from nwave_param.placement.result import Population
 
     populations = [Population("p0", 59, False, True), Population("p1", 4, False, False), Population("p2", 30, True, False)]
     placed, problems = _assign(populations, H1V2.replace(cores=(64, 64)))

@@ -14,7 +14,8 @@ from torch.nn.utils import parametrizations, parametrize
 from layers import scaled
 
 import nwave_param as nwp
-from nwave_param import _engine, _plans, functional
+from nwave_param._engine import penalties, plans
+from nwave_param import functional
 from nwave_param.layout import Layout
 
 
@@ -112,14 +113,14 @@ def test_load_state_dict_after_a_constraint_was_removed_by_hand():
 
 
 def test_scratch_stays_bounded_over_many_shapes(monkeypatch):
-    monkeypatch.setattr(_plans, "_SMALL", 0)  # every weight chunked
-    _plans._plan.cache_clear()
+    monkeypatch.setattr(plans, "_SMALL", 0)  # every weight chunked
+    plans._plan.cache_clear()
     try:
         for rows in range(10, 50):
-            _engine.penalty_sums([torch.randn(rows, 7)], [Layout()], nwp.H1V1, 2)
-        assert len(_plans._local.scratches) <= _plans._SCRATCHES
+            penalties.penalty_sums([torch.randn(rows, 7)], [Layout()], nwp.H1V1, 2)
+        assert len(plans._local.scratches) <= plans._SCRATCHES
     finally:
-        _plans._plan.cache_clear()
+        plans._plan.cache_clear()
 
 
 def test_threads_compute_what_one_thread_does():

@@ -22,7 +22,8 @@ from torch import nn
 from layers import conv_cfg, same_bits
 
 import nwave_param as nwp
-from nwave_param import _hardening, _plans, functional
+from nwave_param._engine import hardening, plans
+from nwave_param import functional
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 KINDS = ["linear", "conv", "convT", "lstm", "gru", "rnn", "lstmcell", "grucell", "rnncell", "large"]
@@ -51,7 +52,7 @@ def layers(draw):
         return cls(inputs, hidden, num_layers=draw(st.integers(1, 2)), bidirectional=draw(st.booleans()))
     if kind in ("lstmcell", "grucell", "rnncell"):
         return {"lstmcell": nn.LSTMCell, "grucell": nn.GRUCell, "rnncell": nn.RNNCell}[kind](inputs, hidden)
-    rows = draw(st.sampled_from([_plans._CHUNK // 400 + 3, 2 * _plans._CHUNK // 400 + 1]))  # one or two chunks, a short block
+    rows = draw(st.sampled_from([plans._CHUNK // 400 + 3, 2 * plans._CHUNK // 400 + 1]))  # one or two chunks, a short block
     return nn.Linear(400, rows, bias=False)
 
 
@@ -126,9 +127,9 @@ def test_the_engine_hardens_any_memory_layout_as_the_definition(monkeypatch, dat
     generator = torch.Generator().manual_seed(seed)
     given_noise = [(torch.randn(w.shape, generator=generator, dtype=torch.float64) * 0.05).to(dtype) for w in weights]
     drawn = []
-    gaussian = _hardening._gaussian
-    monkeypatch.setattr(_hardening, "_gaussian", lambda like, std: drawn.append(gaussian(like, std)) or drawn[-1])
-    got = _hardening.harden_all(weights, layouts, spec, hardness, {"none": 0.0, "given": given_noise, "drawn": 0.05}[noise])
+    gaussian = hardening._gaussian
+    monkeypatch.setattr(hardening, "_gaussian", lambda like, std: drawn.append(gaussian(like, std)) or drawn[-1])
+    got = hardening.harden_all(weights, layouts, spec, hardness, {"none": 0.0, "given": given_noise, "drawn": 0.05}[noise])
     if noise == "drawn":
         noises = noise_per_weight(drawn, weights, layouts, spec) if drawn else [None] * len(weights)
     else:
@@ -142,17 +143,17 @@ def noise_per_weight(drawn, weights, layouts, spec):
     placed where the engine's plan put each piece (the plan reads pieces of a contiguous layout,
     as the noise is drawn)."""
     contiguous = [w.detach().contiguous() for w in weights]
-    plan = _plans.plan_for(contiguous, layouts, spec.group_size)
+    plan = plans.plan_for(contiguous, layouts, spec.group_size)
     result, drawn = [torch.zeros_like(w) for w in contiguous], iter(drawn)
     for pack in plan.packs:
         flat = next(drawn)
         for member, region in zip(pack.members, pack.regions(flat)):
-            _plans.source(result[member.index], member).copy_(region)
+            plans.source(result[member.index], member).copy_(region)
     for item in plan.direct:
         i = item.index
         m = layouts[i].matrix(result[i]).contiguous().clone()
         for view in item.views:
-            _plans.blocks(m.view(-1), view).copy_(next(drawn))
+            plans.blocks(m.view(-1), view).copy_(next(drawn))
         result[i] = layouts[i].unmatrix(m, weights[i].shape)
     return result
 
@@ -266,7 +267,7 @@ def test_the_issues_large_transposed_linear_reads_its_short_last_block():
 
 
 def test_the_issues_saved_channels_last_grouped_conv_projects_right_from_python_and_the_command_line(tmp_path):
-    from nwave_param import cli
+    from nwave_param.checkpoints import cli
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2)).to(memory_format=torch.channels_last)

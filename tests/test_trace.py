@@ -12,7 +12,7 @@ from torch.nn.utils import parametrizations
 
 import nwave_param as nwp
 from nwave_param import functional
-from nwave_param.trace import layouts_read, trace
+from nwave_param.core.trace import layouts_read, trace
 
 INPUTS_FIRST = nwp.Layout(inputs_first=True)
 
@@ -179,7 +179,7 @@ def test_a_registered_vendor_weight_is_hardened_as_the_definition_reads_its_tran
 def test_the_command_line_reads_a_vendor_convention_checkpoint_in_its_true_orientation(tmp_path, capsys):
     import json
 
-    from nwave_param import cli
+    from nwave_param.checkpoints import cli
 
     torch.manual_seed(0)
     model = Vendor()

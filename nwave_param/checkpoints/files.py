@@ -7,7 +7,7 @@
   after loading and before any computation, by what computing with its tensors materializes
   (an expanded tensor counts every element it reads as).  A structure nested too deep, or
   containing itself, is refused before anything walks it recursively.
-* Writing: :func:`save` into :class:`~nwave_param.outputs.Outputs`, which writes one
+* Writing: :func:`save` into :class:`~nwave_param.checkpoints.outputs.Outputs`, which writes one
   command's files all or none.
 * nwave_param's descriptions (the ``..._extra_state`` tensors a registered model saves beside a
   weight) are ordinary tensors in a safetensors file; version 0.2 wrote them, as dicts, into the
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .description import decode
-from .errors import CheckpointError, one_line, reason
-from .outputs import Outputs
-from .sharing import storage_of, view_of
-from .state import is_description_key
+from nwave_param.description import decode
+from nwave_param.errors import CheckpointError, one_line, reason
+from nwave_param.checkpoints.outputs import Outputs
+from nwave_param.sharing import storage_of, view_of
+from nwave_param.core.state import is_description_key
 
 __all__ = ["Checkpoint", "is_safetensors", "load", "parse_size", "refuse_computing_more", "require_safetensors", "save"]
 

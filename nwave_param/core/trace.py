@@ -53,12 +53,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import state
-from .errors import one_line
-from .layout import Layout
-from .neurons import within
-from .parametrization import tracing
-from .sharing import same_bits
+from nwave_param.core import state
+from nwave_param.errors import one_line
+from nwave_param.layout import Layout
+from nwave_param.core.neurons import within
+from nwave_param.core.parametrization import tracing
+from nwave_param.sharing import same_bits
 
 __all__ = ["INPUT", "Call", "Trace", "Use", "example_dims", "layouts_read", "trace"]
 

@@ -33,10 +33,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import _hardening, description, functional
-from .report import build_report
-from .layout import Layout
-from .spec import ChipSpec
+from nwave_param._engine import hardening
+from nwave_param import description, functional
+from nwave_param.core.report import build_report
+from nwave_param.layout import Layout
+from nwave_param.spec import ChipSpec
 
 __all__ = ["ChipConstraint", "Pass", "PinSettings", "Registration", "Settings"]
 
@@ -282,7 +283,7 @@ class ChipConstraint(nn.Module):
 class Pass:
     """One pass inside :meth:`Registry.cached <nwave_param.Registry.cached>`, in the thread that
     opened it: every weight of a registration computed once, and those whose only
-    parametrization is nwave_param's hardened together (:func:`nwave_param._hardening.harden_all`),
+    parametrization is nwave_param's hardened together (:func:`nwave_param._engine.hardening.harden_all`),
     at the first read, with the settings in effect then (:func:`settings_in_effect`).
 
     Its values sit in the thread's slots, keyed by each weight's property (see :func:`own_class`):
@@ -295,14 +296,14 @@ class Pass:
         self.holders = holders
         self.keys = [slot_key(module, tensor_name) for module, tensor_name, _, _ in holders]
         self.index = {key: i for i, key in enumerate(self.keys)}
-        self.shared = _hardening.Shared()  # what the hardening leaves for the penalty of this pass
+        self.shared = hardening.Shared()  # what the hardening leaves for the penalty of this pass
         self.slots: dict[object, object] = _threads.__dict__.setdefault("slots", {})
         _threads.__dict__.setdefault("passes", {})[registration] = self
         self.reset()
 
     def reset(self) -> None:
         """Compute every value again at the next read."""
-        self.shared = _hardening.Shared()
+        self.shared = hardening.Shared()
         pending = Pending(self)
         for key in self.keys:
             self.slots[key] = pending
@@ -325,10 +326,10 @@ class Pass:
             weights = [_original(*self.holders[i][:2]) for i in members]
             layouts = [self.holders[i][2].layout for i in members]
             if on_chip:  # what one chip holds, whatever the hardness and mode
-                values = _hardening.harden_all(weights, layouts, spec, 1.0, [self.holders[i][2].chip_mismatch for i in members])
+                values = hardening.harden_all(weights, layouts, spec, 1.0, [self.holders[i][2].chip_mismatch for i in members])
             else:
                 shared = self.shared if len(groups) == 1 else None
-                values = _hardening.harden_all(weights, layouts, spec, hardness, spec.mismatch if training else 0.0, shared)
+                values = hardening.harden_all(weights, layouts, spec, hardness, spec.mismatch if training else 0.0, shared)
             for i, value in zip(members, values):
                 self.slots[self.keys[i]] = value
         return self.slots[key]

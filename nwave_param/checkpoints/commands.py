@@ -1,13 +1,13 @@
-"""The commands of the ``nwave-param`` command line (:mod:`nwave_param.cli`, which runs them with
+"""The commands of the ``nwave-param`` command line (:mod:`nwave_param.checkpoints.cli`, which runs them with
 its signal handling installed first): the parser, ``check``, ``project`` and ``demo``, a shell over
-:mod:`nwave_param.offline` and the demo.
+:mod:`nwave_param.checkpoints.offline` and the demo.
 
 ``--json`` prints strict JSON on stdout instead of the text (a number that is not finite is
 ``null``, and ``"not_finite"`` beside it says what it was); ``--json=PATH`` prints the text and
 also writes the JSON to PATH.  The path is attached with ``=``, as GNU tools take an optional
 argument, so ``check --json model.pt`` never takes the checkpoint for the JSON file.  Which
-weights, and their layouts: :mod:`nwave_param.offline`; reading and writing files:
-:mod:`nwave_param.files`; signals and ``--model``: :mod:`nwave_param.guards`.
+weights, and their layouts: :mod:`nwave_param.checkpoints.offline`; reading and writing files:
+:mod:`nwave_param.checkpoints.files`; signals and ``--model``: :mod:`nwave_param.checkpoints.guards`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import nwave_param as nwp
 
-from . import __version__, files, offline
-from .errors import MESSAGE, CheckpointError, noticed, one_line
-from .outputs import Outputs, check_destinations
-from .guards import INTERRUPTIONS, build_model, stdout_to_devnull, users_code
-from .report import Report, aligned
-from .spec import H1V1, H1V2, ChipSpec
+from nwave_param import __version__
+from nwave_param.checkpoints import files, offline
+from nwave_param.errors import MESSAGE, CheckpointError, noticed, one_line
+from nwave_param.checkpoints.outputs import Outputs, check_destinations
+from nwave_param.checkpoints.guards import INTERRUPTIONS, build_model, stdout_to_devnull, users_code
+from nwave_param.core.report import Report, aligned
+from nwave_param.spec import H1V1, H1V2, ChipSpec
 
 __all__ = ["run"]
 
@@ -205,7 +206,7 @@ def run_project(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     check_destinations([(option, path) for option, path in (*_json_destinations(args), ("--plot", args.plot)) if path])
     try:
-        from . import demo
+        from nwave_param import demo
     except ImportError as error:
         raise CheckpointError(str(error)) from None
     epochs = args.epochs if args.epochs is not None else (3 if args.quick else None)  # None: the task's own

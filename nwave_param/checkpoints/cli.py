@@ -1,4 +1,4 @@
-"""The ``nwave-param`` command line: a shell over :mod:`nwave_param.offline` and the demo.
+"""The ``nwave-param`` command line: a shell over :mod:`nwave_param.checkpoints.offline` and the demo.
 
 ::
 
@@ -12,11 +12,11 @@ What comes from a file or from user code (names, paths, messages) is escaped and
 line, in the text output too.  A closed stdout (``| head``) changes no exit status.
 
 The handling of SIGINT and SIGTERM is the first thing :func:`main` does, before torch is
-imported: ``import nwave_param`` imports nothing, and this module only :mod:`nwave_param.guards`,
+imported: ``import nwave_param`` imports nothing, and this module only :mod:`nwave_param.checkpoints.guards`,
 which imports nothing heavy (nor does :mod:`nwave_param.errors`, imported next), so an interrupt at
 any moment from there on, while torch is still importing too, ends in one line and exit status 2,
 with nothing written.
-The commands themselves: :mod:`nwave_param.commands`.
+The commands themselves: :mod:`nwave_param.checkpoints.commands`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .guards import INTERRUPTIONS, stdout_to_devnull
+from nwave_param.checkpoints.guards import INTERRUPTIONS, stdout_to_devnull
 
 __all__ = ["main"]
 
@@ -32,7 +32,7 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` and return its exit status.  Without ``argv`` it is the
     program itself (``sys.argv[1:]``), which exits next: once the command has ended, SIGINT and
-    SIGTERM are ignored until then (:meth:`~nwave_param.guards.Interruptions.installed`)."""
+    SIGTERM are ignored until then (:meth:`~nwave_param.checkpoints.guards.Interruptions.installed`)."""
     try:
         with INTERRUPTIONS.installed(restore=argv is not None):  # first: before torch is imported
             return _run(list(sys.argv[1:] if argv is None else argv))
@@ -43,10 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: list[str]) -> int:
     """The command's exit status; every error as one line on stderr, exit status 2."""
-    from .errors import MESSAGE, CheckpointError, one_line
+    from nwave_param.errors import MESSAGE, CheckpointError, one_line
 
     try:
-        from . import commands  # torch and the rest, imported with the handler in place
+        from nwave_param.checkpoints import commands  # torch and the rest, imported with the handler in place
 
         INTERRUPTIONS.check()  # an import may have swallowed the interrupt
         return commands.run(argv)

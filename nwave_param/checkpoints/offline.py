@@ -11,7 +11,7 @@ names and shapes of 2-D and RNN-family weights.  Anything else is guessed ("assu
 convolution-shaped tensor may be grouped or transposed, a 2-D ``*embed*`` tensor may be an
 embedding.  Projection never changes a guessed weight unless ``assume_plain`` says so.  Every
 layout is checked against its tensor's shape before any computation, and a weight whose elements
-share memory is refused by name.  The command line (:mod:`nwave_param.cli`) is a shell over this.
+share memory is refused by name.  The command line (:mod:`nwave_param.checkpoints.cli`) is a shell over this.
 """
 
 from __future__ import annotations
@@ -26,18 +26,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import files, functional
-from ._hardening import harden_all
-from ._reading import Weight, described_weights, inferred_weights, model_weights
-from .description import NewerDescriptionError, damaged, decode
-from .discovery import patterns, stated_for, stated_layouts
-from .errors import MESSAGE, CheckpointError, CheckpointWarning, one_line
-from .files import Checkpoint
-from .layout import Layout
-from .report import Report, build_report, layout_fields
-from .sharing import same_bits, storage_of, with_values
-from .spec import ChipSpec
-from .state import (
+from nwave_param.checkpoints import files
+from nwave_param import functional
+from nwave_param._engine.hardening import harden_all
+from nwave_param.checkpoints.reading import Weight, described_weights, inferred_weights, model_weights
+from nwave_param.description import NewerDescriptionError, damaged, decode
+from nwave_param.core.discovery import patterns, stated_for, stated_layouts
+from nwave_param.errors import MESSAGE, CheckpointError, CheckpointWarning, one_line
+from nwave_param.checkpoints.files import Checkpoint
+from nwave_param.layout import Layout
+from nwave_param.core.report import Report, build_report, layout_fields
+from nwave_param.sharing import same_bits, storage_of, with_values
+from nwave_param.spec import ChipSpec
+from nwave_param.core.state import (
     descriptions,
     inner_state_dict,
     is_description_key,
@@ -111,7 +112,7 @@ def project_state_dict(
 
     ``state_dict`` is left as it is; the new one keeps its keys, order, ties and views, and its
     descriptions now say ``spec``.  Arguments as :func:`check_state_dict`.  Given a loaded
-    :class:`~nwave_param.files.Checkpoint` (as the command line does), it returns a new one, the
+    :class:`~nwave_param.checkpoints.files.Checkpoint` (as the command line does), it returns a new one, the
     whole file's object projected.
 
     Example::

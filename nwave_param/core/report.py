@@ -9,10 +9,10 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from . import functional
-from .errors import one_line
-from .layout import Layout
-from .spec import ChipSpec
+from nwave_param import functional
+from nwave_param.errors import one_line
+from nwave_param.layout import Layout
+from nwave_param.spec import ChipSpec
 
 __all__ = ["LayerReport", "Report", "build_report", "layout_fields"]
 
@@ -27,7 +27,7 @@ class LayerReport:
     that are not grid levels (0 without ``spec.bits``).  ``magnitude`` and ``topology`` are its
     contributions to the registry's penalties (already divided by the total element count ``N``),
     so the rows sum to ``reg.penalty_terms()``.  ``layout`` is how it was read, ``assumed`` whether
-    that layout is guessed from a checkpoint's names and shapes (see :mod:`nwave_param.offline`).
+    that layout is guessed from a checkpoint's names and shapes (see :mod:`nwave_param.checkpoints.offline`).
     """
 
     name: str

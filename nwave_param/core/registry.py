@@ -19,16 +19,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import _engine, _hardening, functional, state
-from .discovery import Constrained, constraints, patterns, select, tied_holders
-from .functional import Penalties
-from .layout import Layout
-from .parametrization import (
+from nwave_param._engine import penalties, hardening
+from nwave_param import functional
+from nwave_param.core import state
+from nwave_param.core.discovery import Constrained, constraints, patterns, select, tied_holders
+from nwave_param.functional import Penalties
+from nwave_param.layout import Layout
+from nwave_param.core.parametrization import (
     ChipConstraint, Pass, Registration, Settings, attach, check_hardness, check_scale, detach, open_pass, originals, pin, unpin,
     write_through_chain,
 )
-from .report import Report, build_report
-from .spec import ChipSpec
+from nwave_param.core.report import Report, build_report
+from nwave_param.spec import ChipSpec
 
 __all__ = ["AlreadyRegisteredError", "Registry", "register", "registry_of"]
 
@@ -62,14 +64,14 @@ def register(
         alpha, lam: the penalty's strengths (magnitude, topology).
         power: the magnitude penalty's exponent, 1 or 2.
         exclude: globs of dotted weight names not to track.
-        example: an input of ``model``: one forward, traced (:mod:`nwave_param.trace`), tells which
+        example: an input of ``model``: one forward, traced (:mod:`nwave_param.core.trace`), tells which
             weights the network uses as synapses, whatever their names, and how it reads each
             (``x @ W`` reads ``W`` as ``[in, out]``, the chip vendor's convention); those it never
             uses as one are named in a warning.  Without it, the weights
             :func:`~nwave_param.trackable_weights` names, read by their module's type.
         layouts: a dotted name (or glob) to the :class:`~nwave_param.Layout` of that weight, by
             hand: ``{"fc.W": nwp.Layout(inputs_first=True)}``; it also tracks a weight of any name.
-        dims: how ``example``'s dims are read (:func:`~nwave_param.trace.example_dims`).
+        dims: how ``example``'s dims are read (:func:`~nwave_param.core.trace.example_dims`).
 
     Returns:
         The :class:`Registry` of the model.
@@ -168,7 +170,7 @@ class Registry:
     """The tracked weights of one model: penalties, hardening, reports, projection and removal.
 
     A view over the model's :class:`~nwave_param.ChipConstraint` objects, which share one
-    :class:`~nwave_param.parametrization.Registration` and its frozen settings: build one with
+    :class:`~nwave_param.core.parametrization.Registration` and its frozen settings: build one with
     :func:`register` or :func:`registry_of`, and as many as you like, they all read and change
     the same settings.  ``spec``, ``alpha``, ``lam``, ``power`` and ``hardness`` are read-only.
     """
@@ -291,7 +293,7 @@ class Registry:
     def penalty_terms(self) -> Penalties:
         """``Penalties(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
         weights = self.latent_weights()
-        magnitude, topology = _engine.penalty_sums(weights, self.layouts, self.spec, self.power)
+        magnitude, topology = penalties.penalty_sums(weights, self.layouts, self.spec, self.power)
         count = max(sum(w.numel() for w in weights), 1)
         return Penalties(magnitude / count, topology / count)
 
@@ -306,7 +308,7 @@ class Registry:
         count = max(sum(w.numel() for w in weights), 1)
         current = open_pass(self._registrations[0]) if len(self._registrations) == 1 else None
         shared = current.shared if current is not None else None  # inside cached(): the hardening's packs, reused
-        return _engine.penalty_sums(weights, self.layouts, settings.spec, settings.power, scales=(alpha / count, lam / count), shared=shared)
+        return penalties.penalty_sums(weights, self.layouts, settings.spec, settings.power, scales=(alpha / count, lam / count), shared=shared)
 
     @contextlib.contextmanager
     def on_chip(self, seed: int | None = None) -> Iterator[None]:
@@ -372,7 +374,7 @@ class Registry:
         Wrap the forward of a recurrent net, and the penalty: ``with reg.cached(): loss =
         task(model(x)) + reg.penalty()``.  It works as ``torch.nn.utils.parametrize.cached()``
         does for the tracked weights, with the hardened weights computed at once
-        (:func:`nwave_param._hardening.harden_all`): the values are those each weight's forward
+        (:func:`nwave_param._engine.hardening.harden_all`): the values are those each weight's forward
         computes alone, bit for bit.  Unlike parametrize's, the pass is this thread's own: a
         forward in another thread computes its own values, with its own gradients.  A
         ``reg.harden(h)`` inside it takes effect at the next read (the values are computed
@@ -429,7 +431,7 @@ class Registry:
         if problems:
             raise ValueError(f"cannot project: {'; '.join(problems)}; nothing was changed")
         spec = self.spec
-        targets = _hardening.harden_all(weights, [entry.constraint.layout for entry in self._tracked], spec, 1.0)  # chip(w) of each
+        targets = hardening.harden_all(weights, [entry.constraint.layout for entry in self._tracked], spec, 1.0)  # chip(w) of each
         backup = state.snapshot(entry.module.parametrizations[entry.tensor_name] for entry in self._tracked)
         try:
             for entry, weight, target in zip(self._tracked, weights, targets):

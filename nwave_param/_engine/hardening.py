@@ -13,13 +13,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import functional
-from ._engine import _assembled, _in, _raw_parts
-from ._memo import memoized
-from ._plans import Direct, Member, Pack, Scratch, blocks, chunk, plan_for
-from .functional import accumulation_dtype, bound
-from .layout import Layout
-from .spec import ChipSpec
+from nwave_param import functional
+from nwave_param._engine.penalties import _assembled, _in, _raw_parts
+from nwave_param._memo import memoized
+from nwave_param._engine.plans import Direct, Member, Pack, Scratch, blocks, chunk, plan_for
+from nwave_param.functional import accumulation_dtype, bound
+from nwave_param.layout import Layout
+from nwave_param.spec import ChipSpec
 
 __all__ = ["Shared", "harden_all"]
 

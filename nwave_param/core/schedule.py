@@ -31,7 +31,7 @@ import numbers
 
 import torch
 
-from .registry import Registry
+from nwave_param.core.registry import Registry
 
 __all__ = ["Schedule", "settling"]
 

@@ -3,7 +3,7 @@ saved, from names and shapes, or from the model itself.
 
 Each way returns :class:`Weight` s, every value checked readable and every layout checked
 against its shape before any computation; what it noticed goes into ``notes``.
-:mod:`nwave_param.offline` chooses the way and the spec.
+:mod:`nwave_param.checkpoints.offline` chooses the way and the spec.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .discovery import constraints, excluded, is_weight_name, ruled, stated_for, unmatched
-from .errors import MESSAGE, CheckpointError, one_line
-from .files import Checkpoint
-from .layout import RNN_WEIGHT, Layout, rnn_gates
-from .registry import register, strip
-from .sharing import memory_sharing, same_bits, view_of
-from .spec import ChipSpec
-from .state import original_key, parse_original_key, plain_state_dict, skipped_chained, weight_keys
+from nwave_param.core.discovery import constraints, excluded, is_weight_name, ruled, stated_for, unmatched
+from nwave_param.errors import MESSAGE, CheckpointError, one_line
+from nwave_param.checkpoints.files import Checkpoint
+from nwave_param.layout import RNN_WEIGHT, Layout, rnn_gates
+from nwave_param.core.registry import register, strip
+from nwave_param.sharing import memory_sharing, same_bits, view_of
+from nwave_param.spec import ChipSpec
+from nwave_param.core.state import original_key, parse_original_key, plain_state_dict, skipped_chained, weight_keys
 
 __all__ = ["Weight", "described_weights", "inferred_weights", "model_weights"]
 

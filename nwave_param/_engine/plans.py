@@ -27,9 +27,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._memo import memoized
-from .functional import accumulation_dtype
-from .layout import Layout
+from nwave_param._memo import memoized
+from nwave_param.functional import accumulation_dtype
+from nwave_param.layout import Layout
 
 __all__ = ["Direct", "Member", "Pack", "Plan", "Scratch", "View", "blocks", "chunk", "members", "plan_for", "planned_as", "source"]
 

@@ -16,13 +16,13 @@ from typing import NamedTuple
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .errors import one_line
-from .layout import Layout, layout_of
-from .neurons import neuron_modules
-from .parametrization import ChipConstraint, latent, links_before, originals
-from .sharing import memory_sharing, overlap, storage_of
-from .state import chip_links, parse_original_key
-from .trace import layouts_read, trace
+from nwave_param.errors import one_line
+from nwave_param.layout import Layout, layout_of
+from nwave_param.core.neurons import neuron_modules
+from nwave_param.core.parametrization import ChipConstraint, latent, links_before, originals
+from nwave_param.sharing import memory_sharing, overlap, storage_of
+from nwave_param.core.state import chip_links, parse_original_key
+from nwave_param.core.trace import layouts_read, trace
 
 __all__ = ["Tracked", "constraints", "is_weight_name", "ruled", "select", "stated_for", "stated_layouts", "tied_holders", "trackable_weights"]
 
@@ -159,7 +159,7 @@ def select(
     """The weights to track and their layouts, every check done before anything changes.
 
     With ``example``, the weights ``model(example)`` uses as synapses, whatever their names,
-    each read as the forward reads it (:func:`~nwave_param.trace.layouts_read`); without, the
+    each read as the forward reads it (:func:`~nwave_param.core.trace.layouts_read`); without, the
     weights :func:`trackable_weights` names, read by their module's type.  ``layouts`` states a
     weight's reading by hand (a dotted name or glob to a Layout), and tracks a Parameter of any
     name it matches."""

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import description, functional
-from .parametrization import ChipConstraint, latent
-from .sharing import view_of
-from .spec import ChipSpec
+from nwave_param import description, functional
+from nwave_param.core.parametrization import ChipConstraint, latent
+from nwave_param.sharing import view_of
+from nwave_param.spec import ChipSpec
 
 __all__ = ["plain_state_dict", "restore", "snapshot"]
 

@@ -1,6 +1,6 @@
 """The command line's guards on its process: signals, stdout, and the user's code it runs.
 
-Imported before torch (by :mod:`nwave_param.cli`), it imports nothing heavy itself.
+Imported before torch (by :mod:`nwave_param.checkpoints.cli`), it imports nothing heavy itself.
 
 * SIGINT and SIGTERM while a command runs raise :class:`Interrupted`, which removes the outputs'
   temporary files on its way out, until the outputs are being renamed into place
@@ -135,7 +135,7 @@ def users_code(what: str) -> Iterator[None]:
     What it prints goes to stderr; the working directory and ``sys.path`` are restored after it;
     its ``sys.exit`` and its exceptions become a one-line error naming ``what``.
     """
-    from .errors import CheckpointError, one_line  # here, not above: this module is imported before the signal handler is installed
+    from nwave_param.errors import CheckpointError, one_line  # here, not above: this module is imported before the signal handler is installed
 
     directory, path = os.getcwd(), list(sys.path)
     try:
@@ -156,9 +156,9 @@ def users_code(what: str) -> Iterator[None]:
 
 
 def build_model(factory_path: str) -> nn.Module:
-    from torch import nn  # here, not above: this module is imported before torch (see nwave_param.cli)
+    from torch import nn  # here, not above: this module is imported before torch (see nwave_param.checkpoints.cli)
 
-    from .errors import CheckpointError, one_line
+    from nwave_param.errors import CheckpointError, one_line
 
     module_name, _, attribute = factory_path.partition(":")
     if not module_name or not attribute:

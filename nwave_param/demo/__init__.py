@@ -4,7 +4,7 @@ Two tasks, each input channel read by one front-end neuron:
 
 * ``vowels``: spoken Japanese vowels, UCI's Japanese Vowels data (M. Kudo, J. Toyama and
   M. Shimbo, 1999; https://doi.org/10.24432/C5NS47; CC BY 4.0), shipped with the package
-  (``nwave_param/data``): nine speakers saying /ae/, each utterance 7 to 29 frames of 12 LPC
+  (``nwave_param/demo/data``): nine speakers saying /ae/, each utterance 7 to 29 frames of 12 LPC
   cepstral coefficients, each frame shown for ``REPEAT`` time steps; the class is the speaker;
 * ``digits`` (the default: its three runs take 87 s, the vowels' 145 s, on the machine of the docs):
   scikit-learn's handwritten digits, each 8x8 image as 8 time steps of its 8 pixel rows and their
@@ -53,14 +53,14 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from .blocks import ChipLeaky, ChipRLeaky, FrontEnd
-from .guards import INTERRUPTIONS
-from .outputs import Outputs
-from .placement import Placement, place
-from .registry import Registry, register
-from .report import Report
-from .schedule import Schedule
-from .spec import H1V1, H1V2, ChipSpec
+from nwave_param.blocks import ChipLeaky, ChipRLeaky, FrontEnd
+from nwave_param.checkpoints.guards import INTERRUPTIONS
+from nwave_param.checkpoints.outputs import Outputs
+from nwave_param.placement import Placement, place
+from nwave_param.core.registry import Registry, register
+from nwave_param.core.report import Report
+from nwave_param.core.schedule import Schedule
+from nwave_param.spec import H1V1, H1V2, ChipSpec
 
 CHIP_SPECS = {"h1v1": H1V1, "h1v2": H1V2}
 CHIPS = 10
@@ -140,7 +140,7 @@ def vowels() -> Data:
     """Utterances as (time, samples, 12): each frame's coefficients standardized by the training
     set's per-channel mean and spread, shown for ``REPEAT`` steps, zero after the utterance ends;
     the file's own split (270 training utterances, 370 test)."""
-    source = importlib.resources.files("nwave_param") / "data" / "japanese_vowels.pt"
+    source = importlib.resources.files(__name__) / "data" / "japanese_vowels.pt"
     with source.open("rb") as stream:
         data = torch.load(stream, weights_only=True)
     frames = data["train"]["frames"]

@@ -1,7 +1,7 @@
 """The engine: the penalties of many weights at once, in few kernels (their hardened values: :mod:`._hardening`).
 
 What it computes is defined in :mod:`nwave_param.functional`; how the work is laid out (packs,
-chunks, scratch) is :mod:`nwave_param._plans`; this module computes over them, and the tests
+chunks, scratch) is :mod:`nwave_param._engine.penalties.plans`; this module computes over them, and the tests
 hold it to the definitions, bit for bit.
 
 The penalty's gradient is autograd's own subgradient of the formulas (ties and exact zeros
@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from ._memo import memoized
-from . import functional
-from ._plans import Member, Plan, Scratch, blocks, chunk, plan_for, source
-from .functional import result_dtype
-from .layout import Layout
-from .spec import ChipSpec
+from nwave_param._memo import memoized
+from nwave_param import functional
+from nwave_param._engine.plans import Member, Plan, Scratch, blocks, chunk, plan_for, source
+from nwave_param.functional import result_dtype
+from nwave_param.layout import Layout
+from nwave_param.spec import ChipSpec
 
 __all__ = ["PenaltyConfig", "penalty_sums"]
 
 if TYPE_CHECKING:
-    from ._hardening import Shared
+    from nwave_param._engine.hardening import Shared
 
 
 def _raw_parts(flat: Tensor, scratch: Scratch) -> None:

@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from .errors import CheckpointError, one_line, reason
+from nwave_param.errors import CheckpointError, one_line, reason
 
 __all__ = ["Outputs", "check_destinations"]
 
