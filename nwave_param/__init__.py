@@ -20,12 +20,12 @@ _HOMES = {
     "trackable_weights": "core.discovery",
     "CheckpointError": "errors",
     "CheckpointWarning": "errors",
-    "Penalties": "functional",
+    "PenaltyTerms": "functional",
     "Layout": "layout",
     "check_state_dict": "checkpoints.offline",
     "project_state_dict": "checkpoints.offline",
     "ChipConstraint": "core.parametrization",
-    "Settings": "core.parametrization",
+    "RegistrationSettings": "core.settings",
     "Placement": "placement",
     "Population": "placement",
     "place": "placement",
@@ -33,7 +33,7 @@ _HOMES = {
     "Registry": "core.registry",
     "register": "core.registry",
     "registry_of": "core.registry",
-    "LayerReport": "core.report",
+    "WeightReport": "core.report",
     "Report": "core.report",
     "H1V1": "spec",
     "H1V2": "spec",
@@ -43,6 +43,9 @@ _HOMES = {
     "FrontEnd": "blocks",
     "ChipLeaky": "blocks",
     "ChipRLeaky": "blocks",
+    "weight_magnitude_loss": "core.loss",
+    "topology_loss": "core.loss",
+    "settling": "core.schedule",
 }
 
 __all__ = [
@@ -56,28 +59,40 @@ __all__ = [
     "ChipConstraint",
     "ChipSpec",
     "FrontEnd",
-    "LayerReport",
+    "WeightReport",
     "Layout",
-    "Penalties",
+    "PenaltyTerms",
     "Placement",
     "Population",
     "Registry",
     "Report",
     "Schedule",
-    "Settings",
+    "RegistrationSettings",
     "check_state_dict",
     "place",
     "plain_state_dict",
     "project_state_dict",
     "register",
     "registry_of",
+    "settling",
+    "topology_loss",
+    "weight_magnitude_loss",
     "trackable_weights",
 ]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
+
+
+# 0.3's names, deprecated for one release (removed in 0.5): each -> its new name
+_RENAMED = {"Penalties": "PenaltyTerms", "LayerReport": "WeightReport", "Settings": "RegistrationSettings"}
 
 
 def __getattr__(name: str) -> object:
     """A public name, or a submodule (``nwave_param.functional``), imported at its first use."""
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"nwp.{name} is deprecated: it is nwp.{_RENAMED[name]} (the old name goes in 0.5)", DeprecationWarning, stacklevel=2)
+        return __getattr__(_RENAMED[name])  # not cached: every use warns
     if name in _HOMES:
         value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
     elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:

@@ -92,10 +92,20 @@ _made: dict[str, type] = {}
 
 
 def _chip_class(name: str, base_name: str) -> type:
+    """The class of :func:`ChipLeaky`'s (``name``) neurons, made at its first use.  A pickle finds it
+    by its qualified name, ``_ChipLeaky``, through this module's ``__getattr__``."""
     if name not in _made:
         base = getattr(_snntorch(), base_name)
-        _made[name] = type(name, (_ChipNeuron, base), {"__doc__": _DOCS[name], "__module__": __name__})
+        namespace = {"__doc__": _DOCS[name], "__module__": __name__, "__qualname__": f"_{name}"}
+        _made[name] = type(name, (_ChipNeuron, base), namespace)
     return _made[name]
+
+
+def __getattr__(name: str) -> type:
+    """``_ChipLeaky`` and ``_ChipRLeaky``: the neurons' classes, for ``pickle`` (``torch.save(model)``)."""
+    if name in ("_ChipLeaky", "_ChipRLeaky"):
+        return _chip_class(name[1:], name[5:])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _DOCS = {

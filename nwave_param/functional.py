@@ -33,7 +33,7 @@ from nwave_param.layout import Layout
 from nwave_param.spec import ChipSpec
 
 __all__ = [
-    "Penalties",
+    "PenaltyTerms",
     "accumulation_dtype",
     "block_view",
     "bound",
@@ -79,7 +79,7 @@ def bound(dtype: torch.dtype, limit: float) -> float:
     return value.item()
 
 
-class Penalties(NamedTuple):
+class PenaltyTerms(NamedTuple):
     """The two penalty terms, unscaled, each divided by the number of tracked elements."""
 
     magnitude: Tensor
@@ -294,3 +294,13 @@ def harden(weight: Tensor, layout: Layout, spec: ChipSpec, hardness: float, nois
         if noise is not None:
             value = value + (noise if hardness == 1 else hardness * noise)
     return _StraightThrough.apply(weight, value)
+
+
+def __getattr__(name: str) -> object:
+    """0.3's ``Penalties``, deprecated for one release: it is :class:`PenaltyTerms`."""
+    if name == "Penalties":
+        import warnings
+
+        warnings.warn("nwave_param.functional.Penalties is deprecated: it is PenaltyTerms (the old name goes in 0.5)", DeprecationWarning, stacklevel=2)
+        return PenaltyTerms
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

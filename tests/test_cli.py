@@ -1189,13 +1189,16 @@ def test_every_public_name_is_imported_at_its_first_use_as_before():
     import nwave_param
 
     homes = {name: nwave_param._HOMES[name] for name in nwave_param.__all__}  # every name has a home, and only those
-    assert set(nwave_param._HOMES) == set(nwave_param.__all__) and nwave_param.__version__ == "0.3.0"
+    assert set(nwave_param._HOMES) == set(nwave_param.__all__) and nwave_param.__version__ == "0.4.0"
     for name, home in homes.items():
         assert getattr(nwave_param, name) is getattr(importlib.import_module(f"nwave_param.{home}"), name), name
     from nwave_param import H1V2, register  # noqa: F401
 
     assert H1V2 is nwp.H1V2 and nwp.register is register
     assert nwave_param.functional.project is project and nwave_param.loss.__name__ == "nwave_param.loss"
+    from nwave_param.loss import topology_loss, weight_magnitude_loss  # the vendor SDK's path: nwavesdk.loss
+
+    assert (nwp.topology_loss, nwp.weight_magnitude_loss) == (topology_loss, weight_magnitude_loss)
     assert set(nwave_param.__all__) <= set(dir(nwave_param)) and "functional" in dir(nwave_param)
     with pytest.raises(AttributeError, match="module 'nwave_param' has no attribute 'nonsense'"):
         nwave_param.nonsense  # noqa: B018

@@ -13,7 +13,7 @@ from layers import same_bits, scaled
 import nwave_param as nwp
 from nwave_param import description
 from nwave_param.layout import Layout
-from nwave_param.core.parametrization import Registration
+from nwave_param.core.settings import Registration
 
 
 class Net(nn.Module):

@@ -551,9 +551,22 @@ def test_remove_leave_projected_refused_removes_nothing():
     assert parametrize.is_parametrized(model[0]) and nwp.registry_of(model).names == ["0.weight", "1.weight"]
 
 
-def test_the_old_names_still_work_for_a_release_and_say_the_new_ones():
+def test_the_renamed_names_still_work_for_a_release_and_say_the_new_ones():
+    for old, new in (("Penalties", "PenaltyTerms"), ("LayerReport", "WeightReport"), ("Settings", "RegistrationSettings")):
+        with pytest.warns(DeprecationWarning, match=new):
+            assert getattr(nwp, old) is getattr(nwp, new)
+        assert old not in nwp.__all__ and new in nwp.__all__
+    with pytest.warns(DeprecationWarning, match="PenaltyTerms"):
+        from nwave_param.functional import Penalties
+    assert Penalties is nwp.PenaltyTerms
+    model = nn.Linear(3, 5)
+    reg = nwp.register(model)
+    with pytest.warns(DeprecationWarning, match=r"nwp\.registry_of\(model\)"):
+        assert nwp.Registry(model).names == nwp.registry_of(model).names == reg.names
+    assert isinstance(reg.penalty_terms(), nwp.PenaltyTerms) and isinstance(reg.report()[0], nwp.WeightReport)
+    assert isinstance(reg.settings, nwp.RegistrationSettings)
+
+
+def test_the_aliases_deprecated_in_0_3_are_gone():
     reg = nwp.register(nn.Linear(3, 5))
-    with pytest.warns(DeprecationWarning, match="latent_weights"):
-        assert reg.weights()[0] is reg.latent_weights()[0]
-    with pytest.warns(DeprecationWarning, match="penalty_terms"):
-        assert reg.penalties() == reg.penalty_terms()
+    assert not hasattr(reg, "weights") and not hasattr(reg, "penalties")

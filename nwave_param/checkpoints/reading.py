@@ -12,7 +12,8 @@ import contextlib
 import copy
 import fnmatch
 import warnings
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +26,10 @@ from nwave_param.layout import RNN_WEIGHT, Layout, rnn_gates
 from nwave_param.core.registry import register, strip
 from nwave_param.sharing import memory_sharing, same_bits, view_of
 from nwave_param.spec import ChipSpec
-from nwave_param.core.state import original_key, parse_original_key, plain_state_dict, skipped_chained, weight_keys
+from nwave_param import description
+from nwave_param.core.state import descriptions, original_key, parse_original_key, plain_state_dict
 
-__all__ = ["Weight", "described_weights", "inferred_weights", "model_weights"]
+__all__ = ["Weight", "described_weights", "inferred_weights", "inner_state_dict", "model_weights", "redescribed"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what functional.project computes in
 EMBEDDING = "*embed*"
@@ -308,3 +310,84 @@ def _key_of(name: str, state_dict: Mapping[str, object]) -> str | None:
 def _note(notes: list[str], note: str | None) -> None:
     if note:
         notes.append(note)
+
+
+# --- the state_dict's own keys, read without a model ----------------------------------------------
+
+
+def skipped_chained(names: Iterable[str]) -> str:
+    """The note on weights a state_dict holds only through other parametrizations' tensors."""
+    return f"skipped {', '.join(names)}: stored through other parametrizations; pass the model to read them"
+
+
+def weight_keys(state_dict: Mapping[str, object], notes: list[str]) -> dict[str, str]:
+    """Weight name -> key of its tensor; registered keys (``*.parametrizations.*.original``) by their weight's name."""
+    found: dict[str, str] = {}
+    chained = set()
+    for key, value in state_dict.items():
+        original = parse_original_key(key) if isinstance(value, Tensor) else None
+        if original is None:
+            if isinstance(value, Tensor):
+                found.setdefault(key, key)
+        elif original[2] == "original":
+            found[original[0] + original[1]] = key
+        else:
+            chained.add(original[0] + original[1])
+    if chained:
+        notes.append(skipped_chained(sorted(chained)))
+    return found
+
+
+def redescribed(state_dict: Mapping[str, object], spec: ChipSpec) -> dict[str, Tensor]:
+    """Each description in ``state_dict``, by key, rewritten to say ``spec`` (for values projected
+    onto it), keeping its layout and hardness (0 for a version 0.2 description, which has none)."""
+    return {key: description.encode(saved.layout, spec, saved.hardness or 0.0) for key, _, saved in descriptions(state_dict)}
+
+
+AVERAGED = "n_averaged"  # the buffer torch.optim.swa_utils.AveragedModel keeps beside its module.*
+
+
+def inner_state_dict(
+    state_dict: Mapping[str, Tensor], prefix: str | None, names: Sequence[str], wrapped: bool, notes: list[str]
+) -> OrderedDict[str, Tensor]:
+    """The keys of ``state_dict`` under ``prefix``, without it, as the inner model loads them
+    (the module versions of ``_metadata`` included).  ``prefix=None`` finds it: in a ``wrapped``
+    state_dict (a Lightning checkpoint's) or an AveragedModel's, the first component common to
+    the tracked weights' ``names`` (``net.``, ``module.``); none in a bare one, its model's own.
+    What is left out is said in ``notes``.
+
+    Raises:
+        ValueError: no key under ``prefix``, or a found prefix leaves out more than AveragedModel's counter.
+    """
+    if prefix is None:
+        prefix = _inner_prefix(state_dict, names, wrapped or AVERAGED in state_dict, notes)
+    elif prefix and not prefix.endswith("."):
+        prefix += "."
+    inner = OrderedDict((key[len(prefix):], value) for key, value in state_dict.items() if key.startswith(prefix))
+    if not inner:
+        raise ValueError(f"no key starts with the prefix {prefix!r}")
+    dropped = [key for key in state_dict if not key.startswith(prefix)]
+    if dropped:
+        notes.append(f"not part of the inner model, left out: {', '.join(dropped)}")
+    versions = getattr(state_dict, "_metadata", None)
+    if versions is not None:
+        module = prefix.removesuffix(".")  # the inner model itself: "" under its own name
+        inner._metadata = OrderedDict(
+            (name[len(prefix):], value) for name, value in versions.items() if name == module or name.startswith(prefix)
+        )
+    return inner
+
+
+def _inner_prefix(state_dict: Mapping[str, Tensor], names: Sequence[str], wrapped: bool, notes: list[str]) -> str:
+    firsts = {name.partition(".")[0] if "." in name else None for name in names}
+    if not wrapped or len(firsts) != 1 or None in firsts:
+        return ""
+    prefix = f"{firsts.pop()}."
+    outside = [key for key in state_dict if not key.startswith(prefix) and key != AVERAGED]
+    if outside:
+        raise ValueError(
+            f"the tracked weights are all under {prefix}, but {', '.join(outside)} are not: choose the prefix "
+            f"{prefix} for the inner model's keys only, or '' to keep every key"
+        )
+    notes.append(f"the keys under {prefix} without it, the inner model's (the prefix '' keeps every key)")
+    return prefix

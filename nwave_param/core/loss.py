@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from nwave_param._engine import penalties
 from nwave_param.core.discovery import patterns, select
-from nwave_param.core.parametrization import Settings
+from nwave_param.core.settings import RegistrationSettings
 from nwave_param.core.registry import registry_of
 from nwave_param.spec import ChipSpec
 
@@ -55,7 +55,7 @@ def weight_magnitude_loss(model: nn.Module, limit: float = 0.9, power: int = 2) 
         >>> round(weight_magnitude_loss(model, limit=0.9).item(), 6)   # ((1.0-0.9)^2 + (1.2-0.9)^2) / 6
         0.016667
     """
-    power = Settings(ChipSpec(limit), power=power).power  # validates both
+    power = RegistrationSettings(ChipSpec(limit), power=power).power  # validates both
     magnitude, _, count = _sums(model, limit, None, power)
     return magnitude / count
 
@@ -72,6 +72,6 @@ def topology_loss(model: nn.Module, lam: float = 1.0, group_size: int = 5) -> Te
         >>> round(topology_loss(model, lam=1.0).item(), 6)   # (0.2 + 0.4) / 6
         0.1
     """
-    lam = Settings(ChipSpec(group_size=group_size), lam=lam).lam  # validates both
+    lam = RegistrationSettings(ChipSpec(group_size=group_size), lam=lam).lam  # validates both
     _, topology, count = _sums(model, None, group_size, 2)  # the power shapes the magnitude only
     return lam * (topology / count)

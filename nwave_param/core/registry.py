@@ -23,12 +23,13 @@ from nwave_param._engine import penalties, hardening
 from nwave_param import functional
 from nwave_param.core import state
 from nwave_param.core.discovery import Constrained, constraints, patterns, select, tied_holders
-from nwave_param.functional import Penalties
+from nwave_param.functional import PenaltyTerms
 from nwave_param.layout import Layout
-from nwave_param.core.parametrization import (
-    ChipConstraint, Pass, Registration, Settings, attach, check_hardness, check_scale, detach, open_pass, originals, pin, unpin,
-    write_through_chain,
-)
+from nwave_param.core.chains import originals, write_through_chain
+from nwave_param.core.classes import attach, detach
+from nwave_param.core.parametrization import ChipConstraint
+from nwave_param.core.passes import Pass
+from nwave_param.core.settings import Registration, RegistrationSettings, check_hardness, check_scale, open_pass, pin, unpin
 from nwave_param.core.report import Report, build_report
 from nwave_param.spec import ChipSpec
 
@@ -98,7 +99,7 @@ def register(
         AlreadyRegisteredError: the model already carries nwave_param constraints
             (use :func:`registry_of`, or :meth:`Registry.remove` first).
     """
-    registration = Registration(Settings(ChipSpec() if spec is None else spec, alpha, lam, power))
+    registration = Registration(RegistrationSettings(ChipSpec() if spec is None else spec, alpha, lam, power))
     if isinstance(model, nn.Module):
         present = [c.name for c in constraints(model)]
         if present:
@@ -121,7 +122,7 @@ def register(
     except BaseException:
         _remove(attached, model)
         raise
-    return Registry(model)
+    return Registry.of(model)
 
 
 def registry_of(model: nn.Module) -> Registry:
@@ -135,7 +136,7 @@ def registry_of(model: nn.Module) -> Registry:
         LookupError: ``model`` carries no nwave_param constraint.
         ValueError: its constraints were registered with different settings.
     """
-    return Registry(model)
+    return Registry.of(model)
 
 
 def strip(model: nn.Module) -> None:
@@ -170,12 +171,24 @@ class Registry:
     """The tracked weights of one model: penalties, hardening, reports, projection and removal.
 
     A view over the model's :class:`~nwave_param.ChipConstraint` objects, which share one
-    :class:`~nwave_param.core.parametrization.Registration` and its frozen settings: build one with
+    :class:`~nwave_param.core.settings.Registration` and its frozen settings: build one with
     :func:`register` or :func:`registry_of`, and as many as you like, they all read and change
     the same settings.  ``spec``, ``alpha``, ``lam``, ``power`` and ``hardness`` are read-only.
     """
 
     def __init__(self, model: nn.Module) -> None:
+        """Deprecated: :func:`registry_of` is the one way to get a model's registry (this goes in 0.5)."""
+        warnings.warn("Registry(model) is deprecated: use nwp.registry_of(model) (Registry(model) goes in 0.5)", DeprecationWarning, stacklevel=2)
+        self._view(model)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Registry:
+        """What :func:`register` and :func:`registry_of` return: a view over ``model``'s constraints."""
+        reg = cls.__new__(cls)
+        reg._view(model)
+        return reg
+
+    def _view(self, model: nn.Module) -> None:
         entries = list(constraints(model)) if isinstance(model, nn.Module) else []
         if not entries:
             raise LookupError(f"{type(model).__name__} carries no nwave_param constraint: call nwp.register(model)")
@@ -213,7 +226,7 @@ class Registry:
     # --- configuration ----------------------------------------------------------------------
 
     @property
-    def settings(self) -> Settings:
+    def settings(self) -> RegistrationSettings:
         """The frozen configuration all constraints share."""
         return self._registrations[0].settings
 
@@ -280,22 +293,12 @@ class Registry:
         self._check_removed()
         return [chain._parameters["original"] if alone else entry.latent() for entry, chain, alone in self._chains]
 
-    def weights(self) -> list[Tensor]:
-        """Deprecated alias of :meth:`latent_weights` (the name said nothing of which weights)."""
-        warnings.warn("Registry.weights() is deprecated: use reg.latent_weights()", DeprecationWarning, stacklevel=2)
-        return self.latent_weights()
-
-    def penalties(self) -> Penalties:
-        """Deprecated alias of :meth:`penalty_terms` (one letter from :meth:`penalty`)."""
-        warnings.warn("Registry.penalties() is deprecated: use reg.penalty_terms()", DeprecationWarning, stacklevel=2)
-        return self.penalty_terms()
-
-    def penalty_terms(self) -> Penalties:
-        """``Penalties(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
+    def penalty_terms(self) -> PenaltyTerms:
+        """``PenaltyTerms(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
         weights = self.latent_weights()
         magnitude, topology = penalties.penalty_sums(weights, self.layouts, self.spec, self.power)
         count = max(sum(w.numel() for w in weights), 1)
-        return Penalties(magnitude / count, topology / count)
+        return PenaltyTerms(magnitude / count, topology / count)
 
     def penalty(self, alpha: float | None = None, lam: float | None = None) -> Tensor:
         r""":math:`\alpha \cdot` magnitude :math:`+ \lambda \cdot` topology: a 0-dim differentiable

@@ -14,11 +14,11 @@ from nwave_param.errors import one_line
 from nwave_param.layout import Layout
 from nwave_param.spec import ChipSpec
 
-__all__ = ["LayerReport", "Report", "build_report", "layout_fields"]
+__all__ = ["WeightReport", "Report", "build_report", "layout_fields"]
 
 
 @dataclass(frozen=True)
-class LayerReport:
+class WeightReport:
     """One tracked weight.
 
     ``block_columns`` counts the block columns of its dense-equivalent connectivity matrix
@@ -49,12 +49,12 @@ class LayerReport:
         return self.nonfinite == 0 and self.out_of_range == 0 and self.mixed_block_columns == 0 and self.off_grid == 0
 
 
-def _fields(row: LayerReport) -> dict:
+def _fields(row: WeightReport) -> dict:
     """The row's fields by name, as they are (``dataclasses.asdict`` deep-copies each value: seconds for 100,000 rows)."""
     return {name: getattr(row, name) for name in _FIELD_NAMES}
 
 
-_FIELD_NAMES = tuple(field.name for field in fields(LayerReport))
+_FIELD_NAMES = tuple(field.name for field in fields(WeightReport))
 _SUMMED = ("numel", "out_of_range", "nonfinite", "block_columns", "mixed_block_columns", "off_grid", "magnitude", "topology")
 
 
@@ -83,7 +83,7 @@ class Report:
     (non-finite floats become ``None``: the ``nonfinite`` counts say why).
     """
 
-    def __init__(self, rows: Sequence[LayerReport], spec: ChipSpec, power: int) -> None:
+    def __init__(self, rows: Sequence[WeightReport], spec: ChipSpec, power: int) -> None:
         self.rows = list(rows)
         self.spec = spec
         self.power = power
@@ -94,7 +94,7 @@ class Report:
     def __iter__(self):
         return iter(self.rows)
 
-    def __getitem__(self, index: int) -> LayerReport:
+    def __getitem__(self, index: int) -> WeightReport:
         return self.rows[index]
 
     @property
@@ -153,7 +153,7 @@ class Report:
         return f"Report({len(self.rows)} weights, mappable={self.is_mappable})"
 
 
-def _shown(row: LayerReport) -> str:
+def _shown(row: WeightReport) -> str:
     """A row's name as the table shows it: on one line, marked where its layout is guessed."""
     return one_line(row.name) + (" (assumed)" if row.assumed else "")
 
@@ -182,11 +182,11 @@ def _measures(weight: Tensor, layout: Layout, spec: ChipSpec, power: int, count:
 
 
 _MEASURED = ("max_abs", "out_of_range", "nonfinite", "mixed_block_columns", "off_grid", "magnitude", "topology")
-_CASTS = (float, int, int, int, int, float, float)  # each as LayerReport holds it
+_CASTS = (float, int, int, int, int, float, float)  # each as WeightReport holds it
 
 
 @torch.no_grad()
-def _rows(names: Sequence[str], weights: Sequence[Tensor], layout: Layout, spec: ChipSpec, power: int, count: int, assumed: Collection[str]) -> list[LayerReport]:
+def _rows(names: Sequence[str], weights: Sequence[Tensor], layout: Layout, spec: ChipSpec, power: int, count: int, assumed: Collection[str]) -> list[WeightReport]:
     """The rows of weights of one shape, dtype and layout: one alone, several stacked into one batch."""
     if len(weights) == 1:
         measured = [[value.item()] for value in _measures(weights[0], layout, spec, power, count)]
@@ -199,7 +199,7 @@ def _rows(names: Sequence[str], weights: Sequence[Tensor], layout: Layout, spec:
     numel = math.prod(shape)
     block_columns = layout.gates * blocks_per_population * (numel // max(rows, 1)) * layout.groups
     return [
-        LayerReport(name, shape, numel, block_columns=block_columns, layout=layout, assumed=name in assumed,
+        WeightReport(name, shape, numel, block_columns=block_columns, layout=layout, assumed=name in assumed,
                     **{key: cast(values[i]) for key, cast, values in zip(_MEASURED, _CASTS, measured)})
         for i, name in enumerate(names)
     ]
@@ -227,7 +227,7 @@ def build_report(
         if members[-1] and (len(members[-1]) + 1) * weight.numel() > _BATCH:  # a weight larger than a batch is one alone
             members.append([])
         members[-1].append(i)
-    rows: list[LayerReport | None] = [None] * len(weights)
+    rows: list[WeightReport | None] = [None] * len(weights)
     for members in batches.values():
         for batch in members:
             measured = _rows([names[i] for i in batch], [weights[i] for i in batch], layouts[batch[0]], spec, power, count, assumed)

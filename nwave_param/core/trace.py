@@ -57,7 +57,7 @@ from nwave_param.core import state
 from nwave_param.errors import one_line
 from nwave_param.layout import Layout
 from nwave_param.core.neurons import within
-from nwave_param.core.parametrization import tracing
+from nwave_param.core.passes import tracing
 from nwave_param.sharing import same_bits
 
 __all__ = ["INPUT", "Call", "Trace", "Use", "example_dims", "layouts_read", "trace"]

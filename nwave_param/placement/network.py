@@ -33,7 +33,7 @@ from nwave_param.placement.assignment import assign
 from nwave_param.placement.graph import Graph
 from nwave_param.placement.result import Placement, Population
 from nwave_param.placement.rules import cycles, input_problems, neuron_problems
-from nwave_param.spec import H1V2, ChipSpec
+from nwave_param.spec import H1V2, ChipSpec  # noqa: F401  (H1V2: the docstring's example)
 
 __all__ = ["place"]
 
