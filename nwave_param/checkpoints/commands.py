@@ -20,8 +20,6 @@ import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-import nwave_param as nwp
-
 from nwave_param import __version__
 from nwave_param.checkpoints import files, offline
 from nwave_param.errors import MESSAGE, CheckpointError, noticed, one_line
@@ -128,7 +126,7 @@ def run_check(args: argparse.Namespace) -> int:
     checkpoint, spec, options = _arguments(args)
     notes: list[str] = []
     with _users_model(args), noticed(notes):
-        report = nwp.check_state_dict(checkpoint, spec, **options)
+        report = offline.check_state_dict(checkpoint, spec, **options)
     with Outputs() as outputs:
         _finish(
             args, outputs, lambda: {"checkpoint": args.checkpoint, **_report_data(report), "notes": notes},
@@ -176,13 +174,13 @@ def run_project(args: argparse.Namespace) -> int:
     checkpoint, spec, options = _arguments(args)
     notes: list[str] = []
     with _users_model(args), noticed(notes):
-        before = nwp.check_state_dict(checkpoint, spec, **options)
+        before = offline.check_state_dict(checkpoint, spec, **options)
         try:
-            written, changes = nwp.project_state_dict(checkpoint, spec, **options)
+            written, changes = offline.project_state_dict(checkpoint, spec, **options)
         except CheckpointError as error:
             raise CheckpointError(f"{error}; nothing was written") from None
     with _users_model(args), noticed([]):  # the notes are the same
-        after = nwp.check_state_dict(written, before.spec, **options)
+        after = offline.check_state_dict(written, before.spec, **options)
     if args.plain:
         written = offline.plain_checkpoint(written, [change["name"] for change in changes], args.prefix, notes)
     with Outputs() as outputs:

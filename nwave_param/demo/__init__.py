@@ -36,6 +36,10 @@ crawl when other processes share the CPU (spinning worker threads would), so the
 for its duration.
 
 Needs the demo extra: ``pip install "nwave-param[demo]"`` (scikit-learn, snnTorch, matplotlib, tqdm).
+
+The demo sits apart, above the parts: it may import the base, the core, the placement and the
+command line's output helpers (:mod:`nwave_param.checkpoints.outputs`, ``guards``); only the
+``demo`` command imports it.
 """
 
 from __future__ import annotations

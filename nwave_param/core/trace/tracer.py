@@ -36,365 +36,32 @@ no torch function, or through a C extension, is no synapse to it.
 
 from __future__ import annotations
 
+from __future__ import annotations
 import contextlib
-import dataclasses
-import functools
 import math
 import random
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-
+from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakTensorKeyDictionary
-
 from nwave_param.core import state
 from nwave_param.errors import one_line
 from nwave_param.layout import Layout
 from nwave_param.core.neurons import within
 from nwave_param.core.passes import tracing
 from nwave_param.sharing import same_bits
+from nwave_param.core.trace.channels import channel_probe, decoded_channels, fan_of, merged_channels
+from nwave_param.core.trace.dims import CREATES, IGNORED, PICKS, REDUCTIONS, VIEWS, aligned_dims, argument, composed, example_dims, positive_dim, through_pick, through_view
+from nwave_param.core.trace.populations import layers_over_time
+from nwave_param.core.trace.records import Call, INPUT, Info, MADE, Trace, UNKNOWN, Use
+from nwave_param.core.trace.synapses import CELL, CONV, CONV_TRANSPOSE, MATMUL, MIXED, PRODUCTS, RNN, SYNAPSES, is_elementwise
 
-__all__ = ["INPUT", "Call", "Trace", "Use", "example_dims", "layouts_read", "trace"]
-
-INPUT = ("input",)  # the example's values, as an activation source
-UNKNOWN = "unknown"  # channels that reach a tensor in a way the trace cannot follow
-MADE = "a tensor made in the forward"
-
-
-class _Info:
-    """What the trace knows of one tensor."""
-
-    __slots__ = ("acts", "weights", "labels", "channels")
-
-    def __init__(self, acts: frozenset = frozenset(), weights: tuple = (), labels: tuple = (), channels: object = None) -> None:
-        self.acts = acts  # activation sources: INPUT, ("spikes", p), ("state", p), ("own", p), ("current", use)
-        self.weights = weights  # ((weight name, dims), ...): the Parameters it is made of, dims as theirs
-        self.labels = labels  # per dim: "batch", "time" or None
-        self.channels = channels  # None, UNKNOWN, or (dim or None, (input channels per index along dim, ...))
-
-
-@dataclass(frozen=True)
-class Use:
-    """One synapse: an op consuming weight ``name`` (a Parameter's name; for a fixed synapse, a
-    buffer's or "a tensor made in the forward", with ``parameter`` False).
-
-    ``outputs`` and ``inputs`` are the weight's dims indexing the output neurons and the inputs
-    (None where the op's reading does not map to one dim of the Parameter); ``rows`` is how many
-    output neurons the op reads of it (fewer than the Parameter holds when the forward splits
-    it).  ``reads`` are the sources of the activations it consumes; ``where`` names the op and the
-    module it ran in; ``index`` is its place in :attr:`Trace.all_uses`, which its current names."""
-
-    index: int
-    name: str
-    op: str
-    outputs: int | None
-    inputs: int | None
-    groups: int
-    gates: int
-    reads: frozenset
-    where: str
-    rows: int | None = None
-    parameter: bool = True
-
-    def describe(self) -> str:
-        dims = f"output neurons along dim {self.outputs}" if self.outputs is not None else "output neurons along no single dim"
-        return f"{self.where} ({dims})"
-
-
-@dataclass
-class Call:
-    """One call of a neuron module, in the population it continues or starts."""
-
-    population: int
-    neurons: int | None
-    batch_found: bool  # whether the spikes' batch dim was followed from the example (else dim 0 was taken)
-
-
-@dataclass
-class Trace:
-    """What one forward computed: the synapses (each Parameter's, and all of them in order), the
-    populations (their modules, calls and what reached their spikes), how the input channels reach
-    each population the input reaches before any other, and what the trace noticed."""
-
-    uses: dict[str, list[Use]] = field(default_factory=dict)  # a Parameter's name -> its synapses
-    all_uses: list[Use] = field(default_factory=list)
-    populations: list[str] = field(default_factory=list)  # the neuron module's dotted name, per population
-    modules: list[nn.Module] = field(default_factory=list)  # the neuron module, per population
-    calls: list[Call] = field(default_factory=list)
-    feeds: dict[int, frozenset] = field(default_factory=dict)  # population -> what reached its spikes
-    fans: dict[int, tuple[int, int] | None] = field(default_factory=dict)  # front population -> (fan-in, fan-out) from the input; None: not known
-    channels: int = 0  # the example's channels per time step
-    notes: list[str] = field(default_factory=list)
-
-    def neurons(self, population: int) -> int | None:
-        """The population's neurons: its first call's."""
-        return next(c.neurons for c in self.calls if c.population == population)
-
-
-def example_dims(example: Tensor, dims: str | None) -> str:
-    """How the example's dims are read, one letter each: ``t`` time, ``b`` batch, any other
-    letter a channel dim.  By default snnTorch's time-first convention: a 3-D example is
-    ``"tbc"`` (time, batch, channels), a 2-D one ``"bc"``, a 1-D one ``"c"``, a 4-D one
-    ``"bccc"`` (a batch of images), a 5-D one ``"tbccc"`` (time, batch, channels, height, width,
-    as snnTorch and tonic give event frames).
-
-    Raises:
-        ValueError: ``dims`` gives not one letter per dim, or more than one ``b`` or ``t``.
-    """
-    if dims is None:
-        return {0: "", 1: "c", 2: "bc", 3: "tbc", 5: "tbccc"}.get(example.dim(), "b" + "c" * (example.dim() - 1))
-    if not isinstance(dims, str) or len(dims) != example.dim() or dims.count("b") > 1 or dims.count("t") > 1:
-        raise ValueError(
-            f"dims={dims!r} does not read an example of shape {tuple(example.shape)}: give one letter per dim, "
-            "'t' time, 'b' batch, 'c' a channel dim (e.g. dims='btc')"
-        )
-    return dims
-
-
-# --- how an op maps the dims of its operands -----------------------------------------------------
-
-_SAME = {  # ops whose result has its first operand's dims, in order
-    "contiguous", "clone", "detach", "detach_", "to", "float", "double", "half", "bfloat16", "type", "cpu", "cuda",
-    "requires_grad_", "data", "type_as", "resolve_conj", "resolve_neg",
-}
-_VIEWS = _SAME | {
-    "t", "t_", "T", "mT", "mH", "adjoint", "transpose", "transpose_", "swapaxes", "swapdims", "permute", "movedim",
-    "moveaxis", "unsqueeze", "unsqueeze_", "squeeze", "squeeze_", "expand", "expand_as", "broadcast_to", "view",
-    "reshape", "view_as", "reshape_as", "flatten", "unflatten", "ravel",
-}
-# ops that move or pick elements: their channels are read by running them on an index probe
-_PICKS = {
-    "__getitem__", "select", "narrow", "index_select", "gather", "take_along_dim", "flip", "roll", "cat", "concat",
-    "concatenate", "stack", "split", "chunk", "tensor_split", "unsafe_chunk", "split_with_sizes", "unsafe_split",
-    "unbind", "repeat", "repeat_interleave", "tile",
-}
-_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "prod", "norm", "logsumexp", "std", "var", "nansum", "nanmean"}
-_CREATES = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like"}
-_IGNORED = {"shape", "size", "dim", "numel", "device", "dtype", "is_contiguous", "stride", "grad_fn", "requires_grad", "grad", "is_leaf"}
-
-
-def _arg(args: Sequence, kwargs: Mapping, position: int, name: str, default: object = None) -> object:
-    return kwargs[name] if name in kwargs else args[position] if len(args) > position else default
-
-
-def _positive(dim: int, rank: int) -> int:
-    return dim + rank if dim < 0 else dim
-
-
-def _regrouped(before: Sequence[int], after: Sequence[int]) -> tuple:
-    """A reshape from ``before`` to ``after``: each new dim's old dim where exactly one old dim
-    of the same size becomes exactly one new dim (dims of size 1 on both sides pair up in order:
-    a batch of 1 stays the batch); None where dims merge or split, or a dim of size 1 is new."""
-    result: list = [None] * len(after)
-    i = j = 0
-    while i < len(before) and j < len(after):
-        if before[i] == 1 or after[j] == 1:  # a dim of size 1: kept, dropped or new
-            if before[i] == 1 and after[j] == 1:
-                result[j] = i
-            i, j = i + (before[i] == 1), j + (after[j] == 1)
-            continue
-        i0, j0, a, b = i, j, before[i], after[j]
-        i, j = i + 1, j + 1
-        while a != b and (i < len(before) or j < len(after)):
-            if (a < b and i < len(before)) or j >= len(after):
-                a, i = a * before[i], i + 1
-            else:
-                b, j = b * after[j], j + 1
-        if i - i0 == 1 and j - j0 == 1:
-            result[j0] = i0
-    return tuple(result)
-
-
-def _aligned(source: Tensor, out: Tensor) -> tuple | None:
-    """Broadcasting: each dim of ``out``'s dim in ``source``, aligned from the right (None where
-    ``source`` has none, or stretches a dim of size 1)."""
-    if source.dim() > out.dim():
-        return None
-    offset = out.dim() - source.dim()
-    return (None,) * offset + tuple(d if source.shape[d] == out.shape[offset + d] else None for d in range(source.dim()))
-
-
-def _moved(source: int | Sequence[int], destination: int | Sequence[int], rank: int) -> tuple:
-    sources = [_positive(d, rank) for d in ([source] if isinstance(source, int) else source)]
-    destinations = [_positive(d, rank) for d in ([destination] if isinstance(destination, int) else destination)]
-    order: list = [None] * rank
-    for s, d in zip(sources, destinations):
-        order[d] = s
-    rest = iter(d for d in range(rank) if d not in sources)
-    return tuple(next(rest) if o is None else o for o in order)
-
-
-def _through_view(name: str, args: Sequence, kwargs: Mapping, source: Tensor, out: Tensor) -> tuple | None:
-    """For the view or shape op ``name`` taking ``source`` (its first operand) to ``out``: each
-    dim of ``out``'s dim in ``source`` (None for a new or merged one)."""
-    rank = source.dim()
-    if name in _SAME:
-        return tuple(range(rank)) if out.dim() == rank else None
-    if name in ("t", "t_"):
-        return (1, 0) if rank == 2 else tuple(range(rank))
-    if name == "T":
-        return tuple(reversed(range(rank)))
-    if name in ("mT", "mH", "adjoint"):
-        return (*range(rank - 2), rank - 1, rank - 2)
-    if name in ("transpose", "transpose_", "swapaxes", "swapdims"):
-        order = list(range(rank))
-        a, b = _positive(_arg(args, kwargs, 1, "dim0"), rank), _positive(_arg(args, kwargs, 2, "dim1"), rank)
-        order[a], order[b] = order[b], order[a]
-        return tuple(order)
-    if name == "permute":
-        order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:] or kwargs["dims"]
-        return tuple(_positive(d, rank) for d in order)
-    if name in ("movedim", "moveaxis"):
-        return _moved(_arg(args, kwargs, 1, "source"), _arg(args, kwargs, 2, "destination"), rank)
-    if name in ("unsqueeze", "unsqueeze_"):
-        dim = _arg(args, kwargs, 1, "dim")
-        order: list = list(range(rank))
-        order.insert(dim + rank + 1 if dim < 0 else dim, None)
-        return tuple(order)
-    if name in ("squeeze", "squeeze_"):
-        dim = _arg(args, kwargs, 1, "dim")
-        dims = range(rank) if dim is None else [dim] if isinstance(dim, int) else dim
-        gone = {_positive(d, rank) for d in dims if source.shape[_positive(d, rank)] == 1}
-        return tuple(d for d in range(rank) if d not in gone)
-    if name in ("expand", "expand_as", "broadcast_to"):
-        return _aligned(source, out)
-    return _regrouped(tuple(source.shape), tuple(out.shape))  # view, reshape, flatten, unflatten, ravel
-
-
-def _through_pick(name: str, args: Sequence, kwargs: Mapping, source: Tensor, out: Tensor) -> tuple | None:
-    """For an op that picks or moves ``source``'s elements: each dim of ``out``'s dim in
-    ``source`` where the dims correspond (ranks equal, or one dim gone or added)."""
-    if name in ("select", "unbind"):
-        gone = _positive(_arg(args, kwargs, 1, "dim", 0), source.dim())
-        return tuple(d for d in range(source.dim()) if d != gone)
-    if name == "stack":
-        dim = _positive(_arg(args, kwargs, 1, "dim", 0), out.dim())
-        order: list = list(range(source.dim()))
-        order.insert(dim, None)
-        return tuple(order)
-    if name == "__getitem__":
-        return _indexed(args[1], source.dim())
-    return tuple(range(source.dim())) if out.dim() == source.dim() else None
-
-
-def _indexed(index: object, rank: int) -> tuple | None:
-    """``tensor[index]``: each result dim's dim (None for a new one); None for an index that gathers."""
-    items = list(index) if isinstance(index, tuple) else [index]
-    if any(isinstance(item, (Tensor, list)) for item in items):
-        return None
-    used = sum(1 for item in items if item is not None and item is not Ellipsis)
-    result: list = []
-    dim = 0
-    for item in items:
-        if item is Ellipsis:
-            result += range(dim, dim + rank - used)
-            dim += rank - used
-        elif item is None:
-            result.append(None)
-        elif isinstance(item, slice):
-            result.append(dim)
-            dim += 1
-        else:  # an integer: the dim goes
-            dim += 1
-    return tuple(result) + tuple(range(dim, rank))
-
-
-def _compose(dims: tuple, through: tuple) -> tuple:
-    return tuple(dims[m] if m is not None and m < len(dims) else None for m in through)
-
-
-# --- channels: which input channels reach each element, on the way to the first neurons ------------
-
-
-def _channel_probe(tensor: Tensor, channels: tuple, offset: int) -> Tensor:
-    """``tensor``'s shape, each element holding the index (plus ``offset``) of its position along
-    the channels' dim, as float64: what a picking op moves shows where each position went."""
-    dim, _ = channels
-    if dim is None:
-        return torch.full(tensor.shape, float(offset), dtype=torch.float64)
-    shape = [1] * tensor.dim()
-    shape[dim] = tensor.shape[dim]
-    return (torch.arange(tensor.shape[dim], dtype=torch.float64) + offset).view(shape).expand(tensor.shape).clone()
-
-
-def _decoded(probe: Tensor, table: list[frozenset]) -> object:
-    """The channels of an op's result from its probe: each position's channels from ``table``
-    (-1: none), read as one dim along which they vary (and are constant along the others)."""
-    if probe.numel() == 0:
-        return (None, (frozenset(),))
-    distinct: dict[frozenset, int] = {}
-    sets = [frozenset(), *table]  # position -1 holds no channel
-    lookup = torch.tensor([distinct.setdefault(s, len(distinct)) for s in sets])
-    ids = lookup[(probe + 1).long()]  # equal sets, equal ids: the slices of a stack carry the same channels
-    by_id = list(distinct)
-    varying = [d for d in range(ids.dim()) if ids.shape[d] > 1 and not bool((ids == ids.narrow(d, 0, 1)).all())]
-    if not varying:
-        return (None, (by_id[int(ids.reshape(-1)[0])],))
-    if len(varying) > 1:
-        return UNKNOWN
-    d = varying[0]
-    line = ids.movedim(d, -1).reshape(-1, ids.shape[d])
-    if not bool((line == line[:1]).all()):
-        return UNKNOWN
-    return (d, tuple(by_id[int(v)] for v in line[0].tolist()))
-
-
-def _merged(channels: object) -> object:
-    """All the channels of ``channels`` reaching every element (a reduction over their dim)."""
-    if channels is None or channels == UNKNOWN:
-        return channels
-    return (None, (frozenset().union(*channels[1]),))
-
-
-def _fan(channels: object, neurons_dim: int | None, neurons: int) -> tuple[int, int] | None:
-    """``(fan-in, fan-out)``: the most input channels reaching one neuron, and the most neurons one
-    channel reaches; None when the channels are not known."""
-    if channels is None or channels == UNKNOWN:
-        return None
-    dim, sets = channels
-    if dim is None:
-        sets = sets * neurons  # every neuron gets them all
-    elif dim != neurons_dim:
-        return None
-    fan_in = max((len(s) for s in sets), default=0)
-    counts: dict[int, int] = {}
-    for s in sets:
-        for c in s:
-            counts[c] = counts.get(c, 0) + 1
-    return fan_in, max(counts.values(), default=0)
-
-
-# --- the synapses ---------------------------------------------------------------------------------
-
-_MATMUL = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "mv", "addmm", "baddbmm", "addmv", "addbmm"}
-_CONV = {"conv1d", "conv2d", "conv3d"}
-_CONV_TRANSPOSE = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
-_RNN = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-_CELL = {"lstm_cell": 4, "gru_cell": 3, "rnn_tanh_cell": 1, "rnn_relu_cell": 1}
-_SYNAPSES = {"linear", "bilinear", "einsum"} | _MATMUL | _CONV | _CONV_TRANSPOSE
-_PRODUCTS = {"mul", "__mul__", "__rmul__", "mul_", "multiply"}
-_ALSO_ELEMENTWISE = {"dropout", "dropout_", "alpha_dropout", "feature_dropout", "bernoulli", "copy_", "zero_", "fill_", "masked_fill_"}
-_RENAMED = {"truediv": "div", "floordiv": "floor_divide", "and": "bitwise_and", "or": "bitwise_or", "xor": "bitwise_xor", "invert": "bitwise_not",
-            "multiply": "mul", "subtract": "sub", "divide": "div", "true_divide": "div"}
-MIXED = "a mixing op over activations"  # a fixed synapse with no tensor of weights (a sum over neurons, a softmax, a pooling)
-
-
-@functools.cache
-def _elementwise(name: str) -> bool:
-    """Whether torch's op ``name`` computes each output element from the same element of its
-    operands: an aten op tagged pointwise (``mul``, ``__rmul__``, ``sigmoid_``...), or dropout."""
-    if name in _ALSO_ELEMENTWISE:
-        return True
-    base = name[3:-2] if name.startswith("__r") and name.endswith("__") else name.strip("_")
-    packet = getattr(torch.ops.aten, _RENAMED.get(base, base), None)
-    overloads = packet.overloads() if isinstance(packet, torch._ops.OpOverloadPacket) else ()
-    return any(torch.Tag.pointwise in getattr(packet, overload).tags for overload in overloads)
+__all__ = ["parameter_names", "trace"]
 
 
 class _Tracer(TorchFunctionMode):
@@ -414,16 +81,16 @@ class _Tracer(TorchFunctionMode):
 
     # tensors ---------------------------------------------------------------------------------------
 
-    def info(self, tensor: object) -> _Info | None:
+    def info(self, tensor: object) -> Info | None:
         if not isinstance(tensor, Tensor):
             return None
         found = self.infos.get(tensor)
         if found is None and id(tensor) in self.names:
-            found = _Info(weights=((self.names[id(tensor)], tuple(range(tensor.dim()))),))
+            found = Info(weights=((self.names[id(tensor)], tuple(range(tensor.dim()))),))
             self.tag(tensor, found)
         return found
 
-    def tag(self, tensor: Tensor, info: _Info) -> None:
+    def tag(self, tensor: Tensor, info: Info) -> None:
         self.infos[tensor] = info
         self.held.append(tensor)
 
@@ -448,7 +115,7 @@ class _Tracer(TorchFunctionMode):
         if name in ("__get__", "__set__"):
             attribute = getattr(getattr(func, "__self__", None), "__name__", "")
             name = attribute if name == "__get__" else f"{attribute}.__set__"
-        if name not in _IGNORED:
+        if name not in IGNORED:
             self.func = func
             try:
                 self.record(name, args, kwargs, out)
@@ -461,7 +128,7 @@ class _Tracer(TorchFunctionMode):
         """An op the trace failed on: its results come from everything it read, channels unknown."""
         acts = self.acts((args, kwargs))
         for o in (t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)):
-            self.tag(o, _Info(acts, (), (None,) * o.dim(), UNKNOWN if acts else None))
+            self.tag(o, Info(acts, (), (None,) * o.dim(), UNKNOWN if acts else None))
 
     def record(self, name: str, args: tuple, kwargs: dict, out: object) -> None:
         if name in ("__setitem__", "data.__set__"):  # a tensor written in place: it holds what was written
@@ -470,20 +137,20 @@ class _Tracer(TorchFunctionMode):
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
         if not outs:
             return
-        if name in _RNN or name in _CELL:
+        if name in RNN or name in CELL:
             self.recurrent(name, args, outs)
             return
-        if name in _SYNAPSES and self.synapse(name, args, kwargs, outs):
+        if name in SYNAPSES and self.synapse(name, args, kwargs, outs):
             return
-        operands = [args[0]] if name in _VIEWS and args and isinstance(args[0], Tensor) else pytree.tree_leaves((args, kwargs))
+        operands = [args[0]] if name in VIEWS and args and isinstance(args[0], Tensor) else pytree.tree_leaves((args, kwargs))
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         known = [(t, i) for t in operands if (i := self.info(t)) is not None]
         if not known:
             if self.neuron_calls and not tensors:  # a new tensor made inside a neuron (torch.zeros): its initial state
                 for o in outs:
-                    self.tag(o, _Info(frozenset({("own", self.neuron_calls[-1])}), (), (None,) * o.dim()))
+                    self.tag(o, Info(frozenset({("own", self.neuron_calls[-1])}), (), (None,) * o.dim()))
             return
-        if name in _CREATES:  # new values: inside a neuron, its own state (an initial membrane)
+        if name in CREATES:  # new values: inside a neuron, its own state (an initial membrane)
             acts = frozenset({("own", self.neuron_calls[-1])}) if self.neuron_calls else frozenset()
         else:
             acts = frozenset().union(*(i.acts for _, i in known))
@@ -492,11 +159,11 @@ class _Tracer(TorchFunctionMode):
             common = tuple(torch.broadcast_shapes(*shapes))
         except RuntimeError:
             common = None
-        pointwise = name not in _VIEWS and name not in _PICKS and name not in _REDUCTIONS and all(tuple(o.shape) == common for o in outs)
+        pointwise = name not in VIEWS and name not in PICKS and name not in REDUCTIONS and all(tuple(o.shape) == common for o in outs)
         if acts and not self.neuron_calls and self.mixing(name, args, kwargs, known, tensors, outs, pointwise):
             return
-        elementwise = pointwise and _elementwise(name)
-        if acts and not self.neuron_calls and not elementwise and name not in _VIEWS and name not in _PICKS and name not in _CREATES:
+        elementwise = pointwise and is_elementwise(name)
+        if acts and not self.neuron_calls and not elementwise and name not in VIEWS and name not in PICKS and name not in CREATES:
             if any(self.across_neurons(name, args, kwargs, t, i, outs[0]) for t, i in known if i.acts):
                 # softmax, a sum over neurons, a pooling...: every output reads many activations, a fixed synapse
                 acts = frozenset({self.used(MIXED, name, None, None, 1, 1, acts, self.here(f"{name}(...)"), None, False)})
@@ -504,31 +171,31 @@ class _Tracer(TorchFunctionMode):
             weights: dict = {}
             labels: list = [None] * o.dim()
             for t, i in known:
-                if name in _VIEWS:
-                    through = _through_view(name, args, kwargs, t, o)
-                elif name in _PICKS:
-                    through = _through_pick(name, args, kwargs, t, o)
+                if name in VIEWS:
+                    through = through_view(name, args, kwargs, t, o)
+                elif name in PICKS:
+                    through = through_pick(name, args, kwargs, t, o)
                 elif pointwise:
-                    through = _aligned(t, o)
+                    through = aligned_dims(t, o)
                 else:
                     through = self.reduced(name, args, kwargs, t, o)
                 through = through or (None,) * o.dim()
                 if not acts:
                     for weight, dims in i.weights:
-                        weights.setdefault(weight, _compose(dims, through))
-                for d, label in enumerate(_compose(i.labels, through)):
+                        weights.setdefault(weight, composed(dims, through))
+                for d, label in enumerate(composed(i.labels, through)):
                     labels[d] = labels[d] or label
             if name == "stack":
-                dim = _positive(_arg(args, kwargs, 1, "dim", 0), o.dim())
-                labels[dim] = "time" if self.steps and len(_arg(args, kwargs, 0, "tensors")) == self.steps else None
-            self.tag(o, _Info(acts, tuple(weights.items()), tuple(labels), self.channels_of(name, args, kwargs, known, o, k, elementwise)))
+                dim = positive_dim(argument(args, kwargs, 1, "dim", 0), o.dim())
+                labels[dim] = "time" if self.steps and len(argument(args, kwargs, 0, "tensors")) == self.steps else None
+            self.tag(o, Info(acts, tuple(weights.items()), tuple(labels), self.channels_of(name, args, kwargs, known, o, k, elementwise)))
 
-    def across_neurons(self, name: str, args: tuple, kwargs: dict, source: Tensor, info: _Info, out: Tensor) -> bool:
+    def across_neurons(self, name: str, args: tuple, kwargs: dict, source: Tensor, info: Info, out: Tensor) -> bool:
         """Whether an op that is not elementwise mixes ``source``'s values along a dim other than
         the batch and the time: a reduction over such a dim, or any other op over a tensor that
         has one."""
         labels = info.labels if len(info.labels) == source.dim() else (None,) * source.dim()
-        if name in _REDUCTIONS:
+        if name in REDUCTIONS:
             kept = self.reduced(name, args, kwargs, source, out)
             if kept is None:
                 return True
@@ -538,26 +205,26 @@ class _Tracer(TorchFunctionMode):
 
     def reduced(self, name: str, args: tuple, kwargs: dict, source: Tensor, out: Tensor) -> tuple | None:
         """A reduction's dims: the dims it keeps, in order; None for any other op."""
-        if name not in _REDUCTIONS:
+        if name not in REDUCTIONS:
             return None
-        dims = _arg(args, kwargs, 1, "dim")
+        dims = argument(args, kwargs, 1, "dim")
         if dims is None or isinstance(dims, torch.dtype):
             return () if out.dim() == 0 else None
-        gone = {_positive(d, source.dim()) for d in ([dims] if isinstance(dims, int) else dims)}
+        gone = {positive_dim(d, source.dim()) for d in ([dims] if isinstance(dims, int) else dims)}
         keep = out.dim() == source.dim()
         return tuple(None if d in gone else d for d in range(source.dim())) if keep else tuple(d for d in range(source.dim()) if d not in gone)
 
     def channels_of(self, name: str, args: tuple, kwargs: dict, known: list, out: Tensor, k: int, elementwise: bool) -> object:
         """Which input channels reach each element of ``out`` (the ``k``-th result)."""
         carrying = [(t, i.channels) for t, i in known if i.channels is not None]
-        if not carrying or name in _CREATES:  # new values: no input channel reaches them
+        if not carrying or name in CREATES:  # new values: no input channel reaches them
             return None
         if any(channels == UNKNOWN for _, channels in carrying):
             return UNKNOWN
-        if name in _VIEWS or (elementwise and name not in _PICKS):
+        if name in VIEWS or (elementwise and name not in PICKS):
             found: dict = {}
             for t, (dim, sets) in carrying:
-                through = _through_view(name, args, kwargs, t, out) if name in _VIEWS else _aligned(t, out)
+                through = through_view(name, args, kwargs, t, out) if name in VIEWS else aligned_dims(t, out)
                 if dim is None:
                     found.setdefault(None, []).append(sets)
                     continue
@@ -572,7 +239,7 @@ class _Tracer(TorchFunctionMode):
             width = out.shape[dim] if dim is not None else 1
             merged = [frozenset().union(*(s[j] for s in found.get(dim, [])), *(s[0] for s in found.get(None, []))) for j in range(width)]
             return (dim, tuple(merged))
-        if name in _REDUCTIONS:
+        if name in REDUCTIONS:
             (t, channels), through = carrying[0], self.reduced(name, args, kwargs, carrying[0][0], out)
             if through is None or len(carrying) > 1:
                 return UNKNOWN
@@ -580,8 +247,8 @@ class _Tracer(TorchFunctionMode):
             if dim is None:
                 return channels
             mapped = [d for d, source in enumerate(through) if source == dim]
-            return (mapped[0], channels[1]) if mapped else _merged(channels)
-        if name in _PICKS:
+            return (mapped[0], channels[1]) if mapped else merged_channels(channels)
+        if name in PICKS:
             return self.picked(name, args, kwargs, known, k)
         return UNKNOWN
 
@@ -593,7 +260,7 @@ class _Tracer(TorchFunctionMode):
             if i.channels is None:
                 continue
             dim, sets = i.channels
-            probes[id(t)] = _channel_probe(t, i.channels, len(table))
+            probes[id(t)] = channel_probe(t, i.channels, len(table))
             table += list(sets)
 
         def probed(value):
@@ -604,7 +271,7 @@ class _Tracer(TorchFunctionMode):
         func = self.func  # the op as the forward called it: a method's arguments are not the function's
         result = func(*pytree.tree_map(probed, args), **pytree.tree_map(probed, kwargs))
         results = [r for r in pytree.tree_leaves(result) if isinstance(r, Tensor)]
-        return _decoded(results[k], table)
+        return decoded_channels(results[k], table)
 
     def written(self, name: str, args: tuple) -> None:
         """``target[...] = value`` or ``target.data = value``: the target now holds the value's sources."""
@@ -613,10 +280,10 @@ class _Tracer(TorchFunctionMode):
         if new is None or not isinstance(target, Tensor):
             return
         if name == "data.__set__" or old is None:
-            self.tag(target, _Info(new.acts, new.weights, new.labels, new.channels))
+            self.tag(target, Info(new.acts, new.weights, new.labels, new.channels))
         else:
             channels = None if old.channels is None and new.channels is None else UNKNOWN
-            self.tag(target, _Info(old.acts | new.acts, old.weights, old.labels, channels))
+            self.tag(target, Info(old.acts | new.acts, old.weights, old.labels, channels))
 
     def mixing(self, name: str, args: tuple, kwargs: dict, known: list, tensors: list, outs: list, pointwise: bool) -> bool:
         """Outside neurons, an op that mixes an activation with a tensor that is not one: a gain
@@ -627,7 +294,7 @@ class _Tracer(TorchFunctionMode):
         active = [t for t in tensors if self.info(t) is not None and self.info(t).acts]
         if not weights or not active:
             return False
-        if pointwise and name not in _PRODUCTS:
+        if pointwise and name not in PRODUCTS:
             return False  # a bias, a threshold: not a synapse
         if pointwise and all(self.one_to_one(w, active, outs[0]) for w in weights):
             op, what = "gain", "x * weight"  # every dim of the weight is one of the activation's: one-to-one
@@ -638,21 +305,21 @@ class _Tracer(TorchFunctionMode):
         labels = next((self.info(a).labels for a in active if len(self.info(a).labels) == outs[0].dim()), (None,) * outs[0].dim())
         for k, o in enumerate(outs):
             channels = self.channels_of(name, args, kwargs, [(t, i) for t, i in known], o, k, pointwise) if op == "gain" else (
-                _merged(next((self.info(a).channels for a in active if self.info(a).channels is not None), None))
+                merged_channels(next((self.info(a).channels for a in active if self.info(a).channels is not None), None))
                 if any(self.info(a).channels is not None for a in active) else None
             )
-            self.tag(o, _Info(current, (), labels if len(labels) == o.dim() else (None,) * o.dim(), channels if op == "gain" else (UNKNOWN if channels else None)))
+            self.tag(o, Info(current, (), labels if len(labels) == o.dim() else (None,) * o.dim(), channels if op == "gain" else (UNKNOWN if channels else None)))
         return True
 
     @staticmethod
     def one_to_one(weight: Tensor, active: list, out: Tensor) -> bool:
         """Whether every dim of ``weight`` in a broadcast product is a dim of an activation, so that
         each element of the activation meets one element of the weight (a gain)."""
-        held = _aligned(weight, out)
+        held = aligned_dims(weight, out)
         if held is None:
             return False
         for position, dim in enumerate(held):  # an activation stretched along a weight's dim meets many of its elements
-            if dim is not None and not any((seen := _aligned(a, out)) is not None and seen[position] is not None for a in active):
+            if dim is not None and not any((seen := aligned_dims(a, out)) is not None and seen[position] is not None for a in active):
                 return False
         return True
 
@@ -698,18 +365,18 @@ class _Tracer(TorchFunctionMode):
         elif name == "__rmatmul__":
             operands = [args[1], args[0]]
         elif name == "bilinear":
-            operands = [args[0], args[1], _arg(args, kwargs, 2, "weight")]
-        elif name in _MATMUL:
-            operands = [args[0], _arg(args, kwargs, 1, "other", _arg(args, kwargs, 1, "mat2", _arg(args, kwargs, 1, "vec")))]
+            operands = [args[0], args[1], argument(args, kwargs, 2, "weight")]
+        elif name in MATMUL:
+            operands = [args[0], argument(args, kwargs, 1, "other", argument(args, kwargs, 1, "mat2", argument(args, kwargs, 1, "vec")))]
         else:
-            operands = [args[0], _arg(args, kwargs, 1, "weight")]
+            operands = [args[0], argument(args, kwargs, 1, "weight")]
         if not all(isinstance(t, Tensor) for t in operands):
             return False
         infos = [self.info(t) for t in operands]
         activations = [k for k, i in enumerate(infos) if i is not None and i.acts]
         weights = [k for k in range(len(operands)) if k not in activations]
         if not activations:
-            return self.weight_product(name, operands, infos, outs) if name in _MATMUL else False
+            return self.weight_product(name, operands, infos, outs) if name in MATMUL else False
         if len(weights) != 1:
             return False
         k = weights[0]
@@ -722,9 +389,9 @@ class _Tracer(TorchFunctionMode):
             out_dim, in_dim, labels, what = 0, 1, act_labels[:-1] + (None,), "F.linear(x, weight)"
         elif name == "bilinear":
             out_dim, labels, what = 0, act_labels[:-1] + (None,), "F.bilinear(x1, x2, weight)"
-        elif name in _CONV or name in _CONV_TRANSPOSE:
-            transposed = name in _CONV_TRANSPOSE
-            groups = int(_arg(args, kwargs, 6, "groups", 1))
+        elif name in CONV or name in CONV_TRANSPOSE:
+            transposed = name in CONV_TRANSPOSE
+            groups = int(argument(args, kwargs, 6, "groups", 1))
             out_dim, in_dim = (1, 0) if transposed else (0, 1)
             batched = act.dim() == weight.dim()
             labels = ((act_labels[0] if act_labels else None,) if batched else ()) + (None,) * (outs[0].dim() - batched)
@@ -748,10 +415,10 @@ class _Tracer(TorchFunctionMode):
         channels = self.synapse_channels(op, weight, act, act_info, out_dim, in_dim, groups, outs[0])
         for o in outs:
             fitted = tuple(labels)[: o.dim()] + (None,) * max(0, o.dim() - len(labels))
-            self.tag(o, _Info(current, (), fitted, channels))
+            self.tag(o, Info(current, (), fitted, channels))
         return True
 
-    def synapse_channels(self, op: str, weight: Tensor, act: Tensor, info: _Info, out_dim, in_dim, groups: int, out: Tensor) -> object:
+    def synapse_channels(self, op: str, weight: Tensor, act: Tensor, info: Info, out_dim, in_dim, groups: int, out: Tensor) -> object:
         """The channels reaching each output of a synapse: through the weight's non-zero entries."""
         if info.channels is None:
             return None
@@ -789,7 +456,7 @@ class _Tracer(TorchFunctionMode):
                 if keep is not None and t.dim() >= 2:
                     mapped[keep[0]] = dims[keep[1]] if keep[1] < len(dims) else None
                 weights.setdefault(weight, tuple(mapped))
-        self.tag(outs[0], _Info(frozenset(), tuple(weights.items()), (None,) * outs[0].dim()))
+        self.tag(outs[0], Info(frozenset(), tuple(weights.items()), (None,) * outs[0].dim()))
         return True
 
     def einsum(self, equation: str, operands: list, infos: list, k: int, activations: list) -> tuple | None:
@@ -824,8 +491,8 @@ class _Tracer(TorchFunctionMode):
     def recurrent(self, name: str, args: tuple, outs: list) -> None:
         """torch's RNN ops and cells: weight_ih reads the input, weight_hh the hidden state (a
         cell's, given); each is read by rows (torch's [gates x hidden, in]), gates by op."""
-        gates = _RNN.get(name) or _CELL[name]
-        if name in _CELL:
+        gates = RNN.get(name) or CELL[name]
+        if name in CELL:
             x, hx, *params = args
             h = hx[0] if isinstance(hx, (tuple, list)) else hx
             readers = [(params[0], self.inside(self.acts(x)), gates), (params[1], self.inside(self.acts(h)), gates)]
@@ -848,7 +515,7 @@ class _Tracer(TorchFunctionMode):
         channels = UNKNOWN if x_info is not None and x_info.channels is not None else None
         for o in outs:
             labels = x_info.labels[:-1] + (None,) if x_info is not None and len(x_info.labels) == o.dim() else (None,) * o.dim()
-            self.tag(o, _Info(frozenset(current), (), labels, channels))
+            self.tag(o, Info(frozenset(current), (), labels, channels))
 
     # neurons ---------------------------------------------------------------------------------------
 
@@ -875,7 +542,7 @@ class _Tracer(TorchFunctionMode):
         own = ("own", population)  # the state it is given or keeps is the neuron's own, whatever its values
         for t in state_in:
             info = self.info(t)
-            self.tag(t, _Info(info.acts | {own}, info.weights, info.labels, None) if info is not None else _Info(frozenset({own}), (), (None,) * t.dim()))
+            self.tag(t, Info(info.acts | {own}, info.weights, info.labels, None) if info is not None else Info(frozenset({own}), (), (None,) * t.dim()))
         current = self.info(args[0]) if args and isinstance(args[0], Tensor) else None
         self.entering = current.channels if current is not None else None
 
@@ -906,12 +573,12 @@ class _Tracer(TorchFunctionMode):
             entering = made.channels if made is not None and made.channels is not None else UNKNOWN
         if entering is not None and population not in self.result.fans:
             neuron_dim = next((d for d, label in enumerate(labels) if label not in ("batch", "time") and spikes.shape[d] == neurons), None)
-            self.result.fans[population] = _fan(entering, neuron_dim if neuron_dim is not None else spikes.dim() - 1, neurons)
-        self.tag(spikes, _Info(frozenset({("spikes", population)}), (), tuple(labels)))
+            self.result.fans[population] = fan_of(entering, neuron_dim if neuron_dim is not None else spikes.dim() - 1, neurons)
+        self.tag(spikes, Info(frozenset({("spikes", population)}), (), tuple(labels)))
         state_token = frozenset({("state", population)})
         for t in [*leaves[1:], *self.kept(module)]:
             if t is not spikes:
-                self.tag(t, _Info(state_token, (), self.info(t).labels if self.info(t) is not None else ()))
+                self.tag(t, Info(state_token, (), self.info(t).labels if self.info(t) is not None else ()))
 
     def neuron_labels(self, module: nn.Module, spikes: Tensor) -> tuple[tuple, bool]:
         """The batch and time dims of a neuron's spikes: followed from the example, else by the
@@ -1020,7 +687,7 @@ def trace(model: nn.Module, example: Tensor, neurons: Mapping[str, nn.Module], d
             f"the example has its channels along {len(channel_dims)} dims, and the trace follows them along one: to check "
             "the front end, give the example with its channels flattened (e.g. x.flatten(2), dims='tbc')"
         )
-    tracer.tag(example, _Info(frozenset({INPUT}), (), labels, channels))
+    tracer.tag(example, Info(frozenset({INPUT}), (), labels, channels))
     tracer.result.channels = math.prod(size for size, letter in zip(example.shape, letters) if letter not in "bt")
     with _unchanged(model), tracing(model), torch.no_grad(), contextlib.ExitStack() as hooks:
         for name, module in model.named_modules():
@@ -1031,7 +698,7 @@ def trace(model: nn.Module, example: Tensor, neurons: Mapping[str, nn.Module], d
             if kept:  # what one call leaves for the next: a second call shows what reads it
                 tracer.note(f"{', '.join(map(one_line, kept))} carries activations from one call to the next: read over two calls of the model")
                 model(example)
-    return _layers_over_time(tracer.result)
+    return layers_over_time(tracer.result)
 
 
 def _kept_between_calls(tracer: _Tracer, model: nn.Module, neurons: Mapping[str, nn.Module]) -> list[str]:
@@ -1048,57 +715,6 @@ def _kept_between_calls(tracer: _Tracer, model: nn.Module, neurons: Mapping[str,
     return list(dict.fromkeys(found))
 
 
-def _layers_over_time(traced: Trace) -> Trace:
-    """One layer whose state restarts at every call (an snnTorch neuron that resets its state
-    when the size of its input changes, applied to two layers at each time step) makes a
-    population per call: those of one module, one size and fed by the same weights and
-    populations are one layer over time, merged into the first, with a note."""
-    alias: dict[int, int] = {}
-    seen: dict[tuple, int] = {}
-
-    def source(token: tuple) -> tuple | None:
-        if token == INPUT:
-            return token
-        kind, what = token
-        if kind == "current":
-            return ("weight", traced.all_uses[what].name)
-        return None if kind == "own" else ("population", alias.get(what, what))
-
-    for p, path in enumerate(traced.populations):
-        feeds = frozenset(filter(None, map(source, traced.feeds.get(p, ())))) - {("population", p)}
-        key = (path, traced.neurons(p), feeds)
-        if key in seen:
-            alias[p] = seen[key]
-        else:
-            seen[key] = p
-    if not alias:
-        return traced
-    kept = [p for p in range(len(traced.populations)) if p not in alias]
-    number = {p: kept.index(alias.get(p, p)) for p in range(len(traced.populations))}
-
-    def renumbered(tokens: frozenset) -> frozenset:
-        return frozenset(t if t == INPUT or t[0] == "current" else (t[0], number[t[1]]) for t in tokens)
-
-    merged = Trace(channels=traced.channels, notes=list(traced.notes))
-    merged.populations = [traced.populations[p] for p in kept]
-    merged.modules = [traced.modules[p] for p in kept]
-    merged.calls = [Call(number[c.population], c.neurons, c.batch_found) for c in traced.calls]
-    for p, reached in traced.feeds.items():
-        merged.feeds[number[p]] = merged.feeds.get(number[p], frozenset()) | renumbered(reached)
-    for p, fans in traced.fans.items():
-        merged.fans.setdefault(number[p], fans)
-    merged.all_uses = [dataclasses.replace(use, reads=renumbered(use.reads)) for use in traced.all_uses]
-    for use in merged.all_uses:
-        if use.parameter:
-            merged.uses.setdefault(use.name, []).append(use)
-    for path in dict.fromkeys(traced.populations[p] for p in alias):
-        merged.notes.append(
-            f"{one_line(path)}: its calls each start their state afresh; those of one size fed by the same weights are read "
-            "as one layer over time"
-        )
-    return merged
-
-
 @contextlib.contextmanager
 def _watched(tracer: _Tracer, name: str, module: nn.Module, neuron: bool) -> Iterator[None]:
     """Hooks that tell the tracer which module runs, and a neuron's calls."""
@@ -1109,7 +725,7 @@ def _watched(tracer: _Tracer, name: str, module: nn.Module, neuron: bool) -> Ite
 
         def computed(module, args, output):
             if isinstance(output, Tensor):
-                tracer.tag(output, _Info(weights=((weight_name, tuple(range(output.dim()))),), labels=(None,) * output.dim()))
+                tracer.tag(output, Info(weights=((weight_name, tuple(range(output.dim()))),), labels=(None,) * output.dim()))
 
         handle = module.register_forward_hook(computed)
         try:
@@ -1138,67 +754,3 @@ def _watched(tracer: _Tracer, name: str, module: nn.Module, neuron: bool) -> Ite
     finally:
         for handle in handles:
             handle.remove()
-
-
-_RNN_OPS = set(_RNN) | set(_CELL)
-
-
-def _layout_of_use(use: Use, dims: int) -> Layout | None:
-    """The layout a synapse reads its weight (of ``dims`` dims) with; None when its output
-    neurons do not run along one dim of the Parameter, the way a layout can say."""
-    reading = (use.outputs, use.inputs)
-    if use.op == "conv":
-        return Layout(groups=use.groups) if reading == (0, 1) else None
-    if use.op == "conv_transpose":
-        return Layout(groups=use.groups, transposed=True) if reading == (1, 0) else None
-    if use.op in _RNN_OPS:
-        return Layout(gates=use.gates) if use.outputs == 0 else None
-    if use.outputs is None or use.inputs is None:
-        return None
-    if dims == 2 and reading == (1, 0):
-        return Layout(inputs_first=True)
-    return Layout() if use.outputs == 0 else None
-
-
-def layouts_read(traced: Trace, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[Layout | None, Use]]:
-    """Each weight the forward used as a synapse (of 2 or more dims, by ``shapes``), with the layout
-    its uses read it with and one of those uses; None where no use says which dim indexes the
-    output neurons.  A gain (an elementwise product) is no matrix: a weight used only so is left
-    out.  A use that reads only some of a weight's output neurons (the forward splits it) is said
-    in a warning: nwave_param cuts the weight's blocks from its first row.
-
-    Raises:
-        ValueError: a weight read in two ways (``x @ W`` and ``F.linear(x, W)``), naming both uses.
-    """
-    import warnings
-
-    found: dict[str, tuple[Layout | None, Use]] = {}
-    for name, uses in traced.uses.items():
-        shape = shapes.get(name)
-        if shape is None or len(shape) < 2:
-            continue
-        readings: dict[Layout | None, Use] = {}
-        for use in uses:
-            if use.op != "gain":
-                readings.setdefault(_layout_of_use(use, len(shape)), use)
-        known = {layout: use for layout, use in readings.items() if layout is not None}
-        if len(known) > 1:
-            (_, use_a), (_, use_b) = list(known.items())[:2]
-            raise ValueError(
-                f"{one_line(name)} is read two ways: {one_line(use_a.describe())} and {one_line(use_b.describe())}; one weight is one "
-                "matrix on the chip: use it one way, or give each use a weight of its own"
-            )
-        if not readings:
-            continue
-        found[name] = next(iter(known.items())) if known else (None, next(iter(readings.values())))
-        layout, use = found[name]
-        rows = layout.rows(shape) if layout is not None else None
-        partial = [u for u in uses if u.op != "gain" and rows is not None and u.rows is not None and u.rows < rows // max(1, layout.groups if layout.transposed else 1)]
-        if partial and layout is not None and not layout.gates > 1:
-            warnings.warn(
-                f"{one_line(name)}: the forward uses {partial[0].rows} of its {rows} output rows in {one_line(partial[0].where)}: "
-                "nwave_param cuts its blocks of output neurons from its first row, so a part that starts elsewhere may share a "
-                "block with another; give each part a weight of its own",
-                stacklevel=4,
-            )
-    return found
