@@ -32,7 +32,7 @@ import tempfile
 from run import machine, table
 
 MAX_BYTES = "20M"
-PROBE = r"""
+PROBE = rf"""
 import json, os, resource, sys, time
 import torch
 import nwave_param.checkpoints.commands  # what the command imports after its signal handler: imported before the clock, in both
@@ -46,11 +46,11 @@ if variant == "torch.load":
     code = None
 else:
     sys.stdout = open(os.devnull, "w")
-    code = main(["check", path, "--max-bytes", "{max_bytes}", *(["--json"] if variant == "check --json" else [])])
+    code = main(["check", path, "--max-bytes", "{MAX_BYTES}", *(["--json"] if variant == "check --json" else [])])
 seconds = time.perf_counter() - start
 sys.stdout = sys.__stdout__
 print(json.dumps({{"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "code": code}}))
-""".format(max_bytes=MAX_BYTES)
+"""
 VARIANTS = ("torch.load", "check", "check --json")
 ROW = ("seconds", "peak_mib", "time_vs_load", "peak_vs_load")
 

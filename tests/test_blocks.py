@@ -5,10 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
-
 from installs import not_installed
 from layers import same_bits
+from torch import nn
 
 import nwave_param as nwp
 from nwave_param import functional

@@ -15,11 +15,10 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from torch import nn
-from torch.nn.utils import parametrize
-
 from installs import not_installed
 from layers import scaled
+from torch import nn
+from torch.nn.utils import parametrize
 
 import nwave_param as nwp
 from nwave_param.checkpoints import files

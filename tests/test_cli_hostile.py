@@ -20,9 +20,8 @@ import zipfile
 
 import pytest
 import torch
-from torch import nn
-
 from test_cli import error, leftovers
+from torch import nn
 
 import nwave_param as nwp
 from nwave_param.description import encode

@@ -8,12 +8,11 @@ own, so removing, hardening or projecting one never touches the other.
 import copy
 
 import pytest
-from torch.optim.swa_utils import AveragedModel
 import torch
+from installs import not_installed
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
-
-from installs import not_installed
+from torch.optim.swa_utils import AveragedModel
 
 import nwave_param as nwp
 

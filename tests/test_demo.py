@@ -8,7 +8,6 @@ what the chip holds, so projecting it changes no prediction.
 import json
 
 import pytest
-
 from installs import not_installed  # noqa: E402
 
 for _package in ("sklearn", "snntorch", "matplotlib"):

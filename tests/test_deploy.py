@@ -6,14 +6,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
-
 from layers import scaled
+from torch import nn
 
 import nwave_param as nwp
 from nwave_param import functional
-from nwave_param.functional import unprojectable
 from nwave_param.core.report import build_report
+from nwave_param.functional import unprojectable
 
 
 def dense_populations(module, weight):

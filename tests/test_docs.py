@@ -6,13 +6,12 @@ absent is skipped, naming the package.
 """
 
 import importlib.util
+import re
 import shutil
 import subprocess
-import re
 from pathlib import Path
 
 import pytest
-
 from installs import INSTALLS, not_installed
 
 ROOT = Path(__file__).parents[1]

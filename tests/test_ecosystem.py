@@ -4,10 +4,9 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from installs import not_installed
 from layers import scaled
+from torch import nn
 
 import nwave_param as nwp
 

@@ -7,9 +7,8 @@ import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from torch import nn
-
 from layers import scaled
+from torch import nn
 
 import nwave_param as nwp
 from nwave_param.loss import topology_loss, weight_magnitude_loss

@@ -10,10 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
-
 from layers import fill, group_sizes, limits, make_model, model_cfgs, same_bits, values_cfgs
 from reference import ref_constraints_hold, ref_tracked
+from torch import nn
 
 import nwave_param as nwp
 from nwave_param.checkpoints.cli import main

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from installs import not_installed
 from torch import nn
 
 import nwave_param as nwp
-from installs import not_installed
 
 snn = pytest.importorskip("snntorch", reason=not_installed("snntorch"))
 

@@ -5,15 +5,14 @@ import threading
 
 import pytest
 import torch
+from layers import same_bits, scaled
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
-from layers import same_bits, scaled
-
 import nwave_param as nwp
 from nwave_param import description
-from nwave_param.layout import Layout
 from nwave_param.core.settings import Registration
+from nwave_param.layout import Layout
 
 
 class Net(nn.Module):

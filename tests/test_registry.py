@@ -5,10 +5,9 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-from torch.nn.utils import parametrize, parametrizations
-
 from layers import same_bits, scaled
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 
 import nwave_param as nwp
 from nwave_param.loss import topology_loss, weight_magnitude_loss

@@ -4,9 +4,8 @@ from operator import attrgetter
 
 import pytest
 import torch
-from torch import nn
-
 from installs import not_installed
+from torch import nn
 
 import nwave_param as nwp
 

@@ -8,12 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from installs import not_installed
+from layers import KINDS, fill, make_model, model_cfgs, outputs, same_bits, scaled, values_cfgs
 from torch import nn
 from torch.nn.utils import parametrizations
 from torch.optim.swa_utils import AveragedModel
-
-from installs import not_installed
-from layers import KINDS, fill, make_model, model_cfgs, outputs, same_bits, scaled, values_cfgs
 
 import nwave_param as nwp
 from nwave_param import description

@@ -11,9 +11,8 @@ import threading
 import time
 
 import torch
-from torch import nn
-
 from layers import same_bits, scaled
+from torch import nn
 
 import nwave_param as nwp
 from nwave_param import functional

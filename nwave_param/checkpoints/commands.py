@@ -22,10 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 from nwave_param import __version__
 from nwave_param.checkpoints import files, offline
-from nwave_param.errors import MESSAGE, CheckpointError, noticed, one_line
-from nwave_param.checkpoints.outputs import Outputs, check_destinations
 from nwave_param.checkpoints.guards import INTERRUPTIONS, build_model, stdout_to_devnull, users_code
+from nwave_param.checkpoints.outputs import Outputs, check_destinations
 from nwave_param.core.report import Report, aligned
+from nwave_param.errors import MESSAGE, CheckpointError, noticed, one_line
 from nwave_param.spec import H1V1, H1V2, ChipSpec
 
 __all__ = ["run"]

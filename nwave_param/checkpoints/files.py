@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nwave_param.checkpoints.outputs import Outputs
+from nwave_param.core.state import is_description_key
 from nwave_param.description import decode
 from nwave_param.errors import CheckpointError, one_line, reason
-from nwave_param.checkpoints.outputs import Outputs
 from nwave_param.sharing import storage_of, view_of
-from nwave_param.core.state import is_description_key
 
 __all__ = ["Checkpoint", "is_safetensors", "load", "parse_size", "refuse_computing_more", "require_safetensors", "save"]
 

@@ -19,7 +19,6 @@ import signal
 import sys
 from collections.abc import Iterator
 
-
 TYPE_CHECKING = False  # typing's, without importing typing: this module is imported before the signal handler is installed
 if TYPE_CHECKING:
     from torch import nn
@@ -135,7 +134,10 @@ def users_code(what: str) -> Iterator[None]:
     What it prints goes to stderr; the working directory and ``sys.path`` are restored after it;
     its ``sys.exit`` and its exceptions become a one-line error naming ``what``.
     """
-    from nwave_param.errors import CheckpointError, one_line  # here, not above: this module is imported before the signal handler is installed
+    from nwave_param.errors import (  # here, not above: this module is imported before the signal handler is installed
+        CheckpointError,
+        one_line,
+    )
 
     directory, path = os.getcwd(), list(sys.path)
     try:

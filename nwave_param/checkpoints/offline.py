@@ -26,19 +26,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from nwave_param.checkpoints import files
 from nwave_param import functional
 from nwave_param._engine.hardening import harden_all
-from nwave_param.checkpoints.reading import Weight, described_weights, inferred_weights, inner_state_dict, model_weights, redescribed
-from nwave_param.description import NewerDescriptionError, damaged, decode
-from nwave_param.core.discovery import patterns, stated_for, stated_layouts
-from nwave_param.errors import MESSAGE, CheckpointError, CheckpointWarning, one_line
+from nwave_param.checkpoints import files
 from nwave_param.checkpoints.files import Checkpoint
-from nwave_param.layout import Layout
+from nwave_param.checkpoints.reading import Weight, described_weights, inferred_weights, inner_state_dict, model_weights, redescribed
+from nwave_param.core.discovery import patterns, stated_for, stated_layouts
 from nwave_param.core.report import Report, build_report, layout_fields
+from nwave_param.core.state import descriptions, is_description_key, original_key, parse_link_key, parse_original_key, plain_state_dict
+from nwave_param.description import NewerDescriptionError, damaged, decode
+from nwave_param.errors import MESSAGE, CheckpointError, CheckpointWarning, one_line
+from nwave_param.layout import Layout
 from nwave_param.sharing import same_bits, storage_of, with_values
 from nwave_param.spec import ChipSpec
-from nwave_param.core.state import descriptions, is_description_key, original_key, parse_link_key, parse_original_key, plain_state_dict
 
 __all__ = ["check_state_dict", "project_state_dict"]
 

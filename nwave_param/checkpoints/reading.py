@@ -19,15 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from nwave_param.core.discovery import constraints, excluded, is_weight_name, ruled, stated_for, unmatched
-from nwave_param.errors import MESSAGE, CheckpointError, one_line
+from nwave_param import description
 from nwave_param.checkpoints.files import Checkpoint
-from nwave_param.layout import RNN_WEIGHT, Layout, rnn_gates
+from nwave_param.core.discovery import constraints, excluded, is_weight_name, ruled, stated_for, unmatched
 from nwave_param.core.registry import register, strip
+from nwave_param.core.state import descriptions, original_key, parse_original_key, plain_state_dict
+from nwave_param.errors import MESSAGE, CheckpointError, one_line
+from nwave_param.layout import RNN_WEIGHT, Layout, rnn_gates
 from nwave_param.sharing import memory_sharing, same_bits, view_of
 from nwave_param.spec import ChipSpec
-from nwave_param import description
-from nwave_param.core.state import descriptions, original_key, parse_original_key, plain_state_dict
 
 __all__ = ["Weight", "described_weights", "inferred_weights", "inner_state_dict", "model_weights", "redescribed"]
 

@@ -16,14 +16,14 @@ from typing import NamedTuple
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from nwave_param.errors import one_line
-from nwave_param.layout import Layout, layout_of
-from nwave_param.core.neurons import neuron_modules
 from nwave_param.core.chains import latent, links_before, originals
+from nwave_param.core.neurons import neuron_modules
 from nwave_param.core.parametrization import ChipConstraint
-from nwave_param.sharing import memory_sharing, overlap, storage_of
 from nwave_param.core.state import chip_links, parse_original_key
 from nwave_param.core.trace import layouts_read, trace
+from nwave_param.errors import one_line
+from nwave_param.layout import Layout, layout_of
+from nwave_param.sharing import memory_sharing, overlap, storage_of
 
 __all__ = ["Tracked", "constraints", "is_weight_name", "ruled", "select", "stated_for", "stated_layouts", "tied_holders", "trackable_weights"]
 

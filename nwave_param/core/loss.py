@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from nwave_param._engine import penalties
 from nwave_param.core.discovery import patterns, select
-from nwave_param.core.settings import RegistrationSettings
 from nwave_param.core.registry import registry_of
+from nwave_param.core.settings import RegistrationSettings
 from nwave_param.spec import ChipSpec
 
 __all__ = ["topology_loss", "weight_magnitude_loss"]

@@ -19,18 +19,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from nwave_param._engine import penalties, hardening
 from nwave_param import functional
+from nwave_param._engine import hardening, penalties
 from nwave_param.core import state
-from nwave_param.core.discovery import Constrained, constraints, patterns, select, tied_holders
-from nwave_param.functional import PenaltyTerms
-from nwave_param.layout import Layout
 from nwave_param.core.chains import originals, write_through_chain
 from nwave_param.core.classes import attach, detach
+from nwave_param.core.discovery import Constrained, constraints, patterns, select, tied_holders
 from nwave_param.core.parametrization import ChipConstraint
 from nwave_param.core.passes import Pass
-from nwave_param.core.settings import Registration, RegistrationSettings, check_hardness, check_scale, open_pass, pin, unpin
 from nwave_param.core.report import Report, build_report
+from nwave_param.core.settings import Registration, RegistrationSettings, check_hardness, check_scale, open_pass, pin, unpin
+from nwave_param.functional import PenaltyTerms
+from nwave_param.layout import Layout
 from nwave_param.spec import ChipSpec
 
 __all__ = ["AlreadyRegisteredError", "Registry", "register", "registry_of"]

@@ -60,10 +60,10 @@ from torch import nn
 from nwave_param.blocks import ChipLeaky, ChipRLeaky, FrontEnd
 from nwave_param.checkpoints.guards import INTERRUPTIONS
 from nwave_param.checkpoints.outputs import Outputs
-from nwave_param.placement import Placement, place
 from nwave_param.core.registry import Registry, register
 from nwave_param.core.report import Report
 from nwave_param.core.schedule import Schedule
+from nwave_param.placement import Placement, place
 from nwave_param.spec import H1V1, H1V2, ChipSpec
 
 CHIP_SPECS = {"h1v1": H1V1, "h1v2": H1V2}

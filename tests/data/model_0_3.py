@@ -2,8 +2,9 @@
 nwave_param 0.3.0, holding the package's objects a pickle names by module path (``FrontEnd``,
 ``ChipSpec``, ``Layout``).  Written once by 0.3.0, never rewritten: later versions must load it."""
 
-import nwave_param as nwp
 from torch import nn
+
+import nwave_param as nwp
 
 
 class Net(nn.Module):

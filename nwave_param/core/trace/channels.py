@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
 import torch
 from torch import Tensor
+
 from nwave_param.core.trace.records import UNKNOWN
 
 __all__ = ["channel_probe", "decoded_channels", "fan_of", "merged_channels"]

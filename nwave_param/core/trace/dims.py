@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
 from collections.abc import Mapping, Sequence
-from torch import Tensor
 
+from torch import Tensor
 
 __all__ = ["CREATES", "IGNORED", "PICKS", "REDUCTIONS", "VIEWS", "aligned_dims", "argument", "composed", "example_dims", "positive_dim", "through_pick", "through_view"]
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
 from collections.abc import Mapping
-from nwave_param.errors import one_line
-from nwave_param.layout import Layout
+
 from nwave_param.core.trace.records import Trace, Use
 from nwave_param.core.trace.synapses import RNN_OPS
+from nwave_param.errors import one_line
+from nwave_param.layout import Layout
 
 __all__ = ["layouts_read"]
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
 import dataclasses
+
+from nwave_param.core.trace.records import INPUT, Call, Trace
 from nwave_param.errors import one_line
-from nwave_param.core.trace.records import Call, INPUT, Trace
 
 __all__ = ["layers_over_time"]
 

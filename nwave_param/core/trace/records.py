@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
 from dataclasses import dataclass, field
-from torch import nn
 
+from torch import nn
 
 __all__ = ["Call", "INPUT", "Info", "MADE", "Trace", "UNKNOWN", "Use"]
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
 import functools
-import torch
 
+import torch
 
 __all__ = ["CELL", "CONV", "CONV_TRANSPOSE", "MATMUL", "MIXED", "PRODUCTS", "RNN", "RNN_OPS", "SYNAPSES", "is_elementwise"]
 

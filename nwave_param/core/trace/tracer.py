@@ -36,30 +36,44 @@ no torch function, or through a C extension, is no synapse to it.
 
 from __future__ import annotations
 
-from __future__ import annotations
 import contextlib
 import math
 import random
 import re
 import sys
 from collections.abc import Iterator, Mapping
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakTensorKeyDictionary
+
 from nwave_param.core import state
-from nwave_param.errors import one_line
-from nwave_param.layout import Layout
 from nwave_param.core.neurons import within
 from nwave_param.core.passes import tracing
-from nwave_param.sharing import same_bits
 from nwave_param.core.trace.channels import channel_probe, decoded_channels, fan_of, merged_channels
-from nwave_param.core.trace.dims import CREATES, IGNORED, PICKS, REDUCTIONS, VIEWS, aligned_dims, argument, composed, example_dims, positive_dim, through_pick, through_view
+from nwave_param.core.trace.dims import (
+    CREATES,
+    IGNORED,
+    PICKS,
+    REDUCTIONS,
+    VIEWS,
+    aligned_dims,
+    argument,
+    composed,
+    example_dims,
+    positive_dim,
+    through_pick,
+    through_view,
+)
 from nwave_param.core.trace.populations import layers_over_time
-from nwave_param.core.trace.records import Call, INPUT, Info, MADE, Trace, UNKNOWN, Use
+from nwave_param.core.trace.records import INPUT, MADE, UNKNOWN, Call, Info, Trace, Use
 from nwave_param.core.trace.synapses import CELL, CONV, CONV_TRANSPOSE, MATMUL, MIXED, PRODUCTS, RNN, SYNAPSES, is_elementwise
+from nwave_param.errors import one_line
+from nwave_param.layout import Layout
+from nwave_param.sharing import same_bits
 
 __all__ = ["parameter_names", "trace"]
 
