@@ -38,6 +38,7 @@ __all__ = [
     "block_view",
     "bound",
     "harden",
+    "levels",
     "mixed_blocks",
     "off_grid",
     "penalty_sums",
@@ -147,7 +148,7 @@ def mixed_blocks(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
 
 @memoized(64)
 @torch.inference_mode(False)
-def _levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
+def levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The grid's ``2 * spec.levels + 1`` values as ``dtype`` holds them, ascending.
 
     Level ``k`` is ``k * step`` (``step = limit / levels``) rounded to ``dtype``, and no level lies
@@ -166,13 +167,13 @@ def _levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
 def grid(spec: ChipSpec, dtype: torch.dtype, compute: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(levels, boundaries)``, in ``compute``: what :func:`round_to_grid` looks ``dtype`` values up in.
 
-    ``levels`` are the distinct values of :func:`_levels`, ascending, then NaN; ``boundaries``
+    ``levels`` are the distinct values of :func:`levels`, ascending, then NaN; ``boundaries``
     separate them so that ``torch.bucketize(x, boundaries)`` is the index of the level nearest to
     ``x``: each is the largest ``compute`` value at or below the exact midpoint between two
     neighbouring levels, one value lower where a tie goes to the upper level (the even ``k``); the
     last is ``+inf``, so that NaN finds NaN.  Ties happen only between levels at least two ulps
     apart, which are the roundings of single ``k``."""
-    held = _levels(spec, dtype, torch.device("cpu")).double()
+    held = levels(spec, dtype, torch.device("cpu")).double()
     last = torch.ones_like(held, dtype=torch.bool)
     last[:-1] = held[1:] != held[:-1]
     values, ks = held[last], torch.arange(-spec.levels, spec.levels + 1)[last]  # k: the last level holding each value
@@ -185,8 +186,8 @@ def grid(spec: ChipSpec, dtype: torch.dtype, compute: torch.dtype, device: torch
     bounds = torch.where(bounds.double() - s > error, torch.nextafter(bounds, down), bounds)  # now at or below it
     tie_goes_up = (bounds.double() - s == error) & (ks[:-1] % 2 == 1)  # of two equally near levels, the even k
     bounds = torch.where(tie_goes_up, torch.nextafter(bounds, down), bounds)
-    levels = torch.cat([values.to(compute), torch.tensor([math.nan], dtype=compute)])
-    return levels.to(device), torch.cat([bounds, torch.tensor([math.inf], dtype=compute)]).to(device)
+    table = torch.cat([values.to(compute), torch.tensor([math.nan], dtype=compute)])
+    return table.to(device), torch.cat([bounds, torch.tensor([math.inf], dtype=compute)]).to(device)
 
 
 def round_to_grid(x: Tensor, spec: ChipSpec, dtype: torch.dtype | None = None) -> Tensor:

@@ -1,9 +1,27 @@
-"""The engine's hardening: the values the network computes with, for all weights at once.
+"""The engine's hardening: the values the network computes with, for all weights of a pass at once.
 
-:func:`harden_all` is :func:`nwave_param.functional.harden` of every weight of a pass, equal to
-it bit for bit: small weights projected together in their pack (a dozen kernels, a few more for
-the grid), large ones on the CPU chunk by chunk, and one straight-through autograd node for all.
-What it leaves in the packs (:class:`Shared`) the penalty of the same pass reuses.
+:func:`harden_all` is :func:`nwave_param.functional.harden` of every weight: small weights
+projected together in their pack (a dozen kernels, a few more for the grid), large ones on the
+CPU chunk by chunk, and one straight-through autograd node for all.  With a
+:class:`~nwave_param._engine.plans.Shared`, it also leaves the penalty's parts and sums in the
+packs, for :func:`~nwave_param._engine.penalties.penalty_sums` of the same pass to reuse.
+
+Exactness, as the tests hold it: everything here is bit for bit the definition's, nothing only
+within a tolerance.
+
+* :func:`harden_all` returns the bytes :func:`nwave_param.functional.harden` returns (``-0.0``
+  apart from ``0.0``), given the same noise: for float64, float32, float16 and bfloat16 weights,
+  with and without a grid, at any hardness in ``[0, 1]``, with no, given or drawn noise, on every
+  route a plan takes and for any memory layout of a weight (``tests/test_fast_path.py``,
+  ``tests/test_strides.py``, ``tests/test_hardness.py``), and at the ends of each dtype's range
+  (``tests/test_quantization.py``).  At hardness 1 the value is the projection, so through those
+  tests :func:`_chip_pack` is :func:`nwave_param.functional.project` and :func:`_round_to_grid_`
+  is :func:`nwave_param.functional.round_to_grid`, bit for bit.
+* The gradient reaching each weight is the incoming one, unchanged (``torch.equal``).
+* Drawn noise is drawn once per pack or chunk (:func:`_gaussian`), not per weight: the noise
+  each weight received is the definition's input, not the random stream.
+* The penalty reading the parts and sums left in the packs equals, bit for bit, the penalty
+  computing them itself (``tests/test_penalty_properties.py``).
 """
 
 from __future__ import annotations
@@ -14,14 +32,13 @@ import torch
 from torch import Tensor
 
 from nwave_param import functional
-from nwave_param._engine.penalties import _assembled, _in, _raw_parts
+from nwave_param._engine.plans import Direct, Member, Scratch, Shared, assembled, blocks, chunk, in_dtype, plan_for, raw_parts
 from nwave_param._memo import memoized
-from nwave_param._engine.plans import Direct, Member, Pack, Scratch, blocks, chunk, plan_for
 from nwave_param.functional import accumulation_dtype, bound
 from nwave_param.layout import Layout
 from nwave_param.spec import ChipSpec
 
-__all__ = ["Shared", "harden_all"]
+__all__ = ["Shared", "harden_all"]  # Shared lives in .plans; here too, where a pass makes it (core.passes)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -50,29 +67,30 @@ def _chip_pack(flat: Tensor, scratch: Scratch, dtype: torch.dtype, spec: ChipSpe
     top = bound(dtype, spec.limit)
     rows = scratch.rows
     if raw:
-        _raw_parts(flat, scratch)
+        raw_parts(flat, scratch)
     if spec.bits is None:
         torch.clamp(flat, 0, top, out=rows[2])  # the positive side, in range: its sum is P
         torch.clamp(flat, -top, 0, out=rows[3])  # the negative side: its sum is -Q
         scratch.sum_parts(slice(0, 4) if raw else Scratch.HELD)
-        sides = [(blocks[2], blocks[3]) for blocks in scratch.row_blocks]
+        sides = [(view_rows[2], view_rows[3]) for view_rows in scratch.row_blocks]
     else:
         if raw:
             scratch.sum_parts(Scratch.RAW)
-        held, kept, gain, side, *work = scratch.workspace(9)
+        # kept_buffer holds |q(w)|, then the positive side; gain_buffer |w|, (|q(w)| - |w|)+, the gain, then the negative side
+        held, kept_buffer, gain_buffer, side, *work = scratch.workspace(9)
         torch.clamp(flat, -top, top, out=held)
         if _scale_fits(spec, flat.dtype):
             _round_to_grid_(held, spec, dtype, work, scratch.workspace(2, torch.int32))
         else:  # a grid step under the compute dtype's range (limit=1e-38): the definition's own table lookup
             held.copy_(functional.round_to_grid(held, spec, dtype))
-        torch.abs(held, out=kept)
-        torch.sub(kept, torch.abs(flat, out=gain), out=gain).clamp_(min=0)
-        torch.sub(kept, gain, alpha=2, out=gain)  # |w| - |w - q(w)| = kept - 2 (kept - |w|)+ (doubling is exact)
+        kept = torch.abs(held, out=kept_buffer)
+        overshoot = torch.sub(kept, torch.abs(flat, out=gain_buffer), out=gain_buffer).clamp_(min=0)
+        gain = torch.sub(kept, overshoot, alpha=2, out=gain_buffer)  # |w| - |w - q(w)| = kept - 2 (kept - |w|)+ (doubling is exact)
         torch.sign(held, out=side)  # its gain counts on its side: P from the positives, -Q from the negatives
         torch.clamp(side, min=0, out=rows[2]).mul_(gain)
         torch.clamp(side, max=0, out=rows[3]).mul_(gain)
         scratch.sum_parts(Scratch.HELD)
-        positive, negative = torch.clamp(held, min=0, out=kept), torch.clamp(held, max=0, out=gain)
+        positive, negative = torch.clamp(held, min=0, out=kept_buffer), torch.clamp(held, max=0, out=gain_buffer)
         sides = [(blocks(positive, view), blocks(negative, view)) for view in scratch.views]
     # keep the positive side where P >= Q, as the definition compares them (P - Q >= 0 agrees but
     # where both sums overflow: inf - inf is NaN)
@@ -95,19 +113,35 @@ def _round_to_grid_(x: Tensor, spec: ChipSpec, dtype: torch.dtype, work: list[Te
     is nearer, the even ``k`` on a tie.  The distances are exact wherever they decide: ``x`` is
     within a factor of two of the level it is compared with (Sterbenz), or the comparison is with a
     threshold the rounding cannot cross.  A NaN looks up level 0, then stays NaN."""
-    levels = _level_table(spec, dtype, x.dtype, x.device)
-    k0, near, far, level0, level1 = work
-    index, step = indices
-    torch.mul(x, spec.levels / spec.limit, out=k0).round_()  # x / step need not be exact: it only picks the pair
-    index.copy_(torch.nan_to_num(k0, 0.0, out=near).add_(spec.levels))
-    torch.index_select(levels, 0, index, out=level0)
-    step.copy_(torch.sub(x, level0, out=near).sign_().nan_to_num_(0.0))
-    torch.index_select(levels, 0, index.add_(step).clamp_(0, 2 * spec.levels), out=level1)
-    distance0, distance1 = torch.sub(x, level0, out=near).abs_(), torch.sub(x, level1, out=far).abs_()
-    nearer = torch.sub(distance0, distance1, out=near).sign_()  # 1: level1 is nearer; 0: a tie (or one level)
-    odd = torch.sub(k0, torch.mul(k0, 0.5, out=far).round_().mul_(2), out=far).abs_()  # k0 odd: then k1 is the even one
-    choice = torch.clamp(nearer, min=0, out=k0).add_(nearer.abs_().neg_().add_(1).mul_(odd))
-    return torch.copysign(level1.sub_(level0).mul_(choice).add_(level0), x, out=x)
+    table = _level_table(spec, dtype, x.dtype, x.device)
+    # The buffers, each holding the quantities named below in turn (in place, for speed):
+    #   k_buffer:      k0, then the choice (1: level1, 0: level0)
+    #   temp_a:        k0's table index, the side of level0 that x is on, |x - level0|,
+    #                  sign(|x - level0| - |x - level1|), then the tie term
+    #   temp_b:        |x - level1|, then 2 round(k0 / 2), then k0's parity (1: odd)
+    #   level0_buffer: level0
+    #   level1_buffer: level1, then level1 - level0, then the nearest level
+    #   table_index (int32): level0's index in the table, then level1's
+    #   side_step (int32): the side, -1, 0 or 1
+    k_buffer, temp_a, temp_b, level0_buffer, level1_buffer = work
+    table_index, side_step = indices
+    k0 = torch.mul(x, spec.levels / spec.limit, out=k_buffer).round_()  # x / step need not be exact: it only picks the pair
+    index0 = torch.nan_to_num(k0, 0.0, out=temp_a).add_(spec.levels)  # level k0's place in the table (a NaN's: level 0's)
+    table_index.copy_(index0)
+    level0 = torch.index_select(table, 0, table_index, out=level0_buffer)
+    side = torch.sub(x, level0, out=temp_a).sign_().nan_to_num_(0.0)  # where the neighbour is (0: x is level0, or NaN)
+    side_step.copy_(side)
+    level1 = torch.index_select(table, 0, table_index.add_(side_step).clamp_(0, 2 * spec.levels), out=level1_buffer)
+    distance0, distance1 = torch.sub(x, level0, out=temp_a).abs_(), torch.sub(x, level1, out=temp_b).abs_()
+    nearer = torch.sub(distance0, distance1, out=temp_a).sign_()  # 1: level1 is nearer; 0: a tie (or one level)
+    even_k = torch.mul(k0, 0.5, out=temp_b).round_().mul_(2)  # 2 round(k0 / 2): k0 when even, a neighbour when odd
+    odd = torch.sub(k0, even_k, out=temp_b).abs_()  # 1 where k0 is odd: then level1's k is the even one
+    level1_nearer = torch.clamp(nearer, min=0, out=k_buffer)  # read nearer before the next line overwrites it
+    tie_to_level1 = nearer.abs_().neg_().add_(1).mul_(odd)  # 1 on a tie where level1's k is even
+    choice = level1_nearer.add_(tie_to_level1)
+    gap = level1.sub_(level0)
+    nearest = gap.mul_(choice).add_(level0)
+    return torch.copysign(nearest, x, out=x)
 
 
 def _scale_fits(spec: ChipSpec, compute: torch.dtype) -> bool:
@@ -120,28 +154,7 @@ def _scale_fits(spec: ChipSpec, compute: torch.dtype) -> bool:
 def _level_table(spec: ChipSpec, dtype: torch.dtype, compute: torch.dtype, device: torch.device) -> Tensor:
     """The grid's levels as ``dtype`` holds them (the definition's table), in ``compute``."""
     with torch.inference_mode(False):
-        return functional._levels(spec, dtype, device).to(compute)
-
-
-class Shared:
-    """What :func:`harden_all` leaves in its packs' buffers for the penalty of the same pass: the
-    entries' sides and their block sums.  It holds only while nothing has refilled a pack (another
-    model of the same architecture shares the pack) and the weights are unchanged."""
-
-    def __init__(self) -> None:
-        self.weights: list[Tensor] = []
-        self.versions: list[int] = []
-        self.fills: dict[int, int] = {}
-
-    def read(self, weights: Sequence[Tensor]) -> None:
-        self.weights, self.versions = list(weights), [w._version for w in weights]
-
-    def holds(self, pack: Pack, weights: Sequence[Tensor]) -> bool:
-        return (
-            getattr(pack.local, "fills", None) == self.fills.get(id(pack))
-            and len(weights) == len(self.weights)
-            and all(a is b and a._version == v for a, b, v in zip(weights, self.weights, self.versions))
-        )
+        return functional.levels(spec, dtype, device).to(compute)
 
 
 def harden_all(
@@ -176,13 +189,14 @@ def harden_all(
             flat, scratch = pack.fill(weights)
             per_view = _chip_pack(flat, scratch, dtype, spec, raw)
             if raw:
-                shared.fills[id(pack)] = pack.local.fills
+                shared.filled(pack)
             if hardness != 1 or noise_scale or dtype != flat.dtype:  # in the weights' dtype, as the definition computes
-                drawn = _gaussian(_in(dtype, flat), noise_scale) if noise_scale else None  # once for the pack
-                per_view = [
-                    _hardened(_in(dtype, target), _in(dtype, blocks(flat, view)), hardness, None if drawn is None else blocks(drawn, view))
-                    for target, view in zip(per_view, pack.views)
-                ]
+                drawn = _gaussian(in_dtype(dtype, flat), noise_scale) if noise_scale else None  # once for the pack
+                hardened = []
+                for target, view in zip(per_view, pack.views):
+                    chip, latent = in_dtype(dtype, target), in_dtype(dtype, blocks(flat, view))
+                    hardened.append(_hardened(chip, latent, hardness, None if drawn is None else blocks(drawn, view)))
+                per_view = hardened
         pieces: dict[int, list[tuple[Member, Tensor]]] = {}
         for member, region in zip(pack.members, pack.regions_of_views(per_view)):
             if member.index in direct:
@@ -192,7 +206,7 @@ def harden_all(
             else:
                 pieces.setdefault(member.index, []).append((member, region))
         for i, parts in pieces.items():
-            values[i] = _assembled(weights[i], parts)
+            values[i] = assembled(weights[i], parts)
     for i, item in direct.items():
         with torch.no_grad():
             values[i] = _hardened_in_chunks(weights[i], layouts[i], item, tails.get(i, ()), spec, hardness, noise_scale)
@@ -214,7 +228,13 @@ def harden_all(
 
 
 def _hardened_in_chunks(
-    weight: Tensor, layout: Layout, item: Direct, tails: Sequence[tuple[Member, Tensor]], spec: ChipSpec, hardness: float, noise_scale: float
+    weight: Tensor,
+    layout: Layout,
+    item: Direct,
+    tails: Sequence[tuple[Member, Tensor]],
+    spec: ChipSpec,
+    hardness: float,
+    noise_scale: float,
 ) -> Tensor:
     """A large weight on the CPU hardened chunk by chunk, in the thread's reused chunk scratch (a
     scratch of the weight's own size would page in fresh memory on every call); its short last
@@ -227,8 +247,9 @@ def _hardened_in_chunks(
         target = blocks(value.view(-1), view)
         (projected,) = _chip_pack(flat, scratch, weight.dtype, spec, False, target if direct_out else None)
         if not direct_out:
-            drawn = _gaussian(_in(weight.dtype, projected), noise_scale) if noise_scale else None
-            target.copy_(_hardened(_in(weight.dtype, projected), _in(weight.dtype, blocks(flat, scratch.views[0])), hardness, drawn))
+            drawn = _gaussian(in_dtype(weight.dtype, projected), noise_scale) if noise_scale else None
+            chip, latent = in_dtype(weight.dtype, projected), in_dtype(weight.dtype, blocks(flat, scratch.views[0]))
+            target.copy_(_hardened(chip, latent, hardness, drawn))
     for _, tail in tails:
         value[item.tail :].copy_(tail.reshape(-1, value.shape[1]))
     return layout.unmatrix(value, weight.shape)

@@ -1,42 +1,52 @@
-"""The engine: the penalties of many weights at once, in few kernels (their hardened values: :mod:`._hardening`).
+"""The engine's penalties: the magnitude and topology sums of all tracked weights at once, as one
+autograd node, in few kernels (how the work is laid out: :mod:`.plans`; the hardened values:
+:mod:`.hardening`).
 
-What it computes is defined in :mod:`nwave_param.functional`; how the work is laid out (packs,
-chunks, scratch) is :mod:`nwave_param._engine.penalties.plans`; this module computes over them, and the tests
-hold it to the definitions, bit for bit.
+:func:`penalty_sums` computes :func:`nwave_param.functional.penalty_sums`, and its gradient is
+autograd's own subgradient of those formulas (ties and exact zeros included), written out: a pack
+computes its gradient direction in the forward, and its backward is one multiply.  Inside
+``torch.compile`` and ``torch.func`` transforms the definitions are traced as written, and a
+double backward differentiates them too.  The hot path is float arithmetic only: on the CPU,
+kernels of boolean masks and ``where`` run ten to twenty times slower, and each view or small op
+costs microseconds of dispatch.
 
-The penalty's gradient is autograd's own subgradient of the formulas (ties and exact zeros
-included), written out: a pack computes its gradient direction in the forward, and its backward
-is one multiply.  Inside ``torch.compile`` and ``torch.func`` transforms the definitions are
-traced as written, and a double backward differentiates them too.  The hot path is float
-arithmetic only: on the CPU, kernels of boolean masks and ``where`` run ten to twenty times
-slower, and each view or small op costs microseconds of dispatch.
+Exactness, as the tests hold it:
+
+* Against the definition, within a tolerance, not bit for bit (the sums add in another order:
+  per block column in a pack or chunk, then over packs and chunks).  The sums and the gradients
+  agree with :func:`nwave_param.functional.penalty_sums` and autograd's gradient of it within
+  ``torch.testing.assert_close``'s default tolerances for float32 and float64 weights (float32:
+  ``rtol=1.3e-6, atol=1e-5``; float64: ``rtol=1e-7, atol=1e-7``), and within ``rtol=1e-2,
+  atol=1e-3`` for float16 and bfloat16 weights (``tests/test_fast_path.py`` on every route,
+  ``tests/test_strides.py``; ``tests/test_penalty_properties.py`` against float64 formulas
+  written out in ``tests/reference.py``, default tolerances).  A float32 weight of 2,000,000 rows
+  sums to within ``1e-6`` relative of the float64 definition.  The double backward and
+  ``torch.func`` results are the definition's own, compared with the default tolerances.
+* Bit for bit: the penalty and its gradients inside a cached pass (reading what the hardening
+  left, :class:`~nwave_param._engine.plans.Shared`) equal those computed outside it
+  (``tests/test_penalty_properties.py``), and threads computing at once get what one thread
+  does (``tests/test_robustness.py``), both compared with ``torch.equal``.
+* Exact values: on a tie ``P = Q`` the topology's gradient is ``sign(w) / 2`` and at an exact
+  zero it is 0, as autograd's (``tests/test_fast_path.py`` compares them with ``==``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from itertools import chain, islice
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from nwave_param._memo import memoized
 from nwave_param import functional
-from nwave_param._engine.plans import Member, Plan, Scratch, blocks, chunk, plan_for, source
+from nwave_param._engine.plans import Member, Plan, Scratch, Shared, assembled, blocks, chunk, in_dtype, plan_for, raw_parts
+from nwave_param._memo import memoized
 from nwave_param.functional import result_dtype
 from nwave_param.layout import Layout
 from nwave_param.spec import ChipSpec
 
 __all__ = ["PenaltyConfig", "penalty_sums"]
-
-if TYPE_CHECKING:
-    from nwave_param._engine.hardening import Shared
-
-
-def _raw_parts(flat: Tensor, scratch: Scratch) -> None:
-    """Each entry's positive and negative side into ``parts[RAW]``."""
-    torch.clamp(flat, min=0, out=scratch.rows[0])
-    torch.clamp(flat, max=0, out=scratch.rows[1])
 
 
 def _sums(flat: Tensor, scratch: Scratch, limit: float, power: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -58,7 +68,9 @@ def _bound_terms(scale: float, dtype: torch.dtype, device: torch.device) -> tupl
         return torch.tensor([[-half], [half]], dtype=dtype, device=device), torch.tensor([[-half], [-half]], dtype=dtype, device=device)
 
 
-def _directions(flat: Tensor, scratch: Scratch, difference: Tensor, power: int, alpha: float, lam: float, out: Tensor | None = None) -> list[Tensor]:
+def _directions(
+    flat: Tensor, scratch: Scratch, difference: Tensor, power: int, alpha: float, lam: float, out: Tensor | None = None
+) -> list[Tensor]:
     r"""``alpha`` times the gradient of the magnitude sum plus ``lam`` times the topology's, one
     new tensor per view (``out``: written into it instead, the one view of a chunk);
     ``scratch.excess`` must hold ``w - clamp(w)`` (as :func:`_sums` leaves it).
@@ -109,96 +121,129 @@ class PenaltyConfig(NamedTuple):
     shared: Shared | None
 
 
+class _Saved(NamedTuple):
+    """What the forward keeps for the backward.  ``save_for_backward`` takes one flat sequence of
+    tensors: :meth:`save` lays these fields out in their order (the weights, then each pack's
+    directions, then each large weight's chunk differences) and :meth:`of` reads them back."""
+
+    weights: tuple[Tensor, ...]  # the node's weight inputs, one per layout
+    # per pack of plan.packs, one tensor per view of the pack: with scales, alpha * the magnitude's
+    # direction + lam * the topology's; without, the magnitude's of every view, then the topology's;
+    # none when the forward computed no gradient
+    directions: list[list[Tensor]]
+    differences: list[list[Tensor]]  # per large weight of plan.direct: P - Q per block column of each chunk, in chunk order
+
+    def save(self, ctx) -> None:
+        ctx.saved_counts = ([len(d) for d in self.directions], [len(d) for d in self.differences])
+        ctx.save_for_backward(*self.weights, *chain.from_iterable(self.directions), *chain.from_iterable(self.differences))
+
+    @staticmethod
+    def of(ctx) -> _Saved:
+        tensors = iter(ctx.saved_tensors)
+        direction_counts, difference_counts = ctx.saved_counts
+        weights = tuple(islice(tensors, len(ctx.layouts)))
+        return _Saved(weights, [list(islice(tensors, n)) for n in direction_counts], [list(islice(tensors, n)) for n in difference_counts])
+
+
 class _PenaltySums(torch.autograd.Function):
     """The penalties of all weights as one autograd node.
 
     Returns ``(magnitude sum, topology sum)``, or with ``scales = (alpha, lam)`` the single
     ``alpha * magnitude + lam * topology``.  A pack computes its gradient direction in the
-    forward (its backward is a multiply); large weights recompute theirs chunk by chunk.
+    forward (its backward is a multiply); large weights keep only ``P - Q`` per block column of
+    each chunk and recompute their directions chunk by chunk.  What the forward saves, and in
+    which order, is :class:`_Saved`.
     """
 
     @staticmethod
     def forward(ctx, config: PenaltyConfig, *weights):
         plan, layouts, spec, power, dtype, scales, gradient, shared = config
         alpha, lam = scales or (1.0, 1.0)
-        magnitudes, topologies, saved = [], [], []
+        magnitudes, topologies = [], []
+        directions: list[list[Tensor]] = []  # per pack
+        differences: list[list[Tensor]] = []  # per large weight
         for pack in plan.packs:
             if shared is not None and shared.holds(pack, weights):  # filled, and summed, by this pass's hardening
-                flat, scratch = pack.local.buffers[0], pack.local.buffers[2]
+                buffers = pack.local.buffers
+                flat, scratch = buffers.flat, buffers.scratch
             else:
                 flat, scratch = pack.fill(weights)
-                _raw_parts(flat, scratch)
+                raw_parts(flat, scratch)
                 scratch.sum_parts(Scratch.RAW)
             magnitude, topology, difference = _sums(flat, scratch, spec.limit, power)
             magnitudes.append(magnitude)
             topologies.append(topology)
             if not gradient:
-                continue
-            if scales is None:  # the two directions apart, unscaled
-                saved += _directions(flat, scratch, difference, power, 1.0, 0.0)
-                saved += _directions(flat, scratch, difference, power, 0.0, 1.0)
+                directions.append([])
+            elif scales is None:  # the two directions apart, unscaled
+                magnitude_directions = _directions(flat, scratch, difference, power, 1.0, 0.0)
+                directions.append(magnitude_directions + _directions(flat, scratch, difference, power, 0.0, 1.0))
             else:  # one direction: alpha * magnitude's + lam * topology's
-                saved += _directions(flat, scratch, difference, power, alpha, lam)
+                directions.append(_directions(flat, scratch, difference, power, alpha, lam))
         for item in plan.direct:
             m = layouts[item.index].matrix(weights[item.index]).contiguous()
+            chunk_differences = []
             for view in item.views:
                 flat, scratch = chunk(m, view)
-                _raw_parts(flat, scratch)
+                raw_parts(flat, scratch)
                 scratch.sum_parts(Scratch.RAW)
                 magnitude, topology, difference = _sums(flat, scratch, spec.limit, power)
                 magnitudes.append(magnitude)
                 topologies.append(topology)
-                saved.append(difference.clone())  # its scratch is reused by the next chunk
+                chunk_differences.append(difference.clone())  # its scratch is reused by the next chunk
+            differences.append(chunk_differences)
         if len(magnitudes) == 1:
-            magnitude, topology = _in(dtype, magnitudes[0]), _in(dtype, topologies[0])
+            magnitude, topology = in_dtype(dtype, magnitudes[0]), in_dtype(dtype, topologies[0])
         else:
             magnitude, topology = torch.stack(magnitudes).sum().to(dtype), torch.stack(topologies).sum().to(dtype)
         ctx.plan, ctx.layouts, ctx.spec, ctx.power, ctx.scales = plan, layouts, spec, power, scales
-        ctx.save_for_backward(*weights, *saved)
+        _Saved(weights, directions, differences).save(ctx)
         if scales is None:
             return magnitude, topology
         return torch.add(topology * lam, magnitude, alpha=alpha)
 
     @staticmethod
     def backward(ctx, *grads):
-        count = len(ctx.layouts)
-        weights, saved = ctx.saved_tensors[:count], iter(ctx.saved_tensors[count:])
+        """Each weight's gradient: a pack's saved directions times the incoming gradients; a large
+        weight's directions recomputed chunk by chunk from its saved differences (:class:`_Saved`)."""
+        saved = _Saved.of(ctx)
+        weights, count = saved.weights, len(saved.weights)
         needed = ctx.needs_input_grad[len(ctx.needs_input_grad) - count:]  # the weights are the last inputs
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formulas themselves
             return (None, *_differentiable_gradient(ctx, weights, needed, *_scaled(ctx.scales, grads)))
         result: list[Tensor | None] = [None] * count
-        parts: dict[int, list[tuple[Member, Tensor]]] = {}  # members of weights that are not one region
-        for pack in ctx.plan.packs:
+        pieces: dict[int, list[tuple[Member, Tensor]]] = {}  # the members' gradients of weights that are not one region
+        for pack, pack_directions in zip(ctx.plan.packs, saved.directions):
             if ctx.scales is None:
                 grad_magnitude, grad_topology = grads
-                magnitude_directions = [next(saved) for _ in pack.views]
-                per_view = [torch.mul(d, grad_magnitude).addcmul_(next(saved), grad_topology) for d in magnitude_directions]
+                magnitude_directions, topology_directions = pack_directions[: len(pack.views)], pack_directions[len(pack.views) :]
+                per_view = [
+                    torch.mul(d, grad_magnitude).addcmul_(t, grad_topology) for d, t in zip(magnitude_directions, topology_directions)
+                ]
             else:
-                per_view = [torch.mul(next(saved), grads[0]) for _ in pack.views]
+                per_view = [torch.mul(d, grads[0]) for d in pack_directions]
             for member, whole, grad in zip(pack.members, pack.is_weight, pack.regions_of_views(per_view)):
                 i = member.index
                 if not needed[i]:
                     continue
                 if whole:  # its region is the weight's gradient (a pack holds every dtype that accumulates in float32)
-                    result[i] = _in(weights[i].dtype, grad)
+                    result[i] = in_dtype(weights[i].dtype, grad)
                 else:
-                    parts.setdefault(i, []).append((member, grad))
+                    pieces.setdefault(i, []).append((member, grad))
         direct = {item.index: item for item in ctx.plan.direct}
-        for i, pieces in parts.items():
+        for i, member_grads in pieces.items():
             if i not in direct:  # a weight of several members: its gradient assembled from them
-                result[i] = _assembled(weights[i], pieces)
+                result[i] = assembled(weights[i], member_grads)
         alpha, lam = ctx.scales or (1.0, 1.0)
-        for item in ctx.plan.direct:
+        for item, chunk_differences in zip(ctx.plan.direct, saved.differences):
             i, layout = item.index, ctx.layouts[item.index]
             if not needed[i]:
-                for _ in item.views:
-                    next(saved)
                 continue
             m = layout.matrix(weights[i]).contiguous()
             grad = torch.empty_like(m)
-            for view in item.views:
+            for view, difference in zip(item.views, chunk_differences):
                 part, scratch = chunk(m, view)
-                difference, target = next(saved), blocks(grad.view(-1), view).view(-1)
+                target = blocks(grad.view(-1), view).view(-1)
                 _excess(part, scratch, ctx.spec.limit)
                 out = target if target.dtype == part.dtype else None  # straight into the gradient
                 if ctx.scales is None:
@@ -214,11 +259,10 @@ class _PenaltySums(torch.autograd.Function):
                     direction.mul_(grads[0])
                     if out is None:
                         target.copy_(direction.view(-1))
-            for member, tail in parts.get(i, ()):  # the short last block came from a pack
+            for _, tail in pieces.get(i, ()):  # the short last block came from a pack
                 grad[item.tail :].copy_(tail.reshape(-1, grad.shape[1]))
             result[i] = layout.unmatrix(grad, weights[i].shape)
         return (None, *result)
-
 
 
 def _scaled(scales, grads) -> tuple[Tensor, Tensor]:
@@ -227,13 +271,6 @@ def _scaled(scales, grads) -> tuple[Tensor, Tensor]:
         return grads
     alpha, lam = scales
     return grads[0] * alpha, grads[0] * lam
-
-
-def _assembled(weight: Tensor, pieces: list[tuple[Member, Tensor]]) -> Tensor:
-    """A gradient shaped like ``weight`` from its members' gradients (one copy kernel)."""
-    grad = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    torch._foreach_copy_([source(grad, member) for member, _ in pieces], [g for _, g in pieces])
-    return grad
 
 
 def _differentiable_gradient(ctx, weights, needed, grad_magnitude, grad_topology) -> tuple[Tensor | None, ...]:
@@ -260,7 +297,8 @@ def penalty_sums(
     """:func:`nwave_param.functional.penalty_sums`, fast: ``(magnitude sum, topology sum)`` over
     ``weights``, differentiable; zero for no elements.  With ``scales = (alpha, lam)``, the one
     tensor ``alpha * magnitude + lam * topology``: one autograd node, so a training step pays no
-    more.  ``shared``: what :func:`harden_all` left of the same weights in this pass, reused."""
+    more.  ``shared``: what :func:`~nwave_param._engine.hardening.harden_all` left of the same
+    weights in this pass, reused."""
     dtype = result_dtype(weights)
     if not weights or not any(w.numel() for w in weights):
         zero = torch.zeros((), dtype=dtype, device=weights[0].device if weights else None)
@@ -272,6 +310,3 @@ def penalty_sums(
     gradient = torch.is_grad_enabled() and any(w.requires_grad for w in weights)  # else skip the directions
     return _PenaltySums.apply(PenaltyConfig(plan, tuple(layouts), spec, power, dtype, scales, gradient, shared), *weights)
 
-
-def _in(dtype: torch.dtype, tensor: Tensor) -> Tensor:
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)

@@ -1,4 +1,5 @@
-"""How the engine lays out its work: members, packs, plans and scratch.
+"""How the engine lays out its work (members, packs, plans and scratch), and the small pieces both
+of its computations (:mod:`.penalties`, :mod:`.hardening`) use on that layout.
 
 * A **plan**, made once per architecture, says how: each weight's connectivity matrix is cut into
   *members*, one per stretch of whole blocks of a population (an LSTM gate, a convolution group),
@@ -13,6 +14,18 @@
   packed, so the number of kernels per call does not grow with a weight's size: launches, not
   bytes, cost there.
 * **Scratch**: the reused tensors a pack or chunk computes in, with every view of them made once.
+* Shared by the penalties and the hardening: :class:`Shared` (what a pass's hardening leaves in
+  its packs for the penalty of the same pass), :func:`raw_parts` (the entries' two sides, the
+  penalty's parts), :func:`assembled` (a weight's tensor from its members' pieces) and
+  :func:`in_dtype`.
+
+Exactness: nothing here computes a value.  Filling a pack or a chunk copies the weights' values,
+widened to the accumulation dtype (float32, or float64 for float64 weights), which is exact;
+:func:`raw_parts` clamps at zero and :func:`assembled` copies, both exact; :func:`in_dtype` is a
+plain cast.  Which results are bit for bit :mod:`nwave_param.functional`'s and which agree within
+a tolerance is said in :mod:`.penalties` and :mod:`.hardening`; ``tests/test_fast_path.py`` checks
+both on every route a plan can take (all packed, all in chunks, in chunks of a few blocks,
+planned as on a GPU).
 """
 
 from __future__ import annotations
@@ -31,7 +44,25 @@ from nwave_param._memo import memoized
 from nwave_param.functional import accumulation_dtype
 from nwave_param.layout import Layout
 
-__all__ = ["Direct", "Member", "Pack", "Plan", "Scratch", "View", "blocks", "chunk", "members", "plan_for", "planned_as", "source"]
+__all__ = [
+    "Buffers",
+    "Direct",
+    "Member",
+    "Pack",
+    "Plan",
+    "Scratch",
+    "Shared",
+    "View",
+    "assembled",
+    "blocks",
+    "chunk",
+    "in_dtype",
+    "members",
+    "plan_for",
+    "planned_as",
+    "raw_parts",
+    "source",
+]
 
 _SMALL = 1 << 16  # on the CPU, weights up to this many elements are packed,
 _PACKED = 1 << 20  # up to this many in all (a pack keeps buffers per thread, and its direction until backward)
@@ -41,8 +72,9 @@ View = tuple[int, int, int, int]  # (offset, blocks, length, columns): blocks of
 
 
 def blocks(flat: Tensor, view: View) -> Tensor:
-    offset, blocks, length, columns = view
-    return flat[offset : offset + blocks * length * columns].view(blocks, length, columns)
+    """The elements of ``flat`` that ``view`` covers, as ``(blocks, length, columns)``."""
+    offset, count, length, columns = view
+    return flat[offset : offset + count * length * columns].view(count, length, columns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +137,9 @@ def members(index: int, shape: tuple[int, ...], layout: Layout, group_size: int,
         ]
     columns = math.prod(shape[1:])
     dims = tuple(range(len(shape)))
-    return [Member(index, (count, *shape[1:]), dims, (first, *(0 for _ in shape[1:])), count, columns, shape) for first, count, _ in stretches]
+    return [
+        Member(index, (count, *shape[1:]), dims, (first, *(0 for _ in shape[1:])), count, columns, shape) for first, count, _ in stretches
+    ]
 
 
 def _crosses_group(layout: Layout, rows: int, row: int) -> bool:
@@ -114,11 +148,19 @@ def _crosses_group(layout: Layout, rows: int, row: int) -> bool:
     return layout.transposed and row % (rows // layout.groups) == 0
 
 
+class Buffers(NamedTuple):
+    """What a pack keeps per thread (:meth:`Pack.buffers`)."""
+
+    flat: Tensor  # the pack's values, in the accumulation dtype; its padding stays zero
+    regions: list[Tensor]  # each member's region of ``flat``, in the member's shape: what a fill copies into
+    scratch: Scratch  # what computations over ``flat`` work in
+
+
 class Pack:
     """Members of weights of one dtype in one flat tensor (see the module docstring).
 
-    Compared by identity (plans are cached); it keeps, per thread, the flat tensor (whose padding
-    stays zero), the views of its members, and scratch."""
+    Compared by identity (plans are cached); it keeps, per thread, its :class:`Buffers` and how
+    many times it was filled (``local.fills``, what :meth:`Shared.holds` checks)."""
 
     def __init__(self, members: Sequence[Member], group_size: int) -> None:
         self.members = tuple(sorted(members, key=lambda m: m.columns))  # one block view per column count
@@ -151,27 +193,23 @@ class Pack:
         """Each member's values in pack-shaped data held one tensor per view (a view's blocks)."""
         return [per_view[v].as_strided(shape, stride, per_view[v].storage_offset() + offset) for v, shape, stride, offset in self.in_view]
 
-    def buffers(self, like: Tensor) -> tuple[Tensor, list[Tensor], Scratch]:
-        """This thread's flat tensor for weights like ``like``, its member regions, and scratch."""
-        buffers = getattr(self.local, "buffers", None)
-        if buffers is None or buffers[0].device != like.device:
+    def buffers(self, like: Tensor) -> Buffers:
+        """This thread's buffers for weights like ``like`` (made on first use, and again on another device)."""
+        buffers: Buffers | None = getattr(self.local, "buffers", None)
+        if buffers is None or buffers.flat.device != like.device:
             with torch.inference_mode(False):  # made under inference mode, they would refuse later in-place updates
                 flat = torch.zeros(self.numel, dtype=accumulation_dtype(like.dtype), device=like.device)
-                buffers = (flat, self.regions(flat), Scratch(self.views, self.numel, flat.dtype, flat.device))
+                buffers = Buffers(flat, self.regions(flat), Scratch(self.views, self.numel, flat.dtype, flat.device))
             self.local.buffers = buffers
         return buffers
 
-    def scratch(self, flat: Tensor) -> Scratch:
-        """This thread's scratch for the pack held in ``flat``."""
-        return self.local.buffers[2]
-
     def fill(self, weights: Sequence[Tensor]) -> tuple[Tensor, Scratch]:
         """The pack filled from ``weights`` by one copy kernel, and its scratch."""
-        flat, targets, scratch = self.buffers(weights[self.members[0].index])
+        buffers = self.buffers(weights[self.members[0].index])
         sources = [weights[m.index] if whole else source(weights[m.index], m) for m, whole in zip(self.members, self.is_weight)]
-        torch._foreach_copy_(targets, sources)
+        torch._foreach_copy_(buffers.regions, sources)
         self.local.fills = getattr(self.local, "fills", 0) + 1  # what Shared.holds checks
-        return flat, scratch
+        return buffers.flat, buffers.scratch
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -231,7 +269,9 @@ def plan_for(weights: Sequence[Tensor], layouts: Sequence[Layout], group_size: i
 
 
 @memoized(32)
-def _plan(shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layouts: tuple[Layout, ...], group_size: int, device_type: str) -> Plan:
+def _plan(
+    shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], layouts: tuple[Layout, ...], group_size: int, device_type: str
+) -> Plan:
     """Which members are packed and which weights are processed in place; once per architecture."""
     packed: dict[torch.dtype, list[Member]] = {}
     direct, total = [], 0
@@ -281,21 +321,21 @@ class Scratch:
         self.views = tuple(views)
         self.parts, self.sums = like(4, numel), like(4, columns)
         self.rows, self.sum_rows = self.parts.unbind(0), self.sums.unbind(0)
-        self.excess, self.signs, self.direction = like(numel), like(numel), like(numel)  # w - clamp(w), sign(w), a chunk's gradient
+        self.excess, self.signs = like(numel), like(numel)  # w - clamp(w), sign(w)
         self.difference, self.negated, self.lowest, self.steps = like(columns), like(columns), like(columns), like(columns)
         self.kept, self.keep, self.drop = like(columns, kind=torch.bool), like(columns), like(columns)
         self.one = torch.ones((), dtype=dtype, device=device)
         self.bounds = like(2, columns)  # the topology gradient's clamp per block column
         self.part_blocks, self.sum_blocks, self.row_blocks = [], [], []
-        self.sign_blocks, self.excess_blocks, self.direction_blocks, self.keep_blocks, self.drop_blocks, self.bound_blocks = [], [], [], [], [], []
+        self.sign_blocks, self.excess_blocks, self.keep_blocks, self.drop_blocks, self.bound_blocks = [], [], [], [], []
         start = 0
         for offset, blocks, length, width in views:
             elements, per_block = slice(offset, offset + blocks * length * width), slice(start, start + blocks * width)
             self.part_blocks.append(self.parts[:, elements].view(4, blocks, length, width))
             self.row_blocks.append(self.part_blocks[-1].unbind(0))
             self.sum_blocks.append(self.sums[:, per_block].view(4, blocks, width))
-            for name in ("sign", "excess", "direction"):
-                getattr(self, f"{name}_blocks").append(getattr(self, "signs" if name == "sign" else name)[elements].view(blocks, length, width))
+            self.sign_blocks.append(self.signs[elements].view(blocks, length, width))
+            self.excess_blocks.append(self.excess[elements].view(blocks, length, width))
             self.keep_blocks.append(self.keep[per_block].view(blocks, 1, width))
             self.drop_blocks.append(self.drop[per_block].view(blocks, 1, width))
             self.bound_blocks.append(self.bounds[:, per_block].view(2, blocks, 1, width).unbind(0))
@@ -343,3 +383,53 @@ def _scratch(views: Sequence[View], numel: int, like: Tensor) -> Scratch:
     return scratch
 
 
+# --------------------------------------------------------------------------------------------
+# Shared by the penalties and the hardening
+# --------------------------------------------------------------------------------------------
+
+
+class Shared:
+    """What :func:`~nwave_param._engine.hardening.harden_all` leaves in its packs' buffers for
+    :func:`~nwave_param._engine.penalties.penalty_sums` of the same pass: the entries' sides and
+    their block sums.  It holds only while nothing has refilled a pack (another model of the same
+    architecture shares the pack) and the weights are unchanged."""
+
+    def __init__(self) -> None:
+        self.weights: list[Tensor] = []
+        self.versions: list[int] = []
+        self.fills: dict[int, int] = {}  # id(pack) -> the pack's fill count when the hardening left the parts in it
+
+    def read(self, weights: Sequence[Tensor]) -> None:
+        """The hardening is about to leave the parts of ``weights``: remember them and their versions."""
+        self.weights, self.versions = list(weights), [w._version for w in weights]
+
+    def filled(self, pack: Pack) -> None:
+        """The hardening has just filled ``pack`` and left the penalty's parts and sums in its buffers."""
+        self.fills[id(pack)] = pack.local.fills
+
+    def holds(self, pack: Pack, weights: Sequence[Tensor]) -> bool:
+        """Whether ``pack``'s buffers still hold what the hardening left of ``weights``."""
+        return (
+            getattr(pack.local, "fills", None) == self.fills.get(id(pack))
+            and len(weights) == len(self.weights)
+            and all(a is b and a._version == v for a, b, v in zip(weights, self.weights, self.versions))
+        )
+
+
+def raw_parts(flat: Tensor, scratch: Scratch) -> None:
+    """Each entry's positive and negative side into ``parts[RAW]`` (the penalty's P and -Q, once summed)."""
+    torch.clamp(flat, min=0, out=scratch.rows[0])
+    torch.clamp(flat, max=0, out=scratch.rows[1])
+
+
+def assembled(weight: Tensor, pieces: Sequence[tuple[Member, Tensor]]) -> Tensor:
+    """A new tensor shaped like ``weight`` from the pieces of its members (a value or a gradient
+    per member, one copy kernel for all); together the members cover the weight."""
+    result = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    torch._foreach_copy_([source(result, member) for member, _ in pieces], [piece for _, piece in pieces])
+    return result
+
+
+def in_dtype(dtype: torch.dtype, tensor: Tensor) -> Tensor:
+    """``tensor`` in ``dtype``: itself when it already is (a cast would cost a kernel)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
