@@ -17,13 +17,16 @@ safely, and the limit is read as that dtype holds it, as torch does when it comp
 with a Python number.
 
 These are the definitions.  The engine (:mod:`nwave_param._engine`) computes the same numbers for
-many weights at once in few kernels, and the tests hold it to these functions, bit for bit.
+many weights at once in few kernels, and the tests hold it to these functions: its hardened and
+projected values bit for bit; its penalty sums within a stated tolerance, as they add in another
+order (:mod:`nwave_param._engine.penalties` says which).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

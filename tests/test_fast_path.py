@@ -12,12 +12,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from layers import scaled
 
 import nwave_param as nwp
-from nwave_param._engine import penalties, hardening, plans
 from nwave_param import functional
+from nwave_param._engine import hardening, penalties, plans
 from nwave_param.layout import Layout
 
 LAYOUTS = [Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transposed=True), Layout(inputs_first=True), Layout(gates=4, inputs_first=True)]

@@ -12,15 +12,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layers import KINDS, fill, group_sizes, limits, make_model, model_cfgs, powers, scaled, values_cfgs
+from reference import ref_sums, ref_tracked
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from layers import KINDS, fill, group_sizes, limits, make_model, model_cfgs, powers, scaled, values_cfgs
-from reference import ref_sums, ref_tracked
-
 import nwave_param as nwp
-from nwave_param._engine import hardening
 from nwave_param import functional
+from nwave_param._engine import hardening
 
 hardnesses = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0]), st.floats(0.0, 1.0))
 

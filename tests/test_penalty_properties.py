@@ -13,11 +13,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
-from torch.testing import assert_close
-
 from layers import KINDS, fill, group_sizes, limits, make_model, model_cfgs, powers, values_cfgs
 from reference import ref_block_columns, ref_constraints_hold, ref_penalties, ref_tracked
+from torch import nn
+from torch.testing import assert_close
 
 import nwave_param as nwp
 from nwave_param.loss import topology_loss, weight_magnitude_loss

@@ -3,19 +3,17 @@ chains, constraints removed by hand, many shapes, threads, checkpoints from othe
 
 import copy
 import threading
-
 import warnings
 
 import pytest
 import torch
+from layers import scaled
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
-from layers import scaled
-
 import nwave_param as nwp
-from nwave_param._engine import penalties, plans
 from nwave_param import functional
+from nwave_param._engine import penalties, plans
 from nwave_param.layout import Layout
 
 

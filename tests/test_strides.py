@@ -17,13 +17,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from layers import conv_cfg, same_bits
 from torch import nn
 
-from layers import conv_cfg, same_bits
-
 import nwave_param as nwp
-from nwave_param._engine import hardening, plans
 from nwave_param import functional
+from nwave_param._engine import hardening, plans
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 KINDS = ["linear", "conv", "convT", "lstm", "gru", "rnn", "lstmcell", "grucell", "rnncell", "large"]
