@@ -25,7 +25,17 @@ from nwave_param.errors import one_line
 from nwave_param.layout import Layout, layout_of
 from nwave_param.sharing import memory_sharing, overlap, storage_of
 
-__all__ = ["Tracked", "constraints", "is_weight_name", "ruled", "select", "stated_for", "stated_layouts", "tied_holders", "trackable_weights"]
+__all__ = [
+    "Tracked",
+    "constraints",
+    "is_weight_name",
+    "ruled",
+    "select",
+    "stated_for",
+    "stated_layouts",
+    "tied_holders",
+    "trackable_weights",
+]
 
 # Weights of these modules are scales or lookup tables, not synapses.
 _UNTRACKED_MODULES = (
@@ -81,6 +91,13 @@ def trackable_weights(model: nn.Module) -> list[Tracked]:
 
     A tied parameter is listed once; a weight that carries parametrizations is listed by its
     effective name.
+
+    Args:
+        model: the network.
+
+    Returns:
+        One :class:`Tracked` ``(name, module, tensor_name)`` per weight, the weight being
+        ``getattr(module, tensor_name)``.
 
     Example::
 
@@ -147,7 +164,10 @@ def unmatched(exclude: Iterable[str], names: Iterable[str]) -> str | None:
     unused = [pattern for pattern in exclude if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
     if not unused:
         return None
-    return f"exclude pattern{'s' if len(unused) > 1 else ''} {', '.join(map(repr, unused))} match{'es' if len(unused) == 1 else ''} no trackable weight"
+    return (
+        f"exclude pattern{'s' if len(unused) > 1 else ''} {', '.join(map(repr, unused))} "
+        f"match{'es' if len(unused) == 1 else ''} no trackable weight"
+    )
 
 
 def select(
@@ -192,7 +212,8 @@ def select(
         ]
         if skipped:
             warnings.warn(
-                f"not tracked, as their names are not a weight's: {', '.join(map(one_line, skipped))}; if the forward uses one as a synapse, "
+                f"not tracked, as their names are not a weight's: {', '.join(map(one_line, skipped))}; "
+                "if the forward uses one as a synapse, "
                 "pass example= (every weight the forward uses as one is then tracked) or name it in layouts=",
                 stacklevel=3,
             )
@@ -201,7 +222,10 @@ def select(
     candidates += [_tracked(model, name) for name in matrices if name not in known and stated_for(name, stated)]
     for pattern in stated:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in matrices):
-            raise ValueError(f"layouts names {pattern!r}, which matches no Parameter of 2+ dims of {type(model).__name__} (names are dotted, as register lists them)")
+            raise ValueError(
+                f"layouts names {pattern!r}, which matches no Parameter of 2+ dims of {type(model).__name__} "
+                "(names are dotted, as register lists them)"
+            )
     if not candidates:
         raise ValueError(
             f"{type(model).__name__} has no trackable weight (a parameter of 2+ dims named 'weight', 'weight_*', "
@@ -278,7 +302,10 @@ def _layout(item: Tracked, read: Mapping | None, stated: Mapping[str, Layout]) -
     by_hand = stated_for(item.name, stated)
     traced, use = (read or {}).get(item.name, (None, None))
     if by_hand is not None and traced is not None and by_hand != traced:
-        raise ValueError(f"{one_line(item.name)}: layouts states {by_hand}, but the forward reads it with {traced} ({one_line(use.describe())}): state what it computes")
+        raise ValueError(
+            f"{one_line(item.name)}: layouts states {by_hand}, but the forward reads it with {traced} "
+            f"({one_line(use.describe())}): state what it computes"
+        )
     layout = by_hand or traced
     if layout is None:
         layout = layout_of(item.module, item.tensor_name)
@@ -335,7 +362,7 @@ def _refuse_shared_memory(model: nn.Module, chosen: list[Tracked]) -> None:
     share a storage without overlapping (cuDNN's flattened RNN weights) are fine."""
     stored = {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
     by_storage: dict[tuple, list[Tensor]] = {}
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         where = storage_of(p)
         if where is not None:
             by_storage.setdefault(where, []).append(p)

@@ -47,6 +47,21 @@ def _sums(model: nn.Module, limit: float | None, group_size: int | None, power: 
 def weight_magnitude_loss(model: nn.Module, limit: float = 0.9, power: int = 2) -> Tensor:
     r"""Mean over the tracked weights' elements of :math:`\mathrm{relu}(|w| - \text{limit})^{p}`.
 
+    Args:
+        model: a registered model (its tracked weights, as it reads them), or an unregistered one
+            (the weights :func:`~nwave_param.register` would track).
+        limit: the largest magnitude the chip holds, a finite number > 0.
+        power: the exponent :math:`p`, 1 or 2.
+
+    Returns:
+        A 0-dim tensor, differentiable with respect to the weights.
+
+    Raises:
+        ValueError: ``limit`` is not a finite number > 0, or ``power`` not 1 or 2; ``model``'s
+            registered parts have different settings; an unregistered ``model`` that
+            :func:`~nwave_param.register` refuses (no trackable weight, ...).
+        TypeError: ``model`` is not an nn.Module.
+
     Example::
 
         >>> model = nn.Linear(2, 3)
@@ -63,6 +78,21 @@ def weight_magnitude_loss(model: nn.Module, limit: float = 0.9, power: int = 2) 
 def topology_loss(model: nn.Module, lam: float = 1.0, group_size: int = 5) -> Tensor:
     r"""``lam`` times the mean over tracked elements of the block-column sign violations
     :math:`\min(P_{bj}, Q_{bj})` (see :mod:`nwave_param.functional`).
+
+    Args:
+        model: a registered model (its tracked weights, as it reads them), or an unregistered one
+            (the weights :func:`~nwave_param.register` would track).
+        lam: the scale, a finite number >= 0.
+        group_size: the output neurons per block, a positive int.
+
+    Returns:
+        A 0-dim tensor, differentiable with respect to the weights.
+
+    Raises:
+        ValueError: ``lam`` is not a finite number >= 0, or ``group_size`` not a positive int;
+            ``model``'s registered parts have different settings; an unregistered ``model`` that
+            :func:`~nwave_param.register` refuses (no trackable weight, ...).
+        TypeError: ``model`` is not an nn.Module.
 
     Example (one block of 3 neurons: column 0 has P = 1.7, Q = 0.2; column 1 has P = 0.4, Q = 1.0)::
 

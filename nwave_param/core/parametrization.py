@@ -35,6 +35,13 @@ class ChipConstraint(nn.Module):
     parameters or buffers; its extra state, saved in the state_dict, is its
     :mod:`~nwave_param.description` (layout, spec and hardness) as a small tensor.
 
+    Args:
+        layout: how the weight reads as a connectivity matrix.
+        registration: the :class:`~nwave_param.core.settings.Registration` the constraints of one
+            registration share (its settings: spec, penalty strengths, hardness).
+        parameter_order: the names of the owning module's parameters before registration, in
+            order.
+
     Register it with :func:`nwave_param.register`, which also gives the module a class of its
     own and the hooks that load checkpoints::
 
@@ -62,9 +69,22 @@ class ChipConstraint(nn.Module):
 
     @property
     def settings(self) -> RegistrationSettings:
+        """The registration's current settings."""
         return self.registration.settings
 
     def forward(self, weight: Tensor) -> Tensor:
+        r"""What the module computes with: :math:`w + h\,(\mathrm{chip}(w) - w)`, at the hardness in effect.
+
+        In training mode with ``spec.mismatch`` (and :math:`h > 0`), a fresh mismatch sample is
+        added each call; inside :meth:`Registry.on_chip <nwave_param.Registry.on_chip>`, it is what
+        that chip holds, whatever the hardness and the mode.
+
+        Args:
+            weight: the latent weight :math:`w`.
+
+        Returns:
+            The effective weight (at hardness 0, off a chip, ``weight`` itself).
+        """
         settings = settings_in_effect(self.registration)  # read once: a concurrent harden() swaps it whole
         spec, hardness = settings.spec, settings.hardness
         if self.on_chip and not getattr(per_thread, "tracing", False):  # what one chip holds, whatever the hardness and mode
@@ -75,20 +95,47 @@ class ChipConstraint(nn.Module):
         return functional.harden(weight, self.layout, spec, hardness, noise)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
-        """Identity, so assigning ``module.weight = value`` stores ``value`` as the latent weight."""
+        """Identity, so assigning ``module.weight = value`` stores ``value`` as the latent weight.
+
+        Args:
+            weight: the value assigned.
+
+        Returns:
+            ``weight`` itself.
+        """
         return weight
 
     def get_extra_state(self) -> Tensor:
-        """The description saved in the state_dict: the layout, the spec and the hardness."""
+        """The description saved in the state_dict: the layout, the spec and the hardness.
+
+        Returns:
+            The description, encoded as a small tensor (:func:`nwave_param.description.encode`).
+        """
         settings = self.registration.settings
         return description.encode(self.layout, settings.spec, settings.hardness)
 
     def set_extra_state(self, state: object) -> None:
         """Check a checkpoint's description against this constraint (the model's load hook has
-        already checked every one and restored the hardness, before any tensor was copied)."""
+        already checked every one and restored the hardness, before any tensor was copied).
+
+        Args:
+            state: the description saved in the checkpoint.
+
+        Raises:
+            ValueError: the description cannot be read or does not fit this constraint's layout
+                and spec; or it was written by a newer nwave_param
+                (:class:`~nwave_param.description.NewerDescriptionError`).
+        """
         saved = description.decode(state)
         if saved is None or not saved.fits(self.layout, self.settings.spec):
-            raise ValueError(f"a checkpoint's description {saved or 'that cannot be read'} does not fit this constraint ({self.extra_repr()})")
+            raise ValueError(
+                f"a checkpoint's description {saved or 'that cannot be read'} does not fit this constraint ({self.extra_repr()})"
+            )
 
     def extra_repr(self) -> str:
+        """What the module's repr shows: the spec, the layout and the hardness.
+
+        Returns:
+            ``"<spec>, <layout>, hardness=<h>"``.
+        """
         return f"{self.settings.spec}, {self.layout}, hardness={self.settings.hardness}"

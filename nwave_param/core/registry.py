@@ -59,10 +59,15 @@ def register(
     exactly what it did before; add :meth:`Registry.penalty` (:math:`\alpha \cdot` magnitude
     :math:`+ \lambda \cdot` topology) to the loss, and :meth:`Registry.harden` it onto the chip.
 
+    Without ``example`` or ``layouts``, a weight held by a module type nwave_param has no rule for
+    (a bare Parameter of your own module) is read as torch's ``F.linear`` reads it, ``[out, in]``,
+    with one warning naming it and both ways to state another reading.
+
     Args:
         model: the network.
         spec: the chip (default ``ChipSpec()``, the H1v1's).
-        alpha, lam: the penalty's strengths (magnitude, topology).
+        alpha: the magnitude penalty's strength, a finite number >= 0.
+        lam: the topology penalty's strength, a finite number >= 0.
         power: the magnitude penalty's exponent, 1 or 2.
         exclude: globs of dotted weight names not to track.
         example: an input of ``model``: one forward, traced (:mod:`nwave_param.core.trace`), tells which
@@ -77,6 +82,20 @@ def register(
     Returns:
         The :class:`Registry` of the model.
 
+    Raises:
+        ValueError: no trackable weight, ``exclude`` leaves none, a bad ``alpha``/``lam``/``power``,
+            a weight on the meta device or not initialized yet (a lazy module), several devices, a
+            shape its layout cannot read, Parameters over overlapping memory, a tied Parameter its
+            holders read with different layouts, a weight the forward reads two ways, ``dims``
+            that does not read ``example``, a ``layouts`` entry that matches nothing or
+            contradicts the forward, two ``layouts`` globs giving one weight two readings.
+        TypeError: ``model`` not an nn.Module, or already compiled (register before
+            ``torch.compile``); a tracked weight that is not floating point; ``spec`` not a
+            ChipSpec; ``exclude`` not a glob or several; ``layouts`` not a mapping of names to
+            Layouts; ``example`` not a tensor.
+        AlreadyRegisteredError: the model already carries nwave_param constraints
+            (use :func:`registry_of`, or :meth:`Registry.remove` first).
+
     Example::
 
         >>> model = nn.Sequential(nn.Linear(8, 10), nn.ReLU(), nn.Linear(10, 2))
@@ -84,20 +103,6 @@ def register(
         >>> reg.names
         ['0.weight']
         >>> loss = model(torch.randn(4, 8)).sum() + reg.penalty()
-
-    Without ``example`` or ``layouts``, a weight held by a module type nwave_param has no rule for
-    (a bare Parameter of your own module) is read as torch's ``F.linear`` reads it, ``[out, in]``,
-    with one warning naming it and both ways to state another reading.
-
-    Raises:
-        ValueError: no trackable weight, ``exclude`` leaves none, a bad ``alpha``/``lam``/``power``,
-            a weight on the meta device, several devices, a shape its layout cannot read,
-            Parameters over overlapping memory, a weight the forward reads two ways, a ``layouts``
-            entry that matches nothing or contradicts the forward.
-        TypeError: a tracked weight that is not floating point; ``spec`` not a ChipSpec;
-            ``layouts`` not a mapping of names to Layouts; ``example`` not a tensor.
-        AlreadyRegisteredError: the model already carries nwave_param constraints
-            (use :func:`registry_of`, or :meth:`Registry.remove` first).
     """
     registration = Registration(RegistrationSettings(ChipSpec() if spec is None else spec, alpha, lam, power))
     if isinstance(model, nn.Module):
@@ -131,6 +136,12 @@ def registry_of(model: nn.Module) -> Registry:
     Works on a ``copy.deepcopy`` of a registered model, in each DDP process
     (``registry_of(ddp.module)``), after ``load_state_dict``, and on a module holding several
     registered submodules whose settings agree.  Names are relative to ``model``.
+
+    Args:
+        model: a registered model, or a module holding registered parts.
+
+    Returns:
+        A :class:`Registry` over every nwave_param constraint under ``model``.
 
     Raises:
         LookupError: ``model`` carries no nwave_param constraint.
@@ -178,12 +189,25 @@ class Registry:
 
     def __init__(self, model: nn.Module) -> None:
         """Deprecated: :func:`registry_of` is the one way to get a model's registry (this goes in 0.5)."""
-        warnings.warn("Registry(model) is deprecated: use nwp.registry_of(model) (Registry(model) goes in 0.5)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "Registry(model) is deprecated: use nwp.registry_of(model) (Registry(model) goes in 0.5)", DeprecationWarning, stacklevel=2
+        )
         self._view(model)
 
     @classmethod
     def of(cls, model: nn.Module) -> Registry:
-        """What :func:`register` and :func:`registry_of` return: a view over ``model``'s constraints."""
+        """What :func:`register` and :func:`registry_of` return: a view over ``model``'s constraints.
+
+        Args:
+            model: a registered model, or a module holding registered parts.
+
+        Returns:
+            A new :class:`Registry` over every nwave_param constraint under ``model``.
+
+        Raises:
+            LookupError: ``model`` carries no nwave_param constraint (or is not an nn.Module).
+            ValueError: its constraints were registered with different settings.
+        """
         reg = cls.__new__(cls)
         reg._view(model)
         return reg
@@ -232,18 +256,22 @@ class Registry:
 
     @property
     def spec(self) -> ChipSpec:
+        """The chip the tracked weights are held to (read-only)."""
         return self.settings.spec
 
     @property
     def alpha(self) -> float:
+        """The registered strength of the magnitude penalty (read-only)."""
         return self.settings.alpha
 
     @property
     def lam(self) -> float:
+        """The registered strength of the topology penalty (read-only)."""
         return self.settings.lam
 
     @property
     def power(self) -> int:
+        """The magnitude penalty's exponent, 1 or 2 (read-only)."""
         return self.settings.power
 
     @property
@@ -272,8 +300,17 @@ class Registry:
         computes as the saved model did.  One assignment per registration, so a reader in
         another thread sees every weight at the old hardness or every one at the new.
 
+        Args:
+            hardness: :math:`h`, a real number in [0, 1].
+
+        Returns:
+            ``self``, so that ``reg = nwp.register(model).harden(1.0)`` is one line.
+
         Raises:
-            TypeError, ValueError: ``hardness`` is not a real number in [0, 1] (nothing changes).
+            TypeError: ``hardness`` is not a real number (nothing changes).
+            ValueError: ``hardness`` is not in [0, 1] (nothing changes).
+            RuntimeError: the registry was removed; or ``hardness`` is a new one and a constraint
+                was removed by hand (nothing changes).
         """
         hardness = check_hardness(hardness)
         if all(r.settings.hardness == hardness for r in self._registrations) and not self._removed:
@@ -289,12 +326,26 @@ class Registry:
     def latent_weights(self) -> list[Tensor]:
         """The latent weights, differentiable: the Parameters themselves where nwave_param's
         constraint is the only parametrization, else what the earlier ones make of them (not
-        ``module.weight``, which is the hardened value)."""
+        ``module.weight``, which is the hardened value).
+
+        Returns:
+            One tensor per tracked weight, in :attr:`names` order.
+
+        Raises:
+            RuntimeError: the registry was removed.
+        """
         self._check_removed()
         return [chain._parameters["original"] if alone else entry.latent() for entry, chain, alone in self._chains]
 
     def penalty_terms(self) -> PenaltyTerms:
-        """``PenaltyTerms(magnitude, topology)``: unscaled, each divided by the number of tracked elements."""
+        """``PenaltyTerms(magnitude, topology)``: unscaled, each divided by the number of tracked elements.
+
+        Returns:
+            A :class:`~nwave_param.PenaltyTerms` of two 0-dim differentiable tensors.
+
+        Raises:
+            RuntimeError: the registry was removed.
+        """
         weights = self.latent_weights()
         magnitude, topology = penalties.penalty_sums(weights, self.layouts, self.spec, self.power)
         count = max(sum(w.numel() for w in weights), 1)
@@ -303,7 +354,19 @@ class Registry:
     def penalty(self, alpha: float | None = None, lam: float | None = None) -> Tensor:
         r""":math:`\alpha \cdot` magnitude :math:`+ \lambda \cdot` topology: a 0-dim differentiable
         tensor to add to the loss.  ``alpha``/``lam`` override the registered values for this call
-        (a schedule needs no re-registration)."""
+        (a schedule needs no re-registration).
+
+        Args:
+            alpha: the magnitude penalty's strength for this call (None: the registered one).
+            lam: the topology penalty's strength for this call (None: the registered one).
+
+        Returns:
+            A 0-dim tensor, differentiable with respect to the latent weights.
+
+        Raises:
+            ValueError: ``alpha`` or ``lam`` is not a finite number >= 0.
+            RuntimeError: the registry was removed.
+        """
         settings = self.settings
         alpha = settings.alpha if alpha is None else check_scale("alpha", alpha)
         lam = settings.lam if lam is None else check_scale("lam", lam)
@@ -311,7 +374,9 @@ class Registry:
         count = max(sum(w.numel() for w in weights), 1)
         current = open_pass(self._registrations[0]) if len(self._registrations) == 1 else None
         shared = current.shared if current is not None else None  # inside cached(): the hardening's packs, reused
-        return penalties.penalty_sums(weights, self.layouts, settings.spec, settings.power, scales=(alpha / count, lam / count), shared=shared)
+        return penalties.penalty_sums(
+            weights, self.layouts, settings.spec, settings.power, scales=(alpha / count, lam / count), shared=shared
+        )
 
     @contextlib.contextmanager
     def on_chip(self, seed: int | None = None) -> Iterator[None]:
@@ -335,6 +400,17 @@ class Registry:
         chip they are separate synapses).  One at a time: the model holds one chip, so entering
         a second while one is open (in any thread, or nested) raises RuntimeError and changes
         nothing.
+
+        Args:
+            seed: seeds the mismatch sample: one seed, one chip (None: a random one).
+
+        Returns:
+            A context manager: the model is on the chip while it is entered.
+
+        Raises:
+            TypeError: ``seed`` is neither an int nor None.
+            RuntimeError: an ``on_chip`` context is already open on the model, the registry was
+                removed, or a constraint was removed by hand (on entering; nothing changes).
         """
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -384,6 +460,10 @@ class Registry:
         again), except in the middle of a forward of the registered model, which keeps the
         hardness it started with.  Other parametrizations of the model are not cached: wrap
         ``parametrize.cached()`` around it for those (it is shared by every thread).
+
+        Returns:
+            A context manager: the pass is open while it is entered (inside another ``cached()``
+            of the same registration, the outer pass serves).
         """
         opened = []
         try:
@@ -399,12 +479,26 @@ class Registry:
 
     def report(self) -> Report:
         """A :class:`~nwave_param.Report` of the latent weights: one row per weight; the rows sum
-        to :meth:`penalty_terms`."""
+        to :meth:`penalty_terms`.
+
+        Returns:
+            The :class:`~nwave_param.Report`, its rows in :attr:`names` order.
+
+        Raises:
+            RuntimeError: the registry was removed.
+        """
         return build_report(self.names, [w.detach() for w in self.latent_weights()], self.layouts, self.spec, self.power)
 
     def is_mappable(self) -> bool:
         """True exactly when every latent weight is finite, within ``[-limit, limit]`` (the limit
-        itself allowed), has no mixed block column and (with ``spec.bits``) lies on the grid."""
+        itself allowed), has no mixed block column and (with ``spec.bits``) lies on the grid.
+
+        Returns:
+            Whether the latent weights can be written to the chip as they are.
+
+        Raises:
+            RuntimeError: the registry was removed.
+        """
         return self.report().is_mappable
 
     @torch.no_grad()
@@ -419,9 +513,14 @@ class Registry:
         again.  All or nothing: on any error every tensor of every chain (the stored weights and
         the other parametrizations' buffers, such as orthogonal's ``base``) is restored bit for bit.
 
+        Returns:
+            ``self``.
+
         Raises:
             ValueError: a weight holds NaN or infinite values, its chain has a parametrization
                 without ``right_inverse``, or the chain cannot hold the projected value (named).
+            RuntimeError: the registry was removed, or a constraint was removed by hand (nothing
+                is changed).
         """
         self._check_live()
         weights = self.latent_weights()
@@ -455,6 +554,10 @@ class Registry:
         :meth:`project_` first, in the same call, all or nothing (a refused projection removes
         nothing), as ``torch.nn.utils.parametrize.remove_parametrizations(..., leave_parametrized=True)``
         keeps the parametrized value.  The squash step of the lifecycle is then one line.
+
+        Args:
+            leave_projected: project the latent weights onto the chip (:meth:`project_`) before
+                removing.
 
         Raises:
             RuntimeError: already removed, or a constraint was removed by hand (nothing is changed;

@@ -28,6 +28,21 @@ class WeightReport:
     contributions to the registry's penalties (already divided by the total element count ``N``),
     so the rows sum to ``reg.penalty_terms()``.  ``layout`` is how it was read, ``assumed`` whether
     that layout is guessed from a checkpoint's names and shapes (see :mod:`nwave_param.checkpoints.offline`).
+
+    Args:
+        name: the weight's dotted name.
+        shape: its shape.
+        numel: its number of elements.
+        max_abs: its largest magnitude.
+        out_of_range: how many of its entries lie outside ``[-limit, limit]``.
+        nonfinite: how many of its entries are NaN or infinite.
+        block_columns: the block columns of its connectivity matrix.
+        mixed_block_columns: how many of those hold both signs.
+        off_grid: how many of its entries are not grid levels.
+        magnitude: its share of the magnitude penalty.
+        topology: its share of the topology penalty.
+        layout: how it was read as a connectivity matrix.
+        assumed: whether ``layout`` is guessed.
     """
 
     name: str
@@ -46,6 +61,7 @@ class WeightReport:
 
     @property
     def is_mappable(self) -> bool:
+        """Finite, within ``[-limit, limit]``, with no mixed block column and on the grid."""
         return self.nonfinite == 0 and self.out_of_range == 0 and self.mixed_block_columns == 0 and self.off_grid == 0
 
 
@@ -81,6 +97,11 @@ class Report:
 
     ``str(report)`` is an aligned table with a totals line; ``report.to_dict()`` is JSON-ready
     (non-finite floats become ``None``: the ``nonfinite`` counts say why).
+
+    Args:
+        rows: one :class:`WeightReport` per weight.
+        spec: the chip the weights are held to.
+        power: the magnitude penalty's exponent.
     """
 
     def __init__(self, rows: Sequence[WeightReport], spec: ChipSpec, power: int) -> None:
@@ -104,15 +125,27 @@ class Report:
 
     @property
     def totals(self) -> dict[str, float | int]:
+        """The counts and penalties summed over the rows, and the largest ``max_abs`` (0.0 for none)."""
         totals = {key: sum(getattr(row, key) for row in self.rows) for key in _SUMMED}
         totals["max_abs"] = max((row.max_abs for row in self.rows), default=0.0)
         return totals
 
     def spec_data(self) -> dict:
-        """The spec the report holds the weights to, and the penalty's power, JSON-ready."""
+        """The spec the report holds the weights to, and the penalty's power, JSON-ready.
+
+        Returns:
+            The spec's fields (:meth:`ChipSpec.to_dict <nwave_param.ChipSpec.to_dict>`) and ``"power"``.
+        """
         return {**self.spec.to_dict(), "power": self.power}
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready data; non-finite floats become ``None``.
+
+        Returns:
+            ``{"mappable": ..., "spec": ..., "rows": [...], "totals": {...}}``: the verdict,
+            :meth:`spec_data`, one dict per row (its fields, ``shape`` as a list, and how it was
+            read: :func:`layout_fields`) and :attr:`totals`.
+        """
         rows = []
         for row in self.rows:
             entry = _fields(row)
@@ -186,7 +219,15 @@ _CASTS = (float, int, int, int, int, float, float)  # each as WeightReport holds
 
 
 @torch.no_grad()
-def _rows(names: Sequence[str], weights: Sequence[Tensor], layout: Layout, spec: ChipSpec, power: int, count: int, assumed: Collection[str]) -> list[WeightReport]:
+def _rows(
+    names: Sequence[str],
+    weights: Sequence[Tensor],
+    layout: Layout,
+    spec: ChipSpec,
+    power: int,
+    count: int,
+    assumed: Collection[str],
+) -> list[WeightReport]:
     """The rows of weights of one shape, dtype and layout: one alone, several stacked into one batch."""
     if len(weights) == 1:
         measured = [[value.item()] for value in _measures(weights[0], layout, spec, power, count)]

@@ -40,7 +40,16 @@ def settling(step: int, total_steps: int, settle: float = 0.6) -> float:
     """The rule's learning-rate factor at ``step`` of ``total_steps``: 1, then linearly to 0 from
     the fraction ``settle`` on.  ``LambdaLR(optimizer, lambda step: settling(step, total))`` gives
     a network trained without constraints the same decay, for a comparison that measures the chip
-    alone."""
+    alone.
+
+    Args:
+        step: the optimizer steps taken.
+        total_steps: the optimizer steps of the whole training.
+        settle: the fraction of training after which the factor falls.
+
+    Returns:
+        The factor, in [0, 1].
+    """
     done = step / total_steps
     return 1.0 if done <= settle else max(0.0, (1.0 - done) / (1.0 - settle))
 
@@ -62,7 +71,8 @@ class Schedule:
             the schedule with the same decay: ``LambdaLR(optimizer, schedule.learning_rate)``.
         harden: ``(start, end)``: the fractions of training over which the hardness rises to 1;
             None keeps it at 0 (the penalties alone).
-        penalty: the penalty's scale once risen; ``penalty_rise``: the fraction it rises over.
+        penalty: the penalty's scale once risen.
+        penalty_rise: the fraction of training the penalty's scale rises over.
         settle: the fraction after which the learning rate falls linearly to 0.
 
     Example::
@@ -83,8 +93,9 @@ class Schedule:
 
     Raises:
         TypeError: ``reg`` is not a Registry, ``optimizer`` not a torch optimizer.
-        ValueError: ``total_steps`` not a positive int; a fraction outside [0, 1], or
-            ``harden``'s start after its end; ``penalty`` negative.
+        ValueError: ``total_steps`` not a positive int; ``harden`` not a pair or None; a fraction
+            outside [0, 1], or ``harden``'s start after its end; ``penalty`` negative or not finite.
+        RuntimeError: ``reg`` was removed (``reg.harden`` refuses).
     """
 
     def __init__(
@@ -101,7 +112,9 @@ class Schedule:
         if not isinstance(reg, Registry):
             raise TypeError(f"Schedule: reg must be a Registry (nwp.register(model)), got {type(reg).__name__}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
-            raise ValueError(f"Schedule: total_steps must be a positive int (the optimizer steps of the whole training), got {total_steps!r}")
+            raise ValueError(
+                f"Schedule: total_steps must be a positive int (the optimizer steps of the whole training), got {total_steps!r}"
+            )
         if harden is not None and (not isinstance(harden, (tuple, list)) or len(harden) != 2):
             raise ValueError(f"Schedule: harden must be (start, end), fractions of training, or None, got {harden!r}")
         start, end = (_fraction("harden", f) for f in harden) if harden is not None else (None, None)
@@ -122,7 +135,14 @@ class Schedule:
 
     def hardness_at(self, step: int) -> float:
         """The hardness at ``step``: 0, then linearly to 1 over ``harden``, then 1 (always 0
-        with ``harden=None``: the penalties alone)."""
+        with ``harden=None``: the penalties alone).
+
+        Args:
+            step: the optimizer steps taken.
+
+        Returns:
+            The hardness, in [0, 1].
+        """
         start, end = self.harden_over
         if start is None:
             return 0.0
@@ -132,25 +152,51 @@ class Schedule:
         return 0.0 if done <= start else (done - start) / (end - start)
 
     def scale_at(self, step: int) -> float:
-        """The penalty's scale at ``step``: linearly from 0 to ``penalty`` over ``penalty_rise``."""
+        """The penalty's scale at ``step``: linearly from 0 to ``penalty`` over ``penalty_rise``.
+
+        Args:
+            step: the optimizer steps taken.
+
+        Returns:
+            The scale, from 0 to ``penalty``.
+        """
         done = step / self.total_steps
         return self.scale if done >= self.penalty_rise else self.scale * done / self.penalty_rise
 
     def learning_rate(self, step: int) -> float:
         """The factor on the learning rate at ``step``: 1, then linearly to 0 from ``settle`` on
-        (:func:`settling`)."""
+        (:func:`settling`).
+
+        Args:
+            step: the optimizer steps taken.
+
+        Returns:
+            The factor, in [0, 1].
+        """
         return settling(step, self.total_steps, self.settle)
 
     # --- training -----------------------------------------------------------------------------------
 
     def penalty(self) -> torch.Tensor:
-        """``reg.penalty()`` at this step's scale, in the same autograd node."""
+        """``reg.penalty()`` at this step's scale, in the same autograd node.
+
+        Returns:
+            A 0-dim differentiable tensor to add to the loss.
+
+        Raises:
+            RuntimeError: the registry was removed.
+        """
         scale = self.scale_at(self.steps)
         return self.reg.penalty(alpha=scale * self.reg.alpha, lam=scale * self.reg.lam)
 
     def step(self) -> None:
         """Advance one optimizer step: the hardness (and, given the optimizer, its learning rates)
-        of the next step."""
+        of the next step.
+
+        Raises:
+            RuntimeError: the registry was removed, or one of its constraints by hand
+                (``reg.harden`` refuses).
+        """
         self.steps += 1
         if self.learning_rates is not None:
             self.learning_rates.step()
@@ -158,20 +204,42 @@ class Schedule:
 
     @property
     def hardness(self) -> float:
+        """The hardness the registry computes with now."""
         return self.reg.hardness
 
     def state_dict(self) -> dict[str, int]:
         """What resuming needs: the step count (the learning rates' own state is the optimizer's
-        scheduler's, saved beside it)."""
+        scheduler's, saved beside it).
+
+        Returns:
+            ``{"steps": <the optimizer steps taken>}``.
+        """
         return {"steps": self.steps}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume: the step count of ``state``, and the hardness of that step.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+
+        Raises:
+            KeyError: ``state`` holds no ``"steps"``.
+            RuntimeError: the registry was removed, or one of its constraints by hand
+                (``reg.harden`` refuses).
+        """
         self.steps = int(state["steps"])
         self.reg.harden(self.hardness_at(min(self.steps, self.total_steps)))
 
     def callback(self):
         """A Lightning callback that calls :meth:`step` after each training batch (Lightning's
-        ``Callback``; needs Lightning installed).  Its ``training_step`` adds :meth:`penalty` to the loss."""
+        ``Callback``; needs Lightning installed).  Its ``training_step`` adds :meth:`penalty` to the loss.
+
+        Returns:
+            A ``lightning.pytorch.Callback`` driving this schedule; its state is the schedule's.
+
+        Raises:
+            ImportError: Lightning is not installed.
+        """
         from lightning.pytorch import Callback
 
         schedule = self

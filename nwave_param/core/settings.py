@@ -22,7 +22,19 @@ from torch import nn
 
 from nwave_param.spec import ChipSpec
 
-__all__ = ["PinSettings", "Registration", "RegistrationSettings", "check_hardness", "check_scale", "OpenPass", "open_pass", "per_thread", "pin", "settings_in_effect", "unpin"]
+__all__ = [
+    "PinSettings",
+    "Registration",
+    "RegistrationSettings",
+    "check_hardness",
+    "check_scale",
+    "OpenPass",
+    "open_pass",
+    "per_thread",
+    "pin",
+    "settings_in_effect",
+    "unpin",
+]
 
 
 def check_scale(name: str, value: object) -> float:
@@ -42,7 +54,20 @@ def check_hardness(value: object) -> float:
 
 @dataclass(frozen=True)
 class RegistrationSettings:
-    """One registration's configuration: frozen, so a change is a new object (see :class:`Registration`)."""
+    """One registration's configuration: frozen, so a change is a new object (see :class:`Registration`).
+
+    Args:
+        spec: the chip.
+        alpha: the magnitude penalty's strength, a finite number >= 0.
+        lam: the topology penalty's strength, a finite number >= 0.
+        power: the magnitude penalty's exponent, 1 or 2.
+        hardness: how far the network computes with what the chip holds, in [0, 1].
+
+    Raises:
+        TypeError: ``spec`` is not a :class:`~nwave_param.ChipSpec`, or ``hardness`` not a real number.
+        ValueError: ``alpha`` or ``lam`` is not a finite number >= 0, ``power`` not 1 or 2, or
+            ``hardness`` not in [0, 1].
+    """
 
     spec: ChipSpec
     alpha: float = 1.0

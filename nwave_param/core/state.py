@@ -140,11 +140,17 @@ def _description_problems(links: list, state_dict: Mapping[str, object]) -> tupl
         mine = (constraint.layout, constraint.settings.spec)
         if saved is None or not saved.fits(*mine):
             what = f"layout {saved.layout} and {saved.spec}" if saved else "a description that cannot be read"
-            problems.append(f"{path}{tensor_name}: the checkpoint was saved with {what}, but this model is registered with layout {mine[0]} and {mine[1]}")
+            problems.append(
+                f"{path}{tensor_name}: the checkpoint was saved with {what}, "
+                f"but this model is registered with layout {mine[0]} and {mine[1]}"
+            )
         elif saved.hardness is not None:
             named = hardness.setdefault(id(constraint.registration), (constraint.registration, saved.hardness, f"{path}{tensor_name}"))
             if named[1] != saved.hardness:
-                problems.append(f"{named[2]} and {path}{tensor_name} were saved at hardness {named[1]} and {saved.hardness}, but this model registered them together")
+                problems.append(
+                    f"{named[2]} and {path}{tensor_name} were saved at hardness {named[1]} and {saved.hardness}, "
+                    "but this model registered them together"
+                )
     return problems, hardness
 
 
@@ -301,6 +307,20 @@ def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[st
     (``..._extra_state``) is dropped; all other entries are kept as they are, in order, the same
     tensors.  A weight tied between several keys stays one tensor.
 
+    Args:
+        source: a registered model, or a state_dict saved from one.
+
+    Returns:
+        The plain model's state_dict, its entries in ``source``'s order.
+
+    Raises:
+        TypeError: ``source`` is neither an nn.Module nor a mapping.
+        ValueError: a weight whose chain holds a parametrization registered after nwave_param's
+            (its keys in the plain model would differ), or whose chain's own keys cannot hold its
+            effective value (a hardened weight behind weight_norm: ``reg.project_()`` first), named;
+            a description written by a newer nwave_param
+            (:class:`~nwave_param.description.NewerDescriptionError`).
+
     Example::
 
         >>> import nwave_param as nwp
@@ -311,11 +331,6 @@ def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[st
         >>> plain = nwp.plain_state_dict(model)
         >>> list(plain), torch.equal(plain["weight"], model.weight)
         (['bias', 'weight'], True)
-
-    Raises:
-        ValueError: a weight whose chain holds a parametrization registered after nwave_param's
-            (its keys in the plain model would differ), or whose chain's own keys cannot hold its
-            effective value (a hardened weight behind weight_norm: ``reg.project_()`` first), named.
     """
     state = source.state_dict() if isinstance(source, nn.Module) else source
     if not isinstance(state, Mapping):
@@ -328,8 +343,16 @@ def plain_state_dict(source: nn.Module | Mapping[str, Tensor]) -> OrderedDict[st
         if link is not None and ours.get(link[:2], (None,))[0] != link[2]:
             others.setdefault(link[:2], set()).add(link[2])
     if isinstance(source, nn.Module):  # the chains themselves: exact, stateless links included
-        late = [_dotted(path, name) for path, holder, name, constraint in _module_links(source) if holder.parametrizations[name][-1] is not constraint]
-        chained = [_dotted(path, name) for path, holder, name, constraint in _module_links(source) if not _holds_effective(holder, name, constraint)]
+        late = [
+            _dotted(path, name)
+            for path, holder, name, constraint in _module_links(source)
+            if holder.parametrizations[name][-1] is not constraint
+        ]
+        chained = [
+            _dotted(path, name)
+            for path, holder, name, constraint in _module_links(source)
+            if not _holds_effective(holder, name, constraint)
+        ]
     else:
         late = sorted(f"{p}{t}" for (p, t), (i, _) in ours.items() if any(j > i for j in others.get((p, t), ())))
         chained = sorted(f"{p}{t}" for (p, t), (i, saved) in ours.items() if saved.hardness and (i or (p, t) in others))

@@ -1,4 +1,5 @@
-"""Which input channels reach each element of a tensor, on the way from the input to the first neurons: the front end's one-to-one rule read from what the network computes."""
+"""Which input channels reach each element of a tensor, on the way from the input to the first
+neurons: the front end's one-to-one rule read from what the network computes."""
 
 from __future__ import annotations
 

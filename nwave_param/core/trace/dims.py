@@ -1,4 +1,5 @@
-"""How an op maps the dims of its operands: which dim of an op's result is which dim of its input (views, picks, reductions), and the example's batch and time dims."""
+"""How an op maps the dims of its operands: which dim of an op's result is which dim of its input
+(views, picks, reductions), and the example's batch and time dims."""
 
 from __future__ import annotations
 
@@ -6,7 +7,20 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-__all__ = ["CREATES", "IGNORED", "PICKS", "REDUCTIONS", "VIEWS", "aligned_dims", "argument", "composed", "example_dims", "positive_dim", "through_pick", "through_view"]
+__all__ = [
+    "CREATES",
+    "IGNORED",
+    "PICKS",
+    "REDUCTIONS",
+    "VIEWS",
+    "aligned_dims",
+    "argument",
+    "composed",
+    "example_dims",
+    "positive_dim",
+    "through_pick",
+    "through_view",
+]
 
 
 def example_dims(example: Tensor, dims: str | None) -> str:

@@ -62,7 +62,14 @@ def layouts_read(traced: Trace, shapes: Mapping[str, tuple[int, ...]]) -> dict[s
         found[name] = next(iter(known.items())) if known else (None, next(iter(readings.values())))
         layout, use = found[name]
         rows = layout.rows(shape) if layout is not None else None
-        partial = [u for u in uses if u.op != "gain" and rows is not None and u.rows is not None and u.rows < rows // max(1, layout.groups if layout.transposed else 1)]
+        partial = [
+            u
+            for u in uses
+            if u.op != "gain"
+            and rows is not None
+            and u.rows is not None
+            and u.rows < rows // max(1, layout.groups if layout.transposed else 1)
+        ]
         if partial and layout is not None and not layout.gates > 1:
             warnings.warn(
                 f"{one_line(name)}: the forward uses {partial[0].rows} of its {rows} output rows in {one_line(partial[0].where)}: "

@@ -79,7 +79,8 @@ class Trace:
     modules: list[nn.Module] = field(default_factory=list)  # the neuron module, per population
     calls: list[Call] = field(default_factory=list)
     feeds: dict[int, frozenset] = field(default_factory=dict)  # population -> what reached its spikes
-    fans: dict[int, tuple[int, int] | None] = field(default_factory=dict)  # front population -> (fan-in, fan-out) from the input; None: not known
+    # front population -> (fan-in, fan-out) from the input; None: not known
+    fans: dict[int, tuple[int, int] | None] = field(default_factory=dict)
     channels: int = 0  # the example's channels per time step
     notes: list[str] = field(default_factory=list)
 

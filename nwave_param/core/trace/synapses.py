@@ -33,8 +33,18 @@ PRODUCTS = {"mul", "__mul__", "__rmul__", "mul_", "multiply"}
 _ALSO_ELEMENTWISE = {"dropout", "dropout_", "alpha_dropout", "feature_dropout", "bernoulli", "copy_", "zero_", "fill_", "masked_fill_"}
 
 
-_RENAMED = {"truediv": "div", "floordiv": "floor_divide", "and": "bitwise_and", "or": "bitwise_or", "xor": "bitwise_xor", "invert": "bitwise_not",
-            "multiply": "mul", "subtract": "sub", "divide": "div", "true_divide": "div"}
+_RENAMED = {
+    "truediv": "div",
+    "floordiv": "floor_divide",
+    "and": "bitwise_and",
+    "or": "bitwise_or",
+    "xor": "bitwise_xor",
+    "invert": "bitwise_not",
+    "multiply": "mul",
+    "subtract": "sub",
+    "divide": "div",
+    "true_divide": "div",
+}
 
 
 MIXED = "a mixing op over activations"  # a fixed synapse with no tensor of weights (a sum over neurons, a softmax, a pooling)

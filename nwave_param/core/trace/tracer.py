@@ -17,10 +17,11 @@ An op that consumes a weight and an activation is a **synapse** (a :class:`Use`)
 torch's RNN ops and cells, ``F.bilinear``, an elementwise product (a gain), and any other op that
 mixes an activation with a tensor that is not one (``tensordot``, ``inner``, ``multi_dot``...,
 read without an orientation); an op that is not elementwise over activations, mixing them across
-neurons (a sum over them, a softmax, a pooling), is a fixed synapse of its own.  The op says which of the weight's dims indexes the output neurons
-and which the inputs: ``x @ W`` reads ``W`` as ``[in, out]``, the chip vendor's convention;
-``F.linear(x, W)`` as ``[out, in]``, torch's.  A buffer or a tensor made in the forward is a
-synapse too, fixed: it connects populations, though nwave_param does not train it.
+neurons (a sum over them, a softmax, a pooling), is a fixed synapse of its own.  The op says
+which of the weight's dims indexes the output neurons and which the inputs: ``x @ W`` reads
+``W`` as ``[in, out]``, the chip vendor's convention; ``F.linear(x, W)`` as ``[out, in]``,
+torch's.  A buffer or a tensor made in the forward is a synapse too, fixed: it connects
+populations, though nwave_param does not train it.
 
 A **population** is one chain of membrane state of a neuron module.  A call continues the
 population whose earlier call made the state it is given (or, given none, the state it keeps: its
@@ -134,7 +135,10 @@ class _Tracer(TorchFunctionMode):
             try:
                 self.record(name, args, kwargs, out)
             except Exception as error:  # noqa: BLE001 - said in the notes; the user's forward goes on
-                self.note(f"the trace could not follow {name} ({type(error).__name__}: {one_line(error)}); its result is read as mixing all it reads")
+                self.note(
+                    f"the trace could not follow {name} ({type(error).__name__}: {one_line(error)}); "
+                    "its result is read as mixing all it reads"
+                )
                 self.lost(args, kwargs, out)
         return out
 
@@ -226,7 +230,9 @@ class _Tracer(TorchFunctionMode):
             return () if out.dim() == 0 else None
         gone = {positive_dim(d, source.dim()) for d in ([dims] if isinstance(dims, int) else dims)}
         keep = out.dim() == source.dim()
-        return tuple(None if d in gone else d for d in range(source.dim())) if keep else tuple(d for d in range(source.dim()) if d not in gone)
+        if keep:
+            return tuple(None if d in gone else d for d in range(source.dim()))
+        return tuple(d for d in range(source.dim()) if d not in gone)
 
     def channels_of(self, name: str, args: tuple, kwargs: dict, known: list, out: Tensor, k: int, elementwise: bool) -> object:
         """Which input channels reach each element of ``out`` (the ``k``-th result)."""
@@ -322,7 +328,8 @@ class _Tracer(TorchFunctionMode):
                 merged_channels(next((self.info(a).channels for a in active if self.info(a).channels is not None), None))
                 if any(self.info(a).channels is not None for a in active) else None
             )
-            self.tag(o, Info(current, (), labels if len(labels) == o.dim() else (None,) * o.dim(), channels if op == "gain" else (UNKNOWN if channels else None)))
+            shown = labels if len(labels) == o.dim() else (None,) * o.dim()
+            self.tag(o, Info(current, (), shown, channels if op == "gain" else (UNKNOWN if channels else None)))
         return True
 
     @staticmethod
@@ -363,7 +370,9 @@ class _Tracer(TorchFunctionMode):
                 return frozenset({("state", population)})
         return reads
 
-    def used(self, name: str, op: str, outputs, inputs, groups: int, gates: int, reads: frozenset, where: str, rows, parameter: bool) -> tuple:
+    def used(
+        self, name: str, op: str, outputs, inputs, groups: int, gates: int, reads: frozenset, where: str, rows, parameter: bool
+    ) -> tuple:
         use = Use(len(self.result.all_uses), name, op, outputs, inputs, groups, gates, reads, where, rows, parameter)
         self.result.all_uses.append(use)
         if parameter:
@@ -453,7 +462,8 @@ class _Tracer(TorchFunctionMode):
         matrix = nonzero if (out_dim, in_dim) == (0, 1) else nonzero.t()
         if dim is None:
             sets = sets * matrix.shape[1]
-        return (out.dim() - 1, tuple(frozenset().union(*(sets[i] for i in range(matrix.shape[1]) if matrix[o, i])) for o in range(matrix.shape[0])))
+        result = tuple(frozenset().union(*(sets[i] for i in range(matrix.shape[1]) if matrix[o, i])) for o in range(matrix.shape[0]))
+        return (out.dim() - 1, result)
 
     def weight_product(self, name: str, operands: list, infos: list, outs: list) -> bool:
         """A product of a weight with tensors that are no activations (orthogonal's ``base @ Q``):
@@ -513,7 +523,10 @@ class _Tracer(TorchFunctionMode):
         else:  # (input, [batch_sizes,] hx, params, ...): an LSTM's projection weight_hr has no gates
             lists = [a for a in args[1:] if isinstance(a, (list, tuple)) and a and all(isinstance(p, Tensor) for p in a)]
             params = next((a for a in lists if a[0].dim() == 2), [])
-            hx = next((a for a in args[1:] if isinstance(a, Tensor) and a.dim() >= 2 or (isinstance(a, (list, tuple)) and a is not params and a)), None)
+            hx = next(
+                (a for a in args[1:] if isinstance(a, Tensor) and a.dim() >= 2 or (isinstance(a, (list, tuple)) and a is not params and a)),
+                None,
+            )
             hidden = (hx[-1] if isinstance(hx, (list, tuple)) else hx).shape[-1] if hx is not None else None
             matrices = [p for p in params if p.dim() == 2]
             readers = [
@@ -535,7 +548,10 @@ class _Tracer(TorchFunctionMode):
 
     def kept(self, module: nn.Module) -> list[Tensor]:
         """The state a neuron module keeps: its buffers and the tensors among its attributes."""
-        return [*(b for b in module._buffers.values() if isinstance(b, Tensor)), *(v for v in vars(module).values() if isinstance(v, Tensor))]
+        return [
+            *(b for b in module._buffers.values() if isinstance(b, Tensor)),
+            *(v for v in vars(module).values() if isinstance(v, Tensor)),
+        ]
 
     def neuron_started(self, path: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A neuron module's call: it continues the population whose state it is given (or, given
@@ -556,7 +572,10 @@ class _Tracer(TorchFunctionMode):
         own = ("own", population)  # the state it is given or keeps is the neuron's own, whatever its values
         for t in state_in:
             info = self.info(t)
-            self.tag(t, Info(info.acts | {own}, info.weights, info.labels, None) if info is not None else Info(frozenset({own}), (), (None,) * t.dim()))
+            if info is not None:
+                self.tag(t, Info(info.acts | {own}, info.weights, info.labels, None))
+            else:
+                self.tag(t, Info(frozenset({own}), (), (None,) * t.dim()))
         current = self.info(args[0]) if args and isinstance(args[0], Tensor) else None
         self.entering = current.channels if current is not None else None
 
@@ -570,7 +589,9 @@ class _Tracer(TorchFunctionMode):
         spikes = leaves[0]
         reached = frozenset().union(*(i.acts for t in leaves if (i := self.info(t)) is not None))
         # the module's constants (a threshold buffer) carry the last population's state tag: not a connection
-        reached = frozenset(t for t in reached if t[0] not in ("state", "own") or t[1] == population or self.result.populations[t[1]] != path)
+        reached = frozenset(
+            t for t in reached if t[0] not in ("state", "own") or t[1] == population or self.result.populations[t[1]] != path
+        )
         labels, found = self.neuron_labels(module, spikes)
         neurons = math.prod(size for size, label in zip(spikes.shape, labels) if label not in ("batch", "time"))
         first = next((c.neurons for c in self.result.calls if c.population == population), None)
@@ -637,7 +658,12 @@ def _unchanged(model: nn.Module) -> Iterator[None]:
     states, and the random states of torch, Python and numpy."""
     modules = list(model.modules())
     saved = state.snapshot(modules, attributes=True)
-    values = [(t, t.detach().clone(), t.requires_grad) for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if isinstance(t, Tensor)]
+    values = [
+        (t, t.detach().clone(), t.requires_grad)
+        for m in modules
+        for t in (*m._parameters.values(), *m._buffers.values())
+        if isinstance(t, Tensor)
+    ]
     contents = [(value, dict(value)) for module in modules for value in vars(module).values() if isinstance(value, dict)]
     lists = [(value, list(value)) for module in modules for value in vars(module).values() if isinstance(value, list)]
     generators = [(g, g.get_state()) for module in modules for g in vars(module).values() if isinstance(g, torch.Generator)]
@@ -681,10 +707,15 @@ def trace(model: nn.Module, example: Tensor, neurons: Mapping[str, nn.Module], d
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its module, run eagerly
     lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
     if lazy:
-        raise ValueError(f"{one_line(lazy[0])} is not initialized yet (a lazy module): run one forward pass of the model first, then trace it")
+        raise ValueError(
+            f"{one_line(lazy[0])} is not initialized yet (a lazy module): run one forward pass of the model first, then trace it"
+        )
     meta = [name for name, t in [("example", example), *model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
-        raise ValueError(f"{one_line(meta[0])} is on the meta device: the trace computes, so materialize the model (model.to_empty(device=...)) and give a real example")
+        raise ValueError(
+            f"{one_line(meta[0])} is on the meta device: the trace computes, "
+            "so materialize the model (model.to_empty(device=...)) and give a real example"
+        )
     letters = example_dims(example, dims)
     steps = example.shape[letters.index("t")] if "t" in letters else 0
     buffers = {id(b): name for name, b in model.named_buffers()}
@@ -710,7 +741,9 @@ def trace(model: nn.Module, example: Tensor, neurons: Mapping[str, nn.Module], d
             model(example)
             kept = _kept_between_calls(tracer, model, neurons)
             if kept:  # what one call leaves for the next: a second call shows what reads it
-                tracer.note(f"{', '.join(map(one_line, kept))} carries activations from one call to the next: read over two calls of the model")
+                tracer.note(
+                    f"{', '.join(map(one_line, kept))} carries activations from one call to the next: read over two calls of the model"
+                )
                 model(example)
     return layers_over_time(tracer.result)
 
