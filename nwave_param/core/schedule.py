@@ -51,7 +51,9 @@ def settling(step: int, total_steps: int, settle: float = 0.6) -> float:
         The factor, in [0, 1].
     """
     done = step / total_steps
-    return 1.0 if done <= settle else max(0.0, (1.0 - done) / (1.0 - settle))
+    if done <= settle:
+        return 1.0
+    return 0.0 if done >= 1.0 else (1.0 - done) / (1.0 - settle)  # past the end: 0 (settle=1.0 divides by 0)
 
 
 def _fraction(name: str, value: object) -> float:
