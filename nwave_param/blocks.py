@@ -36,6 +36,10 @@ class FrontEnd(nn.Module):
     on the grid, with mismatch on the chip; an entry off the diagonal does not exist, so nothing
     trains, projects or perturbs it.
 
+    Args:
+        channels: the inputs, and as many neurons (the chip's front end has ``spec.inputs``, 16).
+        gain: every channel's initial gain.
+
     Example::
 
         >>> front = FrontEnd(16, gain=2.0)
@@ -57,12 +61,26 @@ class FrontEnd(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` (``(..., channels)``) times the gains, channel by channel: a grouped 1x1
-        convolution, so that a trace reads one synapse per channel."""
+        convolution, so that a trace reads one synapse per channel.
+
+        Args:
+            x: the input, its last dim the ``channels``.
+
+        Returns:
+            ``gain[i] * x[..., i]`` for each channel ``i``, of the shape of ``x``.
+        """
         flat = x.reshape(-1, self.channels, 1)
         return nn.functional.conv1d(flat, self.weight, groups=self.channels).reshape(x.shape)
 
     def chip_layout(self, tensor_name: str) -> Layout:
-        """How nwave_param reads ``weight``: ``channels`` groups of one synapse each."""
+        """How nwave_param reads ``weight``: ``channels`` groups of one synapse each.
+
+        Args:
+            tensor_name: the weight's name (``weight``).
+
+        Returns:
+            ``Layout(groups=channels)``.
+        """
         return Layout(groups=self.channels)
 
     def extra_repr(self) -> str:
@@ -119,12 +137,24 @@ def ChipLeaky(beta: float, *, threshold: float = THRESHOLD, reset_mechanism: str
     arguments) whose membrane is clamped at 0 after each update, resetting by subtraction, with
     the chip's one threshold.  Pass ``reset_mechanism="zero"`` for H1v1's zero reset.
 
+    Args:
+        beta: the membrane's decay rate, as snnTorch's ``Leaky`` takes it.
+        threshold: the firing threshold, one for the whole network (default ``THRESHOLD``).
+        reset_mechanism: ``"subtract"`` (H1v2's) or ``"zero"`` (H1v1's).
+        **kwargs: the rest of snnTorch's ``Leaky`` arguments (``init_hidden``, ``spike_grad`` ...).
+
+    Returns:
+        The neuron module: an instance of a subclass of ``snntorch.Leaky``.
+
     Example::
 
         >>> lif = ChipLeaky(beta=0.9)
         >>> spikes, membrane = lif(torch.tensor([[-3.0, 1.5]]), lif.init_leaky())
         >>> spikes.tolist(), membrane.tolist()
         ([[0.0, 1.0]], [[0.0, 1.5]])
+
+    Raises:
+        ImportError: snnTorch is not installed.
     """
     return _chip_class("ChipLeaky", "Leaky")(beta, threshold=threshold, reset_mechanism=reset_mechanism, **kwargs)
 
@@ -132,5 +162,19 @@ def ChipLeaky(beta: float, *, threshold: float = THRESHOLD, reset_mechanism: str
 def ChipRLeaky(beta: float, *, threshold: float = THRESHOLD, reset_mechanism: str = "subtract", **kwargs) -> nn.Module:  # noqa: N802
     """A recurrent population as the chip computes it: snnTorch's ``RLeaky`` (same arguments: its
     all-to-all recurrent weight sits whole in one core) whose membrane is clamped at 0 after each
-    update, resetting by subtraction, with the chip's one threshold."""
+    update, resetting by subtraction, with the chip's one threshold.
+
+    Args:
+        beta: the membrane's decay rate, as snnTorch's ``RLeaky`` takes it.
+        threshold: the firing threshold, one for the whole network (default ``THRESHOLD``).
+        reset_mechanism: ``"subtract"`` (H1v2's) or ``"zero"`` (H1v1's).
+        **kwargs: the rest of snnTorch's ``RLeaky`` arguments (``linear_features``,
+            ``init_hidden`` ...).
+
+    Returns:
+        The neuron module: an instance of a subclass of ``snntorch.RLeaky``.
+
+    Raises:
+        ImportError: snnTorch is not installed.
+    """
     return _chip_class("ChipRLeaky", "RLeaky")(beta, threshold=threshold, reset_mechanism=reset_mechanism, **kwargs)

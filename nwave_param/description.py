@@ -137,7 +137,9 @@ def _from_tensor(value: Tensor) -> Description | None:
         return None
     number = _magic(value[:2], found == _PLAIN_WORDS)
     if number > FORMAT:
-        raise NewerDescriptionError(f"a description written by a newer nwave_param (format {number}; this one reads up to {FORMAT}): upgrade nwave_param")
+        raise NewerDescriptionError(
+            f"a description written by a newer nwave_param (format {number}; this one reads up to {FORMAT}): upgrade nwave_param"
+        )
     if number != found:
         return None
     plain, head_format = found == _PLAIN_WORDS, _HEAD_0_3 if found == _PLAIN_WORDS else _HEAD
@@ -159,7 +161,9 @@ def _from_tensor(value: Tensor) -> Description | None:
         magic, gates, groups, transposed, limit, group_size, bits, mismatch, hardness, inputs, count = _HEAD_0_3.unpack_from(body)
         inputs_first, reset = False, None
     else:
-        magic, gates, groups, transposed, inputs_first, limit, group_size, bits, reset, mismatch, hardness, inputs, count = _HEAD.unpack_from(body)
+        (
+            magic, gates, groups, transposed, inputs_first, limit, group_size, bits, reset, mismatch, hardness, inputs, count
+        ) = _HEAD.unpack_from(body)
         if reset >= len(_RESETS):
             return None
         reset = _RESETS[reset]

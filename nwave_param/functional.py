@@ -53,12 +53,26 @@ __all__ = [
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype accumulates in float32."""
+    """float64 stays float64; every other floating dtype accumulates in float32.
+
+    Args:
+        dtype: a weight's dtype.
+
+    Returns:
+        The dtype its sums are taken in.
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def result_dtype(weights: Sequence[Tensor]) -> torch.dtype:
-    """float64 if any weight is float64, else float32: the dtype of the penalties."""
+    """float64 if any weight is float64, else float32: the dtype of the penalties.
+
+    Args:
+        weights: the weights the penalties sum over.
+
+    Returns:
+        The dtype of their penalties.
+    """
     return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
 
 
@@ -70,6 +84,13 @@ def bound(dtype: torch.dtype, limit: float) -> float:
     The penalties compare ``|w|`` with ``limit`` rounded to the accumulation dtype (float32, or
     float64 for float64 weights).  Counting, checking and clamping against this bound agrees
     with them: a weight is in range exactly when its magnitude penalty is zero.
+
+    Args:
+        dtype: the weight's dtype.
+        limit: the chip's limit (``spec.limit``).
+
+    Returns:
+        The bound, as a Python float.
 
     Example::
 
@@ -84,7 +105,12 @@ def bound(dtype: torch.dtype, limit: float) -> float:
 
 
 class PenaltyTerms(NamedTuple):
-    """The two penalty terms, unscaled, each divided by the number of tracked elements."""
+    """The two penalty terms, unscaled, each divided by the number of tracked elements.
+
+    Attributes:
+        magnitude: the magnitude term, a 0-dim tensor.
+        topology: the topology term, a 0-dim tensor.
+    """
 
     magnitude: Tensor
     topology: Tensor
@@ -92,7 +118,15 @@ class PenaltyTerms(NamedTuple):
 
 def block_view(m: Tensor, run: tuple[int, int, int]) -> Tensor:
     """Rows ``start .. start + count*length`` of ``m`` (``(rows, columns)``) as
-    ``(count, length, columns)``: ``count`` blocks of ``length`` rows."""
+    ``(count, length, columns)``: ``count`` blocks of ``length`` rows.
+
+    Args:
+        m: a connectivity matrix, ``(rows, columns)``.
+        run: ``(start, count, length)``, one of :meth:`Layout.runs <nwave_param.Layout.runs>`.
+
+    Returns:
+        A view of ``m``, ``(count, length, columns)``.
+    """
     start, count, length = run
     return m[start : start + count * length].view(count, length, m.shape[-1])
 
@@ -107,8 +141,18 @@ def penalty_sums(weights: Sequence[Tensor], layouts: Sequence[Layout], spec: Chi
 
     Sums are float32 (float64 if any weight is float64).  This is the definition: what
     ``torch.compile`` traces and fuses, and what double backward differentiates; the engine
-    (``nwave_param._engine.penalties``) computes the same sums in few kernels, and autograd's gradient of
-    this is the gradient it writes out."""
+    (``nwave_param._engine.penalties``) computes the same sums in few kernels, and autograd's
+    gradient of this is the gradient it writes out.
+
+    Args:
+        weights: the weights, on one device.
+        layouts: each weight's :class:`~nwave_param.Layout`.
+        spec: the chip: its ``limit`` and ``group_size``.
+        power: the magnitude penalty's exponent, 1 or 2.
+
+    Returns:
+        ``(magnitude, topology)``: two 0-dim tensors, differentiable in ``weights``.
+    """
     dtype = result_dtype(weights)
     magnitude = topology = torch.zeros((), dtype=dtype, device=weights[0].device if weights else None)
     for weight, layout in zip(weights, layouts):
@@ -123,6 +167,15 @@ def penalty_sums(weights: Sequence[Tensor], layouts: Sequence[Layout], spec: Chi
 @torch.no_grad()
 def weight_sums(weight: Tensor, layout: Layout, spec: ChipSpec, power: int) -> tuple[Tensor, Tensor]:
     """``(magnitude sum, topology sum)`` of one weight, as :func:`penalty_sums` adds them up.
+
+    Args:
+        weight: the weight.
+        layout: its :class:`~nwave_param.Layout`.
+        spec: the chip: its ``limit`` and ``group_size``.
+        power: the magnitude penalty's exponent, 1 or 2.
+
+    Returns:
+        ``(magnitude, topology)``: two 0-dim tensors, without gradient.
 
     Example (the worked example: columns P = 1.7, Q = 0.2 and P = 0.4, Q = 1.0)::
 
@@ -140,7 +193,16 @@ def weight_sums(weight: Tensor, layout: Layout, spec: ChipSpec, power: int) -> t
 
 def mixed_blocks(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
     """Boolean ``(blocks, columns)``: the block column holds a strictly positive and a strictly
-    negative entry."""
+    negative entry.
+
+    Args:
+        weight: the weight.
+        layout: its :class:`~nwave_param.Layout`.
+        spec: the chip: its ``group_size``.
+
+    Returns:
+        A boolean tensor, ``(blocks, columns)``, on the weight's device.
+    """
     m = layout.matrix(weight)
     mixed = [
         ((blocks > 0).any(-2) & (blocks < 0).any(-2))
@@ -157,7 +219,16 @@ def levels(spec: ChipSpec, dtype: torch.dtype, device: torch.device) -> Tensor:
     Level ``k`` is ``k * step`` (``step = limit / levels``) rounded to ``dtype``, and no level lies
     beyond :func:`bound`, the largest value of ``dtype`` within the limit: the top level is the
     bound, and in a low precision a level next to it that rounds past it is held as the bound too,
-    so that a projected weight is always in range."""
+    so that a projected weight is always in range.
+
+    Args:
+        spec: the chip, with ``bits`` set.
+        dtype: the dtype the levels are held in.
+        device: the device of the result.
+
+    Returns:
+        The levels, a 1-D tensor of ``dtype`` on ``device``.
+    """
     top = bound(dtype, spec.limit)
     step = spec.limit / spec.levels
     values = (torch.arange(-spec.levels, spec.levels + 1, dtype=torch.float64) * step).to(dtype).clamp_(-top, top)
@@ -175,7 +246,17 @@ def grid(spec: ChipSpec, dtype: torch.dtype, compute: torch.dtype, device: torch
     ``x``: each is the largest ``compute`` value at or below the exact midpoint between two
     neighbouring levels, one value lower where a tie goes to the upper level (the even ``k``); the
     last is ``+inf``, so that NaN finds NaN.  Ties happen only between levels at least two ulps
-    apart, which are the roundings of single ``k``."""
+    apart, which are the roundings of single ``k``.
+
+    Args:
+        spec: the chip, with ``bits`` set.
+        dtype: the dtype the levels are held in.
+        compute: the dtype of the values looked up.
+        device: the device of the result.
+
+    Returns:
+        ``(levels, boundaries)``: two 1-D tensors of ``compute`` on ``device``.
+    """
     held = levels(spec, dtype, torch.device("cpu")).double()
     last = torch.ones_like(held, dtype=torch.bool)
     last[:-1] = held[1:] != held[:-1]
@@ -197,7 +278,16 @@ def round_to_grid(x: Tensor, spec: ChipSpec, dtype: torch.dtype | None = None) -
     """The level nearest to each entry of ``x`` (already in range), the levels as ``dtype``
     (default ``x.dtype``) holds them; of two equally near levels, the one with the even ``k``, as
     ``torch.round`` rounds halves.  A zero carries the sign of ``x`` (as ``torch.round(-0.3)`` is
-    ``-0.0``), so a level keeps its own bits; NaN stays NaN."""
+    ``-0.0``), so a level keeps its own bits; NaN stays NaN.
+
+    Args:
+        x: the values, already in range.
+        spec: the chip, with ``bits`` set.
+        dtype: the dtype the levels are held in; None: ``x.dtype``.
+
+    Returns:
+        A new tensor like ``x``: each entry's nearest level.
+    """
     levels, boundaries = grid(spec, dtype or x.dtype, x.dtype, x.device)
     x = x.contiguous()  # bucketize copies (and warns about) a strided input
     return torch.copysign(levels[torch.bucketize(x, boundaries)], x)
@@ -207,7 +297,15 @@ def off_grid(weight: Tensor, spec: ChipSpec) -> Tensor:
     """Boolean, like ``weight``: the entry is not a grid level (all False without ``spec.bits``).
 
     Compared exactly, in the weight's dtype: an entry is on the grid when rounding it to the
-    grid returns it bit for bit."""
+    grid returns it bit for bit.
+
+    Args:
+        weight: the weight.
+        spec: the chip: its ``limit`` and ``bits``.
+
+    Returns:
+        A boolean tensor of the weight's shape.
+    """
     if spec.bits is None:
         return torch.zeros_like(weight, dtype=torch.bool)
     top = bound(weight.dtype, spec.limit)
@@ -224,6 +322,14 @@ def project(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
     become 0.  The cheaper sign is kept (a tie keeps the positive side).  Without ``bits`` the
     comparison is exactly: keep the positive side when :math:`P \ge Q` after clamping.
     Entries already feasible (``-0.0`` included) are kept bit for bit, so ``project`` is idempotent.
+
+    Args:
+        weight: the weight.
+        layout: its :class:`~nwave_param.Layout`.
+        spec: the chip: its ``limit``, ``group_size`` and ``bits``.
+
+    Returns:
+        A new tensor of the weight's shape and dtype, without gradient.
 
     Example (the worked example: column 0 keeps its positives, column 1 its negatives)::
 
@@ -253,7 +359,15 @@ def project(weight: Tensor, layout: Layout, spec: ChipSpec) -> Tensor:
 
 def unprojectable(names: Sequence[str], weights: Sequence[Tensor]) -> list[str]:
     """Why :func:`project` cannot give each weight a value the chip holds, one line a weight:
-    NaN or infinite values have no nearest mappable value (clamping would guess one)."""
+    NaN or infinite values have no nearest mappable value (clamping would guess one).
+
+    Args:
+        names: the weights' names, for the lines.
+        weights: the weights.
+
+    Returns:
+        One line for each weight holding NaN or infinite values; empty when every one projects.
+    """
     named = [(name, w) for name, w in zip(names, weights) if w.numel()]
     if not named:
         return []
@@ -289,6 +403,16 @@ def harden(weight: Tensor, layout: Layout, spec: ChipSpec, hardness: float, nois
 
     At ``h = 1`` the value is ``project(w) + noise`` exactly, bit for bit; at ``h = 0`` (no noise)
     it is ``weight`` itself.  The gradient that reaches ``weight`` is the incoming one, unchanged.
+
+    Args:
+        weight: the latent weight.
+        layout: its :class:`~nwave_param.Layout`.
+        spec: the chip: its ``limit``, ``group_size`` and ``bits``.
+        hardness: ``h``, from 0 (the weight itself) to 1 (what the chip holds).
+        noise: added to the chip's value, as mismatch (scaled by ``h``); None: none.
+
+    Returns:
+        The value to compute with, of the weight's shape; its gradient flows to ``weight``.
     """
     if hardness == 0 and noise is None:
         return weight
@@ -305,6 +429,10 @@ def __getattr__(name: str) -> object:
     if name == "Penalties":
         import warnings
 
-        warnings.warn("nwave_param.functional.Penalties is deprecated: it is PenaltyTerms (the old name goes in 0.5)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "nwave_param.functional.Penalties is deprecated: it is PenaltyTerms (the old name goes in 0.5)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return PenaltyTerms
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

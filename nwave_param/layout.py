@@ -42,6 +42,10 @@ class Layout:
         >>> Layout(inputs_first=True).matrix(torch.arange(6.0).view(3, 2))  # 3 inputs, 2 outputs
         tensor([[0., 2., 4.],
                 [1., 3., 5.]])
+
+    Raises:
+        ValueError: ``gates`` or ``groups`` is not an int >= 1, ``transposed`` or ``inputs_first``
+            not a bool, or ``inputs_first`` is set with ``groups`` > 1 or ``transposed``.
     """
 
     gates: int = 1
@@ -62,7 +66,14 @@ class Layout:
         return f"Layout(gates={self.gates}, groups={self.groups}, transposed={self.transposed}{shown})"
 
     def rows(self, shape: torch.Size) -> int:
-        """Number of output neurons of a weight of this ``shape``."""
+        """Number of output neurons of a weight of this ``shape``.
+
+        Args:
+            shape: the weight's shape (2 or more dims).
+
+        Returns:
+            The number of rows of its matrix ``M``.
+        """
         return shape[1] * self.groups if self.transposed else shape[1] if self.inputs_first else shape[0]
 
     def check(self, shape: torch.Size, name: str) -> None:
@@ -70,7 +81,16 @@ class Layout:
         layout: the gates split the output rows, the groups split dim 0 (the output rows, or a
         transposed convolution's input channels), a convolution's reading (groups, transposed)
         is of a convolution's weight, ``(channels, channels, *kernel)``: 3 or more dims, and an
-        inputs-first reading of a 2-D weight."""
+        inputs-first reading of a 2-D weight.
+
+        Args:
+            shape: the weight's shape.
+            name: the weight's name, for the message.
+
+        Raises:
+            ValueError: ``shape`` has fewer than 2 dims, or this layout cannot read it; the
+                message names ``name`` and each problem.
+        """
         if len(shape) < 2:
             raise ValueError(f"{name}: a tracked weight needs 2 or more dims, got shape {tuple(shape)}")
         rows = self.rows(shape)
@@ -86,7 +106,14 @@ class Layout:
             raise ValueError(f"{name} of shape {tuple(shape)} cannot be read with {self}: {'; '.join(problems)}")
 
     def matrix(self, weight: Tensor) -> Tensor:
-        """``M`` with local columns: ``(rows, columns of one group)``; a view where possible."""
+        """``M`` with local columns: ``(rows, columns of one group)``; a view where possible.
+
+        Args:
+            weight: a weight this layout reads (:meth:`check` says whether it does).
+
+        Returns:
+            The connectivity matrix, ``(rows, columns of one group)``.
+        """
         if self.inputs_first:
             return weight.t()
         kernel = math.prod(weight.shape[2:])  # explicit sizes: reshape(0, -1) is ambiguous
@@ -98,7 +125,15 @@ class Layout:
         return blocks.reshape(g * outputs_per_group, inputs // g * kernel)
 
     def unmatrix(self, m: Tensor, shape: torch.Size) -> Tensor:
-        """Inverse of :meth:`matrix`: the weight of ``shape`` whose matrix is ``m``."""
+        """Inverse of :meth:`matrix`: the weight of ``shape`` whose matrix is ``m``.
+
+        Args:
+            m: a matrix as :meth:`matrix` gives it.
+            shape: the weight's shape.
+
+        Returns:
+            The weight of ``shape`` whose matrix is ``m``.
+        """
         if self.inputs_first:
             return m.t()
         if not self.transposed:
@@ -109,12 +144,26 @@ class Layout:
         return blocks.reshape(shape)
 
     def to_dict(self) -> dict[str, int | bool]:
-        """JSON-ready form, as a checkpoint stores it."""
+        """JSON-ready form, as a checkpoint stores it.
+
+        Returns:
+            A dict of ``gates``, ``groups``, ``transposed`` and ``inputs_first``.
+        """
         return {"gates": self.gates, "groups": self.groups, "transposed": self.transposed, "inputs_first": self.inputs_first}
 
     @classmethod
     def from_dict(cls, data: object) -> Layout:
-        """Inverse of :meth:`to_dict` (version 0.2 wrote no ``inputs_first``); raises ValueError on anything else."""
+        """Inverse of :meth:`to_dict` (version 0.2 wrote no ``inputs_first``).
+
+        Args:
+            data: a dict as :meth:`to_dict` gives it.
+
+        Returns:
+            The :class:`Layout` it describes.
+
+        Raises:
+            ValueError: ``data`` is not such a dict, or its values are not a layout's.
+        """
         keys = {"gates", "groups", "transposed"}
         if not isinstance(data, dict) or set(data) not in (keys, keys | {"inputs_first"}):
             raise ValueError(f"not a layout: {data!r}")
@@ -126,6 +175,13 @@ class Layout:
         Blocks are ``group_size`` rows inside each population (the last one may be shorter),
         cut again at convolution-group borders.  Runs let a whole stretch of blocks be summed
         with one ``view(count, length, columns)``.
+
+        Args:
+            rows: the rows of the matrix (:meth:`rows`).
+            group_size: the rows of a block (``spec.group_size``).
+
+        Returns:
+            The runs, in the order of the rows, covering every row once.
         """
         return _runs(rows, self.gates, self.groups, group_size)
 
@@ -156,7 +212,15 @@ _GATES = {"LSTM": 4, "GRU": 3}
 def layout_of(module: nn.Module, tensor_name: str) -> Layout:
     """The layout of ``module.<tensor_name>``, from the module's type (parametrized or not), or
     as the module says itself: ``module.chip_layout(tensor_name)``, where it has one
-    (:class:`~nwave_param.FrontEnd` does)."""
+    (:class:`~nwave_param.FrontEnd` does).
+
+    Args:
+        module: the module holding the weight.
+        tensor_name: the weight's name in ``module`` (``weight``, ``weight_hh_l0`` ...).
+
+    Returns:
+        The :class:`Layout`; a plain ``Layout()`` where the type has no rule.
+    """
     own = getattr(module, "chip_layout", None)
     if callable(own):
         return own(tensor_name)

@@ -53,7 +53,10 @@ def memory_sharing(value: Tensor) -> str | None:
     span = 0
     for step, size in sorted((step, size) for step, size in zip(strides, shape) if size > 1):
         if step <= span:
-            return f"is stored with strides {strides} for its shape {shape}, under which its elements may share memory (an unfold or as_strided view)"
+            return (
+                f"is stored with strides {strides} for its shape {shape}, under which its elements may share memory "
+                "(an unfold or as_strided view)"
+            )
         span += step * (size - 1)
     return None
 

@@ -34,6 +34,15 @@ class ChipSpec:
     documentation, "Chip overview" (H1v1: 4 cores of 64 neurons; H1v2: cores of 50, 50 and 100;
     both: 16 front-end channels, each mapped one-to-one to a neuron of the first layer).
 
+    Args:
+        limit: the largest weight magnitude, a finite number > 0.
+        group_size: the rows of a block whose weights from one input share a sign, a positive int.
+        bits: the bits of the weight grid, an int in [2, 16], or None (no grid).
+        mismatch: the standard deviation of the Gaussian noise on each programmed weight, >= 0.
+        cores: the neurons of each core, a non-empty tuple of positive ints.
+        inputs: the front end's channels, a positive int.
+        reset: how a neuron resets: ``"subtract"``, ``"zero"``, or None (not checked).
+
     Example::
 
         >>> ChipSpec()
@@ -46,6 +55,9 @@ class ChipSpec:
         Traceback (most recent call last):
         ...
         ValueError: ChipSpec: limit must be a finite number > 0, got 0.0
+
+    Raises:
+        ValueError: a field out of its domain (above), naming it.
     """
 
     limit: float = 0.9
@@ -97,16 +109,30 @@ class ChipSpec:
         """This spec with ``changes`` (field names as keywords), checked as at construction:
         ``H1V2.replace(bits=5, mismatch=0.02)`` is H1v2 with a grid and mismatch, its cores kept.
 
+        Args:
+            **changes: the fields to change, by name, and their new values.
+
+        Returns:
+            A new :class:`ChipSpec`; this one is left as it is (it is frozen).
+
         Raises:
-            TypeError: a name that is no field; ValueError: a value out of its field's domain.
+            TypeError: a name that is no field.
+            ValueError: a value out of its field's domain.
         """
         unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(self)})
         if unknown:
-            raise TypeError(f"ChipSpec.replace: no field {', '.join(map(repr, unknown))} (fields: {', '.join(f.name for f in dataclasses.fields(self))})")
+            raise TypeError(
+                f"ChipSpec.replace: no field {', '.join(map(repr, unknown))} "
+                f"(fields: {', '.join(f.name for f in dataclasses.fields(self))})"
+            )
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """JSON-ready: every field, ``cores`` as a list."""
+        """The spec as JSON-ready data.
+
+        Returns:
+            A dict of every field by name, ``cores`` as a list.
+        """
         return {**dataclasses.asdict(self), "cores": list(self.cores)}
 
     def __repr__(self) -> str:

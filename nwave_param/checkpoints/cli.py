@@ -32,7 +32,21 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` and return its exit status.  Without ``argv`` it is the
     program itself (``sys.argv[1:]``), which exits next: once the command has ended, SIGINT and
-    SIGTERM are ignored until then (:meth:`~nwave_param.checkpoints.guards.Interruptions.installed`)."""
+    SIGTERM are ignored until then (:meth:`~nwave_param.checkpoints.guards.Interruptions.installed`).
+
+    Args:
+        argv: the arguments, without the program's name (``["check", "model.pt", "--json"]``);
+            None: ``sys.argv[1:]``, the program's own run.
+
+    Returns:
+        The exit status: 0 done (``check``: mappable), 1 not mappable (``check`` only), 2 an
+        error, printed as one line on stderr.  Every error of a command, an interrupt included,
+        is an exit status, not an exception.
+
+    Raises:
+        SystemExit: argparse's, for a usage error (status 2, its message on stderr) and for
+            ``--help`` and ``--version`` (status 0).
+    """
     try:
         with INTERRUPTIONS.installed(restore=argv is not None):  # first: before torch is imported
             return _run(list(sys.argv[1:] if argv is None else argv))

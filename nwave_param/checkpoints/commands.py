@@ -217,7 +217,9 @@ def run_demo(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CheckpointError(str(error)) from None
     try:
-        return demo.main(epochs, args.json, args.plot, chip=args.chip, bits=args.bits, mismatch=args.mismatch, task=args.task, seed=args.seed)
+        return demo.main(
+            epochs, args.json, args.plot, chip=args.chip, bits=args.bits, mismatch=args.mismatch, task=args.task, seed=args.seed
+        )
     except ImportError as error:
         raise CheckpointError(str(error)) from None
 
@@ -304,18 +306,32 @@ def _parser() -> argparse.ArgumentParser:
         help="with --plain: write the keys under PREFIX (e.g. net.), without it; --prefix '' keeps every key "
         "(default: the tracked weights' common first component, in a Lightning checkpoint or an AveragedModel)",
     )
-    demo = add("demo", "train a spiking network for the chip three ways (spoken vowels or handwritten digits), then put it on the chip", run_demo)
-    demo.add_argument("--task", choices=("digits", "vowels"), default="digits", help="handwritten digits (the default: the three runs in under 2 minutes) or spoken Japanese vowels")
-    demo.add_argument("--seed", type=int, default=0, help="the initialization and batch order (the data split stays fixed; default 0)")
+    demo = add(
+        "demo", "train a spiking network for the chip three ways (spoken vowels or handwritten digits), then put it on the chip", run_demo
+    )
+    demo.add_argument(
+        "--task", choices=("digits", "vowels"), default="digits",
+        help="handwritten digits (the default: the three runs in under 2 minutes) or spoken Japanese vowels",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="the initialization and batch order (the data split stays fixed; default 0)"
+    )
     demo.add_argument("--quick", action="store_true", help="a few epochs (a smoke run)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs per run (default the task's: vowels 60, digits 100; --quick 3)")
-    demo.add_argument("--plot", metavar="PATH", help="write a PNG: the accuracies, the per-layer violations, the placement and the weight histograms")
+    demo.add_argument(
+        "--epochs", type=int, default=None, help="training epochs per run (default the task's: vowels 60, digits 100; --quick 3)"
+    )
+    demo.add_argument(
+        "--plot", metavar="PATH",
+        help="write a PNG: the accuracies, the per-layer violations, the placement and the weight histograms",
+    )
     demo.add_argument(
         "--chip", type=str.lower, choices=sorted(CHIPS), default="h1v2",
         help="the chip the network is built for and trained against (default h1v2, the evaluation kit's)",
     )
     demo.add_argument("--bits", type=int, default=None, metavar="B", help="train and evaluate on a B-bit weight grid")
-    demo.add_argument("--mismatch", type=float, default=0.0, metavar="S", help="device mismatch: std of the noise on each weight (default 0)")
+    demo.add_argument(
+        "--mismatch", type=float, default=0.0, metavar="S", help="device mismatch: std of the noise on each weight (default 0)"
+    )
     _add_json(
         demo,
         "print the numbers as JSON instead of the table (which goes to stderr); "

@@ -239,7 +239,9 @@ def _tensors_in(path: str, obj: object) -> dict[str, Tensor]:
             elif children is None:
                 continue
             elif id(child) in on_path:
-                raise CheckpointError(f"{one_line(path)}: {one_line(where)} is a container it sits in (a structure holding itself, which no checkpoint is)")
+                raise CheckpointError(
+                    f"{one_line(path)}: {one_line(where)} is a container it sits in (a structure holding itself, which no checkpoint is)"
+                )
             elif id(child) in height:  # already read through another key: only its height counts
                 if len(stack) + height[id(child)] > MAX_DEPTH:
                     raise too_deep(where)

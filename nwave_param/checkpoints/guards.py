@@ -154,7 +154,9 @@ def users_code(what: str) -> Iterator[None]:
         try:
             os.chdir(directory)
         except OSError as error:
-            raise CheckpointError(f"{what} left the working directory {one_line(directory)}, which cannot be entered again: {error.strerror}") from None
+            raise CheckpointError(
+                f"{what} left the working directory {one_line(directory)}, which cannot be entered again: {error.strerror}"
+            ) from None
 
 
 def build_model(factory_path: str) -> nn.Module:

@@ -55,17 +55,29 @@ def check_state_dict(
 ) -> Report:
     """The :class:`~nwave_param.Report` of the weights in ``state_dict``, as the chip ``spec`` holds them.
 
-    ``spec=None`` takes the spec the checkpoint was saved with (one registration's), else
-    ``ChipSpec()``.  ``model`` (not registered, or registered: a copy is read, the model is left
-    as it is) gives the exact layouts; ``layouts`` states a weight's reading by hand (a dotted name
-    or glob to a :class:`~nwave_param.Layout`, as :func:`~nwave_param.register` takes it: a plain
-    checkpoint of the chip vendor's ``[in, out]`` weights reads right with
-    ``layouts={"W": nwp.Layout(inputs_first=True)}``; with ``model``, it adds to the model's
-    layouts, its registration's if it is registered, and may not contradict them); ``exclude`` leaves out weights by glob; ``max_bytes``
-    (None: no bound) refuses a state_dict whose tensors materialize more bytes, an expanded tensor
-    counted in full, before any computation, as the command line's ``--max-bytes``.  What the reading
-    noticed (guessed layouts, skipped keys) is issued as
+    What the reading noticed (guessed layouts, skipped keys) is issued as
     :class:`~nwave_param.errors.CheckpointWarning`, and each row says whether its layout is assumed.
+
+    Args:
+        state_dict: the checkpoint's state_dict (a mapping of names to tensors), or a loaded
+            :class:`~nwave_param.checkpoints.files.Checkpoint`; it is left as it is.
+        spec: the chip; None takes the spec the checkpoint was saved with (one registration's),
+            else ``ChipSpec()``.
+        model: the model the checkpoint is of (not registered, or registered: a copy is read,
+            the model is left as it is): it gives the exact layouts.
+        layouts: a weight's reading stated by hand, a dotted name or glob to a
+            :class:`~nwave_param.Layout`, as :func:`~nwave_param.register` takes it: a plain
+            checkpoint of the chip vendor's ``[in, out]`` weights reads right with
+            ``layouts={"W": nwp.Layout(inputs_first=True)}``; with ``model``, it adds to the
+            model's layouts, its registration's if it is registered, and may not contradict them.
+        exclude: globs of weight names to leave out.
+        assume_plain: also read 2-D ``*embed*`` tensors as Linear weights (excluded otherwise).
+        max_bytes: refuse a state_dict whose tensors materialize more bytes (an expanded tensor
+            counted in full), before any computation, as the command line's ``--max-bytes``;
+            None: no bound.
+
+    Returns:
+        The :class:`~nwave_param.Report`: one row a weight, and ``is_mappable``.
 
     Example::
 
@@ -81,6 +93,10 @@ def check_state_dict(
         CheckpointError: no trackable weight, a weight that cannot be read (sparse, integer,
             meta, expanded) or whose layout does not fit its shape, specs that disagree, or
             tensors that materialize more than ``max_bytes``.
+        TypeError: ``state_dict`` is not a mapping with str keys, ``spec`` not a ChipSpec,
+            ``model`` not a module, ``layouts`` not a mapping of names to Layouts, ``exclude``
+            not a glob or globs, ``assume_plain`` not a bool, or ``max_bytes`` not an int.
+        ValueError: ``max_bytes`` is not more than 0.
     """
     reading = read(_bare(state_dict), spec, model=model, layouts=layouts, exclude=exclude, assume_plain=assume_plain, max_bytes=max_bytes)
     _warn(reading.notes)
@@ -98,13 +114,29 @@ def project_state_dict(
     max_bytes: int | None = None,
 ) -> tuple[Mapping[str, object], list[dict]]:
     """A new state_dict whose weights are what the chip holds (:func:`nwave_param.functional.project`
-    of each: the L1-nearest mappable values), and what changed, one dict a weight (``name``,
-    ``layout``, ``shape``, ``numel``, ``changed``, ``l1_change``, ``max_change``).
+    of each: the L1-nearest mappable values), and what changed.
 
     ``state_dict`` is left as it is; the new one keeps its keys, order, ties and views, and its
-    descriptions now say ``spec``.  Arguments as :func:`check_state_dict`.  Given a loaded
-    :class:`~nwave_param.checkpoints.files.Checkpoint` (as the command line does), it returns a new one, the
-    whole file's object projected.
+    descriptions now say ``spec``.  What the reading noticed is issued as
+    :class:`~nwave_param.errors.CheckpointWarning`, as by :func:`check_state_dict`.
+
+    Args:
+        state_dict: the checkpoint's state_dict, or a loaded
+            :class:`~nwave_param.checkpoints.files.Checkpoint` (as the command line passes it).
+        spec: the chip to project onto; None takes the spec the checkpoint was saved with, else
+            ``ChipSpec()``.
+        model: as :func:`check_state_dict`'s: the model, for exact layouts.
+        layouts: as :func:`check_state_dict`'s: weights' readings stated by hand.
+        exclude: globs of weight names to leave out (and unchanged).
+        assume_plain: read 2-D ``*embed*`` tensors as Linear weights, and project the weights
+            whose layout is guessed as plain (refused otherwise).
+        max_bytes: as :func:`check_state_dict`'s: a bound on the bytes the tensors materialize.
+
+    Returns:
+        ``(new_state_dict, changes)``: the new state_dict (given a
+        :class:`~nwave_param.checkpoints.files.Checkpoint`, a new one, the whole file's object
+        projected), and one dict a weight (``name``, ``layout``, ``shape``, ``numel``,
+        ``changed``, ``l1_change``, ``max_change``).
 
     Example::
 
@@ -118,6 +150,8 @@ def project_state_dict(
         CheckpointError: as :func:`check_state_dict`; also a weight holding NaN or infinite
             values, one whose layout is guessed (without ``assume_plain``), and tied weights whose
             projections disagree.  Nothing is changed.
+        TypeError: as :func:`check_state_dict`.
+        ValueError: as :func:`check_state_dict`.
     """
     checkpoint = _bare(state_dict)
     reading = read(checkpoint, spec, model=model, layouts=layouts, exclude=exclude, assume_plain=assume_plain, max_bytes=max_bytes)
@@ -176,7 +210,11 @@ def read(
     if model is not None:
         weights = model_weights(checkpoint, model, spec, described, exclude, notes, stated)
     else:
-        weights = described_weights(checkpoint, described, exclude, notes) if described else inferred_weights(checkpoint, exclude, assume_plain, notes, stated)
+        weights = (
+            described_weights(checkpoint, described, exclude, notes)
+            if described
+            else inferred_weights(checkpoint, exclude, assume_plain, notes, stated)
+        )
         weights = [_as_stated(checkpoint.path, weight, stated, described) for weight in weights]
     if not weights:
         nested = [key for key, value in checkpoint.state_dict.items() if isinstance(value, Mapping)]
@@ -207,7 +245,10 @@ def _as_stated(path: str, weight: Weight, stated: Mapping[str, Layout], describe
     if layout is None:
         return weight
     if weight.name in described and layout != weight.layout:
-        raise CheckpointError(f"{one_line(weight.name)}: layouts states {layout}, but {one_line(path)} describes {weight.layout}: state what the model computes")
+        raise CheckpointError(
+            f"{one_line(weight.name)}: layouts states {layout}, but {one_line(path)} describes {weight.layout}: "
+            "state what the model computes"
+        )
     return dataclasses.replace(weight, layout=layout, exact=True)
 
 
@@ -228,7 +269,9 @@ def _refuse_ambiguous(checkpoint: Checkpoint) -> None:
                 decode(state_dict[key])
             except NewerDescriptionError as error:
                 path, tensor_name, _, _ = parse_link_key(key)
-                raise CheckpointError(f"{one_line(checkpoint.path)}: {one_line(path + tensor_name)} ({one_line(key)}) holds {error}") from None
+                raise CheckpointError(
+                    f"{one_line(checkpoint.path)}: {one_line(path + tensor_name)} ({one_line(key)}) holds {error}"
+                ) from None
         if is_description_key(key) and damaged(state_dict[key]):
             path, tensor_name, _, _ = parse_link_key(key)
             raise CheckpointError(

@@ -58,13 +58,18 @@ def _check_readable(name: str, value: Tensor) -> None:
     """Refuse what functional.project cannot compute with, or not one value per element, naming the way out."""
     shown = one_line(name)
     if not isinstance(value, Tensor):
-        raise CheckpointError(f"{shown} holds a {type(value).__name__}, not a tensor: a weight is a tensor; fix the state_dict, or exclude {shown}")
+        raise CheckpointError(
+            f"{shown} holds a {type(value).__name__}, not a tensor: a weight is a tensor; fix the state_dict, or exclude {shown}"
+        )
     if value.layout != torch.strided:
         problem = f"is a sparse tensor ({value.layout}): nwave_param reads dense weights; save it dense (tensor.to_dense())"
     elif value.dtype not in DTYPES:
         problem = f"has dtype {value.dtype}: nwave_param checks float16, bfloat16, float32 and float64 weights; convert it"
     elif value.is_meta:
-        problem = "is a meta tensor, saved without its values (a model built on the meta device?): save the model once its weights are materialized"
+        problem = (
+            "is a meta tensor, saved without its values (a model built on the meta device?): "
+            "save the model once its weights are materialized"
+        )
     else:
         sharing = memory_sharing(value)
         problem = sharing and f"{sharing}: the chip holds one value per element; save it with .contiguous()"
@@ -142,8 +147,9 @@ def inferred_weights(
     """The tracked weights of a file that does not describe them, layouts from names and shapes.
 
     Certain: 2-D weights (a Linear's) and RNN-family weights (gates from the ``weight_hh``
-    shapes); ``stated`` (``layouts=``) also names tensors of other names to read.  Guessed: convolution-shaped tensors (read as plain convolutions) and, only with
-    ``assume_plain``, 2-D ``*embed*`` tensors (read as Linear weights; excluded otherwise).
+    shapes); ``stated`` (``layouts=``) also names tensors of other names to read.  Guessed:
+    convolution-shaped tensors (read as plain convolutions) and, only with ``assume_plain``, 2-D
+    ``*embed*`` tensors (read as Linear weights; excluded otherwise).
     """
     state_dict = checkpoint.state_dict
     keys = weight_keys(state_dict, notes)
@@ -213,7 +219,9 @@ def model_weights(
     try:
         model = copy.deepcopy(model)
     except Exception as error:  # whatever the model holds that cannot be copied
-        raise CheckpointError(f"model: copy.deepcopy cannot copy it ({type(error).__name__}: {one_line(error)}); pass a freshly built model") from None
+        raise CheckpointError(
+            f"model: copy.deepcopy cannot copy it ({type(error).__name__}: {one_line(error)}); pass a freshly built model"
+        ) from None
     registered = {entry.name: entry.constraint.layout for entry in constraints(model)}
     strip(model)
     layouts = dict(layouts or {})
@@ -221,10 +229,15 @@ def model_weights(
         for name, layout in registered.items():
             by_hand = stated_for(name, layouts)
             if by_hand is not None and by_hand != layout:
-                raise CheckpointError(f"{one_line(name)}: layouts states {by_hand}, but the model's registration reads it with {layout}: state what it computes")
+                raise CheckpointError(
+                    f"{one_line(name)}: layouts states {by_hand}, but the model's registration reads it with {layout}: "
+                    "state what it computes"
+                )
         stated = {**layouts, **registered}
     else:  # by module type; where a type has no rule, what the checkpoint's description says was read
-        stated = {name: saved.layout for name, (_, saved) in described.items() if not ruled(model, name) and stated_for(name, layouts) is None}
+        stated = {
+            name: saved.layout for name, (_, saved) in described.items() if not ruled(model, name) and stated_for(name, layouts) is None
+        }
         stated.update(layouts)
     expected = model.state_dict()
     with warnings.catch_warnings(record=True) as caught:
@@ -258,7 +271,9 @@ def model_weights(
         try:
             model.load_state_dict(loadable)
         except RuntimeError as error:  # torch's message spans lines: its words, on one
-            raise CheckpointError(f"{one_line(checkpoint.path)} does not load into the model: {one_line(' '.join(str(error).split()), MESSAGE)}") from None
+            raise CheckpointError(
+                f"{one_line(checkpoint.path)} does not load into the model: {one_line(' '.join(str(error).split()), MESSAGE)}"
+            ) from None
     notes.extend(str(warning.message) for warning in caught)
     held = model.state_dict(keep_vars=True)
     with contextlib.suppress(ValueError):  # the file may hold the plain keys of a tied weight

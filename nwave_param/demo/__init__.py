@@ -96,7 +96,9 @@ class SpikingNet(nn.Module):
         super().__init__()
         surrogate, _ = _requirements()
         hidden = max(spec.cores)
-        neuron = dict(learn_beta=True, threshold=THRESHOLD, reset_mechanism=spec.reset or "subtract", spike_grad=surrogate.fast_sigmoid(slope=25))
+        neuron = dict(
+            learn_beta=True, threshold=THRESHOLD, reset_mechanism=spec.reset or "subtract", spike_grad=surrogate.fast_sigmoid(slope=25)
+        )
         self.classes = classes
         self.gain = FrontEnd(channels)
         self.front = ChipLeaky(0.9, **neuron)
@@ -235,7 +237,9 @@ class Outcome:
     weights_before: list[torch.Tensor]
     chip_accuracies: list[float] = field(default_factory=list)  # on CHIPS chip instances, with a spec that has bits or mismatch
 
-    KEYS = ("float_accuracy", "projected_accuracy", "mappable_before", "mappable_after", "out_of_range_fraction", "mixed_block_column_fraction")
+    KEYS = (
+        "float_accuracy", "projected_accuracy", "mappable_before", "mappable_after", "out_of_range_fraction", "mixed_block_column_fraction"
+    )
 
     def to_dict(self) -> dict:
         result = {key: getattr(self, key) for key in self.KEYS}
@@ -285,7 +289,25 @@ def run(
     epochs: int | None = None, spec: ChipSpec = H1V2, task: str = "digits", seed: int = 0, runs=RUNS, validation: bool = False, **rule
 ) -> tuple[dict[str, Outcome], Placement]:
     """Train ``runs`` from one initialization (``seed``), each evaluated on the test set (on a
-    validation split of the training set, with ``validation``), and the network's placement."""
+    validation split of the training set, with ``validation``), and the network's placement.
+
+    Args:
+        epochs: training epochs per run; None: the task's own (``TASKS[task].epochs``).
+        spec: the chip the network is built for, registered with and placed on.
+        task: ``"digits"`` or ``"vowels"`` (a key of ``TASKS``).
+        seed: the initialization and the batch order (the data split stays fixed).
+        runs: which runs, of ``RUNS`` (``baseline``, ``constrained``, ``hardened``).
+        validation: evaluate on a validation split of the training set, not on the test set.
+        **rule: overrides of the :class:`~nwave_param.Schedule`'s defaults (for studying them).
+
+    Returns:
+        ``(outcomes, placement)``: each run's :class:`Outcome` by its name, and the network's
+        :class:`~nwave_param.Placement` on ``spec``.
+
+    Raises:
+        ImportError: the demo extra (scikit-learn, snnTorch, tqdm) is not installed.
+        KeyError: ``task`` is not a key of ``TASKS``.
+    """
     chosen = TASKS[task]
     data = chosen.load()
     if validation:
@@ -421,10 +443,32 @@ def main(
     mismatch: float = 0.0, task: str = "digits", seed: int = 0,
 ) -> int:
     """Train, write the JSON and the picture (all or none), then print the tables
-    (``json_path="-"``: the JSON alone on stdout, the tables on stderr)."""
+    (``json_path="-"``: the JSON alone on stdout, the tables on stderr).
+
+    Args:
+        epochs: training epochs per run; None: the task's own.
+        json_path: where to write the numbers as JSON; ``"-"``: stdout; None: nowhere.
+        plot_path: where to write the picture (PNG); None: nowhere.
+        chip: ``"h1v1"`` or ``"h1v2"`` (a key of ``CHIP_SPECS``).
+        bits: the weight grid's bits; None: no grid.
+        mismatch: the standard deviation of the noise on each weight.
+        task: ``"digits"`` or ``"vowels"``.
+        seed: the initialization and the batch order.
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        ImportError: the demo extra (scikit-learn, snnTorch, matplotlib, tqdm) is not installed.
+        KeyError: ``chip`` or ``task`` is not a known one.
+        ValueError: ``bits`` or ``mismatch`` is out of its domain (:class:`~nwave_param.ChipSpec`).
+        CheckpointError: an output cannot be written; then none is.
+    """
     spec = CHIP_SPECS[chip].replace(bits=bits, mismatch=mismatch)
     outcomes, placement = run(epochs, spec, task, seed)
-    data = {"task": task, "seed": seed, "chip": chip, "placement": placement.to_dict(), **{name: o.to_dict() for name, o in outcomes.items()}}
+    data = {
+        "task": task, "seed": seed, "chip": chip, "placement": placement.to_dict(), **{name: o.to_dict() for name, o in outcomes.items()}
+    }
     with Outputs() as outputs:  # written before anything is printed: an interrupt until then leaves nothing
         if json_path not in (None, "-"):
             outputs.add_text(json_path, json.dumps(data, indent=2))

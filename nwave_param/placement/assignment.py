@@ -41,7 +41,10 @@ def assign(populations: list[Population], spec: ChipSpec) -> tuple[list[Populati
         problems.append(f"the network has {total} neurons; the chip holds {capacity} ({' + '.join(map(str, cores))})")
     for p in populations:
         if p.recurrent and p.neurons > largest:
-            problems.append(f"{one_line(p.name)}: a recurrent population of {p.neurons} neurons sits whole in one core, and the largest core holds {largest}")
+            problems.append(
+                f"{one_line(p.name)}: a recurrent population of {p.neurons} neurons sits whole in one core, "
+                f"and the largest core holds {largest}"
+            )
     if problems:
         return populations, problems
     recurrent = [i for i, p in enumerate(populations) if p.recurrent]
@@ -151,12 +154,14 @@ def _with_forward(populations, recurrent, where, forward, cores, g) -> list[Popu
     return _laid_out(populations, pieces, cores, g)
 
 
-def _laid_out(populations: list[Population], pieces: dict[int, list[tuple[int, int, bool]]], cores: Sequence[int], g: int) -> list[Population]:
+def _laid_out(
+    populations: list[Population], pieces: dict[int, list[tuple[int, int, bool]]], cores: Sequence[int], g: int
+) -> list[Population]:
     """Each piece's first neuron in its core: block-aligned, the piece that ends in the core's
     short last block laid out last."""
     used = [0] * len(cores)
     offsets: dict[int, dict[int, int]] = {i: {} for i in pieces}
-    for tail, i, k in sorted((tail, i, k) for i, parts in pieces.items() for k, (_, _, tail) in enumerate(parts)):
+    for _tail, i, k in sorted((tail, i, k) for i, parts in pieces.items() for k, (_, _, tail) in enumerate(parts)):  # tail pieces last
         core, neurons, _ = pieces[i][k]
         offsets[i][core] = used[core]
         used[core] += -(-neurons // g) * g

@@ -97,7 +97,8 @@ def place(
     Raises:
         TypeError: ``model`` is not a module, ``example`` not a tensor, ``spec`` not a ChipSpec.
         ValueError: a name in ``neurons`` is not a module of ``model``; ``dims`` does not read the
-            example; the model holds a lazy module not yet initialized.
+            example; the model holds a lazy module not yet initialized, or the model or
+            ``example`` a tensor on the meta device.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"place: model must be an nn.Module, got {type(model).__name__}")
@@ -111,7 +112,10 @@ def place(
     modules = dict(model.named_modules())
     for name in named:
         if not isinstance(name, str) or name not in modules:
-            raise ValueError(f"place: neurons names {one_line(repr(name))}, which is not a module of the model (names are dotted, as named_modules() gives them)")
+            raise ValueError(
+                f"place: neurons names {one_line(repr(name))}, which is not a module of the model "
+                "(names are dotted, as named_modules() gives them)"
+            )
     candidates = neuron_modules(model, set(named))
     traced = trace(model, example, candidates, dims)
     return _checked(traced, spec, candidates, named)
@@ -153,10 +157,16 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
             )
     for p, size in sizes.items():
         if size is None:
-            problems.append(f"{one_line(names[p])}: its output is not a tensor of spikes (nor a tuple starting with one): name a module that outputs spikes")
+            problems.append(
+                f"{one_line(names[p])}: its output is not a tensor of spikes (nor a tuple starting with one): "
+                "name a module that outputs spikes"
+            )
     for call in traced.calls:
         if call.neurons is not None and call.neurons != sizes[call.population]:
-            notes.append(f"{one_line(names[call.population])}: a call with {call.neurons} neurons, {sizes[call.population]} at its first; placed with the first")
+            notes.append(
+                f"{one_line(names[call.population])}: a call with {call.neurons} neurons, {sizes[call.population]} at its first; "
+                "placed with the first"
+            )
             break
     calls = {p: sum(call.population == p for call in traced.calls) for p in range(len(names))}
     steps = min(calls.values(), default=0)  # the fewest calls of a population: one a time step
@@ -168,7 +178,10 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
             )
     if any(not call.batch_found for call in traced.calls):
         unsure = sorted({names[c.population] for c in traced.calls if not c.batch_found})
-        notes.append(f"the batch dim of the spikes of {', '.join(map(one_line, unsure))} could not be followed from the example; dim 0 taken as the batch")
+        notes.append(
+            f"the batch dim of the spikes of {', '.join(map(one_line, unsure))} could not be followed from the example; "
+            "dim 0 taken as the batch"
+        )
     if not names:
         return Placement(spec, [], problems or [
             "no spiking neurons found (snnTorch or Norse neurons, run by model(example)): name the neuron modules, "
@@ -179,7 +192,10 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
     for p, module in enumerate(traced.modules):
         if getattr(module, "inhibition", False) is True:  # snnTorch's winner-take-all: every neuron inhibits the others
             recurrent[p] = True
-            notes.append(f"{one_line(names[p])}: inhibition=True (each neuron inhibits the others) is read as recurrent: the chip holds it as synapses within one core")
+            notes.append(
+                f"{one_line(names[p])}: inhibition=True (each neuron inhibits the others) is read as recurrent: "
+                "the chip holds it as synapses within one core"
+            )
     fronts, _ = graph.through_synapses(INPUT)
     front = {p for _, p in fronts}
     populations = [Population(names[p], sizes[p] or 0, recurrent[p], p in front) for p in sizes]

@@ -37,7 +37,10 @@ def cycles(graph: Graph, names: list[str]) -> list[str]:
         if len(loop) > 1 and loop not in seen:
             seen.add(loop)
             members = ", ".join(one_line(names[q]) for q in sorted(loop))
-            notes.append(f"{members} feed each other in a cycle (not a recurrent population's own connections): the vendor's docs do not say whether the chip allows it")
+            notes.append(
+                f"{members} feed each other in a cycle (not a recurrent population's own connections): "
+                "the vendor's docs do not say whether the chip allows it"
+            )
     return notes
 
 
@@ -97,11 +100,15 @@ def neuron_problems(traced: Trace, spec: ChipSpec, names: list[str], candidates:
             if learned:
                 problems.append(f"{name}: its threshold is learned (a Parameter); the chip's threshold is fixed, the same for every neuron")
             if _adapts(neuron):
-                problems.append(f"{name}: its neurons adapt ({type(neuron).__name__}); the chip's neurons have one fixed threshold and no adaptation")
+                problems.append(
+                    f"{name}: its neurons adapt ({type(neuron).__name__}); the chip's neurons have one fixed threshold and no adaptation"
+                )
             if reset is None:
                 notes.append(f"{name}: its reset cannot be read (an snnTorch or Norse neuron, or a 'reset_mechanism' attribute, says it)")
             elif spec.reset is not None and reset != spec.reset:
-                problems.append(f"{name}: it {_RESETS.get(reset, f'resets {reset}')}; the chip {_RESETS[spec.reset]} (ChipSpec.reset={spec.reset!r})")
+                problems.append(
+                    f"{name}: it {_RESETS.get(reset, f'resets {reset}')}; the chip {_RESETS[spec.reset]} (ChipSpec.reset={spec.reset!r})"
+                )
     if len(_one_threshold(thresholds)) > 1:
         listed = "; ".join(f"{value:.9g} for {', '.join(dict.fromkeys(who))}" for value, who in sorted(thresholds.items()))
         problems.append(f"the populations have different thresholds ({listed}); the chip has one fixed threshold for the whole network")
