@@ -16,7 +16,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from installs import not_installed
-from layers import scaled
+from layers import same_bits, scaled, weight_name
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -74,12 +74,6 @@ def usage_error(capsys, *argv):
 
 def leftovers(directory):
     return [name for name in os.listdir(directory) if name.startswith(".nwave-param")]
-
-
-def same_bits(a, b):
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def load(path):
@@ -525,10 +519,6 @@ LAYERS = {
 }
 
 
-def _weight_name(key):
-    return key.replace("parametrizations.", "").replace(".original", "")
-
-
 @settings(max_examples=50)
 @given(
     kinds=st.lists(st.sampled_from(sorted(LAYERS)), min_size=1, max_size=4),
@@ -561,7 +551,7 @@ def test_property_project_changes_only_tracked_weights_to_their_projection(
         code = main([str(a) for a in argv])
 
     def embedding(key):
-        return _weight_name(key).startswith("embed")
+        return weight_name(key).startswith("embed")
 
     def guessed(key):  # read as plain without knowing
         return not registered and (state[key].dim() > 2 or embedding(key))
@@ -587,8 +577,8 @@ def test_property_project_changes_only_tracked_weights_to_their_projection(
             if guessed(key):  # accepted with --assume-plain only
                 assert assume_plain and torch.equal(new, project(old, Layout(), spec)), key
             else:
-                assert _weight_name(key) in layouts, f"{key} changed but Python does not track it"
-                assert torch.equal(new, project(old, layouts[_weight_name(key)], spec)), key
+                assert weight_name(key) in layouts, f"{key} changed but Python does not track it"
+                assert torch.equal(new, project(old, layouts[weight_name(key)], spec)), key
 
 
 # --- safetensors -------------------------------------------------------------------------------

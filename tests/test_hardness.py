@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layers import KINDS, fill, group_sizes, limits, make_model, model_cfgs, powers, scaled, values_cfgs
+from layers import KINDS, fill, group_sizes, limits, make_model, model_cfgs, powers, same_bits, scaled, values_cfgs
 from reference import ref_sums, ref_tracked
 from torch import nn
 from torch.nn.utils import parametrizations
@@ -28,10 +28,6 @@ def setup(data, kind, vcfg, limit):
     model = make_model(data.draw(model_cfgs(kind), label="cfg"))
     fill(model, vcfg, limit)
     return model, ref_tracked(model)  # (name, module, local): modules stay the same after registering
-
-
-def bits(t):
-    return t.detach().view(torch.int64)  # float64 bit patterns: -0.0 differs from 0.0
 
 
 def weight(module, local):
@@ -54,11 +50,11 @@ def test_endpoints_and_the_segment_between(kind, data, vcfg, limit, group_size, 
 
     reg.harden(1.0)
     for (_, module, local), chip in zip(tracked, chips):
-        assert torch.equal(bits(weight(module, local)), bits(chip))  # exactly what project_ writes
+        assert same_bits(weight(module, local), chip)  # exactly what project_ writes
     reg.harden(h)
     for (_, module, local), latent, chip in zip(tracked, latents, chips):
         expected = latent if h == 0 else chip if h == 1 else latent + h * (chip - latent)
-        assert torch.equal(bits(weight(module, local)), bits(expected))
+        assert same_bits(weight(module, local), expected)
     assert all(torch.equal(a, b) for a, b in zip(latents, reg.latent_weights()))  # the latent weights stay
 
 
@@ -257,4 +253,4 @@ def test_inside_cached_every_weight_is_what_it_computes_alone(kind, data, vcfg, 
     alone = [weight(m, l).detach().clone() for _, m, l in tracked]
     with nwp.registry_of(model).cached():
         together = [weight(m, l).detach().clone() for _, m, l in tracked]
-    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(alone, together))
+    assert all(same_bits(a, b) for a, b in zip(alone, together))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layers import fill, group_sizes, limits, make_model, model_cfgs, same_bits, values_cfgs
+from layers import cloned_state, fill, group_sizes, limits, make_model, model_cfgs, same_bits, values_cfgs
 from reference import ref_constraints_hold, ref_tracked
 from torch import nn
 
@@ -28,11 +28,6 @@ def plain_model(kind, data, vcfg, limit):
     return model
 
 
-def every_tensor(model_or_state):
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    return {key: value.clone() for key, value in state.items()}
-
-
 @pytest.mark.parametrize("kind", CERTAIN)
 @settings(max_examples=15, deadline=None)
 @given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes)
@@ -40,7 +35,7 @@ def test_check_state_dict_reads_what_the_formulas_say(kind, data, vcfg, limit, g
     model = plain_model(kind, data, vcfg, limit * data.draw(st.sampled_from([0.5, 1.0, 1.5])))
     spec = nwp.ChipSpec(limit=limit, group_size=group_size)
     state = model.state_dict()
-    before = every_tensor(state)
+    before = cloned_state(state)
     report = nwp.check_state_dict(state, spec)
     magnitude_ok, topology_ok = ref_constraints_hold(ref_tracked(model), limit, group_size)
     assert [row.name for row in report] == [name for name, _, _ in ref_tracked(model)]
@@ -55,7 +50,7 @@ def test_project_state_dict_is_project_of_each_weight_and_leaves_the_input(kind,
     model = plain_model(kind, data, vcfg, 2 * limit)
     spec = nwp.ChipSpec(limit=limit, group_size=group_size)
     state = model.state_dict()
-    before = every_tensor(state)
+    before = cloned_state(state)
     new, changes = nwp.project_state_dict(state, spec)
     reg = nwp.register(copy.deepcopy(model), spec)  # what the model itself would project to
     reg.project_()
@@ -108,13 +103,13 @@ def test_the_model_gives_exact_layouts_and_is_left_as_it_was():
     with pytest.raises(nwp.CheckpointError, match="guessed: 0.weight"):
         nwp.project_state_dict(state)  # a convolution read by its shape may be grouped
     other = nn.Sequential(nn.Conv1d(4, 10, 3, groups=2), nn.Linear(10, 5))  # the same model, its own values
-    held = every_tensor(other)
+    held = cloned_state(other)
     new, changes = nwp.project_state_dict(state, model=other)
     assert all(c["layout"] == "exact" for c in changes) and changes[0]["groups"] == 2
     assert all(same_bits(other.state_dict()[key], value) for key, value in held.items())
     assert list(other.state_dict()) == list(held)  # not registered: no key moved under parametrizations
     reg = nwp.register(other, nwp.H1V2).harden(0.5)  # a registered model is read the same way, and kept
-    held = every_tensor(other)
+    held = cloned_state(other)
     again, _ = nwp.project_state_dict(state, model=other)
     assert all(same_bits(again[key], value) for key, value in new.items())
     assert all(same_bits(other.state_dict()[key], value) for key, value in held.items())
@@ -126,7 +121,7 @@ def test_the_model_gives_exact_layouts_and_is_left_as_it_was():
 def test_refusals_name_the_weight_and_change_nothing():
     state = {"fc.weight": torch.full((5, 3), 2.0), "out.weight": torch.full((5, 3), 2.0)}
     state["out.weight"][0, 0] = float("nan")
-    before = every_tensor(state)
+    before = cloned_state(state)
     with pytest.raises(nwp.CheckpointError, match=r"out.weight holds NaN.*nothing was changed") as refused:
         nwp.project_state_dict(state)
     assert "\n" not in str(refused.value) and isinstance(refused.value, ValueError)

@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from installs import not_installed
+from layers import assert_same_snapshot, snapshot
 from torch import nn
 
 import nwave_param as nwp
@@ -446,7 +447,7 @@ def test_the_model_is_exactly_as_before_submodules_hooks_and_random_state_includ
     reg = nwp.register(model, H1V2).harden(0.5)
     model.train()
     model.out.eval()
-    before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    before = snapshot(model)
     hooks = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
     modes = [m.training for m in model.modules()]
     example = torch.rand(4, 16)
@@ -455,8 +456,7 @@ def test_the_model_is_exactly_as_before_submodules_hooks_and_random_state_includ
     assert placement.spec == H1V2 and placement.fits
     assert not hasattr(model, "made") and [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()] == hooks
     assert torch.equal(torch.get_rng_state(), random) and [m.training for m in model.modules()] == modes
-    after = model.state_dict(keep_vars=True)
-    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_snapshot(before, snapshot(model))
     assert all(p.grad is None for p in model.parameters()) and reg.hardness == 0.5
 
 

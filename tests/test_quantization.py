@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layers import same_bits
 from torch import nn
 
 import nwave_param as nwp
@@ -307,7 +308,3 @@ def test_at_the_edges_of_each_dtype_the_engine_computes_the_definition(data, dty
     assert same_bits(layer.weight, want)
     reg.project_()
     assert same_bits(reg.latent_weights()[0].detach(), want) and reg.is_mappable()
-
-
-def same_bits(a, b):
-    return a.dtype == b.dtype and torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))

@@ -5,26 +5,12 @@ import warnings
 
 import pytest
 import torch
-from layers import same_bits, scaled
+from layers import assert_same_snapshot, scaled, snapshot
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 import nwave_param as nwp
 from nwave_param.loss import topology_loss, weight_magnitude_loss
-
-
-def snapshot(model):
-    """Keys in order, values cloned, and every module's class."""
-    state = [(k, v.detach().clone()) for k, v in model.state_dict().items()]
-    return state, [type(m) for m in model.modules()]
-
-
-def assert_same_snapshot(before, after):
-    (state_a, classes_a), (state_b, classes_b) = before, after
-    assert [k for k, _ in state_a] == [k for k, _ in state_b]
-    for (key, a), (_, b) in zip(state_a, state_b):
-        assert same_bits(a, b), key
-    assert classes_a == classes_b
 
 
 class Net(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from installs import not_installed
-from layers import KINDS, fill, make_model, model_cfgs, outputs, same_bits, scaled, values_cfgs
+from layers import KINDS, assert_same_snapshot, fill, make_model, model_cfgs, outputs, same_bits, scaled, snapshot, values_cfgs
 from torch import nn
 from torch.nn.utils import parametrizations
 from torch.optim.swa_utils import AveragedModel
@@ -165,10 +165,10 @@ def test_a_description_of_a_newer_format_is_refused_as_written_by_a_newer_nwave_
         description.decode(state[key])
     assert not description.damaged(state[key])
     target, _ = fresh()
-    before = {k: v.clone() for k, v in target.state_dict().items()}
+    before = snapshot(target)
     with pytest.raises(ValueError, match=r"head\.weight: a description written by a newer nwave_param \(format 9; this one reads up to 3\): upgrade nwave_param"):
         target.load_state_dict(state)
-    assert all(same_bits(before[k], v) for k, v in target.state_dict().items())
+    assert_same_snapshot(before, snapshot(target))
     with pytest.raises(nwp.CheckpointError, match=r"head\.weight .* holds a description written by a newer nwave_param"):
         nwp.check_state_dict(state)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layers import assert_same_snapshot, snapshot
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -305,10 +306,10 @@ def test_the_trace_leaves_the_model_and_every_random_state_as_they_were():
     import numpy
 
     model, example = Sideways(), torch.randn(2, 4)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     states = (random.getstate(), numpy.random.get_state()[1].copy(), torch.get_rng_state(), model.generator.get_state())
     trace(model, example, {})
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_same_snapshot(before, snapshot(model))
     assert model.fc.bias.requires_grad and model.history == []
     assert random.getstate() == states[0] and (numpy.random.get_state()[1] == states[1]).all()
     assert torch.equal(torch.get_rng_state(), states[2]) and torch.equal(model.generator.get_state(), states[3])
