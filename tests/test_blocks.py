@@ -1,5 +1,5 @@
-"""The chip's building blocks: the front end's one-to-one synapses, the chip's neurons, and specs
-derived from the presets."""
+"""The chip's building blocks: the front end's one-to-one synapses and the chip's neurons (specs
+derived from the presets: test_spec.py)."""
 
 import pytest
 import torch
@@ -138,16 +138,3 @@ def test_chip_neurons_share_one_threshold_and_reset_by_subtraction():
     assert nwp.place(model, torch.rand(3, 4), nwp.H1V2).fits
     on_h1v1 = nwp.place(model, torch.rand(3, 4), nwp.H1V1)
     assert not on_h1v1.fits and all("resets by subtracting" in p for p in on_h1v1.problems)
-
-
-# --- specs --------------------------------------------------------------------------------------
-
-
-def test_replace_derives_a_spec_keeping_the_rest():
-    derived = nwp.H1V2.replace(bits=5, mismatch=0.02)
-    assert derived.cores == (50, 50, 100) and derived.limit == 1.66 and derived.reset == "subtract"
-    assert (derived.bits, derived.mismatch) == (5, 0.02) and nwp.H1V2.bits is None  # the preset is left as it is
-    with pytest.raises(ValueError, match="bits must be an int in"):
-        nwp.H1V2.replace(bits=1)
-    with pytest.raises(TypeError, match="no field 'bit'"):
-        nwp.H1V2.replace(bit=5)

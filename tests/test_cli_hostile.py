@@ -20,7 +20,7 @@ import zipfile
 
 import pytest
 import torch
-from test_cli import error, leftovers
+from commandline import error, leftovers
 from torch import nn
 
 import nwave_param as nwp

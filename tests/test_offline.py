@@ -3,7 +3,6 @@ the plain formulas of tests/reference.py, and the command line as a shell over t
 
 import copy
 import json
-import re
 import warnings
 
 import pytest
@@ -66,16 +65,6 @@ def test_project_state_dict_is_project_of_each_weight_and_leaves_the_input(kind,
     assert nwp.check_state_dict(new, spec).is_mappable
     again, _ = nwp.project_state_dict(new, spec)
     assert all(same_bits(again[key], new[key]) for key in new)  # idempotent
-
-
-def test_ties_stay_ties_and_views_stay_views():
-    shared = torch.full((5, 4), 2.0)
-    state = {"a.weight": shared, "b.weight": shared, "c.weight": torch.full((10, 4), -3.0)}
-    state["c.half"] = state["c.weight"][:5]  # a view of a weight, not itself tracked
-    new, changes = nwp.project_state_dict(state)
-    assert new["a.weight"] is new["b.weight"] and [c["name"] for c in changes] == ["a.weight", "c.weight"]
-    assert new["c.half"].data_ptr() == new["c.weight"].data_ptr() and torch.equal(new["c.half"], new["c.weight"][:5])
-    assert torch.equal(shared, torch.full((5, 4), 2.0))
 
 
 def test_the_spec_the_checkpoint_was_saved_with_is_the_default():
@@ -301,50 +290,3 @@ def test_max_bytes_bounds_what_computing_with_the_tensors_materializes():
     for bad, error in (("1G", TypeError), (True, TypeError), (1.5e9, TypeError), (0, ValueError), (-1, ValueError)):
         with pytest.raises(error, match="max_bytes must be"):
             nwp.check_state_dict(state, max_bytes=bad)
-
-
-def _described(value, layout, hardness=0.0):
-    """A state_dict holding ``value`` as fc.weight, registered, with ``layout`` in its description."""
-    from nwave_param.description import encode
-
-    return {"fc.parametrizations.weight.original": value, "fc.parametrizations.weight.0._extra_state": encode(layout, nwp.H1V1, hardness)}
-
-
-def _fits(shape, layout):
-    """Whether a weight of ``shape`` can be read with ``layout``, written out: 2+ dims; a
-    convolution's reading (groups, transposed) only of 3+ dims; the gates split the output rows
-    (dim 1 times the groups, transposed), the groups split dim 0."""
-    rows = shape[1] * layout.groups if layout.transposed and len(shape) >= 2 else shape[0]
-    convolution = layout.groups > 1 or layout.transposed
-    return len(shape) >= 2 and (len(shape) >= 3 or not convolution) and rows % layout.gates == 0 and shape[0] % layout.groups == 0
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    shape=st.lists(st.integers(0, 6), min_size=1, max_size=4),
-    layout=st.builds(Layout, gates=st.integers(1, 4), groups=st.integers(1, 3), transposed=st.booleans()),
-)
-def test_property_a_described_layout_is_read_exactly_when_it_can_be_this_tensors(shape, layout):
-    """Without a model the description is the file's claim, taken as it is, when it can be this
-    tensor's layout; otherwise refused, naming the weight, its shape and the layout."""
-    state = _described(torch.randn(shape), layout)
-    if _fits(shape, layout):
-        (row,) = nwp.check_state_dict(state)
-        assert row.layout == layout and not row.assumed
-    else:
-        with pytest.raises(nwp.CheckpointError, match=rf"^state_dict: fc.weight(:| of shape {re.escape(str(tuple(shape)))} cannot be read with)"):
-            nwp.check_state_dict(state)
-
-
-def test_a_description_that_contradicts_the_models_reading_is_refused_by_name():
-    """A 2-D weight described as an LSTM's (4 gates) is read so without a model (the file's
-    claim); the model's own reading refuses it, before any computation with the file's layout,
-    and so is a layout that cannot be the tensor's (a RuntimeError from reshaping, before)."""
-    value = torch.randn(8, 6)
-    assert nwp.check_state_dict(_described(value, Layout(gates=4)))[0].layout == Layout(gates=4)
-    model = nn.Module()
-    model.fc = nn.Linear(6, 8)
-    for layout in (Layout(gates=4), Layout(gates=2, transposed=True), Layout(groups=3, transposed=True)):
-        for call in (nwp.check_state_dict, nwp.project_state_dict):
-            with pytest.raises(nwp.CheckpointError, match=rf"^fc.weight: the model reads it with Layout\(gates=1, groups=1, transposed=False\), but state_dict describes {re.escape(str(layout))}"):
-                call(_described(value, layout, hardness=0.5), model=model)

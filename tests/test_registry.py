@@ -247,25 +247,6 @@ def test_remove_twice_and_after_manual_removal_raise_without_change():
 # --- bad input -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("limit", [0, -1.0, float("inf"), float("nan"), "0.9", True])
-def test_chipspec_rejects_bad_limit(limit):
-    with pytest.raises(ValueError, match="limit"):
-        nwp.ChipSpec(limit=limit)
-
-
-@pytest.mark.parametrize("size", [0, -5, 2.5, True, "5"])
-def test_chipspec_rejects_bad_group_size(size):
-    with pytest.raises(ValueError, match="group_size"):
-        nwp.ChipSpec(group_size=size)
-
-
-def test_chipspec_is_frozen_with_chip_defaults():
-    spec = nwp.ChipSpec()
-    assert (spec.limit, spec.group_size) == (0.9, 5)
-    with pytest.raises(AttributeError):
-        spec.limit = 1.0
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"power": 3}, "power"), ({"alpha": -1.0}, "alpha"), ({"lam": float("nan")}, "lam")],
