@@ -67,7 +67,9 @@ def test_usage_errors_are_one_line(plain, capsys):
 
 @pytest.mark.slow
 def test_console_entry_point(plain):
-    result = subprocess.run([sys.executable, "-m", "nwave_param", "check", "--json", str(plain), "--chip", "h1v1"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "nwave_param", "check", "--json", str(plain), "--chip", "h1v1"], capture_output=True, text=True
+    )
     assert result.returncode == 1 and json.loads(result.stdout)["mappable"] is False and result.stderr == ""
 
 

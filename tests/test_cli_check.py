@@ -132,7 +132,9 @@ def test_chip_limit_group_size_bits(plain, tmp_path, capsys):
     data = json.loads(run(capsys, "check", plain, "--json", "--limit", "100", "--group-size", "1")[1])
     assert data["mappable"] is True and data["spec"]["limit"] == 100.0
     data = json.loads(run(capsys, "check", plain, "--json", "--chip", "h1v2", "--bits", "4")[1])
-    assert data["spec"] == {"limit": 1.66, "group_size": 5, "bits": 4, "mismatch": 0.0, "cores": [50, 50, 100], "inputs": 16, "reset": "subtract", "power": 2}
+    assert data["spec"] == {
+        "limit": 1.66, "group_size": 5, "bits": 4, "mismatch": 0.0, "cores": [50, 50, 100], "inputs": 16, "reset": "subtract", "power": 2
+    }
     assert data["totals"]["off_grid"] > 0
     assert run(capsys, "project", plain, "-o", tmp_path / "grid.pt", "--chip", "h1v2", "--bits", "4")[0] == 0
     assert run(capsys, "check", tmp_path / "grid.pt", "--chip", "h1v2", "--bits", "4")[0] == 0
@@ -230,7 +232,8 @@ def test_a_plain_file_held_to_the_default_chip_says_so_on_stderr(plain, tmp_path
     code, out, err = run(capsys, "check", h1v2_trained)
     assert code == 1 and "NOT mappable" in out and err == DEFAULT_CHIP_NOTE.format(path=h1v2_trained, done="checked against")
     code, out, err = run(capsys, "check", h1v2_trained, "--json")
-    assert code == 1 and strict_json(out)["spec"]["limit"] == 0.9 and err == DEFAULT_CHIP_NOTE.format(path=h1v2_trained, done="checked against")
+    assert code == 1 and strict_json(out)["spec"]["limit"] == 0.9
+    assert err == DEFAULT_CHIP_NOTE.format(path=h1v2_trained, done="checked against")
     assert run(capsys, "check", h1v2_trained, "--chip", "h1v2") == (0, run(capsys, "check", h1v2_trained, "--chip", "h1v2")[1], "")
     code, out, err = run(capsys, "project", plain, "-o", tmp_path / "out.pt")
     assert code == 0 and err == DEFAULT_CHIP_NOTE.format(path=plain, done="projected for")

@@ -2,6 +2,7 @@
 runs the demo itself)."""
 
 import errno
+import functools
 import json
 import os
 import sys
@@ -24,13 +25,18 @@ def test_demo_json_means_the_same(capsys, monkeypatch, tmp_path):
 
     monkeypatch.setattr(demo, "main", fake_main)
     code, out, err = run(capsys, "demo", "--quick", "--json")
-    expected = {"epochs": 3, "plot": None, "chip": "h1v2", "bits": None, "mismatch": 0.0, "task": "digits", "seed": 0}  # the kit's H1v2, digits
+    # the kit's H1v2, digits
+    expected = {"epochs": 3, "plot": None, "chip": "h1v2", "bits": None, "mismatch": 0.0, "task": "digits", "seed": 0}
     assert code == 0 and json.loads(out) == expected and "the demo's table" in err
     for form in (["--json", tmp_path / "a.json"], [f"--json={tmp_path / 'b.json'}"]):
-        code, out, _ = run(capsys, "demo", "--epochs", "2", "--chip", "H1V1", "--bits", "5", "--mismatch", "0.02", "--task", "digits", "--seed", "3", *form)
+        code, out, _ = run(
+            capsys, "demo", "--epochs", "2", "--chip", "H1V1", "--bits", "5", "--mismatch", "0.02", "--task", "digits", "--seed", "3", *form
+        )
         assert code == 0 and "the demo's table" in out
     for name in ("a.json", "b.json"):
-        assert json.loads((tmp_path / name).read_text()) == {"epochs": 2, "plot": None, "chip": "h1v1", "bits": 5, "mismatch": 0.02, "task": "digits", "seed": 3}
+        assert json.loads((tmp_path / name).read_text()) == {
+            "epochs": 2, "plot": None, "chip": "h1v1", "bits": 5, "mismatch": 0.02, "task": "digits", "seed": 3
+        }
     code, out, _ = run(capsys, "demo", "--json")
     assert code == 0 and json.loads(out)["epochs"] is None  # the task's own number of epochs
     assert "--epochs" in error(capsys, "demo", "--epochs", "0")
@@ -61,13 +67,17 @@ def test_the_demo_writes_its_json_and_picture_all_or_none(capsys, monkeypatch, t
         def to_dict(self):
             return {}
 
-    def half_a_picture(outcomes, placement, stream, limit):
+    def half_a_picture(outcomes, placement, stream, limit, failure):
         stream.write(b"\x89PNG half")
         raise failure
 
     monkeypatch.setattr(demo, "run", lambda epochs, spec, task, seed: ({"hardened": Trained()}, Trained()))
-    monkeypatch.setattr(demo, "plot", half_a_picture)
-    for failure, said in ((OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"), (KeyboardInterrupt(), "interrupted while writing")):
+    failures = (
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
+        (KeyboardInterrupt(), "interrupted while writing"),
+    )
+    for failure, said in failures:
+        monkeypatch.setattr(demo, "plot", functools.partial(half_a_picture, failure=failure))
         line = error(capsys, "demo", "--quick", f"--json={tmp_path / 'demo.json'}", "--plot", tmp_path / "demo.png")
         assert said in line and "nothing was written" in line, line
         assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)

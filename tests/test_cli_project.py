@@ -327,7 +327,11 @@ def test_property_project_changes_only_tracked_weights_to_their_projection(
 
 @pytest.mark.parametrize(
     "options, spec",
-    [(["--chip", "h1v2"], nwp.H1V2), (["--bits", "5"], nwp.ChipSpec(bits=5)), (["--limit", "2", "--group-size", "3"], nwp.ChipSpec(limit=2.0, group_size=3))],
+    [
+        (["--chip", "h1v2"], nwp.H1V2),
+        (["--bits", "5"], nwp.ChipSpec(bits=5)),
+        (["--limit", "2", "--group-size", "3"], nwp.ChipSpec(limit=2.0, group_size=3)),
+    ],
     ids=["chip", "bits", "limit-group-size"],
 )
 def test_project_with_another_spec_writes_descriptions_that_say_it(options, spec, tmp_path, capsys):

@@ -152,8 +152,16 @@ def _recurrent_layers():
     yield "RNN", lambda: nn.RNN(3, 6), lambda m: m(torch.randn(4, 2, 3))[0]
     yield "LSTMCell", lambda: nn.LSTMCell(3, 6), lambda m: m(torch.randn(2, 3))[0]
     yield "GRUCell", lambda: nn.GRUCell(3, 6), lambda m: m(torch.randn(2, 3))
-    yield "snntorch RLeaky", lambda: snn.RLeaky(beta=0.9, linear_features=6), lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 6), *s))
-    yield "snntorch RSynaptic", lambda: snn.RSynaptic(alpha=0.8, beta=0.9, linear_features=6), lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 6), *s))
+    yield (
+        "snntorch RLeaky",
+        lambda: snn.RLeaky(beta=0.9, linear_features=6),
+        lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 6), *s)),
+    )
+    yield (
+        "snntorch RSynaptic",
+        lambda: snn.RSynaptic(alpha=0.8, beta=0.9, linear_features=6),
+        lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 6), *s)),
+    )
     yield "snntorch SLSTM", lambda: snn.SLSTM(3, 6), lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 3), *s[-2:]))
     try:
         import norse.torch as norse

@@ -27,7 +27,9 @@ specs = st.builds(
 )
 
 
-@given(layout=layouts, spec=specs, hardness=st.floats(0, 1), dtype=st.sampled_from([torch.int64, torch.int32, torch.float32, torch.float64]))
+@given(
+    layout=layouts, spec=specs, hardness=st.floats(0, 1), dtype=st.sampled_from([torch.int64, torch.int32, torch.float32, torch.float64])
+)
 def test_a_description_decodes_to_what_was_encoded_even_cast_to_float(layout, spec, hardness, dtype):
     saved = description.encode(layout, spec, hardness)
     assert saved.dtype == torch.int64 and saved.dim() == 1
@@ -68,7 +70,12 @@ def test_a_description_is_read_with_tensor_ops_until_its_magic_length_and_crc_ho
 
 
 @settings(max_examples=200)
-@given(layout=layouts, spec=specs, hardness=st.floats(0, 1), decay=st.one_of(st.floats(0, 1), st.sampled_from([0.9, 0.99, 0.999, 0.9998, 0.9999, 0.99999])))
+@given(
+    layout=layouts,
+    spec=specs,
+    hardness=st.floats(0, 1),
+    decay=st.one_of(st.floats(0, 1), st.sampled_from([0.9, 0.99, 0.999, 0.9998, 0.9999, 0.99999])),
+)
 def test_a_description_blended_with_itself_in_float_reads_the_same(layout, spec, hardness, decay):
     """timm's ModelEmaV2 over a snapshot dict, ``e.copy_(d * e + (1 - d) * m)``, computes in
     float32 and truncates back into int64; the words 2 w + 1 survive it, whatever the decay."""

@@ -43,10 +43,10 @@ def test_endpoints_and_the_segment_between(kind, data, vcfg, limit, group_size, 
     reg = nwp.register(model, spec)
     for _, module, local in tracked:  # h = 0: the Parameter itself, the same object
         assert weight(module, local) is module.parametrizations[local].original
-    latents = [weight(m, l).detach().clone() for _, m, l in tracked]
+    latents = [weight(m, local).detach().clone() for _, m, local in tracked]
     chip_model = copy.deepcopy(model)
     nwp.registry_of(chip_model).project_()
-    chips = [weight(chip_model.get_submodule(name.rpartition(".")[0]), l).detach() for name, _, l in tracked]
+    chips = [weight(chip_model.get_submodule(name.rpartition(".")[0]), local).detach() for name, _, local in tracked]
 
     reg.harden(1.0)
     for (_, module, local), chip in zip(tracked, chips):
@@ -65,15 +65,17 @@ def test_gradient_passes_straight_through(kind, data, vcfg, limit, group_size, h
     model, tracked = setup(data, kind, vcfg, limit)
     nwp.register(model, nwp.ChipSpec(limit=limit, group_size=group_size)).harden(h)
     generator = torch.Generator().manual_seed(seed)
-    factors = [torch.randn(weight(m, l).shape, generator=generator, dtype=torch.float64) for _, m, l in tracked]
-    sum((c * weight(m, l)).sum() for c, (_, m, l) in zip(factors, tracked)).backward()
+    factors = [torch.randn(weight(m, local).shape, generator=generator, dtype=torch.float64) for _, m, local in tracked]
+    sum((c * weight(m, local)).sum() for c, (_, m, local) in zip(factors, tracked)).backward()
     for c, (_, module, local) in zip(factors, tracked):
         assert torch.equal(module.parametrizations[local].original.grad, c)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=6)
-@given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes, power=powers, hs=st.lists(hardnesses, min_size=2, max_size=4))
+@given(
+    data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes, power=powers, hs=st.lists(hardnesses, min_size=2, max_size=4)
+)
 def test_violations_never_grow_with_hardness(kind, data, vcfg, limit, group_size, power, hs):
     # without a grid: with one, a kept entry rounded up to a level makes its side heavier
     model, tracked = setup(data, kind, vcfg, limit)
@@ -250,7 +252,7 @@ def test_compiled_hardened_model_computes_as_eager():
 def test_inside_cached_every_weight_is_what_it_computes_alone(kind, data, vcfg, limit, group_size, h, grid):
     model, tracked = setup(data, kind, vcfg, limit)
     nwp.register(model, nwp.ChipSpec(limit=limit, group_size=group_size, bits=grid)).harden(h)
-    alone = [weight(m, l).detach().clone() for _, m, l in tracked]
+    alone = [weight(m, local).detach().clone() for _, m, local in tracked]
     with nwp.registry_of(model).cached():
-        together = [weight(m, l).detach().clone() for _, m, l in tracked]
+        together = [weight(m, local).detach().clone() for _, m, local in tracked]
     assert all(same_bits(a, b) for a, b in zip(alone, together))

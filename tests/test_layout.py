@@ -46,7 +46,9 @@ def test_property_a_described_layout_is_read_exactly_when_it_can_be_this_tensors
         (row,) = nwp.check_state_dict(state)
         assert row.layout == layout and not row.assumed
     else:
-        with pytest.raises(nwp.CheckpointError, match=rf"^state_dict: fc.weight(:| of shape {re.escape(str(tuple(shape)))} cannot be read with)"):
+        with pytest.raises(
+            nwp.CheckpointError, match=rf"^state_dict: fc.weight(:| of shape {re.escape(str(tuple(shape)))} cannot be read with)"
+        ):
             nwp.check_state_dict(state)
 
 
@@ -60,7 +62,13 @@ def test_a_description_that_contradicts_the_models_reading_is_refused_by_name():
     model.fc = nn.Linear(6, 8)
     for layout in (Layout(gates=4), Layout(gates=2, transposed=True), Layout(groups=3, transposed=True)):
         for call in (nwp.check_state_dict, nwp.project_state_dict):
-            with pytest.raises(nwp.CheckpointError, match=rf"^fc.weight: the model reads it with Layout\(gates=1, groups=1, transposed=False\), but state_dict describes {re.escape(str(layout))}"):
+            with pytest.raises(
+                nwp.CheckpointError,
+                match=(
+                    r"^fc.weight: the model reads it with Layout\(gates=1, groups=1, transposed=False\), "
+                    rf"but state_dict describes {re.escape(str(layout))}"
+                ),
+            ):
                 call(_described(value, layout, hardness=0.5), model=model)
 
 

@@ -131,7 +131,10 @@ def test_what_the_reading_noticed_is_a_warning():
     messages = [str(w.message) for w in caught]
     assert [row.name for row in report] == ["fc.weight"]
     assert any("'nothing.*' matches no trackable weight" in m for m in messages)
-    assert any(w.category is nwp.CheckpointWarning and "excluded as embeddings" in str(w.message) and "embed.weight" in str(w.message) for w in caught)
+    assert any(
+        w.category is nwp.CheckpointWarning and "excluded as embeddings" in str(w.message) and "embed.weight" in str(w.message)
+        for w in caught
+    )
     assert [row.name for row in nwp.check_state_dict({**state, "out.weight": torch.zeros(2, 5)}, exclude="fc.*")] == ["out.weight"]
 
 
@@ -182,7 +185,9 @@ def test_a_tied_parameter_held_with_two_values_is_refused():
     state = {k: v.clone() for k, v in Tied().state_dict().items()}
     state["a.weight"], state["b.weight"] = torch.full((8, 8), 0.1), torch.full((8, 8), 5.0)
     for call in (nwp.check_state_dict, nwp.project_state_dict):
-        with pytest.raises(nwp.CheckpointError, match="a.weight and b.weight are one parameter of the model, but the checkpoint holds different values"):
+        with pytest.raises(
+            nwp.CheckpointError, match="a.weight and b.weight are one parameter of the model, but the checkpoint holds different values"
+        ):
             call(state, nwp.H1V2, model=Tied())
     state["b.weight"] = state["a.weight"]  # one value: read once, written under both keys
     new, changes = nwp.project_state_dict(state, nwp.H1V2, model=Tied())

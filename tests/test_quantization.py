@@ -278,7 +278,8 @@ def test_at_the_edges_of_each_dtype_the_engine_computes_the_definition(data, dty
     limit = data.draw(st.sampled_from(_edges(dtype)))
     spec = nwp.ChipSpec(limit=limit, group_size=data.draw(st.integers(1, 5)), bits=bits)
     generator = torch.Generator().manual_seed(seed)
-    value = (torch.randn(12, 5, generator=generator, dtype=torch.float64) * limit * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    value = torch.randn(12, 5, generator=generator, dtype=torch.float64) * limit * scale
+    value = value.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
     value[0, :3] = torch.tensor([0.0, -0.0, limit], dtype=torch.float64)
     layer = nn.Linear(5, 12, bias=False).to(dtype)
     with torch.no_grad():

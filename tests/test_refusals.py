@@ -64,7 +64,11 @@ def registered(hardness=0.25, seed=0):
 
 # --- load_state_dict ---------------------------------------------------------------------------
 
-DESCRIPTIONS = ["fc.parametrizations.weight.0._extra_state", "lstm.parametrizations.weight_hh_l0.0._extra_state", "head.parametrizations.weight.0._extra_state"]
+DESCRIPTIONS = [
+    "fc.parametrizations.weight.0._extra_state",
+    "lstm.parametrizations.weight_hh_l0.0._extra_state",
+    "head.parametrizations.weight.0._extra_state",
+]
 
 
 @pytest.mark.parametrize("strict", [True, False])
@@ -132,7 +136,9 @@ def test_a_refused_load_into_separately_registered_parts_changes_no_registered_p
     """``b``'s description does not fit: refused before ``a`` (registered apart) loads anything."""
     model, checkpoint = parts(0, nwp.ChipSpec(limit=0.5)), parts(1).state_dict()
     before = cloned_state(model)
-    with pytest.raises(ValueError, match=r"b\.fc\.weight.*limit=0\.5.*nothing registered was loaded; torch has already copied head\.weight, head\.bias, "):
+    with pytest.raises(
+        ValueError, match=r"b\.fc\.weight.*limit=0\.5.*nothing registered was loaded; torch has already copied head\.weight, head\.bias, "
+    ):
         model.load_state_dict(checkpoint)
     changed = [k for (k, old), (_, new) in zip(before.items(), model.state_dict().items()) if not same_bits(old, new)]
     assert changed == ["head.weight", "head.bias"]  # the plain module torch loads first: named above

@@ -496,7 +496,9 @@ def test_remove_leave_projected_squashes_in_one_call():
     x = torch.randn(4, 2, 6)
     with torch.no_grad():
         on_chip = model.eval()(x)
-    chip_values = {name: w.detach().clone() for name, w in zip(reg.names, [model.fc.weight, *(getattr(model.lstm, n) for n in ("weight_ih_l0", "weight_hh_l0", "weight_hr_l0", "weight_ih_l1", "weight_hh_l1", "weight_hr_l1")), model.readout.weight])}
+    lstm_names = ("weight_ih_l0", "weight_hh_l0", "weight_hr_l0", "weight_ih_l1", "weight_hh_l1", "weight_hr_l1")
+    weights = [model.fc.weight, *(getattr(model.lstm, n) for n in lstm_names), model.readout.weight]
+    chip_values = {name: w.detach().clone() for name, w in zip(reg.names, weights)}
     reg.remove(leave_projected=True)
     assert not any(parametrize.is_parametrized(m) for m in model.modules()) and type(model.fc) is nn.Linear
     for name, value in chip_values.items():

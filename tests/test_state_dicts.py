@@ -99,7 +99,10 @@ def test_a_description_of_a_newer_format_is_refused_as_written_by_a_newer_nwave_
     assert not description.damaged(state[key])
     target, _ = fresh()
     before = snapshot(target)
-    with pytest.raises(ValueError, match=r"head\.weight: a description written by a newer nwave_param \(format 9; this one reads up to 3\): upgrade nwave_param"):
+    with pytest.raises(
+        ValueError,
+        match=r"head\.weight: a description written by a newer nwave_param \(format 9; this one reads up to 3\): upgrade nwave_param",
+    ):
         target.load_state_dict(state)
     assert_same_snapshot(before, snapshot(target))
     with pytest.raises(nwp.CheckpointError, match=r"head\.weight .* holds a description written by a newer nwave_param"):
@@ -237,7 +240,9 @@ def train_step(model, reg):
     model.zero_grad()
 
 
-@pytest.mark.parametrize("rule", ["timm ModelEmaV2", "timm ModelEmaV3", "timm ModelEmaV3 without buffers", "AveragedModel(use_buffers=True)"])
+@pytest.mark.parametrize(
+    "rule", ["timm ModelEmaV2", "timm ModelEmaV3", "timm ModelEmaV3 without buffers", "AveragedModel(use_buffers=True)"]
+)
 def test_an_ema_copy_of_a_registered_model_trains_loads_and_keeps_its_descriptions(rule, tmp_path):
     import copy
 
