@@ -69,7 +69,8 @@ def main() -> None:
     for name in args.configs:
         task, chip, bits, mismatch = CONFIGS[name]
         for seed in args.seeds:
-            wanted.append((task, chip, None, 0.0, seed, "baseline", args.validation))  # the baseline: the spec's grid and mismatch are off at hardness 0
+            # the baseline: the spec's grid and mismatch are off at hardness 0
+            wanted.append((task, chip, None, 0.0, seed, "baseline", args.validation))
             wanted.append((task, chip, bits, mismatch, seed, "hardened", args.validation))
     todo = list(dict.fromkeys(w for w in wanted if w not in done))
     with ProcessPoolExecutor(args.workers) as pool:
@@ -80,7 +81,8 @@ def main() -> None:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(record) + "\n")
     found = machine()
-    print(f"\nMeasured on {found['cpu']} ({found['simd']}, {found['cores']} cores), torch {found['torch']}, one intra-op thread per run, {args.workers} runs at once; "
+    print(f"\nMeasured on {found['cpu']} ({found['simd']}, {found['cores']} cores), torch {found['torch']}, "
+          f"one intra-op thread per run, {args.workers} runs at once; "
           f"{'validation split' if args.validation else 'test set'}.\n")
     for name in args.configs:
         task, chip, bits, mismatch = CONFIGS[name]

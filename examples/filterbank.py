@@ -46,7 +46,8 @@ def sounds(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.
     frequencies = torch.linspace(0, RATE / 2, power.shape[1])
     edges = torch.exp(torch.linspace(math.log(150), math.log(3600), CHANNELS + 2))
     bank = torch.stack([
-        ((frequencies - a) / (c - a)).clamp(0, 1) * ((b - frequencies) / (b - c)).clamp(0, 1) for a, c, b in zip(edges, edges[1:], edges[2:])
+        ((frequencies - a) / (c - a)).clamp(0, 1) * ((b - frequencies) / (b - c)).clamp(0, 1)
+        for a, c, b in zip(edges, edges[1:], edges[2:])
     ])
     return torch.log(torch.einsum("cf,nft->tnc", bank, power) + 1e-3), label
 

@@ -17,7 +17,10 @@ import zipfile
 
 import torch
 
-MEMBERS = {"train": "aeon/datasets/data/JapaneseVowels/JapaneseVowels_TRAIN.ts", "test": "aeon/datasets/data/JapaneseVowels/JapaneseVowels_TEST.ts"}
+MEMBERS = {
+    "train": "aeon/datasets/data/JapaneseVowels/JapaneseVowels_TRAIN.ts",
+    "test": "aeon/datasets/data/JapaneseVowels/JapaneseVowels_TEST.ts",
+}
 
 
 def read_ts(text: str) -> tuple[list[torch.Tensor], list[int]]:

@@ -1,4 +1,5 @@
-"""Layers of every kind the registry supports, with seeded values, and ``scaled``: shared by the tests."""
+"""Layers of every kind the registry supports, with seeded values, and ``scaled``; ``same_bits`` and
+``snapshot``, to tell that nothing changed: shared by the tests."""
 
 from __future__ import annotations
 
@@ -185,3 +186,29 @@ def same_bits(a, b):
 def _bytes(t):
     """The bytes of ``t``'s elements in logical order, whatever its strides."""
     return t.detach().clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)
+
+
+def weight_name(key):
+    """The name a weight has in the plain model: ``fc.parametrizations.weight.original`` is ``fc.weight``."""
+    return key.replace("parametrizations.", "").replace(".original", "")
+
+
+def cloned_state(model_or_state):
+    """A state_dict, a model's or the one given, with every tensor cloned: what it holds now, in its order."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    return {key: value.detach().clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+
+
+def snapshot(model):
+    """The model's state_dict (keys in order, values cloned) and every module's name and class."""
+    return cloned_state(model), [(name, type(module)) for name, module in model.named_modules()]
+
+
+def assert_same_snapshot(before, after):
+    """The same keys in the same order, every value the same bit for bit, the same modules of the same classes."""
+    (state_a, modules_a), (state_b, modules_b) = before, after
+    assert list(state_a) == list(state_b)
+    for key, a in state_a.items():
+        b = state_b[key]
+        assert same_bits(a, b) if isinstance(a, torch.Tensor) else a == b, key
+    assert modules_a == modules_b

@@ -113,6 +113,11 @@ def dense(weight, idx):
     return torch.where(idx >= 0, flat[idx.clamp(min=0)], zero)
 
 
+def ref_dense_populations(module, local, weight):
+    """The dense connectivity matrices of ``module.<local>`` holding ``weight``'s values, one per population."""
+    return [dense(weight, idx) for idx in ref_index_populations(module, local, weight.shape)]
+
+
 def blocks(n_rows, group_size):
     """Consecutive row blocks of group_size; the last one may be shorter."""
     return [list(range(s, min(s + group_size, n_rows))) for s in range(0, n_rows, group_size)]
@@ -128,8 +133,7 @@ def ref_sums(tracked, limit, power, group_size):
         n += w.numel()
         for value in w.reshape(-1):
             mag = mag + torch.relu(torch.abs(value) - limit).pow(power)
-        for idx in ref_index_populations(module, local, w.shape):
-            m = dense(w, idx)
+        for m in ref_dense_populations(module, local, w):
             for rows in blocks(m.shape[0], group_size):
                 p = sum(torch.relu(m[i]) for i in rows)   # one entry per column j
                 q = sum(torch.relu(-m[i]) for i in rows)

@@ -1,5 +1,5 @@
-"""The chip's building blocks: the front end's one-to-one synapses, the chip's neurons, and specs
-derived from the presets."""
+"""The chip's building blocks: the front end's one-to-one synapses and the chip's neurons (specs
+derived from the presets: test_spec.py)."""
 
 import pytest
 import torch
@@ -31,7 +31,9 @@ def test_a_front_end_multiplies_each_channel_by_its_own_gain(channels, batch, se
 
 def test_a_registered_front_end_has_one_synapse_per_channel_everywhere():
     torch.manual_seed(0)
-    model = nn.Sequential(nwp.FrontEnd(12, gain=3.0), nwp.ChipLeaky(0.9, init_hidden=True), nn.Linear(12, 20), nwp.ChipLeaky(0.9, init_hidden=True))
+    model = nn.Sequential(
+        nwp.FrontEnd(12, gain=3.0), nwp.ChipLeaky(0.9, init_hidden=True), nn.Linear(12, 20), nwp.ChipLeaky(0.9, init_hidden=True)
+    )
     spec = nwp.H1V2.replace(bits=5, mismatch=0.1)
     reg = nwp.register(model, spec)
     assert reg.names == ["0.weight", "2.weight"] and reg.layouts[0] == nwp.Layout(groups=12)
@@ -134,20 +136,9 @@ def test_chip_neurons_share_one_threshold_and_reset_by_subtraction():
     neurons = [nwp.ChipLeaky(0.9), nwp.ChipRLeaky(0.7, linear_features=4)]
     assert all(float(n.threshold) == 1.0 and n.reset_mechanism == "subtract" for n in neurons)
     assert isinstance(neurons[0], snn.Leaky) and isinstance(neurons[1], snn.RLeaky)  # drop-ins
-    model = nn.Sequential(nwp.FrontEnd(4), nwp.ChipLeaky(0.9, init_hidden=True), nn.Linear(4, 8), nwp.ChipRLeaky(0.8, linear_features=8, init_hidden=True))
+    model = nn.Sequential(
+        nwp.FrontEnd(4), nwp.ChipLeaky(0.9, init_hidden=True), nn.Linear(4, 8), nwp.ChipRLeaky(0.8, linear_features=8, init_hidden=True)
+    )
     assert nwp.place(model, torch.rand(3, 4), nwp.H1V2).fits
     on_h1v1 = nwp.place(model, torch.rand(3, 4), nwp.H1V1)
     assert not on_h1v1.fits and all("resets by subtracting" in p for p in on_h1v1.problems)
-
-
-# --- specs --------------------------------------------------------------------------------------
-
-
-def test_replace_derives_a_spec_keeping_the_rest():
-    derived = nwp.H1V2.replace(bits=5, mismatch=0.02)
-    assert derived.cores == (50, 50, 100) and derived.limit == 1.66 and derived.reset == "subtract"
-    assert (derived.bits, derived.mismatch) == (5, 0.02) and nwp.H1V2.bits is None  # the preset is left as it is
-    with pytest.raises(ValueError, match="bits must be an int in"):
-        nwp.H1V2.replace(bits=1)
-    with pytest.raises(TypeError, match="no field 'bit'"):
-        nwp.H1V2.replace(bit=5)

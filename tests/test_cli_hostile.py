@@ -20,7 +20,7 @@ import zipfile
 
 import pytest
 import torch
-from test_cli import error, leftovers
+from commandline import error, leftovers
 from torch import nn
 
 import nwave_param as nwp
@@ -407,7 +407,9 @@ def test_an_interrupt_at_any_moment_gives_one_line_and_writes_nothing(tmp_path):
     milliseconds before the handler."""
     _setting(tmp_path)
     out = tmp_path / "out.pt"
-    command = [sys.executable, "-X", "importtime", *_console_script(), "project", str(tmp_path / "tiny.pt"), "-o", str(out), "--chip", "h1v1"]
+    command = [
+        sys.executable, "-X", "importtime", *_console_script(), "project", str(tmp_path / "tiny.pt"), "-o", str(out), "--chip", "h1v1"
+    ]
     # as a user runs it, with torch's worker threads (the tests' one thread has none), any of which may take the signal
     environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
     start = time.perf_counter()

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 from installs import not_installed
+from layers import assert_same_snapshot, snapshot
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 from torch.optim.swa_utils import AveragedModel
@@ -32,21 +33,19 @@ def run(model, x):
     return model["head"](out)
 
 
-def snapshot(model, x):
+def observed(model, x):
+    """The model's snapshot, its outputs and its hardness."""
     return (
-        [(k, v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()],
-        [type(m) for m in model.modules()],
+        snapshot(model),
         run(model, x).detach(),
         nwp.registry_of(model).hardness if any(isinstance(m, nwp.ChipConstraint) for m in model.modules()) else None,
     )
 
 
 def same(a, b):
-    (state_a, classes_a, out_a, h_a), (state_b, classes_b, out_b, h_b) = a, b
-    assert [k for k, _ in state_a] == [k for k, _ in state_b]
-    for (key, x), (_, y) in zip(state_a, state_b):
-        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, key
-    assert classes_a == classes_b and torch.equal(out_a, out_b) and h_a == h_b
+    (snapshot_a, out_a, h_a), (snapshot_b, out_b, h_b) = a, b
+    assert_same_snapshot(snapshot_a, snapshot_b)
+    assert torch.equal(out_a, out_b) and h_a == h_b
 
 
 def train_step(model):
@@ -83,9 +82,9 @@ def test_a_step_on_one_leaves_the_other_untouched(step, changed):
     clone = copy.deepcopy(original)
     x = torch.randn(5, 2, 4)
     acted, watched = (clone, original) if changed == "copy" else (original, clone)
-    before = snapshot(watched, x)
+    before = observed(watched, x)
     STEPS[step](acted)
-    same(before, snapshot(watched, x))
+    same(before, observed(watched, x))
     # the watched one still goes through its whole lifecycle
     reg = nwp.registry_of(watched)
     assert reg.hardness == 0.3
@@ -153,8 +152,16 @@ def _recurrent_layers():
     yield "RNN", lambda: nn.RNN(3, 6), lambda m: m(torch.randn(4, 2, 3))[0]
     yield "LSTMCell", lambda: nn.LSTMCell(3, 6), lambda m: m(torch.randn(2, 3))[0]
     yield "GRUCell", lambda: nn.GRUCell(3, 6), lambda m: m(torch.randn(2, 3))
-    yield "snntorch RLeaky", lambda: snn.RLeaky(beta=0.9, linear_features=6), lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 6), *s))
-    yield "snntorch RSynaptic", lambda: snn.RSynaptic(alpha=0.8, beta=0.9, linear_features=6), lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 6), *s))
+    yield (
+        "snntorch RLeaky",
+        lambda: snn.RLeaky(beta=0.9, linear_features=6),
+        lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 6), *s)),
+    )
+    yield (
+        "snntorch RSynaptic",
+        lambda: snn.RSynaptic(alpha=0.8, beta=0.9, linear_features=6),
+        lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 6), *s)),
+    )
     yield "snntorch SLSTM", lambda: snn.SLSTM(3, 6), lambda m: steps(m, m.reset_mem(), lambda m, s: m(torch.randn(2, 3), *s[-2:]))
     try:
         import norse.torch as norse

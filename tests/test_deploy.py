@@ -1,4 +1,4 @@
-"""Report, is_mappable and project_, against plain dense-matrix formulas written here."""
+"""Report, is_mappable and project_, against plain formulas on the dense matrices of tests/reference.py."""
 
 import math
 
@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from layers import scaled
+from reference import ref_dense_populations
 from torch import nn
 
 import nwave_param as nwp
@@ -15,31 +16,10 @@ from nwave_param.core.report import build_report
 from nwave_param.functional import unprojectable
 
 
-def dense_populations(module, weight):
-    """The weight's dense-equivalent connectivity matrices, one per population, built entry by entry."""
-    if isinstance(module, nn.LSTMCell):
-        return list(weight.chunk(4, 0))
-    if isinstance(module, nn.modules.conv._ConvNd):
-        groups, kernel = module.groups, math.prod(module.kernel_size)
-        dense = torch.zeros(module.out_channels, module.in_channels * kernel, dtype=weight.dtype)
-        out_per_group = module.out_channels // groups
-        in_per_group = module.in_channels // groups
-        for o in range(module.out_channels):
-            g = o // out_per_group
-            for c in range(g * in_per_group, (g + 1) * in_per_group):
-                if module.transposed:  # weight (in, out/groups, *k)
-                    entry = weight[c, o - g * out_per_group]
-                else:  # weight (out, in/groups, *k)
-                    entry = weight[o, c - g * in_per_group]
-                dense[o, c * kernel : (c + 1) * kernel] = entry.flatten()
-        return [dense]
-    return [weight.reshape(weight.shape[0], -1)]
-
-
-def block_columns(module, weight, group_size):
-    """Every block column as a 1-d tensor."""
+def block_columns(module, local, weight, group_size):
+    """Every block column of the dense matrices of ``module.<local>`` holding ``weight``, as a 1-d tensor."""
     columns = []
-    for population in dense_populations(module, weight):
+    for population in ref_dense_populations(module, local, weight):
         for start in range(0, population.shape[0], group_size):
             block = population[start : start + group_size]
             columns.extend(block[:, j] for j in range(block.shape[1]))
@@ -87,8 +67,8 @@ def test_project_reaches_the_nearest_mappable_point(module, spec):
     assert magnitude.item() == 0 and topology.item() == 0
 
     limit = spec.limit
-    for old, new in zip(before, after):
-        for w, x in zip(block_columns(module, old, spec.group_size), block_columns(module, new, spec.group_size)):
+    for local, old, new in zip(reg.names, before, after):
+        for w, x in zip(block_columns(module, local, old, spec.group_size), block_columns(module, local, new, spec.group_size)):
             assert x.abs().max() <= limit
             assert not ((x > 0).any() and (x < 0).any())
             positive, negative = w.clamp(0, limit), w.clamp(-limit, 0)
@@ -109,7 +89,7 @@ def test_report_counts_and_rows_sum_to_penalties(module, spec):
     assert [row.name for row in report.rows] == reg.names
     for row, weight in zip(report.rows, reg.latent_weights()):
         weight = weight.detach()
-        columns = block_columns(module, weight, spec.group_size)
+        columns = block_columns(module, row.name, weight, spec.group_size)
         assert row.shape == tuple(weight.shape) and row.numel == weight.numel()
         assert row.max_abs == weight.abs().max().item()
         assert row.out_of_range == int((weight.abs() > spec.limit).sum())

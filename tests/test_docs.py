@@ -54,7 +54,9 @@ def _pip_installs(text: str) -> list[tuple[frozenset, frozenset]]:
     commands = []
     for command in re.findall(r"pip install ([^&\n]*)", text.replace('"', "").replace("'", "")):
         words = command.split()
-        commands.append((frozenset(w for w in words if w.startswith("-") and w != "-e"), frozenset(w for w in words if not w.startswith("-"))))
+        commands.append(
+            (frozenset(w for w in words if w.startswith("-") and w != "-e"), frozenset(w for w in words if not w.startswith("-")))
+        )
     return commands
 
 

@@ -12,14 +12,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layers import scaled
+from layers import same_bits, scaled
 
 import nwave_param as nwp
 from nwave_param import functional
 from nwave_param._engine import hardening, penalties, plans
 from nwave_param.layout import Layout
 
-LAYOUTS = [Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transposed=True), Layout(inputs_first=True), Layout(gates=4, inputs_first=True)]
+LAYOUTS = [
+    Layout(), Layout(gates=4), Layout(groups=2), Layout(groups=2, transposed=True),
+    Layout(inputs_first=True), Layout(gates=4, inputs_first=True),
+]
 
 
 @pytest.fixture(params=["packed", "chunked", "chunked-small", "other device"])
@@ -192,10 +195,6 @@ def test_registry_penalty_under_torch_compile_fullgraph():
     torch.testing.assert_close(grads, torch.autograd.grad(reg.penalty(), reg.latent_weights()))
 
 
-def bits(t):
-    return t.detach().reshape(-1).view(torch.uint8)
-
-
 def noise_per_weight(drawn, weights, layouts, spec):
     """The noise each weight received, from what ``hardening._gaussian`` drew: one tensor per pack
     (its members' regions, the short last blocks of large weights included), then one per chunk
@@ -232,7 +231,9 @@ def noise_per_weight(drawn, weights, layouts, spec):
     grid=st.sampled_from([None, 3, 5]),
     noise=st.sampled_from(["none", "given", "drawn"]),
 )
-def test_hardened_values_equal_the_definition_bit_for_bit(route, monkeypatch, data, count, scale, zeros, group_size, limit, dtype, seed, hardness, grid, noise):
+def test_hardened_values_equal_the_definition_bit_for_bit(
+    route, monkeypatch, data, count, scale, zeros, group_size, limit, dtype, seed, hardness, grid, noise
+):
     generator = torch.Generator().manual_seed(seed)
     layouts, weights = [], []
     for _ in range(count):
@@ -251,10 +252,14 @@ def test_hardened_values_equal_the_definition_bit_for_bit(route, monkeypatch, da
     given_noise = [(torch.randn(w.shape, generator=generator, dtype=torch.float64) * 0.1).to(dtype) for w in weights]
     argument = {"none": 0.0, "given": given_noise, "drawn": 0.05}[noise]
     got = hardening.harden_all(weights, layouts, spec, hardness, argument)
-    noises = {"none": [None] * count, "given": given_noise, "drawn": noise_per_weight(drawn, weights, layouts, spec) if drawn else [None] * count}[noise]
-    expected = [functional.harden(w.detach(), l, spec, hardness, n) for w, l, n in zip(weights, layouts, noises)]
+    noises = {
+        "none": [None] * count,
+        "given": given_noise,
+        "drawn": noise_per_weight(drawn, weights, layouts, spec) if drawn else [None] * count,
+    }[noise]
+    expected = [functional.harden(w.detach(), lay, spec, hardness, n) for w, lay, n in zip(weights, layouts, noises)]
     for value, want in zip(got, expected):
-        assert value.dtype == want.dtype and value.shape == want.shape and torch.equal(bits(value), bits(want))
+        assert same_bits(value, want)
     factors = [torch.randn(w.shape, generator=generator, dtype=torch.float64).to(dtype) for w in weights]
     sum((c * v).sum() for c, v in zip(factors, got)).backward()
     assert all(torch.equal(w.grad, c) for w, c in zip(weights, factors))  # straight through, per weight

@@ -7,7 +7,7 @@ import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from layers import scaled
+from layers import scaled, weight_name
 from torch import nn
 
 import nwave_param as nwp
@@ -149,9 +149,7 @@ class Lifecycle(RuleBasedStateMachine):
 
 def _named(model):
     """Parameters by their plain names, whether the model is registered or not."""
-    return {
-        name.replace("parametrizations.", "").replace(".original", ""): p for name, p in model.named_parameters()
-    }
+    return {weight_name(name): p for name, p in model.named_parameters()}
 
 
 Lifecycle.TestCase.settings = settings(max_examples=25, stateful_step_count=15, deadline=None)

@@ -3,14 +3,13 @@ the plain formulas of tests/reference.py, and the command line as a shell over t
 
 import copy
 import json
-import re
 import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layers import fill, group_sizes, limits, make_model, model_cfgs, same_bits, values_cfgs
+from layers import cloned_state, fill, group_sizes, limits, make_model, model_cfgs, same_bits, values_cfgs
 from reference import ref_constraints_hold, ref_tracked
 from torch import nn
 
@@ -28,11 +27,6 @@ def plain_model(kind, data, vcfg, limit):
     return model
 
 
-def every_tensor(model_or_state):
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    return {key: value.clone() for key, value in state.items()}
-
-
 @pytest.mark.parametrize("kind", CERTAIN)
 @settings(max_examples=15, deadline=None)
 @given(data=st.data(), vcfg=values_cfgs, limit=limits, group_size=group_sizes)
@@ -40,7 +34,7 @@ def test_check_state_dict_reads_what_the_formulas_say(kind, data, vcfg, limit, g
     model = plain_model(kind, data, vcfg, limit * data.draw(st.sampled_from([0.5, 1.0, 1.5])))
     spec = nwp.ChipSpec(limit=limit, group_size=group_size)
     state = model.state_dict()
-    before = every_tensor(state)
+    before = cloned_state(state)
     report = nwp.check_state_dict(state, spec)
     magnitude_ok, topology_ok = ref_constraints_hold(ref_tracked(model), limit, group_size)
     assert [row.name for row in report] == [name for name, _, _ in ref_tracked(model)]
@@ -55,7 +49,7 @@ def test_project_state_dict_is_project_of_each_weight_and_leaves_the_input(kind,
     model = plain_model(kind, data, vcfg, 2 * limit)
     spec = nwp.ChipSpec(limit=limit, group_size=group_size)
     state = model.state_dict()
-    before = every_tensor(state)
+    before = cloned_state(state)
     new, changes = nwp.project_state_dict(state, spec)
     reg = nwp.register(copy.deepcopy(model), spec)  # what the model itself would project to
     reg.project_()
@@ -71,16 +65,6 @@ def test_project_state_dict_is_project_of_each_weight_and_leaves_the_input(kind,
     assert nwp.check_state_dict(new, spec).is_mappable
     again, _ = nwp.project_state_dict(new, spec)
     assert all(same_bits(again[key], new[key]) for key in new)  # idempotent
-
-
-def test_ties_stay_ties_and_views_stay_views():
-    shared = torch.full((5, 4), 2.0)
-    state = {"a.weight": shared, "b.weight": shared, "c.weight": torch.full((10, 4), -3.0)}
-    state["c.half"] = state["c.weight"][:5]  # a view of a weight, not itself tracked
-    new, changes = nwp.project_state_dict(state)
-    assert new["a.weight"] is new["b.weight"] and [c["name"] for c in changes] == ["a.weight", "c.weight"]
-    assert new["c.half"].data_ptr() == new["c.weight"].data_ptr() and torch.equal(new["c.half"], new["c.weight"][:5])
-    assert torch.equal(shared, torch.full((5, 4), 2.0))
 
 
 def test_the_spec_the_checkpoint_was_saved_with_is_the_default():
@@ -108,13 +92,13 @@ def test_the_model_gives_exact_layouts_and_is_left_as_it_was():
     with pytest.raises(nwp.CheckpointError, match="guessed: 0.weight"):
         nwp.project_state_dict(state)  # a convolution read by its shape may be grouped
     other = nn.Sequential(nn.Conv1d(4, 10, 3, groups=2), nn.Linear(10, 5))  # the same model, its own values
-    held = every_tensor(other)
+    held = cloned_state(other)
     new, changes = nwp.project_state_dict(state, model=other)
     assert all(c["layout"] == "exact" for c in changes) and changes[0]["groups"] == 2
     assert all(same_bits(other.state_dict()[key], value) for key, value in held.items())
     assert list(other.state_dict()) == list(held)  # not registered: no key moved under parametrizations
     reg = nwp.register(other, nwp.H1V2).harden(0.5)  # a registered model is read the same way, and kept
-    held = every_tensor(other)
+    held = cloned_state(other)
     again, _ = nwp.project_state_dict(state, model=other)
     assert all(same_bits(again[key], value) for key, value in new.items())
     assert all(same_bits(other.state_dict()[key], value) for key, value in held.items())
@@ -126,7 +110,7 @@ def test_the_model_gives_exact_layouts_and_is_left_as_it_was():
 def test_refusals_name_the_weight_and_change_nothing():
     state = {"fc.weight": torch.full((5, 3), 2.0), "out.weight": torch.full((5, 3), 2.0)}
     state["out.weight"][0, 0] = float("nan")
-    before = every_tensor(state)
+    before = cloned_state(state)
     with pytest.raises(nwp.CheckpointError, match=r"out.weight holds NaN.*nothing was changed") as refused:
         nwp.project_state_dict(state)
     assert "\n" not in str(refused.value) and isinstance(refused.value, ValueError)
@@ -147,7 +131,10 @@ def test_what_the_reading_noticed_is_a_warning():
     messages = [str(w.message) for w in caught]
     assert [row.name for row in report] == ["fc.weight"]
     assert any("'nothing.*' matches no trackable weight" in m for m in messages)
-    assert any(w.category is nwp.CheckpointWarning and "excluded as embeddings" in str(w.message) and "embed.weight" in str(w.message) for w in caught)
+    assert any(
+        w.category is nwp.CheckpointWarning and "excluded as embeddings" in str(w.message) and "embed.weight" in str(w.message)
+        for w in caught
+    )
     assert [row.name for row in nwp.check_state_dict({**state, "out.weight": torch.zeros(2, 5)}, exclude="fc.*")] == ["out.weight"]
 
 
@@ -198,7 +185,9 @@ def test_a_tied_parameter_held_with_two_values_is_refused():
     state = {k: v.clone() for k, v in Tied().state_dict().items()}
     state["a.weight"], state["b.weight"] = torch.full((8, 8), 0.1), torch.full((8, 8), 5.0)
     for call in (nwp.check_state_dict, nwp.project_state_dict):
-        with pytest.raises(nwp.CheckpointError, match="a.weight and b.weight are one parameter of the model, but the checkpoint holds different values"):
+        with pytest.raises(
+            nwp.CheckpointError, match="a.weight and b.weight are one parameter of the model, but the checkpoint holds different values"
+        ):
             call(state, nwp.H1V2, model=Tied())
     state["b.weight"] = state["a.weight"]  # one value: read once, written under both keys
     new, changes = nwp.project_state_dict(state, nwp.H1V2, model=Tied())
@@ -306,50 +295,3 @@ def test_max_bytes_bounds_what_computing_with_the_tensors_materializes():
     for bad, error in (("1G", TypeError), (True, TypeError), (1.5e9, TypeError), (0, ValueError), (-1, ValueError)):
         with pytest.raises(error, match="max_bytes must be"):
             nwp.check_state_dict(state, max_bytes=bad)
-
-
-def _described(value, layout, hardness=0.0):
-    """A state_dict holding ``value`` as fc.weight, registered, with ``layout`` in its description."""
-    from nwave_param.description import encode
-
-    return {"fc.parametrizations.weight.original": value, "fc.parametrizations.weight.0._extra_state": encode(layout, nwp.H1V1, hardness)}
-
-
-def _fits(shape, layout):
-    """Whether a weight of ``shape`` can be read with ``layout``, written out: 2+ dims; a
-    convolution's reading (groups, transposed) only of 3+ dims; the gates split the output rows
-    (dim 1 times the groups, transposed), the groups split dim 0."""
-    rows = shape[1] * layout.groups if layout.transposed and len(shape) >= 2 else shape[0]
-    convolution = layout.groups > 1 or layout.transposed
-    return len(shape) >= 2 and (len(shape) >= 3 or not convolution) and rows % layout.gates == 0 and shape[0] % layout.groups == 0
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    shape=st.lists(st.integers(0, 6), min_size=1, max_size=4),
-    layout=st.builds(Layout, gates=st.integers(1, 4), groups=st.integers(1, 3), transposed=st.booleans()),
-)
-def test_property_a_described_layout_is_read_exactly_when_it_can_be_this_tensors(shape, layout):
-    """Without a model the description is the file's claim, taken as it is, when it can be this
-    tensor's layout; otherwise refused, naming the weight, its shape and the layout."""
-    state = _described(torch.randn(shape), layout)
-    if _fits(shape, layout):
-        (row,) = nwp.check_state_dict(state)
-        assert row.layout == layout and not row.assumed
-    else:
-        with pytest.raises(nwp.CheckpointError, match=rf"^state_dict: fc.weight(:| of shape {re.escape(str(tuple(shape)))} cannot be read with)"):
-            nwp.check_state_dict(state)
-
-
-def test_a_description_that_contradicts_the_models_reading_is_refused_by_name():
-    """A 2-D weight described as an LSTM's (4 gates) is read so without a model (the file's
-    claim); the model's own reading refuses it, before any computation with the file's layout,
-    and so is a layout that cannot be the tensor's (a RuntimeError from reshaping, before)."""
-    value = torch.randn(8, 6)
-    assert nwp.check_state_dict(_described(value, Layout(gates=4)))[0].layout == Layout(gates=4)
-    model = nn.Module()
-    model.fc = nn.Linear(6, 8)
-    for layout in (Layout(gates=4), Layout(gates=2, transposed=True), Layout(groups=3, transposed=True)):
-        for call in (nwp.check_state_dict, nwp.project_state_dict):
-            with pytest.raises(nwp.CheckpointError, match=rf"^fc.weight: the model reads it with Layout\(gates=1, groups=1, transposed=False\), but state_dict describes {re.escape(str(layout))}"):
-                call(_described(value, layout, hardness=0.5), model=model)

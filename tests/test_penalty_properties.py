@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layers import KINDS, fill, group_sizes, limits, make_model, model_cfgs, powers, values_cfgs
+from layers import KINDS, assert_same_snapshot, fill, group_sizes, limits, make_model, model_cfgs, powers, snapshot, values_cfgs
 from reference import ref_block_columns, ref_constraints_hold, ref_penalties, ref_tracked
 from torch import nn
 from torch.testing import assert_close
@@ -224,16 +224,11 @@ def test_gradient_matches_direct_formula(kind, data, vcfg, limit, group_size, po
 def test_register_remove_round_trip(kind, data, vcfg, limit, group_size, power):
     cfg = data.draw(model_cfgs(kind), label="cfg")
     model, _ = setup(cfg, vcfg, limit)
-    before = [(k, v.detach().clone()) for k, v in model.state_dict().items()]
-    classes = [(n, type(m)) for n, m in model.named_modules()]
+    before = snapshot(model)
     reg = nwp.register(model, spec=nwp.ChipSpec(limit=limit, group_size=group_size), power=power)
     reg.penalty().backward()
     reg.remove()
-    after = list(model.state_dict().items())
-    assert [k for k, _ in after] == [k for k, _ in before]
-    for (key, a), (_, b) in zip(before, after):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), key
-    assert [(n, type(m)) for n, m in model.named_modules()] == classes
+    assert_same_snapshot(before, snapshot(model))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from installs import not_installed
+from layers import assert_same_snapshot, snapshot
 from torch import nn
 
 import nwave_param as nwp
@@ -273,8 +274,8 @@ class DenseFrontEnd(nn.Module):
 def test_a_dense_matrix_before_the_front_end_is_refused_however_it_is_written(way):
     placement = nwp.place(DenseFrontEnd(way), torch.rand(4, 16), H1V2)
     assert not placement.fits
-    assert any(re.search(r"^front: one of its neurons gets up to 16 input channels, and one channel reaches up to 16 .* no fan-in or fan-out", line)
-               for line in placement.problems)
+    said = r"^front: one of its neurons gets up to 16 input channels, and one channel reaches up to 16 .* no fan-in or fan-out"
+    assert any(re.search(said, line) for line in placement.problems)
 
 
 def test_a_gain_matrix_with_fan_out_is_refused():
@@ -308,8 +309,13 @@ def test_a_dense_linear_inside_a_named_front_end_is_refused():
     model = nn.Sequential(FrontModule(), nn.Linear(16, 20), leaky(init_hidden=True))
     placement = nwp.place(model, torch.rand(4, 16), H1V2, neurons=["0"])
     assert placement.populations[0].name == "0" and placement.populations[0].front_end
-    assert any(line.startswith("0: one of its neurons gets up to 16 input channels, and one channel reaches up to 16 of its neurons (through "
-                               "F.linear(x, weight) in 0.mix)") for line in placement.problems)
+    assert any(
+        line.startswith(
+            "0: one of its neurons gets up to 16 input channels, and one channel reaches up to 16 of its neurons (through "
+            "F.linear(x, weight) in 0.mix)"
+        )
+        for line in placement.problems
+    )
 
 
 def test_a_named_module_wrapping_a_feed_forward_square_linear_is_not_recurrent():
@@ -335,7 +341,9 @@ def neurons_net(front, hidden):
 
 
 def test_thresholds_that_differ_or_are_learned_and_a_reset_the_chip_does_not_have_are_refused():
-    model = neurons_net(leaky(init_hidden=True, threshold=0.5, learn_threshold=True), leaky(init_hidden=True, threshold=2.0, reset_mechanism="zero"))
+    model = neurons_net(
+        leaky(init_hidden=True, threshold=0.5, learn_threshold=True), leaky(init_hidden=True, threshold=2.0, reset_mechanism="zero")
+    )
     placement = nwp.place(model, torch.rand(4, 16), H1V2)
     assert placement.problems == [
         "0: its threshold is learned (a Parameter); the chip's threshold is fixed, the same for every neuron",
@@ -380,7 +388,8 @@ def test_norse_neurons_are_read_their_recurrent_lif_is_recurrent_and_their_reset
         ("hidden", 30, True, True), ("out", 30, False, False)
     ]
     assert placement.problems == [
-        "hidden: the front end has 30 neurons; the chip feeds its 16 input channels one-to-one to the first layer, so it holds at most that many",
+        "hidden: the front end has 30 neurons; the chip feeds its 16 input channels one-to-one to the first layer, "
+        "so it holds at most that many",
         "hidden: one of its neurons gets up to 4 input channels, and one channel reaches up to 30 of its neurons (through x * weight "
         "in the model, F.linear(x, weight) in hidden); the chip's input channels reach the front end one-to-one, with no fan-in "
         "or fan-out (nwp.FrontEnd, a gain per channel, or a diagonal matrix)",
@@ -446,7 +455,7 @@ def test_the_model_is_exactly_as_before_submodules_hooks_and_random_state_includ
     reg = nwp.register(model, H1V2).harden(0.5)
     model.train()
     model.out.eval()
-    before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    before = snapshot(model)
     hooks = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
     modes = [m.training for m in model.modules()]
     example = torch.rand(4, 16)
@@ -455,8 +464,7 @@ def test_the_model_is_exactly_as_before_submodules_hooks_and_random_state_includ
     assert placement.spec == H1V2 and placement.fits
     assert not hasattr(model, "made") and [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()] == hooks
     assert torch.equal(torch.get_rng_state(), random) and [m.training for m in model.modules()] == modes
-    after = model.state_dict(keep_vars=True)
-    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_snapshot(before, snapshot(model))
     assert all(p.grad is None for p in model.parameters()) and reg.hardness == 0.5
 
 
@@ -592,7 +600,8 @@ class FrontWritten(nn.Module):
     def __init__(self, way):
         super().__init__()
         self.mix, _ = self.WAYS[way]
-        self.gain, self.other, self.dense = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16, 16))
+        self.gain, self.other = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.rand(16) + 0.5)
+        self.dense = nn.Parameter(torch.randn(16, 16))
         self.front_end = nwp.FrontEnd(16)
         self.orthogonal = nn.utils.parametrizations.orthogonal(nn.Linear(16, 16, bias=False))
         self.register_buffer("fixed", torch.randn(16, 16))
@@ -609,14 +618,17 @@ def test_the_front_end_is_one_to_one_only_when_the_channels_reach_it_so(way):
     assert placement.fits == one_to_one, placement.problems
     if not one_to_one:
         assert len(placement.problems) == 1 and placement.problems[0].startswith("front: ")
-        assert placement.problems[0].endswith("the chip's input channels reach the front end one-to-one, with no fan-in or fan-out (nwp.FrontEnd, a gain per channel, or a diagonal matrix)")
+        assert placement.problems[0].endswith(
+            "the chip's input channels reach the front end one-to-one, with no fan-in or fan-out "
+            "(nwp.FrontEnd, a gain per channel, or a diagonal matrix)"
+        )
 
 
 def test_one_weight_used_at_two_places_joins_no_populations():
     class Net(nn.Module):  # one Linear for a -> b and for b -> c: no population feeds itself
         def __init__(self):
             super().__init__()
-            self.front, self.a, self.b, self.c = leaky(init_hidden=True), leaky(init_hidden=True), leaky(init_hidden=True), leaky(init_hidden=True)
+            self.front, self.a, self.b, self.c = (leaky(init_hidden=True) for _ in range(4))
             self.encode, self.shared = nn.Linear(16, 30), nn.Linear(30, 30)
 
         def forward(self, x):
@@ -652,7 +664,9 @@ def test_a_module_named_in_neurons_is_checked_by_the_neurons_inside_it():
     assert [(p.name, p.neurons, p.recurrent) for p in padded.populations] == [("front", 16, False), ("block", 120, False)]
     assert padded.fits
 
-    wrapped = nn.Sequential(leaky(init_hidden=True), nn.Linear(16, 40), Block(40, threshold=0.5, learn_threshold=True, reset_mechanism="zero"))
+    wrapped = nn.Sequential(
+        leaky(init_hidden=True), nn.Linear(16, 40), Block(40, threshold=0.5, learn_threshold=True, reset_mechanism="zero")
+    )
     placement = nwp.place(wrapped, torch.rand(4, 16), H1V2, neurons=["2"])
     assert placement.problems == [
         "2: its threshold is learned (a Parameter); the chip's threshold is fixed, the same for every neuron",
@@ -673,7 +687,10 @@ def test_a_module_named_in_neurons_holding_two_layers_is_refused_naming_them():
     net = nn.Sequential(leaky(init_hidden=True), nn.Linear(16, 16), Two(), nn.Linear(30, 100), leaky(init_hidden=True))
     placement = nwp.place(net, torch.rand(4, 16), H1V2, neurons=["2"])
     assert not placement.fits
-    assert "2 (named in neurons) holds several layers of neurons (l1, l2): a population is one layer; name the layers inside it instead" in placement.problems
+    assert (
+        "2 (named in neurons) holds several layers of neurons (l1, l2): a population is one layer; name the layers inside it instead"
+        in placement.problems
+    )
 
 
 def test_one_leaky_restarting_its_state_for_two_layers_of_two_sizes_makes_two_populations():
@@ -690,9 +707,13 @@ def test_one_leaky_restarting_its_state_for_two_layers_of_two_sizes_makes_two_po
             return second
 
     placement = nwp.place(Net(), torch.rand(5, 2, 16), H1V2)
-    assert [(p.name, p.neurons, p.recurrent) for p in placement.populations] == [("front", 16, False), ("lif[0]", 100, False), ("lif[1]", 90, False)]
+    assert [(p.name, p.neurons, p.recurrent) for p in placement.populations] == [
+        ("front", 16, False), ("lif[0]", 100, False), ("lif[1]", 90, False)
+    ]
     assert placement.problems == ["the network has 206 neurons; the chip holds 200 (50 + 50 + 100)"]
-    assert placement.notes == ["lif: its calls each start their state afresh; those of one size fed by the same weights are read as one layer over time"]
+    assert placement.notes == [
+        "lif: its calls each start their state afresh; those of one size fed by the same weights are read as one layer over time"
+    ]
 
 
 @pytest.mark.parametrize("kept", ["a plain attribute", "a persistent buffer"])
@@ -730,7 +751,8 @@ def test_equal_thresholds_held_at_two_precisions_are_one_threshold():
     assert nwp.place(net, torch.rand(4, 16), H1V2, neurons=["0"]).problems == []
     net[2].threshold.fill_(0.2)
     assert nwp.place(net, torch.rand(4, 16), H1V2, neurons=["0"]).problems == [
-        "the populations have different thresholds (0.100000001 for 0; 0.200000003 for 2); the chip has one fixed threshold for the whole network"
+        "the populations have different thresholds (0.100000001 for 0; 0.200000003 for 2); "
+        "the chip has one fixed threshold for the whole network"
     ]
 
 
@@ -805,7 +827,9 @@ def test_snntorch_inhibition_is_recurrent_with_a_note():
         warnings.simplefilter("ignore")  # snnTorch: "Inhibition is an unstable feature"
         placement = nwp.place(net, torch.rand(4, 16), H1V2)
     assert [p.recurrent for p in placement.populations] == [False, True] and placement.fits
-    assert placement.notes == ["2: inhibition=True (each neuron inhibits the others) is read as recurrent: the chip holds it as synapses within one core"]
+    assert placement.notes == [
+        "2: inhibition=True (each neuron inhibits the others) is read as recurrent: the chip holds it as synapses within one core"
+    ]
 
 
 class OneStepPerCall(nn.Module):

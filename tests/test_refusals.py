@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from layers import same_bits, scaled
+from layers import assert_same_snapshot, cloned_state, same_bits, scaled, snapshot
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
@@ -43,22 +43,14 @@ def everything(model):
     ]
     with torch.no_grad():
         out = model.eval()(X)
-    return (
-        [(k, v.clone()) for k, v in model.state_dict().items()],
-        computed,
-        [type(m) for m in model.modules()],
-        out,
-        nwp.registry_of(model).hardness,
-    )
+    return snapshot(model), computed, out, nwp.registry_of(model).hardness
 
 
 def assert_unchanged(before, after):
-    (state_a, computed_a, classes_a, out_a, h_a), (state_b, computed_b, classes_b, out_b, h_b) = before, after
-    assert [k for k, _ in state_a] == [k for k, _ in state_b]
-    for (key, a), (_, b) in zip(state_a, state_b):
-        assert same_bits(a, b), key
+    (snapshot_a, computed_a, out_a, h_a), (snapshot_b, computed_b, out_b, h_b) = before, after
+    assert_same_snapshot(snapshot_a, snapshot_b)
     assert len(computed_a) == len(computed_b) and all(same_bits(a, b) for a, b in zip(computed_a, computed_b))
-    assert classes_a == classes_b and same_bits(out_a, out_b) and h_a == h_b
+    assert same_bits(out_a, out_b) and h_a == h_b
 
 
 def registered(hardness=0.25, seed=0):
@@ -72,7 +64,11 @@ def registered(hardness=0.25, seed=0):
 
 # --- load_state_dict ---------------------------------------------------------------------------
 
-DESCRIPTIONS = ["fc.parametrizations.weight.0._extra_state", "lstm.parametrizations.weight_hh_l0.0._extra_state", "head.parametrizations.weight.0._extra_state"]
+DESCRIPTIONS = [
+    "fc.parametrizations.weight.0._extra_state",
+    "lstm.parametrizations.weight_hh_l0.0._extra_state",
+    "head.parametrizations.weight.0._extra_state",
+]
 
 
 @pytest.mark.parametrize("strict", [True, False])
@@ -136,17 +132,15 @@ def parts(seed, spec_of_b=nwp.H1V1):
     return model
 
 
-def whole_state(model):
-    return [(k, v.clone()) for k, v in model.state_dict().items()]
-
-
 def test_a_refused_load_into_separately_registered_parts_changes_no_registered_part():
     """``b``'s description does not fit: refused before ``a`` (registered apart) loads anything."""
     model, checkpoint = parts(0, nwp.ChipSpec(limit=0.5)), parts(1).state_dict()
-    before = whole_state(model)
-    with pytest.raises(ValueError, match=r"b\.fc\.weight.*limit=0\.5.*nothing registered was loaded; torch has already copied head\.weight, head\.bias, "):
+    before = cloned_state(model)
+    with pytest.raises(
+        ValueError, match=r"b\.fc\.weight.*limit=0\.5.*nothing registered was loaded; torch has already copied head\.weight, head\.bias, "
+    ):
         model.load_state_dict(checkpoint)
-    changed = [k for (k, old), (_, new) in zip(before, model.state_dict().items()) if not same_bits(old, new)]
+    changed = [k for (k, old), (_, new) in zip(before.items(), model.state_dict().items()) if not same_bits(old, new)]
     assert changed == ["head.weight", "head.bias"]  # the plain module torch loads first: named above
     assert all(nwp.registry_of(part).hardness == 0.25 for part in (model.a, model.b))
 
@@ -157,10 +151,10 @@ def test_a_refused_load_into_a_registered_part_before_its_plain_siblings_changes
     del model.head
     checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith("head.")}
     checkpoint["a.head.parametrizations.weight.0._extra_state"] = checkpoint["a.head.parametrizations.weight.0._extra_state"].half()
-    before = whole_state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"a\.head\.weight.*cannot be read.*nothing registered was loaded$"):
         model.load_state_dict(checkpoint)
-    assert all(k == j and same_bits(a, b) for (k, a), (j, b) in zip(before, model.state_dict().items(), strict=True))
+    assert_same_snapshot(before, snapshot(model))
 
 
 # --- project_ ----------------------------------------------------------------------------------
@@ -201,22 +195,20 @@ def test_a_refused_projection_through_weight_norm_restores_everything():
 def test_a_parameter_tied_between_layouts_is_refused_at_register_naming_both_holders():
     model = nn.ModuleDict({"linear": nn.Linear(4, 9), "cell": nn.GRUCell(4, 3)})
     model["cell"].weight_ih = model["linear"].weight  # (9, 4): a Linear's rows, and a GRUCell's 3 gates
-    state = [(k, v.clone()) for k, v in model.state_dict().items()]
-    classes = [type(m) for m in model.modules()]
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"linear\.weight and cell\.weight_ih hold one Parameter.*gates=3"):
         nwp.register(model)
-    assert [type(m) for m in model.modules()] == classes and not any(parametrize.is_parametrized(m) for m in model.modules())
-    assert all(k == j and same_bits(a, b) for (k, a), (j, b) in zip(state, model.state_dict().items(), strict=True))
+    assert_same_snapshot(before, snapshot(model))
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert not any(m._load_state_dict_pre_hooks for m in model.modules())
 
 
 def _assert_register_refused(model, match):
-    state = [(k, v.clone()) for k, v in model.state_dict().items()]
-    classes = [type(m) for m in model.modules()]
+    before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         nwp.register(model)
-    assert [type(m) for m in model.modules()] == classes and not any(parametrize.is_parametrized(m) for m in model.modules())
-    assert all(k == j and same_bits(a, b) for (k, a), (j, b) in zip(state, model.state_dict().items(), strict=True))
+    assert_same_snapshot(before, snapshot(model))
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert not any(m._load_state_dict_pre_hooks for m in model.modules())
 
 

@@ -43,7 +43,8 @@ def test_a_hardened_model_compiles_in_one_graph():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))  # no graph break
-    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message) and "nwave_param" in str(w.message)]  # nwave_param's caches are for eager calls only
+    # nwave_param's caches are for eager calls only
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message) and "nwave_param" in str(w.message)]
     reg.harden(1.0)
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
 

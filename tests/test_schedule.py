@@ -54,7 +54,8 @@ def test_every_step_follows_the_rule_in_a_plain_loop(total, start, length, penal
         loss.backward()
         optimizer.step()
         schedule.step()
-    assert reg.hardness == rule(total, total, harden)[0] and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * rule(total, total, settle=settle)[2])
+    assert reg.hardness == rule(total, total, harden)[0]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * rule(total, total, settle=settle)[2])
 
 
 def test_the_defaults_are_the_rule_and_training_ends_on_the_chip():

@@ -1,7 +1,7 @@
-"""ChipSpec: the presets carry the chip's capacity, every field is validated at construction."""
+"""ChipSpec: the presets carry the chip's capacity, every field is validated at construction, and
+``replace`` derives a spec keeping the rest."""
 
 import pytest
-from torch import nn
 
 import nwave_param as nwp
 
@@ -30,14 +30,53 @@ def test_cores_and_inputs_are_validated_naming_the_field(kwargs, field):
         nwp.ChipSpec(**kwargs)
 
 
-def test_the_largest_spec_a_description_holds_is_saved_and_read_back():
-    spec = nwp.ChipSpec(group_size=2**64 - 1, cores=(2**64 - 1, 1), inputs=2**64 - 1)
-    model = nn.Linear(3, 2)
-    nwp.register(model, spec)
-    state = model.state_dict()
-    assert nwp.check_state_dict(state).spec == spec
-
-
 def test_the_capacity_decides_no_weights_value():
     assert nwp.ChipSpec(limit=1.66).essentials == nwp.H1V2.essentials
     assert nwp.ChipSpec(bits=5).essentials != nwp.H1V1.essentials
+
+
+@pytest.mark.parametrize("limit", [0, -1.0, float("inf"), float("nan"), "0.9", True])
+def test_chipspec_rejects_bad_limit(limit):
+    with pytest.raises(ValueError, match="limit"):
+        nwp.ChipSpec(limit=limit)
+
+
+@pytest.mark.parametrize("size", [0, -5, 2.5, True, "5"])
+def test_chipspec_rejects_bad_group_size(size):
+    with pytest.raises(ValueError, match="group_size"):
+        nwp.ChipSpec(group_size=size)
+
+
+def test_chipspec_is_frozen_with_chip_defaults():
+    spec = nwp.ChipSpec()
+    assert (spec.limit, spec.group_size) == (0.9, 5)
+    with pytest.raises(AttributeError):
+        spec.limit = 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"bits": 1}, "bits"), ({"bits": 17}, "bits"), ({"bits": 4.0}, "bits"), ({"bits": True}, "bits"),
+     ({"mismatch": -0.1}, "mismatch"), ({"mismatch": float("nan")}, "mismatch"), ({"mismatch": "0.1"}, "mismatch")],
+)
+def test_chipspec_validates_bits_and_mismatch(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nwp.ChipSpec(**kwargs)
+
+
+def test_chip_presets_and_repr():
+    assert (nwp.H1V1.limit, nwp.H1V1.group_size, nwp.H1V1.bits, nwp.H1V1.mismatch) == (0.9, 5, None, 0.0)
+    assert (nwp.H1V2.limit, nwp.H1V2.group_size, nwp.H1V2.bits, nwp.H1V2.mismatch) == (1.66, 5, None, 0.0)
+    assert nwp.ChipSpec() == nwp.H1V1 and repr(nwp.H1V1) == "ChipSpec(limit=0.9, group_size=5)"
+    spec = nwp.ChipSpec(limit=1.66, bits=5, mismatch=0.02)
+    assert eval(repr(spec), {"ChipSpec": nwp.ChipSpec}) == spec
+
+
+def test_replace_derives_a_spec_keeping_the_rest():
+    derived = nwp.H1V2.replace(bits=5, mismatch=0.02)
+    assert derived.cores == (50, 50, 100) and derived.limit == 1.66 and derived.reset == "subtract"
+    assert (derived.bits, derived.mismatch) == (5, 0.02) and nwp.H1V2.bits is None  # the preset is left as it is
+    with pytest.raises(ValueError, match="bits must be an int in"):
+        nwp.H1V2.replace(bits=1)
+    with pytest.raises(TypeError, match="no field 'bit'"):
+        nwp.H1V2.replace(bit=5)

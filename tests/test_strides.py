@@ -223,7 +223,10 @@ def test_the_issues_grouped_conv_in_channels_last(memory_format):
 
 
 def _latent_and_projection(reg):
-    return [(w.detach().clone(), functional.project(w.detach().contiguous(), layout, reg.spec)) for w, layout in zip(reg.latent_weights(), reg.layouts)]
+    return [
+        (w.detach().clone(), functional.project(w.detach().contiguous(), layout, reg.spec))
+        for w, layout in zip(reg.latent_weights(), reg.layouts)
+    ]
 
 
 def test_the_issues_mappable_conv_transpose_in_channels_last_is_left_bit_identical():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layers import assert_same_snapshot, snapshot
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -99,7 +100,10 @@ class Readings(nn.Module):
 
 @pytest.mark.parametrize(
     "way",
-    ["F.linear", "x @ W.T", "x @ W.t()", "W @ x.T", "torch.matmul", "mm", "einsum bi,oi->bo", "einsum io,bi", "a masked weight", "a reshaped weight"],
+    [
+        "F.linear", "x @ W.T", "x @ W.t()", "W @ x.T", "torch.matmul", "mm", "einsum bi,oi->bo", "einsum io,bi",
+        "a masked weight", "a reshaped weight",
+    ],
 )
 def test_the_output_dim_is_read_through_views_masks_and_every_way_of_writing_the_product(way):
     model = Readings(way)
@@ -118,13 +122,22 @@ def test_a_weight_read_two_ways_is_refused_naming_both_uses():
 
     model = Twice()
     before = model.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"^weight is read two ways: F\.linear\(x, weight\) in the model \(output neurons along dim 0\) and x @ weight in the model \(output neurons along dim 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"^weight is read two ways: F\.linear\(x, weight\) in the model \(output neurons along dim 0\) "
+            r"and x @ weight in the model \(output neurons along dim 1\)"
+        ),
+    ):
         nwp.register(model, example=torch.randn(2, 5))
     assert type(model) is Twice and torch.equal(model.weight, before)  # nothing registered
 
 
 def test_a_stated_layout_that_contradicts_the_forward_is_refused():
-    with pytest.raises(ValueError, match=r"^kernel: layouts states .*inputs_first=True.*but the forward reads it with Layout\(gates=1, groups=1, transposed=False\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^kernel: layouts states .*inputs_first=True.*but the forward reads it with Layout\(gates=1, groups=1, transposed=False\)",
+    ):
         nwp.register(Readings("F.linear"), example=torch.randn(3, 4), layouts={"kernel": INPUTS_FIRST})
 
 
@@ -161,7 +174,9 @@ def test_a_parametrized_weight_and_a_registered_model_are_read_through_their_cha
     nwp.register(vendor, example=example).harden(1.0)  # the forward now computes with the projections
     shapes = {name: tuple(p.shape) for name, p in [("weight", vendor.weight), ("W", vendor.W), ("readout.weight", vendor.readout.weight)]}
     read = layouts_read(trace(vendor, example, {}), shapes)
-    assert {name: layout for name, (layout, _) in read.items()} == {"weight": INPUTS_FIRST, "W": INPUTS_FIRST, "readout.weight": nwp.Layout()}
+    assert {name: layout for name, (layout, _) in read.items()} == {
+        "weight": INPUTS_FIRST, "W": INPUTS_FIRST, "readout.weight": nwp.Layout()
+    }
 
 
 @settings(max_examples=50, deadline=None)
@@ -237,7 +252,8 @@ def test_a_weight_split_between_two_uses_is_said_in_a_warning():
     _, said = registered(Fused(), example=torch.randn(4, 16))
     assert said == [
         "weight: the forward uses 12 of its 30 output rows in F.linear(x, weight) in the model: nwave_param cuts its blocks of "
-        "output neurons from its first row, so a part that starts elsewhere may share a block with another; give each part a weight of its own"
+        "output neurons from its first row, so a part that starts elsewhere may share a block with another; "
+        "give each part a weight of its own"
     ]
 
 
@@ -305,10 +321,10 @@ def test_the_trace_leaves_the_model_and_every_random_state_as_they_were():
     import numpy
 
     model, example = Sideways(), torch.randn(2, 4)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     states = (random.getstate(), numpy.random.get_state()[1].copy(), torch.get_rng_state(), model.generator.get_state())
     trace(model, example, {})
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_same_snapshot(before, snapshot(model))
     assert model.fc.bias.requires_grad and model.history == []
     assert random.getstate() == states[0] and (numpy.random.get_state()[1] == states[1]).all()
     assert torch.equal(torch.get_rng_state(), states[2]) and torch.equal(model.generator.get_state(), states[3])
@@ -344,7 +360,9 @@ def test_a_vendor_checkpoint_is_read_in_its_true_orientation_with_its_model_or_w
 
 def test_a_neurons_own_recurrent_weight_is_read_from_the_trace():
     snn = pytest.importorskip("snntorch", reason="snnTorch's RLeaky")
-    net = nn.Sequential(snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(16, 20), snn.RLeaky(beta=0.9, linear_features=20, init_hidden=True))
+    net = nn.Sequential(
+        snn.Leaky(beta=0.9, init_hidden=True), nn.Linear(16, 20), snn.RLeaky(beta=0.9, linear_features=20, init_hidden=True)
+    )
     reg, said = registered(net, example=torch.rand(3, 2, 16))
     assert reg.names == ["1.weight", "2.recurrent.weight"] and not said
 
@@ -365,5 +383,7 @@ def test_layouts_add_to_a_registered_models_layouts_and_may_not_contradict_them(
         nwp.register(model, nwp.H1V2)  # without an example: W not tracked
         report = nwp.check_state_dict(plain, nwp.H1V2, model=model, layouts={"W": INPUTS_FIRST})
         assert [(row.name, row.layout) for row in report.rows] == [("W", INPUTS_FIRST), ("readout.weight", nwp.Layout())]
-        with pytest.raises(nwp.errors.CheckpointError, match=r"^readout.weight: layouts states .* but the model's registration reads it with"):
+        with pytest.raises(
+            nwp.errors.CheckpointError, match=r"^readout.weight: layouts states .* but the model's registration reads it with"
+        ):
             nwp.check_state_dict(plain, nwp.H1V2, model=model, layouts={"readout.weight": INPUTS_FIRST})
