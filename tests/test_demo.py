@@ -123,7 +123,8 @@ def test_the_network_is_built_for_the_chip_from_its_blocks(chip, hidden, task, c
     ]
     assert isinstance(model.gain, nwp.FrontEnd) and isinstance(model.front, type(nwp.ChipLeaky(0.9)))
     for layer in (model.front, model.lif, model.out):
-        assert layer.reset_mechanism == spec.reset and float(layer.threshold) == demo.THRESHOLD  # one threshold
+        threshold = torch.tensor(spec.limit / demo.LIMIT_IN_THRESHOLDS)  # one threshold, as float32 holds it
+        assert layer.reset_mechanism == spec.reset and torch.equal(torch.as_tensor(layer.threshold), threshold)
     reg = nwp.register(model, spec).harden(1.0)
     model(x).sum().backward()  # it trains through the clamp
     assert all(p.grad is not None for p in reg.latent_weights())

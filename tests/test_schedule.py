@@ -58,6 +58,14 @@ def test_every_step_follows_the_rule_in_a_plain_loop(total, start, length, penal
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * rule(total, total, settle=settle)[2])
 
 
+@pytest.mark.parametrize("settle", [0.0, 0.6, 1.0])
+def test_the_learning_rate_factor_past_the_end_of_training_is_zero(settle):
+    total = 10
+    assert nwp.settling(total, total, settle) == (1.0 if settle == 1.0 else 0.0)  # the last step: the decay's end
+    for step in (total + 1, 3 * total):  # a loop that runs on: no division by zero at settle=1.0
+        assert nwp.settling(step, total, settle) == 0.0
+
+
 def test_the_defaults_are_the_rule_and_training_ends_on_the_chip():
     model, reg = registered()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
