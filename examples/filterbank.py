@@ -25,7 +25,7 @@ import nwave_param as nwp
 from nwave_param.core.schedule import settling
 
 RATE, SECONDS, HOP, CHANNELS, CLASSES, PER_CLASS = 8000, 0.4, 160, 16, 6, 5
-THRESHOLD = 0.5  # the chip's one threshold, as the demo's: a synapse at H1v2's limit moves a membrane 3.3 thresholds
+THRESHOLD = 1.0  # the chip's one threshold, as the demo's on H1v2: a synapse at the limit moves a membrane 1.66 thresholds
 
 
 def sounds(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

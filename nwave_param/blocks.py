@@ -8,8 +8,8 @@
 * :func:`ChipLeaky` and :func:`ChipRLeaky`: snnTorch's ``Leaky`` and ``RLeaky`` with the chip's
   neuron rules: the membrane clamped at 0 after each update (it is never negative on the chip),
   reset by subtraction (H1v2's, its tutorial says: "Fixed (subtraction + non-negative clamp)"),
-  and one threshold for all of them (its value is not published: ``THRESHOLD``, 1.0, by default;
-  the demo passes 0.5, see docs/training-on-the-chip.md).
+  and one threshold for all of them (its value is not published: ``THRESHOLD``, 1.0, by default,
+  as the demo's on H1v2; the demo passes 0.54 on H1v1, see docs/training-on-the-chip.md).
   snnTorch stays optional: they are made when first used.
 """
 

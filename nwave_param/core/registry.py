@@ -127,7 +127,7 @@ def register(
     except BaseException:
         _remove(attached, model)
         raise
-    return Registry.of(model)
+    return Registry._of(model)
 
 
 def registry_of(model: nn.Module) -> Registry:
@@ -147,7 +147,7 @@ def registry_of(model: nn.Module) -> Registry:
         LookupError: ``model`` carries no nwave_param constraint.
         ValueError: its constraints were registered with different settings.
     """
-    return Registry.of(model)
+    return Registry._of(model)
 
 
 def strip(model: nn.Module) -> None:
@@ -195,19 +195,9 @@ class Registry:
         self._view(model)
 
     @classmethod
-    def of(cls, model: nn.Module) -> Registry:
-        """What :func:`register` and :func:`registry_of` return: a view over ``model``'s constraints.
-
-        Args:
-            model: a registered model, or a module holding registered parts.
-
-        Returns:
-            A new :class:`Registry` over every nwave_param constraint under ``model``.
-
-        Raises:
-            LookupError: ``model`` carries no nwave_param constraint (or is not an nn.Module).
-            ValueError: its constraints were registered with different settings.
-        """
+    def _of(cls, model: nn.Module) -> Registry:
+        """What :func:`register` and :func:`registry_of` return (the public way): a view over
+        ``model``'s constraints; LookupError or ValueError as :func:`registry_of` says."""
         reg = cls.__new__(cls)
         reg._view(model)
         return reg
