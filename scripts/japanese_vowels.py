@@ -1,4 +1,4 @@
-"""Make nwave_param/data/japanese_vowels.pt from the JapaneseVowels files that the aeon wheel ships.
+"""Make nwave_param/demo/data/japanese_vowels.pt from the JapaneseVowels files that the aeon wheel ships.
 
     pip download aeon==1.6.0 --no-deps -d /tmp/aeon && python scripts/japanese_vowels.py /tmp/aeon/aeon-1.6.0-py3-none-any.whl
 
@@ -40,7 +40,7 @@ def read_ts(text: str) -> tuple[list[torch.Tensor], list[int]]:
     return series, labels
 
 
-def main(wheel: str, out: str = "nwave_param/data/japanese_vowels.pt") -> None:
+def main(wheel: str, out: str = "nwave_param/demo/data/japanese_vowels.pt") -> None:
     data = {}
     with zipfile.ZipFile(wheel) as archive:
         for split, member in MEMBERS.items():
