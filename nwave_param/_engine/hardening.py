@@ -38,7 +38,7 @@ from nwave_param.functional import accumulation_dtype, bound
 from nwave_param.layout import Layout
 from nwave_param.spec import ChipSpec
 
-__all__ = ["Shared", "harden_all"]  # Shared lives in .plans; here too, where a pass makes it (core.passes)
+__all__ = ["harden_all"]
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from nwave_param._engine import hardening
+from nwave_param._engine.plans import Shared
 from nwave_param.core.parametrization import ChipConstraint
 from nwave_param.core.settings import Registration, per_thread, settings_in_effect
 
@@ -69,14 +70,14 @@ class Pass:
         self.holders = holders
         self.keys = [slot_key(module, tensor_name) for module, tensor_name, _, _ in holders]
         self.index = {key: i for i, key in enumerate(self.keys)}
-        self.shared = hardening.Shared()  # what the hardening leaves for the penalty of this pass
+        self.shared = Shared()  # what the hardening leaves for the penalty of this pass
         self.slots: dict[object, object] = per_thread.__dict__.setdefault("slots", {})
         per_thread.__dict__.setdefault("passes", {})[registration] = self
         self.reset()
 
     def reset(self) -> None:
         """Compute every value again at the next read."""
-        self.shared = hardening.Shared()
+        self.shared = Shared()
         pending = Pending(self)
         for key in self.keys:
             self.slots[key] = pending
