@@ -109,11 +109,11 @@ class _ChipNeuron:
 _made: dict[str, type] = {}
 
 
-def _chip_class(name: str, base_name: str) -> type:
+def _chip_class(name: str) -> type:
     """The class of :func:`ChipLeaky`'s (``name``) neurons, made at its first use.  A pickle finds it
     by its qualified name, ``_ChipLeaky``, through this module's ``__getattr__``."""
     if name not in _made:
-        base = getattr(_snntorch(), base_name)
+        base = getattr(_snntorch(), _BASES[name])
         namespace = {"__doc__": _DOCS[name], "__module__": __name__, "__qualname__": f"_{name}"}
         _made[name] = type(name, (_ChipNeuron, base), namespace)
     return _made[name]
@@ -121,11 +121,12 @@ def _chip_class(name: str, base_name: str) -> type:
 
 def __getattr__(name: str) -> type:
     """``_ChipLeaky`` and ``_ChipRLeaky``: the neurons' classes, for ``pickle`` (``torch.save(model)``)."""
-    if name in ("_ChipLeaky", "_ChipRLeaky"):
-        return _chip_class(name[1:], name[5:])
+    if name.startswith("_") and name[1:] in _BASES:
+        return _chip_class(name[1:])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+_BASES = {"ChipLeaky": "Leaky", "ChipRLeaky": "RLeaky"}  # each chip neuron -> the snnTorch neuron it is
 _DOCS = {
     "ChipLeaky": "snnTorch's Leaky with the chip's rules: membrane clamped at 0, reset by subtraction, one threshold.",
     "ChipRLeaky": "snnTorch's RLeaky with the chip's rules: membrane clamped at 0, reset by subtraction, one threshold.",
@@ -156,7 +157,7 @@ def ChipLeaky(beta: float, *, threshold: float = THRESHOLD, reset_mechanism: str
     Raises:
         ImportError: snnTorch is not installed.
     """
-    return _chip_class("ChipLeaky", "Leaky")(beta, threshold=threshold, reset_mechanism=reset_mechanism, **kwargs)
+    return _chip_class("ChipLeaky")(beta, threshold=threshold, reset_mechanism=reset_mechanism, **kwargs)
 
 
 def ChipRLeaky(beta: float, *, threshold: float = THRESHOLD, reset_mechanism: str = "subtract", **kwargs) -> nn.Module:  # noqa: N802
@@ -177,4 +178,4 @@ def ChipRLeaky(beta: float, *, threshold: float = THRESHOLD, reset_mechanism: st
     Raises:
         ImportError: snnTorch is not installed.
     """
-    return _chip_class("ChipRLeaky", "RLeaky")(beta, threshold=threshold, reset_mechanism=reset_mechanism, **kwargs)
+    return _chip_class("ChipRLeaky")(beta, threshold=threshold, reset_mechanism=reset_mechanism, **kwargs)
