@@ -125,6 +125,11 @@ def test_the_network_is_built_for_the_chip_from_its_blocks(chip, hidden, task, c
     for layer in (model.front, model.lif, model.out):
         threshold = torch.tensor(spec.limit / demo.LIMIT_IN_THRESHOLDS)  # one threshold, as float32 holds it
         assert layer.reset_mechanism == spec.reset and torch.equal(torch.as_tensor(layer.threshold), threshold)
+        # the surrogate's reach, in thresholds, is the same on either chip: fast_sigmoid's gradient
+        # 1 / (1 + slope |u|)^2 is 1 at the threshold and 1/4 at SURROGATE_WIDTH thresholds from it
+        distance = torch.tensor([0.0, demo.SURROGATE_WIDTH * spec.limit / demo.LIMIT_IN_THRESHOLDS], requires_grad=True)
+        layer.spike_grad(distance).sum().backward()
+        torch.testing.assert_close(distance.grad, torch.tensor([1.0, 0.25]))
     reg = nwp.register(model, spec).harden(1.0)
     model(x).sum().backward()  # it trains through the clamp
     assert all(p.grad is not None for p in reg.latent_weights())

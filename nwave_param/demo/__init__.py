@@ -77,9 +77,22 @@ REPEAT = 2  # time steps each vowel frame is shown for
 LIMIT_IN_THRESHOLDS = 1.66
 
 
+# How far around the threshold the surrogate gradient reaches, in thresholds: fast_sigmoid's slope is
+# 1 / (SURROGATE_WIDTH * threshold), the same shape on either chip. Wide enough that a membrane a fifth
+# of a threshold away still learns: with the chip's limit and signs, fewer neurons sit near threshold
+# (docs/training-on-the-chip.md: chosen on the validation split).
+SURROGATE_WIDTH = 0.2
+
+
 def threshold_for(spec: ChipSpec) -> float:
     """The one threshold of the demo's neurons on ``spec``'s chip: ``spec.limit / LIMIT_IN_THRESHOLDS``."""
     return spec.limit / LIMIT_IN_THRESHOLDS
+
+
+def surrogate_slope_for(spec: ChipSpec) -> float:
+    """The slope of the demo neurons' surrogate gradient (``fast_sigmoid``) on ``spec``'s chip:
+    ``1 / (SURROGATE_WIDTH * threshold_for(spec))``: 5 on H1v2, 9.2 on H1v1."""
+    return 1 / (SURROGATE_WIDTH * threshold_for(spec))
 
 
 SPLIT_SEED = 0  # the data split: fixed, whatever --seed
@@ -108,7 +121,7 @@ class SpikingNet(nn.Module):
             learn_beta=True,
             threshold=threshold_for(spec),
             reset_mechanism=spec.reset or "subtract",
-            spike_grad=surrogate.fast_sigmoid(slope=25),
+            spike_grad=surrogate.fast_sigmoid(slope=surrogate_slope_for(spec)),
         )
         self.classes = classes
         self.gain = FrontEnd(channels)
