@@ -6,7 +6,7 @@ Two tasks, each input channel read by one front-end neuron:
   M. Shimbo, 1999; https://doi.org/10.24432/C5NS47; CC BY 4.0), shipped with the package
   (``nwave_param/demo/data``): nine speakers saying /ae/, each utterance 7 to 29 frames of 12 LPC
   cepstral coefficients, each frame shown for ``REPEAT`` time steps; the class is the speaker;
-* ``digits`` (the default: the demo takes 101 s, the vowels 171 s, on the machine of the docs):
+* ``digits`` (the default: the demo takes 79 s, the vowels 137 s, on the machine of the docs):
   scikit-learn's handwritten digits, each 8x8 image as 8 time steps of its 8 pixel rows and their
   complements (ON and OFF channels, as event sensors encode: 16 channels).
 
@@ -16,7 +16,8 @@ channel, the front end's one-to-one synapses), a front-end population of ``nwp.C
 neurons, a recurrent population of ``nwp.ChipRLeaky`` neurons as large as the chip's largest
 core (where recurrent connections must stay), and ``READOUT_NEURONS`` (5) spiking output neurons
 per class, read by spike counts: each class is one block of the chip.  The chip's neurons:
-membranes never below zero, the chip's reset, one threshold for all.
+membranes never below zero, the chip's reset, one threshold for all (``threshold_for``), and a
+surrogate gradient that reaches ``SURROGATE_WIDTH`` thresholds (``surrogate_slope_for``).
 
 Three runs start from one initialization (``--seed`` moves it and the batch order; the data split
 stays fixed), each with the learning-rate schedule of :class:`nwave_param.Schedule`:
