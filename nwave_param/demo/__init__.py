@@ -80,8 +80,8 @@ LIMIT_IN_THRESHOLDS = 1.66
 
 # How far around the threshold the surrogate gradient reaches, in thresholds: fast_sigmoid's slope is
 # 1 / (SURROGATE_WIDTH * threshold), the same shape on either chip. Chosen on the validation split
-# (docs/training-on-the-chip.md): against a slope of 25, the hardened digits gained about
-# two points on the chip, their baselines unchanged.
+# (docs/training-on-the-chip.md): against a slope of 25, the hardened digits gained about two
+# points on the chip there, their baselines unchanged.
 SURROGATE_WIDTH = 0.2
 
 
