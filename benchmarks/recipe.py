@@ -1,6 +1,6 @@
 """The recipe over seeds: the demo's hardened run on the chip against the same seed's baseline.
 
-    python benchmarks/recipe.py [--seeds 0 1 2 3 4] [--configs ...] [--workers 2] [--validation]
+    python benchmarks/recipe.py [--seeds 0 1 2 3 4] [--configs ...] [--workers 2] [--validation [--folds 5]]
                                 [--out recipe.jsonl]
 
 Each configuration trains the demo's network (``nwave_param.demo``) from seeds 0-4: the baseline
@@ -9,7 +9,9 @@ Each configuration trains the demo's network (``nwave_param.demo``) from seeds 0
 of a seed is the hardened run's test accuracy on the chip (projected; the mean over the demo's
 chip instances where the spec has a grid or mismatch) minus the baseline's test accuracy as
 trained.  ``--validation`` evaluates on the demo's validation split of the training set instead
-(what the rule is chosen on).  Prints one markdown table per configuration, naming the CPU, as
+(what the rule is chosen on); with ``--folds K`` each of its first K folds is held out in turn
+(``demo.validation_split``: five folds partition the training set) and a seed's gap is the mean
+over folds, so that every training example validates once.  Prints one markdown table per configuration, naming the CPU, as
 docs/training-on-the-chip.md holds them; ``--out`` keeps every run as a JSON line, and a run
 already there is not run again.
 """
@@ -34,7 +36,7 @@ CONFIGS = {  # name -> (task, chip, bits, mismatch)
 }
 
 
-def job(task: str, chip: str, bits: int | None, mismatch: float, seed: int, run: str, validation: bool) -> dict:
+def job(task: str, chip: str, bits: int | None, mismatch: float, seed: int, run: str, validation: bool, fold: int = 0) -> dict:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
@@ -43,14 +45,14 @@ def job(task: str, chip: str, bits: int | None, mismatch: float, seed: int, run:
 
     spec = demo.CHIP_SPECS[chip].replace(bits=bits, mismatch=mismatch)
     start = time.perf_counter()
-    outcomes, _ = demo.run(None, spec, task, seed, runs=(run,), validation=validation)
+    outcomes, _ = demo.run(None, spec, task, seed, runs=(run,), validation=validation, fold=fold)
     outcome = outcomes[run].to_dict()
-    return dict(task=task, chip=chip, bits=bits, mismatch=mismatch, seed=seed, run=run, validation=validation,
+    return dict(task=task, chip=chip, bits=bits, mismatch=mismatch, seed=seed, run=run, validation=validation, fold=fold,
                 seconds=round(time.perf_counter() - start, 1), **outcome)
 
 
 def key(record: dict) -> tuple:
-    return tuple(record[k] for k in ("task", "chip", "bits", "mismatch", "seed", "run", "validation"))
+    return (*(record[k] for k in ("task", "chip", "bits", "mismatch", "seed", "run", "validation")), record.get("fold", 0))
 
 
 def main() -> None:
@@ -59,19 +61,24 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--validation", action="store_true")
+    parser.add_argument("--folds", type=int, default=1, choices=range(1, 6), help="with --validation: hold out folds 0..K-1 in turn")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     done = {}
     if args.out and os.path.exists(args.out):
         with open(args.out) as f:
             done = {key(r): r for r in map(json.loads, f)}
+    if args.folds > 1 and not args.validation:
+        parser.error("--folds needs --validation (the test set has no folds)")
+    folds = range(args.folds)
     wanted = []
     for name in args.configs:
         task, chip, bits, mismatch = CONFIGS[name]
         for seed in args.seeds:
-            # the baseline: the spec's grid and mismatch are off at hardness 0
-            wanted.append((task, chip, None, 0.0, seed, "baseline", args.validation))
-            wanted.append((task, chip, bits, mismatch, seed, "hardened", args.validation))
+            for fold in folds:
+                # the baseline: the spec's grid and mismatch are off at hardness 0
+                wanted.append((task, chip, None, 0.0, seed, "baseline", args.validation, fold))
+                wanted.append((task, chip, bits, mismatch, seed, "hardened", args.validation, fold))
     todo = list(dict.fromkeys(w for w in wanted if w not in done))
     with ProcessPoolExecutor(args.workers) as pool:
         for record in pool.map(job, *zip(*todo)) if todo else ():
@@ -80,19 +87,21 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(record) + "\n")
+    evaluated = "validation split" + (f", the mean over {args.folds} folds" if args.folds > 1 else "") if args.validation else "test set"
     found = machine()
     print(f"\nMeasured on {found['cpu']} ({found['simd']}, {found['cores']} cores), torch {found['torch']}, "
           f"one intra-op thread per run, {args.workers} runs at once; "
-          f"{'validation split' if args.validation else 'test set'}.\n")
+          f"{evaluated}.\n")
     for name in args.configs:
         task, chip, bits, mismatch = CONFIGS[name]
         rows, gaps = [], []
         for seed in args.seeds:
-            base = done[(task, chip, None, 0.0, seed, "baseline", args.validation)]
-            hard = done[(task, chip, bits, mismatch, seed, "hardened", args.validation)]
-            on_chip = hard.get("chip_accuracy_mean", hard["projected_accuracy"])
-            gaps.append(100 * (on_chip - base["float_accuracy"]))
-            rows.append((seed, 100 * base["float_accuracy"], 100 * on_chip, gaps[-1]))
+            bases = [done[(task, chip, None, 0.0, seed, "baseline", args.validation, fold)]["float_accuracy"] for fold in folds]
+            hards = [done[(task, chip, bits, mismatch, seed, "hardened", args.validation, fold)] for fold in folds]
+            base = statistics.mean(bases)
+            on_chip = statistics.mean(hard.get("chip_accuracy_mean", hard["projected_accuracy"]) for hard in hards)
+            gaps.append(100 * (on_chip - base))
+            rows.append((seed, 100 * base, 100 * on_chip, gaps[-1]))
         chip_column = "hardened, mean of the demo's chips" if bits is not None or mismatch else "hardened on the chip"
         print(f"**{name}**\n\n| seed | baseline float | {chip_column} | gap |\n|---|---|---|---|")
         for seed, base, hard, gap in rows:

@@ -104,6 +104,69 @@ def test_the_tasks_data_the_split_and_the_validation_split_are_fixed():
     assert torch.equal(demo.validation_split((x_train, y_train, x_test, y_test))[3], held_y)
 
 
+def _fold_zero_as_first_published(y, fraction=0.2):
+    """The validation split as the docs' runs drew it, before folds existed: each class's first
+    ``round(fraction * n)`` members in the fixed shuffled order."""
+    import torch
+
+    from nwave_param import demo
+
+    generator = torch.Generator().manual_seed(demo.SPLIT_SEED)
+    held = torch.zeros(y.numel(), dtype=torch.bool)
+    for label in y.unique():
+        members = (y == label).nonzero().flatten()
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        held[members[: max(1, round(fraction * members.numel()))]] = True
+    return held
+
+
+def test_the_validation_folds_partition_the_training_set_by_class():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(5, 40), min_size=1, max_size=6), st.sampled_from([0.2, 0.25, 0.5]), st.randoms(use_true_random=False))
+    def check(counts, fraction, rng):
+        import torch
+
+        from nwave_param import demo
+
+        labels = [label for label, count in enumerate(counts) for _ in range(count)]
+        rng.shuffle(labels)
+        y = torch.tensor(labels)
+        x = torch.arange(y.numel()).float().view(1, -1, 1)  # each example's index, to find it again
+        folds = round(1 / fraction)
+        seen = torch.zeros(y.numel(), dtype=torch.long)
+        for fold in range(folds):
+            fit_x, fit_y, held_x, held_y = demo.validation_split((x, y, x, y), fraction, fold)
+            held = held_x.flatten().long()
+            seen[held] += 1
+            assert sorted(fit_x.flatten().long().tolist() + held.tolist()) == list(range(y.numel()))
+            assert torch.equal(held_y, y[held]) and torch.equal(fit_y, y[fit_x.flatten().long()])
+            for label, count in enumerate(counts):  # stratified: each class's share, the last fold the rest
+                size = max(1, round(fraction * count))
+                expected = size if fold < folds - 1 else count - (folds - 1) * size
+                assert int((held_y == label).sum()) == max(expected, 0)
+        assert bool((seen == 1).all())  # every example held out exactly once
+        first = demo.validation_split((x, y, x, y), fraction)[2].flatten().long()
+        assert torch.equal(torch.zeros(y.numel(), dtype=torch.bool).index_fill_(0, first, True), _fold_zero_as_first_published(y, fraction))
+
+    check()
+
+
+@pytest.mark.parametrize("fold", [-1, 5, 1.0, True])
+def test_a_fold_out_of_range_or_without_validation_is_refused(fold):
+    import torch
+
+    from nwave_param import demo
+
+    data = (torch.zeros(1, 10, 1), torch.arange(10) % 2, torch.zeros(1, 4, 1), torch.arange(4) % 2)
+    with pytest.raises(ValueError, match=r"fold must be an integer in \[0, 5\)"):
+        demo.validation_split(data, fold=fold)
+    with pytest.raises(ValueError, match="pass validation=True"):
+        demo.run(1, task="digits", fold=1)
+
+
 @pytest.mark.parametrize("chip, hidden", [("h1v1", 64), ("h1v2", 100)])
 @pytest.mark.parametrize("task, channels, classes", [("vowels", 12, 9), ("digits", 16, 10)])
 def test_the_network_is_built_for_the_chip_from_its_blocks(chip, hidden, task, channels, classes):

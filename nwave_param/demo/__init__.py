@@ -205,16 +205,29 @@ TASKS = {
 }
 
 
-def validation_split(data: Data, fraction: float = 0.2) -> Data:
+def validation_split(data: Data, fraction: float = 0.2, fold: int = 0) -> Data:
     """The training set split into training and validation sets (stratified, fixed): what a rule
-    is chosen on, never the test set."""
+    is chosen on, never the test set.
+
+    Each class's members, in a fixed shuffled order, fall into ``round(1 / fraction)`` folds of
+    ``round(fraction * members)`` (the last takes the rest); ``fold`` is held out.  The folds
+    partition the training set, so a rule can be validated on every training example once
+    (k-fold), and fold 0 is the split the docs' validation runs used.
+
+    Raises:
+        ValueError: ``fold`` is not one of the ``round(1 / fraction)`` folds.
+    """
+    folds = round(1 / fraction)
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+        raise ValueError(f"validation_split: fold must be an integer in [0, {folds}) for fraction {fraction}, got {fold!r}")
     x, y = data[0], data[1]
     generator = torch.Generator().manual_seed(SPLIT_SEED)
     held = torch.zeros(y.numel(), dtype=torch.bool)
     for label in y.unique():
         members = (y == label).nonzero().flatten()
         members = members[torch.randperm(members.numel(), generator=generator)]
-        held[members[: max(1, round(fraction * members.numel()))]] = True
+        size = max(1, round(fraction * members.numel()))
+        held[members[fold * size : (fold + 1) * size if fold < folds - 1 else None]] = True
     return x[:, ~held], y[~held], x[:, held], y[held]
 
 
@@ -311,7 +324,8 @@ def one_thread() -> Iterator[None]:
 
 
 def run(
-    epochs: int | None = None, spec: ChipSpec = H1V2, task: str = "digits", seed: int = 0, runs=RUNS, validation: bool = False, **rule
+    epochs: int | None = None, spec: ChipSpec = H1V2, task: str = "digits", seed: int = 0, runs=RUNS, validation: bool = False,
+    fold: int = 0, **rule
 ) -> tuple[dict[str, Outcome], Placement]:
     """Train ``runs`` from one initialization (``seed``), each evaluated on the test set (on a
     validation split of the training set, with ``validation``), and the network's placement.
@@ -323,6 +337,7 @@ def run(
         seed: the initialization and the batch order (the data split stays fixed).
         runs: which runs, of ``RUNS`` (``baseline``, ``constrained``, ``hardened``).
         validation: evaluate on a validation split of the training set, not on the test set.
+        fold: with ``validation``, which of the five validation folds is held out (:func:`validation_split`).
         **rule: overrides of the :class:`~nwave_param.Schedule`'s defaults (for studying them).
 
     Returns:
@@ -331,14 +346,17 @@ def run(
 
     Raises:
         ImportError: the demo extra (scikit-learn, snnTorch, tqdm) is not installed.
-        ValueError: ``task`` is not a key of ``TASKS``.
+        ValueError: ``task`` is not a key of ``TASKS``, or ``fold`` is not one of the folds (or is
+            given without ``validation``).
     """
     if task not in TASKS:
         raise ValueError(f"demo.run: task must be one of {', '.join(TASKS)}, got {task!r}")
+    if fold and not validation:
+        raise ValueError(f"demo.run: fold={fold!r} holds out a fold of the training set; pass validation=True (the test set has no folds)")
     chosen = TASKS[task]
     data = chosen.load()
     if validation:
-        data = validation_split(data)
+        data = validation_split(data, fold=fold)
     epochs = chosen.epochs if epochs is None else epochs
     torch.manual_seed(seed)
     initial = SpikingNet(spec, data[0].shape[-1], chosen.classes)
