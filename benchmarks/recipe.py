@@ -11,9 +11,9 @@ chip instances where the spec has a grid or mismatch) minus the baseline's test 
 trained.  ``--validation`` evaluates on the demo's validation split of the training set instead
 (what the rule is chosen on); with ``--folds K`` each of its first K folds is held out in turn
 (``demo.validation_split``: five folds partition the training set) and a seed's gap is the mean
-over folds, so that every training example validates once.  Prints one markdown table per configuration, naming the CPU, as
-docs/training-on-the-chip.md holds them; ``--out`` keeps every run as a JSON line, and a run
-already there is not run again.
+over folds, so that every training example validates once.  Prints one markdown table per
+configuration, naming the CPU, as docs/training-on-the-chip.md holds them; ``--out`` keeps every
+run as a JSON line, and a run already there is not run again.
 """
 
 from __future__ import annotations
@@ -64,12 +64,12 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=1, choices=range(1, 6), help="with --validation: hold out folds 0..K-1 in turn")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.folds > 1 and not args.validation:
+        parser.error("--folds needs --validation (the test set has no folds)")
     done = {}
     if args.out and os.path.exists(args.out):
         with open(args.out) as f:
             done = {key(r): r for r in map(json.loads, f)}
-    if args.folds > 1 and not args.validation:
-        parser.error("--folds needs --validation (the test set has no folds)")
     folds = range(args.folds)
     wanted = []
     for name in args.configs:
