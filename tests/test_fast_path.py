@@ -248,7 +248,7 @@ def test_hardened_values_equal_the_definition_bit_for_bit(
     spec = nwp.ChipSpec(limit=limit, group_size=group_size, bits=grid)
     drawn = []
     gaussian = hardening._gaussian
-    monkeypatch.setattr(hardening, "_gaussian", lambda like, std: drawn.append(gaussian(like, std)) or drawn[-1])
+    monkeypatch.setattr(hardening, "_gaussian", lambda like, std, dtype=None: drawn.append(gaussian(like, std, dtype)) or drawn[-1])
     given_noise = [(torch.randn(w.shape, generator=generator, dtype=torch.float64) * 0.1).to(dtype) for w in weights]
     argument = {"none": 0.0, "given": given_noise, "drawn": 0.05}[noise]
     got = hardening.harden_all(weights, layouts, spec, hardness, argument)

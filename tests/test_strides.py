@@ -127,7 +127,7 @@ def test_the_engine_hardens_any_memory_layout_as_the_definition(monkeypatch, dat
     given_noise = [(torch.randn(w.shape, generator=generator, dtype=torch.float64) * 0.05).to(dtype) for w in weights]
     drawn = []
     gaussian = hardening._gaussian
-    monkeypatch.setattr(hardening, "_gaussian", lambda like, std: drawn.append(gaussian(like, std)) or drawn[-1])
+    monkeypatch.setattr(hardening, "_gaussian", lambda like, std, dtype=None: drawn.append(gaussian(like, std, dtype)) or drawn[-1])
     got = hardening.harden_all(weights, layouts, spec, hardness, {"none": 0.0, "given": given_noise, "drawn": 0.05}[noise])
     if noise == "drawn":
         noises = noise_per_weight(drawn, weights, layouts, spec) if drawn else [None] * len(weights)

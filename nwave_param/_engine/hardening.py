@@ -191,7 +191,7 @@ def harden_all(
             if raw:
                 shared.filled(pack)
             if hardness != 1 or noise_scale or dtype != flat.dtype:  # in the weights' dtype, as the definition computes
-                drawn = _gaussian(in_dtype(dtype, flat), noise_scale) if noise_scale else None  # once for the pack
+                drawn = _gaussian(flat, noise_scale, dtype) if noise_scale else None  # once for the pack
                 hardened = []
                 for target, view in zip(per_view, pack.views):
                     chip, latent = in_dtype(dtype, target), in_dtype(dtype, blocks(flat, view))
@@ -247,8 +247,8 @@ def _hardened_in_chunks(
         target = blocks(value.view(-1), view)
         (projected,) = _chip_pack(flat, scratch, weight.dtype, spec, False, target if direct_out else None)
         if not direct_out:
-            drawn = _gaussian(in_dtype(weight.dtype, projected), noise_scale) if noise_scale else None
             chip, latent = in_dtype(weight.dtype, projected), in_dtype(weight.dtype, blocks(flat, scratch.views[0]))
+            drawn = _gaussian(chip, noise_scale) if noise_scale else None
             target.copy_(_hardened(chip, latent, hardness, drawn))
     for _, tail in tails:
         value[item.tail :].copy_(tail.reshape(-1, value.shape[1]))
@@ -263,7 +263,7 @@ def _hardened(target: Tensor, latent: Tensor, hardness: float, noise: Tensor | N
     return value
 
 
-def _gaussian(like: Tensor, std: float) -> Tensor:
-    """Mismatch noise shaped like ``like``: what ``ChipConstraint`` draws for one weight, drawn
-    here once for a whole pack."""
-    return torch.randn_like(like).mul_(std)
+def _gaussian(like: Tensor, std: float, dtype: torch.dtype | None = None) -> Tensor:
+    """Mismatch noise shaped like ``like`` (in ``dtype``, default its own): what ``ChipConstraint``
+    draws for one weight, drawn here once for a whole pack; ``like`` is not cast, only its shape read."""
+    return torch.randn_like(like, dtype=dtype).mul_(std)
