@@ -114,7 +114,8 @@ def _chip_class(name: str) -> type:
     by its qualified name, ``_ChipLeaky``, through this module's ``__getattr__``."""
     if name not in _made:
         base = getattr(_snntorch(), _BASES[name])
-        namespace = {"__doc__": _DOCS[name], "__module__": __name__, "__qualname__": f"_{name}"}
+        doc = f"snnTorch's {_BASES[name]} with the chip's rules: membrane clamped at 0, reset by subtraction, one threshold."
+        namespace = {"__doc__": doc, "__module__": __name__, "__qualname__": f"_{name}"}
         _made[name] = type(name, (_ChipNeuron, base), namespace)
     return _made[name]
 
@@ -127,10 +128,6 @@ def __getattr__(name: str) -> type:
 
 
 _BASES = {"ChipLeaky": "Leaky", "ChipRLeaky": "RLeaky"}  # each chip neuron -> the snnTorch neuron it is
-_DOCS = {
-    "ChipLeaky": "snnTorch's Leaky with the chip's rules: membrane clamped at 0, reset by subtraction, one threshold.",
-    "ChipRLeaky": "snnTorch's RLeaky with the chip's rules: membrane clamped at 0, reset by subtraction, one threshold.",
-}
 
 
 def ChipLeaky(beta: float, *, threshold: float = THRESHOLD, reset_mechanism: str = "subtract", **kwargs) -> nn.Module:  # noqa: N802

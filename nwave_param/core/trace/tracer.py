@@ -71,7 +71,7 @@ from nwave_param.core.trace.dims import (
 )
 from nwave_param.core.trace.populations import layers_over_time
 from nwave_param.core.trace.records import INPUT, MADE, UNKNOWN, Call, Info, Trace, Use
-from nwave_param.core.trace.synapses import CELL, CONV, CONV_TRANSPOSE, MATMUL, MIXED, PRODUCTS, RNN, SYNAPSES, is_elementwise
+from nwave_param.core.trace.synapses import CELL, CONV, CONV_TRANSPOSE, MATMUL, MIXED, PRODUCTS, RNN, RNN_OPS, SYNAPSES, is_elementwise
 from nwave_param.errors import one_line
 from nwave_param.layout import Layout
 from nwave_param.sharing import same_bits
@@ -155,7 +155,7 @@ class _Tracer(TorchFunctionMode):
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
         if not outs:
             return
-        if name in RNN or name in CELL:
+        if name in RNN_OPS:
             self.recurrent(name, args, outs)
             return
         if name in SYNAPSES and self.synapse(name, args, kwargs, outs):
