@@ -12,8 +12,9 @@ trained.  ``--validation`` evaluates on the demo's validation split of the train
 (what the rule is chosen on); with ``--folds K`` each of its first K folds is held out in turn
 (``demo.validation_split``: five folds partition the training set) and a seed's gap is the mean
 over folds, so that every training example validates once.  Prints one markdown table per
-configuration, naming the CPU, as docs/training-on-the-chip.md holds them; ``--out`` keeps every
-run as a JSON line, and a run already there is not run again.
+configuration (a row per seed, the mean gap, the worst and the gaps' spread), naming the CPU,
+as docs/training-on-the-chip.md holds them; ``--out`` keeps every run as a JSON line, and a run
+already there is not run again.
 """
 
 from __future__ import annotations
@@ -55,6 +56,36 @@ def key(record: dict) -> tuple:
     return (*(record[k] for k in ("task", "chip", "bits", "mismatch", "seed", "run", "validation")), record.get("fold", 0))
 
 
+def rows_of(done: dict, config: tuple, seeds: list[int], folds: int, validation: bool) -> list[tuple[int, float, float, float]]:
+    """``(seed, baseline float, hardened on the chip, gap)`` per seed, in percent, each the mean
+    over the folds: the hardened run's chip accuracy is its mean over the demo's chips where
+    the spec has a grid or mismatch, else its projected accuracy."""
+    task, chip, bits, mismatch = config
+    rows = []
+    for seed in seeds:
+        bases = [done[(task, chip, None, 0.0, seed, "baseline", validation, fold)]["float_accuracy"] for fold in range(folds)]
+        hards = [done[(task, chip, bits, mismatch, seed, "hardened", validation, fold)] for fold in range(folds)]
+        base = statistics.mean(bases)
+        on_chip = statistics.mean(hard.get("chip_accuracy_mean", hard["projected_accuracy"]) for hard in hards)
+        rows.append((seed, 100 * base, 100 * on_chip, 100 * (on_chip - base)))
+    return rows
+
+
+def table(name: str, rows: list[tuple[int, float, float, float]]) -> str:
+    """One configuration's markdown table, as docs/training-on-the-chip.md holds them: a row per
+    seed, then the mean gap, the worst and the gaps' spread (their standard deviation, with two
+    seeds or more), which says how far above a bound for every seed the mean must sit."""
+    bits, mismatch = CONFIGS[name][2:]
+    chip_column = "hardened, mean of the demo's chips" if bits is not None or mismatch else "hardened on the chip"
+    gaps = [gap for *_, gap in rows]
+    lines = [f"**{name}**", "", f"| seed | baseline float | {chip_column} | gap |", "|---|---|---|---|"]
+    lines += [f"| {seed} | {base:.1f} | {hard:.1f} | {gap:+.1f} |" for seed, base, hard, gap in rows]
+    lines += [f"| mean gap | | | {statistics.mean(gaps):+.2f} |", f"| worst gap | | | {min(gaps):+.1f} |"]
+    if len(gaps) > 1:
+        lines.append(f"| spread (sd) | | | {statistics.stdev(gaps):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -93,20 +124,7 @@ def main() -> None:
           f"one intra-op thread per run, {args.workers} runs at once; "
           f"{evaluated}.\n")
     for name in args.configs:
-        task, chip, bits, mismatch = CONFIGS[name]
-        rows, gaps = [], []
-        for seed in args.seeds:
-            bases = [done[(task, chip, None, 0.0, seed, "baseline", args.validation, fold)]["float_accuracy"] for fold in folds]
-            hards = [done[(task, chip, bits, mismatch, seed, "hardened", args.validation, fold)] for fold in folds]
-            base = statistics.mean(bases)
-            on_chip = statistics.mean(hard.get("chip_accuracy_mean", hard["projected_accuracy"]) for hard in hards)
-            gaps.append(100 * (on_chip - base))
-            rows.append((seed, 100 * base, 100 * on_chip, gaps[-1]))
-        chip_column = "hardened, mean of the demo's chips" if bits is not None or mismatch else "hardened on the chip"
-        print(f"**{name}**\n\n| seed | baseline float | {chip_column} | gap |\n|---|---|---|---|")
-        for seed, base, hard, gap in rows:
-            print(f"| {seed} | {base:.1f} | {hard:.1f} | {gap:+.1f} |")
-        print(f"| mean gap | | | {statistics.mean(gaps):+.2f} |\n| worst gap | | | {min(gaps):+.1f} |\n")
+        print(table(name, rows_of(done, CONFIGS[name], args.seeds, args.folds, args.validation)))
 
 
 if __name__ == "__main__":

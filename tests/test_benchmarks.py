@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 HARNESS = Path(__file__).parents[1] / "benchmarks" / "run.py"
 
@@ -45,3 +47,54 @@ def test_many_weights_benchmark_runs_and_writes_its_ratios(tmp_path):
     assert set(data["variants"]) == {"torch.load", "check", "check --json"}
     assert data["variants"]["torch.load"]["time_vs_load"] == 1.0
     assert all({"seconds", "peak_mib", "time_vs_load", "peak_vs_load"} <= set(row) for row in data["variants"].values())
+
+
+def _recipe_module():
+    """benchmarks/recipe.py, imported as its directory's scripts import each other."""
+    import importlib
+
+    sys.path.insert(0, str(HARNESS.parent))
+    try:
+        return importlib.import_module("recipe")
+    finally:
+        sys.path.remove(str(HARNESS.parent))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seeds=st.integers(1, 4),
+    folds=st.integers(1, 3),
+    grid=st.booleans(),
+    accuracies=st.lists(st.floats(0, 1), min_size=24, max_size=24),
+)
+def test_recipe_tables_pool_each_seed_over_its_folds(seeds, folds, grid, accuracies):
+    recipe = _recipe_module()
+    name = "H1v2 vowels, 5 bits and mismatch 0.02" if grid else "H1v2, vowels"
+    task, chip, bits, mismatch = recipe.CONFIGS[name]
+    done, values = {}, iter(accuracies)
+    for seed in range(seeds):
+        for fold in range(folds):
+            base, hard = next(values), next(values)
+            done[(task, chip, None, 0.0, seed, "baseline", True, fold)] = {"float_accuracy": base}
+            # with a grid and mismatch the chip's value is the mean over chips, not the projection
+            outcome = {"chip_accuracy_mean": hard, "projected_accuracy": 2.0} if grid else {"projected_accuracy": hard}
+            done[(task, chip, bits, mismatch, seed, "hardened", True, fold)] = outcome
+    rows = recipe.rows_of(done, recipe.CONFIGS[name], list(range(seeds)), folds, True)
+    pairs = iter(accuracies)
+    assert [row[0] for row in rows] == list(range(seeds))
+    for _, base, hard, gap in rows:
+        drawn = [(next(pairs), next(pairs)) for _ in range(folds)]
+        expected_base = 100 * sum(b for b, _ in drawn) / folds
+        expected_hard = 100 * sum(h for _, h in drawn) / folds
+        assert base == pytest.approx(expected_base) and hard == pytest.approx(expected_hard)
+        assert gap == pytest.approx(expected_hard - expected_base, abs=1e-9)
+    gaps = [row[3] for row in rows]
+    text = recipe.table(name, rows)
+    mean = sum(gaps) / len(gaps)
+    assert f"| mean gap | | | {mean:+.2f} |" in text and f"| worst gap | | | {min(gaps):+.1f} |" in text
+    if seeds > 1:
+        spread = (sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1)) ** 0.5
+        assert f"| spread (sd) | | | {spread:.2f} |" in text
+    else:
+        assert "spread" not in text
+    assert text.count("\n| ") == 1 + seeds + 2 + (seeds > 1)  # the header, a row per seed, mean, worst, spread
