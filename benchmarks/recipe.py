@@ -56,15 +56,22 @@ def key(record: dict) -> tuple:
     return (*(record[k] for k in ("task", "chip", "bits", "mismatch", "seed", "run", "validation")), record.get("fold", 0))
 
 
+def runs_of(config: tuple, seed: int, validation: bool, fold: int) -> tuple[tuple, tuple]:
+    """The keys (as :func:`key` reads a record) of one seed's two runs on one fold: the baseline,
+    whose spec's grid and mismatch are off at hardness 0, and the hardened run on the chip."""
+    task, chip, bits, mismatch = config
+    return (task, chip, None, 0.0, seed, "baseline", validation, fold), (task, chip, bits, mismatch, seed, "hardened", validation, fold)
+
+
 def rows_of(done: dict, config: tuple, seeds: list[int], folds: int, validation: bool) -> list[tuple[int, float, float, float]]:
     """``(seed, baseline float, hardened on the chip, gap)`` per seed, in percent, each the mean
     over the folds: the hardened run's chip accuracy is its mean over the demo's chips where
     the spec has a grid or mismatch, else its projected accuracy."""
-    task, chip, bits, mismatch = config
     rows = []
     for seed in seeds:
-        bases = [done[(task, chip, None, 0.0, seed, "baseline", validation, fold)]["float_accuracy"] for fold in range(folds)]
-        hards = [done[(task, chip, bits, mismatch, seed, "hardened", validation, fold)] for fold in range(folds)]
+        pairs = [runs_of(config, seed, validation, fold) for fold in range(folds)]
+        bases = [done[baseline]["float_accuracy"] for baseline, _ in pairs]
+        hards = [done[hardened] for _, hardened in pairs]
         base = statistics.mean(bases)
         on_chip = statistics.mean(hard.get("chip_accuracy_mean", hard["projected_accuracy"]) for hard in hards)
         rows.append((seed, 100 * base, 100 * on_chip, 100 * (on_chip - base)))
@@ -104,12 +111,9 @@ def main() -> None:
     folds = range(args.folds)
     wanted = []
     for name in args.configs:
-        task, chip, bits, mismatch = CONFIGS[name]
         for seed in args.seeds:
             for fold in folds:
-                # the baseline: the spec's grid and mismatch are off at hardness 0
-                wanted.append((task, chip, None, 0.0, seed, "baseline", args.validation, fold))
-                wanted.append((task, chip, bits, mismatch, seed, "hardened", args.validation, fold))
+                wanted.extend(runs_of(CONFIGS[name], seed, args.validation, fold))
     todo = list(dict.fromkeys(w for w in wanted if w not in done))
     with ProcessPoolExecutor(args.workers) as pool:
         for record in pool.map(job, *zip(*todo)) if todo else ():
