@@ -40,6 +40,7 @@ __all__ = [
     "accumulation_dtype",
     "block_view",
     "bound",
+    "grouping",
     "harden",
     "levels",
     "mixed_blocks",
@@ -184,6 +185,62 @@ def weight_sums(weight: Tensor, layout: Layout, spec: ChipSpec, power: int) -> t
         (tensor(0.1000, dtype=torch.float64), tensor(0.6000, dtype=torch.float64))
     """
     return penalty_sums([weight], [layout], spec, power)
+
+
+@torch.no_grad()
+def grouping(m: Tensor, group_size: int) -> Tensor:
+    r"""An order of ``m``'s rows whose blocks hold less minority-sign mass: the topology sum
+    (:func:`weight_sums`) of ``m[order]`` is at most ``m``'s, and no swap of two rows between two
+    blocks lowers it (a local optimum).
+
+    A block column costs :math:`\min(P_{bj}, Q_{bj})`, the L1 mass the chip's sign sharing
+    removes.  Rows move between two blocks by the one swap that lowers the pair's cost most,
+    pair after pair, until a pass over every pair swaps nothing.  The order of a population's
+    neurons is free (the network computes the same with its weights permuted alike), so an order
+    that puts neurons of like incoming signs together costs the chip less
+    (:func:`nwave_param.regroup_` applies it to a network).
+
+    Args:
+        m: the rows' incoming weights, ``(rows, columns)`` (a population's weights side by side).
+        group_size: the rows of a block (``spec.group_size``); the last block may be shorter.
+
+    Returns:
+        A permutation of ``range(rows)``, int64, on ``m``'s device: row ``i`` of the new order is
+        row ``order[i]`` of ``m``.
+
+    Example (blocks {0, 1} and {2, 3} each hold both signs; swapping rows 0 and 3 aligns them)::
+
+        >>> grouping(torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]), 2)
+        tensor([3, 1, 2, 0])
+    """
+    if m.dim() != 2 or isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"grouping: m must be (rows, columns) and group_size a positive int, got {tuple(m.shape)} and {group_size!r}")
+    work = m.detach().to("cpu", torch.float64)  # once per call, off the hot path: exact sums, plain Python control
+    positive, negative = work.clamp(min=0), (-work).clamp(min=0)
+    order = torch.arange(m.shape[0])
+    blocks = [slice(start, min(start + group_size, m.shape[0])) for start in range(0, m.shape[0], group_size)]
+
+    def cost(p: Tensor, q: Tensor) -> Tensor:
+        return torch.minimum(p, q).sum(-1)
+
+    swapped = True
+    while swapped:
+        swapped = False
+        for a, first in enumerate(blocks):
+            for second in blocks[a + 1 :]:
+                rows_a, rows_b = order[first], order[second]
+                pa, qa, pb, qb = positive[rows_a], negative[rows_a], positive[rows_b], negative[rows_b]
+                p_a, q_a, p_b, q_b = pa.sum(0), qa.sum(0), pb.sum(0), qb.sum(0)
+                before = (cost(p_a, q_a) + cost(p_b, q_b)).item()
+                dp, dq = pb[None] - pa[:, None], qb[None] - qa[:, None]  # (rows of a, rows of b, columns): a's gain
+                after = cost(p_a + dp, q_a + dq) + cost(p_b - dp, q_b - dq)
+                best = int(after.argmin())
+                # a swap must lower the cost by more than rounding, so that the passes end
+                if after.flatten()[best].item() < before - 1e-9 * (1.0 + before):
+                    i, j = divmod(best, len(rows_b))
+                    order[first.start + i], order[second.start + j] = rows_b[j].clone(), rows_a[i].clone()
+                    swapped = True
+    return order.to(m.device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -100,25 +100,34 @@ def place(
             example; the model holds a lazy module not yet initialized, or the model or
             ``example`` a tensor on the meta device.
     """
+    _, spec, traced, candidates, named = read_network("place", model, example, spec, neurons, dims)
+    return _checked(traced, spec, candidates, named)
+
+
+def read_network(
+    caller: str, model: nn.Module, example: Tensor, spec: ChipSpec | None, neurons: str | Iterable[str], dims: str | None
+) -> tuple[nn.Module, ChipSpec, Trace, dict[str, nn.Module], tuple[str, ...]]:
+    """The arguments of :func:`place` checked (errors name ``caller``), and the network traced:
+    ``(model, spec, trace, neuron modules by name, the names given in neurons)``; a
+    ``torch.compile``'d model is read as its module."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"place: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(example, Tensor):
-        raise TypeError(f"place: example must be a tensor (the input of model(example)), got {type(example).__name__}")
+        raise TypeError(f"{caller}: example must be a tensor (the input of model(example)), got {type(example).__name__}")
     spec = _spec_of(model) if spec is None else spec
     if not isinstance(spec, ChipSpec):
-        raise TypeError(f"place: spec must be a ChipSpec or None, got {type(spec).__name__}")
+        raise TypeError(f"{caller}: spec must be a ChipSpec or None, got {type(spec).__name__}")
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its module, read eagerly
     named = (neurons,) if isinstance(neurons, str) else tuple(neurons)
     modules = dict(model.named_modules())
     for name in named:
         if not isinstance(name, str) or name not in modules:
             raise ValueError(
-                f"place: neurons names {one_line(repr(name))}, which is not a module of the model "
+                f"{caller}: neurons names {one_line(repr(name))}, which is not a module of the model "
                 "(names are dotted, as named_modules() gives them)"
             )
     candidates = neuron_modules(model, set(named))
-    traced = trace(model, example, candidates, dims)
-    return _checked(traced, spec, candidates, named)
+    return model, spec, trace(model, example, candidates, dims), candidates, named
 
 
 def _spec_of(model: nn.Module) -> ChipSpec:
@@ -129,7 +138,7 @@ def _spec_of(model: nn.Module) -> ChipSpec:
 # --- the network, read from the trace ------------------------------------------------------------
 
 
-def _population_names(traced: Trace) -> list[str]:
+def population_names(traced: Trace) -> list[str]:
     """A population by its module's name; a module of several populations numbers them ``[k]``."""
     counts: dict[str, int] = {}
     for path in traced.populations:
@@ -146,7 +155,7 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
     problems: list[str] = []
     notes = [one_line(note) for note in traced.notes]
     problems += [f"{one_line(name)} (named in neurons) never ran in model(example)" for name in named if name not in traced.populations]
-    names = _population_names(traced)
+    names = population_names(traced)
     sizes = {p: traced.neurons(p) for p in range(len(names))}
     for name in (n for n in named if n in candidates):  # one inside another named one is part of it
         inner = [path for path, m in candidates[name].named_modules() if path and is_spiking(m)]

@@ -11,6 +11,6 @@ Imports the base and :mod:`nwave_param.core.passes` (a trace sees the latent wei
 
 from nwave_param.core.trace.layouts import layouts_read
 from nwave_param.core.trace.records import INPUT, Call, Trace, Use
-from nwave_param.core.trace.tracer import trace
+from nwave_param.core.trace.tracer import trace, unchanged
 
-__all__ = ["INPUT", "Call", "Trace", "Use", "layouts_read", "trace"]
+__all__ = ["INPUT", "Call", "Trace", "Use", "layouts_read", "trace", "unchanged"]

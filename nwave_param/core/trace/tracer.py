@@ -651,7 +651,7 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
 
 
 @contextlib.contextmanager
-def _unchanged(model: nn.Module) -> Iterator[None]:
+def unchanged(model: nn.Module) -> Iterator[None]:
     """Afterwards ``model`` is exactly as before: its parameters and buffers (their values, however
     written, and ``requires_grad``), its attributes (training modes, tensors a forward stored), the
     contents of its dicts and lists (submodules and hooks a forward may add), its generators'
@@ -698,7 +698,7 @@ def trace(model: nn.Module, example: Tensor, neurons: Mapping[str, nn.Module], d
 
     ``neurons`` are the neuron modules by dotted name (each call of one is a population's step);
     ``dims`` reads the example's dims (:func:`example_dims`).  Afterwards the model is exactly as
-    before (see :func:`_unchanged`), and nothing has gradients.
+    before (see :func:`unchanged`), and nothing has gradients.
 
     Raises:
         ValueError: ``model`` holds a lazy module not initialized yet (run one forward first), or
@@ -734,7 +734,7 @@ def trace(model: nn.Module, example: Tensor, neurons: Mapping[str, nn.Module], d
         )
     tracer.tag(example, Info(frozenset({INPUT}), (), labels, channels))
     tracer.result.channels = math.prod(size for size, letter in zip(example.shape, letters) if letter not in "bt")
-    with _unchanged(model), tracing(model), torch.no_grad(), contextlib.ExitStack() as hooks:
+    with unchanged(model), tracing(model), torch.no_grad(), contextlib.ExitStack() as hooks:
         for name, module in model.named_modules():
             hooks.enter_context(_watched(tracer, name, module, neurons.get(name) is module))
         with tracer:

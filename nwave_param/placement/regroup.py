@@ -1,0 +1,322 @@
+r"""Regrouping the hidden neurons for the chip's sign sharing: ``nwp.regroup_(model, example, optimizer)``.
+
+The chip's neurons share their input signs in blocks of ``spec.group_size`` consecutive neurons.
+Which neurons of a hidden population are consecutive is free: permute the population's neurons,
+its incoming weights' output rows, its bias and per-neuron parameters, and its outgoing weights'
+input columns alike, and the network computes the same function.  :func:`regroup_` chooses, for
+each hidden population, the order whose blocks hold the least minority-sign mass
+(:func:`~nwave_param.functional.grouping`), so the sign sharing removes less of what training
+learnt.  Call it once, before the constraints start (hardness 0, no penalty yet).
+
+What the network is comes from one traced forward, as for :func:`~nwave_param.place`.  A
+population keeps its order when its order shows: the front end (its neurons follow the input
+channels), a population whose spikes reach the output or an op other than a weight's inputs, one
+fed other than through whole weights.  And every reordering is checked before it is made: the
+reordered model must compute exactly what the model does, else that population keeps its order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from nwave_param.core.discovery import constraints
+from nwave_param.core.trace import INPUT, Trace, unchanged
+from nwave_param.errors import one_line
+from nwave_param.functional import grouping, weight_sums
+from nwave_param.layout import Layout
+from nwave_param.placement.graph import Graph
+from nwave_param.placement.network import population_names, read_network
+from nwave_param.spec import ChipSpec
+
+__all__ = ["Regrouping", "regroup_"]
+
+Move = tuple[str, tuple[int, ...]]  # a stored tensor's name in the model, and its dims that index the population's neurons
+
+
+@dataclass(frozen=True)
+class Regrouping:
+    """What :func:`regroup_` did.
+
+    Attributes:
+        orders: a regrouped population's name to its order: its neuron ``i`` is the former neuron ``order[i]``.
+        minority: a population's name to the minority-sign mass of its incoming weights' blocks,
+            ``(before, after)`` (the topology sum of :func:`~nwave_param.functional.weight_sums`).
+        kept: a population's name to why it keeps its order.
+        moves: a regrouped population's name to the tensors it moved, by name, with their dims.
+    """
+
+    orders: dict[str, Tensor] = field(default_factory=dict)
+    minority: dict[str, tuple[float, float]] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    moves: dict[str, tuple[Move, ...]] = field(default_factory=dict)
+
+    def apply_(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Reorder another copy of the network alike (an EMA copy, a replica): the same tensors,
+        by name, the same orders, and ``optimizer``'s state with them.
+
+        Raises:
+            KeyError: ``model`` holds no tensor of one of the names moved (nothing is changed).
+        """
+        for name, _ in (move for moves in self.moves.values() for move in moves):
+            _tensor(model, name)  # every name first: a missing one changes nothing
+        for population, moves in self.moves.items():
+            _move(model, moves, self.orders[population], optimizer)
+
+    def __str__(self) -> str:
+        lines = []
+        for name, (before, after) in self.minority.items():
+            state = "regrouped" if name in self.orders else "already grouped"
+            lines.append(f"{one_line(name)}: {state}, minority-sign mass {before:.4g} -> {after:.4g}")
+        lines += [f"{one_line(name)}: kept, {reason}" for name, reason in self.kept.items()]
+        return "\n".join(lines) or "no populations of neurons found (name neuron modules with neurons=)"
+
+
+def regroup_(
+    model: nn.Module,
+    example: Tensor,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    spec: ChipSpec | None = None,
+    neurons: str | Iterable[str] = (),
+    dims: str | None = None,
+) -> Regrouping:
+    r"""Reorder each hidden population's neurons so that its blocks of ``spec.group_size`` share
+    more of their input signs; the network computes the same function.
+
+    For population :math:`p` and order :math:`\pi`: its incoming weights' rows, its bias, its
+    per-neuron parameters and state, and its outgoing weights' columns are all permuted by
+    :math:`\pi` (a recurrent weight both ways); ``optimizer``'s state (Adam's moments) moves with
+    the parameters.  :math:`\pi` is :func:`~nwave_param.functional.grouping` of the population's
+    incoming weights side by side.  Deterministic: every DDP process computes the same orders
+    from the same weights and the same ``example``.  Reorder other copies (an EMA model) with :meth:`Regrouping.apply_`.
+
+    Args:
+        model: the network, registered or not, computing at hardness 0.
+        example: an input, as for :func:`~nwave_param.place`.
+        optimizer: the optimizer training ``model``, whose state must move with the weights.
+        spec: the chip (its ``group_size``); None takes the model's registration spec.
+        neurons: dotted names of neuron modules, as for :func:`~nwave_param.place`.
+        dims: the example's dims, as for :func:`~nwave_param.place`.
+
+    Returns:
+        A :class:`Regrouping`: the orders, the minority-sign mass before and after, and why a
+        population kept its order.
+
+    Example::
+
+        >>> import snntorch as snn
+        >>> import nwave_param as nwp
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.front, self.fc = snn.Leaky(beta=0.9), nn.Linear(4, 10)
+        ...         self.hidden, self.out = snn.Leaky(beta=0.9), nn.Linear(10, 2)
+        ...     def forward(self, x):
+        ...         spikes, _ = self.front(x, torch.zeros_like(x))
+        ...         spikes, _ = self.hidden(self.fc(spikes), torch.zeros(len(x), 10))
+        ...         return self.out(spikes)
+        >>> _ = torch.manual_seed(0); net = Net(); x = 3 * torch.rand(8, 4)
+        >>> before = net(x)
+        >>> print(regroup_(net, x, spec=nwp.H1V2))
+        hidden: regrouped, minority-sign mass 3.061 -> 1.743
+        front: kept, the front end: its neurons follow the input channels
+        >>> torch.allclose(net(x), before)
+        True
+
+    Raises:
+        TypeError: ``model``, ``example``, ``spec`` or ``optimizer`` of the wrong type.
+        ValueError: the model computes at a hardness above 0 (regroup before hardening), or as
+            :func:`~nwave_param.place` raises.
+    """
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"regroup_: optimizer must be a torch optimizer or None, got {type(optimizer).__name__}")
+    model, spec, traced, _, _ = read_network("regroup_", model, example, spec, neurons, dims)
+    hardness = max((entry.constraint.settings.hardness for entry in constraints(model)), default=0.0)
+    if hardness > 0:
+        raise ValueError(
+            f"regroup_: the model computes at hardness {hardness:g}, where the order of its neurons shows; "
+            "regroup before hardening (at hardness 0)"
+        )
+    names = population_names(traced)
+    result = Regrouping()
+    planned: dict[str, tuple[tuple[Move, ...], Tensor]] = {}
+    front = {p for _, p in Graph(traced).through_synapses(INPUT)[0]}
+    for p, name in enumerate(names):
+        plan = _plan(model, traced, p, p in front)
+        if isinstance(plan, str):
+            result.kept[name] = plan
+            continue
+        moves, incoming = plan
+        order = grouping(incoming, spec.group_size)
+        regrouped = incoming[order.to(incoming.device)]
+        result.minority[name] = (_minority(incoming, spec), _minority(regrouped, spec))
+        if not torch.equal(order, torch.arange(len(order), device=order.device)):
+            planned[name] = (moves, order)
+    for name in [n for n in planned if not _computes_alike(model, example, {n: planned[n]})]:
+        del planned[name], result.minority[name]
+        result.kept[name] = (
+            "reordered, model(example) computes otherwise: something reads its order that the trace does not follow"
+        )
+    if len(planned) > 1 and not _computes_alike(model, example, planned):
+        for name in list(planned):
+            del planned[name], result.minority[name]
+            result.kept[name] = "reordering the populations together changes what model(example) computes"
+    for name, (moves, order) in planned.items():
+        _move(model, moves, order, optimizer)
+        result.orders[name], result.moves[name] = order, moves
+    return result
+
+
+# --- which tensors index a population's neurons -----------------------------------------------------
+
+
+def _plan(model: nn.Module, traced: Trace, p: int, front: bool) -> str | tuple[tuple[Move, ...], Tensor]:
+    """The tensors to move for population ``p`` and its incoming weights side by side
+    ``(neurons, columns)``; or why its order stays (a string)."""
+    n = traced.neurons(p)
+    if front:
+        return "the front end: its neurons follow the input channels"
+    if n is None:
+        return "its output is not a tensor of spikes"
+    own = {("spikes", p), ("state", p), ("own", p)}
+    readers = [use for use in traced.all_uses if use.reads & own]
+    if not readers:
+        return "no synapse reads its spikes: its order is the model's output"
+    for use in readers:
+        if not use.parameter or use.inputs is None or use.groups != 1 or use.gates != 1:
+            return f"{one_line(use.where)} reads its spikes other than as one weight's inputs: its order shows"
+    reached = traced.feeds.get(p, frozenset()) - own
+    if any(token == INPUT or token[0] != "current" for token in reached):
+        return "the input or another population reaches it without synapses"
+    incoming = [traced.all_uses[index] for _, index in reached]
+    for use in incoming:
+        if not use.parameter or use.outputs is None or use.groups != 1 or use.gates != 1 or use.rows != n:
+            return f"{one_line(use.where)} feeds it other than as one weight's output rows"
+    dims: dict[str, set[int]] = {}
+    for use in incoming:
+        dims.setdefault(use.name, set()).add(use.outputs)
+    for use in readers:
+        dims.setdefault(use.name, set()).add(use.inputs)
+    moves: list[Move] = []
+    for weight, weight_dims in dims.items():
+        stored = _stored(model, weight, weight_dims, n)
+        if isinstance(stored, str):
+            return stored
+        moves += stored
+        path, _, local = weight.rpartition(".")
+        bias = getattr(model.get_submodule(path), "bias", None) if local == "weight" else None
+        if isinstance(bias, nn.Parameter) and any(u.name == weight for u in incoming) and bias.shape == (n,):
+            moves.append((f"{path}.bias" if path else "bias", (0,)))
+    neuron_path = traced.populations[p]
+    for local, tensor in [*traced.modules[p].named_parameters(recurse=False), *traced.modules[p].named_buffers(recurse=False)]:
+        if tensor.numel() <= 1:
+            continue
+        if tensor.shape[-1] != n:
+            return f"its neuron module holds {one_line(local)} of shape {tuple(tensor.shape)}: not one value per neuron"
+        moves.append((f"{neuron_path}.{local}" if neuron_path else local, (tensor.dim() - 1,)))
+    columns = [
+        _weight(model, use.name).detach().movedim(use.outputs, 0).reshape(n, -1)
+        for use in {use.name: use for use in incoming}.values()
+    ]
+    return tuple(moves), torch.cat([c.to(columns[0].dtype) for c in columns], 1)
+
+
+def _stored(model: nn.Module, weight: str, dims: set[int], n: int) -> str | list[Move]:
+    """The stored tensors of ``weight`` (the Parameter, or a parametrization's originals) and the
+    ``dims`` of each to move; or why they cannot be."""
+    path, _, local = weight.rpartition(".")
+    module = model.get_submodule(path)
+    prefix = f"{path}." if path else ""
+    if parametrize.is_parametrized(module, local):
+        stored = [(f"{prefix}parametrizations.{local}.{k}", t) for k, t in module.parametrizations[local].named_parameters(recurse=False)]
+    else:
+        stored = [(weight, getattr(module, local))]
+    shape = _weight(model, weight).shape
+    moves = []
+    for name, tensor in stored:
+        if tensor.dim() != len(shape):
+            return f"its weight {one_line(weight)} is stored as {tuple(tensor.shape)}, not in the weight's dims"
+        if any(tensor.shape[d] not in (n, 1) for d in dims):
+            return f"its weight {one_line(weight)} does not hold one row or column per neuron"
+        moves.append((name, tuple(d for d in sorted(dims) if tensor.shape[d] == n)))
+    return moves
+
+
+def _weight(model: nn.Module, name: str) -> Tensor:
+    path, _, local = name.rpartition(".")
+    return getattr(model.get_submodule(path), local)
+
+
+def _tensor(model: nn.Module, name: str) -> Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        try:
+            return model.get_buffer(name)
+        except AttributeError:
+            raise KeyError(f"regroup: the model holds no tensor {one_line(name)}") from None
+
+
+def _minority(m: Tensor, spec: ChipSpec) -> float:
+    return weight_sums(m, Layout(), spec, 1)[1].item()
+
+
+# --- moving, and checking first ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _move(model: nn.Module, moves: tuple[Move, ...], order: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """Permute each moved tensor along its dims (by logical index: any strides, any memory format),
+    and ``optimizer``'s state of the same shape with it."""
+    for name, dims in moves:
+        tensor = _tensor(model, name)
+        state = {} if optimizer is None else optimizer.state.get(tensor, {})
+        states = [value for value in state.values() if isinstance(value, Tensor) and value.shape == tensor.shape]
+        for target in (tensor, *states):
+            moved = target
+            for d in dims:
+                moved = moved.index_select(d, order.to(target.device))
+            target.copy_(moved)
+
+
+@torch.no_grad()
+def _computes_alike(model: nn.Module, example: Tensor, planned: dict[str, tuple[tuple[Move, ...], Tensor]]) -> bool:
+    """Whether ``model`` with its tensors reordered as ``planned`` computes on ``example`` exactly
+    what it computes now, both run in eval mode from one random seed through
+    ``torch.func.functional_call`` (the model is left as it was).
+
+    Exactly: both runs take every floating tensor rounded to a multiple of 1/64, so a synapse's
+    sum over its inputs (spikes, or any values a reorder does not move) is exact in any order,
+    and a reorder cannot flip a spike by rounding; only a different computation shows.
+    """
+    values = {
+        name: (t.detach() * 64).round() / 64 if t.is_floating_point() else t.detach()
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+    }
+    moved = dict(values)
+    for moves, order in planned.values():
+        for name, dims in moves:
+            for d in dims:
+                moved[name] = moved[name].index_select(d, order.to(moved[name].device))
+    outputs = []
+    for tensors in (values, moved):
+        with unchanged(model):
+            model.eval()
+            torch.manual_seed(0)
+            outputs.append(torch.func.functional_call(model, tensors, (example,)))
+    return _alike(*outputs)
+
+
+def _alike(a: object, b: object) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(map(_alike, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_alike(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
