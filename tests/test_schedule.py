@@ -1,6 +1,8 @@
 """nwp.Schedule: the recipe's hardness, penalty scale and learning rate at every step, in a plain
 loop and as a Lightning callback."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,8 +24,8 @@ def rule(step, total, harden=(0.1, 0.4), penalty=20.0, rise=0.5, settle=0.6):
     """The rule written out: (hardness, penalty scale, learning-rate factor) at ``step``."""
     f = step / total
     start, end = harden
-    hardness = 1.0 if f >= end else 0.0 if f <= start else (f - start) / (end - start)
-    scale = penalty if f >= rise else penalty * f / rise
+    hardness = 0.0 if f <= start else 1.0 if f >= end else (f - start) / (end - start)
+    scale = penalty if f >= rise else 0.0 if f <= start else penalty * (f - start) / (rise - start)
     learning = 1.0 if f <= settle else max(0.0, (1 - f) / (1 - settle))
     return hardness, scale, learning
 
@@ -40,6 +42,9 @@ def rule(step, total, harden=(0.1, 0.4), penalty=20.0, rise=0.5, settle=0.6):
 def test_every_step_follows_the_rule_in_a_plain_loop(total, start, length, penalty, rise, settle):
     model, reg = registered()
     harden = (start, min(1.0, start + length))
+    rise = start + (1.0 - start) * rise  # the penalty rises from harden's start
+    assert nwp.Schedule(reg, total, harden=harden, penalty_rise=rise).regroup_step == math.floor(start * total)
+    assert rule(math.floor(start * total), total, harden, penalty, rise)[:2] == (0.0, 0.0)  # nothing constrains at the regroup step
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = nwp.Schedule(reg, total, optimizer, harden=harden, penalty=penalty, penalty_rise=rise, settle=settle)
     x = torch.randn(5, 4)
@@ -114,6 +119,7 @@ def test_a_resumed_schedule_continues_where_it_was():
         (dict(total_steps=0), ValueError, "total_steps must be a positive int"),
         (dict(total_steps=10, harden=(0.5, 0.2)), ValueError, "harden must rise"),
         (dict(total_steps=10, harden=(0.1, 1.5)), ValueError, "harden must be a number in"),
+        (dict(total_steps=10, harden=(0.6, 0.8)), ValueError, "penalty_rise .0.5. must not come before harden's start .0.6."),
         (dict(total_steps=10, penalty=-1.0), ValueError, "penalty must be a finite number >= 0"),
         (dict(total_steps=10, settle=2), ValueError, "settle must be a number in"),
         (dict(total_steps=10, optimizer="adam"), TypeError, "optimizer must be a torch optimizer"),

@@ -4,6 +4,8 @@ r"""The recipe, as one object: the hardness, the penalty's scale and the learnin
 
     schedule = nwp.Schedule(reg, total_steps, optimizer)   # the defaults are the rule
     for x, y in batches:
+        if schedule.steps == schedule.regroup_step:        # once, before the constraints start
+            nwp.regroup_(model, x, optimizer)
         with reg.cached():
             loss = task(model(x), y) + schedule.penalty()
         optimizer.zero_grad()
@@ -13,10 +15,13 @@ r"""The recipe, as one object: the hardness, the penalty's scale and the learnin
 
 At training step :math:`t` of :math:`T` (the fraction :math:`f = t / T`):
 
+* for the first 10% the network trains without constraints; then :func:`~nwave_param.regroup_`
+  reorders each hidden population's neurons so that the chip's sign-sharing blocks group neurons
+  whose learnt input signs agree (at ``regroup_step``);
 * the hardness rises linearly from 0 to 1 over ``harden`` (:math:`f` from 0.1 to 0.4), then holds
   at 1: the network computes with what the chip holds for the last 60% of training;
-* the penalty's scale rises linearly from 0 to ``penalty`` (20) over the first ``penalty_rise``
-  (half) of training, then holds;
+* the penalty's scale rises linearly from 0 at ``harden``'s start to ``penalty`` (20) at
+  ``penalty_rise`` (half of training), then holds;
 * the learning rate holds, then falls linearly to 0 from ``settle`` (60%) on, so that the
   latent weights settle instead of jumping across the chip's sign and grid boundaries at the end.
 
@@ -73,9 +78,10 @@ class Schedule:
             :class:`~torch.optim.lr_scheduler.LambdaLR` over their values now); without one, pair
             the schedule with the same decay: ``LambdaLR(optimizer, schedule.learning_rate)``.
         harden: ``(start, end)``: the fractions of training over which the hardness rises to 1;
-            None keeps it at 0 (the penalties alone).
+            None keeps it at 0 (the penalties alone).  Nothing constrains before ``start``.
         penalty: the penalty's scale once risen.
-        penalty_rise: the fraction of training the penalty's scale rises over.
+        penalty_rise: the fraction of training by which the penalty's scale has risen (from
+            ``harden``'s start, or from the first step with ``harden=None``).
         settle: the fraction after which the learning rate falls linearly to 0.
 
     Example::
@@ -97,7 +103,13 @@ class Schedule:
     Raises:
         TypeError: ``reg`` is not a Registry, ``optimizer`` not a torch optimizer.
         ValueError: ``total_steps`` not a positive int; ``harden`` not a pair or None; a fraction
-            outside [0, 1], or ``harden``'s start after its end; ``penalty`` negative or not finite.
+            outside [0, 1], ``harden``'s start after its end or after ``penalty_rise``; ``penalty``
+            negative or not finite.
+
+    Attributes:
+        regroup_step: the step (``steps``) at which to call :func:`~nwave_param.regroup_`: the
+            last with neither hardness nor penalty, ``floor(harden[0] * total_steps)``; None with
+            ``harden=None``.
         RuntimeError: ``reg`` was removed (``reg.harden`` refuses).
     """
 
@@ -128,9 +140,15 @@ class Schedule:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Schedule: optimizer must be a torch optimizer or None, got {type(optimizer).__name__}")
         self.reg, self.total_steps = reg, int(total_steps)
-        self.harden_over, self.scale, self.penalty_rise = (start, end), float(penalty), _fraction("penalty_rise", penalty_rise)
+        rise = _fraction("penalty_rise", penalty_rise)
+        if harden is not None and rise < start:
+            raise ValueError(
+                f"Schedule: penalty_rise ({rise:g}) must not come before harden's start ({start:g}): the penalty rises from there"
+            )
+        self.harden_over, self.scale, self.penalty_rise = (start, end), float(penalty), rise
         self.settle = _fraction("settle", settle)
         self.steps = 0
+        self.regroup_step = None if start is None else math.floor(start * self.total_steps)
         self.learning_rates = None if optimizer is None else torch.optim.lr_scheduler.LambdaLR(optimizer, self.learning_rate)
         reg.harden(self.hardness_at(0))
 
@@ -150,12 +168,13 @@ class Schedule:
         if start is None:
             return 0.0
         done = step / self.total_steps
-        if done >= end:
-            return 1.0
-        return 0.0 if done <= start else (done - start) / (end - start)
+        if done <= start:  # up to the start, nothing constrains (the regroup step included)
+            return 0.0
+        return 1.0 if done >= end else (done - start) / (end - start)
 
     def scale_at(self, step: int) -> float:
-        """The penalty's scale at ``step``: linearly from 0 to ``penalty`` over ``penalty_rise``.
+        """The penalty's scale at ``step``: 0 until ``harden``'s start (from the first step with
+        ``harden=None``), then linearly to ``penalty`` at ``penalty_rise``.
 
         Args:
             step: the optimizer steps taken.
@@ -163,8 +182,11 @@ class Schedule:
         Returns:
             The scale, from 0 to ``penalty``.
         """
+        start = self.harden_over[0] or 0.0
         done = step / self.total_steps
-        return self.scale if done >= self.penalty_rise else self.scale * done / self.penalty_rise
+        if done >= self.penalty_rise:
+            return self.scale
+        return 0.0 if done <= start else self.scale * (done - start) / (self.penalty_rise - start)
 
     def learning_rate(self, step: int) -> float:
         """The factor on the learning rate at ``step``: 1, then linearly to 0 from ``settle`` on

@@ -64,7 +64,7 @@ from nwave_param.checkpoints.outputs import Outputs
 from nwave_param.core.registry import Registry, register
 from nwave_param.core.report import Report
 from nwave_param.core.schedule import Schedule
-from nwave_param.placement import Placement, place
+from nwave_param.placement import Placement, place, regroup_
 from nwave_param.spec import H1V1, H1V2, ChipSpec
 
 CHIP_SPECS = {"h1v1": H1V1, "h1v2": H1V2}
@@ -251,6 +251,8 @@ def train(model: nn.Module, reg: Registry, data: Data, task: Task, epochs: int, 
     model.train()
     for _ in bar:
         for batch in torch.randperm(x_train.shape[1], generator=generator).split(task.batch):
+            if schedule.steps == schedule.regroup_step:
+                regroup_(model, x_train[:, batch], optimizer)
             with reg.cached():
                 loss = nn.functional.cross_entropy(model(x_train[:, batch]), y_train[batch])
                 if run != "baseline":

@@ -6,7 +6,8 @@ its incoming weights' output rows, its bias and per-neuron parameters, and its o
 input columns alike, and the network computes the same function.  :func:`regroup_` chooses, for
 each hidden population, the order whose blocks hold the least minority-sign mass
 (:func:`~nwave_param.functional.grouping`), so the sign sharing removes less of what training
-learnt.  Call it once, before the constraints start (hardness 0, no penalty yet).
+learnt.  Call it once, before the constraints start (hardness 0, no penalty yet): the
+:class:`~nwave_param.Schedule` says when (``schedule.regroup_step``).
 
 What the network is comes from one traced forward, as for :func:`~nwave_param.place`.  A
 population keeps its order when its order shows: the front end (its neurons follow the input
@@ -140,7 +141,7 @@ def regroup_(
     if hardness > 0:
         raise ValueError(
             f"regroup_: the model computes at hardness {hardness:g}, where the order of its neurons shows; "
-            "regroup before hardening (at hardness 0)"
+            "regroup before hardening (at hardness 0, as the Schedule's regroup_step is)"
         )
     names = population_names(traced)
     result = Regrouping()
