@@ -244,3 +244,113 @@ def test_a_bad_optimizer_is_refused_naming_it():
     net, x = dyadic_net(0, 3, 12, 7, 2), example(0, 3)
     with pytest.raises(TypeError, match="optimizer must be a torch optimizer"):
         nwp.regroup_(net, x, "adam", neurons=Net.NEURONS)
+
+
+# --- what it must not follow blindly ------------------------------------------------------------------
+
+
+class DecayLIF(LIF):
+    """A neuron with a learnt decay per neuron, close to its start (near-uniform values)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.decay = nn.Parameter(0.75 + torch.arange(n) % 3 / 1024)
+
+    def forward(self, current, membrane):
+        membrane = self.decay * membrane + current
+        spikes = (membrane > 1.0).to(current.dtype)
+        return spikes, membrane - spikes
+
+
+def test_a_per_neuron_tensor_moves_and_a_plan_that_misses_it_is_caught_however_close_its_values():
+    net, x = dyadic_net(6, 3, 12, 7, 2), example(6, 3)
+    net.lif = DecayLIF(12)
+    decay = net.lif.decay.detach().clone()
+    result = copy.deepcopy(net)
+    found = nwp.regroup_(result, x, spec=nwp.H1V2, neurons=Net.NEURONS)
+    assert same_bits(result.lif.decay, decay[found.orders["lif"]])
+    plan = regroup_module._plan
+
+    def missing_the_decay(model, traced, p, front):
+        planned = plan(model, traced, p, front)
+        return planned if isinstance(planned, str) else (tuple(m for m in planned[0] if m[0] != "lif.decay"), planned[1])
+
+    regroup_module._plan = missing_the_decay
+    try:
+        kept = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
+    finally:
+        regroup_module._plan = plan
+    assert "lif" not in kept.orders and "computes otherwise" in kept.kept["lif"]
+    assert same_bits(net.lif.decay, decay)
+
+
+def test_one_neuron_module_with_per_neuron_tensors_for_two_populations_keeps_their_order():
+    net, x = dyadic_net(7, 3, 12, 12, 2), example(7, 3)
+    net.lif = net.lif2 = DecayLIF(12)  # one module, two layers of 12
+    result = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=("front", "lif", "out"))
+    assert not result.orders and any("serves several populations" in why for why in result.kept.values())
+
+
+def test_a_weight_parametrized_with_a_tensor_of_its_own_keeps_the_order():
+    class Masked(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.register_buffer("mask", (torch.arange(shape[0] * shape[1]).view(shape) % 3 != 0).float())
+
+        def forward(self, w):
+            return w * self.mask
+
+    net, x = dyadic_net(8, 3, 12, 7, 2), example(8, 3)
+    torch.nn.utils.parametrize.register_parametrization(net.encode, "weight", Masked((12, 3)))
+    before = copy.deepcopy(net.state_dict())
+    result = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
+    assert "lif" not in result.orders and "a tensor of its own" in result.kept["lif"]
+    assert all(same_bits(before[k], net.state_dict()[k]) for k in before if k.startswith(("encode", "recurrent")))
+
+
+def test_a_population_silent_on_the_example_keeps_its_order():
+    net = dyadic_net(9, 3, 12, 7, 2)
+    with torch.no_grad():
+        for layer in (net.encode, net.link, net.readout):
+            layer.bias.zero_()
+    result = nwp.regroup_(net, torch.zeros(6, 4, 3), spec=nwp.H1V2, neurons=Net.NEURONS)
+    assert not result.orders and "never spike" in result.kept["lif"]
+
+
+def test_gradients_and_a_factored_optimizer_state_move_and_an_unreadable_state_is_refused_moving_nothing():
+    net, x = dyadic_net(10, 3, 12, 7, 2), example(10, 3)
+    optimizer = torch.optim.Adafactor(net.parameters())
+    sum((p * torch.randn_like(p)).sum() for p in net.parameters()).backward()
+    optimizer.step()
+    grads = {name: p.grad.clone() for name, p in net.named_parameters()}
+    rows = optimizer.state[net.encode.weight]["row_var"].clone()  # (12, 1): reduced over the columns
+    columns = optimizer.state[net.readout.weight]["col_var"].clone()  # (1, 7)
+    twin, twin_optimizer = copy.deepcopy(net), None
+    result = nwp.regroup_(net, x, optimizer, spec=nwp.H1V2, neurons=Net.NEURONS)
+    p, q = result.orders["lif"], result.orders.get("lif2", torch.arange(7))
+    assert same_bits(net.encode.weight.grad, grads["encode.weight"][p])
+    assert same_bits(optimizer.state[net.encode.weight]["row_var"], rows[p])
+    assert same_bits(optimizer.state[net.readout.weight]["col_var"], columns[:, q])
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    twin_optimizer.state[twin.encode.weight]["odd"] = torch.zeros(5)  # a state it cannot read
+    before = copy.deepcopy(twin.state_dict())
+    with pytest.raises(ValueError, match="optimizer's state for encode.weight has shape .5,.*nothing was moved"):
+        result.apply_(twin, twin_optimizer)
+    assert all(same_bits(before[k], v) for k, v in twin.state_dict().items())
+
+
+def test_apply_skips_a_state_a_copy_has_not_made_yet_and_refuses_a_wrong_shape_moving_nothing():
+    net, x = dyadic_net(11, 3, 12, 7, 2), example(11, 3)
+    net.lif.register_buffer("membrane", torch.zeros(4, 12))  # a state of the last forward, per neuron
+    fresh = copy.deepcopy(net)
+    fresh.lif.membrane = torch.zeros(0)  # a copy that never ran
+    result = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
+    assert ("lif.membrane", (1,)) in result.moves["lif"]
+    result.apply_(fresh)
+    assert same_bits(fresh.encode.weight, net.encode.weight)
+    wrong = copy.deepcopy(net)
+    wrong.lif.membrane = torch.zeros(4, 11)
+    before = copy.deepcopy(wrong.state_dict())
+    with pytest.raises(ValueError, match="lif.membrane has shape .4, 11., not 12 neurons.*nothing was moved"):
+        result.apply_(wrong)
+    assert all(same_bits(before[k], v) for k, v in wrong.state_dict().items())

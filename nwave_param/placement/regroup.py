@@ -12,8 +12,11 @@ learnt.  Call it once, before the constraints start (hardness 0, no penalty yet)
 What the network is comes from one traced forward, as for :func:`~nwave_param.place`.  A
 population keeps its order when its order shows: the front end (its neurons follow the input
 channels), a population whose spikes reach the output or an op other than a weight's inputs, one
-fed other than through whole weights.  And every reordering is checked before it is made: the
-reordered model must compute exactly what the model does, else that population keeps its order.
+fed other than through whole weights, one whose neuron module serves several populations with
+per-neuron tensors, one whose weights carry parametrizations with tensors of their own.  And every
+reordering is checked before it is made: the reordered model must compute exactly what the model
+does on the example (which catches what the trace does not follow, such as spikes returned as an
+output), where the population spikes, else it keeps its order.
 """
 
 from __future__ import annotations
@@ -62,11 +65,12 @@ class Regrouping:
 
         Raises:
             KeyError: ``model`` holds no tensor of one of the names moved (nothing is changed).
+            ValueError: a tensor, or its optimizer state, has not the shape moved (nothing is changed).
         """
-        for name, _ in (move for moves in self.moves.values() for move in moves):
-            _tensor(model, name)  # every name first: a missing one changes nothing
-        for population, moves in self.moves.items():
-            _move(model, moves, self.orders[population], optimizer)
+        # every tensor first: a refusal moves nothing
+        targets = {p: _targets(model, moves, self.orders[p], optimizer) for p, moves in self.moves.items()}
+        for population, found in targets.items():
+            _move(found, self.orders[population])
 
     def __str__(self) -> str:
         lines = []
@@ -116,7 +120,7 @@ def regroup_(
         ...     def __init__(self):
         ...         super().__init__()
         ...         self.front, self.fc = snn.Leaky(beta=0.9), nn.Linear(4, 10)
-        ...         self.hidden, self.out = snn.Leaky(beta=0.9), nn.Linear(10, 2)
+        ...         self.hidden, self.out = snn.Leaky(beta=0.9, threshold=0.5), nn.Linear(10, 2)
         ...     def forward(self, x):
         ...         spikes, _ = self.front(x, torch.zeros_like(x))
         ...         spikes, _ = self.hidden(self.fc(spikes), torch.zeros(len(x), 10))
@@ -131,8 +135,9 @@ def regroup_(
 
     Raises:
         TypeError: ``model``, ``example``, ``spec`` or ``optimizer`` of the wrong type.
-        ValueError: the model computes at a hardness above 0 (regroup before hardening), or as
-            :func:`~nwave_param.place` raises.
+        ValueError: the model computes at a hardness above 0 (regroup before hardening); the
+            optimizer holds a state for a moved weight whose shape it cannot reorder; or as
+            :func:`~nwave_param.place` raises.  Nothing is moved then.
     """
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"regroup_: optimizer must be a torch optimizer or None, got {type(optimizer).__name__}")
@@ -158,17 +163,23 @@ def regroup_(
         result.minority[name] = (_minority(incoming, spec), _minority(regrouped, spec))
         if not torch.equal(order, torch.arange(len(order), device=order.device)):
             planned[name] = (moves, order)
-    for name in [n for n in planned if not _computes_alike(model, example, {n: planned[n]})]:
+    silent = _silent(model, example, traced)
+    for name in [n for n in planned if names.index(n) in silent]:
+        del planned[name], result.minority[name]
+        result.kept[name] = "its neurons never spike on the example, so the check cannot see their order: give an example they respond to"
+    modules_of = {name: traced.modules[names.index(name)] for name in planned}
+    for name in [n for n in planned if not _computes_alike(model, example, {n: planned[n]}, modules_of)]:
         del planned[name], result.minority[name]
         result.kept[name] = (
             "reordered, model(example) computes otherwise: something reads its order that the trace does not follow"
         )
-    if len(planned) > 1 and not _computes_alike(model, example, planned):
+    if len(planned) > 1 and not _computes_alike(model, example, planned, modules_of):
         for name in list(planned):
             del planned[name], result.minority[name]
             result.kept[name] = "reordering the populations together changes what model(example) computes"
+    targets = {name: _targets(model, moves, order, optimizer) for name, (moves, order) in planned.items()}  # may refuse: nothing moved
     for name, (moves, order) in planned.items():
-        _move(model, moves, order, optimizer)
+        _move(targets[name], order)
         result.orders[name], result.moves[name] = order, moves
     return result
 
@@ -194,7 +205,7 @@ def _plan(model: nn.Module, traced: Trace, p: int, front: bool) -> str | tuple[t
     reached = traced.feeds.get(p, frozenset()) - own
     if any(token == INPUT or token[0] != "current" for token in reached):
         return "the input or another population reaches it without synapses"
-    incoming = [traced.all_uses[index] for _, index in reached]
+    incoming = [traced.all_uses[index] for _, index in sorted(reached)]
     for use in incoming:
         if not use.parameter or use.outputs is None or use.groups != 1 or use.gates != 1 or use.rows != n:
             return f"{one_line(use.where)} feeds it other than as one weight's output rows"
@@ -214,9 +225,12 @@ def _plan(model: nn.Module, traced: Trace, p: int, front: bool) -> str | tuple[t
         if isinstance(bias, nn.Parameter) and any(u.name == weight for u in incoming) and bias.shape == (n,):
             moves.append((f"{path}.bias" if path else "bias", (0,)))
     neuron_path = traced.populations[p]
+    shared = sum(module is traced.modules[p] for module in traced.modules) > 1
     for local, tensor in [*traced.modules[p].named_parameters(recurse=False), *traced.modules[p].named_buffers(recurse=False)]:
         if tensor.numel() <= 1:
             continue
+        if shared:
+            return f"its neuron module serves several populations and holds {one_line(local)} per neuron: no one order fits them all"
         if tensor.shape[-1] != n:
             return f"its neuron module holds {one_line(local)} of shape {tuple(tensor.shape)}: not one value per neuron"
         moves.append((f"{neuron_path}.{local}" if neuron_path else local, (tensor.dim() - 1,)))
@@ -234,7 +248,11 @@ def _stored(model: nn.Module, weight: str, dims: set[int], n: int) -> str | list
     module = model.get_submodule(path)
     prefix = f"{path}." if path else ""
     if parametrize.is_parametrized(module, local):
-        stored = [(f"{prefix}parametrizations.{local}.{k}", t) for k, t in module.parametrizations[local].named_parameters(recurse=False)]
+        chain = module.parametrizations[local]
+        own = [name for link in chain for name, _ in (*link.named_parameters(), *link.named_buffers())]
+        if own:
+            return f"its weight {one_line(weight)} is parametrized with a tensor of its own ({one_line(own[0])}) it cannot follow"
+        stored = [(f"{prefix}parametrizations.{local}.{k}", t) for k, t in chain.named_parameters(recurse=False)]
     else:
         stored = [(weight, getattr(module, local))]
     shape = _weight(model, weight).shape
@@ -270,33 +288,64 @@ def _minority(m: Tensor, spec: ChipSpec) -> float:
 # --- moving, and checking first ---------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _move(model: nn.Module, moves: tuple[Move, ...], order: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
-    """Permute each moved tensor along its dims (by logical index: any strides, any memory format),
-    and ``optimizer``'s state of the same shape with it."""
+def _targets(
+    model: nn.Module, moves: tuple[Move, ...], order: Tensor, optimizer: torch.optim.Optimizer | None
+) -> list[tuple[Tensor, tuple[int, ...]]]:
+    """Every tensor to permute, with its dims: each moved tensor, its ``.grad``, and ``optimizer``'s
+    state for it (a state reduced over a dim, size 1 there, as Adafactor's, stays along that dim).
+    Raises ValueError, before anything moves, for a tensor or a state it cannot reorder."""
+    n, targets = len(order), []
     for name, dims in moves:
         tensor = _tensor(model, name)
+        if tensor.numel() == 0:  # a neuron's state not yet made (a copy that never ran): nothing to move
+            continue
+        if any(d >= tensor.dim() or tensor.shape[d] != n for d in dims):
+            raise ValueError(f"regroup: {one_line(name)} has shape {tuple(tensor.shape)}, not {n} neurons along {dims}; nothing was moved")
         state = {} if optimizer is None else optimizer.state.get(tensor, {})
-        states = [value for value in state.values() if isinstance(value, Tensor) and value.shape == tensor.shape]
-        for target in (tensor, *states):
-            moved = target
-            for d in dims:
-                moved = moved.index_select(d, order.to(target.device))
-            target.copy_(moved)
+        extra = [tensor.grad] if isinstance(tensor, nn.Parameter) and tensor.grad is not None else []
+        extra += [v for v in state.values() if isinstance(v, Tensor) and v.numel() > 1]
+        targets.append((tensor, dims))
+        for value in extra:
+            if value.dim() != tensor.dim() or any(value.shape[d] not in (n, 1) for d in dims):
+                raise ValueError(
+                    f"regroup: the optimizer's state for {one_line(name)} has shape {tuple(value.shape)}, which it cannot reorder "
+                    "with the weight; nothing was moved"
+                )
+            targets.append((value, tuple(d for d in dims if value.shape[d] == n)))
+    return targets
 
 
 @torch.no_grad()
-def _computes_alike(model: nn.Module, example: Tensor, planned: dict[str, tuple[tuple[Move, ...], Tensor]]) -> bool:
+def _move(targets: list[tuple[Tensor, tuple[int, ...]]], order: Tensor) -> None:
+    """Permute each tensor along its dims, by logical index (any strides, any memory format)."""
+    for target, dims in targets:
+        moved = target
+        for d in dims:
+            moved = moved.index_select(d, order.to(target.device))
+        target.copy_(moved)
+
+
+@torch.no_grad()
+def _computes_alike(
+    model: nn.Module, example: Tensor, planned: dict[str, tuple[tuple[Move, ...], Tensor]], neurons: dict[str, nn.Module]
+) -> bool:
     """Whether ``model`` with its tensors reordered as ``planned`` computes on ``example`` exactly
     what it computes now, both run in eval mode from one random seed through
-    ``torch.func.functional_call`` (the model is left as it was).
+    ``torch.func.functional_call`` (the model is left as it was): its output, and what each
+    reordered population's module (``neurons``, by population) outputs at every call, its neurons
+    reordered (spikes and membranes: a per-neuron tensor left unmoved shows at once).
 
-    Exactly: both runs take every floating tensor rounded to a multiple of 1/64, so a synapse's
-    sum over its inputs (spikes, or any values a reorder does not move) is exact in any order,
-    and a reorder cannot flip a spike by rounding; only a different computation shows.
+    Exactly: both runs take every floating tensor rounded to a multiple of 1/64 plus a draw of
+    0 to 15 1024ths per entry, so that a synapse's sum over its inputs (spikes, or any values a
+    reorder does not move) is exact in any order and a reorder cannot flip a spike by rounding,
+    while per-neuron values that differ only slightly (a learnt decay near its start) differ
+    enough to show a tensor left unmoved.
     """
+    draws = torch.Generator().manual_seed(0)
     values = {
-        name: (t.detach() * 64).round() / 64 if t.is_floating_point() else t.detach()
+        name: (t.detach() * 64).round() / 64 + torch.randint(16, t.shape, generator=draws).to(t) / 1024
+        if t.is_floating_point()
+        else t.detach()
         for name, t in [*model.named_parameters(), *model.named_buffers()]
     }
     moved = dict(values)
@@ -304,13 +353,57 @@ def _computes_alike(model: nn.Module, example: Tensor, planned: dict[str, tuple[
         for name, dims in moves:
             for d in dims:
                 moved[name] = moved[name].index_select(d, order.to(moved[name].device))
-    outputs = []
+    outputs, calls = [], []
     for tensors in (values, moved):
+        seen: dict[str, list] = {name: [] for name in planned}
         with unchanged(model):
             model.eval()
             torch.manual_seed(0)
-            outputs.append(torch.func.functional_call(model, tensors, (example,)))
+            handles = [
+                neurons[name].register_forward_hook(lambda m, i, o, calls=seen[name]: calls.append(o)) for name in planned
+            ]
+            try:
+                outputs.append(torch.func.functional_call(model, tensors, (example,)))
+            finally:
+                for handle in handles:
+                    handle.remove()
+        calls.append(seen)
+    for name, (_, order) in planned.items():
+        n = len(order)
+        reordered = [
+            [t.index_select(-1, order.to(t.device)) if isinstance(t, Tensor) and t.dim() and t.shape[-1] == n else t for t in _flat(o)]
+            for o in calls[0][name]
+        ]
+        if not _alike(reordered, [_flat(o) for o in calls[1][name]]):
+            return False
     return _alike(*outputs)
+
+
+def _flat(output: object) -> list:
+    return list(output) if isinstance(output, (tuple, list)) else [output]
+
+
+@torch.no_grad()
+def _silent(model: nn.Module, example: Tensor, traced: Trace) -> set[int]:
+    """The populations whose module outputs no spike on ``example`` (the model left as it was)."""
+    fired: set[int] = set()
+    modules = {id(module) for module in traced.modules}
+
+    def hook(module: nn.Module, inputs: object, output: object) -> None:
+        spikes = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(spikes, Tensor) and bool(spikes.ne(0).any()):  # once per call, off the hot path
+            fired.add(id(module))
+
+    with unchanged(model):
+        model.eval()
+        torch.manual_seed(0)
+        handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in modules]
+        try:
+            model(example)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return {p for p, module in enumerate(traced.modules) if id(module) not in fired}
 
 
 def _alike(a: object, b: object) -> bool:
