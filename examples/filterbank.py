@@ -102,6 +102,8 @@ def train(model: nn.Module, data: tuple, epochs: int, seed: int, on_chip: bool, 
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(x.shape[1], generator=generator).split(64):
+            if reg is not None and schedule.steps == schedule.regroup_step:  # once, before the constraints start
+                nwp.regroup_(model, x[:, batch], optimizer)
             if reg is not None:
                 with reg.cached():
                     loss = nn.functional.cross_entropy(model(x[:, batch]), y[batch]) + schedule.penalty()

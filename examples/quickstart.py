@@ -54,6 +54,8 @@ def train(model, x, y, reg=None):
     else:
         schedule = nwp.Schedule(reg, STEPS, optimizer)  # the hardness, the penalty's scale and the learning rate
     for _ in range(STEPS):
+        if reg is not None and schedule.steps == schedule.regroup_step:  # once: this tanh net has no spiking populations to regroup
+            nwp.regroup_(model, x, optimizer)
         with reg.cached() if reg is not None else torch.enable_grad():
             loss = nn.functional.cross_entropy(model(x), y)
             if reg is not None:

@@ -6,7 +6,7 @@ Two tasks, each input channel read by one front-end neuron:
   M. Shimbo, 1999; https://doi.org/10.24432/C5NS47; CC BY 4.0), shipped with the package
   (``nwave_param/demo/data``): nine speakers saying /ae/, each utterance 7 to 29 frames of 12 LPC
   cepstral coefficients, each frame shown for ``REPEAT`` time steps; the class is the speaker;
-* ``digits`` (the default: the demo takes 79 s, the vowels 137 s, on the machine of the docs):
+* ``digits`` (the default: the demo takes 84 s, the vowels 123 s, on the machine of the docs):
   scikit-learn's handwritten digits, each 8x8 image as 8 time steps of its 8 pixel rows and their
   complements (ON and OFF channels, as event sensors encode: 16 channels).
 
