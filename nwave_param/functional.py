@@ -208,13 +208,28 @@ def grouping(m: Tensor, group_size: int) -> Tensor:
         A permutation of ``range(rows)``, int64, on ``m``'s device: row ``i`` of the new order is
         row ``order[i]`` of ``m``.
 
+    Raises:
+        TypeError: ``m`` is not a tensor, ``group_size`` not an int.
+        ValueError: ``m`` is not 2-D or holds NaN or inf; ``group_size`` is below 1.
+
+    A pass evaluates every pair of blocks, about ``(rows / group_size)**2 / 2`` small tensor ops: a
+    fraction of a second for a core's 100 neurons, once per training.
+
     Example (blocks {0, 1} and {2, 3} each hold both signs; swapping rows 0 and 3 aligns them)::
 
         >>> grouping(torch.tensor([[1.0], [-1.0], [1.0], [-1.0]]), 2)
         tensor([3, 1, 2, 0])
     """
-    if m.dim() != 2 or isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"grouping: m must be (rows, columns) and group_size a positive int, got {tuple(m.shape)} and {group_size!r}")
+    if not isinstance(m, Tensor):
+        raise TypeError(f"grouping: m must be a tensor (rows, columns), got {type(m).__name__}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"grouping: group_size must be an int (spec.group_size), got {type(group_size).__name__}")
+    if group_size < 1:
+        raise ValueError(f"grouping: group_size must be positive, got {group_size}")
+    if m.dim() != 2:
+        raise ValueError(f"grouping: m must be (rows, columns), got shape {tuple(m.shape)}")
+    if not bool(m.isfinite().all()):  # once, off the hot path
+        raise ValueError("grouping: m holds NaN or inf; no order of its rows means anything")
     work = m.detach().to("cpu", torch.float64)  # once per call, off the hot path: exact sums, plain Python control
     positive, negative = work.clamp(min=0), (-work).clamp(min=0)
     order = torch.arange(m.shape[0])

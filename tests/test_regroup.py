@@ -59,10 +59,20 @@ def test_grouping_aligns_what_can_be_aligned():
     assert minority(m, 5) > 0 and minority(m[order], 5) == 0
 
 
-@pytest.mark.parametrize("size", [0, -1, 2.0, True])
-def test_grouping_refuses_a_bad_group_size_naming_it(size):
-    with pytest.raises(ValueError, match="group_size a positive int"):
-        grouping(torch.zeros(3, 2), size)
+@pytest.mark.parametrize(
+    "m, size, error, match",
+    [
+        (torch.zeros(3, 2), 0, ValueError, "group_size must be positive"),
+        (torch.zeros(3, 2), 2.0, TypeError, "group_size must be an int"),
+        (torch.zeros(3, 2), True, TypeError, "group_size must be an int"),
+        (torch.zeros(3), 2, ValueError, "m must be .rows, columns., got shape .3,."),
+        ([[1.0]], 2, TypeError, "m must be a tensor"),
+        (torch.tensor([[1.0], [float("nan")]]), 2, ValueError, "m holds NaN or inf"),
+    ],
+)
+def test_grouping_refuses_bad_arguments_naming_them(m, size, error, match):
+    with pytest.raises(error, match=match):
+        grouping(m, size)
 
 
 # --- a network ----------------------------------------------------------------------------------------
@@ -145,7 +155,8 @@ def test_regroup_moves_every_tensor_of_a_population_alike_and_the_network_comput
     }
     for name, value in expected.items():
         assert same_bits(net.state_dict()[name], value), name
-    assert set(result.kept) == {"front", "out"}
+    assert set(result.kept) - {"lif", "lif2"} == {"front", "out"}
+    assert all("never spike" in result.kept[p] for p in set(result.kept) & {"lif", "lif2"})  # silent on this example
     for name, (was, now) in result.minority.items():
         assert now <= was + 1e-6
         weights = {"lif": ("encode.weight", "recurrent.weight"), "lif2": ("link.weight",)}[name]
@@ -159,17 +170,21 @@ def test_the_optimizers_moments_move_with_the_parameters():
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     sum((p * torch.randn_like(p)).sum() for p in net.parameters()).backward()  # a moment of its own for every entry
     optimizer.step()
-    moments = {name: optimizer.state[p]["exp_avg"].clone() for name, p in net.named_parameters()}
+    moments = {(name, k): optimizer.state[p][k].clone() for name, p in net.named_parameters() for k in ("exp_avg", "exp_avg_sq")}
     result = nwp.regroup_(net, x, optimizer, spec=nwp.H1V2, neurons=Net.NEURONS)
-    order = result.orders["lif"]
-    for name, p in net.named_parameters():
-        now = optimizer.state[p]["exp_avg"]
-        if name == "encode.weight":
-            assert same_bits(now, moments[name][order])
-        elif name == "recurrent.weight":
-            assert same_bits(now, moments[name][order][:, order])
-        elif name == "readout.bias":
-            assert same_bits(now, moments[name])
+    p, q = result.orders["lif"], result.orders.get("lif2", torch.arange(7))
+    moved = {  # each parameter as its neurons moved: rows by the population it feeds, columns by the one it reads
+        "encode.weight": lambda t: t[p],
+        "encode.bias": lambda t: t[p],
+        "recurrent.weight": lambda t: t[p][:, p],
+        "link.weight": lambda t: t[q][:, p],
+        "link.bias": lambda t: t[q],
+        "readout.weight": lambda t: t[:, q],
+        "readout.bias": lambda t: t,
+    }
+    for name, parameter in net.named_parameters():
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert same_bits(optimizer.state[parameter][k], moved[name](moments[name, k])), (name, k)
 
 
 def test_populations_whose_order_shows_keep_it_and_say_why():
@@ -262,7 +277,7 @@ class DecayLIF(LIF):
         return spikes, membrane - spikes
 
 
-def test_a_per_neuron_tensor_moves_and_a_plan_that_misses_it_is_caught_however_close_its_values():
+def test_a_per_neuron_tensor_moves_and_a_plan_that_misses_it_is_caught_however_close_its_values(monkeypatch):
     net, x = dyadic_net(6, 3, 12, 7, 2), example(6, 3)
     net.lif = DecayLIF(12)
     decay = net.lif.decay.detach().clone()
@@ -275,11 +290,8 @@ def test_a_per_neuron_tensor_moves_and_a_plan_that_misses_it_is_caught_however_c
         planned = plan(model, traced, p, front)
         return planned if isinstance(planned, str) else (tuple(m for m in planned[0] if m[0] != "lif.decay"), planned[1])
 
-    regroup_module._plan = missing_the_decay
-    try:
-        kept = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
-    finally:
-        regroup_module._plan = plan
+    monkeypatch.setattr(regroup_module, "_plan", missing_the_decay)
+    kept = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
     assert "lif" not in kept.orders and "computes otherwise" in kept.kept["lif"]
     assert same_bits(net.lif.decay, decay)
 
@@ -325,7 +337,7 @@ def test_gradients_and_a_factored_optimizer_state_move_and_an_unreadable_state_i
     grads = {name: p.grad.clone() for name, p in net.named_parameters()}
     rows = optimizer.state[net.encode.weight]["row_var"].clone()  # (12, 1): reduced over the columns
     columns = optimizer.state[net.readout.weight]["col_var"].clone()  # (1, 7)
-    twin, twin_optimizer = copy.deepcopy(net), None
+    twin = copy.deepcopy(net)
     result = nwp.regroup_(net, x, optimizer, spec=nwp.H1V2, neurons=Net.NEURONS)
     p, q = result.orders["lif"], result.orders.get("lif2", torch.arange(7))
     assert same_bits(net.encode.weight.grad, grads["encode.weight"][p])
@@ -354,3 +366,23 @@ def test_apply_skips_a_state_a_copy_has_not_made_yet_and_refuses_a_wrong_shape_m
     with pytest.raises(ValueError, match="lif.membrane has shape .4, 11., not 12 neurons.*nothing was moved"):
         result.apply_(wrong)
     assert all(same_bits(before[k], v) for k, v in wrong.state_dict().items())
+
+
+def test_populations_whose_reorders_each_pass_but_not_together_are_all_kept(monkeypatch):
+    net, x = dyadic_net(12, 3, 12, 7, 2), example(12, 3)
+    check = regroup_module._computes_alike
+    def alone_only(model, ex, planned, neurons):
+        return len(planned) == 1 and check(model, ex, planned, neurons)
+
+    monkeypatch.setattr(regroup_module, "_computes_alike", alone_only)
+    before = copy.deepcopy(net.state_dict())
+    result = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
+    assert not result.orders and all("together" in result.kept[p] for p in ("lif", "lif2"))
+    assert all(same_bits(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_apply_refuses_a_bad_optimizer_naming_it():
+    net, x = dyadic_net(0, 3, 12, 7, 2), example(0, 3)
+    result = nwp.regroup_(copy.deepcopy(net), x, spec=nwp.H1V2, neurons=Net.NEURONS)
+    with pytest.raises(TypeError, match="Regrouping.apply_: optimizer must be a torch optimizer"):
+        result.apply_(net, "adam")

@@ -1,8 +1,6 @@
 """nwp.Schedule: the recipe's hardness, penalty scale and learning rate at every step, in a plain
 loop and as a Lightning callback."""
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -25,7 +23,7 @@ def rule(step, total, harden=(0.1, 0.4), penalty=20.0, rise=0.5, settle=0.6):
     f = step / total
     start, end = harden
     hardness = 0.0 if f <= start else 1.0 if f >= end else (f - start) / (end - start)
-    scale = penalty if f >= rise else 0.0 if f <= start else penalty * (f - start) / (rise - start)
+    scale = 0.0 if f <= start else penalty if f >= rise else penalty * (f - start) / (rise - start)
     learning = 1.0 if f <= settle else max(0.0, (1 - f) / (1 - settle))
     return hardness, scale, learning
 
@@ -43,8 +41,9 @@ def test_every_step_follows_the_rule_in_a_plain_loop(total, start, length, penal
     model, reg = registered()
     harden = (start, min(1.0, start + length))
     rise = start + (1.0 - start) * rise  # the penalty rises from harden's start
-    assert nwp.Schedule(reg, total, harden=harden, penalty_rise=rise).regroup_step == math.floor(start * total)
-    assert rule(math.floor(start * total), total, harden, penalty, rise)[:2] == (0.0, 0.0)  # nothing constrains at the regroup step
+    step = nwp.Schedule(reg, total, harden=harden, penalty=penalty, penalty_rise=rise).regroup_step
+    assert rule(step, total, harden, penalty, rise)[:2] == (0.0, 0.0)  # nothing constrains at the regroup step...
+    assert step == total or rule(step + 1, total, harden, penalty, rise)[0] > 0  # ...the last such
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = nwp.Schedule(reg, total, optimizer, harden=harden, penalty=penalty, penalty_rise=rise, settle=settle)
     x = torch.randn(5, 4)
@@ -61,6 +60,15 @@ def test_every_step_follows_the_rule_in_a_plain_loop(total, start, length, penal
         schedule.step()
     assert reg.hardness == rule(total, total, harden)[0]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * rule(total, total, settle=settle)[2])
+
+
+@pytest.mark.parametrize("total, start, rise", [(10, 0.5, 0.5), (10, 0.0, 0.0), (100, 0.29, 0.5), (7, 1.0, 1.0)])
+def test_the_regroup_step_is_the_last_with_neither_hardness_nor_penalty(total, start, rise):
+    _, reg = registered()
+    schedule = nwp.Schedule(reg, total, harden=(start, start), penalty_rise=rise)
+    step = schedule.regroup_step
+    assert schedule.hardness_at(step) == schedule.scale_at(step) == 0.0  # a penalty rising at harden's start is 0 there
+    assert step == total or schedule.hardness_at(step + 1) > 0  # floor(0.29 * 100) is 28: step 29 is still free
 
 
 @pytest.mark.parametrize("settle", [0.0, 0.6, 1.0])

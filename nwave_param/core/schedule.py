@@ -105,12 +105,13 @@ class Schedule:
         ValueError: ``total_steps`` not a positive int; ``harden`` not a pair or None; a fraction
             outside [0, 1], ``harden``'s start after its end or after ``penalty_rise``; ``penalty``
             negative or not finite.
+        RuntimeError: ``reg`` was removed (``reg.harden`` refuses).
 
     Attributes:
         regroup_step: the step (``steps``) at which to call :func:`~nwave_param.regroup_`: the
-            last with neither hardness nor penalty, ``floor(harden[0] * total_steps)``; None with
-            ``harden=None``.
-        RuntimeError: ``reg`` was removed (``reg.harden`` refuses).
+            last with neither hardness nor penalty, ``floor(harden[0] * total_steps)`` (a step
+            later where floating point rounds the product down; ``total_steps``, past the last
+            step, with ``harden[0] = 1``); None with ``harden=None``.
     """
 
     def __init__(
@@ -148,9 +149,17 @@ class Schedule:
         self.harden_over, self.scale, self.penalty_rise = (start, end), float(penalty), rise
         self.settle = _fraction("settle", settle)
         self.steps = 0
-        self.regroup_step = None if start is None else math.floor(start * self.total_steps)
+        self.regroup_step = None if start is None else self._last_unconstrained(start)
         self.learning_rates = None if optimizer is None else torch.optim.lr_scheduler.LambdaLR(optimizer, self.learning_rate)
         reg.harden(self.hardness_at(0))
+
+    def _last_unconstrained(self, start: float) -> int:
+        """The last step at which neither the hardness nor the penalty has started (``floor(start *
+        total_steps)``, one later where floating point rounds the product down)."""
+        step = math.floor(start * self.total_steps)
+        while step < self.total_steps and self.hardness_at(step + 1) == 0 and self.scale_at(step + 1) == 0:
+            step += 1
+        return step
 
     # --- the rule, as functions of the step ---------------------------------------------------------
 
@@ -184,9 +193,11 @@ class Schedule:
         """
         start = self.harden_over[0] or 0.0
         done = step / self.total_steps
+        if done <= start and self.harden_over[0] is not None:  # up to harden's start, nothing constrains
+            return 0.0
         if done >= self.penalty_rise:
             return self.scale
-        return 0.0 if done <= start else self.scale * (done - start) / (self.penalty_rise - start)
+        return self.scale * (done - start) / (self.penalty_rise - start)
 
     def learning_rate(self, step: int) -> float:
         """The factor on the learning rate at ``step``: 1, then linearly to 0 from ``settle`` on

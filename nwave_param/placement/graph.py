@@ -41,6 +41,10 @@ class Graph:
                     stack.append(target)
         return reached, uses
 
+    def front(self) -> set[int]:
+        """The populations the input reaches first (through synapses alone, or directly): the front end."""
+        return {p for _, p in self.through_synapses(INPUT)[0]}
+
     def synapses_between(self, source: tuple, target: tuple) -> set[int]:
         """The synapses on some synapses-only path from ``source`` to ``target``."""
         _, after = self.through_synapses(source)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from nwave_param.core.discovery import constraints
 from nwave_param.core.neurons import is_spiking, neuron_modules
-from nwave_param.core.trace import INPUT, Trace, trace
+from nwave_param.core.trace import Trace, trace
 from nwave_param.errors import one_line
 from nwave_param.placement.assignment import assign
 from nwave_param.placement.graph import Graph
@@ -205,8 +205,7 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
                 f"{one_line(names[p])}: inhibition=True (each neuron inhibits the others) is read as recurrent: "
                 "the chip holds it as synapses within one core"
             )
-    fronts, _ = graph.through_synapses(INPUT)
-    front = {p for _, p in fronts}
+    front = graph.front()
     populations = [Population(names[p], sizes[p] or 0, recurrent[p], p in front) for p in sizes]
     notes += cycles(graph, names)
     problems += input_problems(traced, graph, spec, names, front, sizes)

@@ -61,12 +61,16 @@ class Regrouping:
 
     def apply_(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Reorder another copy of the network alike (an EMA copy, a replica): the same tensors,
-        by name, the same orders, and ``optimizer``'s state with them.
+        by name, the same orders, and ``optimizer``'s state with them.  Meant for a copy in the
+        former order: applied to a copy already reordered, it reorders again.
 
         Raises:
             KeyError: ``model`` holds no tensor of one of the names moved (nothing is changed).
             ValueError: a tensor, or its optimizer state, has not the shape moved (nothing is changed).
+            TypeError: ``optimizer`` is not a torch optimizer.
         """
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Regrouping.apply_: optimizer must be a torch optimizer or None, got {type(optimizer).__name__}")
         # every tensor first: a refusal moves nothing
         targets = {p: _targets(model, moves, self.orders[p], optimizer) for p, moves in self.moves.items()}
         for population, found in targets.items():
@@ -97,8 +101,9 @@ def regroup_(
     per-neuron parameters and state, and its outgoing weights' columns are all permuted by
     :math:`\pi` (a recurrent weight both ways); ``optimizer``'s state (Adam's moments) moves with
     the parameters.  :math:`\pi` is :func:`~nwave_param.functional.grouping` of the population's
-    incoming weights side by side.  Deterministic: every DDP process computes the same orders
-    from the same weights and the same ``example``.  Reorder other copies (an EMA model) with :meth:`Regrouping.apply_`.
+    incoming weights side by side.  Deterministic: the orders depend on the weights alone;
+    whether a population passes the check depends on ``example`` too, so under DDP give every
+    process the same example (a fixed batch, not its own).  Reorder other copies (an EMA model) with :meth:`Regrouping.apply_`.
 
     Args:
         model: the network, registered or not, computing at hardness 0.
@@ -151,7 +156,7 @@ def regroup_(
     names = population_names(traced)
     result = Regrouping()
     planned: dict[str, tuple[tuple[Move, ...], Tensor]] = {}
-    front = {p for _, p in Graph(traced).through_synapses(INPUT)[0]}
+    front = Graph(traced).front()
     for p, name in enumerate(names):
         plan = _plan(model, traced, p, p in front)
         if isinstance(plan, str):
@@ -330,10 +335,9 @@ def _computes_alike(
     model: nn.Module, example: Tensor, planned: dict[str, tuple[tuple[Move, ...], Tensor]], neurons: dict[str, nn.Module]
 ) -> bool:
     """Whether ``model`` with its tensors reordered as ``planned`` computes on ``example`` exactly
-    what it computes now, both run in eval mode from one random seed through
-    ``torch.func.functional_call`` (the model is left as it was): its output, and what each
-    reordered population's module (``neurons``, by population) outputs at every call, its neurons
-    reordered (spikes and membranes: a per-neuron tensor left unmoved shows at once).
+    what it computes now: its output, and what each reordered population's module (``neurons``, by
+    population) outputs at every call, its neurons reordered (spikes and membranes: a per-neuron
+    tensor left unmoved shows at once).
 
     Exactly: both runs take every floating tensor rounded to a multiple of 1/64 plus a draw of
     0 to 15 1024ths per entry, so that a synapse's sum over its inputs (spikes, or any values a
@@ -353,57 +357,47 @@ def _computes_alike(
         for name, dims in moves:
             for d in dims:
                 moved[name] = moved[name].index_select(d, order.to(moved[name].device))
-    outputs, calls = [], []
-    for tensors in (values, moved):
-        seen: dict[str, list] = {name: [] for name in planned}
-        with unchanged(model):
-            model.eval()
-            torch.manual_seed(0)
-            handles = [
-                neurons[name].register_forward_hook(lambda m, i, o, calls=seen[name]: calls.append(o)) for name in planned
-            ]
-            try:
-                outputs.append(torch.func.functional_call(model, tensors, (example,)))
-            finally:
-                for handle in handles:
-                    handle.remove()
-        calls.append(seen)
-    for name, (_, order) in planned.items():
+    modules = [neurons[name] for name in planned]
+    (before, calls_before), (after, calls_after) = (_run(model, example, tensors, modules) for tensors in (values, moved))
+    for module, (_, order) in zip(modules, planned.values()):
         n = len(order)
         reordered = [
-            [t.index_select(-1, order.to(t.device)) if isinstance(t, Tensor) and t.dim() and t.shape[-1] == n else t for t in _flat(o)]
-            for o in calls[0][name]
+            [t.index_select(-1, order.to(t.device)) if isinstance(t, Tensor) and t.dim() and t.shape[-1] == n else t for t in call]
+            for call in calls_before[id(module)]
         ]
-        if not _alike(reordered, [_flat(o) for o in calls[1][name]]):
+        if not _alike(reordered, calls_after[id(module)]):
             return False
-    return _alike(*outputs)
+    return _alike(before, after)
 
 
-def _flat(output: object) -> list:
-    return list(output) if isinstance(output, (tuple, list)) else [output]
+def _silent(model: nn.Module, example: Tensor, traced: Trace) -> set[int]:
+    """The populations whose module outputs no spike on ``example``."""
+    _, calls = _run(model, example, None, traced.modules)
+    fired = {key for key, outputs in calls.items() if any(isinstance(c[0], Tensor) and bool(c[0].ne(0).any()) for c in outputs)}
+    return {p for p, module in enumerate(traced.modules) if id(module) not in fired}  # bool(): once per call, off the hot path
 
 
 @torch.no_grad()
-def _silent(model: nn.Module, example: Tensor, traced: Trace) -> set[int]:
-    """The populations whose module outputs no spike on ``example`` (the model left as it was)."""
-    fired: set[int] = set()
-    modules = {id(module) for module in traced.modules}
-
-    def hook(module: nn.Module, inputs: object, output: object) -> None:
-        spikes = output[0] if isinstance(output, (tuple, list)) else output
-        if isinstance(spikes, Tensor) and bool(spikes.ne(0).any()):  # once per call, off the hot path
-            fired.add(id(module))
-
-    with unchanged(model):
+def _run(model: nn.Module, example: Tensor, tensors: dict[str, Tensor] | None, modules: list[nn.Module]) -> tuple[object, dict[int, list]]:
+    """``model(example)`` in eval mode from one random seed, with ``tensors`` in place of its own
+    (``torch.func.functional_call``; None: its own), and what each of ``modules`` output at every
+    call (a list of tensors per call, by ``id(module)``).  The model, its hooks and every random
+    state (CPU and the CUDA devices it uses) are left as they were."""
+    calls: dict[int, list] = {id(module): [] for module in modules}
+    devices = sorted({t.device.index or 0 for t in [example, *model.parameters(), *model.buffers()] if t.device.type == "cuda"})
+    with unchanged(model), torch.random.fork_rng(devices=devices):
         model.eval()
         torch.manual_seed(0)
-        handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in modules]
+        handles = [
+            module.register_forward_hook(lambda m, i, o: calls[id(m)].append(list(o) if isinstance(o, (tuple, list)) else [o]))
+            for module in {id(m): m for m in modules}.values()
+        ]
         try:
-            model(example)
+            output = model(example) if tensors is None else torch.func.functional_call(model, tensors, (example,))
         finally:
             for handle in handles:
                 handle.remove()
-    return {p for p, module in enumerate(traced.modules) if id(module) not in fired}
+    return output, calls
 
 
 def _alike(a: object, b: object) -> bool:
