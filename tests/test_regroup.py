@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layers import same_bits
+from layers import assert_same_snapshot, same_bits, snapshot
 from torch import nn
 
 import nwave_param as nwp
@@ -215,20 +215,20 @@ def test_a_plan_that_misses_a_tensor_is_caught_by_the_check_and_changes_nothing(
         return tuple(m for m in moves if m not in (("link.weight", (1,)), ("readout.weight", (1,)))), incoming
 
     monkeypatch.setattr(regroup_module, "_plan", missing_the_weight_that_reads_it)
-    before = copy.deepcopy(net.state_dict())
+    before = snapshot(net)
     result = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
     assert not result.orders and all("computes otherwise" in result.kept[p] for p in ("lif", "lif2"))
-    assert all(same_bits(before[k], v) for k, v in net.state_dict().items())
+    assert_same_snapshot(before, snapshot(net))
 
 
 def test_a_hardened_model_is_refused_and_left_as_it_was():
     net, x = dyadic_net(1, 3, 12, 7, 2), example(1, 3)
     reg = nwp.register(net, nwp.H1V2)
     reg.harden(0.5)
-    before = copy.deepcopy(net.state_dict())
+    before = snapshot(net)
     with pytest.raises(ValueError, match="hardness 0.5.*regroup before hardening"):
         nwp.regroup_(net, x, neurons=Net.NEURONS)
-    assert all(same_bits(before[k], v) for k, v in net.state_dict().items())
+    assert_same_snapshot(before, snapshot(net))
 
 
 def test_a_registered_model_keeps_its_keys_and_a_copy_follows_with_apply():
@@ -249,10 +249,10 @@ def test_apply_to_a_model_missing_a_tensor_changes_nothing():
     result = nwp.regroup_(copy.deepcopy(net), x, spec=nwp.H1V2, neurons=Net.NEURONS)
     other = Net(3, 12, 7, 2)
     other.encode = nn.Linear(3, 12, bias=False)
-    before = copy.deepcopy(other.state_dict())
+    before = snapshot(other)
     with pytest.raises(KeyError, match="encode.bias"):
         result.apply_(other)
-    assert all(same_bits(before[k], v) for k, v in other.state_dict().items())
+    assert_same_snapshot(before, snapshot(other))
 
 
 def test_a_bad_optimizer_is_refused_naming_it():
@@ -345,10 +345,10 @@ def test_gradients_and_a_factored_optimizer_state_move_and_an_unreadable_state_i
     assert same_bits(optimizer.state[net.readout.weight]["col_var"], columns[:, q])
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
     twin_optimizer.state[twin.encode.weight]["odd"] = torch.zeros(5)  # a state it cannot read
-    before = copy.deepcopy(twin.state_dict())
+    before = snapshot(twin)
     with pytest.raises(ValueError, match="optimizer's state for encode.weight has shape .5,.*nothing was moved"):
         result.apply_(twin, twin_optimizer)
-    assert all(same_bits(before[k], v) for k, v in twin.state_dict().items())
+    assert_same_snapshot(before, snapshot(twin))
 
 
 def test_apply_skips_a_state_a_copy_has_not_made_yet_and_refuses_a_wrong_shape_moving_nothing():
@@ -362,10 +362,10 @@ def test_apply_skips_a_state_a_copy_has_not_made_yet_and_refuses_a_wrong_shape_m
     assert same_bits(fresh.encode.weight, net.encode.weight)
     wrong = copy.deepcopy(net)
     wrong.lif.membrane = torch.zeros(4, 11)
-    before = copy.deepcopy(wrong.state_dict())
+    before = snapshot(wrong)
     with pytest.raises(ValueError, match="lif.membrane has shape .4, 11., not 12 neurons.*nothing was moved"):
         result.apply_(wrong)
-    assert all(same_bits(before[k], v) for k, v in wrong.state_dict().items())
+    assert_same_snapshot(before, snapshot(wrong))
 
 
 def test_populations_whose_reorders_each_pass_but_not_together_are_all_kept(monkeypatch):
@@ -375,10 +375,10 @@ def test_populations_whose_reorders_each_pass_but_not_together_are_all_kept(monk
         return len(planned) == 1 and check(model, ex, planned, neurons)
 
     monkeypatch.setattr(regroup_module, "_computes_alike", alone_only)
-    before = copy.deepcopy(net.state_dict())
+    before = snapshot(net)
     result = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
     assert not result.orders and all("together" in result.kept[p] for p in ("lif", "lif2"))
-    assert all(same_bits(before[k], v) for k, v in net.state_dict().items())
+    assert_same_snapshot(before, snapshot(net))
 
 
 def test_apply_refuses_a_bad_optimizer_naming_it():

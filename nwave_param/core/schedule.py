@@ -191,12 +191,13 @@ class Schedule:
         Returns:
             The scale, from 0 to ``penalty``.
         """
-        start = self.harden_over[0] or 0.0
+        start = self.harden_over[0]
         done = step / self.total_steps
-        if done <= start and self.harden_over[0] is not None:  # up to harden's start, nothing constrains
+        if start is not None and done <= start:  # up to harden's start, nothing constrains
             return 0.0
         if done >= self.penalty_rise:
             return self.scale
+        start = start or 0.0  # without hardening, the penalty rises from the first step
         return self.scale * (done - start) / (self.penalty_rise - start)
 
     def learning_rate(self, step: int) -> float:

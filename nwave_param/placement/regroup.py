@@ -69,8 +69,7 @@ class Regrouping:
             ValueError: a tensor, or its optimizer state, has not the shape moved (nothing is changed).
             TypeError: ``optimizer`` is not a torch optimizer.
         """
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"Regrouping.apply_: optimizer must be a torch optimizer or None, got {type(optimizer).__name__}")
+        _check_optimizer("Regrouping.apply_", optimizer)
         # every tensor first: a refusal moves nothing
         targets = {p: _targets(model, moves, self.orders[p], optimizer) for p, moves in self.moves.items()}
         for population, found in targets.items():
@@ -144,8 +143,7 @@ def regroup_(
             optimizer holds a state for a moved weight whose shape it cannot reorder; or as
             :func:`~nwave_param.place` raises.  Nothing is moved then.
     """
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"regroup_: optimizer must be a torch optimizer or None, got {type(optimizer).__name__}")
+    _check_optimizer("regroup_", optimizer)
     model, spec, traced, _, _ = read_network("regroup_", model, example, spec, neurons, dims)
     hardness = max((entry.constraint.settings.hardness for entry in constraints(model)), default=0.0)
     if hardness > 0:
@@ -168,20 +166,24 @@ def regroup_(
         result.minority[name] = (_minority(incoming, spec), _minority(regrouped, spec))
         if not torch.equal(order, torch.arange(len(order), device=order.device)):
             planned[name] = (moves, order)
-    silent = _silent(model, example, traced)
-    for name in [n for n in planned if names.index(n) in silent]:
-        del planned[name], result.minority[name]
-        result.kept[name] = "its neurons never spike on the example, so the check cannot see their order: give an example they respond to"
-    modules_of = {name: traced.modules[names.index(name)] for name in planned}
-    for name in [n for n in planned if not _computes_alike(model, example, {n: planned[n]}, modules_of)]:
-        del planned[name], result.minority[name]
-        result.kept[name] = (
-            "reordered, model(example) computes otherwise: something reads its order that the trace does not follow"
-        )
-    if len(planned) > 1 and not _computes_alike(model, example, planned, modules_of):
-        for name in list(planned):
+
+    def keep(unplanned: list[str], reason: str) -> None:
+        for name in unplanned:
             del planned[name], result.minority[name]
-            result.kept[name] = "reordering the populations together changes what model(example) computes"
+            result.kept[name] = reason
+
+    silent = _silent(model, example, traced)
+    keep(
+        [n for n in planned if names.index(n) in silent],
+        "its neurons never spike on the example, so the check cannot see their order: give an example they respond to",
+    )
+    modules_of = {name: traced.modules[names.index(name)] for name in planned}
+    keep(
+        [n for n in planned if not _computes_alike(model, example, {n: planned[n]}, modules_of)],
+        "reordered, model(example) computes otherwise: something reads its order that the trace does not follow",
+    )
+    if len(planned) > 1 and not _computes_alike(model, example, planned, modules_of):
+        keep(list(planned), "reordering the populations together changes what model(example) computes")
     targets = {name: _targets(model, moves, order, optimizer) for name, (moves, order) in planned.items()}  # may refuse: nothing moved
     for name, (moves, order) in planned.items():
         _move(targets[name], order)
@@ -269,6 +271,11 @@ def _stored(model: nn.Module, weight: str, dims: set[int], n: int) -> str | list
             return f"its weight {one_line(weight)} does not hold one row or column per neuron"
         moves.append((name, tuple(d for d in sorted(dims) if tensor.shape[d] == n)))
     return moves
+
+
+def _check_optimizer(caller: str, optimizer: object) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{caller}: optimizer must be a torch optimizer or None, got {type(optimizer).__name__}")
 
 
 def _weight(model: nn.Module, name: str) -> Tensor:
