@@ -2,8 +2,10 @@
 code prints to stderr and its moves are undone; a closed stdout keeps the exit status."""
 
 import os
+import signal
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 
 import nwave_param as nwp
 from nwave_param.checkpoints.cli import main
+from nwave_param.checkpoints.guards import Interrupted, Interruptions
 
 
 def test_factory_prints_go_to_stderr_and_its_moves_are_undone(tmp_path, capfd, monkeypatch):
@@ -63,3 +66,26 @@ def test_project_into_a_closed_stdout_writes_its_output_and_exits_0(plain, tmp_p
     written, expected = load(tmp_path / "out.pt"), nwp.project_state_dict(load(plain))[0]
     assert list(written) == list(expected) and all(same_bits(written[k], expected[k]) for k in expected)
     assert leftovers(tmp_path) == []
+
+
+def test_an_interrupt_python_cannot_raise_is_not_printed_and_still_stops_the_command(monkeypatch, capfd):
+    """SIGINT inside a weakref callback (importlib's module locks, while torch imports) cannot
+    propagate: Python hands it to ``sys.unraisablehook``, which would print "Exception ignored" and
+    a traceback beside the command's one line.  Installed, the guard keeps it silent and ``check``
+    raises it; any other unraisable exception still reaches the hook that was in place."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    interruptions = Interruptions()
+
+    def drop_with(callback):
+        thing = type("Thing", (), {})()
+        reference = weakref.ref(thing, callback)  # noqa: F841 (kept alive until thing goes)
+        del thing
+
+    with interruptions.installed():
+        drop_with(lambda _: interruptions._handle(signal.SIGINT, None))
+        drop_with(lambda _: 1 / 0)
+        with pytest.raises(Interrupted):
+            interruptions.check()
+    assert [type(report.exc_value) for report in reported] == [ZeroDivisionError]
+    assert capfd.readouterr().err == "" and sys.unraisablehook == reported.append

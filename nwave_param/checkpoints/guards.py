@@ -36,7 +36,9 @@ class Interruptions:
     renamed into place, the command completes, so that what it prints is what is on disk.
 
     The signal is remembered: torch's writer turns an exception raised in its stream into a
-    RuntimeError of its own, and the command line still says it was interrupted.
+    RuntimeError of its own, and the command line still says it was interrupted; one raised where
+    Python cannot raise it (a weakref callback during an import) is not printed, and :meth:`check`
+    stops the command with it.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -44,6 +46,7 @@ class Interruptions:
     def __init__(self) -> None:
         self.received: str | None = None
         self.deferred = False
+        self._previous_unraisable = sys.__unraisablehook__
 
     def _handle(self, number: int, frame: object) -> None:
         if not self.deferred:
@@ -52,6 +55,14 @@ class Interruptions:
 
     def defer(self) -> None:
         self.deferred = True
+
+    def _unraisable(self, report: object) -> None:
+        """``sys.unraisablehook`` while installed: an :class:`Interrupted` raised where Python cannot
+        raise it (a weakref callback in importlib's module locks during an import, a ``__del__``) is
+        remembered in ``received``, and :meth:`check` raises it at the command's next step: it is not
+        printed as an ignored exception.  Anything else goes to the hook that was in place."""
+        if not isinstance(getattr(report, "exc_value", None), Interrupted):
+            self._previous_unraisable(report)
 
     @contextlib.contextmanager
     def installed(self, restore: bool = True) -> Iterator[None]:
@@ -67,10 +78,12 @@ class Interruptions:
         except ValueError:  # not the main thread, which alone receives signals
             yield
             return
+        self._previous_unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
         try:
             yield
         finally:
             self.defer()  # the command has ended: a signal from here on ends nothing half-way
+            sys.unraisablehook = self._previous_unraisable
             if restore:
                 for number, handler in previous.items():
                     signal.signal(number, handler if handler is not None else signal.SIG_DFL)
