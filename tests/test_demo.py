@@ -27,7 +27,7 @@ def test_quick_demo_writes_json_table_plot_and_progress(tmp_path, capsys):
     assert (data["task"], data["seed"], data["chip"]) == ("digits", 0, "h1v2")  # the default task, on the kit's chip
     assert data["placement"]["fits"] is True and data["placement"]["problems"] == []
     populations = {p["name"]: p for p in data["placement"]["populations"]}
-    assert populations["lif"]["recurrent"] and populations["lif"]["cores"] == {"2": 100}  # the largest core, whole
+    assert populations["hidden.0.lif"]["recurrent"] and populations["hidden.0.lif"]["cores"] == {"2": 100}  # the largest core, whole
     assert populations["front"]["front_end"] and populations["front"]["neurons"] == 16  # one neuron per ON/OFF channel
     for run in (data[name] for name in ("baseline", "constrained", "hardened")):
         assert set(run) == KEYS
@@ -167,7 +167,8 @@ def test_a_fold_out_of_range_or_without_validation_is_refused(fold):
         demo.run(1, task="digits", fold=1)
 
 
-@pytest.mark.parametrize("chip, hidden", [("h1v1", 64), ("h1v2", 100)])
+# a recurrent population on every core the front end and the readout leave
+@pytest.mark.parametrize("chip, hidden", [("h1v1", [64, 64]), ("h1v2", [100])])
 @pytest.mark.parametrize("task, channels, classes", [("vowels", 12, 9), ("digits", 16, 10)])
 def test_the_network_is_built_for_the_chip_from_its_blocks(chip, hidden, task, channels, classes):
     import torch
@@ -182,10 +183,13 @@ def test_the_network_is_built_for_the_chip_from_its_blocks(chip, hidden, task, c
     placement = nwp.place(model, x, spec)
     assert placement.fits, placement.problems
     assert [(p.name, p.neurons, p.recurrent) for p in placement.populations] == [
-        ("front", channels, False), ("lif", hidden, True), ("out", classes * demo.READOUT_NEURONS, False)
+        ("front", channels, False), *((f"hidden.{i}.lif", size, True) for i, size in enumerate(hidden)),
+        ("out", classes * demo.READOUT_NEURONS, False),
     ]
+    hidden_cores = [core for p in placement.populations if p.recurrent for core in p.cores]
+    assert len(set(hidden_cores)) == len(hidden_cores) == len(hidden)  # each whole on a core of its own
     assert isinstance(model.gain, nwp.FrontEnd) and isinstance(model.front, type(nwp.ChipLeaky(0.9)))
-    for layer in (model.front, model.lif, model.out):
+    for layer in (model.front, *(population.lif for population in model.hidden), model.out):
         threshold = torch.tensor(spec.limit / demo.LIMIT_IN_THRESHOLDS)  # one threshold, as float32 holds it
         assert layer.reset_mechanism == spec.reset and torch.equal(torch.as_tensor(layer.threshold), threshold)
         # the surrogate's reach, in thresholds, is the same on either chip: fast_sigmoid's gradient

@@ -13,8 +13,10 @@ Two tasks, each input channel read by one front-end neuron:
 The network is one the chip can place (``nwp.place`` checks it, and the demo prints where each
 population sits) and computes with the chip's own building blocks: ``nwp.FrontEnd`` (one gain per
 channel, the front end's one-to-one synapses), a front-end population of ``nwp.ChipLeaky``
-neurons, a recurrent population of ``nwp.ChipRLeaky`` neurons as large as the chip's largest
-core (where recurrent connections must stay), and ``READOUT_NEURONS`` (5) spiking output neurons
+neurons, recurrent populations of ``nwp.ChipRLeaky`` neurons, each as large as a core (where
+recurrent connections must stay) and fed by the front end, one on every core the front end and
+the readout leave (``hidden_sizes``: one of 100 on H1v2, two of 64 on H1v1), and
+``READOUT_NEURONS`` (5) spiking output neurons
 per class, read by spike counts: each class is one block of the chip.  The chip's neurons:
 membranes never below zero, the chip's reset, one threshold for all (``threshold_for``), and a
 surrogate gradient that reaches ``SURROGATE_WIDTH`` thresholds (``surrogate_slope_for``).
@@ -110,14 +112,32 @@ def _requirements():
     return surrogate, tqdm.tqdm
 
 
+def hidden_sizes(spec: ChipSpec) -> list[int]:
+    """The demo's recurrent populations on ``spec``'s chip, largest first: one on every core but the
+    two smallest, which hold the front end and the readout, each as large as its core (recurrent
+    connections stay within one): ``[100]`` on H1v2, ``[64, 64]`` on H1v1."""
+    return sorted(spec.cores, reverse=True)[: len(spec.cores) - 2]
+
+
+class Recurrent(nn.Module):
+    """A recurrent population of ``nwp.ChipRLeaky`` neurons on one core: fed by the front end
+    (``encode``), read by the output (``readout``)."""
+
+    def __init__(self, channels: int, neurons: int, outputs: int, **neuron) -> None:
+        super().__init__()
+        self.encode = nn.Linear(channels, neurons)
+        self.lif = ChipRLeaky(0.9, linear_features=neurons, **neuron)
+        self.readout = nn.Linear(neurons, outputs)
+
+
 class SpikingNet(nn.Module):
-    """Front end (one neuron per input channel, fed one-to-one) -> recurrent hidden population
-    (one core) -> spiking output, ``READOUT_NEURONS`` per class, read by spike counts."""
+    """Front end (one neuron per input channel, fed one-to-one) -> recurrent populations, each fed
+    by the front end, on the cores the front end and the readout leave (:func:`hidden_sizes`) ->
+    spiking output, ``READOUT_NEURONS`` per class, read by spike counts."""
 
     def __init__(self, spec: ChipSpec = H1V2, channels: int = 12, classes: int = 9) -> None:
         super().__init__()
         surrogate, _ = _requirements()
-        hidden = max(spec.cores)
         neuron = dict(
             learn_beta=True,
             threshold=threshold_for(spec),
@@ -127,19 +147,20 @@ class SpikingNet(nn.Module):
         self.classes = classes
         self.gain = FrontEnd(channels)
         self.front = ChipLeaky(0.9, **neuron)
-        self.encode = nn.Linear(channels, hidden)
-        self.lif = ChipRLeaky(0.9, linear_features=hidden, **neuron)
-        self.readout = nn.Linear(hidden, classes * READOUT_NEURONS)
+        self.hidden = nn.ModuleList(Recurrent(channels, size, classes * READOUT_NEURONS, **neuron) for size in hidden_sizes(spec))
         self.out = ChipLeaky(0.9, **neuron)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, channels)
         front, out = self.front.init_leaky(), self.out.init_leaky()
-        spikes, hidden = self.lif.init_rleaky()
+        states = [population.lif.init_rleaky() for population in self.hidden]  # (spikes, membrane) each
         counts = 0
         for x_t in x:
             front_spikes, front = self.front(self.gain(x_t), front)
-            spikes, hidden = self.lif(self.encode(front_spikes), spikes, hidden)
-            out_spikes, out = self.out(self.readout(spikes), out)
+            drive = 0
+            for i, population in enumerate(self.hidden):
+                states[i] = population.lif(population.encode(front_spikes), *states[i])
+                drive = drive + population.readout(states[i][0])
+            out_spikes, out = self.out(drive, out)
             counts = counts + out_spikes
         return counts.view(-1, self.classes, READOUT_NEURONS).sum(-1)  # spike counts per class
 
