@@ -68,24 +68,64 @@ def test_project_into_a_closed_stdout_writes_its_output_and_exits_0(plain, tmp_p
     assert leftovers(tmp_path) == []
 
 
-def test_an_interrupt_python_cannot_raise_is_not_printed_and_still_stops_the_command(monkeypatch, capfd):
-    """SIGINT inside a weakref callback (importlib's module locks, while torch imports) cannot
-    propagate: Python hands it to ``sys.unraisablehook``, which would print "Exception ignored" and
-    a traceback beside the command's one line.  Installed, the guard keeps it silent and ``check``
-    raises it; any other unraisable exception still reaches the hook that was in place."""
+def _drop_with(callback):
+    """Run ``callback`` as Python runs a weakref callback: where an exception cannot propagate."""
+    thing = type("Thing", (), {})()
+    reference = weakref.ref(thing, callback)  # noqa: F841 (alive until thing goes)
+    del thing
+
+
+def test_an_interrupt_python_cannot_raise_is_not_reported_and_still_stops_the_command(monkeypatch):
+    """SIGINT inside a weakref callback (importlib's module locks) cannot propagate: Python hands it
+    to ``sys.unraisablehook``, which would print "Exception ignored" and a traceback beside the
+    command's one line.  Installed, the guard keeps it from the hook and ``check`` raises it; any
+    other unraisable exception still reaches the hook that was in place, which is back after."""
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", reported.append)
     interruptions = Interruptions()
-
-    def drop_with(callback):
-        thing = type("Thing", (), {})()
-        reference = weakref.ref(thing, callback)  # noqa: F841 (kept alive until thing goes)
-        del thing
-
     with interruptions.installed():
-        drop_with(lambda _: interruptions._handle(signal.SIGINT, None))
-        drop_with(lambda _: 1 / 0)
+        _drop_with(lambda _: interruptions._handle(signal.SIGINT, None))
+        _drop_with(lambda _: 1 / 0)
         with pytest.raises(Interrupted):
             interruptions.check()
     assert [type(report.exc_value) for report in reported] == [ZeroDivisionError]
-    assert capfd.readouterr().err == "" and sys.unraisablehook == reported.append
+    assert sys.unraisablehook == reported.append
+
+
+def test_nested_guards_put_back_the_hook_and_the_handler_they_found(monkeypatch):
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    handler = signal.getsignal(signal.SIGINT)
+    outer, inner = Interruptions(), Interruptions()
+    with outer.installed():
+        with inner.installed():
+            pass
+        _drop_with(lambda _: 1 / 0)  # the outer guard's hook passes it on
+    assert sys.unraisablehook == reported.append and signal.getsignal(signal.SIGINT) == handler
+
+
+    def interrupt(_):
+        raise Interrupted("SIGINT")
+
+    _drop_with(interrupt)  # no guard now: the hook that was there sees it
+    assert [type(report.exc_value) for report in reported] == [ZeroDivisionError, Interrupted]
+
+
+def test_a_signal_while_held_is_raised_on_leaving_and_a_completing_command_stops_for_it():
+    """Held (torch's import), a signal is not raised where it lands but as the block ends; and
+    ``complete_from_here`` raises a signal some library swallowed instead of letting the command
+    write, and otherwise defers every later one."""
+    interruptions = Interruptions()
+    with interruptions.installed():
+        with pytest.raises(Interrupted):
+            with interruptions.held():
+                interruptions._handle(signal.SIGINT, None)  # not raised here
+                landed = True
+        assert landed and not interruptions.holding
+        with pytest.raises(Interrupted):
+            interruptions.complete_from_here()
+        assert not interruptions.deferred
+    with interruptions.installed():
+        interruptions.complete_from_here()
+        interruptions._handle(signal.SIGINT, None)  # deferred: the command completes
+        assert interruptions.deferred and interruptions.received is None

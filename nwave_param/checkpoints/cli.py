@@ -60,9 +60,9 @@ def _run(argv: list[str]) -> int:
     from nwave_param.errors import MESSAGE, CheckpointError, one_line
 
     try:
-        from nwave_param.checkpoints import commands  # torch and the rest, imported with the handler in place
+        with INTERRUPTIONS.held():  # torch and the rest, imported with the handler in place; a signal stops the command after
+            from nwave_param.checkpoints import commands
 
-        INTERRUPTIONS.check()  # an import may have swallowed the interrupt
         return commands.run(argv)
     except CheckpointError as error:
         message = str(error)

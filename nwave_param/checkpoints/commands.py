@@ -97,8 +97,7 @@ def _finish(args: argparse.Namespace, outputs: Outputs, data: Callable[[], dict]
     if args.json not in (None, "-"):
         outputs.add_text(args.json, rendered + "\n")
     printed = rendered if args.json == "-" else text()
-    INTERRUPTIONS.check()  # a signal some library swallowed on its way still stops the command, before anything is written
-    INTERRUPTIONS.defer()  # from here the command completes: what it prints is what is on disk
+    INTERRUPTIONS.complete_from_here()  # a signal some library swallowed still stops it; else what it prints is what is on disk
     outputs.commit()
     _print(printed)
 

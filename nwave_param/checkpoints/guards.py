@@ -4,7 +4,8 @@ Imported before torch (by :mod:`nwave_param.checkpoints.cli`), it imports nothin
 
 * SIGINT and SIGTERM while a command runs raise :class:`Interrupted`, which removes the outputs'
   temporary files on its way out, until the outputs are being renamed into place
-  (:meth:`Interruptions.defer`); the command then completes, so that what it prints is on disk.
+  (:meth:`Interruptions.complete_from_here`); the command then completes, so that what it prints
+  is on disk.  While torch imports, a signal is held and raised after (:meth:`Interruptions.held`).
 * ``--model MODULE:FACTORY`` runs guarded (:func:`users_code`): its prints go to stderr (stdout
   carries ``--json`` alone), the working directory and ``sys.path`` are restored after it, and its
   ``sys.exit`` or exception becomes a one-line :class:`~nwave_param.errors.CheckpointError`.
@@ -17,6 +18,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 TYPE_CHECKING = False  # typing's, without importing typing: this module is imported before the signal handler is installed
@@ -32,13 +34,14 @@ class Interrupted(KeyboardInterrupt):
 
 class Interruptions:
     """SIGINT and SIGTERM while a command runs raise :class:`Interrupted`, which removes the
-    outputs' temporary files on its way out, until :meth:`defer`: once the outputs are being
-    renamed into place, the command completes, so that what it prints is what is on disk.
+    outputs' temporary files on its way out, until :meth:`complete_from_here`: once the outputs are
+    being renamed into place, the command completes, so that what it prints is what is on disk.
 
     The signal is remembered: torch's writer turns an exception raised in its stream into a
-    RuntimeError of its own, and the command line still says it was interrupted; one raised where
-    Python cannot raise it (a weakref callback during an import) is not printed, and :meth:`check`
-    stops the command with it.
+    RuntimeError of its own, and the command line still says it was interrupted.  Where raising it
+    would do harm it is only remembered, and :meth:`check` raises it after: while torch imports
+    (:meth:`held`), and where Python cannot raise it (a weakref callback, a ``__del__``: Python hands
+    it to ``sys.unraisablehook``, which would print it as an ignored exception).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -46,23 +49,40 @@ class Interruptions:
     def __init__(self) -> None:
         self.received: str | None = None
         self.deferred = False
-        self._previous_unraisable = sys.__unraisablehook__
+        self.holding = False
 
     def _handle(self, number: int, frame: object) -> None:
         if not self.deferred:
             self.received = signal.Signals(number).name
-            raise Interrupted(self.received)
+            if not self.holding:
+                raise Interrupted(self.received)
 
     def defer(self) -> None:
         self.deferred = True
 
-    def _unraisable(self, report: object) -> None:
-        """``sys.unraisablehook`` while installed: an :class:`Interrupted` raised where Python cannot
-        raise it (a weakref callback in importlib's module locks during an import, a ``__del__``) is
-        remembered in ``received``, and :meth:`check` raises it at the command's next step: it is not
-        printed as an ignored exception.  Anything else goes to the hook that was in place."""
-        if not isinstance(getattr(report, "exc_value", None), Interrupted):
-            self._previous_unraisable(report)
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a signal came and was held or swallowed on its way (an
+        import that catches every exception): the command stops as it would have."""
+        if self.received and not self.deferred:
+            raise Interrupted(self.received)
+
+    def complete_from_here(self) -> None:
+        """Stop now if a signal came (:meth:`check`), else let the command complete: called before
+        its outputs are renamed into place, so that what it prints is what is on disk."""
+        self.check()
+        self.defer()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A signal inside is remembered, not raised, and raised on leaving: for importing torch, where
+        an exception raised at any bytecode may land in importlib's callbacks (printed as ignored) or
+        in Python code torch's C++ initialisation calls (which then aborts the process)."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        self.check()
 
     @contextlib.contextmanager
     def installed(self, restore: bool = True) -> Iterator[None]:
@@ -71,31 +91,31 @@ class Interruptions:
         interpreter's teardown (a third of a second once torch is loaded) puts back the default
         handlers of the signals Python handles, which would kill a command that has completed,
         with no word and the signal's exit status; an ignored one it leaves ignored.  (Blocking
-        them would not do: torch's threads would take the signal.)"""
-        self.received, self.deferred = None, False
-        try:
-            previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
-        except ValueError:  # not the main thread, which alone receives signals
+        them would not do: torch's threads would take the signal.)  Off the main thread, which
+        alone receives signals, it does nothing."""
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
-        self._previous_unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        self.received, self.deferred, self.holding = None, False, False
+        previous_hook = sys.unraisablehook
+
+        def unraisable(report: object) -> None:  # an Interrupted Python could not raise is in received: check() raises it
+            if not isinstance(getattr(report, "exc_value", None), Interrupted):
+                previous_hook(report)
+
+        previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
         try:
+            sys.unraisablehook = unraisable
             yield
         finally:
             self.defer()  # the command has ended: a signal from here on ends nothing half-way
-            sys.unraisablehook = self._previous_unraisable
+            sys.unraisablehook = previous_hook
             if restore:
                 for number, handler in previous.items():
                     signal.signal(number, handler if handler is not None else signal.SIG_DFL)
             else:
                 for number in previous:
                     signal.signal(number, signal.SIG_IGN)
-
-    def check(self) -> None:
-        """Raise :class:`Interrupted` if a signal came and was swallowed on its way (an import that
-        catches every exception): the command stops as it would have."""
-        if self.received and not self.deferred:
-            raise Interrupted(self.received)
 
 
 INTERRUPTIONS = Interruptions()
