@@ -167,10 +167,16 @@ def test_a_fold_out_of_range_or_without_validation_is_refused(fold):
         demo.run(1, task="digits", fold=1)
 
 
-# a recurrent population on every core the front end and the readout leave
-@pytest.mark.parametrize("chip, hidden", [("h1v1", [64, 64]), ("h1v2", [100])])
-@pytest.mark.parametrize("task, channels, classes", [("vowels", 12, 9), ("digits", 16, 10)])
-def test_the_network_is_built_for_the_chip_from_its_blocks(chip, hidden, task, channels, classes):
+# a recurrent population on every core the front end and the readout do not need: on H1v1 the
+# vowels' 12 + 45 fit in one core, the digits' 16 + 50 need two
+@pytest.mark.parametrize(
+    "chip, task, channels, classes, hidden",
+    [
+        ("h1v1", "vowels", 12, 9, [64, 64, 64]), ("h1v1", "digits", 16, 10, [64, 64]),
+        ("h1v2", "vowels", 12, 9, [100]), ("h1v2", "digits", 16, 10, [100]),
+    ],
+)
+def test_the_network_is_built_for_the_chip_from_its_blocks(chip, task, channels, classes, hidden):
     import torch
 
     import nwave_param as nwp
@@ -200,3 +206,26 @@ def test_the_network_is_built_for_the_chip_from_its_blocks(chip, hidden, task, c
     reg = nwp.register(model, spec).harden(1.0)
     model(x).sum().backward()  # it trains through the clamp
     assert all(p.grad is not None for p in reg.latent_weights())
+
+
+@pytest.mark.parametrize(
+    "cores, feed_forward, hidden",
+    [((50, 50, 100), 66, [100]), ((64,) * 4, 66, [64, 64]), ((64,) * 4, 57, [64, 64, 64]), ((128, 128), 66, [128]),
+     ((64, 64, 30, 30), 66, [64]), ((30, 64, 50), 66, [64])],
+)
+def test_the_recurrent_populations_take_the_cores_the_front_end_and_readout_do_not_need(cores, feed_forward, hidden):
+    import torch
+
+    import nwave_param as nwp
+    from nwave_param import demo
+
+    assert demo.hidden_sizes(demo.H1V1.replace(cores=cores), feed_forward) == hidden
+    torch.manual_seed(0)
+    assert nwp.place(demo.SpikingNet(demo.H1V1.replace(cores=cores), 16, 10), torch.rand(3, 2, 16), demo.H1V1.replace(cores=cores)).fits
+
+
+def test_a_chip_with_no_core_left_for_a_recurrent_population_is_refused_by_name():
+    from nwave_param import demo
+
+    with pytest.raises(ValueError, match=r"66 front-end and output neurons fill the cores \(64, 64\)"):
+        demo.SpikingNet(demo.H1V1.replace(cores=(64, 64)), 16, 10)

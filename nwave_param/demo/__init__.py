@@ -13,11 +13,11 @@ Two tasks, each input channel read by one front-end neuron:
 The network is one the chip can place (``nwp.place`` checks it, and the demo prints where each
 population sits) and computes with the chip's own building blocks: ``nwp.FrontEnd`` (one gain per
 channel, the front end's one-to-one synapses), a front-end population of ``nwp.ChipLeaky``
-neurons, recurrent populations of ``nwp.ChipRLeaky`` neurons, each as large as a core (where
+neurons, recurrent populations of ``nwp.ChipRLeaky`` neurons, each as large as its core (where
 recurrent connections must stay) and fed by the front end, one on every core the front end and
-the readout leave (``hidden_sizes``: one of 100 on H1v2, two of 64 on H1v1), and
-``READOUT_NEURONS`` (5) spiking output neurons
-per class, read by spike counts: each class is one block of the chip.  The chip's neurons:
+the readout do not need (``hidden_sizes``: one of 100 on H1v2; on H1v1 two of 64 for the digits,
+three for the vowels, whose front end and readout share a core), and ``READOUT_NEURONS`` (5)
+spiking output neurons per class, read by spike counts: each class is one block of the chip.  The chip's neurons:
 membranes never below zero, the chip's reset, one threshold for all (``threshold_for``), and a
 surrogate gradient that reaches ``SURROGATE_WIDTH`` thresholds (``surrogate_slope_for``).
 
@@ -112,11 +112,25 @@ def _requirements():
     return surrogate, tqdm.tqdm
 
 
-def hidden_sizes(spec: ChipSpec) -> list[int]:
-    """The demo's recurrent populations on ``spec``'s chip, largest first: one on every core but the
-    two smallest, which hold the front end and the readout, each as large as its core (recurrent
-    connections stay within one): ``[100]`` on H1v2, ``[64, 64]`` on H1v1."""
-    return sorted(spec.cores, reverse=True)[: len(spec.cores) - 2]
+def hidden_sizes(spec: ChipSpec, feed_forward: int) -> list[int]:
+    """The demo's recurrent populations on ``spec``'s chip, largest first: the smallest cores that
+    together hold the ``feed_forward`` neurons (the front end and the readout, which may span
+    cores) are theirs, and every other core holds a recurrent population as large as it (recurrent
+    connections stay within one core).  ``[100]`` on H1v2; on H1v1 ``[64, 64]`` for the digits
+    (16 + 50 neurons need two cores) and ``[64, 64, 64]`` for the vowels (12 + 45 fit in one).
+
+    Raises:
+        ValueError: no core is left for a recurrent population.
+    """
+    cores = sorted(spec.cores)
+    taken = 0
+    while taken < len(cores) and sum(cores[:taken]) < feed_forward:
+        taken += 1
+    if taken == len(cores):
+        raise ValueError(
+            f"demo: {feed_forward} front-end and output neurons fill the cores {spec.cores}, leaving none for a recurrent population"
+        )
+    return cores[taken:][::-1]
 
 
 class Recurrent(nn.Module):
@@ -132,7 +146,7 @@ class Recurrent(nn.Module):
 
 class SpikingNet(nn.Module):
     """Front end (one neuron per input channel, fed one-to-one) -> recurrent populations, each fed
-    by the front end, on the cores the front end and the readout leave (:func:`hidden_sizes`) ->
+    by the front end, on every core the front end and the readout do not need (:func:`hidden_sizes`) ->
     spiking output, ``READOUT_NEURONS`` per class, read by spike counts."""
 
     def __init__(self, spec: ChipSpec = H1V2, channels: int = 12, classes: int = 9) -> None:
@@ -147,7 +161,8 @@ class SpikingNet(nn.Module):
         self.classes = classes
         self.gain = FrontEnd(channels)
         self.front = ChipLeaky(0.9, **neuron)
-        self.hidden = nn.ModuleList(Recurrent(channels, size, classes * READOUT_NEURONS, **neuron) for size in hidden_sizes(spec))
+        outputs = classes * READOUT_NEURONS
+        self.hidden = nn.ModuleList(Recurrent(channels, size, outputs, **neuron) for size in hidden_sizes(spec, channels + outputs))
         self.out = ChipLeaky(0.9, **neuron)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, channels)
@@ -544,7 +559,7 @@ def main(
             outputs.add_text(json_path, json.dumps(data, indent=2))
         if plot_path:
             outputs.add(plot_path, lambda stream: plot(outcomes, placement, stream, spec.limit))
-        INTERRUPTIONS.defer()  # from here the demo completes: what it prints is what is on disk
+        INTERRUPTIONS.complete_from_here()  # a signal some library swallowed still stops it; else what it prints is what is on disk
         outputs.commit()
     shown = sys.stderr if json_path == "-" else sys.stdout
     print(table(outcomes), file=shown)
