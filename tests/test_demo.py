@@ -6,6 +6,7 @@ what the chip holds, so projecting it changes no prediction.
 """
 
 import json
+import re
 
 import pytest
 from installs import not_installed  # noqa: E402
@@ -209,23 +210,31 @@ def test_the_network_is_built_for_the_chip_from_its_blocks(chip, task, channels,
 
 
 @pytest.mark.parametrize(
-    "cores, feed_forward, hidden",
-    [((50, 50, 100), 66, [100]), ((64,) * 4, 66, [64, 64]), ((64,) * 4, 57, [64, 64, 64]), ((128, 128), 66, [128]),
-     ((64, 64, 30, 30), 66, [64]), ((30, 64, 50), 66, [64])],
+    "cores, task, hidden",
+    [
+        ((50, 50, 100), "digits", [100]), ((50, 50, 100), "vowels", [100]), ((64,) * 4, "digits", [64, 64]),
+        ((64,) * 4, "vowels", [64, 64, 64]), ((128, 128), "digits", [128]), ((64, 64, 30, 30), "digits", [64]),
+        ((30, 64, 50), "vowels", [64]),
+    ],
 )
-def test_the_recurrent_populations_take_the_cores_the_front_end_and_readout_do_not_need(cores, feed_forward, hidden):
+def test_the_recurrent_populations_take_the_cores_the_front_end_and_readout_do_not_need(cores, task, hidden):
     import torch
 
     import nwave_param as nwp
     from nwave_param import demo
 
-    assert demo.hidden_sizes(demo.H1V1.replace(cores=cores), feed_forward) == hidden
+    spec, x = demo.H1V1.replace(cores=cores), demo.TASKS[task].load()[2][:, :3]
+    channels, outputs = x.shape[-1], demo.TASKS[task].classes * demo.READOUT_NEURONS
+    assert demo.hidden_sizes(spec, (channels, outputs)) == hidden
     torch.manual_seed(0)
-    assert nwp.place(demo.SpikingNet(demo.H1V1.replace(cores=cores), 16, 10), torch.rand(3, 2, 16), demo.H1V1.replace(cores=cores)).fits
+    model = demo.SpikingNet(spec, channels, demo.TASKS[task].classes)
+    assert [population.lif.recurrent.in_features for population in model.hidden] == hidden
+    assert nwp.place(model, x, spec).fits
 
 
-def test_a_chip_with_no_core_left_for_a_recurrent_population_is_refused_by_name():
+@pytest.mark.parametrize("cores", [(64, 64), (33, 33, 64), (200,)])
+def test_a_chip_with_no_core_left_for_a_recurrent_population_is_refused_by_name(cores):
     from nwave_param import demo
 
-    with pytest.raises(ValueError, match=r"66 front-end and output neurons fill the cores \(64, 64\)"):
-        demo.SpikingNet(demo.H1V1.replace(cores=(64, 64)), 16, 10)
+    with pytest.raises(ValueError, match=re.escape(f"the front end and the readout (16 + 50 neurons) leave no core of {cores}")):
+        demo.SpikingNet(demo.H1V1.replace(cores=cores), 16, 10)

@@ -100,6 +100,8 @@ def test_nested_guards_put_back_the_hook_and_the_handler_they_found(monkeypatch)
     with outer.installed():
         with inner.installed():
             pass
+        with outer.installed():  # the same guard again, as the one INTERRUPTIONS would be
+            pass
         _drop_with(lambda _: 1 / 0)  # the outer guard's hook passes it on
     assert sys.unraisablehook == reported.append and signal.getsignal(signal.SIGINT) == handler
 
@@ -119,9 +121,13 @@ def test_a_signal_while_held_is_raised_on_leaving_and_a_completing_command_stops
     with interruptions.installed():
         with pytest.raises(Interrupted):
             with interruptions.held():
-                interruptions._handle(signal.SIGINT, None)  # not raised here
+                signal.raise_signal(signal.SIGINT)  # delivered to the handler, which holds it
                 landed = True
         assert landed and not interruptions.holding
+        with pytest.raises(ZeroDivisionError):  # the block's own error goes first; the signal is still there
+            with interruptions.held():
+                1 / 0
+        assert not interruptions.holding and interruptions.received == "SIGINT"
         with pytest.raises(Interrupted):
             interruptions.complete_from_here()
         assert not interruptions.deferred

@@ -103,12 +103,14 @@ class Interruptions:
             if not isinstance(getattr(report, "exc_value", None), Interrupted):
                 previous_hook(report)
 
-        previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
-        try:
+        previous = {}
+        try:  # inside: a signal that comes while the second handler goes in still finds everything put back
             sys.unraisablehook = unraisable
+            for number in self.SIGNALS:
+                previous[number] = signal.signal(number, self._handle)
             yield
         finally:
-            self.defer()  # the command has ended: a signal from here on ends nothing half-way
+            self.deferred = True  # first, and no call: a signal from here on ends nothing half-way
             sys.unraisablehook = previous_hook
             if restore:
                 for number, handler in previous.items():

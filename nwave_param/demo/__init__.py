@@ -112,23 +112,26 @@ def _requirements():
     return surrogate, tqdm.tqdm
 
 
-def hidden_sizes(spec: ChipSpec, feed_forward: int) -> list[int]:
+def hidden_sizes(spec: ChipSpec, feed_forward: tuple[int, ...]) -> list[int]:
     """The demo's recurrent populations on ``spec``'s chip, largest first: the smallest cores that
-    together hold the ``feed_forward`` neurons (the front end and the readout, which may span
-    cores) are theirs, and every other core holds a recurrent population as large as it (recurrent
-    connections stay within one core).  ``[100]`` on H1v2; on H1v1 ``[64, 64]`` for the digits
-    (16 + 50 neurons need two cores) and ``[64, 64, 64]`` for the vowels (12 + 45 fit in one).
+    together hold the ``feed_forward`` populations (the front end's and the readout's neurons; each
+    may span cores, and takes whole blocks of ``spec.group_size``, as the placer places it) are theirs, and every
+    other core holds a recurrent population as large as it (recurrent connections stay within one
+    core).  ``[100]`` on H1v2; on H1v1 ``[64, 64]`` for the digits (16 + 50 neurons need two cores)
+    and ``[64, 64, 64]`` for the vowels (12 + 45 fit in one).
 
     Raises:
         ValueError: no core is left for a recurrent population.
     """
-    cores = sorted(spec.cores)
+    cores, blocks = sorted(spec.cores), sum(-(-neurons // spec.group_size) for neurons in feed_forward)
     taken = 0
-    while taken < len(cores) and sum(cores[:taken]) < feed_forward:
+    while taken < len(cores) and sum(core // spec.group_size for core in cores[:taken]) < blocks:
         taken += 1
     if taken == len(cores):
         raise ValueError(
-            f"demo: {feed_forward} front-end and output neurons fill the cores {spec.cores}, leaving none for a recurrent population"
+            f"demo: the front end and the readout ({' + '.join(map(str, feed_forward))} neurons) leave no core of {spec.cores} "
+            "for a recurrent population; "
+            "give the chip more cores"
         )
     return cores[taken:][::-1]
 
@@ -162,7 +165,7 @@ class SpikingNet(nn.Module):
         self.gain = FrontEnd(channels)
         self.front = ChipLeaky(0.9, **neuron)
         outputs = classes * READOUT_NEURONS
-        self.hidden = nn.ModuleList(Recurrent(channels, size, outputs, **neuron) for size in hidden_sizes(spec, channels + outputs))
+        self.hidden = nn.ModuleList(Recurrent(channels, size, outputs, **neuron) for size in hidden_sizes(spec, (channels, outputs)))
         self.out = ChipLeaky(0.9, **neuron)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, channels)
