@@ -76,7 +76,7 @@ class Interruptions:
     def held(self) -> Iterator[None]:
         """A signal inside is remembered, not raised, and raised on leaving: for importing torch, where
         an exception raised at any bytecode may land in importlib's callbacks (printed as ignored) or
-        in Python code torch's C++ initialisation calls (which then aborts the process)."""
+        in Python code that C++ calls during the import, where it can abort the process."""
         self.holding = True
         try:
             yield

@@ -17,8 +17,8 @@ neurons, recurrent populations of ``nwp.ChipRLeaky`` neurons, each as large as i
 recurrent connections must stay) and fed by the front end, one on every core the front end and
 the readout do not need (``hidden_sizes``: one of 100 on H1v2; on H1v1 two of 64 for the digits,
 three for the vowels, whose front end and readout share a core), and ``READOUT_NEURONS`` (5)
-spiking output neurons per class, read by spike counts: each class is one block of the chip.  The chip's neurons:
-membranes never below zero, the chip's reset, one threshold for all (``threshold_for``), and a
+spiking output neurons per class, read by spike counts: each class is one block of the chip.
+The chip's neurons: membranes never below zero, the chip's reset, one threshold for all (``threshold_for``), and a
 surrogate gradient that reaches ``SURROGATE_WIDTH`` thresholds (``surrogate_slope_for``).
 
 Three runs start from one initialization (``--seed`` moves it and the batch order; the data split
@@ -114,10 +114,10 @@ def _requirements():
 
 def hidden_sizes(spec: ChipSpec, feed_forward: tuple[int, ...]) -> list[int]:
     """The demo's recurrent populations on ``spec``'s chip, largest first: the smallest cores that
-    together hold the ``feed_forward`` populations (the front end's and the readout's neurons; each
-    may span cores, and takes whole blocks of ``spec.group_size``, as the placer places it) are theirs, and every
-    other core holds a recurrent population as large as it (recurrent connections stay within one
-    core).  ``[100]`` on H1v2; on H1v1 ``[64, 64]`` for the digits (16 + 50 neurons need two cores)
+    together hold the ``feed_forward`` populations (the front end's and the readout's neurons;
+    each may span cores and takes whole blocks of ``spec.group_size``, as the placer places it)
+    are theirs, and every other core holds a recurrent population as large as it (recurrent
+    connections stay within one core).  ``[100]`` on H1v2; on H1v1 ``[64, 64]`` for the digits (16 + 50 neurons need two cores)
     and ``[64, 64, 64]`` for the vowels (12 + 45 fit in one).
 
     Raises:
@@ -130,8 +130,7 @@ def hidden_sizes(spec: ChipSpec, feed_forward: tuple[int, ...]) -> list[int]:
     if taken == len(cores):
         raise ValueError(
             f"demo: the front end and the readout ({' + '.join(map(str, feed_forward))} neurons) leave no core of {spec.cores} "
-            "for a recurrent population; "
-            "give the chip more cores"
+            "for a recurrent population; give the chip more cores"
         )
     return cores[taken:][::-1]
 
