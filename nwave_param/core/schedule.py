@@ -27,7 +27,7 @@ At training step :math:`t` of :math:`T` (the fraction :math:`f = t / T`):
 
 Measured over seeds 0-4 on the demo (docs/training-on-the-chip.md, test set): the hardened network
 on the chip ends, on average, 0.6 points under the same network trained without constraints on
-H1v2 digits, 3.0 on H1v1 digits, 0.4 on H1v2 spoken vowels and 1.2 with a 5-bit grid and mismatch.
+H1v2 digits, 0.8 on H1v1 digits, 0.4 on H1v2 spoken vowels and 1.2 with a 5-bit grid and mismatch.
 """
 
 from __future__ import annotations
