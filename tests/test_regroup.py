@@ -203,6 +203,14 @@ def test_populations_whose_order_shows_keep_it_and_say_why():
     assert all(same_bits(before[k], visible.state_dict()[k]) for k in ("encode.weight", "encode.bias", "recurrent.weight"))
 
 
+def assert_all_kept_and_nothing_moved(net, x, reason):
+    """regroup_ keeps both hidden populations' orders, saying ``reason``, and the model is as it was."""
+    before = snapshot(net)
+    result = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
+    assert not result.orders and all(reason in result.kept[p] for p in ("lif", "lif2"))
+    assert_same_snapshot(before, snapshot(net))
+
+
 def test_a_plan_that_misses_a_tensor_is_caught_by_the_check_and_changes_nothing(monkeypatch):
     net, x = dyadic_net(5, 3, 12, 7, 2), example(5, 3)
     plan = regroup_module._plan
@@ -215,10 +223,7 @@ def test_a_plan_that_misses_a_tensor_is_caught_by_the_check_and_changes_nothing(
         return tuple(m for m in moves if m not in (("link.weight", (1,)), ("readout.weight", (1,)))), incoming
 
     monkeypatch.setattr(regroup_module, "_plan", missing_the_weight_that_reads_it)
-    before = snapshot(net)
-    result = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
-    assert not result.orders and all("computes otherwise" in result.kept[p] for p in ("lif", "lif2"))
-    assert_same_snapshot(before, snapshot(net))
+    assert_all_kept_and_nothing_moved(net, x, "computes otherwise")
 
 
 def test_a_hardened_model_is_refused_and_left_as_it_was():
@@ -371,14 +376,12 @@ def test_apply_skips_a_state_a_copy_has_not_made_yet_and_refuses_a_wrong_shape_m
 def test_populations_whose_reorders_each_pass_but_not_together_are_all_kept(monkeypatch):
     net, x = dyadic_net(12, 3, 12, 7, 2), example(12, 3)
     check = regroup_module._computes_alike
+
     def alone_only(model, ex, planned, neurons):
         return len(planned) == 1 and check(model, ex, planned, neurons)
 
     monkeypatch.setattr(regroup_module, "_computes_alike", alone_only)
-    before = snapshot(net)
-    result = nwp.regroup_(net, x, spec=nwp.H1V2, neurons=Net.NEURONS)
-    assert not result.orders and all("together" in result.kept[p] for p in ("lif", "lif2"))
-    assert_same_snapshot(before, snapshot(net))
+    assert_all_kept_and_nothing_moved(net, x, "together")
 
 
 def test_apply_refuses_a_bad_optimizer_naming_it():

@@ -327,14 +327,18 @@ def _targets(
     return targets
 
 
+def _permuted(tensor: Tensor, dims: Iterable[int], order: Tensor) -> Tensor:
+    """``tensor`` with each of ``dims`` taken in ``order``, by logical index (any strides, any memory format)."""
+    for d in dims:
+        tensor = tensor.index_select(d, order.to(tensor.device))
+    return tensor
+
+
 @torch.no_grad()
 def _move(targets: list[tuple[Tensor, tuple[int, ...]]], order: Tensor) -> None:
-    """Permute each tensor along its dims, by logical index (any strides, any memory format)."""
+    """Permute each tensor along its dims, in place."""
     for target, dims in targets:
-        moved = target
-        for d in dims:
-            moved = moved.index_select(d, order.to(target.device))
-        target.copy_(moved)
+        target.copy_(_permuted(target, dims, order))
 
 
 @torch.no_grad()
@@ -362,14 +366,13 @@ def _computes_alike(
     moved = dict(values)
     for moves, order in planned.values():
         for name, dims in moves:
-            for d in dims:
-                moved[name] = moved[name].index_select(d, order.to(moved[name].device))
+            moved[name] = _permuted(moved[name], dims, order)
     modules = [neurons[name] for name in planned]
     (before, calls_before), (after, calls_after) = (_run(model, example, tensors, modules) for tensors in (values, moved))
     for module, (_, order) in zip(modules, planned.values()):
         n = len(order)
         reordered = [
-            [t.index_select(-1, order.to(t.device)) if isinstance(t, Tensor) and t.dim() and t.shape[-1] == n else t for t in call]
+            [_permuted(t, (-1,), order) if isinstance(t, Tensor) and t.dim() and t.shape[-1] == n else t for t in call]
             for call in calls_before[id(module)]
         ]
         if not _alike(reordered, calls_after[id(module)]):
