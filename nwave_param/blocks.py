@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 
 import torch
@@ -130,16 +131,30 @@ def __getattr__(name: str) -> type:
 _BASES = {"ChipLeaky": "Leaky", "ChipRLeaky": "RLeaky"}  # each chip neuron -> the snnTorch neuron it is
 
 
-def ChipLeaky(beta: float, *, threshold: float = THRESHOLD, reset_mechanism: str = "subtract", **kwargs) -> nn.Module:  # noqa: N802
-    """A leaky integrate-and-fire population as the chip computes it: snnTorch's ``Leaky`` (same
-    arguments) whose membrane is clamped at 0 after each update, resetting by subtraction, with
-    the chip's one threshold.  Pass ``reset_mechanism="zero"`` for H1v1's zero reset.
+def _chip_neuron(name: str, args: tuple, kwargs: dict) -> nn.Module:
+    """A ``name`` neuron from snnTorch's own arguments, positional or by keyword (bound as its
+    ``__init__`` binds them, so a wrong one raises its ``TypeError``), the chip's threshold and
+    reset where none is given."""
+    cls = _chip_class(name)
+    try:
+        bound = inspect.signature(cls.__mro__[2].__init__).bind(None, *args, **kwargs)  # None: self
+    except TypeError as error:
+        raise TypeError(f"{name}: {error}; it takes snntorch.{_BASES[name]}'s arguments") from None
+    bound.arguments.setdefault("threshold", THRESHOLD)
+    bound.arguments.setdefault("reset_mechanism", "subtract")
+    return cls(*bound.args[1:], **bound.kwargs)
+
+
+def ChipLeaky(*args, **kwargs) -> nn.Module:  # noqa: N802
+    """A leaky integrate-and-fire population as the chip computes it: snnTorch's ``Leaky``, taking
+    the same arguments (positional or by keyword), whose membrane is clamped at 0 after each
+    update, resetting by subtraction, with the chip's one threshold.  Pass
+    ``reset_mechanism="zero"`` for H1v1's zero reset.
 
     Args:
-        beta: the membrane's decay rate, as snnTorch's ``Leaky`` takes it.
-        threshold: the firing threshold, one for the whole network (default ``THRESHOLD``).
-        reset_mechanism: ``"subtract"`` (H1v2's) or ``"zero"`` (H1v1's).
-        **kwargs: the rest of snnTorch's ``Leaky`` arguments (``init_hidden``, ``spike_grad`` ...).
+        *args: snnTorch's ``Leaky`` arguments in its order (``beta, threshold, spike_grad, ...``).
+        **kwargs: or by name; ``threshold`` is the one threshold of the whole network (default
+            ``THRESHOLD``), ``reset_mechanism`` ``"subtract"`` (H1v2's, the default) or ``"zero"`` (H1v1's).
 
     Returns:
         The neuron module: an instance of a subclass of ``snntorch.Leaky``.
@@ -153,26 +168,27 @@ def ChipLeaky(beta: float, *, threshold: float = THRESHOLD, reset_mechanism: str
 
     Raises:
         ImportError: snnTorch is not installed.
+        TypeError: arguments ``snntorch.Leaky`` does not take.
     """
-    return _chip_class("ChipLeaky")(beta, threshold=threshold, reset_mechanism=reset_mechanism, **kwargs)
+    return _chip_neuron("ChipLeaky", args, kwargs)
 
 
-def ChipRLeaky(beta: float, *, threshold: float = THRESHOLD, reset_mechanism: str = "subtract", **kwargs) -> nn.Module:  # noqa: N802
-    """A recurrent population as the chip computes it: snnTorch's ``RLeaky`` (same arguments: its
-    all-to-all recurrent weight sits whole in one core) whose membrane is clamped at 0 after each
-    update, resetting by subtraction, with the chip's one threshold.
+def ChipRLeaky(*args, **kwargs) -> nn.Module:  # noqa: N802
+    """A recurrent population as the chip computes it: snnTorch's ``RLeaky``, taking the same
+    arguments (positional or by keyword; its all-to-all recurrent weight sits whole in one core),
+    whose membrane is clamped at 0 after each update, resetting by subtraction, with the chip's
+    one threshold.
 
     Args:
-        beta: the membrane's decay rate, as snnTorch's ``RLeaky`` takes it.
-        threshold: the firing threshold, one for the whole network (default ``THRESHOLD``).
-        reset_mechanism: ``"subtract"`` (H1v2's) or ``"zero"`` (H1v1's).
-        **kwargs: the rest of snnTorch's ``RLeaky`` arguments (``linear_features``,
-            ``init_hidden`` ...).
+        *args: snnTorch's ``RLeaky`` arguments in its order (``beta, V, all_to_all, linear_features, ...``).
+        **kwargs: or by name; ``threshold`` is the one threshold of the whole network (default
+            ``THRESHOLD``), ``reset_mechanism`` ``"subtract"`` (H1v2's, the default) or ``"zero"`` (H1v1's).
 
     Returns:
         The neuron module: an instance of a subclass of ``snntorch.RLeaky``.
 
     Raises:
         ImportError: snnTorch is not installed.
+        TypeError: arguments ``snntorch.RLeaky`` does not take.
     """
-    return _chip_class("ChipRLeaky")(beta, threshold=threshold, reset_mechanism=reset_mechanism, **kwargs)
+    return _chip_neuron("ChipRLeaky", args, kwargs)

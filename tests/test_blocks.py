@@ -142,3 +142,32 @@ def test_chip_neurons_share_one_threshold_and_reset_by_subtraction():
     assert nwp.place(model, torch.rand(3, 4), nwp.H1V2).fits
     on_h1v1 = nwp.place(model, torch.rand(3, 4), nwp.H1V1)
     assert not on_h1v1.fits and all("resets by subtracting" in p for p in on_h1v1.problems)
+
+
+@pytest.mark.parametrize(
+    "name, args, kwargs",
+    [
+        ("Leaky", (0.9, 0.5), {}),  # beta, threshold
+        ("Leaky", (0.9,), {"threshold": 0.3, "reset_mechanism": "zero", "learn_beta": True}),
+        ("RLeaky", (0.9, 0.5, True, 4), {}),  # beta, V, all_to_all, linear_features
+        ("RLeaky", (0.8,), {"linear_features": 3, "threshold": 0.7}),
+    ],
+)
+def test_chip_neurons_take_snntorchs_arguments_as_snntorch_does(name, args, kwargs):
+    torch.manual_seed(0)
+    chip = getattr(nwp, f"Chip{name}")(*args, **kwargs)
+    torch.manual_seed(0)
+    reference = getattr(snn, name)(*args, **kwargs)
+    assert isinstance(chip, type(reference))
+    for attribute in ("threshold", "beta", "reset_mechanism", "all_to_all", "linear_features", "V"):
+        if hasattr(reference, attribute):
+            want, got = getattr(reference, attribute), getattr(chip, attribute)
+            assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want, attribute
+    assert {k: v.shape for k, v in chip.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_chip_neurons_refuse_arguments_snntorch_does_not_take_by_name():
+    with pytest.raises(TypeError, match="ChipLeaky: .*bogus.*snntorch.Leaky"):
+        nwp.ChipLeaky(0.9, bogus=1)
+    with pytest.raises(TypeError, match="ChipRLeaky: .*threshold"):
+        nwp.ChipRLeaky(0.9, 1.0, True, 4, 8, 3, 0.5, threshold=0.5)  # threshold twice
