@@ -121,6 +121,41 @@ def test_a_resumed_schedule_continues_where_it_was():
     assert other.hardness == reg.hardness and resumed.steps == 7 and "step 7 of 20" in repr(resumed)
 
 
+@settings(max_examples=30, deadline=None)
+@given(total=st.integers(1, 30), stop=st.floats(0, 1), settle=st.floats(0, 1), optimizer_first=st.booleans())
+def test_a_resumed_schedule_given_the_optimizer_continues_its_learning_rates(total, stop, settle, optimizer_first):
+    """Resumed at any step, from the schedule's and the optimizer's states loaded in either order, the
+    learning rates and the hardness go on as if training had not stopped."""
+    stop = round(stop * total)
+
+    def fresh():
+        model, reg = registered()
+        optimizer = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.3}])
+        return reg, optimizer
+
+    reg, optimizer = fresh()
+    schedule = nwp.Schedule(reg, total, optimizer, settle=settle)
+    for _ in range(stop):
+        optimizer.step()
+        schedule.step()
+    states = schedule.state_dict(), optimizer.state_dict()
+    other, resumed_optimizer = fresh()
+    if optimizer_first:
+        resumed_optimizer.load_state_dict(states[1])
+    resumed = nwp.Schedule(other, total, resumed_optimizer, settle=settle)
+    resumed.load_state_dict(states[0])
+    if not optimizer_first:
+        resumed_optimizer.load_state_dict(states[1])
+    for step in range(stop, total + 1):
+        want = [0.1 * rule(step, total, settle=settle)[2], 0.3 * rule(step, total, settle=settle)[2]]
+        assert [g["lr"] for g in resumed_optimizer.param_groups] == pytest.approx(want)
+        assert resumed.learning_rates.get_last_lr() == pytest.approx(want)
+        assert other.hardness == rule(step, total)[0] == reg.hardness
+        for opt, sched in ((optimizer, schedule), (resumed_optimizer, resumed)):
+            opt.step()
+            sched.step()
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -141,7 +176,8 @@ def test_bad_arguments_are_refused_naming_them(kwargs, error, match):
         nwp.Schedule(nn.Linear(2, 2), 10)
 
 
-def test_as_a_lightning_callback_it_steps_after_each_batch(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_as_a_lightning_callback_it_steps_after_each_optimizer_step(tmp_path, accumulate):
     L = pytest.importorskip("lightning", reason=not_installed("lightning"))
 
     class Module(L.LightningModule):
@@ -162,10 +198,17 @@ def test_as_a_lightning_callback_it_steps_after_each_batch(tmp_path):
 
     data = torch.utils.data.TensorDataset(torch.randn(48, 4), torch.randint(0, 3, (48,)))
     module = Module()
+    hardness = []
+
+    class Watch(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            hardness.append(module.reg.hardness)
+
     trainer = L.Trainer(
-        max_steps=12, callbacks=[module.schedule.callback()], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=12, callbacks=[module.schedule.callback(), Watch()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, accumulate_grad_batches=accumulate,
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
-    assert module.schedule.steps == 12 and module.reg.hardness == 1.0
+    assert trainer.global_step == module.schedule.steps == 12 and module.reg.hardness == 1.0
+    assert hardness == [rule(step, 12)[0] for step in range(12)]  # each optimizer step at its own step's hardness
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)

@@ -245,8 +245,8 @@ class Schedule:
         return self.reg.hardness
 
     def state_dict(self) -> dict[str, int]:
-        """What resuming needs: the step count (the learning rates' own state is the optimizer's
-        scheduler's, saved beside it).
+        """What resuming needs: the step count (the hardness, the penalty's scale and, given the
+        optimizer, its learning rates all follow from it).
 
         Returns:
             ``{"steps": <the optimizer steps taken>}``.
@@ -254,7 +254,9 @@ class Schedule:
         return {"steps": self.steps}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume: the step count of ``state``, and the hardness of that step.
+        """Resume: the step count of ``state``, and that step's hardness and, given the optimizer,
+        its learning rates (each group's initial rate times :meth:`learning_rate`), whether the
+        optimizer's own state was loaded before or after.
 
         Args:
             state: what :meth:`state_dict` returned.
@@ -266,10 +268,20 @@ class Schedule:
         """
         self.steps = int(state["steps"])
         self.reg.harden(self.hardness_at(min(self.steps, self.total_steps)))
+        if self.learning_rates is not None:
+            # LambdaLR counts its own steps from construction; set it where the schedule is, as its step() would
+            rates = [base * self.learning_rate(self.steps) for base in self.learning_rates.base_lrs]
+            self.learning_rates.last_epoch = self.steps
+            self.learning_rates._last_lr = rates  # what get_last_lr() returns
+            for group, rate in zip(self.learning_rates.optimizer.param_groups, rates):
+                group["lr"] = rate
 
     def callback(self):
-        """A Lightning callback that calls :meth:`step` after each training batch (Lightning's
-        ``Callback``; needs Lightning installed).  Its ``training_step`` adds :meth:`penalty` to the loss.
+        """A Lightning callback that calls :meth:`step` after each optimizer step (Lightning's
+        ``Callback``; needs Lightning installed): at the end of each training batch, once for each
+        step the trainer's ``global_step`` has taken since, so that with ``accumulate_grad_batches``
+        the schedule counts optimizer steps, as ``total_steps`` and a ``LambdaLR`` stepped at
+        ``interval: "step"`` do.  Its ``training_step`` adds :meth:`penalty` to the loss.
 
         Returns:
             A ``lightning.pytorch.Callback`` driving this schedule; its state is the schedule's.
@@ -283,7 +295,8 @@ class Schedule:
 
         class ScheduleCallback(Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                schedule.step()
+                while schedule.steps < trainer.global_step:  # none on a batch that only accumulated gradients
+                    schedule.step()
 
             def state_dict(self):
                 return schedule.state_dict()
