@@ -3,9 +3,11 @@
 ::
 
     import nwave_param as nwp
-    reg = nwp.register(model)                 # track every weight; the model computes as before
-    loss = task_loss + reg.penalty()          # steer toward |w| <= 0.9 and sign-aligned blocks of 5
-    reg.harden(h)                             # compute with what the chip holds, h from 0 to 1
+    reg = nwp.register(model)                         # track every weight; the model computes as before
+    schedule = nwp.Schedule(reg, total_steps, optimizer)   # the recipe: penalty, hardness, learning rate
+    loss = task_loss + schedule.penalty()             # steer toward |w| <= 0.9 and sign-aligned blocks of 5
+    schedule.step()                                   # after each optimizer step: the network ends computing
+                                                      # with what the chip holds
 
 Every name is imported when first used (PEP 562), so that ``import nwave_param`` imports no
 torch: the command line installs its signal handling before torch loads, and an interrupt while

@@ -41,6 +41,7 @@ def test_demo_json_means_the_same(capsys, monkeypatch, tmp_path):
     assert code == 0 and json.loads(out)["epochs"] is None  # the task's own number of epochs
     assert "--epochs" in error(capsys, "demo", "--epochs", "0")
     assert "--seed" in error(capsys, "demo", "--seed", "-1")
+    assert "--seed must be in [0, 2**64)" in error(capsys, "demo", "--seed", str(2**64))
     assert "bits" in error(capsys, "demo", "--bits", "1")
     assert "mismatch" in error(capsys, "demo", "--mismatch", "-0.1")
 

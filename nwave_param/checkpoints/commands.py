@@ -209,8 +209,8 @@ def run_demo(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (3 if args.quick else None)  # None: the task's own
     if epochs is not None and epochs < 1:
         raise CheckpointError(f"--epochs must be >= 1, got {epochs}")
-    if args.seed < 0:
-        raise CheckpointError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**64:  # torch's generators take 64 bits
+        raise CheckpointError(f"--seed must be in [0, 2**64), got {args.seed}")
     try:
         ChipSpec(bits=args.bits, mismatch=args.mismatch)  # checked before training
     except ValueError as error:
