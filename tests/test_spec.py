@@ -68,7 +68,7 @@ def test_chip_presets_and_repr():
     assert (nwp.H1V1.limit, nwp.H1V1.group_size, nwp.H1V1.bits, nwp.H1V1.mismatch) == (0.9, 5, None, 0.0)
     assert (nwp.H1V2.limit, nwp.H1V2.group_size, nwp.H1V2.bits, nwp.H1V2.mismatch) == (1.66, 5, None, 0.0)
     assert nwp.ChipSpec() == nwp.H1V1 and repr(nwp.H1V1) == "ChipSpec(limit=0.9, group_size=5)"
-    spec = nwp.ChipSpec(limit=1.66, bits=5, mismatch=0.02)
+    spec = nwp.H1V2.replace(bits=5, mismatch=0.02)
     assert eval(repr(spec), {"ChipSpec": nwp.ChipSpec}) == spec
 
 
