@@ -140,6 +140,11 @@ def _chip_neuron(name: str, args: tuple, kwargs: dict) -> nn.Module:
         bound = inspect.signature(cls.__mro__[2].__init__).bind(None, *args, **kwargs)  # None: self
     except TypeError as error:
         raise TypeError(f"{name}: {error}; it takes snntorch.{_BASES[name]}'s arguments") from None
+    if name == "ChipRLeaky" and not bound.arguments.get("all_to_all", True):
+        raise ValueError(
+            "ChipRLeaky: all_to_all=False keeps one recurrent weight per neuron (V) that nwave_param does not constrain; "
+            "use all_to_all=True (its recurrent weight is constrained like every weight)"
+        )
     bound.arguments.setdefault("threshold", THRESHOLD)
     bound.arguments.setdefault("reset_mechanism", "subtract")
     return cls(*bound.args[1:], **bound.kwargs)
@@ -190,5 +195,7 @@ def ChipRLeaky(*args, **kwargs) -> nn.Module:  # noqa: N802
     Raises:
         ImportError: snnTorch is not installed.
         TypeError: arguments ``snntorch.RLeaky`` does not take.
+        ValueError: ``all_to_all=False``: its per-neuron recurrent weight ``V`` is not a weight
+            nwave_param constrains.
     """
     return _chip_neuron("ChipRLeaky", args, kwargs)

@@ -166,8 +166,11 @@ def test_chip_neurons_take_snntorchs_arguments_as_snntorch_does(name, args, kwar
     assert {k: v.shape for k, v in chip.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
 
 
-def test_chip_neurons_refuse_arguments_snntorch_does_not_take_by_name():
+def test_chip_neurons_refuse_arguments_snntorch_does_not_take_and_an_unconstrained_recurrent_weight_by_name():
     with pytest.raises(TypeError, match="ChipLeaky: .*bogus.*snntorch.Leaky"):
         nwp.ChipLeaky(0.9, bogus=1)
     with pytest.raises(TypeError, match="ChipRLeaky: .*threshold"):
         nwp.ChipRLeaky(0.9, 1.0, True, 4, 8, 3, 0.5, threshold=0.5)  # threshold twice
+    for refused in (lambda: nwp.ChipRLeaky(0.9, 1.0, False, 4), lambda: nwp.ChipRLeaky(0.9, all_to_all=False, linear_features=4)):
+        with pytest.raises(ValueError, match="ChipRLeaky: all_to_all=False keeps one recurrent weight per neuron"):
+            refused()
