@@ -82,3 +82,23 @@ def test_the_demo_writes_its_json_and_picture_all_or_none(capsys, monkeypatch, t
         line = error(capsys, "demo", "--quick", f"--json={tmp_path / 'demo.json'}", "--plot", tmp_path / "demo.png")
         assert said in line and "nothing was written" in line, line
         assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+
+
+def test_a_signal_while_the_demo_imports_its_libraries_stops_it_right_after_them(capsys, monkeypatch):
+    """The demo's libraries (snnTorch, scikit-learn, matplotlib) import with the signal held, as
+    torch does: it lands after they have imported, and the command ends with its one line."""
+    import signal
+
+    from nwave_param import demo
+
+    imported = []
+
+    def import_libraries(task, plot):
+        signal.raise_signal(signal.SIGINT)  # mid-import
+        imported.append((task, plot))
+
+    monkeypatch.setattr(demo, "import_libraries", import_libraries)
+    monkeypatch.setattr(demo, "main", lambda *args, **kwargs: imported.append("trained"))
+    code, out, err = run(capsys, "demo", "--task", "vowels", "--plot", "demo.png")
+    assert code == 2 and imported == [("vowels", True)] and out == ""
+    assert err == "nwave-param: error: interrupted by SIGINT: nothing was written\n"

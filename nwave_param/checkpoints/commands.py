@@ -203,7 +203,10 @@ def run_project(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     check_destinations([(option, path) for option, path in (*_json_destinations(args), ("--plot", args.plot)) if path])
     try:
-        from nwave_param import demo
+        with INTERRUPTIONS.held():  # its libraries import as torch does: a signal stops the command right after
+            from nwave_param import demo
+
+            demo.import_libraries(args.task, args.plot is not None)
     except ImportError as error:
         raise CheckpointError(str(error)) from None
     epochs = args.epochs if args.epochs is not None else (3 if args.quick else None)  # None: the task's own

@@ -112,6 +112,38 @@ def _requirements():
     return surrogate, tqdm.tqdm
 
 
+def _scikit_learn():
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as error:
+        raise ImportError(f"the demo's digits need scikit-learn: pip install 'nwave-param[demo]' ({error})") from None
+    return load_digits, train_test_split
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def import_libraries(task: str, plot: bool) -> None:
+    """Import now the libraries a run of ``task`` (and its picture, with ``plot``) uses, so that
+    the command line can hold its signals meanwhile, as while torch imports.
+
+    Raises:
+        ImportError: one of them is not installed.
+    """
+    _requirements()
+    if task == "digits":
+        _scikit_learn()
+    if plot:
+        _pyplot()
+
+
 def hidden_sizes(spec: ChipSpec, feed_forward: tuple[int, ...]) -> list[int]:
     """The demo's recurrent populations on ``spec``'s chip, largest first: the smallest cores that
     together hold the ``feed_forward`` populations (the front end's and the readout's neurons;
@@ -188,11 +220,7 @@ Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x_train,
 def digits() -> Data:
     """Images as (time=8, samples, 16): each row's 8 pixels in [0, 1] and their complements; a
     fixed stratified split (70/30)."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as error:
-        raise ImportError(f"the demo's digits need scikit-learn: pip install 'nwave-param[demo]' ({error})") from None
+    load_digits, train_test_split = _scikit_learn()
     data = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
         data.images / 16.0, data.target, test_size=0.3, stratify=data.target, random_state=SPLIT_SEED
@@ -446,11 +474,7 @@ COLORS = {"baseline": "tab:blue", "constrained": "tab:orange", "hardened": "tab:
 
 def plot(outcomes: dict[str, Outcome], placement: Placement, stream: BinaryIO, limit: float) -> None:
     """The picture, as PNG, into ``stream``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = _pyplot()
     figure = plt.figure(figsize=(15, 8.5))
     grid = figure.add_gridspec(2, len(outcomes))
     figure.suptitle("nwave-param demo: a spiking classifier built for the chip, trained three ways, then put on it")
