@@ -212,3 +212,36 @@ def test_as_a_lightning_callback_it_steps_after_each_optimizer_step(tmp_path, ac
     assert trainer.global_step == module.schedule.steps == 12 and module.reg.hardness == 1.0
     assert hardness == [rule(step, 12)[0] for step in range(12)]  # each optimizer step at its own step's hardness
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_as_a_lightning_callback_it_steps_once_per_batch_that_stepped_several_optimizers(tmp_path):
+    """Manual optimization with two optimizers: ``global_step`` counts both; the schedule, the batches."""
+    L = pytest.importorskip("lightning", reason=not_installed("lightning"))
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.net, self.reg = registered()
+            self.schedule = nwp.Schedule(self.reg, total_steps=6)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            for optimizer in self.optimizers():
+                with self.reg.cached():
+                    loss = nn.functional.cross_entropy(self.net(x), y) + self.schedule.penalty()
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.randn(24, 4), torch.randint(0, 3, (24,)))
+    module = Module()
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[module.schedule.callback()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert trainer.global_step == 12 and module.schedule.steps == 6 and module.reg.hardness == 1.0

@@ -202,13 +202,6 @@ def run_project(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     check_destinations([(option, path) for option, path in (*_json_destinations(args), ("--plot", args.plot)) if path])
-    try:
-        with INTERRUPTIONS.held():  # its libraries import as torch does: a signal stops the command right after
-            from nwave_param import demo
-
-            demo.import_libraries(args.task, args.plot is not None)
-    except ImportError as error:
-        raise CheckpointError(str(error)) from None
     epochs = args.epochs if args.epochs is not None else (3 if args.quick else None)  # None: the task's own
     if epochs is not None and epochs < 1:
         raise CheckpointError(f"--epochs must be >= 1, got {epochs}")
@@ -217,6 +210,13 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         ChipSpec(bits=args.bits, mismatch=args.mismatch)  # checked before training
     except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    try:
+        with INTERRUPTIONS.held():  # its libraries import as torch does: a signal stops the command right after
+            from nwave_param import demo
+
+            demo.import_libraries(args.task, args.plot is not None)
+    except ImportError as error:
         raise CheckpointError(str(error)) from None
     try:
         return demo.main(

@@ -274,14 +274,18 @@ class Schedule:
             self.learning_rates.last_epoch = self.steps
             self.learning_rates._last_lr = rates  # what get_last_lr() returns
             for group, rate in zip(self.learning_rates.optimizer.param_groups, rates):
-                group["lr"] = rate
+                if isinstance(group["lr"], torch.Tensor):  # a tensor rate stays the same tensor, as LambdaLR.step keeps it
+                    group["lr"].fill_(rate)
+                else:
+                    group["lr"] = rate
 
     def callback(self):
         """A Lightning callback that calls :meth:`step` after each optimizer step (Lightning's
-        ``Callback``; needs Lightning installed): at the end of each training batch, once for each
-        step the trainer's ``global_step`` has taken since, so that with ``accumulate_grad_batches``
-        the schedule counts optimizer steps, as ``total_steps`` and a ``LambdaLR`` stepped at
-        ``interval: "step"`` do.  Its ``training_step`` adds :meth:`penalty` to the loss.
+        ``Callback``; needs Lightning installed): at the end of each training batch on which the
+        trainer's ``global_step`` moved, so that with ``accumulate_grad_batches`` the schedule
+        counts optimizer steps, as ``total_steps`` and a ``LambdaLR`` stepped at ``interval:
+        "step"`` do (with several optimizers stepped by hand, once per batch that stepped them).
+        Its ``training_step`` adds :meth:`penalty` to the loss.
 
         Returns:
             A ``lightning.pytorch.Callback`` driving this schedule; its state is the schedule's.
@@ -294,8 +298,14 @@ class Schedule:
         schedule = self
 
         class ScheduleCallback(Callback):
+            global_step = None  # the trainer's, when the schedule last stepped
+
+            def on_train_start(self, trainer, pl_module):
+                self.global_step = trainer.global_step
+
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                while schedule.steps < trainer.global_step:  # none on a batch that only accumulated gradients
+                if trainer.global_step != self.global_step:  # not on a batch that only accumulated gradients
+                    self.global_step = trainer.global_step
                     schedule.step()
 
             def state_dict(self):

@@ -122,10 +122,13 @@ def _scikit_learn():
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError as error:
+        raise ImportError(f"the demo's picture needs matplotlib: pip install 'nwave-param[demo]' ({error})") from None
 
     return pyplot
 
