@@ -174,3 +174,13 @@ def test_chip_neurons_refuse_arguments_snntorch_does_not_take_and_an_unconstrain
     for refused in (lambda: nwp.ChipRLeaky(0.9, 1.0, False, 4), lambda: nwp.ChipRLeaky(0.9, all_to_all=False, linear_features=4)):
         with pytest.raises(ValueError, match="ChipRLeaky: all_to_all=False keeps one recurrent weight per neuron"):
             refused()
+
+
+@pytest.mark.parametrize("register", [lambda m: nwp.register(m), lambda m: nwp.register(m, example=torch.rand(3, 4))])
+def test_registering_snntorchs_one_to_one_recurrence_warns_that_its_weights_go_unchecked(register):
+    """snnTorch's ``RLeaky(all_to_all=False)`` keeps one recurrent weight per neuron in ``V``: a
+    synapse nwave_param does not track, said by name rather than passed as checked."""
+    model = nn.Sequential(nn.Linear(4, 6), snn.RLeaky(0.9, V=torch.full((6,), 3.0), all_to_all=False, init_hidden=True))
+    said = r"^1\.V holds one-to-one recurrent synapses \(all_to_all=False\), which nwave_param does not track"
+    with pytest.warns(UserWarning, match=said):
+        register(model)

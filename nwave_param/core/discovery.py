@@ -132,8 +132,16 @@ def constraints(model: nn.Module) -> Iterator[Constrained]:
 
 
 def _warn_unreachable(model: nn.Module) -> None:
-    """Warn about weight-like plain tensor attributes: parametrize cannot reach them."""
+    """Warn about weight-like plain tensor attributes, which parametrize cannot reach, and about
+    snnTorch's one-to-one recurrent weights (``all_to_all=False``: one ``V`` per neuron), which
+    nwave_param does not track."""
     for path, module in model.named_modules():
+        if getattr(module, "all_to_all", True) is False and isinstance(getattr(module, "V", None), Tensor):
+            warnings.warn(
+                f"{_dotted(path, 'V')} holds one-to-one recurrent synapses (all_to_all=False), which nwave_param does not "
+                "track: their range, grid and mismatch go unchecked; use all_to_all=True to have the recurrent weight tracked",
+                stacklevel=4,
+            )
         for local, value in vars(module).items():
             if isinstance(value, Tensor) and is_weight_name(local) and value.dim() >= 2:
                 warnings.warn(
