@@ -5,12 +5,21 @@
   do not exist, so they are not stored: the gains are a depthwise ``(channels, 1, 1)`` weight
   applied as a grouped 1x1 convolution, read with ``Layout(groups=channels)``, so that the
   penalty, ``project_``, ``on_chip``'s mismatch and ``place`` all see one synapse per channel.
-* :func:`ChipLeaky` and :func:`ChipRLeaky`: snnTorch's ``Leaky`` and ``RLeaky`` with the chip's
+* :class:`ChipLeaky` and :class:`ChipRLeaky`: snnTorch's ``Leaky`` and ``RLeaky`` with the chip's
   neuron rules: the membrane clamped at 0 after each update (it is never negative on the chip),
   reset by subtraction (H1v2's, its tutorial says: "Fixed (subtraction + non-negative clamp)"),
   and one threshold for all of them (its value is not published: ``THRESHOLD``, 1.0, by default,
   as the demo's on H1v2; the demo passes 0.54 on H1v1, see docs/training-on-the-chip.md).
-  snnTorch stays optional: they are made when first used.
+  snnTorch stays optional: the classes are made when first looked up (``nwp.ChipLeaky``, or
+  ``from nwave_param.blocks import ChipLeaky``), which imports snnTorch (``ImportError`` without it).
+
+Example::
+
+    >>> from nwave_param.blocks import ChipLeaky
+    >>> lif = ChipLeaky(beta=0.9)  # the membrane of a negative input stays at 0
+    >>> spikes, membrane = lif(torch.tensor([[-3.0, 1.5]]), lif.init_leaky())
+    >>> spikes.tolist(), membrane.tolist(), isinstance(lif, ChipLeaky)
+    ([[0.0, 1.0]], [[0.0, 1.5]], True)
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from torch import Tensor, nn
 
 from nwave_param.layout import Layout
 
-__all__ = ["THRESHOLD", "ChipLeaky", "ChipRLeaky", "FrontEnd"]
+__all__ = ["THRESHOLD", "ChipLeaky", "ChipRLeaky", "FrontEnd"]  # noqa: F822 (the neurons: made at first lookup, __getattr__)
 
 THRESHOLD = 1.0  # every chip neuron's, unless told otherwise: the chip has one, not published
 
@@ -97,7 +106,23 @@ def _snntorch():
 
 
 class _ChipNeuron:
-    """The chip's rules on an snnTorch neuron's membrane: clamped at 0 after each update."""
+    """The chip's rules on an snnTorch neuron: its arguments bound as snnTorch binds them (the
+    chip's threshold and reset where none is given), the membrane clamped at 0 after each update."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        name, base = type(self)._chip_name, type(self)._snntorch_base
+        try:
+            bound = inspect.signature(base.__init__).bind(self, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{name}: {error}; it takes snntorch.{base.__name__}'s arguments") from None
+        if "all_to_all" in bound.signature.parameters and not bound.arguments.get("all_to_all", True):
+            raise ValueError(
+                f"{name}: all_to_all=False keeps one recurrent weight per neuron (V) that nwave_param does not constrain; "
+                "use all_to_all=True (its recurrent weight is constrained like every weight)"
+            )
+        bound.arguments.setdefault("threshold", THRESHOLD)
+        bound.arguments.setdefault("reset_mechanism", "subtract")
+        super().__init__(*bound.args[1:], **bound.kwargs)
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
@@ -107,53 +132,10 @@ class _ChipNeuron:
         return out
 
 
-_made: dict[str, type] = {}
-
-
-def _chip_class(name: str) -> type:
-    """The class of :func:`ChipLeaky`'s (``name``) neurons, made at its first use.  A pickle finds it
-    by its qualified name, ``_ChipLeaky``, through this module's ``__getattr__``."""
-    if name not in _made:
-        base = getattr(_snntorch(), _BASES[name])
-        doc = f"snnTorch's {_BASES[name]} with the chip's rules: membrane clamped at 0, reset by subtraction, one threshold."
-        namespace = {"__doc__": doc, "__module__": __name__, "__qualname__": f"_{name}"}
-        _made[name] = type(name, (_ChipNeuron, base), namespace)
-    return _made[name]
-
-
-def __getattr__(name: str) -> type:
-    """``_ChipLeaky`` and ``_ChipRLeaky``: the neurons' classes, for ``pickle`` (``torch.save(model)``)."""
-    if name.startswith("_") and name[1:] in _BASES:
-        return _chip_class(name[1:])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_BASES = {"ChipLeaky": "Leaky", "ChipRLeaky": "RLeaky"}  # each chip neuron -> the snnTorch neuron it is
-
-
-def _chip_neuron(name: str, args: tuple, kwargs: dict) -> nn.Module:
-    """A ``name`` neuron from snnTorch's own arguments, positional or by keyword (bound as its
-    ``__init__`` binds them, so a wrong one raises its ``TypeError``), the chip's threshold and
-    reset where none is given."""
-    cls = _chip_class(name)
-    try:
-        bound = inspect.signature(cls.__mro__[2].__init__).bind(None, *args, **kwargs)  # None: self
-    except TypeError as error:
-        raise TypeError(f"{name}: {error}; it takes snntorch.{_BASES[name]}'s arguments") from None
-    if name == "ChipRLeaky" and not bound.arguments.get("all_to_all", True):
-        raise ValueError(
-            "ChipRLeaky: all_to_all=False keeps one recurrent weight per neuron (V) that nwave_param does not constrain; "
-            "use all_to_all=True (its recurrent weight is constrained like every weight)"
-        )
-    bound.arguments.setdefault("threshold", THRESHOLD)
-    bound.arguments.setdefault("reset_mechanism", "subtract")
-    return cls(*bound.args[1:], **bound.kwargs)
-
-
-def ChipLeaky(*args, **kwargs) -> nn.Module:  # noqa: N802
-    """A leaky integrate-and-fire population as the chip computes it: snnTorch's ``Leaky``, taking
-    the same arguments (positional or by keyword), whose membrane is clamped at 0 after each
-    update, resetting by subtraction, with the chip's one threshold.  Pass
+_DOCS = {
+    "ChipLeaky": """A leaky integrate-and-fire population as the chip computes it: a subclass of snnTorch's
+    ``Leaky``, taking its arguments (positional or by name), whose membrane is clamped at 0 after
+    each update, resetting by subtraction, with the chip's one threshold.  Pass
     ``reset_mechanism="zero"`` for H1v1's zero reset.
 
     Args:
@@ -161,41 +143,45 @@ def ChipLeaky(*args, **kwargs) -> nn.Module:  # noqa: N802
         **kwargs: or by name; ``threshold`` is the one threshold of the whole network (default
             ``THRESHOLD``), ``reset_mechanism`` ``"subtract"`` (H1v2's, the default) or ``"zero"`` (H1v1's).
 
-    Returns:
-        The neuron module: an instance of a subclass of ``snntorch.Leaky``.
-
-    Example::
-
-        >>> lif = ChipLeaky(beta=0.9)
-        >>> spikes, membrane = lif(torch.tensor([[-3.0, 1.5]]), lif.init_leaky())
-        >>> spikes.tolist(), membrane.tolist()
-        ([[0.0, 1.0]], [[0.0, 1.5]])
+    Example: in this module's docstring.
 
     Raises:
-        ImportError: snnTorch is not installed.
         TypeError: arguments ``snntorch.Leaky`` does not take.
-    """
-    return _chip_neuron("ChipLeaky", args, kwargs)
-
-
-def ChipRLeaky(*args, **kwargs) -> nn.Module:  # noqa: N802
-    """A recurrent population as the chip computes it: snnTorch's ``RLeaky``, taking the same
-    arguments (positional or by keyword; its all-to-all recurrent weight sits whole in one core),
-    whose membrane is clamped at 0 after each update, resetting by subtraction, with the chip's
-    one threshold.
+    """,
+    "ChipRLeaky": """A recurrent population as the chip computes it: a subclass of snnTorch's ``RLeaky``,
+    taking its arguments (positional or by name; its all-to-all recurrent weight sits whole in one
+    core), whose membrane is clamped at 0 after each update, resetting by subtraction, with the
+    chip's one threshold.
 
     Args:
         *args: snnTorch's ``RLeaky`` arguments in its order (``beta, V, all_to_all, linear_features, ...``).
         **kwargs: or by name; ``threshold`` is the one threshold of the whole network (default
             ``THRESHOLD``), ``reset_mechanism`` ``"subtract"`` (H1v2's, the default) or ``"zero"`` (H1v1's).
 
-    Returns:
-        The neuron module: an instance of a subclass of ``snntorch.RLeaky``.
-
     Raises:
-        ImportError: snnTorch is not installed.
         TypeError: arguments ``snntorch.RLeaky`` does not take.
         ValueError: ``all_to_all=False``: its per-neuron recurrent weight ``V`` is not a weight
             nwave_param constrains.
-    """
-    return _chip_neuron("ChipRLeaky", args, kwargs)
+    """,
+}
+_BASES = {"ChipLeaky": "Leaky", "ChipRLeaky": "RLeaky"}  # each chip neuron -> the snnTorch neuron it is
+_made: dict[str, type] = {}
+
+
+def _chip_class(name: str) -> type:
+    """The class ``name`` (``ChipLeaky``, ``ChipRLeaky``), made at its first use: snnTorch stays
+    optional until then."""
+    if name not in _made:
+        base = getattr(_snntorch(), _BASES[name])
+        namespace = {"__doc__": _DOCS[name], "__module__": __name__, "__qualname__": name, "_chip_name": name, "_snntorch_base": base}
+        _made[name] = type(name, (_ChipNeuron, base), namespace)
+    return _made[name]
+
+
+def __getattr__(name: str) -> type:
+    """``ChipLeaky`` and ``ChipRLeaky``, made when first looked up (importing snnTorch then), and
+    ``_ChipLeaky``, ``_ChipRLeaky``: the same classes under the names 0.4 pickled them by."""
+    chip = name.removeprefix("_")
+    if chip in _BASES and name in (chip, f"_{chip}"):
+        return _chip_class(chip)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

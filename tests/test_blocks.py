@@ -1,6 +1,9 @@
 """The chip's building blocks: the front end's one-to-one synapses and the chip's neurons (specs
 derived from the presets: test_spec.py)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -184,3 +187,22 @@ def test_registering_snntorchs_one_to_one_recurrence_warns_that_its_weights_go_u
     said = r"^1\.V holds one-to-one recurrent synapses \(all_to_all=False\), which nwave_param does not track"
     with pytest.warns(UserWarning, match=said):
         register(model)
+
+
+def test_the_chip_neurons_are_snntorchs_classes_and_snntorch_stays_optional():
+    assert issubclass(nwp.ChipLeaky, snn.Leaky) and issubclass(nwp.ChipRLeaky, snn.RLeaky)
+
+    class Mine(nwp.ChipLeaky):  # a user's own neuron on top
+        def __init__(self):
+            super().__init__(0.8, 0.5)
+
+    mine = Mine()
+    assert isinstance(mine, nwp.ChipLeaky) and float(mine.threshold) == 0.5 and mine.reset_mechanism == "subtract"
+    without = (
+        "import sys; sys.modules['snntorch'] = None\n"
+        "import nwave_param as nwp, nwave_param.demo, nwave_param.blocks\n"
+        "nwp.FrontEnd(3)\n"
+        "try:\n    nwp.ChipLeaky\nexcept ImportError as error:\n    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "the chip neurons are snnTorch neurons: pip install snntorch\n", done.stderr

@@ -28,6 +28,19 @@ def test_a_network_pickled_whole_by_0_3_loads_with_its_package_objects(monkeypat
     assert reg.is_mappable()
 
 
+def test_chip_neurons_pickled_whole_by_0_4_load_as_the_classes_they_are_now():
+    """0.4 pickled its chip neurons under the names ``_ChipLeaky`` and ``_ChipRLeaky``; the classes
+    are ``ChipLeaky`` and ``ChipRLeaky`` since, and those names still find them."""
+    snn = pytest.importorskip("snntorch", reason="the chip neurons are snnTorch neurons: pip install snntorch")
+    model = torch.load(DATA / "model_0_4.pt", weights_only=False)  # FrontEnd(3), ChipLeaky, Linear(3, 4), ChipRLeaky
+    assert type(model[1]) is nwp.ChipLeaky and type(model[3]) is nwp.ChipRLeaky and isinstance(model[3], snn.RLeaky)
+    x = torch.tensor([[-3.0, 0.5, 2.0]])
+    spikes = model[1](model[0](x))  # init_hidden: the membrane kept in .mem
+    assert torch.equal(model[1].mem, (0.5 * x).clamp(min=0)) and torch.equal(spikes, torch.zeros_like(x))
+    model(x)  # the recurrent population runs as the chip's too
+    assert float(model[3].mem.min()) >= 0
+
+
 @pytest.mark.parametrize("make", ["ChipLeaky", "ChipRLeaky"])
 def test_a_network_of_chip_neurons_pickles_whole(make):
     surrogate = pytest.importorskip("snntorch.surrogate", reason="the chip neurons are snnTorch neurons: pip install snntorch")

@@ -60,7 +60,8 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from nwave_param.blocks import ChipLeaky, ChipRLeaky, FrontEnd
+from nwave_param import blocks  # its neurons: snnTorch classes, made at first use
+from nwave_param.blocks import FrontEnd
 from nwave_param.checkpoints.guards import INTERRUPTIONS
 from nwave_param.checkpoints.outputs import Outputs
 from nwave_param.core.registry import Registry, register
@@ -177,7 +178,7 @@ class Recurrent(nn.Module):
     def __init__(self, channels: int, neurons: int, outputs: int, **neuron) -> None:
         super().__init__()
         self.encode = nn.Linear(channels, neurons)
-        self.lif = ChipRLeaky(0.9, linear_features=neurons, **neuron)
+        self.lif = blocks.ChipRLeaky(0.9, linear_features=neurons, **neuron)
         self.readout = nn.Linear(neurons, outputs)
 
 
@@ -197,10 +198,10 @@ class SpikingNet(nn.Module):
         )
         self.classes = classes
         self.gain = FrontEnd(channels)
-        self.front = ChipLeaky(0.9, **neuron)
+        self.front = blocks.ChipLeaky(0.9, **neuron)
         outputs = classes * READOUT_NEURONS
         self.hidden = nn.ModuleList(Recurrent(channels, size, outputs, **neuron) for size in hidden_sizes(spec, (channels, outputs)))
-        self.out = ChipLeaky(0.9, **neuron)
+        self.out = blocks.ChipLeaky(0.9, **neuron)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, channels)
         front, out = self.front.init_leaky(), self.out.init_leaky()
