@@ -146,6 +146,7 @@ _DOCS = {
     Example: in this module's docstring.
 
     Raises:
+        ImportError: snnTorch is not installed (the class is then a stand-in).
         TypeError: arguments ``snntorch.Leaky`` does not take.
     """,
     "ChipRLeaky": """A recurrent population as the chip computes it: a subclass of snnTorch's ``RLeaky``,
@@ -159,6 +160,7 @@ _DOCS = {
             ``THRESHOLD``), ``reset_mechanism`` ``"subtract"`` (H1v2's, the default) or ``"zero"`` (H1v1's).
 
     Raises:
+        ImportError: snnTorch is not installed (the class is then a stand-in).
         TypeError: arguments ``snntorch.RLeaky`` does not take.
         ValueError: ``all_to_all=False``: its per-neuron recurrent weight ``V`` is not a weight
             nwave_param constrains.
@@ -170,10 +172,23 @@ _made: dict[str, type] = {}
 
 def _chip_class(name: str) -> type:
     """The class ``name`` (``ChipLeaky``, ``ChipRLeaky``), made at its first use: snnTorch stays
-    optional until then."""
+    optional until then.  Without snnTorch, a stand-in whose construction raises the
+    ``ImportError`` (so that ``hasattr``, ``import *`` and ``help`` still work)."""
     if name not in _made:
-        base = getattr(_snntorch(), _BASES[name])
-        namespace = {"__doc__": _DOCS[name], "__module__": __name__, "__qualname__": name, "_chip_name": name, "_snntorch_base": base}
+        try:
+            base = getattr(_snntorch(), _BASES[name])
+        except ImportError as missing:
+            message = str(missing)
+
+            def refuse(self, *args, **kwargs):
+                raise ImportError(message)
+
+            doc = f"{_DOCS[name]}\n    snnTorch is not installed: constructing one raises ImportError.\n"
+            return type(name, (), {"__doc__": doc, "__module__": __name__, "__qualname__": name, "__init__": refuse})
+        namespace = {
+            "__doc__": _DOCS[name], "__module__": __name__, "__qualname__": name, "__signature__": inspect.signature(base),
+            "_chip_name": name, "_snntorch_base": base,
+        }
         _made[name] = type(name, (_ChipNeuron, base), namespace)
     return _made[name]
 
@@ -185,3 +200,7 @@ def __getattr__(name: str) -> type:
     if chip in _BASES and name in (chip, f"_{chip}"):
         return _chip_class(chip)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_BASES})

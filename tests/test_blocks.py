@@ -1,6 +1,7 @@
 """The chip's building blocks: the front end's one-to-one synapses and the chip's neurons (specs
 derived from the presets: test_spec.py)."""
 
+import inspect
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from layers import same_bits
 from torch import nn
 
 import nwave_param as nwp
-from nwave_param import functional
+from nwave_param import blocks, functional
 
 snn = pytest.importorskip("snntorch", reason=not_installed("snntorch"))
 
@@ -198,11 +199,17 @@ def test_the_chip_neurons_are_snntorchs_classes_and_snntorch_stays_optional():
 
     mine = Mine()
     assert isinstance(mine, nwp.ChipLeaky) and float(mine.threshold) == 0.5 and mine.reset_mechanism == "subtract"
-    without = (
-        "import sys; sys.modules['snntorch'] = None\n"
+    assert {"ChipLeaky", "ChipRLeaky"} <= set(dir(blocks)) and inspect.signature(nwp.ChipRLeaky) == inspect.signature(snn.RLeaky)
+    without = (  # snnTorch absent: the names are there, every import and introspection works, constructing one says what to install
+        "import inspect, sys; sys.modules['snntorch'] = None\n"
         "import nwave_param as nwp, nwave_param.demo, nwave_param.blocks\n"
+        "from nwave_param import *\n"
+        "from nwave_param.blocks import *\n"
+        "inspect.getmembers(nwp); inspect.getmembers(nwave_param.blocks)\n"
         "nwp.FrontEnd(3)\n"
-        "try:\n    nwp.ChipLeaky\nexcept ImportError as error:\n    print(error)\n"
+        "assert hasattr(nwp, 'ChipLeaky') and hasattr(nwave_param.blocks, 'ChipRLeaky')\n"
+        "for neuron in (nwp.ChipLeaky, nwp.ChipRLeaky):\n"
+        "    try:\n        neuron(0.9)\n    except ImportError as error:\n        print(error)\n"
     )
     done = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout == "the chip neurons are snnTorch neurons: pip install snntorch\n", done.stderr
+    assert done.returncode == 0 and done.stdout == 2 * "the chip neurons are snnTorch neurons: pip install snntorch\n", done.stderr

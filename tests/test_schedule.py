@@ -214,8 +214,9 @@ def test_as_a_lightning_callback_it_steps_after_each_optimizer_step(tmp_path, ac
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)
 
 
-def test_as_a_lightning_callback_it_steps_once_per_batch_that_stepped_several_optimizers(tmp_path):
-    """Manual optimization with two optimizers: ``global_step`` counts both; the schedule, the batches."""
+def test_as_a_lightning_callback_it_counts_each_optimizer_step_as_global_step_does(tmp_path):
+    """Manual optimization with two optimizers: ``global_step`` counts both, and so does the
+    schedule, so that ``total_steps`` is what ``max_steps`` counts."""
     L = pytest.importorskip("lightning", reason=not_installed("lightning"))
 
     class Module(L.LightningModule):
@@ -223,7 +224,7 @@ def test_as_a_lightning_callback_it_steps_once_per_batch_that_stepped_several_op
             super().__init__()
             self.automatic_optimization = False
             self.net, self.reg = registered()
-            self.schedule = nwp.Schedule(self.reg, total_steps=6)
+            self.schedule = nwp.Schedule(self.reg, total_steps=12)
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -240,8 +241,8 @@ def test_as_a_lightning_callback_it_steps_once_per_batch_that_stepped_several_op
     data = torch.utils.data.TensorDataset(torch.randn(24, 4), torch.randint(0, 3, (24,)))
     module = Module()
     trainer = L.Trainer(
-        max_epochs=1, callbacks=[module.schedule.callback()], logger=False, enable_checkpointing=False,
+        max_steps=12, callbacks=[module.schedule.callback()], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
-    assert trainer.global_step == 12 and module.schedule.steps == 6 and module.reg.hardness == 1.0
+    assert trainer.global_step == module.schedule.steps == 12 and module.reg.hardness == 1.0

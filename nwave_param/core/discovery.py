@@ -136,7 +136,8 @@ def _warn_unreachable(model: nn.Module) -> None:
     snnTorch's one-to-one recurrent weights (``all_to_all=False``: one ``V`` per neuron), which
     nwave_param does not track."""
     for path, module in model.named_modules():
-        if getattr(module, "all_to_all", True) is False and isinstance(getattr(module, "V", None), Tensor):
+        recurrent = getattr(module, "V", None)
+        if not getattr(module, "all_to_all", True) and isinstance(recurrent, Tensor) and recurrent.dim() < 2:  # a matrix V may be tracked
             warnings.warn(
                 f"{_dotted(path, 'V')} holds one-to-one recurrent synapses (all_to_all=False), which nwave_param does not "
                 "track: their range, grid and mismatch go unchecked; use all_to_all=True to have the recurrent weight tracked",

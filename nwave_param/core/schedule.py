@@ -281,11 +281,12 @@ class Schedule:
 
     def callback(self):
         """A Lightning callback that calls :meth:`step` after each optimizer step (Lightning's
-        ``Callback``; needs Lightning installed): at the end of each training batch on which the
-        trainer's ``global_step`` moved, so that with ``accumulate_grad_batches`` the schedule
-        counts optimizer steps, as ``total_steps`` and a ``LambdaLR`` stepped at ``interval:
-        "step"`` do (with several optimizers stepped by hand, once per batch that stepped them).
-        Its ``training_step`` adds :meth:`penalty` to the loss.
+        ``Callback``; needs Lightning installed): at the end of each training batch, until the
+        schedule's step count reaches the trainer's ``global_step``, its count of optimizer steps.
+        So with ``accumulate_grad_batches`` the schedule steps once per accumulated group of
+        batches, as a ``LambdaLR`` stepped at ``interval: "step"`` does; with several optimizers
+        stepped by hand, once per optimizer step (Lightning counts each); and ``total_steps`` is
+        what ``max_steps`` counts.  Its ``training_step`` adds :meth:`penalty` to the loss.
 
         Returns:
             A ``lightning.pytorch.Callback`` driving this schedule; its state is the schedule's.
@@ -298,14 +299,8 @@ class Schedule:
         schedule = self
 
         class ScheduleCallback(Callback):
-            global_step = None  # the trainer's, when the schedule last stepped
-
-            def on_train_start(self, trainer, pl_module):
-                self.global_step = trainer.global_step
-
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if trainer.global_step != self.global_step:  # not on a batch that only accumulated gradients
-                    self.global_step = trainer.global_step
+                while schedule.steps < trainer.global_step:  # none on a batch that only accumulated gradients
                     schedule.step()
 
             def state_dict(self):
