@@ -11,7 +11,8 @@
   and one threshold for all of them (its value is not published: ``THRESHOLD``, 1.0, by default,
   as the demo's on H1v2; the demo passes 0.54 on H1v1, see docs/training-on-the-chip.md).
   snnTorch stays optional: the classes are made when first looked up (``nwp.ChipLeaky``, or
-  ``from nwave_param.blocks import ChipLeaky``), which imports snnTorch (``ImportError`` without it).
+  ``from nwave_param.blocks import ChipLeaky``), which imports snnTorch; without it they are
+  stand-ins whose construction raises the ``ImportError`` that says what to install.
 
 Example::
 
@@ -197,7 +198,7 @@ def __getattr__(name: str) -> type:
     """``ChipLeaky`` and ``ChipRLeaky``, made when first looked up (importing snnTorch then), and
     ``_ChipLeaky``, ``_ChipRLeaky``: the same classes under the names 0.4 pickled them by."""
     chip = name.removeprefix("_")
-    if chip in _BASES and name in (chip, f"_{chip}"):
+    if chip in _BASES:
         return _chip_class(chip)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
