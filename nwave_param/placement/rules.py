@@ -13,7 +13,7 @@ from nwave_param.errors import one_line
 from nwave_param.placement.graph import Graph
 from nwave_param.spec import ChipSpec
 
-__all__ = ["cycles", "input_problems", "neuron_problems"]
+__all__ = ["cycles", "input_problems", "neuron_problems", "shared_weight_problems"]
 
 
 def _reach(follows: dict[int, set[int]], start: int) -> set[int]:
@@ -75,6 +75,30 @@ def input_problems(traced: Trace, graph: Graph, spec: ChipSpec, names: list[str]
             f"{one_line(names[p])}: {said}{via}; the chip's input channels reach the front end one-to-one, with no fan-in or "
             "fan-out (nwp.FrontEnd, a gain per channel, or a diagonal matrix)"
         )
+    return problems
+
+
+def shared_weight_problems(traced: Trace, spec: ChipSpec, names: list[str], sizes: dict) -> list[str]:
+    """A problem for each convolution applied at several positions of a population: the chip holds
+    the unrolled layer, one synapse per neuron pair, and its blocks of ``group_size`` consecutive
+    neurons (positions of one channel) take their weights from different kernel offsets, which
+    nwave_param's blocks (of output channels) do not constrain to share a sign."""
+    problems = []
+    for p, n in sizes.items():
+        reached = traced.feeds.get(p, frozenset()) - {("spikes", p), ("state", p), ("own", p)}
+        convolutions = {
+            use.name: use for token in sorted(reached, key=str) if token != INPUT and token[0] == "current"
+            for use in [traced.all_uses[token[1]]] if use.parameter and use.op in ("conv", "conv_transpose") and use.rows is not None
+        }
+        for use in convolutions.values():
+            channels = use.rows * (use.groups if use.op == "conv_transpose" else 1)  # the output channels
+            if n is not None and n > channels:
+                problems.append(
+                    f"{one_line(names[p])}: {one_line(use.where)} applies {one_line(use.name)} at each of {n // channels} positions; "
+                    f"the chip holds the unrolled layer, whose blocks of {spec.group_size} consecutive neurons take weights from "
+                    "different kernel offsets that nwave_param does not constrain to share a sign: write it as a dense weight "
+                    "(an nn.Linear on the flattened map)"
+                )
     return problems
 
 
