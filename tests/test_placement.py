@@ -946,3 +946,17 @@ def test_a_convolution_applied_at_several_positions_is_a_problem_the_unrolled_bl
 def test_a_front_end_convolution_one_gain_per_channel_is_no_shared_weight():
     model = nn.Sequential(nwp.FrontEnd(16), leaky(init_hidden=True), nn.Linear(16, 50), leaky(init_hidden=True))
     assert nwp.place(model, torch.rand(4, 16), H1V2).fits
+
+
+@pytest.mark.parametrize("series", [False, True])
+def test_two_weights_in_series_with_no_neurons_between_are_a_note(series):
+    """The chip holds one synapse matrix from a population to the next; two weights in series hold
+    their product there, which nwave_param does not constrain: said, naming both."""
+    layers = [nn.Linear(16, 30), nn.Linear(30, 20)] if series else [nn.Linear(16, 20)]
+    model = nn.Sequential(nwp.FrontEnd(16), leaky(init_hidden=True), *layers, leaky(init_hidden=True))
+    placement = nwp.place(model, torch.rand(3, 16), H1V2)
+    said = [note for note in placement.notes if "two weights in series with no neurons between" in note]
+    assert placement.fits and said == (["F.linear(x, weight) in 3 reads the current of F.linear(x, weight) in 2: 2.weight and 3.weight "
+                                        "are two weights in series with no neurons between, and the chip holds one synapse matrix "
+                                        "between populations (their product, which nwave_param does not constrain): merge them into "
+                                        "one weight, or put neurons between"] if series else [])

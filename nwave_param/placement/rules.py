@@ -13,7 +13,7 @@ from nwave_param.errors import one_line
 from nwave_param.placement.graph import Graph
 from nwave_param.spec import ChipSpec
 
-__all__ = ["cycles", "input_problems", "neuron_problems", "shared_weight_problems"]
+__all__ = ["cycles", "input_problems", "neuron_problems", "series_notes", "shared_weight_problems"]
 
 
 def _reach(follows: dict[int, set[int]], start: int) -> set[int]:
@@ -76,6 +76,27 @@ def input_problems(traced: Trace, graph: Graph, spec: ChipSpec, names: list[str]
             "fan-out (nwp.FrontEnd, a gain per channel, or a diagonal matrix)"
         )
     return problems
+
+
+def series_notes(traced: Trace) -> list[str]:
+    """A note for each weight that reads another weight's current, with no neurons between: the
+    chip holds one synapse matrix from a population to the next, their product, which nwave_param
+    constrains as two weights, not as one (a note, not a problem: a fixed scalar gain before a
+    weight, say, leaves the product as mappable as the weight)."""
+    notes, seen = [], set()
+    for use in traced.all_uses:
+        for token in sorted(use.reads, key=str):
+            if use.parameter and token != INPUT and token[0] == "current" and traced.all_uses[token[1]].parameter:
+                before = traced.all_uses[token[1]]
+                if (before.name, use.name) not in seen:
+                    seen.add((before.name, use.name))
+                    notes.append(
+                        f"{one_line(use.where)} reads the current of {one_line(before.where)}: {one_line(before.name)} and "
+                        f"{one_line(use.name)} are two weights in series with no neurons between, and the chip holds one "
+                        "synapse matrix between populations (their product, which nwave_param does not constrain): "
+                        "merge them into one weight, or put neurons between"
+                    )
+    return notes
 
 
 def shared_weight_problems(traced: Trace, spec: ChipSpec, names: list[str], sizes: dict) -> list[str]:
