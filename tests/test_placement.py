@@ -904,59 +904,15 @@ def test_thresholds_equal_within_bfloat16_precision_are_one():
     assert nwp.place(net, torch.rand(2, 16), H1V2, neurons=["0"]).problems == []
 
 
-class ConvPopulation(nn.Module):
-    """A front end of ``channels`` neurons, a (transposed) 1-d convolution over a map of ``length``
-    positions into a population, and a readout."""
-
-    def __init__(self, transposed, channels, out_channels, length, kernel, groups):
-        super().__init__()
-        self.channels, self.length = channels, length
-        self.front = leaky(init_hidden=True)
-        cls = nn.ConvTranspose1d if transposed else nn.Conv1d
-        self.conv = cls(channels, out_channels * groups, kernel, groups=groups, padding=(kernel - 1) // 2 if not transposed else 0)
-        self.lif = leaky(init_hidden=True)
-
-    def forward(self, x):  # (batch, channels * length)
-        spikes = self.front(x).reshape(x.shape[0], self.channels, self.length)
-        return self.lif(self.conv(spikes).flatten(1))
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    transposed=st.booleans(), channels=st.sampled_from([1, 2, 4]), out_channels=st.integers(1, 6), length=st.integers(1, 4),
-    kernel=st.sampled_from([1, 3]), grouped=st.booleans(),
-)
-def test_a_convolution_applied_at_several_positions_is_a_problem_the_unrolled_blocks_break(
-    transposed, channels, out_channels, length, kernel, grouped
-):
-    """The chip holds a convolution unrolled, one synapse per neuron pair: five consecutive
-    neurons are positions of one channel, fed from different kernel offsets, which the blocks
-    nwave_param constrains (of output channels) leave free. So it is a problem wherever the
-    population holds more neurons than the convolution has output channels."""
-    groups = channels if grouped else 1
-    model = ConvPopulation(transposed, channels, out_channels, length, kernel, groups)
-    placement = nwp.place(model, torch.rand(3, channels * length), H1V2)
-    hidden = placement.populations[1]
-    said = [p for p in placement.problems if p.startswith("lif: conv") and "does not constrain to share a sign" in p]
-    assert bool(said) == (hidden.neurons > out_channels * groups)
-    if said:
-        assert f"at each of {hidden.neurons // (out_channels * groups)} positions" in said[0] and not placement.fits
-
-
-def test_a_front_end_convolution_one_gain_per_channel_is_no_shared_weight():
-    model = nn.Sequential(nwp.FrontEnd(16), leaky(init_hidden=True), nn.Linear(16, 50), leaky(init_hidden=True))
-    assert nwp.place(model, torch.rand(4, 16), H1V2).fits
-
-
 @pytest.mark.parametrize("series", [False, True])
 def test_two_weights_in_series_with_no_neurons_between_are_a_note(series):
-    """The chip holds one synapse matrix from a population to the next; two weights in series hold
-    their product there, which nwave_param does not constrain: said, naming both."""
+    """The chip holds one synapse matrix from a population to the next; two weights in series are
+    constrained each, not as what they compute together: said, naming both."""
     layers = [nn.Linear(16, 30), nn.Linear(30, 20)] if series else [nn.Linear(16, 20)]
     model = nn.Sequential(nwp.FrontEnd(16), leaky(init_hidden=True), *layers, leaky(init_hidden=True))
     placement = nwp.place(model, torch.rand(3, 16), H1V2)
     said = [note for note in placement.notes if "two weights in series with no neurons between" in note]
     assert placement.fits and said == (["F.linear(x, weight) in 3 reads the current of F.linear(x, weight) in 2: 2.weight and 3.weight "
-                                        "are two weights in series with no neurons between, and the chip holds one synapse matrix "
-                                        "between populations (their product, which nwave_param does not constrain): merge them into "
-                                        "one weight, or put neurons between"] if series else [])
+                                        "are two weights in series with no neurons between; the chip holds one synapse matrix from a "
+                                        "population to the next, and nwave_param constrains each weight, not what they compute "
+                                        "together: make them one weight, or put neurons between"] if series else [])

@@ -13,7 +13,7 @@ from nwave_param.errors import one_line
 from nwave_param.placement.graph import Graph
 from nwave_param.spec import ChipSpec
 
-__all__ = ["cycles", "input_problems", "neuron_problems", "series_notes", "shared_weight_problems"]
+__all__ = ["cycles", "input_problems", "neuron_problems", "series_notes"]
 
 
 def _reach(follows: dict[int, set[int]], start: int) -> set[int]:
@@ -80,9 +80,9 @@ def input_problems(traced: Trace, graph: Graph, spec: ChipSpec, names: list[str]
 
 def series_notes(traced: Trace) -> list[str]:
     """A note for each weight that reads another weight's current, with no neurons between: the
-    chip holds one synapse matrix from a population to the next, their product, which nwave_param
-    constrains as two weights, not as one (a note, not a problem: a fixed scalar gain before a
-    weight, say, leaves the product as mappable as the weight)."""
+    chip holds one synapse matrix from a population to the next, and nwave_param constrains each
+    weight, not what they compute together (a note, not a problem: a fixed scalar gain before a
+    weight, say, leaves it as mappable as the weight)."""
     notes, seen = [], set()
     for use in traced.all_uses:
         for token in sorted(use.reads, key=str):
@@ -90,37 +90,16 @@ def series_notes(traced: Trace) -> list[str]:
                 before = traced.all_uses[token[1]]
                 if (before.name, use.name) not in seen:
                     seen.add((before.name, use.name))
+                    pair = (
+                        f"{one_line(use.name)} is applied twice in series" if before.name == use.name
+                        else f"{one_line(before.name)} and {one_line(use.name)} are two weights in series"
+                    )
                     notes.append(
-                        f"{one_line(use.where)} reads the current of {one_line(before.where)}: {one_line(before.name)} and "
-                        f"{one_line(use.name)} are two weights in series with no neurons between, and the chip holds one "
-                        "synapse matrix between populations (their product, which nwave_param does not constrain): "
-                        "merge them into one weight, or put neurons between"
+                        f"{one_line(use.where)} reads the current of {one_line(before.where)}: {pair} with no neurons between; "
+                        "the chip holds one synapse matrix from a population to the next, and nwave_param constrains each weight, "
+                        "not what they compute together: make them one weight, or put neurons between"
                     )
     return notes
-
-
-def shared_weight_problems(traced: Trace, spec: ChipSpec, names: list[str], sizes: dict) -> list[str]:
-    """A problem for each convolution applied at several positions of a population: the chip holds
-    the unrolled layer, one synapse per neuron pair, and its blocks of ``group_size`` consecutive
-    neurons (positions of one channel) take their weights from different kernel offsets, which
-    nwave_param's blocks (of output channels) do not constrain to share a sign."""
-    problems = []
-    for p, n in sizes.items():
-        reached = traced.feeds.get(p, frozenset()) - {("spikes", p), ("state", p), ("own", p)}
-        convolutions = {
-            use.name: use for token in sorted(reached, key=str) if token != INPUT and token[0] == "current"
-            for use in [traced.all_uses[token[1]]] if use.parameter and use.op in ("conv", "conv_transpose") and use.rows is not None
-        }
-        for use in convolutions.values():
-            channels = use.rows * (use.groups if use.op == "conv_transpose" else 1)  # the output channels
-            if n is not None and n > channels:
-                problems.append(
-                    f"{one_line(names[p])}: {one_line(use.where)} applies {one_line(use.name)} at each of {n // channels} positions; "
-                    f"the chip holds the unrolled layer, whose blocks of {spec.group_size} consecutive neurons take weights from "
-                    "different kernel offsets that nwave_param does not constrain to share a sign: write it as a dense weight "
-                    "(an nn.Linear on the flattened map)"
-                )
-    return problems
 
 
 def neuron_problems(traced: Trace, spec: ChipSpec, names: list[str], candidates: dict[str, nn.Module], notes: list[str]) -> list[str]:
