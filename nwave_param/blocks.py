@@ -121,6 +121,11 @@ class _ChipNeuron:
                 f"{name}: all_to_all=False keeps one recurrent weight per neuron (V) that nwave_param does not constrain; "
                 "use all_to_all=True (its recurrent weight is constrained like every weight)"
             )
+        if bound.arguments.get("conv2d_channels") is not None:
+            raise ValueError(
+                f"{name}: conv2d_channels makes the recurrence a convolution, which the chip holds unrolled, its blocks of "
+                "5 neurons fed from kernel offsets nwave_param does not constrain to share a sign; use linear_features"
+            )
         bound.arguments.setdefault("threshold", THRESHOLD)
         bound.arguments.setdefault("reset_mechanism", "subtract")
         super().__init__(*bound.args[1:], **bound.kwargs)
@@ -164,7 +169,8 @@ _DOCS = {
         ImportError: snnTorch is not installed (the class is then a stand-in).
         TypeError: arguments ``snntorch.RLeaky`` does not take.
         ValueError: ``all_to_all=False``: its per-neuron recurrent weight ``V`` is not a weight
-            nwave_param constrains.
+            nwave_param constrains; ``conv2d_channels``: a convolutional recurrence, whose
+            unrolled sign blocks nwave_param does not constrain.
     """,
 }
 _BASES = {"ChipLeaky": "Leaky", "ChipRLeaky": "RLeaky"}  # each chip neuron -> the snnTorch neuron it is

@@ -178,6 +178,8 @@ def test_chip_neurons_refuse_arguments_snntorch_does_not_take_and_an_unconstrain
     for refused in (lambda: nwp.ChipRLeaky(0.9, 1.0, False, 4), lambda: nwp.ChipRLeaky(0.9, all_to_all=False, linear_features=4)):
         with pytest.raises(ValueError, match="ChipRLeaky: all_to_all=False keeps one recurrent weight per neuron"):
             refused()
+    with pytest.raises(ValueError, match="ChipRLeaky: conv2d_channels makes the recurrence a convolution.*use linear_features"):
+        nwp.ChipRLeaky(0.9, conv2d_channels=2, kernel_size=3)
 
 
 @pytest.mark.parametrize("register", [lambda m: nwp.register(m), lambda m: nwp.register(m, example=torch.rand(3, 4))])
