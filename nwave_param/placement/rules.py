@@ -1,6 +1,6 @@
 """The chip's design rules a network may break, each check naming the rule and the population:
-cycles through populations, the front end's one-to-one input, and the neurons (one threshold,
-the chip's reset, no adaptation)."""
+cycles through populations and weights in series (notes), the front end's one-to-one input, and
+the neurons (one threshold, the chip's reset, no adaptation)."""
 
 from __future__ import annotations
 
