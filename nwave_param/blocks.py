@@ -191,12 +191,13 @@ def _chip_class(name: str) -> type:
                 raise ImportError(message)
 
             doc = f"{_DOCS[name]}\n    snnTorch is not installed: constructing one raises ImportError.\n"
-            return type(name, (), {"__doc__": doc, "__module__": __name__, "__qualname__": name, "__init__": refuse})
-        namespace = {
-            "__doc__": _DOCS[name], "__module__": __name__, "__qualname__": name, "__signature__": inspect.signature(base),
-            "_chip_name": name, "_snntorch_base": base,
-        }
-        _made[name] = type(name, (_ChipNeuron, base), namespace)
+            _made[name] = type(name, (), {"__doc__": doc, "__module__": __name__, "__qualname__": name, "__init__": refuse})
+        else:
+            namespace = {
+                "__doc__": _DOCS[name], "__module__": __name__, "__qualname__": name, "__signature__": inspect.signature(base),
+                "_chip_name": name, "_snntorch_base": base,
+            }
+            _made[name] = type(name, (_ChipNeuron, base), namespace)
     return _made[name]
 
 

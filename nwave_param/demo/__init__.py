@@ -159,9 +159,9 @@ def hidden_sizes(spec: ChipSpec, feed_forward: tuple[int, ...]) -> list[int]:
     Raises:
         ValueError: no core is left for a recurrent population.
     """
-    cores, blocks = sorted(spec.cores), sum(-(-neurons // spec.group_size) for neurons in feed_forward)
+    cores, needed = sorted(spec.cores), sum(-(-neurons // spec.group_size) for neurons in feed_forward)  # in blocks
     taken = 0
-    while taken < len(cores) and sum(core // spec.group_size for core in cores[:taken]) < blocks:
+    while taken < len(cores) and sum(core // spec.group_size for core in cores[:taken]) < needed:
         taken += 1
     if taken == len(cores):
         raise ValueError(
