@@ -2,12 +2,13 @@
 rules it breaks, one line each."""
 
 import json
+import math
 import re
 import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from installs import not_installed
 from layers import assert_same_snapshot, snapshot
@@ -916,3 +917,40 @@ def test_two_weights_in_series_with_no_neurons_between_are_a_note(series):
                                         "are two weights in series with no neurons between; the chip holds one synapse matrix from a "
                                         "population to the next, and nwave_param constrains each weight, not what they compute "
                                         "together: make them one weight, or put neurons between"] if series else [])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dims=st.integers(1, 2), transposed=st.booleans(), channels=st.integers(1, 7), data=st.data())
+def test_a_convolution_carrying_one_input_to_several_positions_is_a_note(dims, transposed, channels, data):
+    """The chip holds a convolution unrolled; where its kernel carries one input to several output
+    positions, each through another offset, the population's blocks of 5 must be channels at one
+    position: said, with the neurons that takes, exactly where a one-hot input reaches two
+    positions of one channel."""
+    draw = lambda strategy: data.draw(strategy)  # noqa: E731
+    kernel, stride, dilation, length = (draw(st.lists(st.integers(low, high), min_size=dims, max_size=dims))
+                                        for low, high in ((1, 4), (1, 4), (1, 3), (1, 6)))
+    padding = [draw(st.integers(0, d * (k - 1))) for k, d in zip(kernel, dilation)]
+    conv_type = getattr(nn, f"Conv{'Transpose' if transposed else ''}{dims}d")
+    conv = conv_type(2, channels, kernel, stride=stride, padding=padding, dilation=dilation)
+    try:
+        positions = conv(torch.zeros(1, 2, *length)).shape[2:].numel()
+    except RuntimeError:  # a kernel past the padded input
+        positions = 0
+    assume(positions > 0)
+    # the plain formula: each input position alone, through a kernel of ones, and the output positions it reaches
+    ones = conv_type(1, 1, kernel, stride=stride, padding=padding, dilation=dilation, bias=False)
+    nn.init.ones_(ones.weight)
+    reach = 0
+    for at in torch.eye(torch.Size(length).numel()):
+        with torch.no_grad():
+            reach = max(reach, int(ones(at.reshape(1, 1, *length)).count_nonzero()))
+    placement = nwp.place(nn.Sequential(conv, leaky(init_hidden=True)), torch.rand(3, 2, *length), H1V2)
+    said = [note for note in placement.notes if "channels-last" in note]
+    padded = math.ceil(channels / 5) * 5
+    assert said == ([
+        f"1: {conv_type.__name__.lower().replace('transpose', '_transpose')}(x, weight) in 0 applies 0.weight at {positions} positions, "
+        f"one input reaching up to {reach} of them through as many kernel offsets; nwave_param makes the weights of one offset share "
+        "a sign in blocks of 5 output channels, so on the chip lay these neurons out channels-last, each position's channels in whole "
+        "blocks of 5" + (f" (so {padded} neurons a position for its {channels} channels, {padded * positions} in all, against the "
+                         f"{channels * positions} placed here)" if channels % 5 else "") + ": channel by channel, a block would mix offsets"
+    ] if reach > 1 else [])

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from layers import assert_same_snapshot, snapshot
 from torch import nn
@@ -14,6 +14,7 @@ from torch.nn.utils import parametrizations
 import nwave_param as nwp
 from nwave_param import functional
 from nwave_param.core.trace import layouts_read, trace
+from nwave_param.core.trace.synapses import kernel_reach
 
 INPUTS_FIRST = nwp.Layout(inputs_first=True)
 
@@ -387,3 +388,35 @@ def test_layouts_add_to_a_registered_models_layouts_and_may_not_contradict_them(
             nwp.errors.CheckpointError, match=r"^readout.weight: layouts states .* but the model's registration reads it with"
         ):
             nwp.check_state_dict(plain, nwp.H1V2, model=model, layouts={"readout.weight": INPUTS_FIRST})
+
+
+@settings(max_examples=150, deadline=None)
+@given(dims=st.integers(1, 3), transposed=st.booleans(), as_ints=st.booleans(), named_padding=st.booleans(), data=st.data())
+def test_kernel_reach_counts_the_output_positions_one_input_reaches(dims, transposed, as_ints, named_padding, data):
+    """``kernel_reach`` against the plain count: each input position alone, through a kernel of
+    ones, and the output positions it lights; strides, dilations and paddings as ints or per dim,
+    and ``"same"`` and ``"valid"``."""
+    draw = lambda strategy: data.draw(strategy)  # noqa: E731
+    kernel, stride, dilation, length = (draw(st.lists(st.integers(low, high), min_size=dims, max_size=dims))
+                                        for low, high in ((1, 4), (1, 3), (1, 3), (1, 5)))
+    if as_ints:  # one value for every dim, as torch takes it
+        stride, dilation = [stride[0]] * dims, [dilation[0]] * dims
+    padding = [draw(st.integers(0, d * (k - 1))) for k, d in zip(kernel, dilation)]
+    given_padding = padding[0] if as_ints and len(set(padding)) == 1 else padding
+    if named_padding and not transposed:
+        stride = [1] * dims  # torch takes "same" with stride 1 only
+        given_padding = draw(st.sampled_from(["same", "valid"]))
+    convolution = getattr(torch.nn.functional, f"conv{'_transpose' if transposed else ''}{dims}d")
+    ones = torch.ones(1, 1, *kernel)
+    stride_given = stride[0] if as_ints else stride
+    dilation_given = dilation[0] if as_ints else dilation
+    keywords = {"stride": stride_given, "padding": given_padding, "dilation": dilation_given}
+    try:
+        outputs = convolution(torch.zeros(1, 1, *length), ones, **keywords).shape[2:]
+    except RuntimeError:  # a kernel past the padded input
+        outputs = torch.Size([0])
+    assume(outputs.numel() > 0)
+    alone = torch.eye(torch.Size(length).numel()).reshape(-1, 1, *length)  # each input position alone, one per batch entry
+    plain = int(convolution(alone, ones, **keywords).flatten(1).count_nonzero(1).max())
+    reach = kernel_reach(transposed, length, outputs, kernel, stride_given, given_padding, dilation_given)
+    assert reach == plain

@@ -32,7 +32,7 @@ from nwave_param.errors import one_line
 from nwave_param.placement.assignment import assign
 from nwave_param.placement.graph import Graph
 from nwave_param.placement.result import Placement, Population
-from nwave_param.placement.rules import cycles, input_problems, neuron_problems, series_notes
+from nwave_param.placement.rules import convolution_notes, cycles, input_problems, neuron_problems, series_notes
 from nwave_param.spec import H1V2, ChipSpec  # noqa: F401  (H1V2: the docstring's example)
 
 __all__ = ["place"]
@@ -211,6 +211,7 @@ def _checked(traced: Trace, spec: ChipSpec, candidates: dict[str, nn.Module], na
     problems += input_problems(traced, graph, spec, names, front, sizes)
     problems += neuron_problems(traced, spec, names, candidates, notes)
     notes += series_notes(traced)
+    notes += convolution_notes(traced, spec, names, sizes)
     if any(size is None for size in sizes.values()):
         return Placement(spec, populations, problems, notes)
     placed, capacity_problems = assign(populations, spec)

@@ -1,8 +1,11 @@
 """The chip's design rules a network may break, each check naming the rule and the population:
-cycles through populations and weights in series (notes), the front end's one-to-one input, and
-the neurons (one threshold, the chip's reset, no adaptation)."""
+cycles through populations, weights in series and convolutions the chip holds unrolled (notes),
+the front end's one-to-one input, and the neurons (one threshold, the chip's reset, no
+adaptation)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +16,7 @@ from nwave_param.errors import one_line
 from nwave_param.placement.graph import Graph
 from nwave_param.spec import ChipSpec
 
-__all__ = ["cycles", "input_problems", "neuron_problems", "series_notes"]
+__all__ = ["convolution_notes", "cycles", "input_problems", "neuron_problems", "series_notes"]
 
 
 def _reach(follows: dict[int, set[int]], start: int) -> set[int]:
@@ -99,6 +102,36 @@ def series_notes(traced: Trace) -> list[str]:
                         "the chip holds one synapse matrix from a population to the next, and nwave_param constrains each weight, "
                         "not what they compute together: make them one weight, or put neurons between"
                     )
+    return notes
+
+
+def convolution_notes(traced: Trace, spec: ChipSpec, names: list[str], sizes: dict) -> list[str]:
+    """A note for each population fed by a convolution whose kernel carries one input to several
+    of its positions: the chip holds the layer unrolled, and nwave_param constrains the weights
+    from one input at one kernel offset to share a sign in blocks of output channels, so the
+    population's blocks of ``group_size`` neurons must be channels at one position (channels-last),
+    padded where the channels do not fill whole blocks.  Laid out channel by channel, a block
+    would hold one input's weights at several offsets, which nothing constrains.  A note, not a
+    problem: the layout is the deployer's choice, which nwave_param cannot see."""
+    notes, size = [], spec.group_size
+    for p, n in sizes.items():
+        currents = sorted(t[1] for t in traced.feeds.get(p, frozenset()) if t != INPUT and t[0] == "current")
+        for use in (traced.all_uses[index] for index in currents):
+            if use.op not in ("conv", "conv_transpose") or use.reach < 2 or use.rows is None or not n:
+                continue
+            channels = use.rows * (use.groups if use.op == "conv_transpose" else 1)
+            positions, blocks = n // channels, math.ceil(channels / size)
+            padded = (
+                "" if channels % size == 0 else
+                f" (so {blocks * size} neurons a position for its {channels} channels, {blocks * size * positions} in all, "
+                f"against the {n} placed here)"
+            )
+            notes.append(
+                f"{one_line(names[p])}: {one_line(use.where)} applies {one_line(use.name)} at {positions} positions, one input "
+                f"reaching up to {use.reach} of them through as many kernel offsets; nwave_param makes the weights of one offset "
+                f"share a sign in blocks of {size} output channels, so on the chip lay these neurons out channels-last, each "
+                f"position's channels in whole blocks of {size}{padded}: channel by channel, a block would mix offsets"
+            )
     return notes
 
 

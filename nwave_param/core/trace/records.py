@@ -39,7 +39,9 @@ class Use:
     (None where the op's reading does not map to one dim of the Parameter); ``rows`` is how many
     output neurons the op reads of it (fewer than the Parameter holds when the forward splits
     it).  ``reads`` are the sources of the activations it consumes; ``where`` names the op and the
-    module it ran in; ``index`` is its place in :attr:`Trace.all_uses`, which its current names."""
+    module it ran in; ``index`` is its place in :attr:`Trace.all_uses`, which its current names;
+    ``reach`` is how many output positions a convolution's kernel carries one input position to
+    (:func:`~nwave_param.core.trace.synapses.kernel_reach`; 1 for every other op)."""
 
     index: int
     name: str
@@ -52,6 +54,7 @@ class Use:
     where: str
     rows: int | None = None
     parameter: bool = True
+    reach: int = 1
 
     def describe(self) -> str:
         dims = f"output neurons along dim {self.outputs}" if self.outputs is not None else "output neurons along no single dim"

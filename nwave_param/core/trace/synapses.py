@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CELL", "CONV", "CONV_TRANSPOSE", "MATMUL", "MIXED", "PRODUCTS", "RNN", "RNN_OPS", "SYNAPSES", "is_elementwise"]
+__all__ = ["CELL", "CONV", "CONV_TRANSPOSE", "MATMUL", "MIXED", "PRODUCTS", "RNN", "RNN_OPS", "SYNAPSES", "is_elementwise", "kernel_reach"]
 
 
 MATMUL = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "mv", "addmm", "baddbmm", "addmv", "addbmm"}
@@ -63,3 +65,47 @@ def is_elementwise(name: str) -> bool:
 
 
 RNN_OPS = set(RNN) | set(CELL)
+
+
+def _per_dim(value: object, dims: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+
+def kernel_reach(
+    transposed: bool, inputs: Sequence[int], outputs: Sequence[int], kernel: Sequence[int], stride=1, padding=0, dilation=1
+) -> int:
+    """The most output positions one input position reaches through a convolution's kernel, each
+    through another kernel offset: 1 where each input feeds one output position (a kernel of 1, or
+    a stride past the kernel's span), more where the kernel's windows overlap.
+
+    A convolution's output ``p`` reads input ``q = p * stride - padding + i * dilation`` through
+    offset ``i`` (a transposed one's input ``q`` writes output ``q * stride - padding + i *
+    dilation``), dim by dim; the reach is the product of each dim's largest count.
+
+    Args:
+        transposed: a transposed convolution.
+        inputs, outputs: the spatial lengths of its input and output.
+        kernel: the kernel's spatial lengths.
+        stride, padding, dilation: as torch takes them (an int or one per dim; ``"valid"`` or
+            ``"same"`` padding).
+
+    Returns:
+        The reach, at least 1 (0 only for an empty map).
+    """
+    dims = len(kernel)
+    stride, dilation = _per_dim(stride, dims), _per_dim(dilation, dims)
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":  # torch pads the smaller half before
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
+    reach = 1
+    for l_in, l_out, k, s, p, d in zip(inputs, outputs, kernel, stride, _per_dim(padding, dims), dilation):
+        if transposed:
+            counts = (sum(0 <= q * s - p + i * d < l_out for i in range(k)) for q in range(l_in))
+        else:  # outputs from the first whose window reaches q to the last starting at or before it
+            counts = (
+                sum((q + p - o * s) % d == 0 for o in range(max(0, math.ceil((q + p - (k - 1) * d) / s)), min(l_out - 1, (q + p) // s) + 1))
+                for q in range(l_in)
+            )
+        reach *= max(counts, default=0)
+    return reach
