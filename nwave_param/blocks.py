@@ -79,7 +79,16 @@ class FrontEnd(nn.Module):
 
         Returns:
             ``gain[i] * x[..., i]`` for each channel ``i``, of the shape of ``x``.
+
+        Raises:
+            ValueError: the last dim of ``x`` is not ``channels`` (channels-first data would
+                otherwise take its gains by position).
         """
+        if x.dim() == 0 or x.shape[-1] != self.channels:
+            raise ValueError(
+                f"FrontEnd: expected an input of shape (..., {self.channels}), its last dim the channels, got {tuple(x.shape)}; "
+                "move the channels last (e.g. x.transpose(1, 2))"
+            )
         flat = x.reshape(-1, self.channels, 1)
         return nn.functional.conv1d(flat, self.weight, groups=self.channels).reshape(x.shape)
 

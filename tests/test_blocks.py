@@ -2,6 +2,7 @@
 derived from the presets: test_spec.py)."""
 
 import inspect
+import re
 import subprocess
 import sys
 
@@ -98,6 +99,20 @@ def test_front_end_arguments_are_checked():
             nwp.FrontEnd(bad)
     with pytest.raises(ValueError, match="FrontEnd: gain must be a finite number"):
         nwp.FrontEnd(4, gain=float("nan"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(channels=st.integers(1, 16), shape=st.lists(st.integers(1, 33), min_size=0, max_size=3))
+def test_a_front_end_refuses_an_input_whose_last_dim_is_not_its_channels(channels, shape):
+    """Channels first, ``(batch, 16, time)``, would otherwise take each gain by flat position."""
+    front = nwp.FrontEnd(channels)
+    x = torch.ones(shape)
+    if shape and shape[-1] == channels:
+        assert torch.equal(front(x), x)
+    else:
+        said = re.escape(f"FrontEnd: expected an input of shape (..., {channels}), its last dim the channels, got {tuple(shape)}")
+        with pytest.raises(ValueError, match=said):
+            front(x)
 
 
 # --- the chip's neurons -------------------------------------------------------------------------

@@ -176,6 +176,64 @@ def test_bad_arguments_are_refused_naming_them(kwargs, error, match):
         nwp.Schedule(nn.Linear(2, 2), 10)
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, True, None, "7", torch.tensor(3.0)])
+def test_a_resume_from_a_bad_step_count_is_refused_and_changes_nothing(bad):
+    model, reg = registered()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    schedule = nwp.Schedule(reg, 10, optimizer)
+    for _ in range(7):
+        schedule.step()
+    before = (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"])
+    with pytest.raises(ValueError, match=r"Schedule.load_state_dict: steps must be an int >= 0"):
+        schedule.load_state_dict({"steps": bad})
+    assert (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"]) == before
+    schedule.load_state_dict({"steps": torch.tensor(3)})  # an int that went through a tensor-only format
+    assert schedule.steps == 3 and reg.hardness == rule(3, 10)[0]
+
+
+@pytest.mark.parametrize("warmup_first", [False, True])
+def test_a_second_scheduler_on_its_optimizer_is_refused_at_the_next_step(warmup_first):
+    """Its LambdaLR sets each rate from the initial one: another scheduler's change would be lost
+    or scaled wrongly (a warmup's rate reached 2.8 times the base), so the next step refuses it,
+    changing nothing."""
+    model, reg = registered()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    make_warmup = lambda: torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=5)  # noqa: E731
+    warmup = make_warmup() if warmup_first else None
+    schedule = nwp.Schedule(reg, 10, optimizer)
+    warmup = warmup or make_warmup()
+    optimizer.step()
+    warmup.step()
+    rate, hardness = optimizer.param_groups[0]["lr"], reg.hardness
+    with pytest.raises(RuntimeError, match=r"Schedule: param group 0's learning rate is .*, not the 1.0 the schedule set"):
+        schedule.step()
+    assert (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"]) == (0, hardness, rate)
+
+
+def test_param_groups_added_after_it_are_refused_at_the_next_step():
+    model, reg = registered()
+    optimizer = torch.optim.SGD([model[0].bias], lr=1.0)
+    schedule = nwp.Schedule(reg, 10, optimizer)
+    optimizer.add_param_group({"params": [model[2].bias]})
+    with pytest.raises(RuntimeError, match="Schedule: the optimizer has 2 param groups, 1 when the schedule was made"):
+        schedule.step()
+    assert schedule.steps == 0
+
+
+def test_a_warmup_combines_with_the_decay_in_one_lambdalr():
+    """What the docstring shows: no optimizer given, one LambdaLR whose factor is the product."""
+    model, reg = registered()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    schedule = nwp.Schedule(reg, 10)
+    warmup = lambda t: min(1.0, (t + 1) / 3)  # noqa: E731
+    rates = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: warmup(t) * schedule.learning_rate(t))
+    for step in range(10):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(warmup(step) * rule(step, 10)[2])
+        optimizer.step()
+        rates.step()
+        schedule.step()
+
+
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_as_a_lightning_callback_it_steps_after_each_optimizer_step(tmp_path, accumulate):
     L = pytest.importorskip("lightning", reason=not_installed("lightning"))

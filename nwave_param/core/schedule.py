@@ -75,8 +75,11 @@ class Schedule:
         reg: the :class:`~nwave_param.Registry` it drives (``reg.harden`` at each step).
         total_steps: the optimizer steps of the whole training.
         optimizer: given, its learning rates follow the decay (a
-            :class:`~torch.optim.lr_scheduler.LambdaLR` over their values now); without one, pair
-            the schedule with the same decay: ``LambdaLR(optimizer, schedule.learning_rate)``.
+            :class:`~torch.optim.lr_scheduler.LambdaLR` over their values now), set from those
+            values at each step, so the schedule is their only scheduler: a rate another
+            scheduler or a hand changed is refused at the next :meth:`step`.  Without one, pair
+            the schedule with the same decay: ``LambdaLR(optimizer, schedule.learning_rate)``,
+            its factor multiplied by a warmup's, say, to combine the two.
         harden: ``(start, end)``: the fractions of training over which the hardness rises to 1;
             None keeps it at 0 (the penalties alone).  Nothing constrains before ``start``.
         penalty: the penalty's scale once risen.
@@ -232,12 +235,33 @@ class Schedule:
 
         Raises:
             RuntimeError: the registry was removed, or one of its constraints by hand
-                (``reg.harden`` refuses).
+                (``reg.harden`` refuses); given the optimizer, one of its learning rates is not
+                the one the schedule set (another scheduler or a hand changed it), or it has
+                param groups the schedule was not made with.  Nothing changes.
         """
+        if self.learning_rates is not None:
+            self._check_learning_rates()
         self.steps += 1
         if self.learning_rates is not None:
             self.learning_rates.step()
         self.reg.harden(self.hardness_at(min(self.steps, self.total_steps)))
+
+    def _check_learning_rates(self) -> None:
+        """Refuse rates the schedule did not set: its LambdaLR sets each from its initial value,
+        so another scheduler's change would be lost, or, stepped after it, scaled wrongly."""
+        groups, rates = self.learning_rates.optimizer.param_groups, self.learning_rates.get_last_lr()
+        if len(groups) != len(rates):
+            raise RuntimeError(
+                f"Schedule: the optimizer has {len(groups)} param groups, {len(rates)} when the schedule was made; "
+                "make the schedule after adding them"
+            )
+        for k, (group, rate) in enumerate(zip(groups, rates)):
+            if not isinstance(group["lr"], torch.Tensor) and group["lr"] != rate:  # a tensor rate is not read: no host sync
+                raise RuntimeError(
+                    f"Schedule: param group {k}'s learning rate is {group['lr']!r}, not the {rate!r} the schedule set (another "
+                    "scheduler or a hand changed it); the schedule given the optimizer is its only scheduler: give it none and "
+                    "drive the rate with one LambdaLR, e.g. lambda t: warmup(t) * schedule.learning_rate(t)"
+                )
 
     @property
     def hardness(self) -> float:
@@ -263,11 +287,17 @@ class Schedule:
 
         Raises:
             KeyError: ``state`` holds no ``"steps"``.
+            ValueError: its ``"steps"`` is not an int >= 0 (nothing changes).
             RuntimeError: the registry was removed, or one of its constraints by hand
                 (``reg.harden`` refuses).
         """
-        self.steps = int(state["steps"])
-        self.reg.harden(self.hardness_at(min(self.steps, self.total_steps)))
+        steps = state["steps"]
+        if isinstance(steps, torch.Tensor) and steps.dim() == 0 and not steps.is_floating_point():
+            steps = steps.item()  # a state that went through a tensor-only format (safetensors)
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"Schedule.load_state_dict: steps must be an int >= 0 (the optimizer steps taken), got {steps!r}")
+        self.reg.harden(self.hardness_at(min(int(steps), self.total_steps)))
+        self.steps = int(steps)
         if self.learning_rates is not None:
             # LambdaLR counts its own steps from construction; set it where the schedule is, as its step() would
             rates = [base * self.learning_rate(self.steps) for base in self.learning_rates.base_lrs]
