@@ -954,3 +954,23 @@ def test_a_convolution_carrying_one_input_to_several_positions_is_a_note(dims, t
         "blocks of 5" + (f" (so {padded} neurons a position for its {channels} channels, {padded * positions} in all, against the "
                          f"{channels * positions} placed here)" if channels % 5 else "") + ": channel by channel, a block would mix offsets"
     ] if reach > 1 else [])
+
+
+def test_a_convolution_over_time_read_one_step_at_a_time_is_no_note():
+    """Its neurons are its channels at one time step: no map is unrolled across the population."""
+
+    class OverTime(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lif = nn.Conv1d(4, 20, 3, padding=1), leaky()
+
+        def forward(self, x):  # (batch, channels, time)
+            current, membrane, spikes = self.conv(x), self.lif.init_leaky(), []
+            for t in range(x.shape[2]):
+                spike, membrane = self.lif(current[:, :, t], membrane)
+                spikes.append(spike)
+            return torch.stack(spikes)
+
+    placement = nwp.place(OverTime(), torch.rand(2, 4, 8), H1V2)
+    assert [p.neurons for p in placement.populations] == [20]
+    assert [note for note in placement.notes if "channels-last" in note] == []

@@ -121,6 +121,8 @@ def convolution_notes(traced: Trace, spec: ChipSpec, names: list[str], sizes: di
                 continue
             channels = use.rows * (use.groups if use.op == "conv_transpose" else 1)
             positions, blocks = n // channels, math.ceil(channels / size)
+            if n % channels or positions < 2:  # one position a step (a convolution over time, stepped): no map unrolled
+                continue
             padded = (
                 "" if channels % size == 0 else
                 f" (so {blocks * size} neurons a position for its {channels} channels, {blocks * size * positions} in all, "
