@@ -949,10 +949,12 @@ def test_a_convolution_carrying_one_input_to_several_positions_is_a_note(dims, t
     padded = math.ceil(channels / 5) * 5
     assert said == ([
         f"1: {conv_type.__name__.lower().replace('transpose', '_transpose')}(x, weight) in 0 applies 0.weight at {positions} positions, "
-        f"one input reaching up to {reach} of them through as many kernel offsets; nwave_param makes the weights of one offset share "
-        "a sign in blocks of 5 output channels, so on the chip lay these neurons out channels-last, each position's channels in whole "
-        "blocks of 5" + (f" (so {padded} neurons a position for its {channels} channels, {padded * positions} in all, against the "
-                         f"{channels * positions} placed here)" if channels % 5 else "") + ": channel by channel, a block would mix offsets"
+        f"one input reaching up to {reach} of them through as many kernel offsets, and nwave_param makes the weights of one offset "
+        "share a sign in blocks of 5 output channels: on the chip, laying these neurons out channels-last, each position's channels "
+        "padded to whole blocks of 5, keeps every block at one offset"
+        + (f" ({padded} neurons a position, {padded * positions} in all, against the {channels * positions} placed here)"
+           * (padded > channels))
+        + "; laid out channel by channel, a block may mix offsets"
     ] if reach > 1 else [])
 
 
@@ -974,3 +976,64 @@ def test_a_convolution_over_time_read_one_step_at_a_time_is_no_note():
     placement = nwp.place(OverTime(), torch.rand(2, 4, 8), H1V2)
     assert [p.neurons for p in placement.populations] == [20]
     assert [note for note in placement.notes if "channels-last" in note] == []
+
+
+class _Stepped(nn.Module):
+    """A convolution over (frequency, time), its output read by the neurons a time step at a time."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.conv, self.lif = nn.Conv2d(1, 8, kernel, padding=(kernel[0] // 2, kernel[1] // 2)), leaky()
+
+    def forward(self, x):  # (batch, 1, frequency, time)
+        current, membrane, spikes = self.conv(x), self.lif.init_leaky(), []
+        for t in range(x.shape[3]):
+            spike, membrane = self.lif(current[..., t].flatten(1), membrane)
+            spikes.append(spike)
+        return torch.stack(spikes)
+
+
+class _SideBySide(nn.Module):
+    """Two convolutions' maps side by side in one population."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.lif = nn.Conv1d(2, 6, 3), nn.Conv1d(2, 4, 3), leaky(init_hidden=True)
+
+    def forward(self, x):
+        return self.lif(torch.cat([self.a(x).flatten(1), self.b(x).flatten(1)], 1))
+
+
+class _Repeated(nn.Module):
+    """A convolution's whole map, the same weight stepped five times."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.lif = nn.Conv1d(2, 3, 3), leaky()
+
+    def forward(self, x):  # (time, batch, 2, 6)
+        membrane, spikes = self.lif.init_leaky(), []
+        for step in x:
+            spike, membrane = self.lif(self.conv(step), membrane)
+            spikes.append(spike)
+        return torch.stack(spikes)
+
+
+@pytest.mark.parametrize(
+    "model, example, noted",
+    [
+        (_Stepped((1, 3)), torch.rand(2, 1, 6, 5), 0),  # a step holds no map the kernel crosses
+        (_Stepped((3, 3)), torch.rand(2, 1, 6, 5), 0),  # a step holds part of the map: not read
+        (_SideBySide(), torch.rand(2, 2, 5), 0),  # two maps in one population: not read
+        (_Repeated(), torch.rand(5, 2, 2, 6), 1),  # one note, not one a step
+    ],
+    ids=["over-time-kernel-1-in-frequency", "over-time-3x3", "two-maps-side-by-side", "stepped-five-times"],
+)
+def test_the_convolution_note_reads_only_a_population_holding_one_whole_map_once(model, example, noted):
+    """A population holding part of a convolution's map, or two maps side by side, is not read
+    (its positions are not the map's), and a convolution stepped over time is noted once."""
+    placement = nwp.place(model, example, H1V2)
+    said = [note for note in placement.notes if "channels-last" in note]
+    assert len(said) == noted
+    start = "lif: conv1d(x, weight) in conv applies conv.weight at 4 positions, one input reaching up to 3 of them"
+    assert all(note.startswith(start) for note in said)

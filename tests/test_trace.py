@@ -420,3 +420,21 @@ def test_kernel_reach_counts_the_output_positions_one_input_reaches(dims, transp
     plain = int(convolution(alone, ones, **keywords).flatten(1).count_nonzero(1).max())
     reach = kernel_reach(transposed, length, outputs, kernel, stride_given, given_padding, dilation_given)
     assert reach == plain
+
+
+@settings(max_examples=100, deadline=None)
+@given(transposed=st.booleans(), kernel=st.integers(1, 9), stride=st.integers(1, 7), dilation=st.integers(1, 6),
+       length=st.integers(1, 80), data=st.data())
+def test_kernel_reach_along_a_long_dim_counts_what_each_input_alone_lights(transposed, kernel, stride, dilation, length, data):
+    """The count along one long dim, where its windows' edges and its stride and dilation
+    residues all show, against the plain count of each input position alone."""
+    padding = data.draw(st.integers(0, dilation * (kernel - 1)))
+    convolution = torch.nn.functional.conv_transpose1d if transposed else torch.nn.functional.conv1d
+    ones, keywords = torch.ones(1, 1, kernel), {"stride": stride, "padding": padding, "dilation": dilation}
+    try:
+        outputs = convolution(torch.zeros(1, 1, length), ones, **keywords).shape[2:]
+    except RuntimeError:  # a kernel past the padded input
+        outputs = torch.Size([0])
+    assume(outputs.numel() > 0)
+    plain = int(convolution(torch.eye(length).reshape(length, 1, length), ones, **keywords).flatten(1).count_nonzero(1).max())
+    assert kernel_reach(transposed, [length], outputs, [kernel], stride, padding, dilation) == plain

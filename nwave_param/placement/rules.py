@@ -106,33 +106,34 @@ def series_notes(traced: Trace) -> list[str]:
 
 
 def convolution_notes(traced: Trace, spec: ChipSpec, names: list[str], sizes: dict) -> list[str]:
-    """A note for each population fed by a convolution whose kernel carries one input to several
-    of its positions: the chip holds the layer unrolled, and nwave_param constrains the weights
-    from one input at one kernel offset to share a sign in blocks of output channels, so the
-    population's blocks of ``group_size`` neurons must be channels at one position (channels-last),
-    padded where the channels do not fill whole blocks.  Laid out channel by channel, a block
-    would hold one input's weights at several offsets, which nothing constrains.  A note, not a
-    problem: the layout is the deployer's choice, which nwave_param cannot see."""
-    notes, size = [], spec.group_size
+    """A note for each population that holds a convolution's whole output map, where the kernel
+    carries one input to several of its positions: the chip holds the layer unrolled, and
+    nwave_param constrains the weights from one input at one kernel offset to share a sign in
+    blocks of output channels.  Laid out channels-last, each position's channels padded to whole
+    blocks of ``group_size``, each of the population's blocks holds one offset; laid out channel
+    by channel, a block may hold one input's weights at several offsets, which nothing
+    constrains.  A note, not a problem: the layout is the deployer's choice, which nwave_param
+    cannot see.  A population holding part of the map (a convolution over time, read a step at a
+    time) or several maps side by side is not read."""
+    notes, size, seen = [], spec.group_size, set()
     for p, n in sizes.items():
         currents = sorted(t[1] for t in traced.feeds.get(p, frozenset()) if t != INPUT and t[0] == "current")
         for use in (traced.all_uses[index] for index in currents):
-            if use.op not in ("conv", "conv_transpose") or use.reach < 2 or use.rows is None or not n:
+            reach, positions = use.unrolled
+            if use.op not in ("conv", "conv_transpose") or reach < 2 or use.rows is None or (p, use.name) in seen:
                 continue
             channels = use.rows * (use.groups if use.op == "conv_transpose" else 1)
-            positions, blocks = n // channels, math.ceil(channels / size)
-            if n % channels or positions < 2:  # one position a step (a convolution over time, stepped): no map unrolled
+            if n != channels * positions:  # the population holds part of the map, or more than it
                 continue
-            padded = (
-                "" if channels % size == 0 else
-                f" (so {blocks * size} neurons a position for its {channels} channels, {blocks * size * positions} in all, "
-                f"against the {n} placed here)"
-            )
+            seen.add((p, use.name))
+            padded = math.ceil(channels / size) * size
             notes.append(
                 f"{one_line(names[p])}: {one_line(use.where)} applies {one_line(use.name)} at {positions} positions, one input "
-                f"reaching up to {use.reach} of them through as many kernel offsets; nwave_param makes the weights of one offset "
-                f"share a sign in blocks of {size} output channels, so on the chip lay these neurons out channels-last, each "
-                f"position's channels in whole blocks of {size}{padded}: channel by channel, a block would mix offsets"
+                f"reaching up to {reach} of them through as many kernel offsets, and nwave_param makes the weights of one offset "
+                f"share a sign in blocks of {size} output channels: on the chip, laying these neurons out channels-last, each "
+                f"position's channels padded to whole blocks of {size}, keeps every block at one offset"
+                + (f" ({padded} neurons a position, {padded * positions} in all, against the {n} placed here)" * (padded != channels))
+                + "; laid out channel by channel, a block may mix offsets"
             )
     return notes
 

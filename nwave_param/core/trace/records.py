@@ -40,8 +40,9 @@ class Use:
     output neurons the op reads of it (fewer than the Parameter holds when the forward splits
     it).  ``reads`` are the sources of the activations it consumes; ``where`` names the op and the
     module it ran in; ``index`` is its place in :attr:`Trace.all_uses`, which its current names;
-    ``reach`` is how many output positions a convolution's kernel carries one input position to
-    (:func:`~nwave_param.core.trace.synapses.kernel_reach`; 1 for every other op)."""
+    ``unrolled`` is a convolution's ``(reach, positions)``: how many output positions its kernel
+    carries one input position to (:func:`~nwave_param.core.trace.synapses.kernel_reach`), and
+    the positions of its output map; ``(1, 1)`` for every other op."""
 
     index: int
     name: str
@@ -54,7 +55,7 @@ class Use:
     where: str
     rows: int | None = None
     parameter: bool = True
-    reach: int = 1
+    unrolled: tuple[int, int] = (1, 1)
 
     def describe(self) -> str:
         dims = f"output neurons along dim {self.outputs}" if self.outputs is not None else "output neurons along no single dim"

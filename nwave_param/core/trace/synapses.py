@@ -98,14 +98,29 @@ def kernel_reach(
         padding = 0
     elif padding == "same":  # torch pads the smaller half before
         padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
-    reach = 1
-    for l_in, l_out, k, s, p, d in zip(inputs, outputs, kernel, stride, _per_dim(padding, dims), dilation):
-        if transposed:
-            counts = (sum(0 <= q * s - p + i * d < l_out for i in range(k)) for q in range(l_in))
-        else:  # outputs from the first whose window reaches q to the last starting at or before it
-            counts = (
-                sum((q + p - o * s) % d == 0 for o in range(max(0, math.ceil((q + p - (k - 1) * d) / s)), min(l_out - 1, (q + p) // s) + 1))
-                for q in range(l_in)
-            )
-        reach *= max(counts, default=0)
-    return reach
+    return math.prod(
+        _reach_along(transposed, int(l_in), int(l_out), int(k), s, p, d)
+        for l_in, l_out, k, s, p, d in zip(inputs, outputs, kernel, stride, _per_dim(padding, dims), dilation)
+    )
+
+
+@functools.cache
+def _reach_along(transposed: bool, l_in: int, l_out: int, k: int, s: int, p: int, d: int) -> int:
+    """:func:`kernel_reach` along one dim: the most outputs one input reaches, counted in O(1)
+    for each input position (a long audio map with a long kernel stays cheap), and kept."""
+    best = 0
+    for q in range(l_in):
+        if transposed:  # input q writes output q * s - p + i * d for offsets i in [0, k)
+            first, last = max(0, -((q * s - p) // d)), min(k - 1, (l_out - 1 + p - q * s) // d)
+            count = last - first + 1
+        else:  # output o reads input q through offset i where o * s + i * d = q + p, 0 <= i < k
+            x = q + p
+            first, last = max(0, -((-(x - (k - 1) * d)) // s)), min(l_out - 1, x // s)
+            common = math.gcd(s, d)
+            if x % common:
+                continue
+            period = d // common  # the outputs o with o * s = x (mod d): o = start (mod period)
+            start = (x // common) * pow(s // common, -1, period) % period if period > 1 else 0
+            count = (last - start) // period - (first - 1 - start) // period if last >= first else 0
+        best = max(best, count)
+    return best

@@ -357,7 +357,7 @@ class _Tracer(TorchFunctionMode):
         return True
 
     def uses_of(
-        self, weights: list, op: str, reads: frozenset, what: str, out_dim, in_dim, groups: int, gates: int, rows, reach: int = 1
+        self, weights: list, op: str, reads: frozenset, what: str, out_dim, in_dim, groups: int, gates: int, rows, unrolled=(1, 1)
     ) -> frozenset:
         """Record a synapse for each weight tensor (a Parameter's dims through its info, or a fixed
         one by its buffer's name), and return the current they make."""
@@ -368,10 +368,10 @@ class _Tracer(TorchFunctionMode):
             if named:
                 for weight_name, dims in named:
                     mapped = [dims[d] if d is not None and d < len(dims) else None for d in (out_dim, in_dim)]
-                    current.add(self.used(weight_name, op, *mapped, groups, gates, reads, self.here(what), rows, True, reach))
+                    current.add(self.used(weight_name, op, *mapped, groups, gates, reads, self.here(what), rows, True, unrolled))
             else:
                 fixed = f"{self.buffers[id(weight)]} (a buffer)" if id(weight) in self.buffers else MADE
-                current.add(self.used(fixed, op, out_dim, in_dim, groups, gates, reads, self.here(what), rows, False, reach))
+                current.add(self.used(fixed, op, out_dim, in_dim, groups, gates, reads, self.here(what), rows, False, unrolled))
         return frozenset(current)
 
     def inside(self, reads: frozenset) -> frozenset:
@@ -386,9 +386,9 @@ class _Tracer(TorchFunctionMode):
 
     def used(
         self, name: str, op: str, outputs, inputs, groups: int, gates: int, reads: frozenset, where: str, rows, parameter: bool,
-        reach: int = 1,
+        unrolled: tuple[int, int] = (1, 1),
     ) -> tuple:
-        use = Use(len(self.result.all_uses), name, op, outputs, inputs, groups, gates, reads, where, rows, parameter, reach)
+        use = Use(len(self.result.all_uses), name, op, outputs, inputs, groups, gates, reads, where, rows, parameter, unrolled)
         self.result.all_uses.append(use)
         if parameter:
             self.result.uses.setdefault(name, []).append(use)
@@ -422,7 +422,7 @@ class _Tracer(TorchFunctionMode):
         act, act_info = operands[activations[0]], infos[activations[0]]
         act_labels = act_info.labels
         reads = self.inside(frozenset().union(*(infos[a].acts for a in activations)))
-        groups, out_dim, in_dim, op, reach = 1, None, None, name, 1
+        groups, out_dim, in_dim, op, unrolled = 1, None, None, name, (1, 1)
         if name == "linear":
             out_dim, in_dim, labels, what = 0, 1, act_labels[:-1] + (None,), "F.linear(x, weight)"
         elif name == "bilinear":
@@ -435,10 +435,14 @@ class _Tracer(TorchFunctionMode):
             labels = ((act_labels[0] if act_labels else None,) if batched else ()) + (None,) * (outs[0].dim() - batched)
             op, what = ("conv_transpose" if transposed else "conv"), f"{name}(x, weight)"
             spatial = weight.dim() - 2
-            reach = kernel_reach(
-                transposed, act.shape[act.dim() - spatial:], outs[0].shape[outs[0].dim() - spatial:], weight.shape[2:],
-                argument(args, kwargs, 3, "stride", 1), argument(args, kwargs, 4, "padding", 0),
-                argument(args, kwargs, 7 if transposed else 5, "dilation", 1),
+            out_map = outs[0].shape[outs[0].dim() - spatial:]
+            unrolled = (
+                kernel_reach(
+                    transposed, act.shape[act.dim() - spatial:], out_map, weight.shape[2:],
+                    argument(args, kwargs, 3, "stride", 1), argument(args, kwargs, 4, "padding", 0),
+                    argument(args, kwargs, 7 if transposed else 5, "dilation", 1),
+                ),
+                out_map.numel(),
             )
         elif name == "einsum":
             reading = self.einsum(args[0], operands, infos, k, activations)
@@ -455,7 +459,7 @@ class _Tracer(TorchFunctionMode):
             out_dim, in_dim, op, what = weight.dim() - 2, weight.dim() - 1, "matmul", "weight @ x"
             labels = (None,) * (outs[0].dim() - 1) + (act_labels[-1] if act.dim() >= 2 and act_labels else None,)
         rows = weight.shape[out_dim] if out_dim is not None else None
-        current = self.uses_of([weight], op, reads, what, out_dim, in_dim, groups, 1, rows, reach)
+        current = self.uses_of([weight], op, reads, what, out_dim, in_dim, groups, 1, rows, unrolled)
         channels = self.synapse_channels(op, weight, act, act_info, out_dim, in_dim, groups, outs[0])
         for o in outs:
             fitted = tuple(labels)[: o.dim()] + (None,) * max(0, o.dim() - len(labels))
