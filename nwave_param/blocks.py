@@ -38,6 +38,20 @@ __all__ = ["THRESHOLD", "ChipLeaky", "ChipRLeaky", "FrontEnd"]  # noqa: F822 (th
 THRESHOLD = 1.0  # every chip neuron's, unless told otherwise: the chip has one, not published
 
 
+def _channels_last(x: Tensor, channels: int) -> Tensor:
+    """``x``, refused unless its last dim is the ``channels`` (channels-first data would take
+    each gain by position); a leaf to torch.fx's symbolic tracing, whose proxies have no shape."""
+    if x.dim() == 0 or x.shape[-1] != channels:
+        raise ValueError(
+            f"FrontEnd: expected an input of shape (..., {channels}), its last dim the channels, got {tuple(x.shape)}"
+            + ("; move the channels last (e.g. x.transpose(1, 2))" if x.dim() else "")
+        )
+    return x
+
+
+torch.fx.wrap("_channels_last")
+
+
 class FrontEnd(nn.Module):
     """One-to-one synapses from ``channels`` inputs to as many neurons: ``y[..., i] = gain[i] * x[..., i]``.
 
@@ -84,12 +98,7 @@ class FrontEnd(nn.Module):
             ValueError: the last dim of ``x`` is not ``channels`` (channels-first data would
                 otherwise take its gains by position).
         """
-        if x.dim() == 0 or x.shape[-1] != self.channels:
-            raise ValueError(
-                f"FrontEnd: expected an input of shape (..., {self.channels}), its last dim the channels, got {tuple(x.shape)}; "
-                "move the channels last (e.g. x.transpose(1, 2))"
-            )
-        flat = x.reshape(-1, self.channels, 1)
+        flat = _channels_last(x, self.channels).reshape(-1, self.channels, 1)
         return nn.functional.conv1d(flat, self.weight, groups=self.channels).reshape(x.shape)
 
     def chip_layout(self, tensor_name: str) -> Layout:

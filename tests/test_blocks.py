@@ -115,6 +115,16 @@ def test_a_front_end_refuses_an_input_whose_last_dim_is_not_its_channels(channel
             front(x)
 
 
+
+def test_a_front_end_traces_symbolically_and_its_trace_still_refuses_channels_first():
+    """torch.fx's proxies have no shape: the check is a leaf of the traced graph, run at each call."""
+    front = nwp.FrontEnd(4, gain=2.0)
+    traced = torch.fx.symbolic_trace(front)
+    x = torch.rand(3, 4)
+    assert torch.equal(traced(x), front(x))
+    with pytest.raises(ValueError, match=re.escape("FrontEnd: expected an input of shape (..., 4)")):
+        traced(torch.rand(3, 4, 5))
+
 # --- the chip's neurons -------------------------------------------------------------------------
 
 

@@ -187,8 +187,9 @@ def test_a_resume_from_a_bad_step_count_is_refused_and_changes_nothing(bad):
     with pytest.raises(ValueError, match=r"Schedule.load_state_dict: steps must be an int >= 0"):
         schedule.load_state_dict({"steps": bad})
     assert (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"]) == before
-    schedule.load_state_dict({"steps": torch.tensor(3)})  # an int that went through a tensor-only format
-    assert schedule.steps == 3 and reg.hardness == rule(3, 10)[0]
+    for through in (torch.tensor(3), 3.0):  # an int that went through a tensor-only format, or a float
+        schedule.load_state_dict({"steps": through})
+        assert schedule.steps == 3 and type(schedule.steps) is int and reg.hardness == rule(3, 10)[0]
 
 
 @pytest.mark.parametrize("warmup_first", [False, True])
@@ -210,14 +211,20 @@ def test_a_second_scheduler_on_its_optimizer_is_refused_at_the_next_step(warmup_
     assert (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"]) == (0, hardness, rate)
 
 
-def test_param_groups_added_after_it_are_refused_at_the_next_step():
+@pytest.mark.parametrize("added_at", [0, 3, 7, 10])
+def test_a_param_group_added_later_decays_like_the_others_from_its_rate_then(added_at):
+    """Layers unfrozen during training: the group added at step ``added_at`` follows the rule's
+    factor on the rate it was added with, as if it had been there from the start."""
     model, reg = registered()
     optimizer = torch.optim.SGD([model[0].bias], lr=1.0)
     schedule = nwp.Schedule(reg, 10, optimizer)
-    optimizer.add_param_group({"params": [model[2].bias]})
-    with pytest.raises(RuntimeError, match="Schedule: the optimizer has 2 param groups, 1 when the schedule was made"):
+    for step in range(12):
+        if step == added_at:
+            optimizer.add_param_group({"params": [model[2].bias], "lr": 0.4})
+        optimizer.step()
         schedule.step()
-    assert schedule.steps == 0
+        rates = [group["lr"] for group in optimizer.param_groups]
+        assert rates == pytest.approx([1.0 * rule(step + 1, 10)[2]] + [0.4 * rule(step + 1, 10)[2]] * (step >= added_at))
 
 
 def test_a_warmup_combines_with_the_decay_in_one_lambdalr():

@@ -236,8 +236,8 @@ class Schedule:
         Raises:
             RuntimeError: the registry was removed, or one of its constraints by hand
                 (``reg.harden`` refuses); given the optimizer, one of its learning rates is not
-                the one the schedule set (another scheduler or a hand changed it), or it has
-                param groups the schedule was not made with.  Nothing changes.
+                the one the schedule set (another scheduler or a hand changed it).  Nothing
+                changes.  A param group added since decays like the others, from its rate then.
         """
         if self.learning_rates is not None:
             self._check_learning_rates()
@@ -249,18 +249,19 @@ class Schedule:
     def _check_learning_rates(self) -> None:
         """Refuse rates the schedule did not set: its LambdaLR sets each from its initial value,
         so another scheduler's change would be lost, or, stepped after it, scaled wrongly."""
-        groups, rates = self.learning_rates.optimizer.param_groups, self.learning_rates.get_last_lr()
-        if len(groups) != len(rates):
-            raise RuntimeError(
-                f"Schedule: the optimizer has {len(groups)} param groups, {len(rates)} when the schedule was made; "
-                "make the schedule after adding them"
-            )
+        groups, rates = self.learning_rates.optimizer.param_groups, self.learning_rates._last_lr  # what get_last_lr() returns
+        for group in groups[len(rates):]:  # added since (unfrozen layers): they decay like the others, from their rate now
+            group.setdefault("initial_lr", group["lr"])
+            self.learning_rates.base_lrs.append(group["initial_lr"])
+            self.learning_rates.lr_lambdas.append(self.learning_rate)
+            rates.append(group["lr"])
         for k, (group, rate) in enumerate(zip(groups, rates)):
             if not isinstance(group["lr"], torch.Tensor) and group["lr"] != rate:  # a tensor rate is not read: no host sync
                 raise RuntimeError(
                     f"Schedule: param group {k}'s learning rate is {group['lr']!r}, not the {rate!r} the schedule set (another "
-                    "scheduler or a hand changed it); the schedule given the optimizer is its only scheduler: give it none and "
-                    "drive the rate with one LambdaLR, e.g. lambda t: warmup(t) * schedule.learning_rate(t)"
+                    "scheduler, a hand or an optimizer state of another run changed it); the schedule given the optimizer is its "
+                    "only scheduler: give it none and drive the rate with one LambdaLR, "
+                    "e.g. lambda t: warmup(t) * schedule.learning_rate(t)"
                 )
 
     @property
@@ -294,6 +295,8 @@ class Schedule:
         steps = state["steps"]
         if isinstance(steps, torch.Tensor) and steps.dim() == 0 and not steps.is_floating_point():
             steps = steps.item()  # a state that went through a tensor-only format (safetensors)
+        if isinstance(steps, float) and steps.is_integer():  # a count that went through a float (YAML, JSON readers)
+            steps = int(steps)
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"Schedule.load_state_dict: steps must be an int >= 0 (the optimizer steps taken), got {steps!r}")
         self.reg.harden(self.hardness_at(min(int(steps), self.total_steps)))
