@@ -40,12 +40,11 @@ THRESHOLD = 1.0  # every chip neuron's, unless told otherwise: the chip has one,
 
 def _channels_last(x: Tensor, channels: int) -> Tensor:
     """``x``, refused unless its last dim is the ``channels`` (channels-first data would take
-    each gain by position); a leaf to torch.fx's symbolic tracing, whose proxies have no shape."""
+    each gain by position); a leaf to torch.fx's symbolic tracing, whose proxies have no shape,
+    and TorchScript's subset of Python."""
     if x.dim() == 0 or x.shape[-1] != channels:
-        raise ValueError(
-            f"FrontEnd: expected an input of shape (..., {channels}), its last dim the channels, got {tuple(x.shape)}"
-            + ("; move the channels last (e.g. x.transpose(1, 2))" if x.dim() else "")
-        )
+        hint = "; move the channels last (e.g. x.transpose(1, 2))" if x.dim() > 0 else ""
+        raise ValueError(f"FrontEnd: expected an input of shape (..., {channels}), its last dim the channels, got {list(x.shape)}{hint}")
     return x
 
 

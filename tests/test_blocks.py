@@ -110,20 +110,23 @@ def test_a_front_end_refuses_an_input_whose_last_dim_is_not_its_channels(channel
     if shape and shape[-1] == channels:
         assert torch.equal(front(x), x)
     else:
-        said = re.escape(f"FrontEnd: expected an input of shape (..., {channels}), its last dim the channels, got {tuple(shape)}")
+        said = re.escape(f"FrontEnd: expected an input of shape (..., {channels}), its last dim the channels, got {list(shape)}")
         with pytest.raises(ValueError, match=said):
             front(x)
 
 
 
-def test_a_front_end_traces_symbolically_and_its_trace_still_refuses_channels_first():
-    """torch.fx's proxies have no shape: the check is a leaf of the traced graph, run at each call."""
+@pytest.mark.parametrize("compile_", [torch.fx.symbolic_trace, torch.jit.script], ids=["fx", "torchscript"])
+def test_a_front_end_traces_and_scripts_and_still_refuses_channels_first(compile_):
+    """torch.fx's proxies have no shape (the check is a leaf of the traced graph, run at each
+    call), and TorchScript takes a subset of Python: both keep the check."""
     front = nwp.FrontEnd(4, gain=2.0)
-    traced = torch.fx.symbolic_trace(front)
+    compiled = compile_(front)
     x = torch.rand(3, 4)
-    assert torch.equal(traced(x), front(x))
-    with pytest.raises(ValueError, match=re.escape("FrontEnd: expected an input of shape (..., 4)")):
-        traced(torch.rand(3, 4, 5))
+    assert torch.equal(compiled(x), front(x))
+    said = re.escape("FrontEnd: expected an input of shape (..., 4), its last dim the channels, got [3, 4, 5]")
+    with pytest.raises(Exception, match=said):  # TorchScript raises its own error, holding the ValueError's text
+        compiled(torch.rand(3, 4, 5))
 
 # --- the chip's neurons -------------------------------------------------------------------------
 

@@ -1037,3 +1037,20 @@ def test_the_convolution_note_reads_only_a_population_holding_one_whole_map_once
     assert len(said) == noted
     start = "lif: conv1d(x, weight) in conv applies conv.weight at 4 positions, one input reaching up to 3 of them"
     assert all(note.startswith(start) for note in said)
+
+
+def test_two_convolutions_made_in_the_forward_are_noted_each():
+    """Fixed synapses share one name ("a tensor made in the forward"): told apart by their reach."""
+
+    class Made(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lif = leaky(init_hidden=True)
+
+        def forward(self, x):  # (batch, 2, 6): both maps have 4 positions of 3 channels
+            narrow = nn.functional.conv1d(x, torch.ones(3, 2, 3))
+            wide = nn.functional.conv1d(x, torch.ones(3, 2, 5), padding=1)
+            return self.lif(narrow + wide)
+
+    said = [note for note in nwp.place(Made(), torch.rand(2, 2, 6), H1V2).notes if "channels-last" in note]
+    assert [re.search(r"reaching up to (\d+)", note)[1] for note in said] == ["3", "4"]

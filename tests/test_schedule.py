@@ -1,6 +1,9 @@
 """nwp.Schedule: the recipe's hardness, penalty scale and learning rate at every step, in a plain
 loop and as a Lightning callback."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -176,7 +179,7 @@ def test_bad_arguments_are_refused_naming_them(kwargs, error, match):
         nwp.Schedule(nn.Linear(2, 2), 10)
 
 
-@pytest.mark.parametrize("bad", [-1, 2.5, True, None, "7", torch.tensor(3.0)])
+@pytest.mark.parametrize("bad", [-1, -1.0, 2.5, True, None, "7", torch.tensor(2.5), torch.tensor(True), float("nan")])
 def test_a_resume_from_a_bad_step_count_is_refused_and_changes_nothing(bad):
     model, reg = registered()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -184,10 +187,10 @@ def test_a_resume_from_a_bad_step_count_is_refused_and_changes_nothing(bad):
     for _ in range(7):
         schedule.step()
     before = (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"])
-    with pytest.raises(ValueError, match=r"Schedule.load_state_dict: steps must be an int >= 0"):
+    with pytest.raises(ValueError, match=rf"Schedule.load_state_dict: steps must be a whole number >= 0 .*, got {re.escape(repr(bad))}$"):
         schedule.load_state_dict({"steps": bad})
     assert (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"]) == before
-    for through in (torch.tensor(3), 3.0):  # an int that went through a tensor-only format, or a float
+    for through in (torch.tensor(3), 3.0, torch.tensor(3.0), np.float32(3)):  # through a tensor-only format, or a float
         schedule.load_state_dict({"steps": through})
         assert schedule.steps == 3 and type(schedule.steps) is int and reg.hardness == rule(3, 10)[0]
 
@@ -211,19 +214,21 @@ def test_a_second_scheduler_on_its_optimizer_is_refused_at_the_next_step(warmup_
     assert (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"]) == (0, hardness, rate)
 
 
+@pytest.mark.parametrize("tensor_rate", [False, True])
 @pytest.mark.parametrize("added_at", [0, 3, 7, 10])
-def test_a_param_group_added_later_decays_like_the_others_from_its_rate_then(added_at):
+def test_a_param_group_added_later_decays_like_the_others_from_its_rate_then(added_at, tensor_rate):
     """Layers unfrozen during training: the group added at step ``added_at`` follows the rule's
-    factor on the rate it was added with, as if it had been there from the start."""
+    factor on the rate it was added with, as if it had been there from the start (a tensor rate,
+    which LambdaLR fills in place, too)."""
     model, reg = registered()
     optimizer = torch.optim.SGD([model[0].bias], lr=1.0)
     schedule = nwp.Schedule(reg, 10, optimizer)
     for step in range(12):
         if step == added_at:
-            optimizer.add_param_group({"params": [model[2].bias], "lr": 0.4})
+            optimizer.add_param_group({"params": [model[2].bias], "lr": torch.tensor(0.4) if tensor_rate else 0.4})
         optimizer.step()
         schedule.step()
-        rates = [group["lr"] for group in optimizer.param_groups]
+        rates = [float(group["lr"]) for group in optimizer.param_groups]
         assert rates == pytest.approx([1.0 * rule(step + 1, 10)[2]] + [0.4 * rule(step + 1, 10)[2]] * (step >= added_at))
 
 

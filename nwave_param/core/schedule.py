@@ -237,7 +237,8 @@ class Schedule:
             RuntimeError: the registry was removed, or one of its constraints by hand
                 (``reg.harden`` refuses); given the optimizer, one of its learning rates is not
                 the one the schedule set (another scheduler or a hand changed it).  Nothing
-                changes.  A param group added since decays like the others, from its rate then.
+                changes.  A param group added since takes the rule's factor from the next step
+                on, on its ``initial_lr`` (its rate when added, if it has none), as the others do.
         """
         if self.learning_rates is not None:
             self._check_learning_rates()
@@ -250,8 +251,9 @@ class Schedule:
         """Refuse rates the schedule did not set: its LambdaLR sets each from its initial value,
         so another scheduler's change would be lost, or, stepped after it, scaled wrongly."""
         groups, rates = self.learning_rates.optimizer.param_groups, self.learning_rates._last_lr  # what get_last_lr() returns
-        for group in groups[len(rates):]:  # added since (unfrozen layers): they decay like the others, from their rate now
-            group.setdefault("initial_lr", group["lr"])
+        for group in groups[len(rates):]:  # added since (unfrozen layers): the rule's factor on their initial_lr, as the others
+            rate = group["lr"]
+            group.setdefault("initial_lr", rate.clone() if isinstance(rate, torch.Tensor) else rate)  # LambdaLR fills the rate in place
             self.learning_rates.base_lrs.append(group["initial_lr"])
             self.learning_rates.lr_lambdas.append(self.learning_rate)
             rates.append(group["lr"])
@@ -288,17 +290,17 @@ class Schedule:
 
         Raises:
             KeyError: ``state`` holds no ``"steps"``.
-            ValueError: its ``"steps"`` is not an int >= 0 (nothing changes).
+            ValueError: its ``"steps"`` is not a whole number >= 0 (an int, or a float or 0-dim
+                tensor holding one; nothing changes).
             RuntimeError: the registry was removed, or one of its constraints by hand
                 (``reg.harden`` refuses).
         """
-        steps = state["steps"]
-        if isinstance(steps, torch.Tensor) and steps.dim() == 0 and not steps.is_floating_point():
-            steps = steps.item()  # a state that went through a tensor-only format (safetensors)
-        if isinstance(steps, float) and steps.is_integer():  # a count that went through a float (YAML, JSON readers)
-            steps = int(steps)
+        given = state["steps"]
+        steps = given.item() if isinstance(given, torch.Tensor) and given.dim() == 0 else given  # through a tensor-only format
+        if not isinstance(steps, (bool, numbers.Integral)) and isinstance(steps, numbers.Real) and float(steps).is_integer():
+            steps = int(steps)  # a whole number that went through a float (YAML or JSON readers)
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-            raise ValueError(f"Schedule.load_state_dict: steps must be an int >= 0 (the optimizer steps taken), got {steps!r}")
+            raise ValueError(f"Schedule.load_state_dict: steps must be a whole number >= 0 (the optimizer steps taken), got {given!r}")
         self.reg.harden(self.hardness_at(min(int(steps), self.total_steps)))
         self.steps = int(steps)
         if self.learning_rates is not None:

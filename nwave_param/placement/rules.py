@@ -113,19 +113,20 @@ def convolution_notes(traced: Trace, spec: ChipSpec, names: list[str], sizes: di
     blocks of ``group_size``, each of the population's blocks holds one offset; laid out channel
     by channel, a block may hold one input's weights at several offsets, which nothing
     constrains.  A note, not a problem: the layout is the deployer's choice, which nwave_param
-    cannot see.  A population holding part of the map (a convolution over time, read a step at a
-    time) or several maps side by side is not read."""
+    cannot see.  A population holding part of the map (cropped, or a convolution over time read a
+    step at a time) or several maps side by side is not read."""
     notes, size, seen = [], spec.group_size, set()
     for p, n in sizes.items():
         currents = sorted(t[1] for t in traced.feeds.get(p, frozenset()) if t != INPUT and t[0] == "current")
         for use in (traced.all_uses[index] for index in currents):
             reach, positions = use.unrolled
-            if use.op not in ("conv", "conv_transpose") or reach < 2 or use.rows is None or (p, use.name) in seen:
+            key = (p, use.name, use.where, use.unrolled)  # a weight stepped over time once; two weights made in the forward twice
+            if use.op not in ("conv", "conv_transpose") or reach < 2 or use.rows is None or key in seen:
                 continue
             channels = use.rows * (use.groups if use.op == "conv_transpose" else 1)
             if n != channels * positions:  # the population holds part of the map, or more than it
                 continue
-            seen.add((p, use.name))
+            seen.add(key)
             padded = math.ceil(channels / size) * size
             notes.append(
                 f"{one_line(names[p])}: {one_line(use.where)} applies {one_line(use.name)} at {positions} positions, one input "
