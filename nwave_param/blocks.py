@@ -43,7 +43,11 @@ def _channels_last(x: Tensor, channels: int) -> Tensor:
     each gain by position); a leaf to torch.fx's symbolic tracing, whose proxies have no shape,
     and TorchScript's subset of Python."""
     if x.dim() == 0 or x.shape[-1] != channels:
-        hint = "; move the channels last (e.g. x.transpose(1, 2))" if x.dim() > 0 else ""
+        hint = ""  # a 0-dim or 1-dim input holds no channels dim to move
+        if x.dim() == 2:
+            hint = "; move the channels last (e.g. x.T)"
+        elif x.dim() > 2:
+            hint = "; move the channels last (e.g. x.movedim(1, -1))"
         raise ValueError(f"FrontEnd: expected an input of shape (..., {channels}), its last dim the channels, got {list(x.shape)}{hint}")
     return x
 

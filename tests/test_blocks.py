@@ -116,6 +116,16 @@ def test_a_front_end_refuses_an_input_whose_last_dim_is_not_its_channels(channel
 
 
 
+@pytest.mark.parametrize("shape", [(4, 3), (2, 4, 3), (2, 4, 3, 5)], ids=["(channels, batch)", "(batch, channels, time)", "NCHW"])
+def test_a_front_end_refusal_hint_moves_the_channels_last(shape):
+    """The refusal's example, run on the input it refused, gives one the front end takes."""
+    front, x = nwp.FrontEnd(4), torch.rand(shape)
+    with pytest.raises(ValueError) as refused:
+        front(x)
+    hinted = eval(re.search(r"\(e\.g\. (.*)\)$", str(refused.value))[1], {"x": x})
+    assert torch.equal(front(hinted), hinted)
+
+
 @pytest.mark.parametrize("compile_", [torch.fx.symbolic_trace, torch.jit.script], ids=["fx", "torchscript"])
 def test_a_front_end_traces_and_scripts_and_still_refuses_channels_first(compile_):
     """torch.fx's proxies have no shape (the check is a leaf of the traced graph, run at each

@@ -208,10 +208,12 @@ def test_a_second_scheduler_on_its_optimizer_is_refused_at_the_next_step(warmup_
     warmup = warmup or make_warmup()
     optimizer.step()
     warmup.step()
-    rate, hardness = optimizer.param_groups[0]["lr"], reg.hardness
+    optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.5})  # not adopted by a refused step
+    rates, hardness = [group["lr"] for group in optimizer.param_groups], reg.hardness
     with pytest.raises(RuntimeError, match=r"Schedule: param group 0's learning rate is .*, not the 1.0 the schedule set"):
         schedule.step()
-    assert (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"]) == (0, hardness, rate)
+    assert (schedule.steps, reg.hardness, [group["lr"] for group in optimizer.param_groups]) == (0, hardness, rates)
+    assert len(schedule.learning_rates.get_last_lr()) == 1 and "initial_lr" not in optimizer.param_groups[1]
 
 
 @pytest.mark.parametrize("tensor_rate", [False, True])

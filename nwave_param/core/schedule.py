@@ -249,14 +249,10 @@ class Schedule:
 
     def _check_learning_rates(self) -> None:
         """Refuse rates the schedule did not set: its LambdaLR sets each from its initial value,
-        so another scheduler's change would be lost, or, stepped after it, scaled wrongly."""
+        so another scheduler's change would be lost, or, stepped after it, scaled wrongly.  Then
+        adopt the param groups added since (unfrozen layers): the rule's factor on their
+        ``initial_lr``, as the others."""
         groups, rates = self.learning_rates.optimizer.param_groups, self.learning_rates._last_lr  # what get_last_lr() returns
-        for group in groups[len(rates):]:  # added since (unfrozen layers): the rule's factor on their initial_lr, as the others
-            rate = group["lr"]
-            group.setdefault("initial_lr", rate.clone() if isinstance(rate, torch.Tensor) else rate)  # LambdaLR fills the rate in place
-            self.learning_rates.base_lrs.append(group["initial_lr"])
-            self.learning_rates.lr_lambdas.append(self.learning_rate)
-            rates.append(group["lr"])
         for k, (group, rate) in enumerate(zip(groups, rates)):
             if not isinstance(group["lr"], torch.Tensor) and group["lr"] != rate:  # a tensor rate is not read: no host sync
                 raise RuntimeError(
@@ -265,6 +261,12 @@ class Schedule:
                     "only scheduler: give it none and drive the rate with one LambdaLR, "
                     "e.g. lambda t: warmup(t) * schedule.learning_rate(t)"
                 )
+        for group in groups[len(rates):]:
+            rate = group["lr"]
+            group.setdefault("initial_lr", rate.clone() if isinstance(rate, torch.Tensor) else rate)  # LambdaLR fills the rate in place
+            self.learning_rates.base_lrs.append(group["initial_lr"])
+            self.learning_rates.lr_lambdas.append(self.learning_rate)
+            rates.append(rate)
 
     @property
     def hardness(self) -> float:
