@@ -242,9 +242,8 @@ class Schedule:
         """
         if self.learning_rates is not None:
             self._check_learning_rates()
+            self.learning_rates.step()  # its own step count, not ours
         self.steps += 1
-        if self.learning_rates is not None:
-            self.learning_rates.step()
         self.reg.harden(self.hardness_at(min(self.steps, self.total_steps)))
 
     def _check_learning_rates(self) -> None:
@@ -303,8 +302,9 @@ class Schedule:
             steps = int(steps)  # a whole number that went through a float (YAML or JSON readers)
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"Schedule.load_state_dict: steps must be a whole number >= 0 (the optimizer steps taken), got {given!r}")
-        self.reg.harden(self.hardness_at(min(int(steps), self.total_steps)))
-        self.steps = int(steps)
+        steps = int(steps)  # a numpy or tensor int, as Python's
+        self.reg.harden(self.hardness_at(min(steps, self.total_steps)))
+        self.steps = steps
         if self.learning_rates is not None:
             # LambdaLR counts its own steps from construction; set it where the schedule is, as its step() would
             rates = [base * self.learning_rate(self.steps) for base in self.learning_rates.base_lrs]

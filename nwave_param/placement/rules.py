@@ -5,8 +5,6 @@ adaptation)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -127,7 +125,7 @@ def convolution_notes(traced: Trace, spec: ChipSpec, names: list[str], sizes: di
             if n != channels * positions:  # the population holds part of the map, or more than it
                 continue
             seen.add(key)
-            padded = math.ceil(channels / size) * size
+            padded = -(-channels // size) * size  # whole blocks, as the placement counts them
             notes.append(
                 f"{one_line(names[p])}: {one_line(use.where)} applies {one_line(use.name)} at {positions} positions, one input "
                 f"reaching up to {reach} of them through as many kernel offsets, and nwave_param makes the weights of one offset "
