@@ -187,8 +187,10 @@ def test_a_resume_from_a_bad_step_count_is_refused_and_changes_nothing(bad):
     for _ in range(7):
         schedule.step()
     before = (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"])
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=rf"Schedule.load_state_dict: steps must be a whole number >= 0 .*, got {re.escape(repr(bad))}$"):
         schedule.load_state_dict({"steps": bad})
+    assert model.state_dict().keys() == weights.keys() and all(same_bits(v, weights[k]) for k, v in model.state_dict().items())
     assert (schedule.steps, reg.hardness, optimizer.param_groups[0]["lr"]) == before
     for through in (torch.tensor(3), 3.0, torch.tensor(3.0), np.float32(3)):  # through a tensor-only format, or a float
         schedule.load_state_dict({"steps": through})
@@ -210,9 +212,12 @@ def test_a_second_scheduler_on_its_optimizer_is_refused_at_the_next_step(warmup_
     warmup.step()
     optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.5})  # not adopted by a refused step
     rates, hardness = [group["lr"] for group in optimizer.param_groups], reg.hardness
+    weights, outputs = {k: v.clone() for k, v in model.state_dict().items()}, model(torch.ones(2, 4))
     with pytest.raises(RuntimeError, match=r"Schedule: param group 0's learning rate is .*, not the 1.0 the schedule set"):
         schedule.step()
     assert (schedule.steps, reg.hardness, [group["lr"] for group in optimizer.param_groups]) == (0, hardness, rates)
+    assert model.state_dict().keys() == weights.keys() and all(same_bits(v, weights[k]) for k, v in model.state_dict().items())
+    assert same_bits(model(torch.ones(2, 4)), outputs)
     assert len(schedule.learning_rates.get_last_lr()) == 1 and "initial_lr" not in optimizer.param_groups[1]
 
 
